@@ -1,0 +1,114 @@
+//! The engine's one error type.
+use std::path::PathBuf;
+
+/// Everything that can go wrong inside the engine. Messages are lowercase and
+/// name the bad value and where it came from.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A model file is missing or does not match its checksum.
+    #[error("model file {path}: {reason}; fetch it again with `scripts/setup`")]
+    ModelFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A weights file (GGUF, safetensors) is malformed.
+    #[error("{path}: malformed {format} file: {reason}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// `gguf`, `safetensors`, `config.json`, ...
+        format: &'static str,
+        /// What is wrong, naming the offending field or offset.
+        reason: String,
+    },
+    /// The model's architecture is not in the registry.
+    #[error("unknown architecture {name:?} in {source_name}; supported: {supported}")]
+    UnknownArchitecture {
+        /// The name the file gives.
+        name: String,
+        /// Where the name came from (file and field).
+        source_name: String,
+        /// The architectures the registry knows.
+        supported: String,
+    },
+    /// A tensor uses a quantization the loader cannot dequantize.
+    #[error("tensor {tensor:?} in {path}: unsupported quantization {kind}")]
+    UnsupportedQuantization {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// The GGML type name or id.
+        kind: String,
+    },
+    /// A weight the architecture needs is absent or has the wrong shape.
+    #[error("weight {name:?}: {reason}")]
+    Weight {
+        /// The checkpoint name of the tensor.
+        name: String,
+        /// Missing, or which shape was expected.
+        reason: String,
+    },
+    /// A configuration value is out of range or inconsistent.
+    #[error("invalid {field} = {value}: {reason}")]
+    InvalidConfig {
+        /// The field, e.g. `engine_args.device`.
+        field: String,
+        /// The value as given.
+        value: String,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// A sampling parameter is out of range.
+    #[error("invalid sampling parameter {field} = {value}: {reason}")]
+    InvalidSamplingParams {
+        /// The vLLM field name, e.g. `top_p`.
+        field: &'static str,
+        /// The value as given.
+        value: String,
+        /// The accepted range.
+        reason: String,
+    },
+    /// A prompt cannot be served (empty, too long, bad token ids).
+    #[error("request {request_id:?}: invalid prompt: {reason}")]
+    InvalidPrompt {
+        /// The request.
+        request_id: String,
+        /// Why.
+        reason: String,
+    },
+    /// A request id is already in use.
+    #[error("request id {0:?} is already in use")]
+    DuplicateRequest(String),
+    /// Tokenization, detokenization or chat templating failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// libtorch reported an error.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// The engine's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

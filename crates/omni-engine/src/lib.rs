@@ -1,0 +1,32 @@
+//! # omni-engine
+//!
+//! The engine inside every stage: models on libtorch (`tch`), weight loading
+//! (GGUF, Hugging Face safetensors folders), the tokenizer and chat template,
+//! a paged KV cache, a continuous-batching scheduler, the sampler and the
+//! incremental detokenizer.
+//!
+//! It stands alone: depend on `omni-engine` only to run a model in-process.
+//! It must not know about processes, sockets or profiler backends; it marks
+//! its phases with `tracing` spans (`step`, `schedule`, `forward`, `sample`)
+//! and whoever installs a subscriber decides what to do with them.
+#![warn(missing_docs)]
+
+mod config;
+mod error;
+mod weights;
+
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use error::{Error, Result};
+pub use tch::{Device, Kind};
+pub use weights::Weights;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tch_tensor_op_on_cpu() -> Result<(), tch::TchError> {
+        let a = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]);
+        let b = a.f_mul(&a)?.f_sum(tch::Kind::Float)?;
+        assert_eq!(f32::try_from(&b)?, 14.0);
+        Ok(())
+    }
+}
