@@ -11,13 +11,32 @@
 //! and whoever installs a subscriber decides what to do with them.
 #![warn(missing_docs)]
 
+mod chat_template;
 mod config;
+mod detokenizer;
 mod error;
+mod gguf;
+mod loader;
+mod model_files;
+mod safetensors;
+mod tokenizer;
 mod weights;
 
+pub use chat_template::ChatTemplate;
 pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use detokenizer::Detokenizer;
 pub use error::{Error, Result};
+pub use gguf::{
+    dequantize_bytes, hf_name as gguf_to_hf_name, GgmlType, GgufFile, GgufTensorInfo, GgufValue,
+};
+pub use loader::{load_model, LoadedModel, ModelSource};
+pub use model_files::{
+    known_model, model_dir, resolve_model_path, sha256_file, verify as verify_model_file,
+    KnownModelFile, HIFIGAN, KNOWN_MODEL_FILES, SMOLLM2,
+};
+pub use safetensors::SafetensorsFiles;
 pub use tch::{Device, Kind};
+pub use tokenizer::Tokenizer;
 pub use weights::Weights;
 
 #[cfg(test)]
