@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <fstream>
 #include <set>
 #include <string>
 
@@ -42,7 +43,10 @@ int omni_kineto_start(int cuda, int record_shapes, int profile_memory,
     using namespace torch::profiler::impl;
     ExperimentalConfig experimental;
     experimental.profile_all_threads = all_threads != 0;
-    ProfilerConfig config(ProfilerState::KINETO, record_shapes != 0,
+    // FLOPs are estimated from input shapes, so with_flops needs them, as
+    // torch.autograd.profiler.profile forces (record_shapes |= with_flops).
+    ProfilerConfig config(ProfilerState::KINETO,
+                          record_shapes != 0 || with_flops != 0,
                           profile_memory != 0, with_stack != 0,
                           with_flops != 0, /*with_modules=*/false,
                           experimental);
@@ -61,8 +65,12 @@ int omni_kineto_start(int cuda, int record_shapes, int profile_memory,
   return 1;
 }
 
-// Disables Kineto and saves the Chrome trace to `path`. Returns 0 on success.
-int omni_kineto_stop(const char* path, char** err) {
+// Disables Kineto and saves the Chrome trace to `path`. When `flops_path`
+// is not null, also writes one line `<start ns>\t<flops>\t<name>` per op
+// with a FLOP estimate: Kineto computes them (KinetoEvent::flops) but does
+// not put them in the trace, which PyTorch leaves to its Python side.
+// Returns 0 on success.
+int omni_kineto_stop(const char* path, const char* flops_path, char** err) {
   try {
     auto result = torch::autograd::profiler::disableProfiler();
     if (!result) {
@@ -70,6 +78,18 @@ int omni_kineto_stop(const char* path, char** err) {
       return 1;
     }
     result->save(std::string(path));
+    if (flops_path != nullptr) {
+      std::ofstream out(flops_path);
+      for (const auto& ev : result->events()) {
+        if (ev.flops() > 0) {
+          out << ev.startNs() << '\t' << ev.flops() << '\t' << ev.name() << '\n';
+        }
+      }
+      if (!out) {
+        *err = dup_message("cannot write the flops side file");
+        return 1;
+      }
+    }
     return 0;
   } catch (const std::exception& e) {
     *err = dup_message(e.what());

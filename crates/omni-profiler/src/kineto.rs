@@ -17,7 +17,11 @@ extern "C" {
         all_threads: c_int,
         err: *mut *mut c_char,
     ) -> c_int;
-    fn omni_kineto_stop(path: *const c_char, err: *mut *mut c_char) -> c_int;
+    fn omni_kineto_stop(
+        path: *const c_char,
+        flops_path: *const c_char,
+        err: *mut *mut c_char,
+    ) -> c_int;
     fn omni_rf_begin(name: *const c_char) -> *mut c_void;
     fn omni_rf_end(handle: *mut c_void);
     fn omni_kineto_free_str(s: *mut c_char);
@@ -39,10 +43,12 @@ fn take_error(err: *mut c_char, what: &str) -> Error {
 
 /// Enables Kineto: CPU activities always, CUDA activities when `cuda`.
 ///
-/// CPU ops of every thread are recorded (`profile_all_threads`), not only
-/// the calling one: the stage worker's I/O threads (stage_send/stage_recv)
-/// and any helper threads doing tensor work show up too, and stopping works
-/// from any thread.
+/// Kineto's default, thread-local mode, as `torch.profiler.profile` uses:
+/// torch ops of the calling thread are recorded, and [`stop_and_save`] must
+/// run on the same thread. (`profile_all_threads` would record every
+/// thread, but then `profile_memory` records nothing: the memory reporter
+/// is found through the enabling thread's debug info.) Spans of other
+/// threads still reach the trace through the span recorder.
 pub(crate) fn start(options: &ProfileOptions, cuda: bool) -> Result<()> {
     let mut err: *mut c_char = std::ptr::null_mut();
     // SAFETY: plain ints and a valid out pointer; the shim catches C++
@@ -54,7 +60,7 @@ pub(crate) fn start(options: &ProfileOptions, cuda: bool) -> Result<()> {
             c_int::from(options.profile_memory),
             c_int::from(options.with_stack),
             c_int::from(options.with_flops),
-            1,
+            0,
             &mut err,
         )
     };
@@ -65,13 +71,22 @@ pub(crate) fn start(options: &ProfileOptions, cuda: bool) -> Result<()> {
     }
 }
 
-/// Disables Kineto and saves its Chrome trace to `path`.
-pub(crate) fn stop_and_save(path: &Path) -> Result<()> {
-    let c_path = CString::new(path.to_string_lossy().as_bytes())
-        .map_err(|_| Error::Kineto(format!("trace path {} contains a NUL byte", path.display())))?;
+fn c_path(path: &Path) -> Result<CString> {
+    CString::new(path.to_string_lossy().as_bytes())
+        .map_err(|_| Error::Kineto(format!("trace path {} contains a NUL byte", path.display())))
+}
+
+/// Disables Kineto and saves its Chrome trace to `path`, and, with
+/// `flops_path`, the ops' FLOP estimates (`<start ns>\t<flops>\t<name>`
+/// lines) there.
+pub(crate) fn stop_and_save(path: &Path, flops_path: Option<&Path>) -> Result<()> {
+    let c_trace = c_path(path)?;
+    let c_flops = flops_path.map(c_path).transpose()?;
+    let flops_ptr = c_flops.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
     let mut err: *mut c_char = std::ptr::null_mut();
-    // SAFETY: a valid C string and out pointer; the shim catches exceptions.
-    let rc = unsafe { omni_kineto_stop(c_path.as_ptr(), &mut err) };
+    // SAFETY: valid C strings (or null) and out pointer; the shim catches
+    // exceptions.
+    let rc = unsafe { omni_kineto_stop(c_trace.as_ptr(), flops_ptr, &mut err) };
     if rc == 0 {
         Ok(())
     } else {

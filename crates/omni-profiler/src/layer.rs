@@ -218,7 +218,7 @@ where
         });
         let Some(mut frame) = frame else { return };
         let end_us = now_us();
-        drop(frame.range.take());
+        let kineto_range = frame.range.take().is_some();
         if RECORDER.active() && frame.window == RECORDER.window() {
             RECORDER.push(
                 frame.window,
@@ -229,6 +229,7 @@ where
                     dur_us: Some(end_us - frame.start_us),
                     tid: os_tid(),
                     args: frame.args,
+                    kineto_range,
                 },
             );
         }
@@ -255,6 +256,7 @@ where
                 dur_us: None,
                 tid: os_tid(),
                 args: fields.args,
+                kineto_range: false,
             },
         );
     }

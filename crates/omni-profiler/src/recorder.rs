@@ -37,6 +37,9 @@ pub struct SpanRecord {
     /// The span's fields (`phase`, `batch_size`, `num_tokens`,
     /// `request_ids`...).
     pub args: Map<String, Value>,
+    /// Whether the span opened a Kineto `RecordFunction` range (so the torch
+    /// trace holds it already).
+    pub(crate) kineto_range: bool,
 }
 
 /// Everything one window recorded.

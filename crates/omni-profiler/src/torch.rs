@@ -81,13 +81,20 @@ impl Profiler for TorchProfiler {
         let captured = window.capture.finish();
         let session = window.session;
         let raw = tmp_path(&session.dir, "kineto");
-        let saved = kineto::stop_and_save(&raw);
+        let flops = session
+            .options
+            .with_flops
+            .then(|| tmp_path(&session.dir, "flops"));
+        let saved = kineto::stop_and_save(&raw, flops.as_deref());
         let path = run_blocking(move || {
             let result = saved.and_then(|()| {
-                let trace = finalize_kineto(&raw, &captured, &session)?;
+                let trace = finalize_kineto(&raw, flops.as_deref(), &captured, &session)?;
                 write_trace(&session, "pt", &trace)
             });
             let _ = std::fs::remove_file(&raw);
+            if let Some(flops) = &flops {
+                let _ = std::fs::remove_file(flops);
+            }
             result
         })
         .await?;

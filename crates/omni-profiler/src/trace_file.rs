@@ -181,22 +181,20 @@ pub(crate) fn chrome_trace(captured: &CapturedSpans, session: &ProfileSession) -
     })
 }
 
-/// Spans closer than this to a Kineto range of the same name on the same
-/// thread are taken to be that range. Both start within microseconds of
-/// each other (the layer reads the clock, then opens the range).
-const MATCH_TOLERANCE_US: f64 = 2_000.0;
-
 /// Turns the trace Kineto saved at `raw` into the window's trace:
 ///
 /// * `ts` shifted by Kineto's `baseTimeNanoseconds` (Kineto writes times
 ///   relative to it) so that they are microseconds since the UNIX epoch,
 ///   like every other backend; `baseTimeNanoseconds` becomes 0;
 /// * this process's `process_name` set to the session's;
+/// * `flops` (the shim's side file, with `with_flops`) added to the `args`
+///   of the ops they belong to, as PyTorch's Python side reports them;
 /// * the fields of our spans (`phase`, `batch_size`, `request_ids`...) added
 ///   to the `args` of Kineto's matching `user_annotation` ranges; spans
 ///   Kineto did not see are added as `user_annotation` events of their own.
 pub(crate) fn finalize_kineto(
     raw: &Path,
+    flops: Option<&Path>,
     captured: &CapturedSpans,
     session: &ProfileSession,
 ) -> Result<Value> {
@@ -209,11 +207,15 @@ pub(crate) fn finalize_kineto(
         path: raw.to_path_buf(),
         reason: "kineto trace is not a json object".to_owned(),
     })?;
-    let base_us = obj
+    let base_ns = obj
         .get("baseTimeNanoseconds")
-        .and_then(Value::as_f64)
-        .unwrap_or(0.0)
-        / 1000.0;
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let base_us = base_ns as f64 / 1000.0;
+    let flops = match flops {
+        Some(path) => read_flops(path)?,
+        None => HashMap::new(),
+    };
     obj.insert("baseTimeNanoseconds".into(), 0.into());
     // It names our temporary file.
     obj.remove("traceName");
@@ -229,6 +231,18 @@ pub(crate) fn finalize_kineto(
     let mut ranges: HashMap<(u64, String), Vec<usize>> = HashMap::new();
     for (i, e) in events.iter_mut().enumerate() {
         if let Some(ts) = e.get("ts").and_then(Value::as_f64) {
+            if !flops.is_empty() {
+                // Kineto writes ts relative to the base, in µs with ns
+                // decimals: exact enough to find the op's start again.
+                let start_ns = base_ns as i128 + (ts * 1000.0).round() as i128;
+                let name = e.get("name").and_then(Value::as_str).unwrap_or_default();
+                if let Some(f) = flops.get(name).and_then(|v| {
+                    v.iter()
+                        .find(|(ns, _)| (*ns as i128 - start_ns).abs() <= 1_000)
+                }) {
+                    merge_args(e, &Map::from_iter([("flops".to_owned(), f.1.into())]));
+                }
+            }
             e["ts"] = (ts + base_us).into();
         }
         let ph = e.get("ph").and_then(Value::as_str).unwrap_or_default();
@@ -267,33 +281,33 @@ pub(crate) fn finalize_kineto(
         spans.sort_by(|a, b| a.start_us.total_cmp(&b.start_us));
         let mut kineto: Vec<usize> = ranges.remove(&key).unwrap_or_default();
         kineto.sort_by(|a, b| ts_of(&events[*a]).total_cmp(&ts_of(&events[*b])));
-        let mut next = 0;
+        // Matched by order, not by time (a preempted thread can put
+        // milliseconds between our clock read and the range's): the spans
+        // that opened a Kineto range are, in start order, the first of
+        // Kineto's ranges of that name on that thread. Kineto may have more
+        // at the end (ranges still open when the recorder closed).
+        let mut kineto = kineto.into_iter();
         for span in spans {
-            // Both lists are in start order: advance past Kineto ranges that
-            // started well before this span (they have no span of ours).
-            while next < kineto.len()
-                && ts_of(&events[kineto[next]]) < span.start_us - MATCH_TOLERANCE_US
-            {
-                next += 1;
-            }
-            let matched = next < kineto.len()
-                && (ts_of(&events[kineto[next]]) - span.start_us).abs() <= MATCH_TOLERANCE_US;
-            if matched {
-                let e = &mut events[kineto[next]];
-                merge_args(e, &span.args);
-                next += 1;
+            let slot = if span.kineto_range {
+                kineto.next()
             } else {
-                extra.push(span_event(span, pid, "user_annotation"));
-                if !named_threads.contains(&span.tid) {
-                    if let Some(name) = captured.threads.get(&span.tid) {
-                        extra.push(metadata_event(
-                            "thread_name",
-                            pid,
-                            span.tid,
-                            json!({"name": name}),
-                        ));
+                None
+            };
+            match slot {
+                Some(i) => merge_args(&mut events[i], &span.args),
+                None => {
+                    extra.push(span_event(span, pid, "user_annotation"));
+                    if !named_threads.contains(&span.tid) {
+                        if let Some(name) = captured.threads.get(&span.tid) {
+                            extra.push(metadata_event(
+                                "thread_name",
+                                pid,
+                                span.tid,
+                                json!({"name": name}),
+                            ));
+                        }
+                        named_threads.insert(span.tid);
                     }
-                    named_threads.insert(span.tid);
                 }
             }
         }
@@ -302,6 +316,22 @@ pub(crate) fn finalize_kineto(
     obj.insert("traceEvents".into(), Value::Array(events));
     obj.insert("omni".into(), omni_info(session, "torch", captured));
     Ok(trace)
+}
+
+/// The shim's flops side file: name -> [(start ns, flops)].
+fn read_flops(path: &Path) -> Result<HashMap<String, Vec<(u64, u64)>>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut out: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, '\t');
+        let (Some(ns), Some(flops), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if let (Ok(ns), Ok(flops)) = (ns.parse(), flops.parse()) {
+            out.entry(name.to_owned()).or_default().push((ns, flops));
+        }
+    }
+    Ok(out)
 }
 
 fn ts_of(e: &Value) -> f64 {

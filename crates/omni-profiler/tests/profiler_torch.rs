@@ -131,3 +131,42 @@ async fn torch_trace_has_steps_engine_ranges_and_aten_ops() -> Result<()> {
     check(trace["baseTimeNanoseconds"] == 0, "no second time base")?;
     Ok(())
 }
+
+#[tokio::test]
+async fn torch_options_memory_flops_stack_and_gzip_are_honoured() -> Result<()> {
+    install_layer();
+    let _serial = serial().await;
+    let root = tempfile::tempdir().map_err(|e| common::io(std::path::Path::new("tmp"), e))?;
+    let options = ProfileOptions {
+        profile_memory: true,
+        with_flops: true,
+        with_stack: true,
+        use_gzip: true,
+        ..ProfileOptions::default()
+    };
+    let s = ProfileSession::for_stage(root.path(), 0, "", "m", options);
+    let torch = backend_by_name("torch")?;
+    torch.start(&s).await?;
+    common::engine_step(7, "r");
+    let files = torch.stop().await?;
+    check(
+        files.len() == 1 && files[0].to_string_lossy().ends_with(".pt.trace.json.gz"),
+        format!("{files:?}"),
+    )?;
+    let trace = read_trace(&files[0])?;
+    let all = events(&trace);
+    check(
+        all.iter().any(|e| e["name"] == "[memory]"),
+        "profile_memory: [memory] events",
+    )?;
+    check(
+        all.iter()
+            .any(|e| e["name"] == "aten::mm" && e["args"]["flops"].is_number()),
+        format!(
+            "with_flops: flops on aten::mm: {:?}",
+            all.iter().find(|e| e["name"] == "aten::mm")
+        ),
+    )?;
+    check(!ranges_named(&trace, "ProfilerStep#7").is_empty(), "step")?;
+    Ok(())
+}
