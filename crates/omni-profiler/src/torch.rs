@@ -7,6 +7,12 @@
 //! `RecordFunction` range for every span (`ProfilerStep#<n>` for steps), and
 //! the spans' fields are merged into those ranges' `args` when the trace is
 //! finalized. Without a GPU, Kineto logs `gpuGetDeviceCount failed`: harmless.
+//!
+//! Kineto runs in its default thread-local mode, as `torch.profiler` does:
+//! the torch ops of the thread that called `start` are recorded, and `stop`
+//! must be called on that thread (elsewhere it returns [`Error::Kineto`] and
+//! the window stays open). Spans of other threads still reach the trace, as
+//! `user_annotation` events taken from the span recorder.
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -18,6 +24,8 @@ use crate::{kineto, Error, ProfileSession, Profiler, Result};
 struct Window {
     capture: SpanCapture,
     session: ProfileSession,
+    /// Kineto (thread-local mode) can only be disabled where it was enabled.
+    thread: std::thread::ThreadId,
 }
 
 /// The `torch` (Kineto) backend. Works without [`crate::tracing_layer`] too;
@@ -68,12 +76,27 @@ impl Profiler for TorchProfiler {
         *window = Some(Window {
             capture,
             session: session.clone(),
+            thread: std::thread::current().id(),
         });
         Ok(())
     }
 
     async fn stop(&self) -> Result<Vec<PathBuf>> {
-        let Some(window) = self.lock().take() else {
+        let window = {
+            let mut slot = self.lock();
+            match slot.as_ref() {
+                None => return Ok(Vec::new()),
+                Some(w) if w.thread != std::thread::current().id() => {
+                    return Err(Error::Kineto(
+                        "stop() must run on the thread that called start() (Kineto records \
+                         per thread); the window stays open"
+                            .to_owned(),
+                    ));
+                }
+                Some(_) => slot.take(),
+            }
+        };
+        let Some(window) = window else {
             return Ok(Vec::new());
         };
         // Thread-bound part, before the first await: close the ranges'

@@ -170,3 +170,41 @@ async fn torch_options_memory_flops_stack_and_gzip_are_honoured() -> Result<()> 
     check(!ranges_named(&trace, "ProfilerStep#7").is_empty(), "step")?;
     Ok(())
 }
+
+#[tokio::test]
+async fn torch_stop_on_another_thread_is_refused_and_window_stays_open() -> Result<()> {
+    install_layer();
+    let _serial = serial().await;
+    let root = tempfile::tempdir().map_err(|e| common::io(std::path::Path::new("tmp"), e))?;
+    let s = ProfileSession::for_stage(
+        root.path(),
+        2,
+        "code2wav",
+        "vocoder",
+        ProfileOptions::default(),
+    );
+    let torch = backend_by_name("torch")?;
+    torch.start(&s).await?;
+    common::engine_step(1, "r");
+    let other = torch.clone();
+    let refused = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| Error::Task(e.to_string()))
+            .and_then(|rt| rt.block_on(other.stop()))
+    })
+    .join()
+    .map_err(|_| Error::Task("thread panicked".into()))?;
+    check(
+        matches!(&refused, Err(Error::Kineto(m)) if m.contains("thread")),
+        format!("{refused:?}"),
+    )?;
+    check(torch.is_active(), "window still open")?;
+    let files = torch.stop().await?;
+    check(files.len() == 1, "stopped on the right thread")?;
+    check(
+        !ranges_named(&read_trace(&files[0])?, "ProfilerStep#1").is_empty(),
+        "step recorded",
+    )?;
+    Ok(())
+}

@@ -70,7 +70,8 @@ pub struct RequestSummary {
 /// One request in one stage. Times in µs.
 ///
 /// Derived from ranges: it *arrives* when the first `stage_recv` naming it
-/// ends (or at its first mention in the stage); it *leaves* when the last
+/// ends (in a stage without one, at the start of the step in which it is
+/// first mentioned); it *leaves* when the last
 /// `stage_send` naming it ends; *queue* runs from arrival to the start of
 /// the first engine step after it; *compute* sums the engine steps from
 /// then until it leaves (steps are batched: other requests share them).
@@ -147,6 +148,10 @@ pub fn summarize(dir: &Path) -> Result<Summary> {
         }
         let self_times = self_times(&all);
         for (r, self_us) in all.iter().zip(self_times) {
+            if r.cat == "Trace" {
+                // Kineto's range over the whole window, not an operation.
+                continue;
+            }
             let is_step = r.name.starts_with("ProfilerStep#");
             if is_step {
                 stage.steps += 1;
@@ -274,9 +279,19 @@ fn request_summary(
             .iter()
             .filter(|m| m.kind == Kind::Recv)
             .min_by(|a, b| a.ts.total_cmp(&b.ts));
+        let steps = &steps_of[si];
         let arrived_us = match first_recv {
             Some(r) => r.end,
-            None => ms.iter().map(|m| m.ts).fold(f64::INFINITY, f64::min),
+            None => {
+                // No receive (the first stage takes requests from the
+                // orchestrator): it was there by the start of the step in
+                // which it is first mentioned.
+                let first = ms.iter().map(|m| m.ts).fold(f64::INFINITY, f64::min);
+                steps
+                    .iter()
+                    .find(|(s, e)| *s <= first && first <= *e)
+                    .map_or(first, |(s, _)| *s)
+            }
         };
         let stage_sends: Vec<&&Mention> = ms.iter().filter(|m| m.kind == Kind::Send).collect();
         let left_us = if stage_sends.is_empty() {
@@ -284,7 +299,6 @@ fn request_summary(
         } else {
             stage_sends.iter().map(|m| m.end).fold(arrived_us, f64::max)
         };
-        let steps = &steps_of[si];
         let first_step = steps
             .iter()
             .find(|(s, _)| *s >= arrived_us)
