@@ -11,7 +11,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-changed=csrc/fbgemm_fp16.cpp");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
-        panic!("torch-sys did not export DEP_TCH_LIBTORCH_LIB; is libtorch set up (scripts/setup)?");
+        panic!(
+            "torch-sys did not export DEP_TCH_LIBTORCH_LIB; is libtorch set up (scripts/setup)?"
+        );
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     // libtorch's headers sit next to its libraries (`.../torch/lib` and

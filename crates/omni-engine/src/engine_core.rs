@@ -92,7 +92,12 @@ impl EngineCore {
     }
 
     /// Queues a request after checking everything about it.
-    pub fn add(&mut self, request_id: String, prompt: Vec<u32>, params: SamplingParams) -> Result<()> {
+    pub fn add(
+        &mut self,
+        request_id: String,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<()> {
         if self.ids.contains(&request_id) {
             return Err(Error::DuplicateRequest(request_id));
         }
@@ -105,7 +110,11 @@ impl EngineCore {
             return Err(bad("the prompt is empty (0 tokens)".to_owned()));
         }
         let vocab = self.model.config().vocab_size;
-        if let Some((i, t)) = prompt.iter().enumerate().find(|(_, &t)| t as usize >= vocab) {
+        if let Some((i, t)) = prompt
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= vocab)
+        {
             return Err(bad(format!(
                 "token id {t} at index {i} is out of range for the vocabulary of {vocab}"
             )));
@@ -120,7 +129,13 @@ impl EngineCore {
         let seed = params
             .seed
             .unwrap_or_else(|| mix(self.cfg.seed ^ mix(self.arrival_counter)));
-        let seq = Sequence::new(request_id.clone(), prompt, params, seed, self.arrival_counter);
+        let seq = Sequence::new(
+            request_id.clone(),
+            prompt,
+            params,
+            seed,
+            self.arrival_counter,
+        );
         self.arrival_counter += 1;
         self.ids.insert(request_id);
         self.scheduler.add(seq);
@@ -217,7 +232,9 @@ impl EngineCore {
                 let seq = &mut self.scheduler.running[i];
                 seq.tokens.push(sample.token);
                 seq.metrics.num_generated_tokens += 1;
-                seq.metrics.first_token_time.get_or_insert_with(Instant::now);
+                seq.metrics
+                    .first_token_time
+                    .get_or_insert_with(Instant::now);
                 if let Some(lp) = sample.logprobs {
                     seq.logprobs.push(lp);
                 }
@@ -312,7 +329,11 @@ fn make_output(seq: &mut Sequence, finished: bool) -> Result<RequestOutput> {
         end -= 1;
     }
     let end = end.max(seq.emitted_len.min(seq.text.len()));
-    let delta_text = seq.text.get(seq.emitted_len..end).unwrap_or_default().to_owned();
+    let delta_text = seq
+        .text
+        .get(seq.emitted_len..end)
+        .unwrap_or_default()
+        .to_owned();
     seq.emitted_len = end;
     let finish_reason = match seq.status {
         SequenceStatus::Finished(r) => Some(r),
@@ -348,7 +369,11 @@ mod tests {
     use crate::model::testing::{random_weights, tiny_config};
     use crate::model::ModelOptions;
 
-    const ARCHS: [Architecture; 3] = [Architecture::Llama, Architecture::Qwen2, Architecture::Qwen3];
+    const ARCHS: [Architecture; 3] = [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ];
 
     fn model(arch: Architecture) -> Result<Model> {
         let cfg = tiny_config(arch);
@@ -360,7 +385,12 @@ mod tests {
         Model::new(&cfg, &mut w, &opts)
     }
 
-    fn core(arch: Architecture, num_blocks: usize, max_seqs: usize, max_tokens: usize) -> Result<EngineCore> {
+    fn core(
+        arch: Architecture,
+        num_blocks: usize,
+        max_seqs: usize,
+        max_tokens: usize,
+    ) -> Result<EngineCore> {
         EngineCore::new(
             model(arch)?,
             CoreConfig {
@@ -378,7 +408,9 @@ mod tests {
     }
 
     fn prompt(len: usize, salt: u32) -> Vec<u32> {
-        (0..len as u32).map(|i| 3 + (i * 7 + salt * 13) % 97).collect()
+        (0..len as u32)
+            .map(|i| 3 + (i * 7 + salt * 13) % 97)
+            .collect()
     }
 
     fn greedy(n: usize) -> SamplingParams {
@@ -419,7 +451,12 @@ mod tests {
         lens.iter()
             .enumerate()
             .map(|(i, &len)| {
-                (format!("r{i}"), prompt(len, i as u32), greedy(6 + 3 * i), i * 2)
+                (
+                    format!("r{i}"),
+                    prompt(len, i as u32),
+                    greedy(6 + 3 * i),
+                    i * 2,
+                )
             })
             .collect()
     }
@@ -446,7 +483,10 @@ mod tests {
                 "{arch:?}: the tiny cache never preempted"
             );
             for (id, a) in &alone {
-                assert_eq!(a.token_ids.len(), 6 + 3 * id[1..].parse::<usize>().unwrap_or(0));
+                assert_eq!(
+                    a.token_ids.len(),
+                    6 + 3 * id[1..].parse::<usize>().unwrap_or(0)
+                );
                 assert_eq!(a.token_ids, batched[id].token_ids, "{arch:?} {id} batched");
                 assert_eq!(a.token_ids, tight[id].token_ids, "{arch:?} {id} preempted");
                 assert_eq!(a.finish_reason, Some(FinishReason::Length));
@@ -468,7 +508,9 @@ mod tests {
             let out = run(&mut c, &[("a".into(), p.clone(), params, 0)])?.remove("a");
             let out = out.ok_or(Error::Tokenizer("no output".into()))?;
             let lps = out.logprobs.ok_or(Error::Tokenizer("no logprobs".into()))?;
-            let hidden = out.hidden_states.ok_or(Error::Tokenizer("no hidden".into()))?;
+            let hidden = out
+                .hidden_states
+                .ok_or(Error::Tokenizer("no hidden".into()))?;
             assert_eq!(hidden.size(), vec![8, 64]);
             let mut ctx = p.clone();
             for (k, &t) in out.token_ids.iter().enumerate() {
@@ -499,9 +541,9 @@ mod tests {
         };
         let target = ("s".to_owned(), prompt(7, 1), params, 0);
         let mut c = core(Architecture::Llama, 64, 8, 64)?;
-        let alone = run(&mut c, &[target.clone()])?;
+        let alone = run(&mut c, std::slice::from_ref(&target))?;
         let mut c = core(Architecture::Llama, 64, 8, 64)?;
-        let again = run(&mut c, &[target.clone()])?;
+        let again = run(&mut c, std::slice::from_ref(&target))?;
         let mut with_others = workload();
         with_others.push((target.0.clone(), target.1.clone(), target.2.clone(), 3));
         let mut c = core(Architecture::Llama, 64, 8, 64)?;
@@ -549,7 +591,11 @@ mod tests {
         let mut c = core(Architecture::Llama, 64, 4, 64)?;
         // Text of a token: a letter chosen by its id.
         let mut hook = |s: &mut Sequence, _: bool| {
-            s.text = s.output().iter().map(|&t| (b'a' + (t % 26) as u8) as char).collect();
+            s.text = s
+                .output()
+                .iter()
+                .map(|&t| (b'a' + (t % 26) as u8) as char)
+                .collect();
             Ok(())
         };
         c.add("free".into(), prompt(5, 2), greedy(12))?;

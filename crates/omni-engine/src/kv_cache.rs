@@ -142,7 +142,7 @@ impl KvCache {
             for store in [&mut k, &mut v] {
                 let t = Tensor::f_empty(shape, (kind, device))?;
                 // Zero the reserved block 0 (padding reads it).
-                t.f_narrow(0, 0, block_size as i64)?.f_zero_()?;
+                let _ = t.f_narrow(0, 0, block_size as i64)?.f_zero_()?;
                 store.push(t);
             }
         }

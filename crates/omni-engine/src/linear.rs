@@ -88,7 +88,9 @@ extern "C" {
 unsafe fn from_shim(ptr: *mut C_tensor, err: *mut c_char, what: &str) -> Result<Tensor> {
     if !err.is_null() {
         // SAFETY: the shim wrote a NUL-terminated strdup'd string.
-        let msg = unsafe { CStr::from_ptr(err) }.to_string_lossy().into_owned();
+        let msg = unsafe { CStr::from_ptr(err) }
+            .to_string_lossy()
+            .into_owned();
         // SAFETY: allocated by the shim with strdup, freed once here.
         unsafe { omni_fbgemm_free_error(err) };
         return Err(Error::Torch(tch::TchError::Torch(format!("{what}: {msg}"))));
@@ -141,7 +143,8 @@ impl Linear {
                 let bias = self.bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr());
                 let mut err = std::ptr::null_mut();
                 // SAFETY: all tensors outlive the call; bias may be null.
-                let ptr = unsafe { omni_fbgemm_linear_fp16(x.as_ptr(), p.as_ptr(), bias, &mut err) };
+                let ptr =
+                    unsafe { omni_fbgemm_linear_fp16(x.as_ptr(), p.as_ptr(), bias, &mut err) };
                 // SAFETY: straight from the shim.
                 unsafe { from_shim(ptr, err, "fbgemm_linear_fp16_weight_fp32_activation") }
             }
@@ -160,7 +163,11 @@ mod tests {
         let w = Tensor::f_randn([48, 32], (Kind::Float, Device::Cpu))?;
         let b = Tensor::f_randn([48], (Kind::Float, Device::Cpu))?;
         let x = Tensor::f_randn([5, 32], (Kind::Float, Device::Cpu))?;
-        let dense = Linear::new(w.shallow_clone(), Some(b.shallow_clone()), WeightPrecision::Native)?;
+        let dense = Linear::new(
+            w.shallow_clone(),
+            Some(b.shallow_clone()),
+            WeightPrecision::Native,
+        )?;
         let packed = Linear::new(w, Some(b), WeightPrecision::Fp16)?;
         let a = dense.forward(&x)?;
         let c = packed.forward(&x)?;

@@ -265,7 +265,10 @@ mod tests {
 
     #[test]
     fn same_seed_same_tokens_and_truncation_holds() -> Result<()> {
-        let row: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 / 10.0).collect();
+        // Distinct values, so the best token is unique.
+        let row: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37) % 1009) as f32 / 100.0)
+            .collect();
         let p = params(|p| p.temperature = 1.5);
         assert_eq!(draw(&row, &p, 7, 50), draw(&row, &p, 7, 50));
         assert_ne!(draw(&row, &p, 7, 50), draw(&row, &p, 8, 50));
@@ -305,7 +308,9 @@ mod tests {
         let s = sample_row(&row, &mut input);
         // token 0 is penalised to 1.0, so 1 wins; logprobs stay raw.
         assert_eq!(s.token, 1);
-        let lp = s.logprobs.ok_or(crate::Error::Tokenizer("no logprobs".into()))?;
+        let lp = s
+            .logprobs
+            .ok_or(crate::Error::Tokenizer("no logprobs".into()))?;
         assert_eq!(lp.top.len(), 2);
         assert_eq!(lp.top[0].0, 0);
         assert!((lp.top.iter().map(|t| t.1.exp()).sum::<f32>()) < 1.0);
@@ -332,10 +337,23 @@ mod tests {
         let mut r1 = ChaCha20Rng::seed_from_u64(0);
         let mut r2 = ChaCha20Rng::seed_from_u64(0);
         let mut inputs = vec![
-            SampleInput { params: &p, prompt: &[], output: &[], rng: &mut r1 },
-            SampleInput { params: &p, prompt: &[], output: &[], rng: &mut r2 },
+            SampleInput {
+                params: &p,
+                prompt: &[],
+                output: &[],
+                rng: &mut r1,
+            },
+            SampleInput {
+                params: &p,
+                prompt: &[],
+                output: &[],
+                rng: &mut r2,
+            },
         ];
-        let got: Vec<u32> = sample(&logits, &mut inputs)?.iter().map(|s| s.token).collect();
+        let got: Vec<u32> = sample(&logits, &mut inputs)?
+            .iter()
+            .map(|s| s.token)
+            .collect();
         assert_eq!(got, vec![1, 0]);
         Ok(())
     }

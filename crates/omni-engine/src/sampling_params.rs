@@ -132,7 +132,11 @@ impl SamplingParams {
             );
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad("temperature", self.temperature, "must be a finite number >= 0");
+            return bad(
+                "temperature",
+                self.temperature,
+                "must be a finite number >= 0",
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", self.top_p, "must be in (0, 1]");
@@ -148,15 +152,15 @@ impl SamplingParams {
         }
         if let Some(k) = self.logprobs {
             if k > MAX_LOGPROBS {
-                return bad(
-                    "logprobs",
-                    k,
-                    &format!("must be at most {MAX_LOGPROBS}"),
-                );
+                return bad("logprobs", k, &format!("must be at most {MAX_LOGPROBS}"));
             }
         }
         if let Some(i) = self.stop.iter().position(String::is_empty) {
-            return bad("stop", format!("[{i}] = \"\""), "stop strings must not be empty");
+            return bad(
+                "stop",
+                format!("[{i}] = \"\""),
+                "stop strings must not be empty",
+            );
         }
         Ok(())
     }
@@ -189,22 +193,108 @@ mod tests {
     #[test]
     fn out_of_range_values_name_the_field() {
         let cases: Vec<(SamplingParams, &str, &str)> = vec![
-            (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p", "0"),
-            (SamplingParams { top_p: 1.5, ..Default::default() }, "top_p", "1.5"),
-            (SamplingParams { temperature: -0.1, ..Default::default() }, "temperature", "-0.1"),
-            (SamplingParams { temperature: f32::NAN, ..Default::default() }, "temperature", "NaN"),
-            (SamplingParams { max_tokens: Some(0), ..Default::default() }, "max_tokens", "0"),
-            (SamplingParams { top_k: -2, ..Default::default() }, "top_k", "-2"),
-            (SamplingParams { min_p: 1.5, ..Default::default() }, "min_p", "1.5"),
-            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty", "0"),
-            (SamplingParams { presence_penalty: 3.0, ..Default::default() }, "presence_penalty", "3"),
-            (SamplingParams { frequency_penalty: -3.0, ..Default::default() }, "frequency_penalty", "-3"),
-            (SamplingParams { n: 2, ..Default::default() }, "n", "2"),
-            (SamplingParams { logprobs: Some(100), ..Default::default() }, "logprobs", "100"),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p",
+                "0",
+            ),
+            (
+                SamplingParams {
+                    top_p: 1.5,
+                    ..Default::default()
+                },
+                "top_p",
+                "1.5",
+            ),
+            (
+                SamplingParams {
+                    temperature: -0.1,
+                    ..Default::default()
+                },
+                "temperature",
+                "-0.1",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                "temperature",
+                "NaN",
+            ),
+            (
+                SamplingParams {
+                    max_tokens: Some(0),
+                    ..Default::default()
+                },
+                "max_tokens",
+                "0",
+            ),
+            (
+                SamplingParams {
+                    top_k: -2,
+                    ..Default::default()
+                },
+                "top_k",
+                "-2",
+            ),
+            (
+                SamplingParams {
+                    min_p: 1.5,
+                    ..Default::default()
+                },
+                "min_p",
+                "1.5",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+                "0",
+            ),
+            (
+                SamplingParams {
+                    presence_penalty: 3.0,
+                    ..Default::default()
+                },
+                "presence_penalty",
+                "3",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: -3.0,
+                    ..Default::default()
+                },
+                "frequency_penalty",
+                "-3",
+            ),
+            (
+                SamplingParams {
+                    n: 2,
+                    ..Default::default()
+                },
+                "n",
+                "2",
+            ),
+            (
+                SamplingParams {
+                    logprobs: Some(100),
+                    ..Default::default()
+                },
+                "logprobs",
+                "100",
+            ),
         ];
         for (p, field, value) in cases {
             match p.validate() {
-                Err(Error::InvalidSamplingParams { field: f, value: v, .. }) => {
+                Err(Error::InvalidSamplingParams {
+                    field: f, value: v, ..
+                }) => {
                     assert_eq!((f, v.as_str()), (field, value));
                 }
                 other => panic!("{field}: expected an error, got {other:?}"),

@@ -78,15 +78,10 @@ impl Scheduler {
         !self.waiting.is_empty() || !self.running.is_empty() || !self.finished_early.is_empty()
     }
 
-    pub fn contains(&self, request_id: &str) -> bool {
-        self.waiting.iter().any(|s| s.request_id == request_id)
-            || self.running.iter().any(|s| s.request_id == request_id)
-            || self.finished_early.iter().any(|s| s.request_id == request_id)
-    }
-
     /// Removes a request wherever it is, releasing its blocks.
     pub fn remove(&mut self, request_id: &str) -> Option<Sequence> {
-        let mut seq = if let Some(i) = self.waiting.iter().position(|s| s.request_id == request_id) {
+        let mut seq = if let Some(i) = self.waiting.iter().position(|s| s.request_id == request_id)
+        {
             self.waiting.remove(i)
         } else if let Some(i) = self.running.iter().position(|s| s.request_id == request_id) {
             Some(self.running.remove(i))
@@ -264,8 +259,14 @@ mod tests {
         assert_eq!(
             out.scheduled,
             vec![
-                ScheduledSeq { index: 0, num_tokens: 3 },
-                ScheduledSeq { index: 1, num_tokens: 5 }
+                ScheduledSeq {
+                    index: 0,
+                    num_tokens: 3
+                },
+                ScheduledSeq {
+                    index: 1,
+                    num_tokens: 5
+                }
             ]
         );
         run(&mut s, &out);
@@ -274,8 +275,14 @@ mod tests {
         assert_eq!(
             out.scheduled,
             vec![
-                ScheduledSeq { index: 0, num_tokens: 1 },
-                ScheduledSeq { index: 1, num_tokens: 5 }
+                ScheduledSeq {
+                    index: 0,
+                    num_tokens: 1
+                },
+                ScheduledSeq {
+                    index: 1,
+                    num_tokens: 5
+                }
             ]
         );
     }
@@ -318,7 +325,10 @@ mod tests {
         assert!(out.scheduled.is_empty());
         let done = s.take_finished();
         assert_eq!(done.len(), 1);
-        assert_eq!(done[0].status, SequenceStatus::Finished(FinishReason::Length));
+        assert_eq!(
+            done[0].status,
+            SequenceStatus::Finished(FinishReason::Length)
+        );
         assert!(!s.has_unfinished());
     }
 }

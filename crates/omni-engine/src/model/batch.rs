@@ -70,11 +70,13 @@ pub struct ForwardBatch {
 }
 
 fn slot(table: &[u32], block_size: usize, pos: usize) -> Result<i64> {
-    let block = table.get(pos / block_size).ok_or_else(|| Error::InvalidConfig {
-        field: "block_table".to_owned(),
-        value: format!("{} blocks", table.len()),
-        reason: format!("does not cover position {pos} (block size {block_size})"),
-    })?;
+    let block = table
+        .get(pos / block_size)
+        .ok_or_else(|| Error::InvalidConfig {
+            field: "block_table".to_owned(),
+            value: format!("{} blocks", table.len()),
+            reason: format!("does not cover position {pos} (block size {block_size})"),
+        })?;
     Ok(*block as i64 * block_size as i64 + (pos % block_size) as i64)
 }
 
@@ -174,7 +176,9 @@ impl ForwardBatch {
             (true, true) => "mixed",
         };
         let to = |v: &[i64]| -> Result<Tensor> {
-            Ok(Tensor::from_slice(v).f_to_kind(Kind::Int64)?.f_to_device(device)?)
+            Ok(Tensor::from_slice(v)
+                .f_to_kind(Kind::Int64)?
+                .f_to_device(device)?)
         };
         Ok(Self {
             num_tokens: ids.len(),

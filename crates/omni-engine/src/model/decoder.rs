@@ -81,10 +81,18 @@ fn take(w: &mut Weights, name: &str, shape: &[i64]) -> Result<Tensor> {
 }
 
 impl Layer {
-    fn new(w: &mut Weights, i: usize, cfg: &ModelConfig, precision: WeightPrecision) -> Result<Self> {
+    fn new(
+        w: &mut Weights,
+        i: usize,
+        cfg: &ModelConfig,
+        precision: WeightPrecision,
+    ) -> Result<Self> {
         let p = format!("model.layers.{i}");
         let (h, d) = (cfg.hidden_size as i64, cfg.head_dim as i64);
-        let (nh, nkv) = (cfg.num_attention_heads as i64, cfg.num_key_value_heads as i64);
+        let (nh, nkv) = (
+            cfg.num_attention_heads as i64,
+            cfg.num_key_value_heads as i64,
+        );
         let inter = cfg.intermediate_size as i64;
         let attn = format!("{p}.self_attn");
         let q = take(w, &format!("{attn}.q_proj.weight"), &[nh * d, h])?;
@@ -118,7 +126,11 @@ impl Layer {
             q_norm,
             k_norm,
             o_proj: Linear::new(o, None, precision)?,
-            post_attention_layernorm: take(w, &format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            post_attention_layernorm: take(
+                w,
+                &format!("{p}.post_attention_layernorm.weight"),
+                &[h],
+            )?,
             gate_up_proj: Linear::new(Tensor::f_cat(&[gate, up], 0)?, None, precision)?,
             down_proj: Linear::new(down, None, precision)?,
         })
@@ -210,10 +222,14 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.input_layernorm)?;
             let qkv = layer.qkv_proj.forward(&h)?;
-            let v = qkv.f_narrow(1, (nh + nkv) * d, nkv * d)?.f_view([t, nkv, d])?;
+            let v = qkv
+                .f_narrow(1, (nh + nkv) * d, nkv * d)?
+                .f_view([t, nkv, d])?;
             // Queries and keys rotate together (one RoPE for both) unless
             // Qwen3's per-head norms must touch them separately first.
-            let qk = qkv.f_narrow(1, 0, (nh + nkv) * d)?.f_view([t, nh + nkv, d])?;
+            let qk = qkv
+                .f_narrow(1, 0, (nh + nkv) * d)?
+                .f_view([t, nh + nkv, d])?;
             let qk = match (&layer.q_norm, &layer.k_norm) {
                 (Some(qn), Some(kn)) => Tensor::f_cat(
                     &[
@@ -227,15 +243,18 @@ impl Model {
             let qk = Rotary::apply(&qk, &cos, &sin)?;
             let q = qk.f_narrow(1, 0, nh)?;
             let k = qk.f_narrow(1, nh, nkv)?;
-            cache.k[l].f_index_copy_(0, &batch.slots, &k)?;
-            cache.v[l].f_index_copy_(0, &batch.slots, &v)?;
+            let _ = cache.k[l].f_index_copy_(0, &batch.slots, &k)?;
+            let _ = cache.v[l].f_index_copy_(0, &batch.slots, &v)?;
             let attn = self.attention(batch, cache, l, &q, &k, &v)?;
             x = x.f_add(&layer.o_proj.forward(&attn)?)?;
 
             let h = self.rms_norm(&x, &layer.post_attention_layernorm)?;
             let gu = layer.gate_up_proj.forward(&h)?;
             let inter = self.cfg.intermediate_size as i64;
-            let act = gu.f_narrow(1, 0, inter)?.f_silu()?.f_mul(&gu.f_narrow(1, inter, inter)?)?;
+            let act = gu
+                .f_narrow(1, 0, inter)?
+                .f_silu()?
+                .f_mul(&gu.f_narrow(1, inter, inter)?)?;
             x = x.f_add(&layer.down_proj.forward(&act)?)?;
         }
         let rows = x.f_index_select(0, &batch.logits_rows)?;
@@ -284,18 +303,40 @@ impl Model {
             parts.push(o.f_reshape([g.count, nh * d])?);
         }
         for p in &batch.prefills {
-            let qp = q.f_narrow(0, p.offset, p.len)?.f_transpose(0, 1)?.f_unsqueeze(0)?;
+            let qp = q
+                .f_narrow(0, p.offset, p.len)?
+                .f_transpose(0, 1)?
+                .f_unsqueeze(0)?;
             let o = match &p.cached {
                 None => {
-                    let kp = k.f_narrow(0, p.offset, p.len)?.f_transpose(0, 1)?.f_unsqueeze(0)?;
-                    let vp = v.f_narrow(0, p.offset, p.len)?.f_transpose(0, 1)?.f_unsqueeze(0)?;
+                    let kp = k
+                        .f_narrow(0, p.offset, p.len)?
+                        .f_transpose(0, 1)?
+                        .f_unsqueeze(0)?;
+                    let vp = v
+                        .f_narrow(0, p.offset, p.len)?
+                        .f_transpose(0, 1)?
+                        .f_unsqueeze(0)?;
                     Tensor::f_scaled_dot_product_attention::<Tensor>(
-                        &qp, &kp, &vp, None, 0.0, true, None::<f64>, gqa,
+                        &qp,
+                        &kp,
+                        &vp,
+                        None,
+                        0.0,
+                        true,
+                        None::<f64>,
+                        gqa,
                     )?
                 }
                 Some((gather, mask)) => {
-                    let kp = cache.k[l].f_index_select(0, gather)?.f_transpose(0, 1)?.f_unsqueeze(0)?;
-                    let vp = cache.v[l].f_index_select(0, gather)?.f_transpose(0, 1)?.f_unsqueeze(0)?;
+                    let kp = cache.k[l]
+                        .f_index_select(0, gather)?
+                        .f_transpose(0, 1)?
+                        .f_unsqueeze(0)?;
+                    let vp = cache.v[l]
+                        .f_index_select(0, gather)?
+                        .f_transpose(0, 1)?
+                        .f_unsqueeze(0)?;
                     Tensor::f_scaled_dot_product_attention(
                         &qp,
                         &kp,
@@ -309,7 +350,11 @@ impl Model {
                 }
             };
             // [1, nh, len, d] -> [len, nh * d]
-            parts.push(o.f_squeeze_dim(0)?.f_transpose(0, 1)?.f_reshape([p.len, nh * d])?);
+            parts.push(
+                o.f_squeeze_dim(0)?
+                    .f_transpose(0, 1)?
+                    .f_reshape([p.len, nh * d])?,
+            );
         }
         if parts.len() == 1 {
             return Ok(parts.remove(0));

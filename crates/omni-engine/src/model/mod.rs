@@ -13,7 +13,7 @@ pub use decoder::{Model, ModelOptions, ModelOutput};
 /// Tiny random models for unit tests of everything above the model.
 #[cfg(test)]
 pub(crate) mod testing {
-    use tch::{Device, Kind, Tensor};
+    use tch::Tensor;
 
     use crate::config::{Architecture, ModelConfig};
     use crate::error::Result;
@@ -42,16 +42,29 @@ pub(crate) mod testing {
         }
     }
 
-    /// Seeded random weights with HF names for `cfg`.
-    pub fn random_weights(cfg: &ModelConfig, seed: i64) -> Result<Weights> {
-        tch::manual_seed(seed);
-        let opts = (Kind::Float, Device::Cpu);
-        let (h, d, v) = (cfg.hidden_size as i64, cfg.head_dim as i64, cfg.vocab_size as i64);
-        let (nh, nkv) = (cfg.num_attention_heads as i64, cfg.num_key_value_heads as i64);
+    /// Seeded random weights with HF names for `cfg`. Drawn from a private
+    /// generator: libtorch's global one is shared by tests running in
+    /// parallel threads.
+    pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Weights> {
+        use rand::{Rng, SeedableRng};
+        let mut g = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let (h, d, v) = (
+            cfg.hidden_size as i64,
+            cfg.head_dim as i64,
+            cfg.vocab_size as i64,
+        );
+        let (nh, nkv) = (
+            cfg.num_attention_heads as i64,
+            cfg.num_key_value_heads as i64,
+        );
         let i = cfg.intermediate_size as i64;
         let mut w = Weights::new();
         let mut rand = |name: String, shape: &[i64], scale: f64| -> Result<()> {
-            w.insert(name, Tensor::f_randn(shape, opts)?.f_mul_scalar(scale)?);
+            let n: i64 = shape.iter().product();
+            // Uniform with the variance of N(0, scale^2).
+            let a = scale * 3f64.sqrt();
+            let vals: Vec<f32> = (0..n).map(|_| g.random_range(-a..a) as f32).collect();
+            w.insert(name, Tensor::from_slice(&vals).f_view(shape)?);
             Ok(())
         };
         rand("model.embed_tokens.weight".into(), &[v, h], 1.0)?;

@@ -50,8 +50,8 @@ fn inv_freq(cfg: &ModelConfig) -> Vec<f64> {
                     } else if wavelen > low_wavelen {
                         f / factor
                     } else {
-                        let smooth =
-                            (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
@@ -61,7 +61,12 @@ fn inv_freq(cfg: &ModelConfig) -> Vec<f64> {
 }
 
 impl Rotary {
-    pub fn new(cfg: &ModelConfig, max_positions: usize, kind: Kind, device: Device) -> Result<Self> {
+    pub fn new(
+        cfg: &ModelConfig,
+        max_positions: usize,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
         // transformers computes inv_freq in fp32 from an fp32 arange; do the
         // same so angles match to the last bit at long positions.
         let inv: Vec<f32> = inv_freq(cfg).into_iter().map(|f| f as f32).collect();
