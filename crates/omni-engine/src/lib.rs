@@ -14,8 +14,7 @@
 mod chat_template;
 mod config;
 mod detokenizer;
-// Wired into the public `LLMEngine` once the loaders (engine-load) land.
-#[allow(dead_code)]
+mod engine;
 mod engine_core;
 mod error;
 mod gguf;
@@ -35,6 +34,7 @@ mod weights;
 pub use chat_template::ChatTemplate;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use detokenizer::Detokenizer;
+pub use engine::{EngineArgs, LLMEngine};
 pub use error::{Error, Result};
 pub use gguf::{
     dequantize_bytes, hf_name as gguf_to_hf_name, GgmlType, GgufFile, GgufTensorInfo, GgufValue,
