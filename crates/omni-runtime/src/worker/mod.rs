@@ -271,7 +271,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
         protocol_version: PROTOCOL_VERSION,
         max_model_len,
     });
-    io.to_ctrl(wire::encode_message(ready)?).await?;
+    io.send_ctrl(wire::encode_message(ready)?).await?;
     tracing::info!(target: "omni::runtime", stage_id, model = %model_name, %device, "stage ready");
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -297,11 +297,11 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
             }
             out = from_model.recv() => match out {
                 Some(FromModel::ToOrchestrator(f)) => {
-                    if let Err(e) = io.to_ctrl(f).await {
+                    if let Err(e) = io.send_ctrl(f).await {
                         tracing::warn!(target: "omni::runtime", stage_id, "{e}");
                     }
                 }
-                Some(FromModel::ToStage(d, f)) => io.to_stage(d, f).await,
+                Some(FromModel::ToStage(d, f)) => io.send_stage(d, f).await,
                 Some(FromModel::Stopped) | None => break,
                 Some(FromModel::Loaded { .. }) | Some(FromModel::LoadFailed(_)) => {}
             },
@@ -342,11 +342,11 @@ async fn begin_stop(io: &Io) -> tokio::time::Instant {
 }
 
 impl Io {
-    async fn to_ctrl(&mut self, frames: Vec<Bytes>) -> Result<()> {
+    async fn send_ctrl(&mut self, frames: Vec<Bytes>) -> Result<()> {
         send_frames(&mut self.ctrl, None, frames, &self.ctrl_endpoint).await
     }
 
-    async fn to_stage(&mut self, d: usize, frames: Vec<Bytes>) {
+    async fn send_stage(&mut self, d: usize, frames: Vec<Bytes>) {
         match self.downstream.get_mut(&d) {
             Some((sock, addr)) => {
                 if let Err(e) = send_frames(sock, None, frames, addr).await {
@@ -400,7 +400,7 @@ impl Io {
                     Message::StopProfile { seq } => self.forward(ToModel::StopProfile(seq)).await,
                     Message::Health { seq } => {
                         if let Ok(f) = wire::encode_message(self.health(seq)) {
-                            let _ = self.to_ctrl(f).await;
+                            let _ = self.send_ctrl(f).await;
                         }
                     }
                     Message::Shutdown => return true,
@@ -412,12 +412,12 @@ impl Io {
                                 other.type_name()
                             ),
                         );
-                        let _ = self.to_ctrl(f).await;
+                        let _ = self.send_ctrl(f).await;
                     }
                 },
                 Err(Rejected { seq, error, .. }) => {
                     let f = self.protocol_error(seq, error);
-                    let _ = self.to_ctrl(f).await;
+                    let _ = self.send_ctrl(f).await;
                 }
             },
             Incoming::Input(identity, frames) => {
@@ -450,7 +450,7 @@ impl Io {
                                 rejected: false,
                             };
                             if let Ok(f) = wire::encode_message(m) {
-                                let _ = self.to_ctrl(f).await;
+                                let _ = self.send_ctrl(f).await;
                             }
                         }
                         Some(self.protocol_error(seq, error))
@@ -463,15 +463,15 @@ impl Io {
                     }
                 }
             }
-            Incoming::Downstream(d, frames) => match wire::decode(frames, ctx) {
-                Ok(Envelope {
+            Incoming::Downstream(d, frames) => {
+                if let Ok(Envelope {
                     message: Message::ProtocolError { reason, .. },
                     ..
-                }) => {
+                }) = wire::decode(frames, ctx)
+                {
                     tracing::error!(target: "omni::runtime", stage_id = self.stage_id, to = d, "stage {d} rejected our message: {reason}");
                 }
-                Ok(_) | Err(_) => {}
-            },
+            }
         }
         false
     }
