@@ -12,11 +12,29 @@
 #![warn(missing_docs)]
 
 mod config;
+// Wired into the public `LLMEngine` once the loaders (engine-load) land.
+#[allow(dead_code)]
+mod engine_core;
 mod error;
+mod kv_cache;
+mod linear;
+mod model;
+mod request;
+mod sampler;
+mod sampling_params;
+mod scheduler;
 mod weights;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::{Error, Result};
+pub use kv_cache::{BlockAllocator, KvCache};
+pub use linear::WeightPrecision;
+pub use model::{BatchEntry, ForwardBatch, Model, ModelOptions, ModelOutput};
+pub use request::{
+    ChatMessage, FinishReason, Prompt, RequestMetrics, RequestOutput, TokenLogprobs,
+};
+pub use sampling_params::{SamplingParams, MAX_LOGPROBS};
+pub use scheduler::SchedulerConfig;
 pub use tch::{Device, Kind};
 pub use weights::Weights;
 

@@ -1,0 +1,19 @@
+//! Trace tools over a profiler directory (`$VLLM_TORCH_PROFILER_DIR`, or one
+//! stage's directory in it): [`summarize`] (top operations per stage, where
+//! each request's time went) and [`merge`] (one timeline of all stages with
+//! flow arrows that follow each request from stage to stage).
+//! `omni profile summarize DIR` and `omni profile merge DIR -o FILE` wrap
+//! them.
+//!
+//! They read any Chrome trace (`.json`, `.json.gz`) the backends write: the
+//! stage comes from the directory name (`stage_<id>_<model>`) and the
+//! process name in the trace; requests are followed through the
+//! `stage_send`/`stage_recv` ranges (field `request_ids`, or `request_id`)
+//! and the `ProfilerStep#<n>` ranges.
+mod merge;
+mod summarize;
+mod trace_set;
+
+pub use merge::merge;
+pub use summarize::{summarize, OpStat, RequestStage, RequestSummary, StageSummary, Summary};
+pub use trace_set::request_ids_of;

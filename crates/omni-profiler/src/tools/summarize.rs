@@ -1,0 +1,415 @@
+//! `summarize(dir)`: per stage the top operations by total time, and per
+//! request where its time went, stage by stage.
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::trace_set::{load, ranges, request_ids_of, Range};
+use crate::Result;
+
+/// How many operations [`StageSummary::top_ops`] keeps.
+const TOP_OPS: usize = 20;
+
+/// What [`summarize`] found under a directory.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    /// The directory summarized.
+    pub dir: PathBuf,
+    /// One entry per stage, in stage order.
+    pub stages: Vec<StageSummary>,
+    /// One entry per request seen in `stage_send`/`stage_recv` ranges, in
+    /// order of first appearance.
+    pub requests: Vec<RequestSummary>,
+}
+
+/// One stage's profile (all its windows together).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageSummary {
+    /// From the directory name `stage_<id>_...`.
+    pub stage_id: Option<usize>,
+    /// The process name in the trace, e.g. `stage 0 (thinker) SmolLM2-135M-Instruct`.
+    pub name: String,
+    /// The trace files read.
+    pub files: Vec<PathBuf>,
+    /// Number of engine steps (`ProfilerStep#<n>` ranges).
+    pub steps: usize,
+    /// Time covered by the stage's ranges, summed over its windows, in µs.
+    pub span_us: f64,
+    /// The operations (ranges, by name) with the most total time, most first.
+    pub top_ops: Vec<OpStat>,
+}
+
+/// Time spent in one operation (all ranges of one name) in one stage.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OpStat {
+    /// Range name (`aten::mm`, `forward`, `ProfilerStep#*` for all steps).
+    pub name: String,
+    /// Trace category (`cpu_op`, `user_annotation`, `kernel`, a tracing target...).
+    pub category: String,
+    /// Number of ranges.
+    pub count: usize,
+    /// Sum of their durations, µs (a range's children included).
+    pub total_us: f64,
+    /// Sum of their self time, µs (children on the same thread excluded).
+    pub self_us: f64,
+}
+
+/// Where one request's time went.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestSummary {
+    /// The request id.
+    pub request_id: String,
+    /// The stages it went through, in order of arrival.
+    pub stages: Vec<RequestStage>,
+    /// From its arrival at the first stage to its departure from the last, µs.
+    pub total_us: f64,
+}
+
+/// One request in one stage. Times in µs.
+///
+/// Derived from ranges: it *arrives* when the first `stage_recv` naming it
+/// ends (in a stage without one, at the start of the step in which it is
+/// first mentioned); it *leaves* when the last
+/// `stage_send` naming it ends; *queue* runs from arrival to the start of
+/// the first engine step after it; *compute* sums the engine steps from
+/// then until it leaves (steps are batched: other requests share them).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestStage {
+    /// Stage id, when the directory names it.
+    pub stage_id: Option<usize>,
+    /// Stage name (process name).
+    pub stage: String,
+    /// Arrival, µs since the UNIX epoch.
+    pub arrived_us: f64,
+    /// Departure, µs since the UNIX epoch.
+    pub left_us: f64,
+    /// Waiting for the first step.
+    pub queue_us: f64,
+    /// Engine steps while in the stage.
+    pub compute_us: f64,
+    /// From the previous stage starting to send it to this stage having
+    /// received it; `None` for the first stage.
+    pub transfer_us: Option<f64>,
+}
+
+struct Mention {
+    stage: usize,
+    kind: Kind,
+    ts: f64,
+    end: f64,
+}
+
+#[derive(PartialEq, Clone, Copy)]
+enum Kind {
+    Send,
+    Recv,
+    Other,
+}
+
+/// Reads every trace under `dir` and summarizes it (see [`Summary`]).
+pub fn summarize(dir: &Path) -> Result<Summary> {
+    let traces = load(dir)?;
+    // Stage key -> index in `stages`; traces are sorted by stage.
+    let mut stage_index: BTreeMap<String, usize> = BTreeMap::new();
+    let mut stages: Vec<StageSummary> = Vec::new();
+    let mut op_stats: Vec<HashMap<(String, String), OpStat>> = Vec::new();
+    let mut steps_of: Vec<Vec<(f64, f64)>> = Vec::new();
+    let mut mentions: BTreeMap<String, Vec<Mention>> = BTreeMap::new();
+    let mut first_seen: HashMap<String, f64> = HashMap::new();
+
+    for trace in &traces {
+        let si = *stage_index
+            .entry(trace.stage_key.clone())
+            .or_insert_with(|| {
+                stages.push(StageSummary {
+                    stage_id: trace.stage_id,
+                    name: trace.process_name.clone(),
+                    files: Vec::new(),
+                    steps: 0,
+                    span_us: 0.0,
+                    top_ops: Vec::new(),
+                });
+                op_stats.push(HashMap::new());
+                steps_of.push(Vec::new());
+                stages.len() - 1
+            });
+        let stage = &mut stages[si];
+        stage.files.push(trace.path.clone());
+        let all: Vec<Range<'_>> = ranges(&trace.events).collect();
+        let (lo, hi) = all
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), r| {
+                (lo.min(r.ts), hi.max(r.end()))
+            });
+        if hi > lo {
+            stage.span_us += hi - lo;
+        }
+        let self_times = self_times(&all);
+        for (r, self_us) in all.iter().zip(self_times) {
+            if r.cat == "Trace" {
+                // Kineto's range over the whole window, not an operation.
+                continue;
+            }
+            let is_step = r.name.starts_with("ProfilerStep#");
+            if is_step {
+                stage.steps += 1;
+                steps_of[si].push((r.ts, r.end()));
+            }
+            let name = if is_step { "ProfilerStep#*" } else { r.name };
+            let stat = op_stats[si]
+                .entry((name.to_owned(), r.cat.to_owned()))
+                .or_insert_with(|| OpStat {
+                    name: name.to_owned(),
+                    category: r.cat.to_owned(),
+                    count: 0,
+                    total_us: 0.0,
+                    self_us: 0.0,
+                });
+            stat.count += 1;
+            stat.total_us += r.dur;
+            stat.self_us += self_us;
+            let Some(args) = r.args else { continue };
+            let ids = request_ids_of(args);
+            if ids.is_empty() {
+                continue;
+            }
+            let kind = match r.name {
+                "stage_send" => Kind::Send,
+                "stage_recv" => Kind::Recv,
+                _ => Kind::Other,
+            };
+            for id in ids {
+                let seen = first_seen.entry(id.clone()).or_insert(r.ts);
+                *seen = seen.min(r.ts);
+                mentions.entry(id).or_default().push(Mention {
+                    stage: si,
+                    kind,
+                    ts: r.ts,
+                    end: r.end(),
+                });
+            }
+        }
+    }
+    for (stage, stats) in stages.iter_mut().zip(op_stats) {
+        let mut ops: Vec<OpStat> = stats.into_values().collect();
+        ops.sort_by(|a, b| b.total_us.total_cmp(&a.total_us).then(a.name.cmp(&b.name)));
+        ops.truncate(TOP_OPS);
+        stage.top_ops = ops;
+    }
+    for steps in &mut steps_of {
+        steps.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+
+    let mut requests: Vec<RequestSummary> = mentions
+        .into_iter()
+        .map(|(id, ms)| request_summary(id, &ms, &stages, &steps_of))
+        .collect();
+    requests.sort_by(|a, b| {
+        let fa = first_seen
+            .get(&a.request_id)
+            .copied()
+            .unwrap_or(f64::INFINITY);
+        let fb = first_seen
+            .get(&b.request_id)
+            .copied()
+            .unwrap_or(f64::INFINITY);
+        fa.total_cmp(&fb).then(a.request_id.cmp(&b.request_id))
+    });
+    Ok(Summary {
+        dir: dir.to_path_buf(),
+        stages,
+        requests,
+    })
+}
+
+/// Self time of each range: its duration minus its direct children's on the
+/// same thread (ranges nest per thread in Chrome traces).
+fn self_times(all: &[Range<'_>]) -> Vec<f64> {
+    let mut out: Vec<f64> = all.iter().map(|r| r.dur).collect();
+    let mut by_thread: HashMap<(String, String), Vec<usize>> = HashMap::new();
+    for (i, r) in all.iter().enumerate() {
+        by_thread
+            .entry((r.pid.to_string(), r.tid.to_string()))
+            .or_default()
+            .push(i);
+    }
+    for mut idx in by_thread.into_values() {
+        // Parents first: earlier start, then longer.
+        idx.sort_by(|&a, &b| {
+            all[a]
+                .ts
+                .total_cmp(&all[b].ts)
+                .then(all[b].dur.total_cmp(&all[a].dur))
+        });
+        let mut stack: Vec<usize> = Vec::new();
+        for i in idx {
+            while let Some(&top) = stack.last() {
+                if all[i].ts >= all[top].end() {
+                    stack.pop();
+                } else {
+                    break;
+                }
+            }
+            if let Some(&parent) = stack.last() {
+                out[parent] -= all[i].dur.min(all[parent].end() - all[i].ts);
+            }
+            stack.push(i);
+        }
+    }
+    out.iter_mut().for_each(|v| *v = v.max(0.0));
+    out
+}
+
+fn request_summary(
+    request_id: String,
+    mentions: &[Mention],
+    stages: &[StageSummary],
+    steps_of: &[Vec<(f64, f64)>],
+) -> RequestSummary {
+    let mut by_stage: BTreeMap<usize, Vec<&Mention>> = BTreeMap::new();
+    for m in mentions {
+        by_stage.entry(m.stage).or_default().push(m);
+    }
+    let sends: Vec<&Mention> = mentions.iter().filter(|m| m.kind == Kind::Send).collect();
+    let mut out: Vec<RequestStage> = Vec::new();
+    for (si, ms) in by_stage {
+        let first_recv = ms
+            .iter()
+            .filter(|m| m.kind == Kind::Recv)
+            .min_by(|a, b| a.ts.total_cmp(&b.ts));
+        let steps = &steps_of[si];
+        let arrived_us = match first_recv {
+            Some(r) => r.end,
+            None => {
+                // No receive (the first stage takes requests from the
+                // orchestrator): it was there by the start of the step in
+                // which it is first mentioned.
+                let first = ms.iter().map(|m| m.ts).fold(f64::INFINITY, f64::min);
+                steps
+                    .iter()
+                    .find(|(s, e)| *s <= first && first <= *e)
+                    .map_or(first, |(s, _)| *s)
+            }
+        };
+        let stage_sends: Vec<&&Mention> = ms.iter().filter(|m| m.kind == Kind::Send).collect();
+        let left_us = if stage_sends.is_empty() {
+            ms.iter().map(|m| m.end).fold(arrived_us, f64::max)
+        } else {
+            stage_sends.iter().map(|m| m.end).fold(arrived_us, f64::max)
+        };
+        let first_step = steps
+            .iter()
+            .find(|(s, _)| *s >= arrived_us)
+            .map(|(s, _)| *s);
+        let (queue_us, compute_us) = match first_step {
+            Some(start) if start <= left_us => {
+                let compute = steps
+                    .iter()
+                    .filter(|(s, _)| *s >= start && *s < left_us)
+                    .map(|(s, e)| e.min(left_us) - s)
+                    .sum();
+                (start - arrived_us, compute)
+            }
+            _ => (0.0, 0.0),
+        };
+        let transfer_us = first_recv.and_then(|r| {
+            sends
+                .iter()
+                .filter(|s| s.stage != si && s.ts <= r.end)
+                .map(|s| s.ts)
+                .fold(None, |acc: Option<f64>, t| {
+                    Some(acc.map_or(t, |a| a.max(t)))
+                })
+                .map(|sent| r.end - sent)
+        });
+        out.push(RequestStage {
+            stage_id: stages[si].stage_id,
+            stage: stages[si].name.clone(),
+            arrived_us,
+            left_us,
+            queue_us,
+            compute_us,
+            transfer_us,
+        });
+    }
+    out.sort_by(|a, b| a.arrived_us.total_cmp(&b.arrived_us));
+    let total_us = match (out.first(), out.last()) {
+        (Some(first), Some(last)) => last.left_us - first.arrived_us,
+        _ => 0.0,
+    };
+    RequestSummary {
+        request_id,
+        stages: out,
+        total_us,
+    }
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.3}", us / 1000.0)
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "profile summary of {}", self.dir.display())?;
+        for stage in &self.stages {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "== {} ({} file(s), {} step(s), {} ms recorded)",
+                stage.name,
+                stage.files.len(),
+                stage.steps,
+                ms(stage.span_us)
+            )?;
+            writeln!(
+                f,
+                "  {:>10} {:>10} {:>8}  {:<16} name",
+                "total ms", "self ms", "count", "category"
+            )?;
+            for op in stage.top_ops.iter().take(15) {
+                writeln!(
+                    f,
+                    "  {:>10} {:>10} {:>8}  {:<16} {}",
+                    ms(op.total_us),
+                    ms(op.self_us),
+                    op.count,
+                    truncate(&op.category, 16),
+                    op.name
+                )?;
+            }
+        }
+        if !self.requests.is_empty() {
+            writeln!(f)?;
+            writeln!(
+                f,
+                "== requests (ms; queue = waiting for a step, compute = steps while in the stage)"
+            )?;
+            for req in &self.requests {
+                writeln!(f, "  {}  total {}", req.request_id, ms(req.total_us))?;
+                for s in &req.stages {
+                    let transfer = s.transfer_us.map(ms).unwrap_or_else(|| "-".to_owned());
+                    writeln!(
+                        f,
+                        "    {:<40} transfer {:>9}  queue {:>9}  compute {:>9}  in stage {:>9}",
+                        truncate(&s.stage, 40),
+                        transfer,
+                        ms(s.queue_us),
+                        ms(s.compute_us),
+                        ms(s.left_us - s.arrived_us)
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_owned()
+    } else {
+        s.chars().take(n.saturating_sub(1)).chain(['…']).collect()
+    }
+}

@@ -1,0 +1,130 @@
+//! The `torch` backend: libtorch's own Kineto profiler (what
+//! `torch.profiler.profile` drives in Python), through the C++ shim.
+//!
+//! CPU activities always, CUDA activities when a GPU is present;
+//! `record_shapes`, `with_stack`, `profile_memory` and `with_flops` from the
+//! session's options. While it records, the tracing layer opens a
+//! `RecordFunction` range for every span (`ProfilerStep#<n>` for steps), and
+//! the spans' fields are merged into those ranges' `args` when the trace is
+//! finalized. Without a GPU, Kineto logs `gpuGetDeviceCount failed`: harmless.
+//!
+//! Kineto runs in its default thread-local mode, as `torch.profiler` does:
+//! the torch ops of the thread that called `start` are recorded, and `stop`
+//! must be called on that thread (elsewhere it returns [`Error::Kineto`] and
+//! the window stays open). Spans of other threads still reach the trace, as
+//! `user_annotation` events taken from the span recorder.
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use crate::blocking::run_blocking;
+use crate::recorder::SpanCapture;
+use crate::trace_file::{finalize_kineto, prepare_trace_dir, tmp_path, write_trace};
+use crate::{kineto, Error, ProfileSession, Profiler, Result};
+
+struct Window {
+    capture: SpanCapture,
+    session: ProfileSession,
+    /// Kineto (thread-local mode) can only be disabled where it was enabled.
+    thread: std::thread::ThreadId,
+}
+
+/// The `torch` (Kineto) backend. Works without [`crate::tracing_layer`] too;
+/// the trace then holds torch's ops but no engine ranges.
+#[derive(Default)]
+pub struct TorchProfiler {
+    window: Mutex<Option<Window>>,
+}
+
+impl std::fmt::Debug for TorchProfiler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TorchProfiler")
+            .field("active", &self.is_active())
+            .finish()
+    }
+}
+
+impl TorchProfiler {
+    /// A new, inactive profiler.
+    pub fn new() -> Self {
+        TorchProfiler::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Window>> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait::async_trait]
+impl Profiler for TorchProfiler {
+    fn backend(&self) -> &str {
+        "torch"
+    }
+
+    async fn start(&self, session: &ProfileSession) -> Result<()> {
+        let mut window = self.lock();
+        if window.is_some() {
+            return Err(Error::AlreadyActive {
+                backend: "torch".to_owned(),
+                reason: "a window is already open".to_owned(),
+            });
+        }
+        prepare_trace_dir(&session.dir)?;
+        // The recorder first: it refuses when another backend records, before
+        // Kineto (process-global too) is touched.
+        let capture = SpanCapture::start_inner("torch", true)?;
+        kineto::start(&session.options, tch::Cuda::is_available())?;
+        *window = Some(Window {
+            capture,
+            session: session.clone(),
+            thread: std::thread::current().id(),
+        });
+        Ok(())
+    }
+
+    async fn stop(&self) -> Result<Vec<PathBuf>> {
+        let window = {
+            let mut slot = self.lock();
+            match slot.as_ref() {
+                None => return Ok(Vec::new()),
+                Some(w) if w.thread != std::thread::current().id() => {
+                    return Err(Error::Kineto(
+                        "stop() must run on the thread that called start() (Kineto records \
+                         per thread); the window stays open"
+                            .to_owned(),
+                    ));
+                }
+                Some(_) => slot.take(),
+            }
+        };
+        let Some(window) = window else {
+            return Ok(Vec::new());
+        };
+        // Thread-bound part, before the first await: close the ranges'
+        // source, disable Kineto, save its raw trace.
+        let captured = window.capture.finish();
+        let session = window.session;
+        let raw = tmp_path(&session.dir, "kineto");
+        let flops = session
+            .options
+            .with_flops
+            .then(|| tmp_path(&session.dir, "flops"));
+        let saved = kineto::stop_and_save(&raw, flops.as_deref());
+        let path = run_blocking(move || {
+            let result = saved.and_then(|()| {
+                let trace = finalize_kineto(&raw, flops.as_deref(), &captured, &session)?;
+                write_trace(&session, "pt", &trace)
+            });
+            let _ = std::fs::remove_file(&raw);
+            if let Some(flops) = &flops {
+                let _ = std::fs::remove_file(flops);
+            }
+            result
+        })
+        .await?;
+        Ok(vec![path])
+    }
+
+    fn is_active(&self) -> bool {
+        self.lock().is_some()
+    }
+}
