@@ -517,7 +517,7 @@ impl Orchestrator {
             omni_profiler::profiler_dir_from_env().map_err(|e| Error::Profiler(e.to_string()))?;
         let options = omni_profiler::ProfileOptions::from_env()
             .map_err(|e| Error::Profiler(e.to_string()))?;
-        let options = serde_json::to_value(&options)
+        let options = serde_json::to_value(options)
             .map_err(|e| Error::Profiler(format!("cannot encode profiler options: {e}")))?;
         {
             let st = lock(&self.inner.state);

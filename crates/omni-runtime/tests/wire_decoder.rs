@@ -115,8 +115,7 @@ fn rejection_keeps_the_seq_for_the_reply() {
         )],
         &ctx(None),
     )
-    .err()
-    .expect("version 7 is rejected");
+    .expect_err("version 7 is rejected");
     assert_eq!(r.seq, Some(42));
 }
 
