@@ -35,7 +35,7 @@ async fn default_pipeline_runs_both_stages_in_their_own_processes() -> TestResul
     let mut rx = orch
         .submit("req-1".to_string(), prompt, params.clone())
         .await?;
-    let mut finals: Vec<Option<StageOutput>> = vec![None, None];
+    let mut finals: [Option<StageOutput>; 2] = [None, None];
     let mut deltas = [String::new(), String::new()];
     let collect = async {
         while let Some(ev) = rx.recv().await {

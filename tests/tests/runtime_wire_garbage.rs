@@ -13,6 +13,10 @@ use omni_runtime::wire::{self, DecodeContext, Message};
 use omni_runtime::{Orchestrator, PipelineConfig, StageEvent};
 use runtime_support::{greedy, options, TestResult};
 
+fn msg(frames: Vec<Bytes>) -> Result<ZmqMessage, String> {
+    ZmqMessage::try_from(frames).map_err(|e| e.to_string())
+}
+
 fn garbage() -> Vec<Vec<Bytes>> {
     let b = |s: &'static [u8]| Bytes::from_static(s);
     vec![
@@ -40,7 +44,7 @@ async fn garbage_gets_error_replies_and_the_worker_keeps_serving() -> TestResult
     let ctx = DecodeContext::default();
     let bad = garbage();
     for (i, frames) in bad.iter().enumerate() {
-        sock.send(ZmqMessage::try_from(frames.clone())?).await?;
+        sock.send(msg(frames.clone())?).await?;
         let reply = tokio::time::timeout(Duration::from_secs(30), sock.recv()).await??;
         let env = wire::decode(reply.into_vec(), &ctx).map_err(|r| r.error)?;
         match env.message {
@@ -59,10 +63,8 @@ async fn garbage_gets_error_replies_and_the_worker_keeps_serving() -> TestResult
         }
     }
     // The worker counted them, and answers health on the same socket.
-    sock.send(ZmqMessage::try_from(wire::encode_message(
-        Message::Health { seq: 77 },
-    )?)?)
-    .await?;
+    sock.send(msg(wire::encode_message(Message::Health { seq: 77 })?)?)
+        .await?;
     let reply = tokio::time::timeout(Duration::from_secs(30), sock.recv()).await??;
     match wire::decode(reply.into_vec(), &ctx)
         .map_err(|r| r.error)?
