@@ -58,17 +58,14 @@ pub fn ensure_binaries() -> Result<()> {
         .get_or_init(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);
-            cmd.current_dir(repo_root()).args([
-                "build",
-                "--bin",
-                "omni",
-                "--bin",
-                "omni-stage",
-            ]);
+            cmd.current_dir(repo_root())
+                .args(["build", "--bin", "omni", "--bin", "omni-stage"]);
             if target_dir().ends_with("release") {
                 cmd.arg("--release");
             }
-            let out = cmd.output().map_err(|e| format!("cannot run cargo build: {e}"))?;
+            let out = cmd
+                .output()
+                .map_err(|e| format!("cannot run cargo build: {e}"))?;
             if out.status.success() {
                 Ok(())
             } else {
@@ -96,13 +93,17 @@ pub fn omni_bin() -> Result<PathBuf> {
 /// The venv's Python (where `scripts/setup` put torch and, with
 /// `OMNI_TEST_DEPS=1`, the `openai` client).
 pub fn python() -> PathBuf {
-    let venv = std::env::var_os("OMNI_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-        std::env::var_os("OMNI_CACHE_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| home.join(".cache/omni"))
-            .join("py")
-    });
+    let venv = std::env::var_os("OMNI_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            std::env::var_os("OMNI_CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| home.join(".cache/omni"))
+                .join("py")
+        });
     venv.join("bin/python")
 }
 
@@ -139,7 +140,10 @@ pub fn child_pids(pid: u32) -> Vec<u32> {
         let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
             continue;
         };
-        let ppid = rest.split_whitespace().nth(1).and_then(|s| s.parse::<u32>().ok());
+        let ppid = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse::<u32>().ok());
         if ppid == Some(pid) {
             out.push(child);
         }
@@ -177,7 +181,9 @@ pub fn trace_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -229,11 +235,19 @@ impl Server {
     /// environment variables and waits until it listens.
     pub fn start(pipeline: &str, env: &[(&str, &Path)]) -> Result<Self> {
         let mut cmd = Command::new(omni_bin()?);
-        cmd.args(["serve", "--pipeline", pipeline, "--host", "127.0.0.1", "--port", "0"])
-            .env_remove("VLLM_TORCH_PROFILER_DIR")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "serve",
+            "--pipeline",
+            pipeline,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ])
+        .env_remove("VLLM_TORCH_PROFILER_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -498,7 +512,10 @@ impl HttpConn {
     /// The next SSE `data:` payload; `None` at the end of the body.
     pub fn next_data(&mut self) -> Result<Option<String>> {
         while let Some(line) = self.next_line()? {
-            if let Some(d) = line.strip_prefix("data: ").or_else(|| line.strip_prefix("data:")) {
+            if let Some(d) = line
+                .strip_prefix("data: ")
+                .or_else(|| line.strip_prefix("data:"))
+            {
                 return Ok(Some(d.to_string()));
             }
         }

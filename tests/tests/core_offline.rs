@@ -15,12 +15,19 @@ fn generate_returns_final_outputs_in_prompt_order_with_stage_metrics() -> Result
     let omni = start()?;
     assert_eq!(omni.stages().len(), 2);
     assert_eq!(omni.final_stage_ids(), &[0, 1]);
-    let prompts = ["What is the capital of France?", "Name a colour.", "Count to three."];
+    let prompts = [
+        "What is the capital of France?",
+        "Name a colour.",
+        "Count to three.",
+    ];
     let params = vec![tiny_params(8), tiny_params(6)];
     let outputs = omni.generate(prompts.iter().map(|p| chat(p)), params)?;
 
     // Every final output of every prompt, by prompt then by stage.
-    let order: Vec<(String, usize)> = outputs.iter().map(|o| (o.request_id.clone(), o.stage_id)).collect();
+    let order: Vec<(String, usize)> = outputs
+        .iter()
+        .map(|o| (o.request_id.clone(), o.stage_id))
+        .collect();
     let first: u64 = outputs[0].request_id.parse()?;
     let expected: Vec<(String, usize)> = (0..3u64)
         .flat_map(|i| [((first + i).to_string(), 0), ((first + i).to_string(), 1)])
@@ -30,17 +37,33 @@ fn generate_returns_final_outputs_in_prompt_order_with_stage_metrics() -> Result
     for out in &outputs {
         assert!(out.finished, "{out:?}");
         assert_eq!(out.final_output_type, "text");
-        assert!(!out.token_ids.is_empty(), "stage {} generated nothing", out.stage_id);
+        assert!(
+            !out.token_ids.is_empty(),
+            "stage {} generated nothing",
+            out.stage_id
+        );
         let limit = if out.stage_id == 0 { 8 } else { 6 };
-        assert!(out.token_ids.len() <= limit, "{} tokens > max_tokens {limit}", out.token_ids.len());
-        assert!(!out.text.trim().is_empty(), "stage {} text is empty", out.stage_id);
+        assert!(
+            out.token_ids.len() <= limit,
+            "{} tokens > max_tokens {limit}",
+            out.token_ids.len()
+        );
+        assert!(
+            !out.text.trim().is_empty(),
+            "stage {} text is empty",
+            out.stage_id
+        );
         let own = out
             .metrics
             .stage(out.stage_id)
             .ok_or_else(|| omni_tests::err(format!("no metrics for stage {}", out.stage_id)))?;
         assert_eq!(own.num_generated_tokens, out.token_ids.len());
         assert!(own.num_prompt_tokens > 0);
-        assert!(!own.compute_time.is_zero(), "stage {} compute time is zero", out.stage_id);
+        assert!(
+            !own.compute_time.is_zero(),
+            "stage {} compute time is zero",
+            out.stage_id
+        );
         assert!(out.metrics.e2e_latency >= own.compute_time.min(out.metrics.e2e_latency));
     }
     // Stage 1's output carries stage 0's metrics too: its time went through both.
@@ -83,11 +106,19 @@ fn answer_stage_matches_the_engine_in_process() -> Result {
 fn bad_input_gets_typed_errors_naming_the_value() -> Result {
     let omni = start()?;
     let none: Vec<String> = Vec::new();
-    assert!(matches!(omni.generate(none, tiny_params(4)), Err(Error::EmptyPrompts)));
+    assert!(matches!(
+        omni.generate(none, tiny_params(4)),
+        Err(Error::EmptyPrompts)
+    ));
 
     let three = vec![tiny_params(4), tiny_params(4), tiny_params(4)];
     match omni.generate(["hi"], three) {
-        Err(e @ Error::SamplingParamsCount { expected: 2, got: 3 }) => {
+        Err(
+            e @ Error::SamplingParamsCount {
+                expected: 2,
+                got: 3,
+            },
+        ) => {
             let msg = e.to_string();
             assert!(msg.contains('3') && msg.contains('2'), "{msg}");
         }

@@ -28,7 +28,13 @@ async fn profiling_toggled_while_8_requests_stream_loses_no_request() -> Result 
         let params = vec![params.clone(), tiny_params(6)];
         let first_tx = first_tx.clone();
         tasks.push(tokio::spawn(async move {
-            let mut stream = omni.generate(chat(&format!("Tell me about the number {i}.")), params, format!("p{i}")).await?;
+            let mut stream = omni
+                .generate(
+                    chat(&format!("Tell me about the number {i}.")),
+                    params,
+                    format!("p{i}"),
+                )
+                .await?;
             let mut finished = BTreeSet::new();
             let mut n = 0;
             while let Some(out) = stream.next().await {
@@ -47,7 +53,10 @@ async fn profiling_toggled_while_8_requests_stream_loses_no_request() -> Result 
     drop(first_tx);
     // Every request is streaming before the profiler starts.
     for _ in 0..8 {
-        first_rx.recv().await.ok_or_else(|| err("a request ended before streaming"))?;
+        first_rx
+            .recv()
+            .await
+            .ok_or_else(|| err("a request ended before streaming"))?;
     }
     omni.start_profile(None).await?;
     // Let some steps happen under the profiler, then stop while requests
@@ -57,29 +66,59 @@ async fn profiling_toggled_while_8_requests_stream_loses_no_request() -> Result 
 
     for t in tasks {
         let finished = t.await??;
-        assert_eq!(finished, BTreeSet::from([0, 1]), "a request lost a stage's final output");
+        assert_eq!(
+            finished,
+            BTreeSet::from([0, 1]),
+            "a request lost a stage's final output"
+        );
     }
-    assert_eq!(traces.keys().copied().collect::<Vec<_>>(), vec![0, 1], "{traces:?}");
+    assert_eq!(
+        traces.keys().copied().collect::<Vec<_>>(),
+        vec![0, 1],
+        "{traces:?}"
+    );
     for (stage, paths) in &traces {
         assert!(!paths.is_empty(), "stage {stage} wrote no trace");
         for p in paths {
-            assert!(p.starts_with(dir.path()), "{} is outside the profiler dir", p.display());
-            let dir_name = p.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str()).unwrap_or("");
-            assert!(dir_name.starts_with(&format!("stage_{stage}_")), "{} not in stage_{stage}_*", p.display());
+            assert!(
+                p.starts_with(dir.path()),
+                "{} is outside the profiler dir",
+                p.display()
+            );
+            let dir_name = p
+                .parent()
+                .and_then(|d| d.file_name())
+                .and_then(|n| n.to_str())
+                .unwrap_or("");
+            assert!(
+                dir_name.starts_with(&format!("stage_{stage}_")),
+                "{} not in stage_{stage}_*",
+                p.display()
+            );
             read_trace(p)?;
         }
     }
 
     // A second window during more traffic gives a second file per stage.
     omni.start_profile(Some(&[1])).await?;
-    let mut stream = omni.generate(chat("Hi."), vec![tiny_params(4), tiny_params(4)], "after").await?;
+    let mut stream = omni
+        .generate(chat("Hi."), vec![tiny_params(4), tiny_params(4)], "after")
+        .await?;
     while let Some(out) = stream.next().await {
         out?;
     }
     let second = omni.stop_profile().await?;
-    assert_eq!(second.keys().copied().collect::<Vec<_>>(), vec![1], "{second:?}");
+    assert_eq!(
+        second.keys().copied().collect::<Vec<_>>(),
+        vec![1],
+        "{second:?}"
+    );
     for p in &second[&1] {
-        assert!(!traces[&1].contains(p), "window 2 overwrote {}", p.display());
+        assert!(
+            !traces[&1].contains(p),
+            "window 2 overwrote {}",
+            p.display()
+        );
         read_trace(p)?;
     }
     Ok(())

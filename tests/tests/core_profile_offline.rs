@@ -14,19 +14,33 @@ fn start_profile_all_stages_then_selected_stage() -> Result {
     let omni = OmniLLM::from_engine_args(OmniEngineArgs::new("default"))?;
 
     omni.start_profile(None)?;
-    let outputs = omni.generate([chat("What is a star?")], vec![tiny_params(6), tiny_params(4)])?;
+    let outputs = omni.generate(
+        [chat("What is a star?")],
+        vec![tiny_params(6), tiny_params(4)],
+    )?;
     assert_eq!(outputs.len(), 2);
     let all = omni.stop_profile()?;
-    assert_eq!(all.keys().copied().collect::<Vec<_>>(), vec![0, 1], "{all:?}");
+    assert_eq!(
+        all.keys().copied().collect::<Vec<_>>(),
+        vec![0, 1],
+        "{all:?}"
+    );
     for paths in all.values() {
         assert_eq!(paths.len(), 1, "{paths:?}");
         read_trace(&paths[0])?;
     }
 
     omni.start_profile(Some(&[1]))?;
-    omni.generate([chat("What is a planet?")], vec![tiny_params(6), tiny_params(4)])?;
+    omni.generate(
+        [chat("What is a planet?")],
+        vec![tiny_params(6), tiny_params(4)],
+    )?;
     let only_1 = omni.stop_profile()?;
-    assert_eq!(only_1.keys().copied().collect::<Vec<_>>(), vec![1], "{only_1:?}");
+    assert_eq!(
+        only_1.keys().copied().collect::<Vec<_>>(),
+        vec![1],
+        "{only_1:?}"
+    );
     // On disk: stage 0 has its one window, stage 1 two.
     let files = trace_files(dir.path());
     let count = |stage: usize| {

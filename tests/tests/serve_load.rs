@@ -38,17 +38,22 @@ fn thirty_two_concurrent_streaming_clients_all_complete() -> Result {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(err("client thread panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(err("client thread panicked")))
+            })
             .collect()
     });
     for (i, r) in results.into_iter().enumerate() {
-        let (last, finishes) = r.map_err(|e| err(format!("client {i}: {e}; server log:\n{}", server.log())))?;
+        let (last, finishes) =
+            r.map_err(|e| err(format!("client {i}: {e}; server log:\n{}", server.log())))?;
         assert_eq!(last, "[DONE]", "client {i}");
         assert_eq!(finishes, 2, "client {i}: both final stages must finish");
     }
     let m = http(&addr, "GET", "/metrics", None)?;
     assert!(
-        m.body.contains("omni_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"} 32"),
+        m.body
+            .contains("omni_requests_total{endpoint=\"/v1/chat/completions\",status=\"200\"} 32"),
         "{}",
         m.body
     );

@@ -10,7 +10,12 @@ use omni_core::{AsyncOmni, OmniEngineArgs};
 use omni_tests::{ensure_binaries, err, Result};
 use tower::ServiceExt;
 
-async fn call(app: &axum::Router, method: &str, uri: &str, body: &str) -> Result<(StatusCode, String)> {
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: &str,
+) -> Result<(StatusCode, String)> {
     let req = Request::builder()
         .method(method)
         .uri(uri)
@@ -39,12 +44,20 @@ async fn router_serves_models_chat_streaming_and_errors() -> Result {
     let v: serde_json::Value = serde_json::from_str(&body)?;
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"].as_array().map(Vec::len), Some(2), "{v}");
-    assert!(v["usage"]["completion_tokens"].as_u64().is_some_and(|n| (1..=6).contains(&n)), "{v}");
+    assert!(
+        v["usage"]["completion_tokens"]
+            .as_u64()
+            .is_some_and(|n| (1..=6).contains(&n)),
+        "{v}"
+    );
 
     let stream = r#"{"model":"default","messages":[{"role":"user","content":"Hi!"}],"max_tokens":3,"stream":true}"#;
     let (status, body) = call(&app, "POST", "/v1/chat/completions", stream).await?;
     assert_eq!(status, StatusCode::OK);
-    let data: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let data: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
     assert_eq!(data.last(), Some(&"[DONE]"), "{body}");
     let mut text = [String::new(), String::new()];
     for d in &data[..data.len() - 1] {
@@ -58,10 +71,22 @@ async fn router_serves_models_chat_streaming_and_errors() -> Result {
         }
     }
     // Greedy: the streamed texts equal the non-streamed ones.
-    assert_eq!(text[0], v["choices"][0]["message"]["content"].as_str().unwrap_or(""));
-    assert_eq!(text[1], v["choices"][1]["message"]["content"].as_str().unwrap_or(""));
+    assert_eq!(
+        text[0],
+        v["choices"][0]["message"]["content"].as_str().unwrap_or("")
+    );
+    assert_eq!(
+        text[1],
+        v["choices"][1]["message"]["content"].as_str().unwrap_or("")
+    );
 
-    let (status, body) = call(&app, "POST", "/v1/completions", r#"{"model":"default","prompt":"#).await?;
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        r#"{"model":"default","prompt":"#,
+    )
+    .await?;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let e: serde_json::Value = serde_json::from_str(&body)?;
     assert_eq!(e["error"]["type"], "invalid_request_error");

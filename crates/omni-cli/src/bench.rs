@@ -16,12 +16,16 @@ use crate::{http_client, progress, serve};
 pub enum BenchCommand {
     /// End-to-end throughput (prompts/s, generated tok/s over all final
     /// stages) of a pipeline run through OmniLLM, for batches of prompts.
-    #[command(after_help = "Example:\n  omni bench pipeline --pipeline default --prompts 16,64 --max-tokens 32 --ignore-eos")]
+    #[command(
+        after_help = "Example:\n  omni bench pipeline --pipeline default --prompts 16,64 --max-tokens 32 --ignore-eos"
+    )]
     Pipeline(PipelineBench),
     /// Requests/s and time to first token of `omni serve` (started in
     /// process on a loopback port) at several numbers of concurrent
     /// streaming clients.
-    #[command(after_help = "Example:\n  omni bench serve --pipeline default --concurrency 1,8,32 --max-tokens 16")]
+    #[command(
+        after_help = "Example:\n  omni bench serve --pipeline default --concurrency 1,8,32 --max-tokens 16"
+    )]
     Serve(ServeBench),
 }
 
@@ -76,14 +80,30 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 
 /// Varied questions, so batches are not one prompt repeated.
 const TOPICS: [&str; 16] = [
-    "the ocean", "volcanoes", "honey bees", "the moon", "bicycles", "rainbows", "coffee",
-    "penguins", "libraries", "thunderstorms", "chess", "bread", "glaciers", "owls", "trains",
+    "the ocean",
+    "volcanoes",
+    "honey bees",
+    "the moon",
+    "bicycles",
+    "rainbows",
+    "coffee",
+    "penguins",
+    "libraries",
+    "thunderstorms",
+    "chess",
+    "bread",
+    "glaciers",
+    "owls",
+    "trains",
     "gardens",
 ];
 
 /// The i-th benchmark prompt.
 pub fn bench_prompt(i: usize) -> String {
-    format!("Tell me one interesting fact about {}.", TOPICS[i % TOPICS.len()])
+    format!(
+        "Tell me one interesting fact about {}.",
+        TOPICS[i % TOPICS.len()]
+    )
 }
 
 fn pipeline(b: PipelineBench) -> anyhow::Result<()> {
@@ -95,7 +115,8 @@ fn pipeline(b: PipelineBench) -> anyhow::Result<()> {
     .with_context(|| format!("starting pipeline {:?}", b.pipeline))?;
     let params = b.sampling.resolve(omni.default_sampling_params())?;
     // Warm-up: first-call costs (allocator, kernels) out of the numbers.
-    omni.generate([chat(&bench_prompt(0))], params.clone()).context("warm-up")?;
+    omni.generate([chat(&bench_prompt(0))], params.clone())
+        .context("warm-up")?;
     if !b.json {
         println!("| prompts | wall s | prompts/s | generated tok/s | tokens |");
         println!("|---:|---:|---:|---:|---:|");
@@ -103,7 +124,9 @@ fn pipeline(b: PipelineBench) -> anyhow::Result<()> {
     for &n in &b.prompts {
         let prompts: Vec<Prompt> = (0..n).map(|i| chat(&bench_prompt(i))).collect();
         let start = Instant::now();
-        let outputs = omni.generate(prompts, params.clone()).context("generating")?;
+        let outputs = omni
+            .generate(prompts, params.clone())
+            .context("generating")?;
         let wall = start.elapsed().as_secs_f64();
         let tokens: usize = outputs.iter().map(|o| o.token_ids.len()).sum();
         if b.json {
@@ -132,7 +155,9 @@ fn chat(text: &str) -> Prompt {
 }
 
 async fn serve_bench(b: ServeBench) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding loopback")?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding loopback")?;
     let addr = listener.local_addr()?.to_string();
     let bar = progress::spinner(format!("starting pipeline {:?}", b.pipeline));
     let omni = AsyncOmni::from_engine_args(OmniEngineArgs::new(&b.pipeline)).await;
@@ -168,7 +193,9 @@ async fn serve_bench(b: ServeBench) -> anyhow::Result<()> {
         let mut tasks = Vec::new();
         for client in 0..c {
             let addr = addr.clone();
-            let bodies: Vec<_> = (0..b.requests_per_client).map(|r| body(client * 7 + r)).collect();
+            let bodies: Vec<_> = (0..b.requests_per_client)
+                .map(|r| body(client * 7 + r))
+                .collect();
             tasks.push(tokio::spawn(async move {
                 let mut ttfts = Vec::new();
                 for body in bodies {
@@ -196,7 +223,10 @@ async fn serve_bench(b: ServeBench) -> anyhow::Result<()> {
                     "ttft_mean_ms": mean, "ttft_p50_ms": p50, "ttft_max_ms": max})
             );
         } else {
-            println!("| {c} | {n} | {wall:.2} | {:.2} | {mean:.0} | {p50:.0} | {max:.0} |", n as f64 / wall);
+            println!(
+                "| {c} | {n} | {wall:.2} | {:.2} | {mean:.0} | {p50:.0} | {max:.0} |",
+                n as f64 / wall
+            );
         }
     }
     let _ = stop_tx.send(());

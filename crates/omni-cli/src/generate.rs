@@ -54,14 +54,21 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         return Err(BadInput(format!("--prompt number {} is empty", i + 1)).into());
     }
     let omni = progress::with_spinner(
-        format!("starting pipeline {:?}: spawning stages, loading models", args.pipeline),
-        |o: &OmniLLM| format!("pipeline {:?} ready: {} stage(s)", args.pipeline, o.stages().len()),
+        format!(
+            "starting pipeline {:?}: spawning stages, loading models",
+            args.pipeline
+        ),
+        |o: &OmniLLM| {
+            format!(
+                "pipeline {:?} ready: {} stage(s)",
+                args.pipeline,
+                o.stages().len()
+            )
+        },
         || OmniLLM::from_engine_args(OmniEngineArgs::new(&args.pipeline)),
     )
     .with_context(|| format!("starting pipeline {:?}", args.pipeline))?;
-    let params = args
-        .sampling
-        .resolve(omni.default_sampling_params())?;
+    let params = args.sampling.resolve(omni.default_sampling_params())?;
     let prompts: Vec<Prompt> = args
         .prompts
         .iter()
@@ -122,7 +129,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 )
             })
             .collect();
-        println!("--- {:.3}s end to end; {}", out.metrics.e2e_latency.as_secs_f64(), m.join("; "));
+        println!(
+            "--- {:.3}s end to end; {}",
+            out.metrics.e2e_latency.as_secs_f64(),
+            m.join("; ")
+        );
         println!();
     }
     if let Some(traces) = traces {

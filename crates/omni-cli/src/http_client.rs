@@ -19,9 +19,15 @@ pub struct StreamTiming {
 
 /// POSTs `body` to `path` with `stream: true` and reads the SSE answer to
 /// `data: [DONE]`.
-pub async fn post_stream(addr: &str, path: &str, body: &serde_json::Value) -> anyhow::Result<StreamTiming> {
+pub async fn post_stream(
+    addr: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> anyhow::Result<StreamTiming> {
     let start = Instant::now();
-    let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    let stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
     let (read, mut write) = stream.into_split();
     let body = body.to_string();
     let head = format!(
@@ -52,20 +58,33 @@ pub async fn post_stream(addr: &str, path: &str, body: &serde_json::Value) -> an
             chunked = true;
         }
     }
-    let mut body_reader = BodyReader { reader, chunked, buf: Vec::new(), pos: 0 };
+    let mut body_reader = BodyReader {
+        reader,
+        chunked,
+        buf: Vec::new(),
+        pos: 0,
+    };
     let mut ttft = None;
     while let Some(line) = body_reader.line().await? {
-        let Some(data) = line.strip_prefix("data: ") else { continue };
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
         if data == "[DONE]" {
-            return Ok(StreamTiming { ttft, total: start.elapsed() });
+            return Ok(StreamTiming {
+                ttft,
+                total: start.elapsed(),
+            });
         }
-        let v: serde_json::Value = serde_json::from_str(data).with_context(|| format!("bad SSE data {data:?}"))?;
+        let v: serde_json::Value =
+            serde_json::from_str(data).with_context(|| format!("bad SSE data {data:?}"))?;
         if v.get("error").is_some() {
             bail!("stream error: {data}");
         }
         let has_text = v["choices"].as_array().is_some_and(|cs| {
             cs.iter().any(|c| {
-                c["delta"]["content"].as_str().is_some_and(|s| !s.is_empty())
+                c["delta"]["content"]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty())
                     || c["text"].as_str().is_some_and(|s| !s.is_empty())
             })
         });

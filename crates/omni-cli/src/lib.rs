@@ -76,9 +76,9 @@ pub fn main() -> ExitCode {
 /// 2 when the caller's input was at fault, 1 otherwise.
 fn exit_code(e: &anyhow::Error) -> u8 {
     let bad_input = e.chain().any(|c| {
-        c.downcast_ref::<omni_core::Error>().is_some_and(|e| {
-            e.is_invalid_input() || matches!(e, omni_core::Error::Pipeline { .. })
-        }) || c.downcast_ref::<BadInput>().is_some()
+        c.downcast_ref::<omni_core::Error>()
+            .is_some_and(|e| e.is_invalid_input() || matches!(e, omni_core::Error::Pipeline { .. }))
+            || c.downcast_ref::<BadInput>().is_some()
     });
     if bad_input {
         EXIT_BAD_INPUT
@@ -114,7 +114,10 @@ mod tests {
         let mut cmd = Cli::command();
         let mut missing = Vec::new();
         fn walk(c: &mut clap::Command, path: String, missing: &mut Vec<String>) {
-            let subs: Vec<String> = c.get_subcommands().map(|s| s.get_name().to_string()).collect();
+            let subs: Vec<String> = c
+                .get_subcommands()
+                .map(|s| s.get_name().to_string())
+                .collect();
             if subs.is_empty() || path.is_empty() {
                 let help = c.render_long_help().to_string();
                 if !path.is_empty() && !help.contains("Example") {
@@ -131,7 +134,10 @@ mod tests {
             }
         }
         walk(&mut cmd, String::new(), &mut missing);
-        assert!(missing.is_empty(), "subcommands without an example: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "subcommands without an example: {missing:?}"
+        );
     }
 
     #[test]

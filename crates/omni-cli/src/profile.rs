@@ -70,7 +70,9 @@ pub fn set_profiler_dir(dir: Option<&Path>) -> anyhow::Result<()> {
             std::env::set_var("VLLM_TORCH_PROFILER_DIR", dir);
             Ok(())
         }
-        None if std::env::var_os("VLLM_TORCH_PROFILER_DIR").is_some_and(|d| !d.is_empty()) => Ok(()),
+        None if std::env::var_os("VLLM_TORCH_PROFILER_DIR").is_some_and(|d| !d.is_empty()) => {
+            Ok(())
+        }
         None => Err(BadInput(
             "--profile needs a trace directory: set VLLM_TORCH_PROFILER_DIR or pass --profile-dir"
                 .into(),
@@ -84,7 +86,12 @@ pub fn print_traces(traces: &BTreeMap<usize, Vec<PathBuf>>, json: bool) {
     if json {
         let map: BTreeMap<String, Vec<String>> = traces
             .iter()
-            .map(|(s, p)| (s.to_string(), p.iter().map(|p| p.display().to_string()).collect()))
+            .map(|(s, p)| {
+                (
+                    s.to_string(),
+                    p.iter().map(|p| p.display().to_string()).collect(),
+                )
+            })
             .collect();
         println!("{}", serde_json::json!({ "traces": map }));
         return;

@@ -16,7 +16,11 @@ pub fn spinner(message: String) -> ProgressBar {
 }
 
 /// Runs `f` under a spinner; the bar ends with `done` or is cleared on error.
-pub fn with_spinner<T, E>(message: String, done: impl FnOnce(&T) -> String, f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+pub fn with_spinner<T, E>(
+    message: String,
+    done: impl FnOnce(&T) -> String,
+    f: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
     let bar = spinner(message);
     let result = f();
     match &result {

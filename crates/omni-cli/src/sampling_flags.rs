@@ -49,7 +49,9 @@ impl SamplingFlags {
     pub fn resolve(&self, defaults: &[SamplingParams]) -> anyhow::Result<StageSamplingParams> {
         if let Some(json) = &self.stage_params {
             let list: Vec<SamplingParams> = serde_json::from_str(json).map_err(|e| {
-                BadInput(format!("--stage-params {json:?} is not a JSON array of sampling params: {e}"))
+                BadInput(format!(
+                    "--stage-params {json:?} is not a JSON array of sampling params: {e}"
+                ))
             })?;
             return Ok(StageSamplingParams::PerStage(list));
         }

@@ -80,7 +80,10 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
     let omni = AsyncOmni::from_engine_args(OmniEngineArgs::new(&args.pipeline)).await;
     bar.finish_and_clear();
     let omni = omni.with_context(|| format!("starting pipeline {:?}", args.pipeline))?;
-    let served = args.served_model_name.clone().unwrap_or_else(|| args.pipeline.clone());
+    let served = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| args.pipeline.clone());
     let state = Arc::new(serve::AppState::new(omni, &served));
     tracing::info!(
         model = %served,

@@ -13,15 +13,23 @@ use omni_core::{AsyncOmni, OmniEngineArgs, Prompt, SamplingParams};
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("VLLM_TORCH_PROFILER_DIR").is_none_or(|d| d.is_empty()) {
-        std::env::set_var("VLLM_TORCH_PROFILER_DIR", std::env::temp_dir().join("omni-traces"));
+        std::env::set_var(
+            "VLLM_TORCH_PROFILER_DIR",
+            std::env::temp_dir().join("omni-traces"),
+        );
     }
     let async_omni = AsyncOmni::from_engine_args(OmniEngineArgs::new("default")).await?;
 
     async_omni.start_profile(None).await?;
 
-    let sampling_params = SamplingParams { max_tokens: Some(32), ..SamplingParams::greedy() };
+    let sampling_params = SamplingParams {
+        max_tokens: Some(32),
+        ..SamplingParams::greedy()
+    };
     let prompt = Prompt::from("Write a haiku about the sea.");
-    let mut stream = async_omni.generate(prompt, sampling_params, "request-0").await?;
+    let mut stream = async_omni
+        .generate(prompt, sampling_params, "request-0")
+        .await?;
     let mut current_stage = None;
     while let Some(output) = stream.next().await {
         let output = output?;

@@ -32,7 +32,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let traces = omni_llm.stop_profile()?;
 
     for out in &outputs {
-        println!("[request {} | stage {}] {}", out.request_id, out.stage_id, out.text.trim());
+        println!(
+            "[request {} | stage {}] {}",
+            out.request_id,
+            out.stage_id,
+            out.text.trim()
+        );
     }
     for (stage, paths) in &traces {
         for p in paths {

@@ -11,7 +11,10 @@ use omni_core::{OmniEngineArgs, OmniLLM, SamplingParams};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("VLLM_TORCH_PROFILER_DIR").is_none_or(|d| d.is_empty()) {
-        std::env::set_var("VLLM_TORCH_PROFILER_DIR", std::env::temp_dir().join("omni-traces"));
+        std::env::set_var(
+            "VLLM_TORCH_PROFILER_DIR",
+            std::env::temp_dir().join("omni-traces"),
+        );
     }
     let omni_llm = OmniLLM::from_engine_args(OmniEngineArgs::new("default"))?;
 
@@ -20,8 +23,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // One SamplingParams per stage: a longer answer, a short summary.
     let per_stage = vec![
-        SamplingParams { max_tokens: Some(48), ..SamplingParams::greedy() },
-        SamplingParams { max_tokens: Some(24), ..SamplingParams::greedy() },
+        SamplingParams {
+            max_tokens: Some(48),
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            max_tokens: Some(24),
+            ..SamplingParams::greedy()
+        },
     ];
     let outputs = omni_llm.generate(["Explain what a compiler does."], per_stage)?;
     let traces = omni_llm.stop_profile()?;

@@ -165,7 +165,11 @@ impl AsyncOmni {
 
     /// Each stage's model name, in stage order.
     pub fn model_names(&self) -> Vec<String> {
-        self.inner.stages.iter().map(|s| s.model_name.clone()).collect()
+        self.inner
+            .stages
+            .iter()
+            .map(|s| s.model_name.clone())
+            .collect()
     }
 
     /// Each stage's context length, when known, in stage order.
@@ -224,7 +228,12 @@ impl AsyncOmni {
             stage_metrics: Vec::new(),
             done: false,
         };
-        match self.inner.orchestrator.submit(request_id, prompt, params).await {
+        match self
+            .inner
+            .orchestrator
+            .submit(request_id, prompt, params)
+            .await
+        {
             Ok(rx) => stream.rx = Some(rx),
             Err(e) => {
                 // Nothing reached the stages: release the id, abort nothing.
@@ -326,7 +335,8 @@ impl OmniStream {
                     .binary_search_by_key(&stage_id, |m| m.stage_id)
                 {
                     Ok(i) => {
-                        let m = convert::stage_metrics(stage_id, &output, Some(&self.stage_metrics[i]));
+                        let m =
+                            convert::stage_metrics(stage_id, &output, Some(&self.stage_metrics[i]));
                         self.stage_metrics[i] = m;
                     }
                     Err(i) => {

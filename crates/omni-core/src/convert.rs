@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use omni_engine::{Prompt, SamplingParams};
 use omni_runtime::{
-    DType, FinalOutputType, OrchestratorOptions, PipelineConfig, StageEvent, StageInfo,
-    StageOutput,
+    DType, FinalOutputType, OrchestratorOptions, PipelineConfig, StageEvent, StageInfo, StageOutput,
 };
 
 use crate::{Audio, OmniEngineArgs, OmniMetrics, OmniRequestOutput, StageMetrics};
@@ -77,9 +76,10 @@ pub(crate) fn stage_metrics(
         // otherwise from the stage's timestamps.
         Some(m) => StageMetrics {
             stage_id,
-            queue_time: m
-                .queue_us
-                .map_or_else(|| us(m.arrival_unix_us, m.admitted_unix_us), Duration::from_micros),
+            queue_time: m.queue_us.map_or_else(
+                || us(m.arrival_unix_us, m.admitted_unix_us),
+                Duration::from_micros,
+            ),
             compute_time: m.compute_us.map_or_else(
                 || {
                     m.finished_unix_us
@@ -173,7 +173,11 @@ pub fn describe_stages(config: &PipelineConfig) -> Vec<String> {
             let inputs = if s.engine_input_source.is_empty() {
                 "the prompt".to_string()
             } else {
-                let ids: Vec<String> = s.engine_input_source.iter().map(|i| format!("stage {i}")).collect();
+                let ids: Vec<String> = s
+                    .engine_input_source
+                    .iter()
+                    .map(|i| format!("stage {i}"))
+                    .collect();
                 ids.join(", ")
             };
             format!(

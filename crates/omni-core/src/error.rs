@@ -46,7 +46,9 @@ pub enum Error {
         source: omni_engine::Error,
     },
     /// A stage id that the pipeline does not have.
-    #[error("unknown stage id {stage_id}: the pipeline has {num_stages} stage(s), ids 0..{num_stages}")]
+    #[error(
+        "unknown stage id {stage_id}: the pipeline has {num_stages} stage(s), ids 0..{num_stages}"
+    )]
     UnknownStage {
         /// The id the caller asked for.
         stage_id: usize,

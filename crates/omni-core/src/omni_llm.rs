@@ -128,8 +128,8 @@ impl OmniLLM {
             }
             // Drive all streams together; an error in one drops the rest,
             // which aborts them in every stage.
-            let per_prompt = futures::future::try_join_all(streams.into_iter().map(collect_final))
-                .await?;
+            let per_prompt =
+                futures::future::try_join_all(streams.into_iter().map(collect_final)).await?;
             Ok(per_prompt.into_iter().flatten().collect())
         })
     }

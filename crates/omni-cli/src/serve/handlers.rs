@@ -16,8 +16,8 @@ use omni_core::{OmniRequestOutput, OmniStream, StageSamplingParams};
 
 use super::api_error::ApiError;
 use super::openai::{
-    ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut, CompletionChoice,
-    CompletionRequest, CompletionResponse, ModelCard, ModelList, ProfileRequest, AudioOut,
+    AudioOut, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut,
+    CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, ProfileRequest,
 };
 use super::sse::{finish_reason, ChunkBuilder, Flavor, DONE};
 use super::validate::{parse_body, Plan};
@@ -64,7 +64,10 @@ pub async fn metrics(State(st): St) -> Response {
     text.push_str(&up);
     text.push_str(&running);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response()
@@ -93,11 +96,10 @@ pub async fn models(State(st): St) -> Json<ModelList> {
 /// `POST /v1/completions`.
 pub async fn completions(State(st): St, body: Bytes) -> Response {
     const EP: &str = "/v1/completions";
-    let plan = parse_body::<CompletionRequest>(&body)
-        .and_then(|(req, sampling)| {
-            let model = req.model.clone();
-            st.view.completion(req, &sampling).map(|p| (p, model))
-        });
+    let plan = parse_body::<CompletionRequest>(&body).and_then(|(req, sampling)| {
+        let model = req.model.clone();
+        st.view.completion(req, &sampling).map(|p| (p, model))
+    });
     respond(&st, EP, Flavor::Completion, plan).await
 }
 
@@ -199,7 +201,11 @@ async fn run(
     let in_flight = InFlight::new(st, st.view.finals.iter().map(|(s, _)| *s).collect());
     let stream = st
         .omni
-        .generate(plan.prompt, StageSamplingParams::PerStage(plan.params), request_id.clone())
+        .generate(
+            plan.prompt,
+            StageSamplingParams::PerStage(plan.params),
+            request_id.clone(),
+        )
         .await?;
     let builder = ChunkBuilder::new(flavor, request_id, unix_now(), model, &plan.choices);
     if plan.stream {
@@ -358,7 +364,9 @@ pub async fn start_profile(State(st): St, body: Bytes) -> Response {
     let result = async {
         let req = profile_body(&st, &body)?;
         st.omni.start_profile(req.stages.as_deref()).await?;
-        Ok::<_, ApiError>(Json(serde_json::json!({"status": "started", "stages": req.stages})))
+        Ok::<_, ApiError>(Json(
+            serde_json::json!({"status": "started", "stages": req.stages}),
+        ))
     }
     .await;
     finish_profile(&st, "/start_profile", result)
@@ -380,7 +388,9 @@ pub async fn stop_profile(State(st): St, body: Bytes) -> Response {
                 )
             })
             .collect();
-        Ok::<_, ApiError>(Json(serde_json::json!({"status": "stopped", "traces": traces})))
+        Ok::<_, ApiError>(Json(
+            serde_json::json!({"status": "stopped", "traces": traces}),
+        ))
     }
     .await;
     finish_profile(&st, "/stop_profile", result)
@@ -399,7 +409,10 @@ fn profile_body(st: &AppState, body: &[u8]) -> Result<ProfileRequest, ApiError> 
         .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        ApiError::bad_param(path.clone(), format!("invalid field {path}: {}", e.into_inner()))
+        ApiError::bad_param(
+            path.clone(),
+            format!("invalid field {path}: {}", e.into_inner()),
+        )
     })
 }
 

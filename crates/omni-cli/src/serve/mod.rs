@@ -116,7 +116,9 @@ pub async fn serve(
     let _ = stop_tx.send(());
     let mut server = server;
     match tokio::time::timeout(drain_timeout, &mut server).await {
-        Ok(joined) => joined.context("server task failed")?.context("server failed")?,
+        Ok(joined) => joined
+            .context("server task failed")?
+            .context("server failed")?,
         Err(_) => {
             tracing::warn!(
                 running = state.omni.num_running(),

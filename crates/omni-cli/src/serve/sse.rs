@@ -12,9 +12,7 @@ use std::collections::BTreeMap;
 use omni_core::{FinishReason, OmniRequestOutput};
 use serde::Serialize;
 
-use super::openai::{
-    AudioOut, ChatChunkChoice, ChatDelta, Chunk, CompletionChunkChoice, Usage,
-};
+use super::openai::{AudioOut, ChatChunkChoice, ChatDelta, Chunk, CompletionChunkChoice, Usage};
 use super::wav;
 
 /// The payload that ends every stream.
@@ -109,7 +107,8 @@ impl ChunkBuilder {
         let Some(&index) = self.choice.get(&out.stage_id) else {
             return Vec::new();
         };
-        self.completion_tokens.insert(out.stage_id, out.token_ids.len());
+        self.completion_tokens
+            .insert(out.stage_id, out.token_ids.len());
         let finish = if out.finished {
             finish_reason(out.finish_reason.as_ref()).or(Some("stop".to_string()))
         } else {
@@ -195,7 +194,13 @@ mod tests {
     use super::*;
     use omni_core::OmniRequestOutput;
 
-    fn output(stage_id: usize, delta: &str, text: &str, tokens: usize, finished: bool) -> OmniRequestOutput {
+    fn output(
+        stage_id: usize,
+        delta: &str,
+        text: &str,
+        tokens: usize,
+        finished: bool,
+    ) -> OmniRequestOutput {
         let mut o = OmniRequestOutput::new("r".into(), stage_id, "text".into());
         o.delta_text = delta.into();
         o.text = text.into();
@@ -207,12 +212,21 @@ mod tests {
     }
 
     fn parse(payloads: &[String]) -> Vec<serde_json::Value> {
-        payloads.iter().map(|p| serde_json::from_str(p).expect("chunk is JSON")).collect()
+        payloads
+            .iter()
+            .map(|p| serde_json::from_str(p).expect("chunk is JSON"))
+            .collect()
     }
 
     #[test]
     fn chat_chunks_open_with_role_carry_deltas_and_close_with_finish_reason() {
-        let mut b = ChunkBuilder::new(Flavor::Chat, "chatcmpl-1".into(), 7, "default".into(), &[0, 1]);
+        let mut b = ChunkBuilder::new(
+            Flavor::Chat,
+            "chatcmpl-1".into(),
+            7,
+            "default".into(),
+            &[0, 1],
+        );
         let first = parse(&b.on_output(&output(0, "Hel", "Hel", 1, false)));
         assert_eq!(first.len(), 2);
         assert_eq!(first[0]["object"], "chat.completion.chunk");
@@ -242,7 +256,10 @@ mod tests {
     #[test]
     fn completion_chunks_and_unchosen_stages() {
         let mut b = ChunkBuilder::new(Flavor::Completion, "cmpl-1".into(), 7, "m".into(), &[1]);
-        assert!(b.on_output(&output(0, "x", "x", 1, true)).is_empty(), "stage 0 is not a choice");
+        assert!(
+            b.on_output(&output(0, "x", "x", 1, true)).is_empty(),
+            "stage 0 is not a choice"
+        );
         let c = parse(&b.on_output(&output(1, " sky", " sky", 1, false)));
         assert_eq!(c.len(), 1);
         assert_eq!(c[0]["object"], "text_completion");

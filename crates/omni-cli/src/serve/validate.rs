@@ -42,7 +42,9 @@ pub struct Plan {
 /// position or the field.
 pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<(T, SamplingFields), ApiError> {
     if body.is_empty() {
-        return Err(ApiError::bad_request("empty request body: expected a JSON object"));
+        return Err(ApiError::bad_request(
+            "empty request body: expected a JSON object",
+        ));
     }
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
@@ -106,7 +108,10 @@ impl PipelineView {
             return Err(ApiError::bad_param("echo", "echo is not supported"));
         }
         if req.logprobs.is_some() {
-            return Err(ApiError::bad_param("logprobs", "logprobs are not supported yet"));
+            return Err(ApiError::bad_param(
+                "logprobs",
+                "logprobs are not supported yet",
+            ));
         }
         let prompt = match req.prompt {
             CompletionPrompt::Text(t) => Prompt::Text(t),
@@ -124,7 +129,12 @@ impl PipelineView {
         if empty {
             return Err(ApiError::bad_param("prompt", "prompt is empty"));
         }
-        self.plan(prompt, req.stream, req.stream_options.is_some_and(|o| o.include_usage), sampling)
+        self.plan(
+            prompt,
+            req.stream,
+            req.stream_options.is_some_and(|o| o.include_usage),
+            sampling,
+        )
     }
 
     /// A chat request as pipeline inputs.
@@ -135,10 +145,16 @@ impl PipelineView {
     ) -> Result<Plan, ApiError> {
         self.check_model(&req.model)?;
         if req.logprobs {
-            return Err(ApiError::bad_param("logprobs", "logprobs are not supported yet"));
+            return Err(ApiError::bad_param(
+                "logprobs",
+                "logprobs are not supported yet",
+            ));
         }
         if req.messages.is_empty() {
-            return Err(ApiError::bad_param("messages", "messages is empty: send at least one"));
+            return Err(ApiError::bad_param(
+                "messages",
+                "messages is empty: send at least one",
+            ));
         }
         let mut messages = Vec::with_capacity(req.messages.len());
         for (i, m) in req.messages.into_iter().enumerate() {
@@ -146,7 +162,10 @@ impl PipelineView {
             if !ROLES.contains(&m.role.as_str()) {
                 return Err(ApiError::bad_param(
                     format!("messages[{i}].role"),
-                    format!("unknown role {:?} in messages[{i}]: expected one of {ROLES:?}", m.role),
+                    format!(
+                        "unknown role {:?} in messages[{i}]: expected one of {ROLES:?}",
+                        m.role
+                    ),
                 ));
             }
             let content = match m.content {
@@ -269,7 +288,10 @@ impl PipelineView {
                     let path = e.path().to_string();
                     ApiError::bad_param(
                         path.clone(),
-                        format!("invalid sampling param {path} for stage {stage_id}: {}", e.into_inner()),
+                        format!(
+                            "invalid sampling param {path} for stage {stage_id}: {}",
+                            e.into_inner()
+                        ),
                     )
                 })?;
             params.validate().map_err(|e| {
@@ -308,22 +330,25 @@ fn top_level(f: &SamplingFields) -> Map<String, Value> {
             m.insert(k.to_string(), v);
         }
     };
-    put("max_tokens", f.max_tokens.or(f.max_completion_tokens).map(Value::from));
+    put(
+        "max_tokens",
+        f.max_tokens.or(f.max_completion_tokens).map(Value::from),
+    );
     put("temperature", f.temperature.map(Value::from));
     put("top_p", f.top_p.map(Value::from));
     put("top_k", f.top_k.map(Value::from));
     put("min_p", f.min_p.map(Value::from));
     put("seed", f.seed.map(Value::from));
-    put(
-        "stop",
-        f.stop.clone().map(|s| Value::from(s.into_vec())),
-    );
+    put("stop", f.stop.clone().map(|s| Value::from(s.into_vec())));
     put("stop_token_ids", f.stop_token_ids.clone().map(Value::from));
     put("presence_penalty", f.presence_penalty.map(Value::from));
     put("frequency_penalty", f.frequency_penalty.map(Value::from));
     put("repetition_penalty", f.repetition_penalty.map(Value::from));
     put("ignore_eos", f.ignore_eos.map(Value::from));
-    put("skip_special_tokens", f.skip_special_tokens.map(Value::from));
+    put(
+        "skip_special_tokens",
+        f.skip_special_tokens.map(Value::from),
+    );
     m
 }
 
@@ -403,11 +428,19 @@ mod tests {
             r#"{{"model":"default",{MSG},"sampling_params_list":[{{}}]}}"#
         )));
         assert_eq!(e.param.as_deref(), Some("sampling_params_list"));
-        assert!(e.message.contains("1 entries") && e.message.contains("2 stages"), "{}", e.message);
+        assert!(
+            e.message.contains("1 entries") && e.message.contains("2 stages"),
+            "{}",
+            e.message
+        );
         let e = refused(chat(&format!(
             r#"{{"model":"default",{MSG},"sampling_params_list":[{{"max_tokens":"x"}},{{}}]}}"#
         )));
-        assert!(e.message.contains("max_tokens") && e.message.contains("stage 0"), "{}", e.message);
+        assert!(
+            e.message.contains("max_tokens") && e.message.contains("stage 0"),
+            "{}",
+            e.message
+        );
         Ok(())
     }
 
@@ -418,14 +451,18 @@ mod tests {
         assert!(e.message.contains("malformed JSON"), "{}", e.message);
         let e = refused(chat("[1,2]"));
         assert!(e.message.contains("an array"), "{}", e.message);
-        let e = refused(chat(&format!(r#"{{"model":"default",{MSG},"max_tokens":"ten"}}"#)));
+        let e = refused(chat(&format!(
+            r#"{{"model":"default",{MSG},"max_tokens":"ten"}}"#
+        )));
         assert_eq!(e.param.as_deref(), Some("max_tokens"));
         assert!(e.message.contains("ten"), "{}", e.message);
         let e = refused(chat(r#"{"model":"default","messages":"hi"}"#));
         assert_eq!(e.param.as_deref(), Some("messages"));
         let e = refused(chat(r#"{"model":"default"}"#));
         assert!(e.message.contains("messages"), "{}", e.message);
-        let e = refused(chat(&format!(r#"{{"model":"default",{MSG},"stream":"yes"}}"#)));
+        let e = refused(chat(&format!(
+            r#"{{"model":"default",{MSG},"stream":"yes"}}"#
+        )));
         assert_eq!(e.param.as_deref(), Some("stream"));
     }
 
@@ -434,17 +471,29 @@ mod tests {
         let e = refused(chat(&format!(r#"{{"model":"gpt-4",{MSG}}}"#)));
         assert!(e.message.contains("gpt-4"), "{}", e.message);
         assert_eq!(e.param.as_deref(), Some("model"));
-        let e = refused(chat(&format!(r#"{{"model":"default",{MSG},"max_tokens":9000}}"#)));
-        assert!(e.message.contains("9000") && e.message.contains("8192"), "{}", e.message);
-        let e = refused(chat(&format!(r#"{{"model":"default",{MSG},"temperature":-1}}"#)));
+        let e = refused(chat(&format!(
+            r#"{{"model":"default",{MSG},"max_tokens":9000}}"#
+        )));
+        assert!(
+            e.message.contains("9000") && e.message.contains("8192"),
+            "{}",
+            e.message
+        );
+        let e = refused(chat(&format!(
+            r#"{{"model":"default",{MSG},"temperature":-1}}"#
+        )));
         assert!(e.message.contains("-1"), "{}", e.message);
         let e = refused(chat(&format!(r#"{{"model":"default",{MSG},"n":2}}"#)));
         assert_eq!(e.param.as_deref(), Some("n"));
         let e = refused(chat(r#"{"model":"default","messages":[]}"#));
         assert_eq!(e.param.as_deref(), Some("messages"));
-        let e = refused(chat(r#"{"model":"default","messages":[{"role":"wizard","content":"x"}]}"#));
+        let e = refused(chat(
+            r#"{"model":"default","messages":[{"role":"wizard","content":"x"}]}"#,
+        ));
         assert!(e.message.contains("wizard"), "{}", e.message);
-        let e = refused(chat(&format!(r#"{{"model":"default",{MSG},"modalities":["audio"]}}"#)));
+        let e = refused(chat(&format!(
+            r#"{{"model":"default",{MSG},"modalities":["audio"]}}"#
+        )));
         assert!(e.message.contains("audio"), "{}", e.message);
         let e = refused(completion(r#"{"model":"default","prompt":""}"#));
         assert_eq!(e.param.as_deref(), Some("prompt"));
@@ -454,9 +503,16 @@ mod tests {
 
     #[test]
     fn prompts_of_every_shape() -> Result<(), ApiError> {
-        assert!(matches!(completion(r#"{"model":"default","prompt":"hi"}"#)?.prompt, Prompt::Text(t) if t == "hi"));
-        assert!(matches!(completion(r#"{"model":"default","prompt":["hi"]}"#)?.prompt, Prompt::Text(_)));
-        assert!(matches!(completion(r#"{"model":"default","prompt":[1,2,3]}"#)?.prompt, Prompt::TokenIds(ids) if ids == [1,2,3]));
+        assert!(
+            matches!(completion(r#"{"model":"default","prompt":"hi"}"#)?.prompt, Prompt::Text(t) if t == "hi")
+        );
+        assert!(matches!(
+            completion(r#"{"model":"default","prompt":["hi"]}"#)?.prompt,
+            Prompt::Text(_)
+        ));
+        assert!(
+            matches!(completion(r#"{"model":"default","prompt":[1,2,3]}"#)?.prompt, Prompt::TokenIds(ids) if ids == [1,2,3])
+        );
         let plan = chat(
             r#"{"model":"SmolLM2-135M-Instruct","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#,
         )?;

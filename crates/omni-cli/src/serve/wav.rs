@@ -47,7 +47,10 @@ mod tests {
         assert_eq!(&wav[0..4], b"RIFF");
         assert_eq!(&wav[8..16], b"WAVEfmt ");
         assert_eq!(wav.len(), 44 + 8);
-        assert_eq!(u32::from_le_bytes([wav[24], wav[25], wav[26], wav[27]]), 16_000);
+        assert_eq!(
+            u32::from_le_bytes([wav[24], wav[25], wav[26], wav[27]]),
+            16_000
+        );
         let samples: Vec<i16> = wav[44..]
             .chunks(2)
             .map(|c| i16::from_le_bytes([c[0], c[1]]))
