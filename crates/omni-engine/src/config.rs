@@ -97,3 +97,266 @@ pub struct ModelConfig {
     /// Tokens that end generation.
     pub eos_token_ids: Vec<u32>,
 }
+
+/// `config.json` of a Hugging Face checkpoint, as far as the engine reads it.
+/// Fields are `Option`s so that a missing one is reported by name.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+struct HfConfig {
+    architectures: Option<Vec<String>>,
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    /// The classic layout: `{"rope_type" | "type": ..., "factor": ...}`.
+    rope_scaling: Option<serde_json::Value>,
+    /// transformers 5's layout: `rope_theta` plus the scaling fields.
+    rope_parameters: Option<serde_json::Value>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    hidden_act: Option<String>,
+    bos_token_id: Option<serde_json::Value>,
+    eos_token_id: Option<serde_json::Value>,
+}
+
+/// `generation_config.json`: only the stop tokens matter to the engine.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+struct HfGenerationConfig {
+    eos_token_id: Option<serde_json::Value>,
+}
+
+fn config_err(path: &std::path::Path, field: &str, reason: impl Into<String>) -> crate::Error {
+    crate::Error::ModelConfig {
+        path: path.to_owned(),
+        field: field.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// A token id field that may be an integer, a list of integers or null.
+fn token_ids(
+    path: &std::path::Path,
+    field: &str,
+    v: Option<&serde_json::Value>,
+) -> crate::Result<Vec<u32>> {
+    let one = |x: &serde_json::Value| -> crate::Result<u32> {
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| config_err(path, field, format!("expected a token id, found {x}")))
+    };
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(serde_json::Value::Array(items)) => items.iter().map(one).collect(),
+        Some(x) => Ok(vec![one(x)?]),
+    }
+}
+
+impl ModelConfig {
+    /// Reads a Hugging Face folder's `config.json` (and, when present,
+    /// `generation_config.json` for extra stop tokens). Errors name the file
+    /// and the field.
+    pub fn from_hf_dir(dir: &std::path::Path) -> crate::Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| crate::Error::io(&path, e))?;
+        let hf: HfConfig = serde_json::from_str(&text).map_err(|e| crate::Error::Format {
+            path: path.clone(),
+            format: "config.json",
+            reason: e.to_string(),
+        })?;
+        let mut cfg = Self::from_hf_config(&path, &hf)?;
+        let gen_path = dir.join("generation_config.json");
+        if gen_path.exists() {
+            let text =
+                std::fs::read_to_string(&gen_path).map_err(|e| crate::Error::io(&gen_path, e))?;
+            let gen: HfGenerationConfig =
+                serde_json::from_str(&text).map_err(|e| crate::Error::Format {
+                    path: gen_path.clone(),
+                    format: "generation_config.json",
+                    reason: e.to_string(),
+                })?;
+            // generate() stops on generation_config's list when it has one.
+            for id in token_ids(&gen_path, "eos_token_id", gen.eos_token_id.as_ref())? {
+                if !cfg.eos_token_ids.contains(&id) {
+                    cfg.eos_token_ids.push(id);
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses the text of a `config.json`; `path` names it in errors.
+    pub fn from_config_json(path: &std::path::Path, text: &str) -> crate::Result<Self> {
+        let hf: HfConfig = serde_json::from_str(text).map_err(|e| crate::Error::Format {
+            path: path.to_owned(),
+            format: "config.json",
+            reason: e.to_string(),
+        })?;
+        Self::from_hf_config(path, &hf)
+    }
+
+    fn from_hf_config(path: &std::path::Path, hf: &HfConfig) -> crate::Result<Self> {
+        let req = |v: Option<usize>, field: &str| -> crate::Result<usize> {
+            match v {
+                Some(0) => Err(config_err(path, field, "must be positive, found 0")),
+                Some(n) => Ok(n),
+                None => Err(config_err(path, field, "missing")),
+            }
+        };
+        let arch_name = match (&hf.architectures, &hf.model_type) {
+            (Some(list), _) if !list.is_empty() => list[0].clone(),
+            (_, Some(model_type)) => model_type.clone(),
+            _ => {
+                return Err(config_err(
+                    path,
+                    "architectures",
+                    "missing (and no model_type)",
+                ))
+            }
+        };
+        let architecture = Architecture::from_name(&arch_name).ok_or_else(|| {
+            crate::Error::UnknownArchitecture {
+                name: arch_name.clone(),
+                source_name: format!("{} (architectures)", path.display()),
+                supported: Architecture::SUPPORTED.to_owned(),
+            }
+        })?;
+        if let Some(act) = &hf.hidden_act {
+            if act != "silu" {
+                return Err(config_err(
+                    path,
+                    "hidden_act",
+                    format!("unsupported activation {act:?} (supported: \"silu\")"),
+                ));
+            }
+        }
+        let hidden_size = req(hf.hidden_size, "hidden_size")?;
+        let num_attention_heads = req(hf.num_attention_heads, "num_attention_heads")?;
+        let num_key_value_heads = hf.num_key_value_heads.unwrap_or(num_attention_heads);
+        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+            return Err(config_err(
+                path,
+                "num_key_value_heads",
+                format!(
+                    "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
+                ),
+            ));
+        }
+        let head_dim = match hf.head_dim {
+            Some(d) => req(Some(d), "head_dim")?,
+            None => {
+                if hidden_size % num_attention_heads != 0 {
+                    return Err(config_err(
+                        path,
+                        "hidden_size",
+                        format!("{hidden_size} is not a multiple of num_attention_heads {num_attention_heads}"),
+                    ));
+                }
+                hidden_size / num_attention_heads
+            }
+        };
+        let (rope_theta, rope_scaling) = rope(path, hf)?;
+        let bos = token_ids(path, "bos_token_id", hf.bos_token_id.as_ref())?;
+        Ok(ModelConfig {
+            architecture,
+            vocab_size: req(hf.vocab_size, "vocab_size")?,
+            hidden_size,
+            intermediate_size: req(hf.intermediate_size, "intermediate_size")?,
+            num_hidden_layers: req(hf.num_hidden_layers, "num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: hf.max_position_embeddings.unwrap_or(2048),
+            // LlamaConfig, Qwen2Config and Qwen3Config all default to untied.
+            tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+            // Qwen2 always has q/k/v biases; the others only when the config says.
+            attention_bias: architecture == Architecture::Qwen2
+                || hf.attention_bias.unwrap_or(false),
+            qk_norm: architecture == Architecture::Qwen3,
+            bos_token_id: bos.first().copied(),
+            eos_token_ids: token_ids(path, "eos_token_id", hf.eos_token_id.as_ref())?,
+        })
+    }
+}
+
+/// RoPE base and scaling from either layout: classic (`rope_theta`,
+/// `rope_scaling`) or transformers 5 (`rope_parameters`).
+fn rope(path: &std::path::Path, hf: &HfConfig) -> crate::Result<(f64, Option<RopeScaling>)> {
+    let (params, field) = match (&hf.rope_parameters, &hf.rope_scaling) {
+        (Some(p), _) if !p.is_null() => (Some(p), "rope_parameters"),
+        (_, Some(s)) if !s.is_null() => (Some(s), "rope_scaling"),
+        _ => (None, "rope_scaling"),
+    };
+    let num = |key: &str| -> crate::Result<Option<f64>> {
+        match params.and_then(|p| p.get(key)) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                config_err(
+                    path,
+                    &format!("{field}.{key}"),
+                    format!("expected a number, found {v}"),
+                )
+            }),
+        }
+    };
+    let need = |key: &str| -> crate::Result<f64> {
+        num(key)?.ok_or_else(|| config_err(path, &format!("{field}.{key}"), "missing"))
+    };
+    let theta = match num("rope_theta")? {
+        Some(t) => t,
+        None => hf.rope_theta.unwrap_or(10_000.0),
+    };
+    let Some(params) = params else {
+        return Ok((theta, None));
+    };
+    if !params.is_object() {
+        return Err(config_err(
+            path,
+            field,
+            format!("expected an object, found {params}"),
+        ));
+    }
+    let rope_type = params
+        .get("rope_type")
+        .or_else(|| params.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let scaling = match rope_type {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear {
+            factor: need("factor")?,
+        }),
+        "llama3" => {
+            let original = need("original_max_position_embeddings")?;
+            if original < 1.0 || original.fract() != 0.0 {
+                return Err(config_err(
+                    path,
+                    &format!("{field}.original_max_position_embeddings"),
+                    format!("expected a positive integer, found {original}"),
+                ));
+            }
+            Some(RopeScaling::Llama3 {
+                factor: need("factor")?,
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_max_position_embeddings: original as usize,
+            })
+        }
+        other => {
+            return Err(config_err(
+                path,
+                &format!("{field}.rope_type"),
+                format!("unsupported rope type {other:?} (supported: default, linear, llama3)"),
+            ))
+        }
+    };
+    Ok((theta, scaling))
+}

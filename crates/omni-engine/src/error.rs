@@ -33,6 +33,17 @@ pub enum Error {
         /// What is wrong, naming the offending field or offset.
         reason: String,
     },
+    /// A model configuration file (`config.json`, GGUF metadata) has a
+    /// missing, mistyped or unsupported field.
+    #[error("{path}: field {field}: {reason}")]
+    ModelConfig {
+        /// The file.
+        path: PathBuf,
+        /// The field, e.g. `rope_scaling.rope_type` or `llama.block_count`.
+        field: String,
+        /// What is wrong, naming the bad value.
+        reason: String,
+    },
     /// The model's architecture is not in the registry.
     #[error("unknown architecture {name:?} in {source_name}; supported: {supported}")]
     UnknownArchitecture {

@@ -11,13 +11,50 @@
 //! and whoever installs a subscriber decides what to do with them.
 #![warn(missing_docs)]
 
+mod chat_template;
 mod config;
+mod detokenizer;
+mod engine;
+mod engine_core;
 mod error;
+mod gguf;
+mod kv_cache;
+mod linear;
+mod loader;
+mod model;
+mod model_files;
+mod request;
+mod safetensors;
+mod sampler;
+mod sampling_params;
+mod scheduler;
+mod tokenizer;
 mod weights;
 
+pub use chat_template::ChatTemplate;
 pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use detokenizer::Detokenizer;
+pub use engine::{EngineArgs, LLMEngine};
 pub use error::{Error, Result};
+pub use gguf::{
+    dequantize_bytes, hf_name as gguf_to_hf_name, GgmlType, GgufFile, GgufTensorInfo, GgufValue,
+};
+pub use kv_cache::{BlockAllocator, KvCache};
+pub use linear::WeightPrecision;
+pub use loader::{load_model, LoadedModel, ModelSource};
+pub use model::{BatchEntry, ForwardBatch, Model, ModelOptions, ModelOutput};
+pub use model_files::{
+    known_model, model_dir, resolve_model_path, sha256_file, verify as verify_model_file,
+    KnownModelFile, HIFIGAN, KNOWN_MODEL_FILES, SMOLLM2,
+};
+pub use request::{
+    ChatMessage, FinishReason, Prompt, RequestMetrics, RequestOutput, TokenLogprobs,
+};
+pub use safetensors::SafetensorsFiles;
+pub use sampling_params::{SamplingParams, MAX_LOGPROBS};
+pub use scheduler::SchedulerConfig;
 pub use tch::{Device, Kind};
+pub use tokenizer::Tokenizer;
 pub use weights::Weights;
 
 #[cfg(test)]

@@ -1,0 +1,630 @@
+//! The engine's token-level loop: schedule, forward, sample, stop.
+//!
+//! [`EngineCore`] works in token ids only; [`crate::LLMEngine`] wraps it
+//! with the tokenizer (prompts in, text out) and passes a hook that keeps
+//! each sequence's text up to date, so stop strings and text deltas are
+//! handled here without this file knowing how tokens become text (vLLM splits
+//! `EngineCore` and the detokenizing front end the same way).
+//!
+//! Phases are marked with `tracing` spans at INFO under target
+//! `omni::engine`: `step` (field `step`), `schedule`, `forward` (fields
+//! `phase`, `batch_size`, `num_tokens`) and `sample`.
+use std::collections::HashSet;
+use std::time::Instant;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::kv_cache::{BlockAllocator, KvCache};
+use crate::model::{BatchEntry, ForwardBatch, Model};
+use crate::request::{FinishReason, RequestOutput, Sequence, SequenceStatus};
+use crate::sampler::{self, SampleInput};
+use crate::sampling_params::SamplingParams;
+use crate::scheduler::{Scheduler, SchedulerConfig};
+
+/// Sizes of the core.
+#[derive(Debug, Clone)]
+pub(crate) struct CoreConfig {
+    pub scheduler: SchedulerConfig,
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub max_model_len: usize,
+    pub eos_token_ids: Vec<u32>,
+    pub seed: u64,
+}
+
+/// Updates `seq.text` after a token was appended (`false`), and once more
+/// when the sequence finishes (`true`: flush anything held back).
+pub(crate) type TextHook<'a> = dyn FnMut(&mut Sequence, bool) -> Result<()> + 'a;
+
+/// Model, cache, scheduler and sampler.
+#[derive(Debug)]
+pub(crate) struct EngineCore {
+    model: Model,
+    cache: KvCache,
+    scheduler: Scheduler,
+    cfg: CoreConfig,
+    ids: HashSet<String>,
+    step_counter: u64,
+    arrival_counter: u64,
+}
+
+/// SplitMix64: spreads (engine seed, request number) into a request seed.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl EngineCore {
+    pub fn new(model: Model, cfg: CoreConfig) -> Result<Self> {
+        let cache = model.new_cache(cfg.num_blocks, cfg.block_size)?;
+        let scheduler = Scheduler::new(
+            cfg.scheduler,
+            BlockAllocator::new(cfg.num_blocks, cfg.block_size),
+        );
+        Ok(Self {
+            model,
+            cache,
+            scheduler,
+            cfg,
+            ids: HashSet::new(),
+            step_counter: 0,
+            arrival_counter: 0,
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn max_model_len(&self) -> usize {
+        self.cfg.max_model_len
+    }
+
+    pub fn num_kv_blocks(&self) -> usize {
+        self.cfg.num_blocks
+    }
+
+    pub fn has_unfinished(&self) -> bool {
+        self.scheduler.has_unfinished()
+    }
+
+    /// Queues a request after checking everything about it.
+    pub fn add(
+        &mut self,
+        request_id: String,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<()> {
+        if self.ids.contains(&request_id) {
+            return Err(Error::DuplicateRequest(request_id));
+        }
+        params.validate()?;
+        let bad = |reason: String| Error::InvalidPrompt {
+            request_id: request_id.clone(),
+            reason,
+        };
+        if prompt.is_empty() {
+            return Err(bad("the prompt is empty (0 tokens)".to_owned()));
+        }
+        let vocab = self.model.config().vocab_size;
+        if let Some((i, t)) = prompt
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= vocab)
+        {
+            return Err(bad(format!(
+                "token id {t} at index {i} is out of range for the vocabulary of {vocab}"
+            )));
+        }
+        if prompt.len() >= self.cfg.max_model_len {
+            return Err(bad(format!(
+                "the prompt has {} tokens; the context holds {} (max_model_len), leaving no room to generate",
+                prompt.len(),
+                self.cfg.max_model_len
+            )));
+        }
+        let seed = params
+            .seed
+            .unwrap_or_else(|| mix(self.cfg.seed ^ mix(self.arrival_counter)));
+        let seq = Sequence::new(
+            request_id.clone(),
+            prompt,
+            params,
+            seed,
+            self.arrival_counter,
+        );
+        self.arrival_counter += 1;
+        self.ids.insert(request_id);
+        self.scheduler.add(seq);
+        Ok(())
+    }
+
+    /// Drops a request; its blocks are freed. `false` if unknown.
+    pub fn abort(&mut self, request_id: &str) -> bool {
+        let found = self.scheduler.remove(request_id).is_some();
+        self.ids.remove(request_id);
+        found
+    }
+
+    /// One engine step.
+    pub fn step(&mut self, text_hook: &mut TextHook<'_>) -> Result<Vec<RequestOutput>> {
+        let step = self.step_counter;
+        self.step_counter += 1;
+        let _step = tracing::info_span!(target: "omni::engine", "step", step).entered();
+        let plan = {
+            let _s = tracing::info_span!(target: "omni::engine", "schedule").entered();
+            self.scheduler.schedule()
+        };
+        let mut progressed = vec![false; self.scheduler.running.len()];
+        if !plan.scheduled.is_empty() {
+            let now = Instant::now();
+            let running = &self.scheduler.running;
+            let entries: Vec<BatchEntry<'_>> = plan
+                .scheduled
+                .iter()
+                .map(|sc| {
+                    let s = &running[sc.index];
+                    let start = s.num_computed_tokens;
+                    BatchEntry {
+                        tokens: &s.tokens[start..start + sc.num_tokens],
+                        start_pos: start,
+                        block_table: &s.block_table,
+                        wants_logits: start + sc.num_tokens == s.tokens.len(),
+                    }
+                })
+                .collect();
+            let batch = ForwardBatch::new(&entries, self.cfg.block_size, self.model.device())?;
+            drop(entries);
+            let out = {
+                let _f = tracing::info_span!(
+                    target: "omni::engine",
+                    "forward",
+                    phase = batch.phase,
+                    batch_size = batch.batch_size,
+                    num_tokens = batch.num_tokens
+                )
+                .entered();
+                self.model.forward(&batch, &mut self.cache)?
+            };
+            for sc in &plan.scheduled {
+                let s = &mut self.scheduler.running[sc.index];
+                s.num_computed_tokens += sc.num_tokens;
+                s.metrics.first_scheduled_time.get_or_insert(now);
+            }
+
+            // Logits rows in running order, so the sampler inputs can borrow
+            // the sequences one after the other.
+            let mut row_of = vec![None; self.scheduler.running.len()];
+            for (row, &e) in batch.logits_entries.iter().enumerate() {
+                row_of[plan.scheduled[e].index] = Some(row as i64);
+            }
+            let order: Vec<usize> = (0..row_of.len()).filter(|&i| row_of[i].is_some()).collect();
+            let rows: Vec<i64> = order.iter().filter_map(|&i| row_of[i]).collect();
+            let rows = Tensor::from_slice(&rows).f_to_device(self.model.device())?;
+            let sampled = {
+                let _s = tracing::info_span!(target: "omni::engine", "sample").entered();
+                let logits = out.logits.f_index_select(0, &rows)?;
+                let mut inputs: Vec<SampleInput<'_>> = self
+                    .scheduler
+                    .running
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| row_of[*i].is_some())
+                    .map(|(_, s)| {
+                        let (prompt, output) = s.tokens.split_at(s.prompt_len);
+                        SampleInput {
+                            params: &s.params,
+                            prompt,
+                            output,
+                            rng: &mut s.rng,
+                        }
+                    })
+                    .collect();
+                sampler::sample(&logits, &mut inputs)?
+            };
+            let hidden = out.hidden.f_index_select(0, &rows)?;
+            for (k, (&i, sample)) in order.iter().zip(sampled).enumerate() {
+                let eos = &self.cfg.eos_token_ids;
+                let max_len = self.cfg.max_model_len;
+                let seq = &mut self.scheduler.running[i];
+                seq.tokens.push(sample.token);
+                seq.metrics.num_generated_tokens += 1;
+                seq.metrics
+                    .first_token_time
+                    .get_or_insert_with(Instant::now);
+                if let Some(lp) = sample.logprobs {
+                    seq.logprobs.push(lp);
+                }
+                if seq.params.output_hidden_states {
+                    let row = hidden
+                        .f_get(k as i64)?
+                        .f_to_device(Device::Cpu)?
+                        .f_to_kind(Kind::Float)?;
+                    seq.hidden_states.push(row);
+                }
+                text_hook(seq, false)?;
+                let cut = check_stop(seq, sample.token, eos, max_len);
+                if seq.is_finished() && !cut {
+                    text_hook(seq, true)?;
+                    if let Some(cut) = find_stop(&seq.text, &seq.params.stop, seq.emitted_len) {
+                        seq.text.truncate(cut);
+                        seq.status = SequenceStatus::Finished(FinishReason::Stop);
+                    }
+                }
+                progressed[i] = true;
+            }
+        }
+
+        let mut outputs = Vec::new();
+        for (seq, _) in self
+            .scheduler
+            .running
+            .iter_mut()
+            .zip(&progressed)
+            .filter(|(s, &p)| p && !s.is_finished())
+        {
+            outputs.push(make_output(seq, false)?);
+        }
+        for mut seq in self.scheduler.take_finished() {
+            seq.metrics.finished_time = Some(Instant::now());
+            self.ids.remove(&seq.request_id);
+            outputs.push(make_output(&mut seq, true)?);
+        }
+        Ok(outputs)
+    }
+}
+
+/// Token-level and text-level stop conditions, in vLLM's order. Returns
+/// whether a stop string cut the text.
+fn check_stop(seq: &mut Sequence, token: u32, eos: &[u32], max_model_len: usize) -> bool {
+    let p = &seq.params;
+    let stop_cut = find_stop(&seq.text, &p.stop, seq.emitted_len);
+    let reason = if (!p.ignore_eos && eos.contains(&token))
+        || p.stop_token_ids.contains(&token)
+        || stop_cut.is_some()
+    {
+        Some(FinishReason::Stop)
+    } else if p.max_tokens.is_some_and(|m| seq.num_output_tokens() >= m)
+        || seq.tokens.len() >= max_model_len
+    {
+        Some(FinishReason::Length)
+    } else {
+        None
+    };
+    if let Some(cut) = stop_cut {
+        seq.text.truncate(cut);
+    }
+    if let Some(r) = reason {
+        seq.status = SequenceStatus::Finished(r);
+    }
+    stop_cut.is_some()
+}
+
+/// Byte offset where the earliest stop string starts, searching only text
+/// that was not reported yet (plus overlap), so a stop string is found once.
+fn find_stop(text: &str, stops: &[String], emitted: usize) -> Option<usize> {
+    let longest = stops.iter().map(String::len).max()?;
+    let mut from = emitted.saturating_sub(longest);
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    stops
+        .iter()
+        .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
+        .min()
+}
+
+fn make_output(seq: &mut Sequence, finished: bool) -> Result<RequestOutput> {
+    // While running, hold back what could be the start of a stop string.
+    let mut end = if finished {
+        seq.text.len()
+    } else {
+        let hold = seq.params.stop.iter().map(|s| s.len()).max().unwrap_or(1) - 1;
+        seq.text.len().saturating_sub(hold)
+    };
+    while !seq.text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let end = end.max(seq.emitted_len.min(seq.text.len()));
+    let delta_text = seq
+        .text
+        .get(seq.emitted_len..end)
+        .unwrap_or_default()
+        .to_owned();
+    seq.emitted_len = end;
+    let finish_reason = match seq.status {
+        SequenceStatus::Finished(r) => Some(r),
+        _ => None,
+    };
+    let hidden_states =
+        if finished && seq.params.output_hidden_states && !seq.hidden_states.is_empty() {
+            Some(Tensor::f_stack(&seq.hidden_states, 0)?)
+        } else {
+            None
+        };
+    Ok(RequestOutput {
+        request_id: seq.request_id.clone(),
+        prompt_token_ids: seq.prompt().to_vec(),
+        token_ids: seq.output().to_vec(),
+        text: seq.text[..end].to_owned(),
+        delta_text,
+        finished,
+        finish_reason,
+        logprobs: seq.params.logprobs.map(|_| seq.logprobs.clone()),
+        hidden_states,
+        metrics: seq.metrics,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::Architecture;
+    use crate::linear::WeightPrecision;
+    use crate::model::testing::{random_weights, tiny_config};
+    use crate::model::ModelOptions;
+
+    const ARCHS: [Architecture; 3] = [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ];
+
+    fn model(arch: Architecture) -> Result<Model> {
+        let cfg = tiny_config(arch);
+        let mut w = random_weights(&cfg, 42)?;
+        let opts = ModelOptions {
+            precision: WeightPrecision::Native,
+            max_positions: 256,
+        };
+        Model::new(&cfg, &mut w, &opts)
+    }
+
+    fn core(
+        arch: Architecture,
+        num_blocks: usize,
+        max_seqs: usize,
+        max_tokens: usize,
+    ) -> Result<EngineCore> {
+        EngineCore::new(
+            model(arch)?,
+            CoreConfig {
+                scheduler: SchedulerConfig {
+                    max_num_seqs: max_seqs,
+                    max_num_batched_tokens: max_tokens,
+                },
+                block_size: 4,
+                num_blocks,
+                max_model_len: 256,
+                eos_token_ids: vec![2],
+                seed: 0,
+            },
+        )
+    }
+
+    fn prompt(len: usize, salt: u32) -> Vec<u32> {
+        (0..len as u32)
+            .map(|i| 3 + (i * 7 + salt * 13) % 97)
+            .collect()
+    }
+
+    fn greedy(n: usize) -> SamplingParams {
+        SamplingParams {
+            max_tokens: Some(n),
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        }
+    }
+
+    /// Runs requests `(id, prompt, params, join_at_step)` to completion.
+    fn run(
+        core: &mut EngineCore,
+        reqs: &[(String, Vec<u32>, SamplingParams, usize)],
+    ) -> Result<HashMap<String, RequestOutput>> {
+        let mut done = HashMap::new();
+        let mut step = 0;
+        let mut hook = |_: &mut Sequence, _: bool| Ok(());
+        while done.len() < reqs.len() {
+            for (id, p, params, at) in reqs {
+                if *at == step {
+                    core.add(id.clone(), p.clone(), params.clone())?;
+                }
+            }
+            for out in core.step(&mut hook)? {
+                if out.finished {
+                    done.insert(out.request_id.clone(), out);
+                }
+            }
+            step += 1;
+            assert!(step < 10_000, "engine did not finish");
+        }
+        Ok(done)
+    }
+
+    fn workload() -> Vec<(String, Vec<u32>, SamplingParams, usize)> {
+        let lens = [1, 5, 17, 3, 33, 9, 24, 2];
+        lens.iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                (
+                    format!("r{i}"),
+                    prompt(len, i as u32),
+                    greedy(6 + 3 * i),
+                    i * 2,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batched_chunked_and_preempted_runs_match_one_at_a_time() -> Result<()> {
+        for arch in ARCHS {
+            let reqs = workload();
+            let mut alone = HashMap::new();
+            for r in &reqs {
+                let mut c = core(arch, 64, 1, 512)?;
+                let mut r = r.clone();
+                r.3 = 0;
+                alone.extend(run(&mut c, &[r])?);
+            }
+            // Everyone together, prefills chunked by a small token budget.
+            let mut c = core(arch, 128, 8, 7)?;
+            let batched = run(&mut c, &reqs)?;
+            // A KV cache too small for everyone: preemption must kick in.
+            let mut c = core(arch, 16, 8, 64)?;
+            let tight = run(&mut c, &reqs)?;
+            assert!(
+                tight.values().any(|o| o.metrics.num_preemptions > 0),
+                "{arch:?}: the tiny cache never preempted"
+            );
+            for (id, a) in &alone {
+                assert_eq!(
+                    a.token_ids.len(),
+                    6 + 3 * id[1..].parse::<usize>().unwrap_or(0)
+                );
+                assert_eq!(a.token_ids, batched[id].token_ids, "{arch:?} {id} batched");
+                assert_eq!(a.token_ids, tight[id].token_ids, "{arch:?} {id} preempted");
+                assert_eq!(a.finish_reason, Some(FinishReason::Length));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn cached_decoding_matches_full_recompute() -> Result<()> {
+        for arch in ARCHS {
+            let mut c = core(arch, 64, 4, 64)?;
+            let p = prompt(11, 5);
+            let params = SamplingParams {
+                logprobs: Some(3),
+                output_hidden_states: true,
+                ..greedy(8)
+            };
+            let out = run(&mut c, &[("a".into(), p.clone(), params, 0)])?.remove("a");
+            let out = out.ok_or(Error::Tokenizer("no output".into()))?;
+            let lps = out.logprobs.ok_or(Error::Tokenizer("no logprobs".into()))?;
+            let hidden = out
+                .hidden_states
+                .ok_or(Error::Tokenizer("no hidden".into()))?;
+            assert_eq!(hidden.size(), vec![8, 64]);
+            let mut ctx = p.clone();
+            for (k, &t) in out.token_ids.iter().enumerate() {
+                let logits = c.model().last_logits(&ctx)?;
+                let best = i64::try_from(logits.f_argmax(0, false)?)? as u32;
+                assert_eq!(best, t, "{arch:?} token {k}");
+                let lp = logits.f_log_softmax(0, Kind::Float)?;
+                let want = f32::try_from(lp.f_get(t as i64)?)?;
+                assert!((want - lps[k].logprob).abs() < 1e-4, "{arch:?} logprob {k}");
+                assert_eq!(lps[k].top.len(), 3);
+                assert_eq!(lps[k].top[0].0, t);
+                ctx.push(t);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn seeded_sampling_repeats_whatever_the_batch() -> Result<()> {
+        let params = SamplingParams {
+            temperature: 0.9,
+            top_p: 0.95,
+            top_k: 50,
+            seed: Some(1234),
+            max_tokens: Some(20),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let target = ("s".to_owned(), prompt(7, 1), params, 0);
+        let mut c = core(Architecture::Llama, 64, 8, 64)?;
+        let alone = run(&mut c, std::slice::from_ref(&target))?;
+        let mut c = core(Architecture::Llama, 64, 8, 64)?;
+        let again = run(&mut c, std::slice::from_ref(&target))?;
+        let mut with_others = workload();
+        with_others.push((target.0.clone(), target.1.clone(), target.2.clone(), 3));
+        let mut c = core(Architecture::Llama, 64, 8, 64)?;
+        let batched = run(&mut c, &with_others)?;
+        assert_eq!(alone["s"].token_ids, again["s"].token_ids);
+        assert_eq!(alone["s"].token_ids, batched["s"].token_ids);
+        // Not secretly greedy.
+        let mut g = target.clone();
+        g.2 = greedy(20);
+        let mut c = core(Architecture::Llama, 64, 8, 64)?;
+        let greedy_run = run(&mut c, &[g])?;
+        assert_ne!(alone["s"].token_ids, greedy_run["s"].token_ids);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_requests_are_typed_errors() -> Result<()> {
+        let mut c = core(Architecture::Qwen3, 64, 4, 64)?;
+        let err = |r: Result<()>| r.err().map(|e| e.to_string()).unwrap_or_default();
+        let e = err(c.add("a".into(), vec![], greedy(4)));
+        assert!(e.contains("empty"), "{e}");
+        let e = err(c.add("a".into(), vec![3, 500], greedy(4)));
+        assert!(e.contains("token id 500 at index 1"), "{e}");
+        let e = err(c.add("a".into(), prompt(300, 0), greedy(4)));
+        assert!(e.contains("300 tokens"), "{e}");
+        let bad = SamplingParams {
+            top_p: 1.5,
+            ..greedy(4)
+        };
+        let e = err(c.add("a".into(), prompt(3, 0), bad));
+        assert!(e.contains("top_p = 1.5"), "{e}");
+        c.add("a".into(), prompt(3, 0), greedy(4))?;
+        assert!(matches!(
+            c.add("a".into(), prompt(3, 0), greedy(4)),
+            Err(Error::DuplicateRequest(id)) if id == "a"
+        ));
+        assert!(c.abort("a"));
+        assert!(!c.abort("a"));
+        assert!(!c.has_unfinished());
+        Ok(())
+    }
+
+    #[test]
+    fn stop_strings_trim_text_and_never_leak_into_deltas() -> Result<()> {
+        let mut c = core(Architecture::Llama, 64, 4, 64)?;
+        // Text of a token: a letter chosen by its id.
+        let mut hook = |s: &mut Sequence, _: bool| {
+            s.text = s
+                .output()
+                .iter()
+                .map(|&t| (b'a' + (t % 26) as u8) as char)
+                .collect();
+            Ok(())
+        };
+        c.add("free".into(), prompt(5, 2), greedy(12))?;
+        let mut text = String::new();
+        while c.has_unfinished() {
+            for o in c.step(&mut hook)? {
+                text = o.text;
+            }
+        }
+        assert_eq!(text.len(), 12);
+        let stop: String = text[4..6].to_owned();
+        let cut = text.find(&stop).unwrap_or(0);
+        let params = SamplingParams {
+            stop: vec![stop.clone()],
+            ..greedy(12)
+        };
+        c.add("stopped".into(), prompt(5, 2), params)?;
+        let mut deltas = String::new();
+        let mut last = None;
+        while c.has_unfinished() {
+            for o in c.step(&mut hook)? {
+                deltas.push_str(&o.delta_text);
+                last = Some(o);
+            }
+        }
+        let last = last.ok_or(Error::Tokenizer("no output".into()))?;
+        assert_eq!(last.finish_reason, Some(FinishReason::Stop));
+        assert_eq!(last.text, text[..cut]);
+        assert_eq!(deltas, last.text);
+        Ok(())
+    }
+}

@@ -1,0 +1,218 @@
+//! One entry point from a model reference to what the engine needs.
+//!
+//! [`ModelSource::open`] takes a path to a `.gguf` file or a Hugging Face
+//! folder, or an alias of a default model (`smollm2`,
+//! `HuggingFaceTB/SmolLM2-135M-Instruct`), reads the configuration and
+//! keeps the file open; [`ModelSource::load_weights`] and
+//! [`ModelSource::tokenizer`] then build the rest. [`load_model`] does all
+//! three.
+use std::path::{Path, PathBuf};
+
+use tch::{Device, Kind};
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use crate::model_files::resolve_model_path;
+use crate::safetensors::SafetensorsFiles;
+use crate::tokenizer::Tokenizer;
+use crate::weights::Weights;
+
+enum Format {
+    Gguf(GgufFile),
+    Hf(SafetensorsFiles),
+}
+
+/// An opened model: its configuration read, its weights not yet loaded.
+pub struct ModelSource {
+    path: PathBuf,
+    name: String,
+    config: ModelConfig,
+    format: Format,
+}
+
+impl std::fmt::Debug for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelSource")
+            .field("path", &self.path)
+            .field("name", &self.name)
+            .field("format", &self.format_name())
+            .finish()
+    }
+}
+
+impl ModelSource {
+    /// Opens a `.gguf` file, a Hugging Face folder, or a default model by
+    /// alias (checked against its size and SHA-256 first).
+    pub fn open(name_or_path: &str) -> Result<Self> {
+        let path = resolve_model_path(name_or_path)?;
+        if path.is_dir() {
+            if !path.join("config.json").is_file() {
+                return Err(Error::ModelFile {
+                    path: path.clone(),
+                    reason: "a folder without config.json is not a Hugging Face checkpoint".into(),
+                });
+            }
+            let config = ModelConfig::from_hf_dir(&path)?;
+            let files = SafetensorsFiles::find(&path)?;
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| path.display().to_string());
+            return Ok(Self {
+                path,
+                name,
+                config,
+                format: Format::Hf(files),
+            });
+        }
+        let gguf = GgufFile::open(&path).map_err(|e| match e {
+            // A file that is not GGUF at all deserves a clearer word.
+            Error::Format { reason, .. }
+                if reason.starts_with("bad magic") || reason.starts_with("truncated: magic") =>
+            {
+                Error::ModelFile {
+                    path: path.clone(),
+                    reason: format!("neither a GGUF file nor a Hugging Face folder ({reason})"),
+                }
+            }
+            other => other,
+        })?;
+        let config = gguf.model_config()?;
+        Ok(Self {
+            name: gguf_model_name(&path),
+            path,
+            config,
+            format: Format::Gguf(gguf),
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The model's name, e.g. `SmolLM2-135M-Instruct` (a GGUF file name
+    /// without its quantization suffix, or the folder name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The resolved file or folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `gguf` or `safetensors`.
+    pub fn format_name(&self) -> &'static str {
+        match self.format {
+            Format::Gguf(_) => "gguf",
+            Format::Hf(_) => "safetensors",
+        }
+    }
+
+    /// The open GGUF file, for callers that want its raw quantized blocks.
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.format {
+            Format::Gguf(g) => Some(g),
+            Format::Hf(_) => None,
+        }
+    }
+
+    /// Loads every weight under its Hugging Face name, converted to `kind`
+    /// and placed on `device`.
+    pub fn load_weights(&self, kind: Kind, device: Device) -> Result<Weights> {
+        let _span = tracing::info_span!(target: "omni::engine", "load_weights", model = %self.name)
+            .entered();
+        let weights = match &self.format {
+            Format::Gguf(g) => g.load_weights(&self.config, kind, device)?,
+            Format::Hf(files) => files.load(kind, device)?,
+        };
+        tracing::info!(target: "omni::engine", tensors = weights.len(), ?kind, ?device, "weights loaded");
+        Ok(weights)
+    }
+
+    /// The model's tokenizer (from `tokenizer.json` or GGUF metadata).
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match &self.format {
+            Format::Gguf(g) => Tokenizer::from_gguf(g),
+            Format::Hf(_) => Tokenizer::from_hf_dir(&self.path),
+        }
+    }
+}
+
+/// Everything [`load_model`] produces.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// See [`ModelSource::name`].
+    pub name: String,
+    /// The model's configuration.
+    pub config: ModelConfig,
+    /// Weights under Hugging Face names.
+    pub weights: Weights,
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+}
+
+/// Opens `name_or_path` and loads weights and tokenizer.
+pub fn load_model(name_or_path: &str, device: Device, kind: Kind) -> Result<LoadedModel> {
+    let source = ModelSource::open(name_or_path)?;
+    let tokenizer = source.tokenizer()?;
+    let weights = source.load_weights(kind, device)?;
+    Ok(LoadedModel {
+        name: source.name,
+        config: source.config,
+        weights,
+        tokenizer,
+    })
+}
+
+/// `SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct`.
+fn gguf_model_name(path: &Path) -> String {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // llama.cpp names files `<model>.<quant>` or `<model>-<quant>`.
+    for sep in ['.', '-'] {
+        if let Some((model, tag)) = stem.rsplit_once(sep) {
+            let t = tag.to_ascii_uppercase();
+            let is_quant = (t.starts_with('Q') || t.starts_with("IQ"))
+                && t.chars()
+                    .nth(1 + usize::from(t.starts_with("IQ")))
+                    .is_some_and(|c| c.is_ascii_digit())
+                || matches!(t.as_str(), "F16" | "F32" | "BF16");
+            if is_quant && !model.is_empty() {
+                return model.to_owned();
+            }
+        }
+    }
+    stem
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gguf_model_name;
+    use std::path::Path;
+
+    #[test]
+    fn gguf_names_lose_their_quant_tag() {
+        assert_eq!(
+            gguf_model_name(Path::new("/m/SmolLM2-135M-Instruct.Q4_1.gguf")),
+            "SmolLM2-135M-Instruct"
+        );
+        assert_eq!(
+            gguf_model_name(Path::new("qwen2.5-0.5b-instruct-q8_0.gguf")),
+            "qwen2.5-0.5b-instruct"
+        );
+        assert_eq!(
+            gguf_model_name(Path::new("Llama-3.2-1B.IQ4_XS.gguf")),
+            "Llama-3.2-1B"
+        );
+        assert_eq!(
+            gguf_model_name(Path::new("tiny-quants.gguf")),
+            "tiny-quants"
+        );
+        assert_eq!(gguf_model_name(Path::new("model-f16.gguf")), "model");
+    }
+}

@@ -1,0 +1,382 @@
+//! The decoder-only transformer of the Llama family (Llama 2/3, Mistral,
+//! SmolLM2), Qwen2 and Qwen3, as one implementation.
+//!
+//! References: Touvron et al., "Llama 2" (<https://arxiv.org/abs/2307.09288>),
+//! and transformers' `modeling_llama.py`, `modeling_qwen2.py`,
+//! `modeling_qwen3.py`. The three differ only in data: Qwen2 adds biases to
+//! the q/k/v projections ([`ModelConfig::attention_bias`]), Qwen3 adds an
+//! RMSNorm over each query and key head before RoPE
+//! ([`ModelConfig::qk_norm`]); everything else (pre-norm residual blocks,
+//! RoPE, grouped-query attention, SwiGLU MLP, tied or separate LM head) is
+//! shared. One file driven by [`ModelConfig`] keeps the hot path in one place
+//! instead of three copies that drift apart (candle's `rope_is_neox` style).
+//!
+//! Layout choices for speed: q/k/v are one fused matmul, gate/up another;
+//! the LM head only runs on the rows that are sampled; attention reads the
+//! paged cache through the index tensors of [`ForwardBatch`].
+use tch::{Device, Kind, Tensor};
+
+use super::batch::ForwardBatch;
+use super::rotary::Rotary;
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::kv_cache::KvCache;
+use crate::linear::{Linear, WeightPrecision};
+use crate::weights::Weights;
+
+/// How to build a [`Model`] from its weights.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelOptions {
+    /// Precision of the linear layers' weights.
+    pub precision: WeightPrecision,
+    /// Positions the rotary tables cover (the engine's `max_model_len`).
+    pub max_positions: usize,
+}
+
+/// What one forward pass returns, one row per entry that wanted logits.
+#[derive(Debug)]
+pub struct ModelOutput {
+    /// `[rows, vocab]`, fp32.
+    pub logits: Tensor,
+    /// Final-norm hidden states `[rows, hidden]` (the LM head's input).
+    pub hidden: Tensor,
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_layernorm: Tensor,
+    /// q, k and v projections stacked: `[(heads + 2 kv_heads) * head_dim, hidden]`.
+    qkv_proj: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    o_proj: Linear,
+    post_attention_layernorm: Tensor,
+    /// gate and up projections stacked: `[2 * intermediate, hidden]`.
+    gate_up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// A loaded decoder.
+#[derive(Debug)]
+pub struct Model {
+    cfg: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    rotary: Rotary,
+    device: Device,
+    kind: Kind,
+}
+
+fn take(w: &mut Weights, name: &str, shape: &[i64]) -> Result<Tensor> {
+    let t = w.take(name)?;
+    if t.size() != shape {
+        return Err(Error::Weight {
+            name: name.to_owned(),
+            reason: format!("has shape {:?}, the config implies {shape:?}", t.size()),
+        });
+    }
+    Ok(t)
+}
+
+impl Layer {
+    fn new(
+        w: &mut Weights,
+        i: usize,
+        cfg: &ModelConfig,
+        precision: WeightPrecision,
+    ) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let (h, d) = (cfg.hidden_size as i64, cfg.head_dim as i64);
+        let (nh, nkv) = (
+            cfg.num_attention_heads as i64,
+            cfg.num_key_value_heads as i64,
+        );
+        let inter = cfg.intermediate_size as i64;
+        let attn = format!("{p}.self_attn");
+        let q = take(w, &format!("{attn}.q_proj.weight"), &[nh * d, h])?;
+        let k = take(w, &format!("{attn}.k_proj.weight"), &[nkv * d, h])?;
+        let v = take(w, &format!("{attn}.v_proj.weight"), &[nkv * d, h])?;
+        let qkv = Tensor::f_cat(&[q, k, v], 0)?;
+        let qkv_bias = if cfg.attention_bias {
+            let qb = take(w, &format!("{attn}.q_proj.bias"), &[nh * d])?;
+            let kb = take(w, &format!("{attn}.k_proj.bias"), &[nkv * d])?;
+            let vb = take(w, &format!("{attn}.v_proj.bias"), &[nkv * d])?;
+            Some(Tensor::f_cat(&[qb, kb, vb], 0)?)
+        } else {
+            None
+        };
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            (
+                Some(take(w, &format!("{attn}.q_norm.weight"), &[d])?),
+                Some(take(w, &format!("{attn}.k_norm.weight"), &[d])?),
+            )
+        } else {
+            (None, None)
+        };
+        let o = take(w, &format!("{attn}.o_proj.weight"), &[h, nh * d])?;
+        let mlp = format!("{p}.mlp");
+        let gate = take(w, &format!("{mlp}.gate_proj.weight"), &[inter, h])?;
+        let up = take(w, &format!("{mlp}.up_proj.weight"), &[inter, h])?;
+        let down = take(w, &format!("{mlp}.down_proj.weight"), &[h, inter])?;
+        Ok(Self {
+            input_layernorm: take(w, &format!("{p}.input_layernorm.weight"), &[h])?,
+            qkv_proj: Linear::new(qkv, qkv_bias, precision)?,
+            q_norm,
+            k_norm,
+            o_proj: Linear::new(o, None, precision)?,
+            post_attention_layernorm: take(
+                w,
+                &format!("{p}.post_attention_layernorm.weight"),
+                &[h],
+            )?,
+            gate_up_proj: Linear::new(Tensor::f_cat(&[gate, up], 0)?, None, precision)?,
+            down_proj: Linear::new(down, None, precision)?,
+        })
+    }
+}
+
+impl Model {
+    /// Builds the decoder from `weights` (HF names, already in the engine's
+    /// dtype and on its device), taking the tensors it uses.
+    pub fn new(cfg: &ModelConfig, weights: &mut Weights, opts: &ModelOptions) -> Result<Self> {
+        let (v, h) = (cfg.vocab_size as i64, cfg.hidden_size as i64);
+        if cfg.num_attention_heads % cfg.num_key_value_heads.max(1) != 0
+            || cfg.num_key_value_heads == 0
+        {
+            return Err(Error::InvalidConfig {
+                field: "num_key_value_heads".to_owned(),
+                value: cfg.num_key_value_heads.to_string(),
+                reason: format!(
+                    "must divide num_attention_heads = {}",
+                    cfg.num_attention_heads
+                ),
+            });
+        }
+        let embed_tokens = take(weights, "model.embed_tokens.weight", &[v, h])?;
+        let device = embed_tokens.device();
+        let kind = embed_tokens.kind();
+        opts.precision.check(device, kind)?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            layers.push(Layer::new(weights, i, cfg, opts.precision)?);
+        }
+        let norm = take(weights, "model.norm.weight", &[h])?;
+        let head = if cfg.tie_word_embeddings || !weights.contains("lm_head.weight") {
+            embed_tokens.shallow_clone()
+        } else {
+            take(weights, "lm_head.weight", &[v, h])?
+        };
+        let lm_head = Linear::new(head, None, opts.precision)?;
+        let rotary = Rotary::new(cfg, opts.max_positions, kind, device)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary,
+            device,
+            kind,
+        })
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Where its weights live.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Its activations' dtype.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// A KV cache for this model.
+    pub fn new_cache(&self, num_blocks: usize, block_size: usize) -> Result<KvCache> {
+        KvCache::new(&self.cfg, num_blocks, block_size, self.kind, self.device)
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let d = *x.size().last().unwrap_or(&0);
+        Ok(x.f_rms_norm([d], Some(w), self.cfg.rms_norm_eps)?)
+    }
+
+    /// Runs the tokens of `batch`, writing their K/V into `cache`, and
+    /// returns logits and hidden states of the rows that wanted them.
+    pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<ModelOutput> {
+        let _guard = tch::no_grad_guard();
+        let t = batch.num_tokens as i64;
+        let (nh, nkv, d) = (
+            self.cfg.num_attention_heads as i64,
+            self.cfg.num_key_value_heads as i64,
+            self.cfg.head_dim as i64,
+        );
+        let (cos, sin) = self.rotary.tables(&batch.positions)?;
+        let mut x = self.embed_tokens.f_index_select(0, &batch.input_ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &layer.input_layernorm)?;
+            let qkv = layer.qkv_proj.forward(&h)?;
+            let v = qkv
+                .f_narrow(1, (nh + nkv) * d, nkv * d)?
+                .f_view([t, nkv, d])?;
+            // Queries and keys rotate together (one RoPE for both) unless
+            // Qwen3's per-head norms must touch them separately first.
+            let qk = qkv
+                .f_narrow(1, 0, (nh + nkv) * d)?
+                .f_view([t, nh + nkv, d])?;
+            let qk = match (&layer.q_norm, &layer.k_norm) {
+                (Some(qn), Some(kn)) => Tensor::f_cat(
+                    &[
+                        self.rms_norm(&qk.f_narrow(1, 0, nh)?, qn)?,
+                        self.rms_norm(&qk.f_narrow(1, nh, nkv)?, kn)?,
+                    ],
+                    1,
+                )?,
+                _ => qk,
+            };
+            let qk = Rotary::apply(&qk, &cos, &sin)?;
+            let q = qk.f_narrow(1, 0, nh)?;
+            let k = qk.f_narrow(1, nh, nkv)?;
+            let _ = cache.k[l].f_index_copy_(0, &batch.slots, &k)?;
+            let _ = cache.v[l].f_index_copy_(0, &batch.slots, &v)?;
+            let attn = self.attention(batch, cache, l, &q, &k, &v)?;
+            x = x.f_add(&layer.o_proj.forward(&attn)?)?;
+
+            let h = self.rms_norm(&x, &layer.post_attention_layernorm)?;
+            let gu = layer.gate_up_proj.forward(&h)?;
+            let inter = self.cfg.intermediate_size as i64;
+            let act = gu
+                .f_narrow(1, 0, inter)?
+                .f_silu()?
+                .f_mul(&gu.f_narrow(1, inter, inter)?)?;
+            x = x.f_add(&layer.down_proj.forward(&act)?)?;
+        }
+        let rows = x.f_index_select(0, &batch.logits_rows)?;
+        let hidden = self.rms_norm(&rows, &self.norm)?;
+        let logits = self.lm_head.forward(&hidden)?.f_to_kind(Kind::Float)?;
+        Ok(ModelOutput { logits, hidden })
+    }
+
+    /// Attention of every group in the batch; `[tokens, heads * head_dim]`
+    /// in the batch's flat order.
+    fn attention(
+        &self,
+        batch: &ForwardBatch,
+        cache: &KvCache,
+        l: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        let (nh, nkv, d) = (
+            self.cfg.num_attention_heads as i64,
+            self.cfg.num_key_value_heads as i64,
+            self.cfg.head_dim as i64,
+        );
+        let gqa = nh != nkv;
+        let mut parts = Vec::with_capacity(1 + batch.prefills.len());
+        if let Some(g) = &batch.decode {
+            let qd = q.f_narrow(0, 0, g.count)?.f_unsqueeze(2)?; // [n, nh, 1, d]
+            let gather = |c: &Tensor| -> Result<Tensor> {
+                Ok(c.f_index_select(0, &g.gather)?
+                    .f_view([g.count, g.ctx, nkv, d])?
+                    .f_transpose(1, 2)?)
+            };
+            let kd = gather(&cache.k[l])?;
+            let vd = gather(&cache.v[l])?;
+            let o = Tensor::f_scaled_dot_product_attention(
+                &qd,
+                &kd,
+                &vd,
+                Some(&g.mask),
+                0.0,
+                false,
+                None::<f64>,
+                gqa,
+            )?;
+            parts.push(o.f_reshape([g.count, nh * d])?);
+        }
+        for p in &batch.prefills {
+            let qp = q
+                .f_narrow(0, p.offset, p.len)?
+                .f_transpose(0, 1)?
+                .f_unsqueeze(0)?;
+            let o = match &p.cached {
+                None => {
+                    let kp = k
+                        .f_narrow(0, p.offset, p.len)?
+                        .f_transpose(0, 1)?
+                        .f_unsqueeze(0)?;
+                    let vp = v
+                        .f_narrow(0, p.offset, p.len)?
+                        .f_transpose(0, 1)?
+                        .f_unsqueeze(0)?;
+                    Tensor::f_scaled_dot_product_attention::<Tensor>(
+                        &qp,
+                        &kp,
+                        &vp,
+                        None,
+                        0.0,
+                        true,
+                        None::<f64>,
+                        gqa,
+                    )?
+                }
+                Some((gather, mask)) => {
+                    let kp = cache.k[l]
+                        .f_index_select(0, gather)?
+                        .f_transpose(0, 1)?
+                        .f_unsqueeze(0)?;
+                    let vp = cache.v[l]
+                        .f_index_select(0, gather)?
+                        .f_transpose(0, 1)?
+                        .f_unsqueeze(0)?;
+                    Tensor::f_scaled_dot_product_attention(
+                        &qp,
+                        &kp,
+                        &vp,
+                        Some(mask),
+                        0.0,
+                        false,
+                        None::<f64>,
+                        gqa,
+                    )?
+                }
+            };
+            // [1, nh, len, d] -> [len, nh * d]
+            parts.push(
+                o.f_squeeze_dim(0)?
+                    .f_transpose(0, 1)?
+                    .f_reshape([p.len, nh * d])?,
+            );
+        }
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
+        }
+        Ok(Tensor::f_cat(&parts, 0)?)
+    }
+
+    /// Logits `[vocab]` after `tokens`, from a fresh single-use cache: the
+    /// model alone, without scheduler or sampler (for tests and inspection).
+    pub fn last_logits(&self, tokens: &[u32]) -> Result<Tensor> {
+        let block_size = 16;
+        let blocks = tokens.len().div_ceil(block_size) + 1;
+        let mut cache = self.new_cache(blocks, block_size)?;
+        let table: Vec<u32> = (1..blocks as u32).collect();
+        let entry = super::batch::BatchEntry {
+            tokens,
+            start_pos: 0,
+            block_table: &table,
+            wants_logits: true,
+        };
+        let batch = ForwardBatch::new(&[entry], block_size, self.device)?;
+        let out = self.forward(&batch, &mut cache)?;
+        Ok(out.logits.f_squeeze_dim(0)?)
+    }
+}

@@ -1,0 +1,257 @@
+//! A request's public shapes (what goes in, what comes out) and its private
+//! life inside the engine (the sequence the scheduler moves around).
+//!
+//! A [`Sequence`] is the unit the scheduler and the KV cache deal in: its
+//! tokens (prompt then output), how many of them already have K/V in the
+//! cache, and its block table. Preemption throws the cached part away and
+//! sets `num_computed_tokens` back to 0; the tokens stay, so the request is
+//! recomputed, not restarted.
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use crate::sampling_params::SamplingParams;
+
+/// One message of a chat prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user`, `assistant`, ...
+    pub role: String,
+    /// The message text.
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// A message from `role`.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// What a request asks the model to continue.
+///
+/// Serialized untagged, so JSON reads naturally: `"text"`,
+/// `[{"role": "user", "content": "hi"}]`, or `[1, 2, 3]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+#[non_exhaustive]
+pub enum Prompt {
+    /// Raw text, tokenized with the model's special tokens (BOS when it has one).
+    Text(String),
+    /// A conversation, rendered with the model's chat template and a
+    /// generation prompt.
+    Chat(Vec<ChatMessage>),
+    /// Token ids, used as given.
+    TokenIds(Vec<u32>),
+}
+
+impl From<&str> for Prompt {
+    fn from(s: &str) -> Self {
+        Prompt::Text(s.to_owned())
+    }
+}
+
+impl From<String> for Prompt {
+    fn from(s: String) -> Self {
+        Prompt::Text(s)
+    }
+}
+
+impl From<Vec<u32>> for Prompt {
+    fn from(ids: Vec<u32>) -> Self {
+        Prompt::TokenIds(ids)
+    }
+}
+
+/// Why a request stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum FinishReason {
+    /// An end-of-sequence token, a stop token or a stop string.
+    Stop,
+    /// `max_tokens`, or the context (or the whole KV cache) is full.
+    Length,
+    /// The caller aborted it.
+    Abort,
+}
+
+impl FinishReason {
+    /// The lowercase name (as in OpenAI's and vLLM's `finish_reason`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+/// Log-probabilities around one generated token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    /// The generated token.
+    pub token_id: u32,
+    /// Its log-probability under the model's raw distribution.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, best first
+    /// (`SamplingParams::logprobs` of them).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Timings and counts of one request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RequestMetrics {
+    /// When `add_request` accepted it.
+    pub arrival_time: Instant,
+    /// When it was first part of a step.
+    pub first_scheduled_time: Option<Instant>,
+    /// When its first token was sampled.
+    pub first_token_time: Option<Instant>,
+    /// When it finished.
+    pub finished_time: Option<Instant>,
+    /// Prompt length in tokens.
+    pub num_prompt_tokens: usize,
+    /// Tokens generated so far.
+    pub num_generated_tokens: usize,
+    /// How often it was preempted (its KV cache dropped and recomputed).
+    pub num_preemptions: usize,
+}
+
+impl RequestMetrics {
+    pub(crate) fn new(num_prompt_tokens: usize) -> Self {
+        Self {
+            arrival_time: Instant::now(),
+            first_scheduled_time: None,
+            first_token_time: None,
+            finished_time: None,
+            num_prompt_tokens,
+            num_generated_tokens: 0,
+            num_preemptions: 0,
+        }
+    }
+
+    /// Time to first token, once there is one.
+    pub fn time_to_first_token(&self) -> Option<std::time::Duration> {
+        self.first_token_time.map(|t| t - self.arrival_time)
+    }
+}
+
+/// What [`crate::LLMEngine::step`] reports for a request that progressed.
+#[derive(Debug)]
+pub struct RequestOutput {
+    /// The caller's id.
+    pub request_id: String,
+    /// The prompt as tokens.
+    pub prompt_token_ids: Vec<u32>,
+    /// All tokens generated so far.
+    pub token_ids: Vec<u32>,
+    /// All text generated so far (stop strings trimmed).
+    pub text: String,
+    /// Text added by this step; never splits a UTF-8 character.
+    pub delta_text: String,
+    /// Whether the request is done.
+    pub finished: bool,
+    /// Why it finished.
+    pub finish_reason: Option<FinishReason>,
+    /// Per generated token, when `SamplingParams::logprobs` asked for them.
+    pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// `[num_generated, hidden]` on the CPU, on finish, when
+    /// `SamplingParams::output_hidden_states` asked for it.
+    pub hidden_states: Option<Tensor>,
+    /// Timings and counts.
+    pub metrics: RequestMetrics,
+}
+
+/// Where a sequence is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SequenceStatus {
+    /// Queued (new or preempted); holds no KV blocks.
+    Waiting,
+    /// In the running batch; holds KV blocks for `num_computed_tokens`.
+    Running,
+    /// Done; its blocks are freed.
+    Finished(FinishReason),
+}
+
+/// One request inside the engine.
+#[derive(Debug)]
+pub(crate) struct Sequence {
+    pub request_id: String,
+    pub prompt_len: usize,
+    /// Prompt tokens, then generated tokens.
+    pub tokens: Vec<u32>,
+    pub params: SamplingParams,
+    pub status: SequenceStatus,
+    /// Tokens whose K/V are in the cache (always a prefix of `tokens`).
+    pub num_computed_tokens: usize,
+    /// Physical KV blocks holding this sequence's tokens, in order.
+    pub block_table: Vec<u32>,
+    /// The request's own generator, so its draws do not depend on the batch.
+    pub rng: ChaCha20Rng,
+    /// Admission order; earlier requests keep their place under preemption.
+    pub arrival_index: u64,
+    pub logprobs: Vec<TokenLogprobs>,
+    /// One `[hidden]` row per generated token, when requested.
+    pub hidden_states: Vec<Tensor>,
+    pub metrics: RequestMetrics,
+    /// Output text so far (kept by the engine's detokenizing hook).
+    pub text: String,
+    /// Bytes of `text` already reported in a `delta_text`.
+    pub emitted_len: usize,
+}
+
+impl Sequence {
+    pub(crate) fn new(
+        request_id: String,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        rng_seed: u64,
+        arrival_index: u64,
+    ) -> Self {
+        let prompt_len = prompt.len();
+        Self {
+            request_id,
+            prompt_len,
+            tokens: prompt,
+            params,
+            status: SequenceStatus::Waiting,
+            num_computed_tokens: 0,
+            block_table: Vec::new(),
+            rng: ChaCha20Rng::seed_from_u64(rng_seed),
+            arrival_index,
+            logprobs: Vec::new(),
+            hidden_states: Vec::new(),
+            metrics: RequestMetrics::new(prompt_len),
+            text: String::new(),
+            emitted_len: 0,
+        }
+    }
+
+    pub(crate) fn prompt(&self) -> &[u32] {
+        &self.tokens[..self.prompt_len]
+    }
+
+    pub(crate) fn output(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    pub(crate) fn num_output_tokens(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Tokens that still need a forward pass before the next sample.
+    pub(crate) fn num_uncomputed(&self) -> usize {
+        self.tokens.len() - self.num_computed_tokens
+    }
+
+    pub(crate) fn is_finished(&self) -> bool {
+        matches!(self.status, SequenceStatus::Finished(_))
+    }
+}

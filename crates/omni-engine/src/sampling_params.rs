@@ -1,0 +1,304 @@
+//! How one request wants its tokens chosen: vLLM's `SamplingParams`.
+//!
+//! Field names, meanings and defaults follow vLLM
+//! (`vllm/sampling_params.py`), so a JSON body written for vLLM deserializes
+//! here unchanged. [`SamplingParams::validate`] rejects values vLLM rejects,
+//! naming the field and the value. This module knows nothing of models or
+//! tensors; the sampler (`sampler.rs`) applies the parameters.
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Temperatures below this are greedy, as in vLLM (`_SAMPLING_EPS`).
+pub(crate) const SAMPLING_EPS: f32 = 1e-5;
+
+/// The most top log-probabilities a request may ask for per token.
+pub const MAX_LOGPROBS: usize = 20;
+
+/// Sampling parameters of one request (vLLM's names and defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// Completions per prompt; only 1 is supported.
+    pub n: usize,
+    /// Penalises tokens that already appeared in the output (additive, -2..=2).
+    pub presence_penalty: f32,
+    /// Penalises tokens by how often they appeared in the output (-2..=2).
+    pub frequency_penalty: f32,
+    /// Divides positive logits (multiplies negative ones) of tokens seen in the
+    /// prompt or output; 1 = off (> 0).
+    pub repetition_penalty: f32,
+    /// Softmax temperature; 0 = greedy (>= 0).
+    pub temperature: f32,
+    /// Nucleus sampling: smallest set of tokens whose probability reaches this
+    /// (0 < top_p <= 1).
+    pub top_p: f32,
+    /// Keep only the k most likely tokens; 0 or -1 = off.
+    pub top_k: i32,
+    /// Drop tokens less likely than `min_p` times the most likely one (0..=1).
+    pub min_p: f32,
+    /// Seed of this request's own random generator: the same seed gives the
+    /// same tokens whatever else is in the batch.
+    pub seed: Option<u64>,
+    /// Tokens to generate at most; `None` = until the context is full.
+    pub max_tokens: Option<usize>,
+    /// Stop when the output text contains one of these (excluded from the text).
+    pub stop: Vec<String>,
+    /// Stop when one of these tokens is generated (kept in `token_ids`).
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// Return this many top log-probabilities per generated token (plus the
+    /// chosen token's); `None` = none.
+    pub logprobs: Option<usize>,
+    /// Leave special tokens out of the text.
+    pub skip_special_tokens: bool,
+    /// Return the final-norm hidden state of the position that produced each
+    /// generated token (`[num_generated, hidden]`), when the request finishes.
+    /// Not in vLLM; downstream stages of omni pipelines need it.
+    pub output_hidden_states: bool,
+}
+
+impl Default for SamplingParams {
+    /// vLLM's defaults: temperature 1, no truncation, no penalties, 16 tokens.
+    fn default() -> Self {
+        Self {
+            n: 1,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: None,
+            max_tokens: Some(16),
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: None,
+            skip_special_tokens: true,
+            output_hidden_states: false,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding (temperature 0), otherwise the defaults.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// Whether tokens are chosen by argmax.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature < SAMPLING_EPS
+    }
+
+    /// Checks every field against the range vLLM accepts; the error names the
+    /// field and the value.
+    pub fn validate(&self) -> Result<()> {
+        fn bad(field: &'static str, value: impl ToString, reason: &str) -> Result<()> {
+            Err(Error::InvalidSamplingParams {
+                field,
+                value: value.to_string(),
+                reason: reason.to_owned(),
+            })
+        }
+        if self.n != 1 {
+            return bad("n", self.n, "only n = 1 is supported");
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return bad(
+                "presence_penalty",
+                self.presence_penalty,
+                "must be in [-2, 2]",
+            );
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return bad(
+                "frequency_penalty",
+                self.frequency_penalty,
+                "must be in [-2, 2]",
+            );
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad(
+                "repetition_penalty",
+                self.repetition_penalty,
+                "must be a finite number > 0",
+            );
+        }
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return bad(
+                "temperature",
+                self.temperature,
+                "must be a finite number >= 0",
+            );
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", self.top_p, "must be in (0, 1]");
+        }
+        if self.top_k < -1 {
+            return bad("top_k", self.top_k, "must be -1 or 0 (off) or at least 1");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", self.min_p, "must be in [0, 1]");
+        }
+        if self.max_tokens == Some(0) {
+            return bad("max_tokens", 0, "must be at least 1");
+        }
+        if let Some(k) = self.logprobs {
+            if k > MAX_LOGPROBS {
+                return bad("logprobs", k, &format!("must be at most {MAX_LOGPROBS}"));
+            }
+        }
+        if let Some(i) = self.stop.iter().position(String::is_empty) {
+            return bad(
+                "stop",
+                format!("[{i}] = \"\""),
+                "stop strings must not be empty",
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether `top_k` truncates at all.
+    pub(crate) fn top_k_enabled(&self) -> Option<usize> {
+        (self.top_k >= 1).then_some(self.top_k as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_vllm_s_and_valid() -> Result<()> {
+        let p = SamplingParams::default();
+        p.validate()?;
+        assert_eq!(p.temperature, 1.0);
+        assert_eq!(p.max_tokens, Some(16));
+        assert!(SamplingParams::greedy().is_greedy());
+        let from_json: SamplingParams =
+            serde_json::from_str(r#"{"temperature": 0.5, "top_k": 40, "stop": ["\n"]}"#)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        assert_eq!(from_json.top_k, 40);
+        assert_eq!(from_json.top_p, 1.0);
+        Ok(())
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_field() {
+        let cases: Vec<(SamplingParams, &str, &str)> = vec![
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p",
+                "0",
+            ),
+            (
+                SamplingParams {
+                    top_p: 1.5,
+                    ..Default::default()
+                },
+                "top_p",
+                "1.5",
+            ),
+            (
+                SamplingParams {
+                    temperature: -0.1,
+                    ..Default::default()
+                },
+                "temperature",
+                "-0.1",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..Default::default()
+                },
+                "temperature",
+                "NaN",
+            ),
+            (
+                SamplingParams {
+                    max_tokens: Some(0),
+                    ..Default::default()
+                },
+                "max_tokens",
+                "0",
+            ),
+            (
+                SamplingParams {
+                    top_k: -2,
+                    ..Default::default()
+                },
+                "top_k",
+                "-2",
+            ),
+            (
+                SamplingParams {
+                    min_p: 1.5,
+                    ..Default::default()
+                },
+                "min_p",
+                "1.5",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+                "0",
+            ),
+            (
+                SamplingParams {
+                    presence_penalty: 3.0,
+                    ..Default::default()
+                },
+                "presence_penalty",
+                "3",
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: -3.0,
+                    ..Default::default()
+                },
+                "frequency_penalty",
+                "-3",
+            ),
+            (
+                SamplingParams {
+                    n: 2,
+                    ..Default::default()
+                },
+                "n",
+                "2",
+            ),
+            (
+                SamplingParams {
+                    logprobs: Some(100),
+                    ..Default::default()
+                },
+                "logprobs",
+                "100",
+            ),
+        ];
+        for (p, field, value) in cases {
+            match p.validate() {
+                Err(Error::InvalidSamplingParams {
+                    field: f, value: v, ..
+                }) => {
+                    assert_eq!((f, v.as_str()), (field, value));
+                }
+                other => panic!("{field}: expected an error, got {other:?}"),
+            }
+        }
+    }
+}
