@@ -62,7 +62,7 @@ fn step(n: u64, weights: &Weights, device: Device) {
             let _v = h.matmul(v);
             h = h.matmul(q).matmul(o) + &h;
             let mlp = (h.matmul(gate).silu() * h.matmul(up)).matmul(down);
-            h = h + mlp;
+            h += mlp;
         }
         h
     });
