@@ -1,0 +1,15 @@
+//! The built-in pipelines. The YAML files live in the repository's
+//! `pipelines/` folder (so users can read and copy them) and are embedded
+//! here, so a library user gets them without the repository.
+
+/// Names of the built-in pipelines, in the order `omni pipelines` lists them.
+pub(crate) const NAMES: &[&str] = &["default", "smollm2"];
+
+/// The YAML text of a built-in pipeline.
+pub(crate) fn text(name: &str) -> Option<&'static str> {
+    match name {
+        "default" => Some(include_str!("../../../pipelines/default.yaml")),
+        "smollm2" => Some(include_str!("../../../pipelines/smollm2.yaml")),
+        _ => None,
+    }
+}

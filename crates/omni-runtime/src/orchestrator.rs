@@ -1,0 +1,933 @@
+//! The orchestrator: lives in the user's process, starts one `omni-stage`
+//! process per stage, hands requests to the entry stages, receives the final
+//! outputs, and drives profiling and shutdown.
+//!
+//! Requests flow stage to stage directly (each worker sends its output to
+//! the stages whose `engine_input_source` names it); the orchestrator only
+//! sees what final-output stages stream back. One tokio task receives every
+//! worker's messages and the supervisor's reports and routes them to the
+//! per-request channels and pending control calls; no lock is held across
+//! an `.await`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use zeromq::{RouterSendHalf, Socket, SocketRecv};
+
+use omni_engine::{FinishReason, Prompt, SamplingParams};
+
+use crate::config::{FinalOutputType, PipelineConfig, TransportKind};
+use crate::error::{Error, Result};
+use crate::launch::LaunchSpec;
+use crate::locate::locate_stage_binary;
+use crate::supervisor::{LogTail, Supervisor, SupervisorEvent};
+use crate::tensor::HostTensor;
+use crate::transport::{self, RunDir};
+use crate::wire::{
+    self, AckMsg, DecodeContext, Envelope, GenerateMsg, HealthMsg, Message, ReadyMsg, StageMetrics,
+    StartProfileMsg, PROTOCOL_VERSION,
+};
+
+/// How the orchestrator starts and supervises its stages.
+#[derive(Debug, Clone)]
+pub struct OrchestratorOptions {
+    /// The `omni-stage` binary; found automatically when `None` (see
+    /// [`locate_stage_binary`](crate::locate_stage_binary)).
+    pub stage_binary: Option<PathBuf>,
+    /// How long every stage may take to load its model and connect.
+    pub init_timeout: Duration,
+    /// How long stages get to exit after `Shutdown` before they are killed.
+    pub shutdown_grace: Duration,
+    /// How long a stage may take to answer a control command (profile, health).
+    pub control_timeout: Duration,
+    /// Where the private run directory is created (default: `/dev/shm`, else
+    /// the temp dir).
+    pub run_dir_parent: Option<PathBuf>,
+    /// Capacity of each request's event channel.
+    pub event_buffer: usize,
+    /// Extra environment for the workers (e.g. `RUST_LOG`).
+    pub worker_env: Vec<(String, String)>,
+}
+
+impl Default for OrchestratorOptions {
+    fn default() -> Self {
+        OrchestratorOptions {
+            stage_binary: None,
+            init_timeout: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(10),
+            control_timeout: Duration::from_secs(120),
+            run_dir_parent: None,
+            event_buffer: 256,
+            worker_env: Vec::new(),
+        }
+    }
+}
+
+/// A running stage, as it reported itself at start-up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageInfo {
+    /// The stage.
+    pub stage_id: usize,
+    /// The model's role (`engine_args.model_stage`).
+    pub model_stage: Option<String>,
+    /// The engine's model name.
+    pub model_name: String,
+    /// Whether its outputs come back to the caller.
+    pub final_output: bool,
+    /// What those outputs are.
+    pub final_output_type: FinalOutputType,
+    /// The worker's pid.
+    pub pid: u32,
+    /// The engine's device (`cpu`, `cuda:0`).
+    pub device: String,
+    /// The engine's context length in tokens.
+    pub max_model_len: usize,
+    /// The address of the stage's input socket.
+    pub input_address: String,
+}
+
+/// One streamed output of a final-output stage for one request.
+#[derive(Debug, Clone)]
+pub struct StageOutput {
+    /// The request.
+    pub request_id: String,
+    /// The stage.
+    pub stage_id: usize,
+    /// What the stage produces.
+    pub final_output_type: FinalOutputType,
+    /// All text generated so far.
+    pub text: String,
+    /// Text added by this output.
+    pub delta_text: String,
+    /// All token ids generated so far.
+    pub token_ids: Vec<u32>,
+    /// Token ids added by this output.
+    pub delta_token_ids: Vec<u32>,
+    /// Whether this is the stage's last output for the request.
+    pub finished: bool,
+    /// Why it finished.
+    pub finish_reason: Option<FinishReason>,
+    /// Timing and token counts, on the last output.
+    pub metrics: Option<StageMetrics>,
+    /// Tensors the stage returned (hidden states, audio, ...), on the last output.
+    pub tensors: Vec<(String, HostTensor)>,
+}
+
+/// What a request's receiver yields.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum StageEvent {
+    /// An output of a final-output stage.
+    Output {
+        /// The stage.
+        stage_id: usize,
+        /// The output.
+        output: StageOutput,
+    },
+    /// The request failed (a stage died or reported an error); nothing
+    /// follows.
+    Error(Error),
+}
+
+struct RequestState {
+    events: mpsc::UnboundedSender<StageEvent>,
+    text: HashMap<usize, (String, Vec<u32>)>,
+    remaining_final: BTreeSet<usize>,
+}
+
+enum Reply {
+    Ack(AckMsg),
+    Health(HealthMsg),
+}
+
+struct Pending {
+    tx: oneshot::Sender<Result<Reply>>,
+}
+
+#[derive(Default)]
+struct State {
+    requests: HashMap<String, RequestState>,
+    pending: HashMap<u64, Pending>,
+    /// Set when a stage died: `(stage_id, status)`.
+    dead: Option<(usize, String)>,
+    shutting_down: bool,
+    profiling: BTreeSet<usize>,
+}
+
+struct Inner {
+    config: PipelineConfig,
+    opts: OrchestratorOptions,
+    sender: RouterSendHalf,
+    endpoint: String,
+    state: Mutex<State>,
+    seq: AtomicU64,
+    stages: Vec<StageInfo>,
+    final_stages: BTreeSet<usize>,
+    /// Where final-output tensors in shared memory are found.
+    shm_dir: Option<PathBuf>,
+}
+
+/// Owns the stage processes of one pipeline. Dropping it shuts the stages
+/// down (blocking up to the grace period); prefer [`shutdown`](Self::shutdown).
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+    supervisor: Option<Supervisor>,
+    event_task: Option<JoinHandle<()>>,
+    recv_task: Option<JoinHandle<()>>,
+    run_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Orchestrator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Orchestrator")
+            .field("pipeline", &self.inner.config.name)
+            .field("stages", &self.inner.stages)
+            .field("run_dir", &self.run_dir)
+            .finish()
+    }
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panic while holding the lock leaves plain data behind; keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Orchestrator {
+    /// Validates `config`, spawns one worker per stage, and waits until all
+    /// are ready (or one fails, or `init_timeout` passes; the error names
+    /// the stage).
+    pub async fn start(config: PipelineConfig, opts: OrchestratorOptions) -> Result<Self> {
+        config.validate()?;
+        let binary = locate_stage_binary(opts.stage_binary.as_deref())?;
+        let run_dir = RunDir::create(opts.run_dir_parent.as_deref())?;
+        let run_path = run_dir.path().to_path_buf();
+        let shm_dir = run_dir.shm_dir();
+        let shm_enabled = config.runtime.shm_threshold_bytes.is_some();
+        let (sup_tx, mut sup_rx) = mpsc::unbounded_channel();
+        // From here on the supervisor owns the run directory: any error
+        // below drops it, which stops the workers and removes the directory.
+        let supervisor = Supervisor::start(run_dir, opts.shutdown_grace, sup_tx)?;
+
+        let transport_kind = config.runtime.transport;
+        let host = config.runtime.host.clone();
+        let bind_addr = transport::orchestrator_address(transport_kind, &run_path, &host)?;
+        let mut router = zeromq::RouterSocket::new();
+        let endpoint = router
+            .bind(&bind_addr)
+            .await
+            .map_err(|e| Error::socket(&bind_addr, e))?
+            .to_string();
+
+        let mut inputs = Vec::with_capacity(config.stages.len());
+        for s in &config.stages {
+            let addr = match (&s.runtime.address, transport_kind) {
+                (Some(a), _) => a.clone(),
+                (None, TransportKind::Ipc) => {
+                    transport::ipc_address(&run_path, &format!("stage-{}.sock", s.stage_id))?
+                }
+                (None, TransportKind::Tcp) => transport::free_tcp_address(&host)?,
+            };
+            inputs.push(addr);
+        }
+
+        let mut tails: Vec<Arc<LogTail>> = Vec::new();
+        let mut pids = Vec::new();
+        for s in &config.stages {
+            let spec = LaunchSpec {
+                stage: s.to_json()?,
+                pipeline: config.name.clone(),
+                num_stages: config.stages.len(),
+                orchestrator_address: endpoint.clone(),
+                input_address: inputs[s.stage_id].clone(),
+                downstream: config
+                    .downstream_of(s.stage_id)
+                    .into_iter()
+                    .map(|d| (d, inputs[d].clone()))
+                    .collect(),
+                // Every stage this orchestrator spawns runs on this host.
+                shm_dir: shm_enabled.then(|| shm_dir.clone()),
+                shm_threshold_bytes: config.runtime.shm_threshold_bytes,
+                parent_pid: std::process::id(),
+                run_dir: run_path.clone(),
+                connect_timeout_ms: opts.init_timeout.as_millis() as u64,
+                profiler_backend: config.profiler_backend(s.stage_id),
+            };
+            let spec_path = run_path.join(format!("stage-{}.json", s.stage_id));
+            spec.write(&spec_path)?;
+            let mut cmd = Command::new(&binary);
+            cmd.arg("--launch").arg(&spec_path);
+            for (k, v) in &opts.worker_env {
+                cmd.env(k, v);
+            }
+            let (pid, tail) = supervisor.spawn(s.stage_id, cmd).await?;
+            tracing::info!(target: "omni::runtime", stage_id = s.stage_id, pid, "stage process started");
+            tails.push(tail);
+            pids.push(pid);
+        }
+
+        let (sender, mut receiver) = router.split();
+        let (msg_tx, mut msg_rx) = mpsc::channel::<(Bytes, Vec<Bytes>)>(1024);
+        let recv_endpoint = endpoint.clone();
+        let recv_task = tokio::spawn(async move {
+            loop {
+                match receiver.recv().await {
+                    Ok(m) => {
+                        let mut frames = m.into_vec();
+                        if frames.is_empty() {
+                            continue;
+                        }
+                        let identity = frames.remove(0);
+                        if msg_tx.send((identity, frames)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(target: "omni::runtime", endpoint = %recv_endpoint, "orchestrator socket closed: {e}");
+                        break;
+                    }
+                }
+            }
+        });
+
+        // Handshake: every stage must say Ready before anything else happens.
+        let ctx = DecodeContext::default();
+        let mut ready: BTreeMap<usize, ReadyMsg> = BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + opts.init_timeout;
+        let n = config.stages.len();
+        let fail = |e: Error| -> Error {
+            supervisor.stop(Duration::from_secs(2), true);
+            e
+        };
+        while ready.len() < n {
+            tokio::select! {
+                m = msg_rx.recv() => {
+                    let Some((_identity, frames)) = m else {
+                        recv_task.abort();
+                        return Err(fail(Error::socket(&endpoint, "closed during start-up")));
+                    };
+                    match wire::decode(frames, &ctx) {
+                        Ok(Envelope { message: Message::Ready(r), .. }) => {
+                            if r.protocol_version != PROTOCOL_VERSION {
+                                recv_task.abort();
+                                return Err(fail(Error::Stage { stage_id: r.stage_id, message: format!(
+                                    "speaks protocol version {} but this orchestrator speaks {PROTOCOL_VERSION}; rebuild omni-stage", r.protocol_version) }));
+                            }
+                            if r.stage_id >= n {
+                                tracing::warn!(target: "omni::runtime", stage_id = r.stage_id, "ready from an unknown stage; ignored");
+                                continue;
+                            }
+                            tracing::info!(target: "omni::runtime", stage_id = r.stage_id, model = %r.model_name, device = %r.device, pid = r.pid, "stage ready");
+                            ready.insert(r.stage_id, r);
+                        }
+                        Ok(other) => tracing::debug!(target: "omni::runtime", kind = other.message.type_name(), "message before ready; ignored"),
+                        Err(rej) => tracing::warn!(target: "omni::runtime", "bad message during start-up: {}", rej.error),
+                    }
+                }
+                ev = sup_rx.recv() => {
+                    if let Some(SupervisorEvent::Exited { stage_id, status, .. }) = ev {
+                        recv_task.abort();
+                        let log = tails.get(stage_id).map(|t| t.render()).unwrap_or_default();
+                        return Err(fail(Error::StageFailedToStart { stage_id, status, log }));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    recv_task.abort();
+                    let stage_id = (0..n).find(|i| !ready.contains_key(i)).unwrap_or(0);
+                    let log = tails.get(stage_id).map(|t| t.render()).unwrap_or_default();
+                    return Err(fail(Error::StageInitTimeout { stage_id, timeout: opts.init_timeout, log }));
+                }
+            }
+        }
+
+        let stages: Vec<StageInfo> = config
+            .stages
+            .iter()
+            .map(|s| {
+                let r = &ready[&s.stage_id];
+                StageInfo {
+                    stage_id: s.stage_id,
+                    model_stage: s.model_stage.clone(),
+                    model_name: r.model_name.clone(),
+                    final_output: s.final_output,
+                    final_output_type: s.final_output_type,
+                    pid: r.pid,
+                    device: r.device.clone(),
+                    max_model_len: r.max_model_len,
+                    input_address: inputs[s.stage_id].clone(),
+                }
+            })
+            .collect();
+        let final_stages = config
+            .stages
+            .iter()
+            .filter(|s| s.final_output)
+            .map(|s| s.stage_id)
+            .collect();
+        let inner = Arc::new(Inner {
+            config,
+            opts,
+            sender,
+            endpoint,
+            state: Mutex::new(State::default()),
+            seq: AtomicU64::new(1),
+            stages,
+            final_stages,
+            shm_dir: shm_enabled.then_some(shm_dir),
+        });
+        let event_task = tokio::spawn(event_loop(inner.clone(), msg_rx, sup_rx));
+        Ok(Orchestrator {
+            inner,
+            supervisor: Some(supervisor),
+            event_task: Some(event_task),
+            recv_task: Some(recv_task),
+            run_dir: run_path,
+        })
+    }
+
+    /// The stages, in stage order.
+    pub fn stages(&self) -> &[StageInfo] {
+        &self.inner.stages
+    }
+
+    /// The pipeline this orchestrator runs.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.inner.config
+    }
+
+    /// The private run directory (sockets, launch files, shared memory);
+    /// removed when the pipeline stops.
+    pub fn run_dir(&self) -> &std::path::Path {
+        &self.run_dir
+    }
+
+    /// Starts a request: sends it to every entry stage and returns a channel
+    /// of the final-output stages' streamed outputs; the channel closes after
+    /// every final-output stage has finished, or after one error.
+    /// `params` holds one `SamplingParams` per stage, in stage order.
+    pub async fn submit(
+        &self,
+        request_id: String,
+        prompt: Prompt,
+        params: Vec<SamplingParams>,
+    ) -> Result<mpsc::Receiver<StageEvent>> {
+        let n = self.inner.stages.len();
+        if params.len() != n {
+            return Err(Error::SamplingParamsCount {
+                expected: n,
+                got: params.len(),
+            });
+        }
+        for (stage_id, p) in params.iter().enumerate() {
+            p.validate().map_err(|e| Error::InvalidSamplingParams {
+                stage_id,
+                reason: e.to_string(),
+            })?;
+        }
+        let (utx, mut urx) = mpsc::unbounded_channel();
+        {
+            let mut st = lock(&self.inner.state);
+            self.inner.check_alive(&st)?;
+            if st.requests.contains_key(&request_id) {
+                return Err(Error::RequestIdInUse(request_id));
+            }
+            st.requests.insert(
+                request_id.clone(),
+                RequestState {
+                    events: utx,
+                    text: HashMap::new(),
+                    remaining_final: self.inner.final_stages.clone(),
+                },
+            );
+        }
+        let msg = Message::Generate(GenerateMsg {
+            request_id: request_id.clone(),
+            prompt,
+            sampling_params: params,
+        });
+        let frames = wire::encode_message(msg)?;
+        for stage_id in self.inner.config.entry_stages() {
+            if let Err(e) = self.inner.send(stage_id, frames.clone()).await {
+                lock(&self.inner.state).requests.remove(&request_id);
+                return Err(e);
+            }
+        }
+        // The caller's channel is bounded; a pump per request keeps a slow
+        // reader from stalling the shared event loop, and aborts the request
+        // in every stage when the caller drops its receiver.
+        let (tx, rx) = mpsc::channel(self.inner.opts.event_buffer.max(1));
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = urx.recv().await {
+                if tx.send(ev).await.is_err() {
+                    let _ = inner.abort(&request_id).await;
+                    break;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Aborts a request in every stage; its channel closes. Unknown or
+    /// finished ids are not an error (the request may have just finished).
+    pub async fn abort(&self, request_id: &str) -> Result<()> {
+        self.inner.abort(request_id).await
+    }
+
+    /// Asks one stage whether it is alive and how busy it is.
+    pub async fn health(&self, stage_id: usize) -> Result<HealthMsg> {
+        self.inner.check_stage(stage_id)?;
+        match self
+            .inner
+            .call(stage_id, "health", |seq| Message::Health { seq })
+            .await?
+        {
+            Reply::Health(h) => Ok(h),
+            Reply::Ack(_) => Err(Error::Wire("health answered with an ack".into())),
+        }
+    }
+
+    /// Opens a profiler window in the selected stages (all when `None`),
+    /// sending `StartProfile` to all of them at once and returning when every
+    /// one has acknowledged. Needs `VLLM_TORCH_PROFILER_DIR`; traces go to
+    /// `$VLLM_TORCH_PROFILER_DIR/stage_<id>_<model>/`.
+    ///
+    /// Errors, before any stage is touched: an unknown stage id; the
+    /// directory variable unset; a selected stage already profiling. If a
+    /// stage fails to start, the others that started stay recording until
+    /// [`stop_profile`](Self::stop_profile).
+    pub async fn start_profile(&self, stages: Option<&[usize]>) -> Result<()> {
+        let selected: Vec<usize> = match stages {
+            Some(ids) => {
+                for &id in ids {
+                    self.inner.check_stage(id)?;
+                }
+                let set: BTreeSet<usize> = ids.iter().copied().collect();
+                set.into_iter().collect()
+            }
+            None => (0..self.inner.stages.len()).collect(),
+        };
+        let root =
+            omni_profiler::profiler_dir_from_env().map_err(|e| Error::Profiler(e.to_string()))?;
+        let options = omni_profiler::ProfileOptions::from_env()
+            .map_err(|e| Error::Profiler(e.to_string()))?;
+        let options = serde_json::to_value(options)
+            .map_err(|e| Error::Profiler(format!("cannot encode profiler options: {e}")))?;
+        {
+            let st = lock(&self.inner.state);
+            self.inner.check_alive(&st)?;
+            if let Some(id) = selected.iter().find(|id| st.profiling.contains(id)) {
+                return Err(Error::Profiler(format!(
+                    "stage {id} is already profiling; call stop_profile first"
+                )));
+            }
+        }
+        let calls = selected.iter().map(|&stage_id| {
+            let info = &self.inner.stages[stage_id];
+            let dir = omni_profiler::stage_trace_dir(&root, stage_id, &info.model_name);
+            let process_name = match &info.model_stage {
+                Some(role) => format!("stage {stage_id} ({role}) {}", info.model_name),
+                None => format!("stage {stage_id} {}", info.model_name),
+            };
+            let options = options.clone();
+            async move {
+                let r = self
+                    .inner
+                    .call(stage_id, "start_profile", move |seq| {
+                        Message::StartProfile(StartProfileMsg {
+                            seq,
+                            dir,
+                            process_name,
+                            options,
+                        })
+                    })
+                    .await;
+                (stage_id, r)
+            }
+        });
+        let results = futures::future::join_all(calls).await;
+        let mut first_err = None;
+        for (stage_id, r) in results {
+            match r {
+                Ok(Reply::Ack(AckMsg { error: None, .. })) => {
+                    lock(&self.inner.state).profiling.insert(stage_id);
+                }
+                Ok(Reply::Ack(AckMsg { error: Some(e), .. })) => {
+                    first_err.get_or_insert(Error::Stage {
+                        stage_id,
+                        message: format!("start_profile: {e}"),
+                    });
+                }
+                Ok(Reply::Health(_)) => {
+                    first_err.get_or_insert(Error::Wire(
+                        "start_profile answered with a health reply".into(),
+                    ));
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Closes the profiler window of every stage that is recording, waits
+    /// until each has written its trace, and returns the files per stage.
+    /// Without a window open it returns an empty map (and touches nothing).
+    pub async fn stop_profile(&self) -> Result<BTreeMap<usize, Vec<PathBuf>>> {
+        let selected: Vec<usize> = {
+            let st = lock(&self.inner.state);
+            self.inner.check_alive(&st)?;
+            st.profiling.iter().copied().collect()
+        };
+        let calls = selected.iter().map(|&stage_id| async move {
+            let r = self
+                .inner
+                .call(stage_id, "stop_profile", |seq| Message::StopProfile { seq })
+                .await;
+            (stage_id, r)
+        });
+        let results = futures::future::join_all(calls).await;
+        let mut files = BTreeMap::new();
+        let mut first_err = None;
+        for (stage_id, r) in results {
+            lock(&self.inner.state).profiling.remove(&stage_id);
+            match r {
+                Ok(Reply::Ack(AckMsg {
+                    error: None,
+                    files: f,
+                    ..
+                })) => {
+                    files.insert(stage_id, f);
+                }
+                Ok(Reply::Ack(AckMsg { error: Some(e), .. })) => {
+                    first_err.get_or_insert(Error::Stage {
+                        stage_id,
+                        message: format!("stop_profile: {e}"),
+                    });
+                }
+                Ok(Reply::Health(_)) => {
+                    first_err.get_or_insert(Error::Wire(
+                        "stop_profile answered with a health reply".into(),
+                    ));
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(files), Err)
+    }
+
+    /// Sends `Shutdown` to every stage, waits for them to exit (killing any
+    /// that outlive the grace period), and removes the run directory.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let dead = {
+            let mut st = lock(&self.inner.state);
+            st.shutting_down = true;
+            st.dead.clone()
+        };
+        if let Some(mut sup) = self.supervisor.take() {
+            // Tell the supervisor first, so exits that follow count as expected.
+            sup.stop(self.inner.opts.shutdown_grace, false);
+            if dead.is_none() {
+                let frames = wire::encode_message(Message::Shutdown)?;
+                for s in 0..self.inner.stages.len() {
+                    let _ = self.inner.send(s, frames.clone()).await;
+                }
+            }
+            tokio::task::spawn_blocking(move || sup.join())
+                .await
+                .map_err(|e| Error::ShutDown(format!(": supervisor thread failed: {e}")))?;
+        }
+        self.stop_tasks();
+        Ok(())
+    }
+
+    fn stop_tasks(&mut self) {
+        if let Some(t) = self.event_task.take() {
+            t.abort();
+        }
+        if let Some(t) = self.recv_task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        if let Some(mut sup) = self.supervisor.take() {
+            lock(&self.inner.state).shutting_down = true;
+            // No runtime may be available in Drop; SIGTERM is the worker's
+            // Shutdown (it finishes the same way).
+            sup.stop(self.inner.opts.shutdown_grace, true);
+            sup.join();
+        }
+        self.stop_tasks();
+    }
+}
+
+impl Inner {
+    fn check_alive(&self, st: &State) -> Result<()> {
+        if let Some((stage_id, status)) = &st.dead {
+            return Err(Error::StageDied {
+                stage_id: *stage_id,
+                status: status.clone(),
+            });
+        }
+        if st.shutting_down {
+            return Err(Error::ShutDown(String::new()));
+        }
+        Ok(())
+    }
+
+    fn check_stage(&self, stage_id: usize) -> Result<()> {
+        if stage_id < self.stages.len() {
+            Ok(())
+        } else {
+            Err(Error::UnknownStage {
+                stage_id,
+                known: self.config.stage_ids(),
+            })
+        }
+    }
+
+    async fn send(&self, stage_id: usize, frames: Vec<Bytes>) -> Result<()> {
+        let identity = Bytes::from(transport::stage_identity(stage_id));
+        let mut sender = self.sender.clone();
+        transport::send_frames(&mut sender, Some(identity), frames, &self.endpoint).await
+    }
+
+    async fn abort(&self, request_id: &str) -> Result<()> {
+        let known = lock(&self.state).requests.remove(request_id).is_some();
+        if !known {
+            return Ok(());
+        }
+        let frames = wire::encode_message(Message::Abort {
+            request_ids: vec![request_id.to_string()],
+        })?;
+        for s in 0..self.stages.len() {
+            self.send(s, frames.clone()).await?;
+        }
+        Ok(())
+    }
+
+    async fn call(
+        &self,
+        stage_id: usize,
+        what: &'static str,
+        build: impl FnOnce(u64) -> Message,
+    ) -> Result<Reply> {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = lock(&self.state);
+            self.check_alive(&st)?;
+            st.pending.insert(seq, Pending { tx });
+        }
+        let frames = wire::encode_message(build(seq))?;
+        if let Err(e) = self.send(stage_id, frames).await {
+            lock(&self.state).pending.remove(&seq);
+            return Err(e);
+        }
+        match tokio::time::timeout(self.opts.control_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::ShutDown(String::new())),
+            Err(_) => {
+                lock(&self.state).pending.remove(&seq);
+                Err(Error::Timeout {
+                    stage_id,
+                    what,
+                    timeout: self.opts.control_timeout,
+                })
+            }
+        }
+    }
+
+    fn stage_type(&self, stage_id: usize) -> FinalOutputType {
+        self.stages
+            .get(stage_id)
+            .map(|s| s.final_output_type)
+            .unwrap_or(FinalOutputType::Text)
+    }
+
+    /// Routes one decoded message from a worker.
+    fn dispatch(&self, identity: &[u8], env: Envelope, pending_aborts: &mut Vec<String>) {
+        let Envelope { message, tensors } = env;
+        let mut st = lock(&self.state);
+        match message {
+            Message::Output(o) => {
+                let finished;
+                {
+                    let Some(req) = st.requests.get_mut(&o.request_id) else {
+                        return; // aborted or failed meanwhile
+                    };
+                    let acc = req.text.entry(o.stage_id).or_default();
+                    acc.0.push_str(&o.delta_text);
+                    acc.1.extend_from_slice(&o.delta_token_ids);
+                    let out = StageOutput {
+                        request_id: o.request_id.clone(),
+                        stage_id: o.stage_id,
+                        final_output_type: self.stage_type(o.stage_id),
+                        text: acc.0.clone(),
+                        delta_text: o.delta_text,
+                        token_ids: acc.1.clone(),
+                        delta_token_ids: o.delta_token_ids,
+                        finished: o.finished,
+                        finish_reason: o.finish_reason,
+                        metrics: o.metrics,
+                        tensors,
+                    };
+                    let _ = req.events.send(StageEvent::Output {
+                        stage_id: o.stage_id,
+                        output: out,
+                    });
+                    if o.finished {
+                        req.remaining_final.remove(&o.stage_id);
+                    }
+                    finished = req.remaining_final.is_empty()
+                        || (o.finished && o.finish_reason == Some(FinishReason::Abort));
+                }
+                if finished {
+                    st.requests.remove(&o.request_id);
+                }
+            }
+            Message::RequestError {
+                request_id,
+                stage_id,
+                message,
+                rejected,
+            } => {
+                if let Some(req) = st.requests.remove(&request_id) {
+                    let e = if rejected {
+                        Error::RequestRejected {
+                            stage_id,
+                            request_id: request_id.clone(),
+                            message,
+                        }
+                    } else {
+                        Error::Stage {
+                            stage_id,
+                            message: format!("request `{request_id}`: {message}"),
+                        }
+                    };
+                    let _ = req.events.send(StageEvent::Error(e));
+                    pending_aborts.push(request_id);
+                }
+            }
+            Message::Ack(a) => {
+                if let Some(p) = st.pending.remove(&a.seq) {
+                    let _ = p.tx.send(Ok(Reply::Ack(a)));
+                }
+            }
+            Message::HealthReply(h) => {
+                if let Some(p) = st.pending.remove(&h.seq) {
+                    let _ = p.tx.send(Ok(Reply::Health(h)));
+                }
+            }
+            Message::ProtocolError {
+                stage_id,
+                seq,
+                reason,
+            } => {
+                tracing::warn!(target: "omni::runtime", stage_id, "stage rejected a message: {reason}");
+                if let Some(p) = seq.and_then(|s| st.pending.remove(&s)) {
+                    let _ = p.tx.send(Err(Error::Stage {
+                        stage_id,
+                        message: format!("rejected the command: {reason}"),
+                    }));
+                }
+            }
+            Message::Ready(r) => {
+                tracing::warn!(target: "omni::runtime", stage_id = r.stage_id, "unexpected second ready; ignored");
+            }
+            other => {
+                tracing::warn!(target: "omni::runtime", from = %String::from_utf8_lossy(identity), kind = other.type_name(), "unexpected message from a stage; ignored");
+            }
+        }
+    }
+
+    /// A stage died while the pipeline ran: fail everything in flight.
+    fn stage_died(&self, stage_id: usize, status: String) {
+        let mut st = lock(&self.state);
+        if st.shutting_down || st.dead.is_some() {
+            return;
+        }
+        st.dead = Some((stage_id, status.clone()));
+        for (_, req) in st.requests.drain() {
+            let _ = req.events.send(StageEvent::Error(Error::StageDied {
+                stage_id,
+                status: status.clone(),
+            }));
+        }
+        for (_, p) in st.pending.drain() {
+            let _ = p.tx.send(Err(Error::StageDied {
+                stage_id,
+                status: status.clone(),
+            }));
+        }
+        tracing::error!(target: "omni::runtime", stage_id, %status, "stage died; failed every request in flight");
+    }
+}
+
+async fn event_loop(
+    inner: Arc<Inner>,
+    mut msgs: mpsc::Receiver<(Bytes, Vec<Bytes>)>,
+    mut sup: mpsc::UnboundedReceiver<SupervisorEvent>,
+) {
+    // Final outputs may carry shared-memory tensors from stages on this host.
+    let ctx = DecodeContext {
+        shm_dir: inner.shm_dir.clone(),
+        limits: Default::default(),
+    };
+    let mut sup_open = true;
+    let mut msgs_open = true;
+    while sup_open || msgs_open {
+        tokio::select! {
+            m = msgs.recv(), if msgs_open => {
+                let Some((identity, frames)) = m else {
+                    msgs_open = false;
+                    continue;
+                };
+                match wire::decode(frames, &ctx) {
+                    Ok(env) => {
+                        let mut aborts = Vec::new();
+                        inner.dispatch(&identity, env, &mut aborts);
+                        for id in aborts {
+                            if let Ok(frames) = wire::encode_message(Message::Abort { request_ids: vec![id] }) {
+                                for s in 0..inner.stages.len() {
+                                    let _ = inner.send(s, frames.clone()).await;
+                                }
+                            }
+                        }
+                    }
+                    Err(rej) => {
+                        tracing::warn!(target: "omni::runtime", from = %String::from_utf8_lossy(&identity), "bad message from a stage: {}", rej.error);
+                        if let Some(id) = rej.request_id {
+                            let mut st = lock(&inner.state);
+                            if let Some(req) = st.requests.remove(&id) {
+                                let _ = req.events.send(StageEvent::Error(Error::Wire(rej.error)));
+                            }
+                        }
+                    }
+                }
+            }
+            ev = sup.recv(), if sup_open => {
+                match ev {
+                    Some(SupervisorEvent::Exited { stage_id, status, expected }) => {
+                        if !expected {
+                            inner.stage_died(stage_id, status);
+                        }
+                    }
+                    Some(SupervisorEvent::AllExited) | None => sup_open = false,
+                }
+            }
+        }
+    }
+}

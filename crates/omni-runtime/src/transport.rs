@@ -1,0 +1,167 @@
+//! Where sockets live and how frames get onto them.
+//!
+//! With the `ipc` transport (the default) every socket is a Unix socket in a
+//! private run directory (mode 0700), created by the orchestrator under
+//! `/dev/shm` when it exists (so that the shared-memory segments of large
+//! tensors, kept in its `shm/` subfolder, are in RAM) or the temp dir, and
+//! removed when the pipeline shuts down. With `tcp`, sockets listen on
+//! `runtime.host` (or a stage's `runtime.address`) so stages on other hosts
+//! can reach them; the run directory still holds the launch files.
+//!
+//! Socket roles: the orchestrator binds a ROUTER that every worker's DEALER
+//! connects to (control in, events out, identities `stage-<id>`); each
+//! worker binds a ROUTER for its input that upstream stages' DEALERs
+//! connect to, so that a malformed message can be answered to its sender.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use zeromq::{SocketSend, ZmqMessage};
+
+use crate::config::TransportKind;
+use crate::error::{Error, Result};
+
+/// Longest path a Unix socket address may have (`sun_path` is 108 bytes
+/// with its terminating NUL).
+const MAX_IPC_PATH: usize = 107;
+
+/// The private directory of one running pipeline.
+#[derive(Debug)]
+pub(crate) struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates `<parent>/omni-<pid>-<nonce>` with mode 0700 and its `shm/`.
+    pub(crate) fn create(parent: Option<&Path>) -> Result<Self> {
+        let parent = match parent {
+            Some(p) => p.to_path_buf(),
+            None => default_parent(),
+        };
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let path = parent.join(format!(
+            "omni-{}-{:x}",
+            std::process::id(),
+            nonce & 0xffff_ffff_ffff
+        ));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| Error::io("cannot create run directory", &path, e))?;
+        let dir = RunDir { path };
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir.shm_dir())
+            .map_err(|e| Error::io("cannot create shared-memory directory", dir.shm_dir(), e))?;
+        Ok(dir)
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn shm_dir(&self) -> PathBuf {
+        self.path.join("shm")
+    }
+
+    /// Removes the directory and everything in it (sockets, segments).
+    pub(crate) fn remove(&self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(target: "omni::runtime", path = %self.path.display(), "cannot remove run directory: {e}");
+            }
+        }
+    }
+}
+
+fn default_parent() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let writable = std::fs::metadata(shm)
+        .map(|m| m.is_dir() && !m.permissions().readonly())
+        .unwrap_or(false);
+    if writable && probe_writable(shm) {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+fn probe_writable(dir: &Path) -> bool {
+    let probe = dir.join(format!(".omni-probe-{}", std::process::id()));
+    match std::fs::File::create(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// An `ipc://` address for a socket file in `dir`.
+pub(crate) fn ipc_address(dir: &Path, name: &str) -> Result<String> {
+    let path = dir.join(name);
+    let s = path.display().to_string();
+    if s.len() > MAX_IPC_PATH {
+        return Err(Error::socket(
+            format!("ipc://{s}"),
+            format!("socket path is {} bytes, longer than the {MAX_IPC_PATH} a Unix socket allows; use a shorter run directory parent", s.len()),
+        ));
+    }
+    Ok(format!("ipc://{s}"))
+}
+
+/// A `tcp://host:port` address with a port that was free a moment ago.
+pub(crate) fn free_tcp_address(host: &str) -> Result<String> {
+    let listener = std::net::TcpListener::bind((host, 0)).map_err(|e| {
+        Error::socket(
+            format!("tcp://{host}:0"),
+            format!("cannot find a free port: {e}"),
+        )
+    })?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| Error::socket(format!("tcp://{host}:0"), e))?
+        .port();
+    Ok(format!("tcp://{host}:{port}"))
+}
+
+/// The address the orchestrator's ROUTER binds.
+pub(crate) fn orchestrator_address(
+    kind: TransportKind,
+    run_dir: &Path,
+    host: &str,
+) -> Result<String> {
+    match kind {
+        TransportKind::Ipc => ipc_address(run_dir, "orchestrator.sock"),
+        TransportKind::Tcp => Ok(format!("tcp://{host}:0")),
+    }
+}
+
+/// Sends frames on any ZeroMQ socket; `prefix` (a ROUTER's peer identity)
+/// goes first when given.
+pub(crate) async fn send_frames<S: SocketSend + ?Sized>(
+    socket: &mut S,
+    prefix: Option<Bytes>,
+    frames: Vec<Bytes>,
+    endpoint: &str,
+) -> Result<()> {
+    let mut all = Vec::with_capacity(frames.len() + 1);
+    if let Some(p) = prefix {
+        all.push(p);
+    }
+    all.extend(frames);
+    let msg = ZmqMessage::try_from(all).map_err(|e| Error::socket(endpoint, e))?;
+    socket
+        .send(msg)
+        .await
+        .map_err(|e| Error::socket(endpoint, e))
+}
+
+/// The identity a stage's DEALER presents to the orchestrator's ROUTER.
+pub(crate) fn stage_identity(stage_id: usize) -> String {
+    format!("stage-{stage_id}")
+}

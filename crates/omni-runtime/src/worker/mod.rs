@@ -1,0 +1,478 @@
+//! The stage worker (`omni-stage`): one process per stage.
+//!
+//! Start-up: read the launch spec, start the model thread (it loads the
+//! engine), meanwhile connect a DEALER to the orchestrator, bind the input
+//! ROUTER, connect a DEALER to every downstream stage; when all is done,
+//! send `Ready{stage_id, model_name, pid, device, protocol_version}`.
+//!
+//! Serving: this (socket) thread runs a small tokio runtime; it decodes
+//! messages and passes them to the model thread through a bounded queue,
+//! answers `Health` itself, and sends what the model thread hands back:
+//! final outputs to the orchestrator, stage outputs directly to the
+//! downstream stages. A message it cannot decode gets a `ProtocolError`
+//! reply and changes nothing else.
+//!
+//! Exit: on `Shutdown`, on SIGTERM (also what the parent-death signal sends),
+//! or when `getppid()` shows the orchestrator is gone; a worker that outlives
+//! its orchestrator also removes the run directory nobody else will.
+
+mod model;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use zeromq::{
+    DealerSendHalf, DealerSocket, RouterSendHalf, RouterSocket, Socket, SocketOptions, SocketRecv,
+};
+
+use crate::config::StageConfig;
+use crate::error::{Error, Result};
+use crate::launch::LaunchSpec;
+use crate::processor;
+use crate::shm::ShmWriter;
+use crate::transport::{self, send_frames};
+use crate::wire::{
+    self, DecodeContext, Envelope, HealthMsg, Message, ReadyMsg, Rejected, PROTOCOL_VERSION,
+};
+
+use model::{now_us, FromModel, ModelThread, ToModel};
+
+/// How often the worker checks that its orchestrator is still its parent.
+const PARENT_CHECK: Duration = Duration::from_millis(250);
+
+/// How long the model thread gets to wind down (and flush a trace) at exit.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// Installs the worker's `tracing` subscriber: logs to stderr (filtered by
+/// `RUST_LOG`, default `info`) and the profiler layer, which turns engine
+/// and runtime spans into ranges of whichever profiler backend is active.
+pub fn init_worker_tracing() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_filter(filter);
+    let _ = tracing_subscriber::registry()
+        .with(omni_profiler::tracing_layer())
+        .with(fmt)
+        .try_init();
+}
+
+/// Runs a stage worker from its launch file until it is told to stop.
+/// This is all `omni-stage` does; a custom worker binary can call it too.
+pub fn run_stage_worker(launch_file: &Path) -> Result<()> {
+    let spec = LaunchSpec::read(launch_file)?;
+    let stage = StageConfig::from_json(&launch_file.display().to_string(), "stage", &spec.stage)?;
+    // The orchestrator may have died before we got here; PR_SET_PDEATHSIG
+    // would then never fire.
+    if parent_gone(spec.parent_pid) {
+        return Err(Error::ShutDown(format!(
+            ": orchestrator (pid {}) is gone",
+            spec.parent_pid
+        )));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(format!("omni-stage-{}-io", stage.stage_id))
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("cannot start the tokio runtime", launch_file, e))?;
+    let handle = runtime.handle().clone();
+    let r = runtime.block_on(serve(spec, stage, handle));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    r
+}
+
+fn parent_gone(parent: u32) -> bool {
+    // SAFETY: getppid has no preconditions.
+    (unsafe { libc::getppid() }) as u32 != parent
+}
+
+enum Incoming {
+    Control(Vec<Bytes>),
+    Input(Bytes, Vec<Bytes>),
+    Downstream(usize, Vec<Bytes>),
+}
+
+struct Io {
+    stage_id: usize,
+    ctrl: DealerSendHalf,
+    ctrl_endpoint: String,
+    input: RouterSendHalf,
+    input_endpoint: String,
+    downstream: HashMap<usize, (DealerSendHalf, String)>,
+    to_model: mpsc::Sender<ToModel>,
+    rejected: Arc<AtomicU64>,
+    running: Arc<AtomicUsize>,
+    profiling: Arc<AtomicBool>,
+}
+
+async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Handle) -> Result<()> {
+    let stage_id = stage.stage_id;
+    let pid = std::process::id();
+    let profiler = omni_profiler::backend_by_name(&spec.profiler_backend)
+        .map_err(|e| Error::Profiler(e.to_string()))?;
+    let shm = match (&spec.shm_dir, spec.shm_threshold_bytes) {
+        (Some(d), Some(t)) => Some(Arc::new(ShmWriter::new(
+            d.clone(),
+            &format!("s{stage_id}-{pid}"),
+            t,
+        ))),
+        _ => None,
+    };
+    let (to_model, to_model_rx) = mpsc::channel(1024);
+    let (from_model_tx, mut from_model) = mpsc::channel(1024);
+    let running = Arc::new(AtomicUsize::new(0));
+    let profiling = Arc::new(AtomicBool::new(false));
+    let mut args = stage.engine_args.clone();
+    if let Some(d) = &stage.runtime.devices {
+        args.device = Some(d.clone());
+    }
+    let model = ModelThread {
+        stage_id,
+        final_output: stage.final_output,
+        sources: stage.engine_input_source.clone(),
+        downstream: spec.downstream.iter().map(|(d, _)| *d).collect(),
+        processor: processor::for_stage(stage.custom_process_input_func.as_deref())?,
+        shm: shm.clone(),
+        out: from_model_tx,
+        profiler,
+        runtime: handle,
+        running: running.clone(),
+        profiling: profiling.clone(),
+    };
+    let model_thread = std::thread::Builder::new()
+        .name(format!("omni-stage-{stage_id}-model"))
+        .spawn(move || model.run(args, to_model_rx))
+        .map_err(|e| Error::io("cannot start the model thread", "omni-stage", e))?;
+
+    // Sockets, while the model loads.
+    let connect_timeout = Duration::from_millis(spec.connect_timeout_ms.max(1000));
+    let (incoming_tx, mut incoming) = mpsc::channel::<Incoming>(1024);
+    let mut opts = SocketOptions::default();
+    let identity = transport::stage_identity(stage_id)
+        .parse()
+        .map_err(|e| Error::socket(&spec.orchestrator_address, e))?;
+    opts.peer_identity(identity)
+        .connect_timeout(connect_timeout);
+    let mut ctrl = DealerSocket::with_options(opts);
+    ctrl.connect(&spec.orchestrator_address)
+        .await
+        .map_err(|e| Error::socket(&spec.orchestrator_address, e))?;
+    let (ctrl_tx, mut ctrl_rx) = ctrl.split();
+    let tx = incoming_tx.clone();
+    tokio::spawn(async move {
+        while let Ok(m) = ctrl_rx.recv().await {
+            if tx.send(Incoming::Control(m.into_vec())).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut input = RouterSocket::new();
+    let input_endpoint = input
+        .bind(&spec.input_address)
+        .await
+        .map_err(|e| Error::socket(&spec.input_address, e))?
+        .to_string();
+    let (input_tx, mut input_rx) = input.split();
+    let tx = incoming_tx.clone();
+    tokio::spawn(async move {
+        while let Ok(m) = input_rx.recv().await {
+            let mut frames = m.into_vec();
+            if frames.is_empty() {
+                continue;
+            }
+            let id = frames.remove(0);
+            if tx.send(Incoming::Input(id, frames)).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let mut downstream = HashMap::new();
+    for (d, addr) in &spec.downstream {
+        let mut o = SocketOptions::default();
+        o.connect_timeout(connect_timeout);
+        let mut s = DealerSocket::with_options(o);
+        s.connect(addr)
+            .await
+            .map_err(|e| Error::socket(addr, format!("cannot reach stage {d}: {e}")))?;
+        let (send, mut recv) = s.split();
+        let tx = incoming_tx.clone();
+        let d = *d;
+        tokio::spawn(async move {
+            while let Ok(m) = recv.recv().await {
+                if tx
+                    .send(Incoming::Downstream(d, m.into_vec()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        downstream.insert(d, (send, addr.clone()));
+    }
+    drop(incoming_tx);
+
+    let mut io = Io {
+        stage_id,
+        ctrl: ctrl_tx,
+        ctrl_endpoint: spec.orchestrator_address.clone(),
+        input: input_tx,
+        input_endpoint,
+        downstream,
+        to_model,
+        rejected: Arc::new(AtomicU64::new(0)),
+        running,
+        profiling,
+    };
+    let ctx = DecodeContext {
+        shm_dir: spec.shm_dir.clone(),
+        limits: Default::default(),
+    };
+
+    let (model_name, device, max_model_len) = match from_model.recv().await {
+        Some(FromModel::Loaded {
+            model_name,
+            device,
+            max_model_len,
+        }) => (model_name, device, max_model_len),
+        Some(FromModel::LoadFailed(e)) => {
+            tracing::error!(target: "omni::runtime", stage_id, "{e}");
+            let _ = model_thread.join();
+            return Err(Error::Stage {
+                stage_id,
+                message: e,
+            });
+        }
+        _ => {
+            return Err(Error::Stage {
+                stage_id,
+                message: "the model thread ended before loading".into(),
+            })
+        }
+    };
+    let ready = Message::Ready(ReadyMsg {
+        stage_id,
+        model_name: model_name.clone(),
+        pid,
+        device: device.clone(),
+        protocol_version: PROTOCOL_VERSION,
+        max_model_len,
+    });
+    io.send_ctrl(wire::encode_message(ready)?).await?;
+    tracing::info!(target: "omni::runtime", stage_id, model = %model_name, %device, "stage ready");
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("cannot watch SIGTERM", "omni-stage", e))?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| Error::io("cannot watch SIGINT", "omni-stage", e))?;
+    let mut parent_check = tokio::time::interval(PARENT_CHECK);
+    let mut stopping: Option<tokio::time::Instant> = None;
+    let mut orphaned = false;
+    loop {
+        let stop_deadline =
+            stopping.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400));
+        tokio::select! {
+            inc = incoming.recv(), if stopping.is_none() => {
+                match inc {
+                    Some(inc) => {
+                        if io.incoming(inc, &ctx).await {
+                            stopping = Some(begin_stop(&io).await);
+                        }
+                    }
+                    None => stopping = Some(begin_stop(&io).await),
+                }
+            }
+            out = from_model.recv() => match out {
+                Some(FromModel::ToOrchestrator(f)) => {
+                    if let Err(e) = io.send_ctrl(f).await {
+                        tracing::warn!(target: "omni::runtime", stage_id, "{e}");
+                    }
+                }
+                Some(FromModel::ToStage(d, f)) => io.send_stage(d, f).await,
+                Some(FromModel::Stopped) | None => break,
+                Some(FromModel::Loaded { .. }) | Some(FromModel::LoadFailed(_)) => {}
+            },
+            _ = sigterm.recv(), if stopping.is_none() => {
+                tracing::info!(target: "omni::runtime", stage_id, "SIGTERM: shutting down");
+                orphaned = parent_gone(spec.parent_pid);
+                stopping = Some(begin_stop(&io).await);
+            }
+            _ = sigint.recv(), if stopping.is_none() => {
+                orphaned = parent_gone(spec.parent_pid);
+                stopping = Some(begin_stop(&io).await);
+            }
+            _ = parent_check.tick() => {
+                if stopping.is_none() && parent_gone(spec.parent_pid) {
+                    tracing::warn!(target: "omni::runtime", stage_id, parent = spec.parent_pid, "orchestrator is gone; exiting");
+                    orphaned = true;
+                    stopping = Some(begin_stop(&io).await);
+                }
+            }
+            _ = tokio::time::sleep_until(stop_deadline), if stopping.is_some() => {
+                tracing::warn!(target: "omni::runtime", stage_id, "model thread did not stop in time; exiting anyway");
+                break;
+            }
+        }
+    }
+    if orphaned {
+        // Nobody else is left to clean up after the pipeline.
+        let _ = std::fs::remove_dir_all(&spec.run_dir);
+    }
+    tracing::info!(target: "omni::runtime", stage_id, "stage stopped");
+    Ok(())
+}
+
+async fn begin_stop(io: &Io) -> tokio::time::Instant {
+    // A full queue must not keep us from stopping: the deadline still holds.
+    let _ = tokio::time::timeout(Duration::from_secs(5), io.to_model.send(ToModel::Shutdown)).await;
+    tokio::time::Instant::now() + STOP_GRACE
+}
+
+impl Io {
+    async fn send_ctrl(&mut self, frames: Vec<Bytes>) -> Result<()> {
+        send_frames(&mut self.ctrl, None, frames, &self.ctrl_endpoint).await
+    }
+
+    async fn send_stage(&mut self, d: usize, frames: Vec<Bytes>) {
+        match self.downstream.get_mut(&d) {
+            Some((sock, addr)) => {
+                if let Err(e) = send_frames(sock, None, frames, addr).await {
+                    tracing::error!(target: "omni::runtime", stage_id = self.stage_id, to = d, "{e}");
+                }
+            }
+            None => {
+                tracing::error!(target: "omni::runtime", stage_id = self.stage_id, to = d, "no socket to that stage")
+            }
+        }
+    }
+
+    async fn forward(&self, c: ToModel) {
+        let _ = self.to_model.send(c).await;
+    }
+
+    fn health(&self, seq: u64) -> Message {
+        Message::HealthReply(HealthMsg {
+            seq,
+            stage_id: self.stage_id,
+            pid: std::process::id(),
+            running_requests: self.running.load(Ordering::Relaxed),
+            rejected_messages: self.rejected.load(Ordering::Relaxed),
+            profiling: self.profiling.load(Ordering::Relaxed),
+        })
+    }
+
+    fn protocol_error(&self, seq: Option<u64>, reason: String) -> Vec<Bytes> {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(target: "omni::runtime", stage_id = self.stage_id, "rejected a message: {reason}");
+        wire::encode_message(Message::ProtocolError {
+            stage_id: self.stage_id,
+            seq,
+            reason,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Handles one incoming message; returns true when the stage must stop.
+    async fn incoming(&mut self, inc: Incoming, ctx: &DecodeContext) -> bool {
+        let arrival = now_us();
+        match inc {
+            Incoming::Control(frames) => match wire::decode(frames, ctx) {
+                Ok(Envelope { message, .. }) => match message {
+                    // A non-entry stage answers with a request error from the model thread.
+                    Message::Generate(g) => self.forward(ToModel::Generate(g, arrival)).await,
+                    Message::Abort { request_ids } => {
+                        self.forward(ToModel::Abort(request_ids)).await
+                    }
+                    Message::StartProfile(m) => self.forward(ToModel::StartProfile(m)).await,
+                    Message::StopProfile { seq } => self.forward(ToModel::StopProfile(seq)).await,
+                    Message::Health { seq } => {
+                        if let Ok(f) = wire::encode_message(self.health(seq)) {
+                            let _ = self.send_ctrl(f).await;
+                        }
+                    }
+                    Message::Shutdown => return true,
+                    other => {
+                        let f = self.protocol_error(
+                            None,
+                            format!(
+                                "a stage does not accept {:?} messages from the orchestrator",
+                                other.type_name()
+                            ),
+                        );
+                        let _ = self.send_ctrl(f).await;
+                    }
+                },
+                Err(Rejected { seq, error, .. }) => {
+                    let f = self.protocol_error(seq, error);
+                    let _ = self.send_ctrl(f).await;
+                }
+            },
+            Incoming::Input(identity, frames) => {
+                let reply = match wire::decode(frames, ctx) {
+                    Ok(Envelope { message, tensors }) => match message {
+                        Message::StageInput(m) => {
+                            self.forward(ToModel::Input(m, tensors, arrival)).await;
+                            None
+                        }
+                        Message::Health { seq } => wire::encode_message(self.health(seq)).ok(),
+                        other => Some(self.protocol_error(
+                            None,
+                            format!(
+                                "the input socket takes stage_input and health messages, not {:?}",
+                                other.type_name()
+                            ),
+                        )),
+                    },
+                    Err(Rejected {
+                        seq,
+                        request_id,
+                        error,
+                    }) => {
+                        if let Some(id) = request_id {
+                            // A real request whose input was mangled must not hang.
+                            let m = Message::RequestError {
+                                request_id: id,
+                                stage_id: self.stage_id,
+                                message: format!("stage input rejected: {error}"),
+                                rejected: false,
+                            };
+                            if let Ok(f) = wire::encode_message(m) {
+                                let _ = self.send_ctrl(f).await;
+                            }
+                        }
+                        Some(self.protocol_error(seq, error))
+                    }
+                };
+                if let Some(f) = reply {
+                    let ep = self.input_endpoint.clone();
+                    if let Err(e) = send_frames(&mut self.input, Some(identity), f, &ep).await {
+                        tracing::debug!(target: "omni::runtime", stage_id = self.stage_id, "cannot answer on the input socket: {e}");
+                    }
+                }
+            }
+            Incoming::Downstream(d, frames) => {
+                if let Ok(Envelope {
+                    message: Message::ProtocolError { reason, .. },
+                    ..
+                }) = wire::decode(frames, ctx)
+                {
+                    tracing::error!(target: "omni::runtime", stage_id = self.stage_id, to = d, "stage {d} rejected our message: {reason}");
+                }
+            }
+        }
+        false
+    }
+}

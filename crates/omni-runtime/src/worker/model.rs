@@ -1,0 +1,583 @@
+//! The model thread of a stage worker: owns the engine and runs its
+//! synchronous step loop, as vLLM's `EngineCoreProc.run_busy_loop`. It takes
+//! commands from the socket thread through a bounded queue and hands back
+//! encoded frames through another; it never touches a socket.
+//!
+//! Encoding happens here, inside `stage_send` spans, and stage inputs are
+//! admitted here inside `stage_recv` spans: the torch profiler records only
+//! the thread that enabled it, and this is that thread.
+//!
+//! Profiler windows follow the thread contract of `omni-profiler`: the
+//! `start()`/`stop()` futures are created and first polled on this thread
+//! (backends do their thread-bound work before their first `.await`); if
+//! they are not done by then, the socket thread's runtime finishes them.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use omni_engine::{EngineArgs, FinishReason, LLMEngine, Prompt, RequestOutput, SamplingParams};
+use omni_profiler::{ProfileSession, Profiler};
+
+use crate::error::Result;
+use crate::processor::{InputProcessor, ProcessorInput, SourceOutput};
+use crate::shm::ShmWriter;
+use crate::tensor::HostTensor;
+use crate::wire::{
+    self, AckMsg, Envelope, GenerateMsg, Message, OutputMsg, StageInputMsg, StageMetrics,
+    StartProfileMsg, UpstreamOutput,
+};
+
+/// Aborted ids remembered, so that a late upstream input for an aborted
+/// request is dropped instead of started.
+const ABORTED_MEMORY: usize = 4096;
+
+/// Commands from the socket thread.
+pub(crate) enum ToModel {
+    Generate(GenerateMsg, u64),
+    Input(StageInputMsg, Vec<(String, HostTensor)>, u64),
+    Abort(Vec<String>),
+    StartProfile(StartProfileMsg),
+    StopProfile(u64),
+    Shutdown,
+}
+
+/// What the model thread hands back.
+pub(crate) enum FromModel {
+    Loaded {
+        model_name: String,
+        device: String,
+        max_model_len: usize,
+    },
+    LoadFailed(String),
+    ToOrchestrator(Vec<Bytes>),
+    ToStage(usize, Vec<Bytes>),
+    Stopped,
+}
+
+type ProfileFuture =
+    Pin<Box<dyn Future<Output = std::result::Result<Vec<PathBuf>, String>> + Send>>;
+
+struct Req {
+    metrics: StageMetrics,
+    sent_tokens: usize,
+    prompt: Prompt,
+    all_params: Vec<SamplingParams>,
+}
+
+struct Gather {
+    arrival: u64,
+    prompt: Prompt,
+    params: Vec<SamplingParams>,
+    outputs: BTreeMap<usize, SourceOutput>,
+}
+
+/// Everything the model thread needs, built by the socket thread.
+pub(crate) struct ModelThread {
+    pub stage_id: usize,
+    pub final_output: bool,
+    pub sources: Vec<usize>,
+    pub downstream: Vec<usize>,
+    pub processor: (String, InputProcessor),
+    pub shm: Option<Arc<ShmWriter>>,
+    pub out: mpsc::Sender<FromModel>,
+    pub profiler: Arc<dyn Profiler>,
+    pub runtime: tokio::runtime::Handle,
+    pub running: Arc<AtomicUsize>,
+    pub profiling: Arc<AtomicBool>,
+}
+
+struct Loop {
+    t: ModelThread,
+    reqs: HashMap<String, Req>,
+    gather: HashMap<String, Gather>,
+    aborted: HashSet<String>,
+    aborted_order: VecDeque<String>,
+}
+
+pub(crate) fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn device_name(d: omni_engine::Device) -> String {
+    match d {
+        omni_engine::Device::Cpu => "cpu".to_string(),
+        omni_engine::Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+impl ModelThread {
+    /// Loads the engine, reports, then serves commands until `Shutdown` or
+    /// until the socket thread goes away.
+    pub(crate) fn run(self, args: EngineArgs, mut rx: mpsc::Receiver<ToModel>) {
+        let out = self.out.clone();
+        let mut engine = match LLMEngine::new(&args) {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = out.blocking_send(FromModel::LoadFailed(format!(
+                    "cannot load model {:?}: {e}",
+                    args.model
+                )));
+                return;
+            }
+        };
+        let _ = out.blocking_send(FromModel::Loaded {
+            model_name: engine.model_name().to_string(),
+            device: device_name(engine.device()),
+            max_model_len: engine.max_model_len(),
+        });
+        let mut l = Loop {
+            t: self,
+            reqs: HashMap::new(),
+            gather: HashMap::new(),
+            aborted: HashSet::new(),
+            aborted_order: VecDeque::new(),
+        };
+        'serve: loop {
+            let first = if engine.has_unfinished() {
+                match rx.try_recv() {
+                    Ok(c) => Some(c),
+                    Err(mpsc::error::TryRecvError::Empty) => None,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break 'serve,
+                }
+            } else {
+                match rx.blocking_recv() {
+                    Some(c) => Some(c),
+                    None => break 'serve,
+                }
+            };
+            if let Some(c) = first {
+                if !l.handle(&mut engine, c) {
+                    break 'serve;
+                }
+                // Drain what queued up meanwhile, so a burst joins one batch.
+                while let Ok(c) = rx.try_recv() {
+                    if !l.handle(&mut engine, c) {
+                        break 'serve;
+                    }
+                }
+            }
+            if engine.has_unfinished() {
+                match engine.step() {
+                    Ok(outs) => l.emit(outs),
+                    Err(e) => l.fail_all(&mut engine, &format!("engine step failed: {e}")),
+                }
+            }
+            l.t.running
+                .store(l.reqs.len() + l.gather.len(), Ordering::Relaxed);
+        }
+        // Shutting down: a window still open is closed so its trace is not lost.
+        if l.t.profiler.is_active() {
+            let p = l.t.profiler.clone();
+            let r = l.t.runtime.block_on(async move { p.stop().await });
+            match r {
+                Ok(files) => {
+                    tracing::info!(target: "omni::runtime", ?files, "profiler window closed at shutdown")
+                }
+                Err(e) => {
+                    tracing::warn!(target: "omni::runtime", "cannot close the profiler window at shutdown: {e}")
+                }
+            }
+        }
+        let ids: Vec<String> = l.reqs.keys().cloned().collect();
+        for id in ids {
+            engine.abort(&id);
+        }
+        let _ = out.blocking_send(FromModel::Stopped);
+    }
+}
+
+impl Loop {
+    fn send(&self, m: FromModel) {
+        // The socket thread only goes away at exit; nothing to do then.
+        let _ = self.t.out.blocking_send(m);
+    }
+
+    fn encode_or_log(&self, env: &Envelope) -> Option<Vec<Bytes>> {
+        match wire::encode(env, self.t.shm.as_deref()) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::error!(target: "omni::runtime", "cannot encode {}: {e}", env.message.type_name());
+                None
+            }
+        }
+    }
+
+    fn request_error(&self, request_id: &str, message: String) {
+        self.report(request_id, message, false);
+    }
+
+    /// The request itself is at fault (bad prompt, params, too long).
+    fn request_rejected(&self, request_id: &str, message: String) {
+        self.report(request_id, message, true);
+    }
+
+    fn report(&self, request_id: &str, message: String, rejected: bool) {
+        tracing::warn!(target: "omni::runtime", request_id, "{message}");
+        let env = Envelope::new(Message::RequestError {
+            request_id: request_id.to_string(),
+            stage_id: self.t.stage_id,
+            message,
+            rejected,
+        });
+        if let Some(f) = self.encode_or_log(&env) {
+            self.send(FromModel::ToOrchestrator(f));
+        }
+    }
+
+    fn ack(&self, seq: u64, r: std::result::Result<Vec<PathBuf>, String>) {
+        if let Some(f) = ack_frames(self.t.stage_id, seq, r) {
+            self.send(FromModel::ToOrchestrator(f));
+        }
+    }
+
+    /// Returns false on `Shutdown`.
+    fn handle(&mut self, engine: &mut LLMEngine, c: ToModel) -> bool {
+        match c {
+            ToModel::Generate(g, arrival) => self.generate(engine, g, arrival),
+            ToModel::Input(m, tensors, arrival) => self.input(engine, m, tensors, arrival),
+            ToModel::Abort(ids) => {
+                for id in ids {
+                    engine.abort(&id);
+                    self.reqs.remove(&id);
+                    self.gather.remove(&id);
+                    if self.aborted.insert(id.clone()) {
+                        self.aborted_order.push_back(id);
+                        if self.aborted_order.len() > ABORTED_MEMORY {
+                            if let Some(old) = self.aborted_order.pop_front() {
+                                self.aborted.remove(&old);
+                            }
+                        }
+                    }
+                }
+            }
+            ToModel::StartProfile(m) => self.start_profile(m),
+            ToModel::StopProfile(seq) => {
+                let p = self.t.profiler.clone();
+                let fut: ProfileFuture =
+                    Box::pin(async move { p.stop().await.map_err(|e| e.to_string()) });
+                self.drive(seq, fut, false);
+            }
+            ToModel::Shutdown => return false,
+        }
+        true
+    }
+
+    fn start_profile(&mut self, m: StartProfileMsg) {
+        let seq = m.seq;
+        let options = match serde_json::from_value(m.options) {
+            Ok(o) => o,
+            Err(e) => return self.ack(seq, Err(format!("bad profiler options: {e}"))),
+        };
+        let session = ProfileSession {
+            dir: m.dir,
+            process_name: m.process_name,
+            options,
+        };
+        let p = self.t.profiler.clone();
+        let fut: ProfileFuture = Box::pin(async move {
+            p.start(&session)
+                .await
+                .map(|_| Vec::new())
+                .map_err(|e| e.to_string())
+        });
+        self.drive(seq, fut, true);
+    }
+
+    /// Polls a profiler future once here (thread-bound work happens now),
+    /// then lets the socket thread's runtime finish it and send the ack.
+    fn drive(&self, seq: u64, mut fut: ProfileFuture, starting: bool) {
+        let mut cx = Context::from_waker(Waker::noop());
+        match fut.as_mut().poll(&mut cx) {
+            Poll::Ready(r) => {
+                self.t
+                    .profiling
+                    .store(starting && r.is_ok(), Ordering::Relaxed);
+                self.ack(seq, r)
+            }
+            Poll::Pending => {
+                let out = self.t.out.clone();
+                let stage_id = self.t.stage_id;
+                let profiling = self.t.profiling.clone();
+                self.t.runtime.spawn(async move {
+                    let r = fut.await;
+                    profiling.store(starting && r.is_ok(), Ordering::Relaxed);
+                    if let Some(f) = ack_frames(stage_id, seq, r) {
+                        let _ = out.send(FromModel::ToOrchestrator(f)).await;
+                    }
+                });
+            }
+        }
+    }
+
+    fn generate(&mut self, engine: &mut LLMEngine, g: GenerateMsg, arrival: u64) {
+        if !self.t.sources.is_empty() {
+            return self.request_error(
+                &g.request_id,
+                format!(
+                    "stage {} takes its input from stages {:?}, not from the user's prompt",
+                    self.t.stage_id, self.t.sources
+                ),
+            );
+        }
+        self.admit(
+            engine,
+            g.request_id,
+            g.prompt.clone(),
+            g.prompt,
+            g.sampling_params,
+            arrival,
+        );
+    }
+
+    fn input(
+        &mut self,
+        engine: &mut LLMEngine,
+        m: StageInputMsg,
+        tensors: Vec<(String, HostTensor)>,
+        arrival: u64,
+    ) {
+        let _span = tracing::info_span!(target: "omni::runtime", "stage_recv", request_ids = %m.request_id, from_stage = m.output.stage_id, stage = self.t.stage_id).entered();
+        let id = m.request_id.clone();
+        if self.aborted.contains(&id) {
+            return;
+        }
+        let src = m.output.stage_id;
+        if !self.t.sources.contains(&src) {
+            return self.request_error(
+                &id,
+                format!(
+                    "stage {src} is not an input source of stage {} (sources: {:?})",
+                    self.t.stage_id, self.t.sources
+                ),
+            );
+        }
+        let g = self.gather.entry(id.clone()).or_insert_with(|| Gather {
+            arrival,
+            prompt: m.prompt.clone(),
+            params: m.sampling_params.clone(),
+            outputs: BTreeMap::new(),
+        });
+        g.outputs.insert(
+            src,
+            SourceOutput {
+                output: m.output,
+                tensors,
+            },
+        );
+        if g.outputs.len() < self.t.sources.len() {
+            return;
+        }
+        let Some(mut g) = self.gather.remove(&id) else {
+            return;
+        };
+        let sources: Vec<SourceOutput> = self
+            .t
+            .sources
+            .iter()
+            .filter_map(|s| g.outputs.remove(s))
+            .collect();
+        let input = ProcessorInput {
+            request_id: &id,
+            prompt: &g.prompt,
+            sources: &sources,
+        };
+        match (self.t.processor.1)(&input) {
+            Ok(prompt) => self.admit(engine, id, prompt, g.prompt, g.params, g.arrival),
+            Err(e) => self.request_rejected(&id, e.to_string()),
+        }
+    }
+
+    fn admit(
+        &mut self,
+        engine: &mut LLMEngine,
+        id: String,
+        prompt: Prompt,
+        original: Prompt,
+        all_params: Vec<SamplingParams>,
+        arrival: u64,
+    ) {
+        if self.reqs.contains_key(&id) {
+            return self.request_error(
+                &id,
+                format!(
+                    "request id `{id}` is already running in stage {}",
+                    self.t.stage_id
+                ),
+            );
+        }
+        let Some(params) = all_params.get(self.t.stage_id).cloned() else {
+            return self.request_error(
+                &id,
+                format!(
+                    "the request carries {} sampling params; stage {} needs one at index {}",
+                    all_params.len(),
+                    self.t.stage_id,
+                    self.t.stage_id
+                ),
+            );
+        };
+        if let Err(e) = engine.add_request(id.clone(), prompt, params) {
+            return self.request_rejected(&id, e.to_string());
+        }
+        let metrics = StageMetrics {
+            arrival_unix_us: arrival,
+            admitted_unix_us: now_us(),
+            ..Default::default()
+        };
+        self.reqs.insert(
+            id,
+            Req {
+                metrics,
+                sent_tokens: 0,
+                prompt: original,
+                all_params,
+            },
+        );
+    }
+
+    fn emit(&mut self, outs: Vec<RequestOutput>) {
+        for o in outs {
+            let Some(req) = self.reqs.get_mut(&o.request_id) else {
+                continue;
+            };
+            let now = now_us();
+            if req.metrics.first_token_unix_us.is_none() && !o.token_ids.is_empty() {
+                req.metrics.first_token_unix_us = Some(now);
+            }
+            req.metrics.num_prompt_tokens = o.prompt_token_ids.len();
+            req.metrics.num_generated_tokens = o.token_ids.len();
+            if o.finished {
+                req.metrics.finished_unix_us = Some(now);
+                let em = &o.metrics;
+                let us = |d: std::time::Duration| d.as_micros() as u64;
+                req.metrics.queue_us = em
+                    .first_scheduled_time
+                    .map(|t| us(t.saturating_duration_since(em.arrival_time)));
+                req.metrics.compute_us = match (em.first_scheduled_time, em.finished_time) {
+                    (Some(a), Some(b)) => Some(us(b.saturating_duration_since(a))),
+                    _ => None,
+                };
+                req.metrics.ttft_us = em.time_to_first_token().map(us);
+                req.metrics.num_preemptions = em.num_preemptions;
+            }
+            let start = req.sent_tokens.min(o.token_ids.len());
+            let delta_ids = o.token_ids[start..].to_vec();
+            req.sent_tokens = o.token_ids.len();
+            let hidden = if o.finished {
+                match o
+                    .hidden_states
+                    .as_ref()
+                    .map(HostTensor::from_tch)
+                    .transpose()
+                {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::warn!(target: "omni::runtime", request_id = %o.request_id, "cannot copy hidden states: {e}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            if self.t.final_output {
+                let msg = Message::Output(OutputMsg {
+                    request_id: o.request_id.clone(),
+                    stage_id: self.t.stage_id,
+                    delta_text: o.delta_text.clone(),
+                    delta_token_ids: delta_ids,
+                    finished: o.finished,
+                    finish_reason: o.finish_reason,
+                    metrics: o.finished.then(|| req.metrics.clone()),
+                });
+                let mut env = Envelope::new(msg);
+                if let Some(h) = &hidden {
+                    env.tensors.push(("hidden_states".to_string(), h.clone()));
+                }
+                if let Some(f) = self.encode_or_log(&env) {
+                    self.send(FromModel::ToOrchestrator(f));
+                }
+            }
+            if o.finished {
+                let Some(req) = self.reqs.remove(&o.request_id) else {
+                    continue;
+                };
+                if !self.t.downstream.is_empty() && o.finish_reason != Some(FinishReason::Abort) {
+                    self.forward(&o, req, hidden);
+                }
+            }
+        }
+    }
+
+    /// Sends a finished output straight to every downstream stage.
+    fn forward(&self, o: &RequestOutput, req: Req, hidden: Option<HostTensor>) {
+        let _span = tracing::info_span!(target: "omni::runtime", "stage_send", request_ids = %o.request_id, stage = self.t.stage_id, to_stages = ?self.t.downstream).entered();
+        let msg = Message::StageInput(StageInputMsg {
+            request_id: o.request_id.clone(),
+            prompt: req.prompt,
+            sampling_params: req.all_params,
+            output: UpstreamOutput {
+                stage_id: self.t.stage_id,
+                text: o.text.clone(),
+                token_ids: o.token_ids.clone(),
+                finish_reason: o.finish_reason,
+            },
+        });
+        let mut env = Envelope::new(msg);
+        if let Some(h) = hidden {
+            env.tensors.push(("hidden_states".to_string(), h));
+        }
+        // One encoding per receiver: a shared-memory segment is consumed
+        // (unlinked) by the stage that reads it.
+        for &d in &self.t.downstream {
+            match self.encode_or_log(&env) {
+                Some(f) => self.send(FromModel::ToStage(d, f)),
+                None => self.request_error(
+                    &o.request_id,
+                    format!("cannot encode the input for stage {d}"),
+                ),
+            }
+        }
+    }
+
+    fn fail_all(&mut self, engine: &mut LLMEngine, message: &str) {
+        let ids: Vec<String> = self.reqs.keys().cloned().collect();
+        for id in ids {
+            engine.abort(&id);
+            self.reqs.remove(&id);
+            self.request_error(&id, message.to_string());
+        }
+    }
+}
+
+fn ack_frames(
+    stage_id: usize,
+    seq: u64,
+    r: std::result::Result<Vec<PathBuf>, String>,
+) -> Option<Vec<Bytes>> {
+    let (error, files) = match r {
+        Ok(f) => (None, f),
+        Err(e) => (Some(e), Vec::new()),
+    };
+    let env = Envelope::new(Message::Ack(AckMsg {
+        seq,
+        stage_id,
+        error,
+        files,
+    }));
+    let frames: Result<Vec<Bytes>> = wire::encode(&env, None);
+    frames
+        .map_err(|e| tracing::error!(target: "omni::runtime", "cannot encode ack: {e}"))
+        .ok()
+}

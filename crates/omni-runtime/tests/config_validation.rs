@@ -1,0 +1,294 @@
+//! Pipeline configs: the built-ins load, vLLM-Omni's layout parses, and
+//! every kind of bad config is an error that names file, field and value.
+
+use omni_runtime::{Error, FinalOutputType, PipelineConfig, TransportKind};
+
+fn yaml(text: &str) -> Result<PipelineConfig, Error> {
+    PipelineConfig::from_yaml_str(text, "test.yaml", "test")
+}
+
+/// The error's (field, value, reason), or a failure if it is not a field error.
+fn field_error(r: Result<PipelineConfig, Error>) -> Result<(String, String, String), String> {
+    match r {
+        Err(Error::Config {
+            file,
+            field,
+            value,
+            reason,
+        }) => {
+            assert_eq!(file, "test.yaml");
+            Ok((field, value, reason))
+        }
+        Err(other) => Err(format!("expected a config field error, got: {other}")),
+        Ok(c) => Err(format!(
+            "expected an error, got a config with {} stages",
+            c.stages.len()
+        )),
+    }
+}
+
+#[test]
+fn builtins_load_and_are_listed() -> Result<(), Error> {
+    assert_eq!(PipelineConfig::builtin_names(), &["default", "smollm2"]);
+    let d = PipelineConfig::builtin("default")?;
+    assert_eq!(d.stages.len(), 2);
+    assert_eq!(d.stages[1].engine_input_source, vec![0]);
+    assert_eq!(
+        d.stages[1].custom_process_input_func.as_deref(),
+        Some("summarize")
+    );
+    assert!(d
+        .stages
+        .iter()
+        .all(|s| s.final_output && s.final_output_type == FinalOutputType::Text));
+    assert_eq!(d.entry_stages(), vec![0]);
+    assert_eq!(d.downstream_of(0), vec![1]);
+    let s = PipelineConfig::resolve("smollm2")?;
+    assert_eq!(s.stages.len(), 1);
+    assert_eq!(s.source, "builtin:smollm2");
+    Ok(())
+}
+
+#[test]
+fn unknown_pipeline_lists_builtins() {
+    let e = PipelineConfig::resolve("no-such-pipeline")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no-such-pipeline") && e.contains("default") && e.contains("smollm2"),
+        "{e}"
+    );
+}
+
+#[test]
+fn vllm_omni_layout_parses() -> Result<(), Error> {
+    // Shaped like vllm_omni/model_executor/stage_configs/qwen2_5_omni.yaml.
+    let c = yaml(
+        r#"
+stage_args:
+  - stage_id: 0
+    engine_args:
+      model_stage: thinker
+      model_arch: Qwen2_5OmniForConditionalGeneration
+      worker_cls: vllm_omni.worker.AR_gpu_worker.ARGPUWorker
+      gpu_memory_utilization: 0.32
+      enforce_eager: true
+      engine_output_type: latent
+      model: smollm2
+    final_output: true
+    final_output_type: text
+  - stage_id: 1
+    engine_args: {model_stage: talker, model: smollm2}
+    engine_input_source: [0]
+    custom_process_input_func: vllm_omni.model_executor.stage_input_processors.text2text
+    runtime: {address: "tcp://127.0.0.1:5999"}
+    profiler: chrome
+"#,
+    )?;
+    assert_eq!(c.stages[0].model_stage.as_deref(), Some("thinker"));
+    assert_eq!(c.stages[1].model_stage.as_deref(), Some("talker"));
+    assert!(!c.stages[1].final_output);
+    assert_eq!(
+        c.profiler_backend(1),
+        std::env::var("OMNI_PROFILER_BACKEND").unwrap_or_else(|_| "chrome".into())
+    );
+    Ok(())
+}
+
+#[test]
+fn json_parses_like_yaml() -> Result<(), Error> {
+    let c = PipelineConfig::from_json_str(
+        r#"{"stage_args": [{"stage_id": 0, "engine_args": {"model": "smollm2"}, "final_output": true}],
+            "runtime": {"transport": "tcp"}}"#,
+        "p.json",
+        "p",
+    )?;
+    assert_eq!(c.runtime.transport, TransportKind::Tcp);
+    Ok(())
+}
+
+#[test]
+fn yaml_syntax_error_names_file() {
+    match yaml("stage_args: [") {
+        Err(Error::ConfigSyntax { file, format, .. }) => {
+            assert_eq!(file, "test.yaml");
+            assert_eq!(format, "yaml");
+        }
+        other => panic!("expected a syntax error, got {other:?}"),
+    }
+}
+
+#[test]
+fn unknown_source_stage() -> Result<(), String> {
+    let (field, value, reason) = field_error(yaml(
+        "stage_args:\n  - {stage_id: 0, final_output: true}\n  - {stage_id: 1, engine_input_source: [7]}\n",
+    ))?;
+    assert_eq!(field, "stage_args[1].engine_input_source[0]");
+    assert_eq!(value, "7");
+    assert!(reason.contains("unknown stage"), "{reason}");
+    Ok(())
+}
+
+#[test]
+fn duplicate_stage_id() -> Result<(), String> {
+    let (field, value, reason) = field_error(yaml(
+        "stage_args:\n  - {stage_id: 0, final_output: true}\n  - {stage_id: 0}\n",
+    ))?;
+    assert_eq!(
+        (field.as_str(), value.as_str()),
+        ("stage_args[1].stage_id", "0")
+    );
+    assert!(reason.contains("duplicate"), "{reason}");
+    Ok(())
+}
+
+#[test]
+fn cycle_is_spelled_out() -> Result<(), String> {
+    let (field, _value, reason) = field_error(yaml(
+        "stage_args:\n  - {stage_id: 0, final_output: true}\n  - {stage_id: 1, engine_input_source: [2]}\n  - {stage_id: 2, engine_input_source: [1]}\n",
+    ))?;
+    assert!(field.ends_with("engine_input_source"), "{field}");
+    assert!(
+        reason.contains("cycle")
+            && (reason.contains("1 -> 2 -> 1") || reason.contains("2 -> 1 -> 2")),
+        "{reason}"
+    );
+    Ok(())
+}
+
+#[test]
+fn no_final_output() -> Result<(), String> {
+    let (field, _, reason) = field_error(yaml("stage_args:\n  - {stage_id: 0}\n"))?;
+    assert!(field.contains("final_output"), "{field}");
+    assert!(reason.contains("final_output"), "{reason}");
+    Ok(())
+}
+
+#[test]
+fn self_loop_and_no_entry() -> Result<(), String> {
+    let (field, value, reason) = field_error(yaml(
+        "stage_args:\n  - {stage_id: 0, final_output: true, engine_input_source: [0]}\n",
+    ))?;
+    assert_eq!(
+        (field.as_str(), value.as_str()),
+        ("stage_args[0].engine_input_source[0]", "0")
+    );
+    assert!(reason.contains("own input"), "{reason}");
+    Ok(())
+}
+
+#[test]
+fn bad_values_name_field_and_value() -> Result<(), String> {
+    let (field, value, _) = field_error(yaml(
+        "stage_args:\n  - {stage_id: 0, final_output: true, final_output_type: smell}\n",
+    ))?;
+    assert_eq!(
+        (field.as_str(), value.as_str()),
+        ("stage_args[0].final_output_type", "\"smell\"")
+    );
+
+    let (field, value, _) = field_error(yaml("stage_args:\n  - {stage_id: zero}\n"))?;
+    assert_eq!(
+        (field.as_str(), value.as_str()),
+        ("stage_args[0].stage_id", "\"zero\"")
+    );
+
+    let (field, value, reason) = field_error(yaml(
+        "stage_args:\n  - {stage_id: 0, final_output: true, custom_process_input_func: summarize}\n",
+    ))?;
+    assert_eq!(
+        (field.as_str(), value.as_str()),
+        ("stage_args[0].custom_process_input_func", "\"summarize\"")
+    );
+    assert!(reason.contains("entry stage"), "{reason}");
+
+    let (field, value, reason) = field_error(yaml(
+        "stage_args:\n  - {stage_id: 0, final_output: true}\n  - {stage_id: 1, engine_input_source: [0], custom_process_input_func: nope}\n",
+    ))?;
+    assert_eq!(
+        (field.as_str(), value.as_str()),
+        ("stage_args[1].custom_process_input_func", "\"nope\"")
+    );
+    assert!(
+        reason.contains("summarize"),
+        "known processors listed: {reason}"
+    );
+
+    let (field, _, reason) = field_error(yaml(
+        "stage_args:\n  - {stage_id: 0, final_output: true, colour: red}\n",
+    ))?;
+    assert_eq!(field, "stage_args[0].colour");
+    assert!(reason.contains("unknown"), "{reason}");
+
+    let (field, value, _) = field_error(yaml(
+        "stage_args:\n  - {stage_id: 0, final_output: true, profiler: perf}\n",
+    ))?;
+    assert_eq!(
+        (field.as_str(), value.as_str()),
+        ("stage_args[0].profiler", "\"perf\"")
+    );
+
+    let (field, value, _) = field_error(yaml(
+        "runtime: {transport: carrier-pigeon}\nstage_args:\n  - {stage_id: 0, final_output: true}\n",
+    ))?;
+    assert_eq!(
+        (field.as_str(), value.as_str()),
+        ("runtime.transport", "\"carrier-pigeon\"")
+    );
+
+    let (field, value, _) = field_error(yaml(
+        "stage_args:\n  - {stage_id: 0, final_output: true, default_sampling_params: {max_tokens: lots}}\n",
+    ))?;
+    assert_eq!(
+        (field.as_str(), value.as_str()),
+        (
+            "stage_args[0].default_sampling_params.max_tokens",
+            "\"lots\""
+        )
+    );
+
+    let (field, value, _) = field_error(yaml(
+        "stage_args:\n  - {stage_id: 0, final_output: true, engine_args: {max_num_seqs: -3}}\n",
+    ))?;
+    assert_eq!(
+        (field.as_str(), value.as_str()),
+        ("stage_args[0].engine_args.max_num_seqs", "-3")
+    );
+    Ok(())
+}
+
+#[test]
+fn stage_round_trips_through_launch_json() -> Result<(), Error> {
+    let c = PipelineConfig::builtin("default")?;
+    for s in &c.stages {
+        let back = omni_runtime::StageConfig::from_json("launch", "stage", &s.to_json()?)?;
+        assert_eq!(back.stage_id, s.stage_id);
+        assert_eq!(back.model_stage, s.model_stage);
+        assert_eq!(back.engine_input_source, s.engine_input_source);
+        assert_eq!(back.custom_process_input_func, s.custom_process_input_func);
+        assert_eq!(back.final_output_type, s.final_output_type);
+        assert_eq!(back.engine_args.model, s.engine_args.model);
+        assert_eq!(
+            back.default_sampling_params.max_tokens,
+            s.default_sampling_params.max_tokens
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn files_load_from_disk() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let p = dir.path().join("mine.yml");
+    std::fs::write(
+        &p,
+        "stage_args:\n  - {stage_id: 0, final_output: true, engine_args: {model: smollm2}}\n",
+    )?;
+    let c = PipelineConfig::resolve(p.to_str().ok_or("path")?)?;
+    assert_eq!(c.name, "mine");
+    match PipelineConfig::load(&dir.path().join("missing.yaml")) {
+        Err(Error::ConfigRead { path, .. }) => assert!(path.ends_with("missing.yaml")),
+        other => return Err(format!("expected a read error, got {other:?}").into()),
+    }
+    Ok(())
+}

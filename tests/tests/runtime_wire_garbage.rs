@@ -1,0 +1,105 @@
+//! A real worker fed garbage on its input socket answers every message with
+//! a protocol error, counts them, and still serves the next valid request.
+
+mod runtime_support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use omni_engine::Prompt;
+use omni_runtime::wire::{self, DecodeContext, Message};
+use omni_runtime::{Orchestrator, PipelineConfig, StageEvent};
+use runtime_support::{greedy, options, TestResult};
+
+fn msg(frames: Vec<Bytes>) -> Result<ZmqMessage, String> {
+    ZmqMessage::try_from(frames).map_err(|e| e.to_string())
+}
+
+fn garbage() -> Vec<Vec<Bytes>> {
+    let b = |s: &'static [u8]| Bytes::from_static(s);
+    vec![
+        vec![b(b"\x00\x01\x02 not json at all")],
+        vec![b(b"{\"v\": 1, \"type\": \"teleport\"}")],
+        vec![b(b"{\"v\": 999, \"type\": \"health\", \"body\": {\"seq\": 5}}")],
+        vec![b(b"{\"v\": 1, \"type\": \"stage_input\", \"body\": {\"request_id\": 3}}")],
+        vec![
+            b(br#"{"v": 1, "type": "health", "body": {"seq": 6}, "tensors": [{"name": "x", "dtype": "f32", "shape": [1000000000, 1000000000], "nbytes": 4}]}"#),
+            b(b"abcd"),
+        ],
+        vec![b(br#"{"v": 1, "type": "health", "body": {"seq": 7}, "tensors": [{"name": "x", "dtype": "u8", "shape": [8], "nbytes": 8}]}"#)],
+        // Valid, but not something a stage's input socket takes.
+        wire::encode_message(Message::Shutdown).unwrap_or_default(),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_gets_error_replies_and_the_worker_keeps_serving() -> TestResult {
+    let config = PipelineConfig::builtin("smollm2")?;
+    let orch = Orchestrator::start(config, options()).await?;
+    let address = orch.stages()[0].input_address.clone();
+    let mut sock = DealerSocket::new();
+    sock.connect(&address).await?;
+    let ctx = DecodeContext::default();
+    let bad = garbage();
+    for (i, frames) in bad.iter().enumerate() {
+        sock.send(msg(frames.clone())?).await?;
+        let reply = tokio::time::timeout(Duration::from_secs(30), sock.recv()).await??;
+        let env = wire::decode(reply.into_vec(), &ctx).map_err(|r| r.error)?;
+        match env.message {
+            Message::ProtocolError {
+                stage_id: 0,
+                reason,
+                seq,
+            } => {
+                assert!(!reason.is_empty(), "garbage #{i}");
+                if i == 2 {
+                    assert_eq!(seq, Some(5), "the reply carries the rejected seq");
+                    assert!(reason.contains("999"), "{reason}");
+                }
+            }
+            other => return Err(format!("garbage #{i} answered with {}", other.type_name()).into()),
+        }
+    }
+    // The worker counted them, and answers health on the same socket.
+    sock.send(msg(wire::encode_message(Message::Health { seq: 77 })?)?)
+        .await?;
+    let reply = tokio::time::timeout(Duration::from_secs(30), sock.recv()).await??;
+    match wire::decode(reply.into_vec(), &ctx)
+        .map_err(|r| r.error)?
+        .message
+    {
+        Message::HealthReply(h) => {
+            assert_eq!(h.seq, 77);
+            assert_eq!(h.rejected_messages, bad.len() as u64);
+        }
+        other => return Err(format!("health answered with {}", other.type_name()).into()),
+    }
+
+    // And it still serves a valid request.
+    let mut rx = orch
+        .submit(
+            "after-garbage".into(),
+            Prompt::Text("One plus one is".into()),
+            greedy(orch.config(), &[6]),
+        )
+        .await?;
+    let mut text = None;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                StageEvent::Output { output, .. } if output.finished => text = Some(output.text),
+                StageEvent::Error(e) => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    })
+    .await??;
+    assert!(text.is_some_and(|t| !t.is_empty()));
+    let pid = orch.stages()[0].pid;
+    assert!(runtime_support::pid_alive(pid));
+    tokio::time::timeout(Duration::from_secs(60), orch.shutdown()).await??;
+    Ok(())
+}
