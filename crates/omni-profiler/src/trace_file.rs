@@ -67,6 +67,12 @@ pub fn write_trace(session: &ProfileSession, kind: &str, trace: &Value) -> Resul
             .map(|out| bytes = out)
             .map_err(|e| Error::io(dir, e))?;
     }
+    // Checked at start, but a long window gives time to remove it; the
+    // window's data is worth recreating it for.
+    std::fs::create_dir_all(dir).map_err(|e| Error::TraceDirNotWritable {
+        path: dir.clone(),
+        source: e,
+    })?;
     let tmp = tmp_path(dir, "trace");
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
