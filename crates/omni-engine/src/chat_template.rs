@@ -6,7 +6,8 @@
 //! reproduced: `trim_blocks` and `lstrip_blocks` on, loop controls, Python
 //! string methods on values (`minijinja-contrib`'s pycompat), a `tojson`
 //! filter that prints like Python's `json.dumps(ensure_ascii=False)` (not
-//! minijinja's HTML-safe one), `raise_exception(msg)`, and the special
+//! minijinja's HTML-safe one), `raise_exception(msg)`, `strftime_now(fmt)`
+//! (UTC; Llama 3.x templates print today's date), and the special
 //! tokens (`bos_token`, `eos_token`, ...) as variables.
 use std::collections::BTreeMap;
 
@@ -41,6 +42,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
         env.add_template_owned(NAME, source.to_owned())
             .map_err(|e| Error::Tokenizer(format!("chat template does not compile: {e:#}")))?;
         Ok(Self {
@@ -86,6 +88,72 @@ impl ChatTemplate {
 /// `raise_exception(msg)`: the template rejects its input.
 fn raise_exception(msg: String) -> std::result::Result<Value, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+}
+
+/// `strftime_now(fmt)`: the current UTC time formatted like Python's
+/// `datetime.now().strftime(fmt)` for the directives chat templates use
+/// (`%d %b %B %Y %m %H %M %S %%`); others are kept verbatim.
+fn strftime_now(fmt: String) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    strftime(secs, &fmt)
+}
+
+fn strftime(unix_secs: u64, fmt: &str) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    let days = (unix_secs / 86_400) as i64;
+    let rem = unix_secs % 86_400;
+    // Howard Hinnant's days -> civil date.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let name = MONTHS[(month - 1) as usize];
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('b') => out.push_str(&name[..3]),
+            Some('B') => out.push_str(name),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rem / 60 % 60)),
+            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
 }
 
 /// `x | tojson(indent=None)` as Python's
@@ -224,6 +292,18 @@ mod tests {
             "{\"b\": \"é<&>\\n\", \"a\": [1.5, 2.0], \"c\": null}|[\n  1,\n  2\n]"
         );
         Ok(())
+    }
+
+    #[test]
+    fn strftime_formats_like_python() {
+        // 2024-02-29 13:05:09 UTC.
+        assert_eq!(strftime(1_709_211_909, "%d %b %Y"), "29 Feb 2024");
+        assert_eq!(
+            strftime(1_709_211_909, "%B %m %H:%M:%S %%"),
+            "February 02 13:05:09 %"
+        );
+        assert_eq!(strftime(0, "%Y-%m-%d"), "1970-01-01");
+        assert!(!strftime_now("%Y".into()).is_empty());
     }
 
     #[test]
