@@ -1,0 +1,144 @@
+//! `omni generate`: run prompts through a pipeline and print every final
+//! output, optionally profiling the run.
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Args;
+use omni_core::{ChatMessage, OmniEngineArgs, OmniLLM, Prompt};
+
+use crate::sampling_flags::SamplingFlags;
+use crate::{progress, BadInput};
+
+/// Run prompts through a pipeline and print each final stage's output.
+///
+/// All prompts are submitted at once, so the stages batch them. With
+/// --profile every stage (or those named by --profile-stages) records a
+/// trace under $VLLM_TORCH_PROFILER_DIR (or --profile-dir).
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  omni generate --pipeline default --prompt 'Why is the sky blue?' --max-tokens 48
+  omni generate --pipeline smollm2 --prompt 'Once upon a time' --raw --json
+  VLLM_TORCH_PROFILER_DIR=/tmp/traces omni generate --pipeline default \\
+      --prompt 'Hi' --profile --profile-stages 1")]
+pub struct GenerateArgs {
+    /// A built-in pipeline (see `omni pipelines`) or a pipeline file.
+    #[arg(long, default_value = omni_core::DEFAULT_PIPELINE)]
+    pub pipeline: String,
+    /// A prompt (repeatable).
+    #[arg(long = "prompt", required = true)]
+    pub prompts: Vec<String>,
+    /// Send prompts as raw text instead of a user chat message.
+    #[arg(long)]
+    pub raw: bool,
+    /// Print one JSON object per output, one per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Profile the run (needs VLLM_TORCH_PROFILER_DIR or --profile-dir).
+    #[arg(long)]
+    pub profile: bool,
+    /// Profile only these stages, e.g. 0,1.
+    #[arg(long, value_delimiter = ',', requires = "profile")]
+    pub profile_stages: Option<Vec<usize>>,
+    /// Where traces go; sets VLLM_TORCH_PROFILER_DIR for the stages.
+    #[arg(long, requires = "profile")]
+    pub profile_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub sampling: SamplingFlags,
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if args.profile {
+        crate::profile::set_profiler_dir(args.profile_dir.as_deref())?;
+    }
+    if let Some((i, _)) = args.prompts.iter().enumerate().find(|(_, p)| p.is_empty()) {
+        return Err(BadInput(format!("--prompt number {} is empty", i + 1)).into());
+    }
+    let omni = progress::with_spinner(
+        format!(
+            "starting pipeline {:?}: spawning stages, loading models",
+            args.pipeline
+        ),
+        |o: &OmniLLM| {
+            format!(
+                "pipeline {:?} ready: {} stage(s)",
+                args.pipeline,
+                o.stages().len()
+            )
+        },
+        || OmniLLM::from_engine_args(OmniEngineArgs::new(&args.pipeline)),
+    )
+    .with_context(|| format!("starting pipeline {:?}", args.pipeline))?;
+    let params = args.sampling.resolve(omni.default_sampling_params())?;
+    let prompts: Vec<Prompt> = args
+        .prompts
+        .iter()
+        .map(|p| {
+            if args.raw {
+                Prompt::Text(p.clone())
+            } else {
+                Prompt::Chat(vec![ChatMessage {
+                    role: "user".into(),
+                    content: p.clone(),
+                }])
+            }
+        })
+        .collect();
+    if args.profile {
+        omni.start_profile(args.profile_stages.as_deref())
+            .context("starting the profiler")?;
+    }
+    let outputs = omni.generate(prompts, params).context("generating")?;
+    let traces = if args.profile {
+        Some(omni.stop_profile().context("stopping the profiler")?)
+    } else {
+        None
+    };
+    for out in &outputs {
+        if args.json {
+            println!("{}", serde_json::to_string(out)?);
+            continue;
+        }
+        let prompt_index: usize = out.request_id.parse().unwrap_or(0);
+        let stage = omni.stages().get(out.stage_id);
+        println!(
+            "=== prompt {} | stage {} ({}) | {} | {} tokens | finish: {} ===",
+            prompt_index,
+            out.stage_id,
+            stage.map_or(String::new(), |_| omni.model_names()[out.stage_id].clone()),
+            out.final_output_type,
+            out.token_ids.len(),
+            out.finish_reason
+                .as_ref()
+                .and_then(|r| serde_json::to_value(r).ok())
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| "-".into()),
+        );
+        println!("{}", out.text.trim());
+        let m: Vec<String> = out
+            .metrics
+            .stages
+            .iter()
+            .map(|s| {
+                format!(
+                    "stage {}: queue {:.3}s compute {:.3}s, {} prompt + {} generated tokens",
+                    s.stage_id,
+                    s.queue_time.as_secs_f64(),
+                    s.compute_time.as_secs_f64(),
+                    s.num_prompt_tokens,
+                    s.num_generated_tokens
+                )
+            })
+            .collect();
+        println!(
+            "--- {:.3}s end to end; {}",
+            out.metrics.e2e_latency.as_secs_f64(),
+            m.join("; ")
+        );
+        println!();
+    }
+    if let Some(traces) = traces {
+        crate::profile::print_traces(&traces, args.json);
+    }
+    omni.shutdown().context("stopping the pipeline")?;
+    Ok(())
+}

@@ -1,0 +1,446 @@
+//! The HTTP handlers: OpenAI endpoints, health, metrics and profiling.
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::{Stream, StreamExt};
+use omni_core::{OmniRequestOutput, OmniStream, StageSamplingParams};
+
+use super::api_error::ApiError;
+use super::openai::{
+    AudioOut, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut,
+    CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, ProfileRequest,
+};
+use super::sse::{finish_reason, ChunkBuilder, Flavor, DONE};
+use super::validate::{parse_body, Plan};
+use super::{wav, AppState};
+
+type St = State<Arc<AppState>>;
+
+/// `GET /health`: 200 while serving, 503 once draining.
+pub async fn health(State(st): St) -> Response {
+    if st.draining.load(Ordering::Relaxed) {
+        ApiError::unavailable("server is shutting down").into_response()
+    } else {
+        StatusCode::OK.into_response()
+    }
+}
+
+/// `GET /metrics`: the server's own series, plus what each stage reports
+/// about itself right now (alive, requests it holds).
+pub async fn metrics(State(st): St) -> Response {
+    let mut text = st.metrics.render();
+    let mut up = String::from(
+        "# HELP omni_stage_up Whether the stage answered a health check.\n# TYPE omni_stage_up gauge\n",
+    );
+    let mut running = String::from(
+        "# HELP omni_stage_running_requests Requests a stage holds (in its engine or waiting for input).\n\
+         # TYPE omni_stage_running_requests gauge\n",
+    );
+    for stage in st.omni.stages() {
+        let id = stage.stage_id;
+        match st.omni.stage_health(id).await {
+            Ok(h) => {
+                up.push_str(&format!("omni_stage_up{{stage=\"{id}\"}} 1\n"));
+                running.push_str(&format!(
+                    "omni_stage_running_requests{{stage=\"{id}\"}} {}\n",
+                    h.running_requests
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(stage = id, error = %e, "health check failed");
+                up.push_str(&format!("omni_stage_up{{stage=\"{id}\"}} 0\n"));
+            }
+        }
+    }
+    text.push_str(&up);
+    text.push_str(&running);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// `GET /v1/models`.
+pub async fn models(State(st): St) -> Json<ModelList> {
+    let data = st
+        .view
+        .served_names
+        .iter()
+        .map(|id| ModelCard {
+            id: id.clone(),
+            object: "model",
+            created: st.created,
+            owned_by: "omni",
+            root: st.root.clone(),
+        })
+        .collect();
+    Json(ModelList {
+        object: "list",
+        data,
+    })
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(State(st): St, body: Bytes) -> Response {
+    const EP: &str = "/v1/completions";
+    let plan = parse_body::<CompletionRequest>(&body).and_then(|(req, sampling)| {
+        let model = req.model.clone();
+        st.view.completion(req, &sampling).map(|p| (p, model))
+    });
+    respond(&st, EP, Flavor::Completion, plan).await
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(State(st): St, body: Bytes) -> Response {
+    const EP: &str = "/v1/chat/completions";
+    let plan = parse_body::<ChatCompletionRequest>(&body).and_then(|(req, sampling)| {
+        let model = req.model.clone();
+        st.view.chat(req, &sampling).map(|p| (p, model))
+    });
+    respond(&st, EP, Flavor::Chat, plan).await
+}
+
+async fn respond(
+    st: &Arc<AppState>,
+    endpoint: &'static str,
+    flavor: Flavor,
+    plan: Result<(Plan, String), ApiError>,
+) -> Response {
+    let result = match plan {
+        Ok((plan, model)) => run(st, endpoint, flavor, plan, model).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            st.metrics.request_done(endpoint, e.status.as_u16());
+            e.into_response()
+        }
+    }
+}
+
+/// Tracks one request in the metrics until it leaves the pipeline, however
+/// it leaves (finished, failed, or dropped because the client went away).
+struct InFlight {
+    st: Arc<AppState>,
+    start: Instant,
+    unfinished: Vec<usize>,
+    first_token: bool,
+    ok: bool,
+}
+
+impl InFlight {
+    fn new(st: &Arc<AppState>, finals: Vec<usize>) -> Self {
+        st.metrics.request_started(&finals);
+        Self {
+            st: Arc::clone(st),
+            start: Instant::now(),
+            unfinished: finals,
+            first_token: false,
+            ok: false,
+        }
+    }
+
+    fn observe(&mut self, out: &OmniRequestOutput) {
+        if !self.first_token && !out.token_ids.is_empty() {
+            self.first_token = true;
+            self.st.metrics.first_token(self.start.elapsed());
+        }
+        if out.finished && self.unfinished.contains(&out.stage_id) {
+            self.unfinished.retain(|&s| s != out.stage_id);
+            let m = out.metrics.stage(out.stage_id);
+            self.st.metrics.stage_finished(
+                out.stage_id,
+                m.map_or(Duration::ZERO, |m| m.queue_time),
+                m.map_or(Duration::ZERO, |m| m.compute_time),
+                out.metrics.e2e_latency,
+                out.num_prompt_tokens,
+                out.token_ids.len(),
+            );
+            self.ok = self.unfinished.is_empty();
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let e2e = self.ok.then(|| self.start.elapsed());
+        self.st.metrics.request_ended(&self.unfinished, e2e);
+    }
+}
+
+async fn run(
+    st: &Arc<AppState>,
+    endpoint: &'static str,
+    flavor: Flavor,
+    plan: Plan,
+    model: String,
+) -> Result<Response, ApiError> {
+    if st.draining.load(Ordering::Relaxed) {
+        return Err(ApiError::unavailable("server is shutting down"));
+    }
+    let n = st.next_id.fetch_add(1, Ordering::Relaxed);
+    let prefix = match flavor {
+        Flavor::Chat => "chatcmpl",
+        Flavor::Completion => "cmpl",
+    };
+    let request_id = format!("{prefix}-{:x}{n:06x}", st.created);
+    let in_flight = InFlight::new(st, st.view.finals.iter().map(|(s, _)| *s).collect());
+    let stream = st
+        .omni
+        .generate(
+            plan.prompt,
+            StageSamplingParams::PerStage(plan.params),
+            request_id.clone(),
+        )
+        .await?;
+    let builder = ChunkBuilder::new(flavor, request_id, unix_now(), model, &plan.choices);
+    if plan.stream {
+        st.metrics.request_done(endpoint, 200);
+        let events = sse_events(stream, builder, in_flight, plan.include_usage);
+        let sse = Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(2)));
+        return Ok(sse.into_response());
+    }
+    let resp = collect(stream, builder, in_flight, flavor, &plan.choices).await?;
+    st.metrics.request_done(endpoint, 200);
+    Ok(resp)
+}
+
+/// A non-streaming answer: one choice per chosen final stage.
+async fn collect(
+    mut stream: OmniStream,
+    mut builder: ChunkBuilder,
+    mut in_flight: InFlight,
+    flavor: Flavor,
+    choices: &[usize],
+) -> Result<Response, ApiError> {
+    let mut finals: BTreeMap<usize, OmniRequestOutput> = BTreeMap::new();
+    while let Some(out) = stream.next().await {
+        let out = out?;
+        in_flight.observe(&out);
+        builder.on_output(&out);
+        if out.finished {
+            finals.insert(out.stage_id, out);
+        }
+    }
+    let usage = builder.usage();
+    let id = stream.request_id().to_string();
+    let created = unix_now();
+    let model = builder_model(&builder);
+    let outs: Vec<(usize, &OmniRequestOutput)> = choices
+        .iter()
+        .filter_map(|s| finals.get(s))
+        .enumerate()
+        .collect();
+    Ok(match flavor {
+        Flavor::Completion => Json(CompletionResponse {
+            id,
+            object: "text_completion",
+            created,
+            model,
+            choices: outs
+                .into_iter()
+                .map(|(index, o)| CompletionChoice {
+                    index,
+                    text: o.text.clone(),
+                    logprobs: None,
+                    finish_reason: finish_reason(o.finish_reason.as_ref()),
+                    stage_id: o.stage_id,
+                })
+                .collect(),
+            usage,
+        })
+        .into_response(),
+        Flavor::Chat => Json(ChatCompletionResponse {
+            id: id.clone(),
+            object: "chat.completion",
+            created,
+            model,
+            choices: outs
+                .into_iter()
+                .map(|(index, o)| ChatChoice {
+                    index,
+                    message: ChatMessageOut {
+                        role: "assistant",
+                        content: (o.audio.is_none()).then(|| o.text.clone()),
+                        audio: o.audio.as_ref().map(|a| AudioOut {
+                            id: format!("audio-{id}-{}", o.stage_id),
+                            data: wav::to_base64_wav(a),
+                            expires_at: created + 3600,
+                            transcript: o.text.clone(),
+                        }),
+                    },
+                    logprobs: None,
+                    finish_reason: finish_reason(o.finish_reason.as_ref()),
+                    stage_id: o.stage_id,
+                })
+                .collect(),
+            usage,
+        })
+        .into_response(),
+    })
+}
+
+fn builder_model(b: &ChunkBuilder) -> String {
+    b.model().to_string()
+}
+
+/// The SSE events of a streaming answer. Dropping this stream (the client
+/// went away) drops the `OmniStream`, which aborts the request in every
+/// stage.
+fn sse_events(
+    stream: OmniStream,
+    builder: ChunkBuilder,
+    in_flight: InFlight,
+    include_usage: bool,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    struct S {
+        stream: OmniStream,
+        builder: ChunkBuilder,
+        in_flight: InFlight,
+        include_usage: bool,
+        queue: VecDeque<String>,
+        ended: bool,
+    }
+    let state = S {
+        stream,
+        builder,
+        in_flight,
+        include_usage,
+        queue: VecDeque::new(),
+        ended: false,
+    };
+    futures::stream::unfold(state, |mut s| async move {
+        loop {
+            if let Some(data) = s.queue.pop_front() {
+                return Some((Ok(Event::default().data(data)), s));
+            }
+            if s.ended {
+                return None;
+            }
+            match s.stream.next().await {
+                Some(Ok(out)) => {
+                    s.in_flight.observe(&out);
+                    let payloads = s.builder.on_output(&out);
+                    s.queue.extend(payloads);
+                }
+                Some(Err(e)) => {
+                    // Headers are gone already: report in the stream, as
+                    // vLLM does, then end it properly.
+                    let e = ApiError::from(e);
+                    tracing::error!(error = %e.message, "stream failed");
+                    s.queue.push_back(e.body().to_string());
+                    s.queue.push_back(DONE.to_string());
+                    s.ended = true;
+                }
+                None => {
+                    if s.include_usage {
+                        let chunk = s.builder.usage_chunk();
+                        s.queue.push_back(chunk);
+                    }
+                    s.queue.push_back(DONE.to_string());
+                    s.ended = true;
+                }
+            }
+        }
+    })
+}
+
+/// `POST /start_profile`, optional body `{"stages": [0, 1]}`.
+pub async fn start_profile(State(st): St, body: Bytes) -> Response {
+    let result = async {
+        let req = profile_body(&st, &body)?;
+        st.omni.start_profile(req.stages.as_deref()).await?;
+        Ok::<_, ApiError>(Json(
+            serde_json::json!({"status": "started", "stages": req.stages}),
+        ))
+    }
+    .await;
+    finish_profile(&st, "/start_profile", result)
+}
+
+/// `POST /stop_profile`: answers `{"traces": {"0": [paths], ...}}`.
+pub async fn stop_profile(State(st): St, body: Bytes) -> Response {
+    let result = async {
+        // The body is accepted for symmetry with /start_profile; stop ends
+        // every window that is open.
+        profile_body(&st, &body)?;
+        let traces = st.omni.stop_profile().await?;
+        let traces: BTreeMap<String, Vec<String>> = traces
+            .into_iter()
+            .map(|(s, paths)| {
+                (
+                    s.to_string(),
+                    paths.iter().map(|p| p.display().to_string()).collect(),
+                )
+            })
+            .collect();
+        Ok::<_, ApiError>(Json(
+            serde_json::json!({"status": "stopped", "traces": traces}),
+        ))
+    }
+    .await;
+    finish_profile(&st, "/stop_profile", result)
+}
+
+fn profile_body(st: &AppState, body: &[u8]) -> Result<ProfileRequest, ApiError> {
+    if !st.profiling_enabled {
+        return Err(ApiError::bad_request(
+            "profiling is disabled: start the server with VLLM_TORCH_PROFILER_DIR set",
+        ));
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ProfileRequest::default());
+    }
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::bad_param(
+            path.clone(),
+            format!("invalid field {path}: {}", e.into_inner()),
+        )
+    })
+}
+
+fn finish_profile(
+    st: &AppState,
+    endpoint: &str,
+    result: Result<Json<serde_json::Value>, ApiError>,
+) -> Response {
+    match result {
+        Ok(body) => {
+            st.metrics.request_done(endpoint, 200);
+            body.into_response()
+        }
+        Err(e) => {
+            st.metrics.request_done(endpoint, e.status.as_u16());
+            e.into_response()
+        }
+    }
+}
+
+/// Unknown routes: OpenAI's error shape, 404.
+pub async fn not_found(uri: axum::http::Uri) -> Response {
+    ApiError::not_found(format!("no route for {uri}")).into_response()
+}
+
+/// Seconds since the UNIX epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,176 @@
+//! `omni serve`: OpenAI-compatible HTTP over an [`AsyncOmni`] pipeline.
+//!
+//! Routes: `GET /v1/models`, `POST /v1/completions`,
+//! `POST /v1/chat/completions` (SSE with `stream: true`), `GET /health`,
+//! `GET /metrics`, `POST /start_profile`, `POST /stop_profile`. Every error
+//! answers in OpenAI's error shape; the statuses are chosen in
+//! [`api_error`]. SIGTERM or Ctrl-C stops accepting connections, lets the
+//! requests in flight finish (up to a drain timeout), then shuts the stage
+//! processes down.
+mod api_error;
+mod handlers;
+mod metrics;
+mod openai;
+mod sse;
+mod validate;
+mod wav;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use axum::Router;
+use omni_core::AsyncOmni;
+
+pub use api_error::ApiError;
+pub use validate::PipelineView;
+
+/// What every handler shares.
+pub struct AppState {
+    /// The pipeline.
+    pub omni: AsyncOmni,
+    /// What requests are checked against.
+    pub view: PipelineView,
+    /// Counters and histograms for `/metrics`.
+    pub metrics: metrics::Metrics,
+    /// Whether `VLLM_TORCH_PROFILER_DIR` was set at start.
+    pub profiling_enabled: bool,
+    /// Set once shutdown began: new requests get 503.
+    pub draining: AtomicBool,
+    next_id: AtomicU64,
+    /// Start time (UNIX seconds), also a per-run salt for request ids.
+    pub created: u64,
+    /// What `/v1/models` reports as `root` (the first stage's model).
+    pub root: String,
+}
+
+impl AppState {
+    /// State for a started pipeline. `served_name` is the name clients put
+    /// in `model` (the stage models' names are accepted too).
+    pub fn new(omni: AsyncOmni, served_name: &str) -> Self {
+        let mut served_names = vec![served_name.to_string()];
+        for m in omni.model_names() {
+            if !served_names.contains(&m) {
+                served_names.push(m);
+            }
+        }
+        let view = PipelineView {
+            served_names,
+            defaults: omni.default_sampling_params().to_vec(),
+            max_model_len: omni.max_model_lens(),
+            finals: omni.final_outputs(),
+        };
+        let root = omni.model_names().into_iter().next().unwrap_or_default();
+        Self {
+            omni,
+            view,
+            metrics: metrics::Metrics::default(),
+            profiling_enabled: std::env::var_os("VLLM_TORCH_PROFILER_DIR")
+                .is_some_and(|d| !d.is_empty()),
+            draining: AtomicBool::new(false),
+            next_id: AtomicU64::new(0),
+            created: handlers::unix_now(),
+            root,
+        }
+    }
+}
+
+/// The routes, for a server or for `tower::ServiceExt::oneshot` in tests.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(handlers::health))
+        .route("/metrics", get(handlers::metrics))
+        .route("/v1/models", get(handlers::models))
+        .route("/v1/completions", post(handlers::completions))
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/start_profile", post(handlers::start_profile))
+        .route("/stop_profile", post(handlers::stop_profile))
+        .fallback(handlers::not_found)
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves, drains for at most `drain_timeout`,
+/// then stops the pipeline.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    drain_timeout: Duration,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = router(Arc::clone(&state));
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    shutdown.await;
+    tracing::info!("shutting down: draining requests in flight");
+    state.draining.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(());
+    let mut server = server;
+    match tokio::time::timeout(drain_timeout, &mut server).await {
+        Ok(joined) => joined
+            .context("server task failed")?
+            .context("server failed")?,
+        Err(_) => {
+            tracing::warn!(
+                running = state.omni.num_running(),
+                "drain timeout: dropping the requests still in flight"
+            );
+            server.abort();
+            let _ = server.await;
+        }
+    }
+    // Connections are closed, so their clones of the state are gone; an
+    // aborted stream may still be dropping, give it a moment.
+    let mut state = state;
+    for _ in 0..50 {
+        match Arc::try_unwrap(state) {
+            Ok(st) => {
+                st.omni.shutdown().await.context("stopping the pipeline")?;
+                tracing::info!("pipeline stopped");
+                return Ok(());
+            }
+            Err(s) => {
+                state = s;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    anyhow::bail!("pipeline still in use after the drain; its stages stop as the process exits")
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}

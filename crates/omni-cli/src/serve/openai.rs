@@ -1,0 +1,276 @@
+//! OpenAI's HTTP wire types for `/v1/completions`, `/v1/chat/completions`
+//! and `/v1/models`, with vLLM's and vLLM-Omni's extra request fields
+//! (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`,
+//! `sampling_params_list`, `modalities`).
+//!
+//! Requests accept what OpenAI's clients send and ignore fields they do not
+//! know (as OpenAI does); wrong types are errors.
+use serde::{Deserialize, Serialize};
+
+/// A string or a list of strings (`prompt`, `stop`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// One string.
+    One(String),
+    /// Several strings.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// The prompt of a completion request.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum CompletionPrompt {
+    /// Text.
+    Text(String),
+    /// A batch of texts (only one is supported).
+    Texts(Vec<String>),
+    /// Token ids.
+    Tokens(Vec<u32>),
+    /// A batch of token-id lists (only one is supported).
+    TokenBatches(Vec<Vec<u32>>),
+}
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct SamplingFields {
+    pub max_tokens: Option<usize>,
+    /// Chat's newer name for `max_tokens`.
+    pub max_completion_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<i32>,
+    pub min_p: Option<f32>,
+    pub n: Option<usize>,
+    pub seed: Option<u64>,
+    pub stop: Option<OneOrMany>,
+    pub stop_token_ids: Option<Vec<u32>>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    pub ignore_eos: Option<bool>,
+    pub skip_special_tokens: Option<bool>,
+    /// vLLM-Omni: one sampling-params object per stage; wins over the
+    /// fields above.
+    pub sampling_params_list: Option<Vec<serde_json::Value>>,
+    /// vLLM-Omni: which final output types to return (`text`, `audio`);
+    /// all final stages when absent.
+    pub modalities: Option<Vec<String>>,
+}
+
+/// `stream_options` of a streaming request.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: CompletionPrompt,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    /// Log probabilities are not returned yet; a request for them is refused.
+    pub logprobs: Option<u32>,
+    #[serde(default)]
+    pub echo: bool,
+}
+
+/// One chat message as clients send it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ChatMessageIn {
+    pub role: String,
+    /// Text or a list of content parts; `null` for e.g. tool-call turns.
+    #[serde(default)]
+    pub content: Option<MessageContent>,
+}
+
+/// A message's content.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum MessageContent {
+    /// Plain text.
+    Text(String),
+    /// Content parts; only `text` parts are understood.
+    Parts(Vec<ContentPart>),
+}
+
+/// One content part.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ContentPart {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessageIn>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    /// Log probabilities are not returned yet; a request for them is refused.
+    #[serde(default)]
+    pub logprobs: bool,
+}
+
+/// `usage` of a response.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// One choice of a completion response.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionChoice {
+    pub index: usize,
+    pub text: String,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<String>,
+    /// vLLM-Omni: the stage this choice comes from.
+    pub stage_id: usize,
+}
+
+/// `POST /v1/completions` answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: Usage,
+}
+
+/// `message.audio` of a chat answer from an audio stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct AudioOut {
+    pub id: String,
+    /// Base64 of a WAV file.
+    pub data: String,
+    pub expires_at: u64,
+    pub transcript: String,
+}
+
+/// The assistant's message.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatMessageOut {
+    pub role: &'static str,
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audio: Option<AudioOut>,
+}
+
+/// One choice of a chat answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChoice {
+    pub index: usize,
+    pub message: ChatMessageOut,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<String>,
+    /// vLLM-Omni: the stage this choice comes from.
+    pub stage_id: usize,
+}
+
+/// `POST /v1/chat/completions` answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletionResponse {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: Usage,
+}
+
+/// `delta` of a chat chunk.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audio: Option<AudioOut>,
+}
+
+/// One choice of a chat chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChunkChoice {
+    pub index: usize,
+    pub delta: ChatDelta,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<String>,
+}
+
+/// One choice of a completion chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionChunkChoice {
+    pub index: usize,
+    pub text: String,
+    pub logprobs: Option<()>,
+    pub finish_reason: Option<String>,
+}
+
+/// A streamed chunk: `chat.completion.chunk` or `text_completion`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Chunk<C> {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<C>,
+    /// Only on the last chunk, when `stream_options.include_usage` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// One entry of `GET /v1/models`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelCard {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub owned_by: &'static str,
+    pub root: String,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelList {
+    pub object: &'static str,
+    pub data: Vec<ModelCard>,
+}
+
+/// Body of `/start_profile` and `/stop_profile`.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileRequest {
+    pub stages: Option<Vec<usize>>,
+}

@@ -1,0 +1,102 @@
+//! `omni serve`: start a pipeline and serve it over OpenAI's HTTP API.
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use omni_core::{AsyncOmni, OmniEngineArgs};
+
+use crate::{progress, serve};
+
+/// Serve a pipeline over OpenAI's HTTP API (completions, chat, SSE
+/// streaming), with /health, /metrics and, when VLLM_TORCH_PROFILER_DIR is
+/// set, POST /start_profile and /stop_profile (body: {"stages": [0, 1]}).
+///
+/// SIGTERM or Ctrl-C stops accepting requests, lets those in flight finish
+/// (up to --drain-timeout), then stops every stage process.
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:
+  omni serve --pipeline default --port 8000
+  curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
+      -d '{\"model\":\"default\",\"messages\":[{\"role\":\"user\",\"content\":\"Hi\"}],\"max_tokens\":16}'
+  VLLM_TORCH_PROFILER_DIR=/tmp/traces omni serve --pipeline default &
+  curl -X POST localhost:8000/start_profile -d '{\"stages\":[0]}'")]
+pub struct ServeArgs {
+    /// A built-in pipeline (see `omni pipelines`) or a pipeline file.
+    #[arg(long, default_value = omni_core::DEFAULT_PIPELINE)]
+    pub pipeline: String,
+    /// Address to listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free one (printed at start).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// The model name clients use; defaults to the pipeline's name.
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Seconds to let requests in flight finish after SIGTERM.
+    #[arg(long, default_value_t = 30.0)]
+    pub drain_timeout: f64,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("omni-serve")
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(serve_async(args))
+}
+
+async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
+    let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+        .parse()
+        .or_else(|_| {
+            use std::net::ToSocketAddrs as _;
+            (args.host.as_str(), args.port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or(())
+        })
+        .map_err(|()| crate::BadInput(format!("--host {:?} is not an address", args.host)))?;
+    if !(args.drain_timeout.is_finite() && args.drain_timeout >= 0.0) {
+        return Err(crate::BadInput(format!(
+            "--drain-timeout {} must be a non-negative number of seconds",
+            args.drain_timeout
+        ))
+        .into());
+    }
+    // Bind first: a busy port should fail before models load for seconds.
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr().context("reading the bound address")?;
+    let bar = progress::spinner(format!(
+        "starting pipeline {:?}: spawning stages, loading models",
+        args.pipeline
+    ));
+    let omni = AsyncOmni::from_engine_args(OmniEngineArgs::new(&args.pipeline)).await;
+    bar.finish_and_clear();
+    let omni = omni.with_context(|| format!("starting pipeline {:?}", args.pipeline))?;
+    let served = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| args.pipeline.clone());
+    let state = Arc::new(serve::AppState::new(omni, &served));
+    tracing::info!(
+        model = %served,
+        profiling = state.profiling_enabled,
+        "serving on http://{local}"
+    );
+    // Tests and scripts wait for this line (the port may have been 0).
+    println!("omni serve: listening on http://{local}");
+    serve::serve(
+        listener,
+        state,
+        serve::shutdown_signal(),
+        Duration::from_secs_f64(args.drain_timeout),
+    )
+    .await
+}

@@ -1,0 +1,201 @@
+//! The `omni` binary: `generate` (text and JSON), profiling from the
+//! command line and the profile tools, `pipelines`, help, exit codes.
+use std::process::{Command, Output};
+
+use omni_tests::{err, omni_bin, read_trace, trace_files, Result};
+
+fn omni(args: &[&str]) -> Result<Output> {
+    Ok(Command::new(omni_bin()?)
+        .args(args)
+        .env_remove("VLLM_TORCH_PROFILER_DIR")
+        .output()?)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn generate_json_prints_every_final_output() -> Result {
+    let out = omni(&[
+        "generate",
+        "--pipeline",
+        "default",
+        "--prompt",
+        "Name a planet.",
+        "--prompt",
+        "Name a metal.",
+        "--max-tokens",
+        "5",
+        "--json",
+    ])?;
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    let keys: Vec<(String, u64)> = lines
+        .iter()
+        .map(|v| {
+            (
+                v["request_id"].as_str().unwrap_or("").to_string(),
+                v["stage_id"].as_u64().unwrap_or(9),
+            )
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        vec![
+            ("0".into(), 0),
+            ("0".into(), 1),
+            ("1".into(), 0),
+            ("1".into(), 1)
+        ],
+        "{lines:?}"
+    );
+    for v in &lines {
+        assert_eq!(v["finished"], true);
+        assert!(
+            v["text"].as_str().is_some_and(|t| !t.trim().is_empty()),
+            "{v}"
+        );
+        let n = v["token_ids"].as_array().map_or(0, Vec::len);
+        assert!((1..=5).contains(&n), "{v}");
+        assert!(
+            v["metrics"]["stages"]
+                .as_array()
+                .is_some_and(|s| !s.is_empty()),
+            "{v}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn generate_with_profile_writes_traces_and_the_tools_read_them() -> Result {
+    let dir = tempfile::tempdir()?;
+    let traces = dir.path().join("traces");
+    let traces_arg = traces.to_string_lossy().into_owned();
+    let out = omni(&[
+        "generate",
+        "--prompt",
+        "Hello!",
+        "--max-tokens",
+        "4",
+        "--profile",
+        "--profile-dir",
+        &traces_arg,
+        "--profile-stages",
+        "1",
+    ])?;
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("ui.perfetto.dev"), "{stdout}");
+    let files = trace_files(&traces);
+    assert!(
+        !files.is_empty(),
+        "no trace written under {}",
+        traces.display()
+    );
+    for f in &files {
+        let stage_dir = f
+            .parent()
+            .and_then(|d| d.file_name())
+            .and_then(|n| n.to_str())
+            .unwrap_or("");
+        assert!(
+            stage_dir.starts_with("stage_1_"),
+            "trace of an unselected stage: {}",
+            f.display()
+        );
+        assert!(
+            stdout.contains(&f.display().to_string()),
+            "{} not printed:\n{stdout}",
+            f.display()
+        );
+        read_trace(f)?;
+    }
+
+    let out = omni(&["profile", "summarize", &traces_arg])?;
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    assert!(!text(&out.stdout).trim().is_empty());
+
+    let merged = dir.path().join("merged.json");
+    let merged_arg = merged.to_string_lossy().into_owned();
+    let out = omni(&["profile", "merge", &traces_arg, "-o", &merged_arg])?;
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    read_trace(&merged)?;
+    Ok(())
+}
+
+#[test]
+fn bad_input_exits_2_with_the_value_named() -> Result {
+    let out = omni(&[
+        "generate",
+        "--pipeline",
+        "no-such-pipeline",
+        "--prompt",
+        "hi",
+    ])?;
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no-such-pipeline"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = omni(&["generate", "--prompt", ""])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("empty"), "{}", text(&out.stderr));
+
+    let out = omni(&["generate", "--prompt", "hi", "--profile"])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("VLLM_TORCH_PROFILER_DIR"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = omni(&["generate"])?;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "missing --prompt is a usage error"
+    );
+
+    let out = omni(&["profile", "summarize", "/no/such/dir"])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("/no/such/dir"));
+    Ok(())
+}
+
+#[test]
+fn pipelines_and_help() -> Result {
+    let out = omni(&["pipelines"])?;
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("default") && stdout.contains("smollm2"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("stage 1"), "{stdout}");
+    for cmd in [
+        &["generate", "--help"][..],
+        &["serve", "--help"],
+        &["pipelines", "--help"],
+        &["profile", "summarize", "--help"],
+        &["profile", "merge", "--help"],
+        &["bench", "pipeline", "--help"],
+        &["bench", "serve", "--help"],
+    ] {
+        let out = omni(cmd)?;
+        assert!(out.status.success(), "{cmd:?}");
+        let help = text(&out.stdout);
+        if !help.contains("Example") {
+            return Err(err(format!("{cmd:?} help has no example:\n{help}")));
+        }
+    }
+    let out = omni(&["--version"])?;
+    assert!(text(&out.stdout).starts_with("omni "));
+    Ok(())
+}
