@@ -178,11 +178,11 @@ async fn bad_requests_are_typed_errors() -> TestResult {
         matches!(e, omni_runtime::Error::UnknownStage { stage_id: 5, .. }),
         "{e}"
     );
-    // A prompt the engine refuses comes back as a typed rejection on the stream.
+    // A prompt longer than the context (8192) comes back as a typed rejection.
     let mut rx = orch
         .submit(
             "b".into(),
-            Prompt::TokenIds(vec![]),
+            Prompt::TokenIds(vec![1; 9000]),
             greedy(orch.config(), &[4]),
         )
         .await?;

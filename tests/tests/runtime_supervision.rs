@@ -18,8 +18,10 @@ async fn sigkill_of_stage_1_fails_the_request_and_cleans_up() -> TestResult {
     let orch = Orchestrator::start(config, options()).await?;
     let pids: Vec<u32> = orch.stages().iter().map(|s| s.pid).collect();
     let run_dir = orch.run_dir().to_path_buf();
-    // Stage 0 streams long enough that the request is surely in flight.
-    let params = greedy(orch.config(), &[200, 8]);
+    // Stage 0 streams long enough (EOS ignored) that the request is surely
+    // in flight when stage 1 dies.
+    let mut params = greedy(orch.config(), &[200, 8]);
+    params[0].ignore_eos = true;
     let mut rx = orch
         .submit(
             "victim".into(),

@@ -22,7 +22,13 @@ type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 const SINGLE_TOKENS: usize = 128;
 const BATCH_PROMPTS: usize = 16;
 const BATCH_TOKENS: usize = 64;
-const MIXED_REQUESTS: usize = 64;
+/// Requests of the mixed workload (`OMNI_BENCH_MIXED` overrides, for loaded machines).
+fn mixed_requests() -> usize {
+    std::env::var("OMNI_BENCH_MIXED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64)
+}
 const AGREE_TOKENS: usize = 32;
 
 const TOPICS: &[&str] = &[
@@ -78,8 +84,8 @@ fn workload(engine: &LLMEngine) -> Res<Value> {
         Ok(engine.encode_prompt(&Prompt::Chat(vec![msg]))?)
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2024);
-    let mixed_prompts = (0..MIXED_REQUESTS).map(chat).collect::<Res<Vec<_>>>()?;
-    let mixed_tokens: Vec<usize> = (0..MIXED_REQUESTS)
+    let mixed_prompts = (0..mixed_requests()).map(chat).collect::<Res<Vec<_>>>()?;
+    let mixed_tokens: Vec<usize> = (0..mixed_requests())
         .map(|_| rng.random_range(16..=256))
         .collect();
     Ok(json!({
@@ -315,6 +321,7 @@ fn main() -> Res<()> {
                 .unwrap_or_else(|| json!({"error": String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("no output").to_owned()})),
             Err(e) => json!({"error": e.to_string()}),
         };
+        eprintln!("[bench] {name}: {v}");
         rows.push((name.to_owned(), v));
     }
 
@@ -327,7 +334,10 @@ fn main() -> Res<()> {
             .map(|x| format!("{x:.digits$}"))
             .unwrap_or_else(|| "–".into())
     };
-    println!("threads: {t}; single = 1 chat prompt x {SINGLE_TOKENS} tokens; batch = {BATCH_PROMPTS} prompts x {BATCH_TOKENS} tokens; mixed = {MIXED_REQUESTS} requests, output 16..=256 tokens (seed 2024)\n");
+    println!(
+        "threads: {t}; single = 1 chat prompt x {SINGLE_TOKENS} tokens; batch = {BATCH_PROMPTS} prompts x {BATCH_TOKENS} tokens; mixed = {} requests, output 16..=256 tokens (seed 2024)\n",
+        mixed_requests()
+    );
     println!("| engine | single decode tok/s | TTFT ms | 16x64 tok/s | mixed 64 tok/s | mixed wall s | peak RSS MB | greedy agreement vs omni fp32 |");
     println!("|---|---|---|---|---|---|---|---|");
     for (name, v) in &rows {

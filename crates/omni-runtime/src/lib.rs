@@ -58,4 +58,4 @@ pub use processor::{
 };
 pub use tensor::{byte_len, DType, HostTensor};
 pub use wire::{HealthMsg, StageMetrics, PROTOCOL_VERSION};
-pub use worker::{init_worker_tracing, run_stage_worker};
+pub use worker::{init_worker_tracing, run_stage_worker, stage_main};

@@ -2,23 +2,16 @@
 //! options that keep tests bounded, and process checks.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use omni_engine::SamplingParams;
 use omni_runtime::{OrchestratorOptions, PipelineConfig};
 
-/// `target/<profile>/omni-stage`: test binaries run from `target/<profile>/deps/`.
-/// `cargo test --workspace` builds it (omni-runtime has integration tests);
-/// alone: `cargo build -p omni-runtime --bin omni-stage`.
+/// The worker binary: this package's copy of `omni-stage` (same code, one
+/// line of `main`), which cargo rebuilds with these tests.
 pub fn stage_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap_or_default();
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    profile_dir.join("omni-stage")
+    PathBuf::from(env!("CARGO_BIN_EXE_runtime-omni-stage"))
 }
 
 /// Generous start-up time (two models load at once on two shared cores),

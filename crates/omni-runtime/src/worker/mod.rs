@@ -67,6 +67,40 @@ pub fn init_worker_tracing() {
         .try_init();
 }
 
+/// The whole `omni-stage` program: parses `--launch FILE`, installs the
+/// tracing subscriber, runs the worker, and exits with 0 after a clean
+/// shutdown, 1 on an error (printed to stderr), 2 on bad arguments. A
+/// custom worker binary (e.g. one that registers its own profiler backend
+/// first) can end its `main` with this.
+pub fn stage_main() -> ! {
+    let mut args = std::env::args_os().skip(1);
+    let launch = match (args.next(), args.next(), args.next()) {
+        (Some(flag), Some(path), None) if flag == "--launch" => std::path::PathBuf::from(path),
+        (Some(flag), None, None) if flag == "--version" => {
+            println!(
+                "omni-stage {} (wire protocol {PROTOCOL_VERSION})",
+                env!("CARGO_PKG_VERSION")
+            );
+            std::process::exit(0);
+        }
+        _ => {
+            eprintln!("usage: omni-stage --launch FILE   (started by the Omni orchestrator)");
+            std::process::exit(2);
+        }
+    };
+    init_worker_tracing();
+    let code = match run_stage_worker(&launch) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("omni-stage: error: {e}");
+            1
+        }
+    };
+    // Detached helper threads (a stuck model step, library threads) must
+    // not keep the process alive after the stage has stopped.
+    std::process::exit(code);
+}
+
 /// Runs a stage worker from its launch file until it is told to stop.
 /// This is all `omni-stage` does; a custom worker binary can call it too.
 pub fn run_stage_worker(launch_file: &Path) -> Result<()> {
@@ -281,6 +315,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     let mut parent_check = tokio::time::interval(PARENT_CHECK);
     let mut stopping: Option<tokio::time::Instant> = None;
     let mut orphaned = false;
+    let mut by_signal = false;
     loop {
         let stop_deadline =
             stopping.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400));
@@ -308,10 +343,12 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
             _ = sigterm.recv(), if stopping.is_none() => {
                 tracing::info!(target: "omni::runtime", stage_id, "SIGTERM: shutting down");
                 orphaned = parent_gone(spec.parent_pid);
+                by_signal = true;
                 stopping = Some(begin_stop(&io).await);
             }
             _ = sigint.recv(), if stopping.is_none() => {
                 orphaned = parent_gone(spec.parent_pid);
+                by_signal = true;
                 stopping = Some(begin_stop(&io).await);
             }
             _ = parent_check.tick() => {
@@ -325,6 +362,17 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
                 tracing::warn!(target: "omni::runtime", stage_id, "model thread did not stop in time; exiting anyway");
                 break;
             }
+        }
+    }
+    if by_signal && !orphaned {
+        // PR_SET_PDEATHSIG fires when the orchestrator's spawning *thread*
+        // dies, which may be a moment before its whole process is gone (we
+        // are then reparented to a sibling thread, same pid). Give a killed
+        // orchestrator that moment before deciding nobody will clean up.
+        let until = tokio::time::Instant::now() + Duration::from_millis(500);
+        while !orphaned && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            orphaned = parent_gone(spec.parent_pid);
         }
     }
     if orphaned {
