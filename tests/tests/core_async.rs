@@ -101,10 +101,11 @@ async fn streaming_deltas_concatenate_to_the_final_text() -> Result {
 }
 
 // Known bug, issue 6 stays open: this test hangs (both stages idle, the
-// caller still waiting) somewhere after the first abort; until it is found,
-// it would hold CI until its time limit. Run it with `--ignored`.
+// caller still waiting; no request is ever logged by a stage, so possibly
+// before the first output arrives). Until it is found it would hold CI until
+// its time limit. Run it with `--ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hangs after an abort (known bug, issue 6): run with --ignored"]
+#[ignore = "hangs (known bug, issue 6): run with --ignored"]
 async fn abort_stops_a_request_in_every_stage() -> Result {
     let omni = start().await?;
 
