@@ -100,12 +100,7 @@ async fn streaming_deltas_concatenate_to_the_final_text() -> Result {
     Ok(())
 }
 
-// Known bug, issue 6 stays open: this test hangs (both stages idle, the
-// caller still waiting; no request is ever logged by a stage, so possibly
-// before the first output arrives). Until it is found it would hold CI until
-// its time limit. Run it with `--ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hangs (known bug, issue 6): run with --ignored"]
 async fn abort_stops_a_request_in_every_stage() -> Result {
     let omni = start().await?;
 

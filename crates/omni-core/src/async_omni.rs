@@ -375,12 +375,6 @@ impl Stream for OmniStream {
             if this.done {
                 return Poll::Ready(None);
             }
-            // An aborted request ends here, whether or not the runtime still
-            // closes its channel: waiting on it could hang the caller.
-            if this.inner.aborted().contains(&this.request_id) {
-                this.finish();
-                return Poll::Ready(None);
-            }
             let Some(rx) = this.rx.as_mut() else {
                 return Poll::Ready(None);
             };

@@ -137,6 +137,9 @@ pub enum StageEvent {
 }
 
 struct RequestState {
+    /// The caller's id; on the wire the request travels under a wire id
+    /// (see [`State::requests`]).
+    request_id: String,
     events: mpsc::UnboundedSender<StageEvent>,
     text: HashMap<usize, (String, Vec<u32>)>,
     remaining_final: BTreeSet<usize>,
@@ -153,7 +156,14 @@ struct Pending {
 
 #[derive(Default)]
 struct State {
+    /// Requests in flight by wire id: the caller's id plus `#<n>`, unique for
+    /// the orchestrator's life. Stages remember aborted ids (to drop a late
+    /// input); a caller reusing an id after an abort must not be mistaken for
+    /// the aborted request, or a stage would silently drop it and the caller
+    /// wait forever.
     requests: HashMap<String, RequestState>,
+    /// Caller's id -> wire id, for the requests in flight.
+    wire_ids: HashMap<String, String>,
     pending: HashMap<u64, Pending>,
     /// Set when a stage died: `(stage_id, status)`.
     dead: Option<(usize, String)>,
@@ -168,6 +178,8 @@ struct Inner {
     endpoint: String,
     state: Mutex<State>,
     seq: AtomicU64,
+    /// Numbers the wire ids of submitted requests.
+    submissions: AtomicU64,
     stages: Vec<StageInfo>,
     final_stages: BTreeSet<usize>,
     /// Where final-output tensors in shared memory are found.
@@ -191,6 +203,17 @@ impl std::fmt::Debug for Orchestrator {
             .field("stages", &self.inner.stages)
             .field("run_dir", &self.run_dir)
             .finish()
+    }
+}
+
+impl State {
+    /// Forgets a request by wire id.
+    fn remove(&mut self, wire_id: &str) -> Option<RequestState> {
+        let req = self.requests.remove(wire_id)?;
+        if self.wire_ids.get(&req.request_id).map(String::as_str) == Some(wire_id) {
+            self.wire_ids.remove(&req.request_id);
+        }
+        Some(req)
     }
 }
 
@@ -377,6 +400,7 @@ impl Orchestrator {
             endpoint,
             state: Mutex::new(State::default()),
             seq: AtomicU64::new(1),
+            submissions: AtomicU64::new(0),
             stages,
             final_stages,
             shm_dir: shm_enabled.then_some(shm_dir),
@@ -431,15 +455,19 @@ impl Orchestrator {
             })?;
         }
         let (utx, mut urx) = mpsc::unbounded_channel();
+        let n = self.inner.submissions.fetch_add(1, Ordering::Relaxed);
+        let wire_id = format!("{request_id}#{n}");
         {
             let mut st = lock(&self.inner.state);
             self.inner.check_alive(&st)?;
-            if st.requests.contains_key(&request_id) {
+            if st.wire_ids.contains_key(&request_id) {
                 return Err(Error::RequestIdInUse(request_id));
             }
+            st.wire_ids.insert(request_id.clone(), wire_id.clone());
             st.requests.insert(
-                request_id.clone(),
+                wire_id.clone(),
                 RequestState {
+                    request_id,
                     events: utx,
                     text: HashMap::new(),
                     remaining_final: self.inner.final_stages.clone(),
@@ -447,14 +475,20 @@ impl Orchestrator {
             );
         }
         let msg = Message::Generate(GenerateMsg {
-            request_id: request_id.clone(),
+            request_id: wire_id.clone(),
             prompt,
             sampling_params: params,
         });
-        let frames = wire::encode_message(msg)?;
+        let frames = match wire::encode_message(msg) {
+            Ok(f) => f,
+            Err(e) => {
+                lock(&self.inner.state).remove(&wire_id);
+                return Err(e);
+            }
+        };
         for stage_id in self.inner.config.entry_stages() {
             if let Err(e) = self.inner.send(stage_id, frames.clone()).await {
-                lock(&self.inner.state).requests.remove(&request_id);
+                lock(&self.inner.state).remove(&wire_id);
                 return Err(e);
             }
         }
@@ -466,7 +500,7 @@ impl Orchestrator {
         tokio::spawn(async move {
             while let Some(ev) = urx.recv().await {
                 if tx.send(ev).await.is_err() {
-                    let _ = inner.abort(&request_id).await;
+                    let _ = inner.abort_wire(&wire_id).await;
                     break;
                 }
             }
@@ -705,12 +739,22 @@ impl Inner {
     }
 
     async fn abort(&self, request_id: &str) -> Result<()> {
-        let known = lock(&self.state).requests.remove(request_id).is_some();
+        let wire_id = lock(&self.state).wire_ids.get(request_id).cloned();
+        match wire_id {
+            Some(w) => self.abort_wire(&w).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Aborts one submission; a later request that reuses its caller's id is
+    /// another submission and is left alone.
+    async fn abort_wire(&self, wire_id: &str) -> Result<()> {
+        let known = lock(&self.state).remove(wire_id).is_some();
         if !known {
             return Ok(());
         }
         let frames = wire::encode_message(Message::Abort {
-            request_ids: vec![request_id.to_string()],
+            request_ids: vec![wire_id.to_string()],
         })?;
         for s in 0..self.stages.len() {
             self.send(s, frames.clone()).await?;
@@ -772,7 +816,7 @@ impl Inner {
                     acc.0.push_str(&o.delta_text);
                     acc.1.extend_from_slice(&o.delta_token_ids);
                     let out = StageOutput {
-                        request_id: o.request_id.clone(),
+                        request_id: req.request_id.clone(),
                         stage_id: o.stage_id,
                         final_output_type: self.stage_type(o.stage_id),
                         text: acc.0.clone(),
@@ -795,7 +839,7 @@ impl Inner {
                         || (o.finished && o.finish_reason == Some(FinishReason::Abort));
                 }
                 if finished {
-                    st.requests.remove(&o.request_id);
+                    st.remove(&o.request_id);
                 }
             }
             Message::RequestError {
@@ -804,17 +848,17 @@ impl Inner {
                 message,
                 rejected,
             } => {
-                if let Some(req) = st.requests.remove(&request_id) {
+                if let Some(req) = st.remove(&request_id) {
                     let e = if rejected {
                         Error::RequestRejected {
                             stage_id,
-                            request_id: request_id.clone(),
+                            request_id: req.request_id.clone(),
                             message,
                         }
                     } else {
                         Error::Stage {
                             stage_id,
-                            message: format!("request `{request_id}`: {message}"),
+                            message: format!("request `{}`: {message}", req.request_id),
                         }
                     };
                     let _ = req.events.send(StageEvent::Error(e));
@@ -860,6 +904,7 @@ impl Inner {
             return;
         }
         st.dead = Some((stage_id, status.clone()));
+        st.wire_ids.clear();
         for (_, req) in st.requests.drain() {
             let _ = req.events.send(StageEvent::Error(Error::StageDied {
                 stage_id,
@@ -911,7 +956,7 @@ async fn event_loop(
                         tracing::warn!(target: "omni::runtime", from = %String::from_utf8_lossy(&identity), "bad message from a stage: {}", rej.error);
                         if let Some(id) = rej.request_id {
                             let mut st = lock(&inner.state);
-                            if let Some(req) = st.requests.remove(&id) {
+                            if let Some(req) = st.remove(&id) {
                                 let _ = req.events.send(StageEvent::Error(Error::Wire(rej.error)));
                             }
                         }
