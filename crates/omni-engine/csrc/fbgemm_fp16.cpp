@@ -6,11 +6,13 @@
 // never unwind into Rust: they come back as a malloc'd message in `*err`
 // (freed with omni_fbgemm_free_error).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <optional>
+#include <vector>
 
 namespace {
 template <typename F>
@@ -35,13 +37,35 @@ at::Tensor* omni_fbgemm_pack_fp16(const at::Tensor* weight, char** err) {
   return guarded(err, [&] { return at::fbgemm_pack_gemm_matrix_fp16(*weight); });
 }
 
-// y = x W^T (+ b) with W packed as fp16 and x, y, b in fp32.
-at::Tensor* omni_fbgemm_linear_fp16(const at::Tensor* input, const at::Tensor* packed,
-                                    const at::Tensor* bias, char** err) {
+// y = x W^T (+ b) with W packed as fp16 and x, y, b in fp32; W comes as
+// `n` shards of its output rows, in order, each packed on its own.
+//
+// ATen's fbgemm fp16 linear runs on one thread (measured: one core of two
+// busy in batched decode), and fbgemm's own thread split is only reachable
+// through headers a PyTorch wheel cannot compile (they need asmjit). So the
+// weight is sharded by output columns at load and the shards run in
+// parallel on the intra-op threads, each writing its slice of y.
+at::Tensor* omni_fbgemm_linear_fp16(const at::Tensor* input, const at::Tensor* const* shards,
+                                    int64_t n, const at::Tensor* bias, char** err) {
   return guarded(err, [&] {
-    std::optional<at::Tensor> b;
-    if (bias != nullptr) b = *bias;
-    return at::fbgemm_linear_fp16_weight_fp32_activation(*input, *packed, b);
+    TORCH_CHECK(n >= 1, "no weight shards");
+    const at::Tensor x = input->contiguous();
+    std::vector<at::Tensor> parts(static_cast<size_t>(n));
+    std::exception_ptr failure;
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      try {
+        for (int64_t i = begin; i < end; ++i) {
+          parts[i] = at::fbgemm_linear_fp16_weight_fp32_activation(x, *shards[i], std::nullopt);
+        }
+      } catch (...) {
+        // Rethrown below, on the calling thread, which `guarded` catches.
+        failure = std::current_exception();
+      }
+    });
+    if (failure) std::rethrow_exception(failure);
+    at::Tensor y = n == 1 ? parts[0] : at::cat(parts, -1);
+    if (bias != nullptr) y.add_(*bias);
+    return y;
   });
 }
 

@@ -73,7 +73,8 @@ extern "C" {
     fn omni_fbgemm_pack_fp16(weight: *const C_tensor, err: *mut *mut c_char) -> *mut C_tensor;
     fn omni_fbgemm_linear_fp16(
         input: *const C_tensor,
-        packed: *const C_tensor,
+        shards: *const *const C_tensor,
+        num_shards: i64,
         bias: *const C_tensor,
         err: *mut *mut c_char,
     ) -> *mut C_tensor;
@@ -107,8 +108,13 @@ unsafe fn from_shim(ptr: *mut C_tensor, err: *mut c_char, what: &str) -> Result<
 #[derive(Debug)]
 enum Storage {
     Dense(Tensor),
-    PackedFp16(Tensor),
+    /// Shards of the weight's output rows, in order, each packed; they run
+    /// in parallel (one per intra-op thread at load time).
+    PackedFp16(Vec<Tensor>),
 }
+
+/// Output rows per shard below which splitting a weight does not pay.
+const MIN_SHARD_ROWS: i64 = 64;
 
 /// `y = x W^T + b` with the weight in the chosen precision.
 #[derive(Debug)]
@@ -123,12 +129,20 @@ impl Linear {
         let weight = match precision {
             WeightPrecision::Native => Storage::Dense(weight),
             WeightPrecision::Fp16 => {
-                let w = weight.f_to_kind(Kind::Float)?.f_contiguous()?;
-                let mut err = std::ptr::null_mut();
-                // SAFETY: `w` is a live tensor for the duration of the call.
-                let ptr = unsafe { omni_fbgemm_pack_fp16(w.as_ptr(), &mut err) };
-                // SAFETY: straight from the shim.
-                Storage::PackedFp16(unsafe { from_shim(ptr, err, "fbgemm_pack_gemm_matrix_fp16") }?)
+                let w = weight.f_to_kind(Kind::Float)?;
+                let out_features = w.size().first().copied().unwrap_or(0);
+                let threads = i64::from(tch::get_num_threads().max(1));
+                let shards = threads.min(out_features / MIN_SHARD_ROWS).max(1);
+                let mut packed = Vec::new();
+                for shard in w.f_chunk(shards, 0)? {
+                    let shard = shard.f_contiguous()?;
+                    let mut err = std::ptr::null_mut();
+                    // SAFETY: `shard` is a live tensor for the duration of the call.
+                    let ptr = unsafe { omni_fbgemm_pack_fp16(shard.as_ptr(), &mut err) };
+                    // SAFETY: straight from the shim.
+                    packed.push(unsafe { from_shim(ptr, err, "fbgemm_pack_gemm_matrix_fp16") }?);
+                }
+                Storage::PackedFp16(packed)
             }
         };
         Ok(Self { weight, bias })
@@ -138,15 +152,24 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
             Storage::Dense(w) => Ok(x.f_linear(w, self.bias.as_ref())?),
-            Storage::PackedFp16(p) => {
+            Storage::PackedFp16(shards) => {
                 let x = x.f_contiguous()?;
                 let bias = self.bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr());
+                let ptrs: Vec<*const C_tensor> = shards.iter().map(|s| s.as_ptr()).collect();
                 let mut err = std::ptr::null_mut();
-                // SAFETY: all tensors outlive the call; bias may be null.
-                let ptr =
-                    unsafe { omni_fbgemm_linear_fp16(x.as_ptr(), p.as_ptr(), bias, &mut err) };
+                // SAFETY: all tensors outlive the call; `ptrs` holds
+                // `ptrs.len()` live tensors; bias may be null.
+                let ptr = unsafe {
+                    omni_fbgemm_linear_fp16(
+                        x.as_ptr(),
+                        ptrs.as_ptr(),
+                        ptrs.len() as i64,
+                        bias,
+                        &mut err,
+                    )
+                };
                 // SAFETY: straight from the shim.
-                unsafe { from_shim(ptr, err, "fbgemm_linear_fp16_weight_fp32_activation") }
+                unsafe { from_shim(ptr, err, "fbgemm fp16 linear") }
             }
         }
     }
@@ -175,6 +198,38 @@ mod tests {
         let diff = f64::try_from(a.f_sub(&c)?.f_abs()?.f_max()?)?;
         assert!(diff < 0.05, "max diff {diff}");
         Ok(())
+    }
+
+    /// Weights are split into shards of output rows that run on the
+    /// intra-op threads: uneven shards, many input rows (fbgemm blocks rows
+    /// by 120) and a 3-d input must come out as the dense product does.
+    #[test]
+    fn threaded_fp16_linear_covers_every_output() -> Result<()> {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(1);
+        let threads = tch::get_num_threads();
+        tch::set_num_threads(2);
+        let result = (|| -> Result<()> {
+            for (rows, inp, out) in [(1, 64, 1001), (130, 96, 200), (7, 576, 1536)] {
+                let w = Tensor::f_randn([out, inp], (Kind::Float, Device::Cpu))?;
+                let x = Tensor::f_randn([1, rows, inp], (Kind::Float, Device::Cpu))?;
+                let dense = Linear::new(w.shallow_clone(), None, WeightPrecision::Native)?;
+                let packed = Linear::new(w, None, WeightPrecision::Fp16)?;
+                let a = dense.forward(&x)?;
+                let c = packed.forward(&x)?;
+                assert_eq!(a.size(), c.size());
+                // fp16 weights: relative error ~1e-3 of each dot product.
+                let scale = f64::try_from(a.f_abs()?.f_max()?)?;
+                let diff = f64::try_from(a.f_sub(&c)?.f_abs()?.f_max()?)?;
+                assert!(
+                    diff < 0.01 * scale,
+                    "{rows}x{inp}x{out}: max diff {diff} of {scale}"
+                );
+            }
+            Ok(())
+        })();
+        tch::set_num_threads(threads);
+        result
     }
 
     #[test]
