@@ -51,12 +51,10 @@ const TOPICS: &[&str] = &[
 ];
 
 fn gguf_path() -> PathBuf {
-    let dir = std::env::var("OMNI_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/omni/models")
-        });
-    dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+    // Where `scripts/setup` put it ($OMNI_MODEL_DIR, else the cache); the
+    // error when it is missing comes from `main`.
+    omni_engine::resolve_model_path("smollm2")
+        .unwrap_or_else(|_| omni_engine::model_dir().join(omni_engine::SMOLLM2.file_name))
 }
 
 fn threads() -> usize {
