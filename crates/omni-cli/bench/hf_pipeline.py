@@ -9,8 +9,9 @@ summarize prompt built from stage 0's answer (the same text as omni-runtime's
 `min_new_tokens == max_new_tokens` so both systems generate the same number
 of tokens (omni runs with `ignore_eos`).
 
-Usage: hf_pipeline.py GGUF_PATH --prompts 16,64 --max-tokens 32 --threads 2
-Prints one JSON object per batch size.
+`omni bench pipeline` embeds this file and runs it as `python - GGUF_PATH
+--prompts 16,64 --max-tokens 32 --threads 2` (the script on stdin); it also
+runs on its own. Prints one JSON object per batch size.
 """
 import argparse
 import json

@@ -1,0 +1,152 @@
+//! `omni bench pipeline`: the pipeline through OmniLLM, then the same stages
+//! in HF transformers one after the other, in one invocation.
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context as _};
+use omni_core::{PipelineConfig, DEFAULT_PIPELINE};
+use serde::Deserialize;
+
+use super::{run_batch, start, PipelineBench, Reference};
+
+/// The reference: HF transformers running the default pipeline's two
+/// stages, fed to the interpreter on stdin so an installed `omni` needs no
+/// file beside it.
+const HF_PIPELINE_PY: &str = include_str!("../../bench/hf_pipeline.py");
+
+/// One batch size's result, from either system.
+#[derive(Debug, Deserialize)]
+struct Row {
+    prompts: usize,
+    wall_s: f64,
+    tokens: usize,
+}
+
+impl Row {
+    fn prompts_per_s(&self) -> f64 {
+        self.prompts as f64 / self.wall_s
+    }
+
+    fn tok_per_s(&self) -> f64 {
+        self.tokens as f64 / self.wall_s
+    }
+
+    fn json(&self, system: &str) -> serde_json::Value {
+        serde_json::json!({"system": system, "prompts": self.prompts, "wall_s": self.wall_s,
+            "prompts_per_s": self.prompts_per_s(), "tok_per_s": self.tok_per_s(), "tokens": self.tokens})
+    }
+}
+
+pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
+    if b.prompts.is_empty() || b.prompts.contains(&0) {
+        bail!(
+            "--prompts {:?}: every batch size must be at least 1",
+            b.prompts
+        );
+    }
+    if b.max_tokens == 0 {
+        bail!("--max-tokens 0: every stage must generate at least one token");
+    }
+    if b.reference == Reference::Hf && b.pipeline != DEFAULT_PIPELINE {
+        bail!(
+            "--reference hf reproduces the built-in `{DEFAULT_PIPELINE}` pipeline only, not {:?}; pass --reference none",
+            b.pipeline
+        );
+    }
+    let config = PipelineConfig::resolve(&b.pipeline)
+        .with_context(|| format!("pipeline {:?}", b.pipeline))?;
+    let omni = start(config, format!("pipeline {:?}", b.pipeline))?;
+    // Warm-up: first-call costs (allocator, kernels) out of the numbers.
+    run_batch(&omni, 1, 4).context("warm-up")?;
+    let mut ours = Vec::new();
+    for &n in &b.prompts {
+        let (wall_s, tokens) = run_batch(&omni, n, b.max_tokens)?;
+        tracing::info!(prompts = n, wall_s, tokens, "omni batch done");
+        ours.push(Row {
+            prompts: n,
+            wall_s,
+            tokens,
+        });
+    }
+    omni.shutdown().context("stopping the pipeline")?;
+
+    let reference = match b.reference {
+        Reference::Hf => hf_reference(&b)?,
+        Reference::None => Vec::new(),
+    };
+
+    if b.json {
+        for r in &ours {
+            println!("{}", r.json("omni"));
+        }
+        for r in &reference {
+            println!("{}", r.json("hf"));
+        }
+        return Ok(());
+    }
+    println!(
+        "| prompts | omni wall s | omni prompts/s | omni tok/s | HF wall s | HF prompts/s | HF tok/s | omni / HF |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &ours {
+        let hf = reference.iter().find(|h| h.prompts == r.prompts);
+        let (hw, hp, ht, x) = match hf {
+            Some(h) => (
+                format!("{:.2}", h.wall_s),
+                format!("{:.2}", h.prompts_per_s()),
+                format!("{:.1}", h.tok_per_s()),
+                format!("{:.2}x", h.wall_s / r.wall_s),
+            ),
+            None => Default::default(),
+        };
+        println!(
+            "| {} | {:.2} | {:.2} | {:.1} | {hw} | {hp} | {ht} | {x} |",
+            r.prompts,
+            r.wall_s,
+            r.prompts_per_s(),
+            r.tok_per_s()
+        );
+    }
+    Ok(())
+}
+
+fn hf_reference(b: &PipelineBench) -> anyhow::Result<Vec<Row>> {
+    let gguf = omni_core::engine::resolve_model_path("smollm2")
+        .context("locating the SmolLM2 GGUF for the HF reference")?;
+    let python = b.python.interpreter();
+    let sizes: Vec<String> = b.prompts.iter().map(usize::to_string).collect();
+    let bar = crate::progress::spinner(format!("HF transformers reference ({})", python.display()));
+    let mut child = Command::new(&python)
+        .arg("-")
+        .arg(&gguf)
+        .args(["--prompts", &sizes.join(",")])
+        .args(["--max-tokens", &b.max_tokens.to_string()])
+        .args(["--threads", &b.python.threads.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", python.display()))?;
+    child
+        .stdin
+        .take()
+        .context("no stdin to the reference")?
+        .write_all(HF_PIPELINE_PY.as_bytes())
+        .context("sending the reference script")?;
+    let out = child
+        .wait_with_output()
+        .context("waiting for the reference")?;
+    bar.finish_and_clear();
+    if !out.status.success() {
+        bail!(
+            "the HF reference ({}) failed with {}; it needs transformers and gguf (OMNI_BENCH_DEPS=1 scripts/setup) or --reference none",
+            python.display(),
+            out.status
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).with_context(|| format!("reference printed {l:?}")))
+        .collect()
+}
