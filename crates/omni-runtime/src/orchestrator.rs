@@ -929,7 +929,7 @@ async fn event_loop(
     // Final outputs may carry shared-memory tensors from stages on this host.
     let ctx = DecodeContext {
         shm_dir: inner.shm_dir.clone(),
-        limits: Default::default(),
+        ..Default::default()
     };
     let mut sup_open = true;
     let mut msgs_open = true;

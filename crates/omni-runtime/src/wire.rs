@@ -395,6 +395,8 @@ pub struct DecodeContext {
     pub shm_dir: Option<PathBuf>,
     /// Caps on declared sizes.
     pub limits: Limits,
+    /// Shared-memory slots this receiver has mapped (shared by clones).
+    pub slots: shm::SlotMaps,
 }
 
 /// What the decoder could read of a message it rejects (for the error reply).
@@ -606,6 +608,7 @@ fn decode_inner(
             Some(h) => shm::take(
                 ctx.shm_dir.as_deref().unwrap_or(Path::new("/nonexistent")),
                 h,
+                &ctx.slots,
             )?,
         };
         tensors.push((m.name, HostTensor::new(m.dtype, m.shape, data)?));

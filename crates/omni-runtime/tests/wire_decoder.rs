@@ -15,6 +15,7 @@ fn ctx(dir: Option<&std::path::Path>) -> DecodeContext {
     DecodeContext {
         shm_dir: dir.map(|d| d.to_path_buf()),
         limits: Limits::default(),
+        slots: Default::default(),
     }
 }
 
@@ -122,7 +123,9 @@ fn rejection_keeps_the_seq_for_the_reply() {
 #[test]
 fn round_trip_inline_and_shared_memory() -> Result<(), omni_runtime::Error> {
     let dir = tempfile::tempdir().map_err(|e| omni_runtime::Error::Wire(e.to_string()))?;
-    let writer = ShmWriter::new(dir.path(), "t", 64);
+    // Pool off: every big tensor gets a one-shot segment (pooled slots are
+    // covered below).
+    let writer = ShmWriter::new(dir.path(), "t", 64).with_pool_bytes(0);
     let small = f32_tensor(&[1.0, 2.0, 3.0], vec![3]);
     let big_vals: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5).collect();
     let big = f32_tensor(&big_vals, vec![10, 100]);
@@ -172,6 +175,23 @@ fn round_trip_inline_and_shared_memory() -> Result<(), omni_runtime::Error> {
     // And the tensor survives the trip through libtorch.
     let t = big.to_tch()?;
     assert_eq!(HostTensor::from_tch(&t)?, big);
+
+    // With the pool (the default), the same envelope goes through a slot,
+    // twice: the second message reuses the slot the first one freed.
+    let pooled = ShmWriter::new(dir.path(), "p", 64);
+    for _ in 0..2 {
+        let frames = wire::encode(&env, Some(&pooled))?;
+        let back = wire::decode(frames, &ctx(Some(dir.path())))
+            .map_err(|r| omni_runtime::Error::Wire(r.error))?;
+        assert_eq!(back.tensor("hidden_states"), Some(&big));
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path())
+            .map(|d| d.count())
+            .unwrap_or(99),
+        1,
+        "one slot serves both messages"
+    );
     Ok(())
 }
 

@@ -273,7 +273,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     };
     let ctx = DecodeContext {
         shm_dir: spec.shm_dir.clone(),
-        limits: Default::default(),
+        ..Default::default()
     };
 
     let (model_name, device, max_model_len) = match from_model.recv().await {
