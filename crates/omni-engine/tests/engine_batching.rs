@@ -15,12 +15,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn smollm2() -> PathBuf {
-    std::env::var("OMNI_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/omni/models")
-        })
-        .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+    omni_engine::model_dir().join(omni_engine::SMOLLM2.file_name)
 }
 
 fn fail(msg: String) -> Error {

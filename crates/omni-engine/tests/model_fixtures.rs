@@ -15,14 +15,6 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn model_dir() -> PathBuf {
-    std::env::var("OMNI_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/omni/models")
-        })
-}
-
 fn fail(msg: String) -> Error {
     Error::InvalidConfig {
         field: "test".into(),
@@ -116,7 +108,7 @@ fn check(fixture: &str, model: &Path, tol: f64) -> Result<()> {
 fn smollm2_gguf_matches_transformers() -> Result<()> {
     check(
         "smollm2-135m-instruct-q4_1.json",
-        &model_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+        &omni_engine::model_dir().join(omni_engine::SMOLLM2.file_name),
         1e-3,
     )
 }
