@@ -239,7 +239,7 @@ async fn collect(
     let usage = builder.usage();
     let id = stream.request_id().to_string();
     let created = unix_now();
-    let model = builder_model(&builder);
+    let model = builder.model().to_string();
     let outs: Vec<(usize, &OmniRequestOutput)> = choices
         .iter()
         .filter_map(|s| finals.get(s))
@@ -292,10 +292,6 @@ async fn collect(
         })
         .into_response(),
     })
-}
-
-fn builder_model(b: &ChunkBuilder) -> String {
-    b.model().to_string()
 }
 
 /// The SSE events of a streaming answer. Dropping this stream (the client
