@@ -103,3 +103,82 @@ async fn garbage_gets_error_replies_and_the_worker_keeps_serving() -> TestResult
     tokio::time::timeout(Duration::from_secs(60), orch.shutdown()).await??;
     Ok(())
 }
+
+/// A ZMTP 3.0 greeting (NULL mechanism, not as-server) and a READY command
+/// announcing a DEALER: what a real peer sends before its first message.
+fn zmtp_handshake() -> Vec<u8> {
+    let mut g = vec![0u8; 64];
+    g[0] = 0xff;
+    g[9] = 0x7f;
+    g[10] = 3; // version 3.0
+    g[12..16].copy_from_slice(b"NULL");
+    let mut body = Vec::new();
+    body.push(5u8);
+    body.extend_from_slice(b"READY");
+    body.push(11u8);
+    body.extend_from_slice(b"Socket-Type");
+    body.extend_from_slice(&6u32.to_be_bytes());
+    body.extend_from_slice(b"DEALER");
+    g.push(0x04); // command, short frame
+    g.push(body.len() as u8);
+    g.extend_from_slice(&body);
+    g
+}
+
+/// On `tcp://` anyone who reaches the port can send a frame header. One
+/// that announces a 2^40-byte message must cost the worker nothing: its
+/// socket refuses the frame before reserving memory for it (without the cap
+/// the worker aborts on the failed allocation), drops that peer, and goes
+/// on serving everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_frame_header_on_tcp_is_refused_and_the_worker_keeps_serving() -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut config = PipelineConfig::builtin("smollm2")?;
+    config.runtime.transport = omni_runtime::TransportKind::Tcp;
+    let orch = Orchestrator::start(config, options()).await?;
+    let address = orch.stages()[0].input_address.clone();
+    let host_port = address
+        .strip_prefix("tcp://")
+        .ok_or_else(|| format!("stage input {address:?} is not tcp://"))?;
+    let mut raw = tokio::net::TcpStream::connect(host_port).await?;
+    let mut frames = zmtp_handshake();
+    frames.push(0x02); // a message frame, long length, last
+    frames.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    frames.extend_from_slice(b"only the start of a terabyte");
+    raw.write_all(&frames).await?;
+    // The worker hangs up on this peer: the read ends (after its greeting
+    // and READY) instead of waiting for the rest of the terabyte.
+    let mut sink = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), raw.read_to_end(&mut sink))
+        .await?
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::ConnectionReset => Ok(0),
+            _ => Err(e),
+        })?;
+
+    let pid = orch.stages()[0].pid;
+    assert!(runtime_support::pid_alive(pid), "the worker died");
+    let mut rx = orch
+        .submit(
+            "after-huge-frame".into(),
+            Prompt::Text("One plus one is".into()),
+            greedy(orch.config(), &[4]),
+        )
+        .await?;
+    let mut text = None;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                StageEvent::Output { output, .. } if output.finished => text = Some(output.text),
+                StageEvent::Error(e) => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    })
+    .await??;
+    assert!(text.is_some_and(|t| !t.is_empty()));
+    tokio::time::timeout(Duration::from_secs(60), orch.shutdown()).await??;
+    Ok(())
+}

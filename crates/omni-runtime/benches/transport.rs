@@ -275,6 +275,14 @@ fn python_gbps() -> Option<Vec<f64>> {
         .collect()
 }
 
+/// `OMNI_BENCH_SIZES=1048576,16777216` runs only those payload sizes.
+fn selected(size: usize) -> bool {
+    match std::env::var("OMNI_BENCH_SIZES") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').any(|s| s.trim() == size.to_string()),
+        _ => true,
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -293,6 +301,9 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for (i, &size) in SIZES.iter().enumerate() {
+        if !selected(size) {
+            continue;
+        }
         let mc = memcpy_gbps(size);
         let r: Vec<f64> = modes
             .iter()
@@ -320,7 +331,7 @@ fn main() {
         modes[2].name()
     );
     println!("|---|---|---|---|");
-    for &size in SIZES {
+    for &size in SIZES.iter().filter(|&&s| selected(s)) {
         let r: Vec<f64> = modes
             .iter()
             .map(|&m| rt.block_on(latency(m, size)))

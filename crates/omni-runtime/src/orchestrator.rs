@@ -241,7 +241,7 @@ impl Orchestrator {
         let transport_kind = config.runtime.transport;
         let host = config.runtime.host.clone();
         let bind_addr = transport::orchestrator_address(transport_kind, &run_path, &host)?;
-        let mut router = zeromq::RouterSocket::new();
+        let mut router = zeromq::RouterSocket::with_options(transport::socket_options());
         let endpoint = router
             .bind(&bind_addr)
             .await

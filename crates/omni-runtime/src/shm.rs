@@ -53,8 +53,12 @@ pub struct ShmHandle {
 const SLOT_HEADER: usize = 64;
 const SLOT_FREE: u32 = 0;
 const SLOT_BUSY: u32 = 1;
-/// Most slots one writer keeps.
-const MAX_SLOTS: usize = 16;
+/// Most slots one writer keeps. A sender runs ahead of its receiver by as
+/// many messages as it has slots before it falls back to (slow) segments:
+/// with 16, a stream of 1 MB messages ran out of slots in about half the
+/// runs and fell from ~22 to ~12 GB/s. The pool's byte cap still bounds the
+/// memory for large payloads.
+const MAX_SLOTS: usize = 64;
 /// Default cap on the bytes one writer keeps in slots.
 pub const DEFAULT_POOL_BYTES: usize = 1 << 30;
 /// Smallest slot: small payloads share a size class.
@@ -243,7 +247,7 @@ impl ShmWriter {
 
 /// Most slot mappings one receiver keeps (a pipeline's writers hold
 /// `MAX_SLOTS` each); past it the cache starts over.
-const MAX_MAPPED_SLOTS: usize = 256;
+const MAX_MAPPED_SLOTS: usize = 8 * MAX_SLOTS;
 
 /// The slots a receiver has mapped, by file name. Each slot is mapped once
 /// and serves every message that names it (its writer never resizes it), so

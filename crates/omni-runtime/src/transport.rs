@@ -17,10 +17,11 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use zeromq::{SocketSend, ZmqMessage};
+use zeromq::{SocketOptions, SocketSend, ZmqMessage};
 
 use crate::config::TransportKind;
 use crate::error::{Error, Result};
+use crate::wire::Limits;
 
 /// Longest path a Unix socket address may have (`sun_path` is 108 bytes
 /// with its terminating NUL).
@@ -139,6 +140,18 @@ pub(crate) fn orchestrator_address(
         TransportKind::Ipc => ipc_address(run_dir, "orchestrator.sock"),
         TransportKind::Tcp => Ok(format!("tcp://{host}:0")),
     }
+}
+
+/// Options every socket of a pipeline starts from: incoming messages are
+/// capped at what the wire decoder would accept anyway. The cap is enforced
+/// in the (vendored, patched) `zeromq` codec from the frame header, before
+/// any memory is reserved; the peer that sends more is disconnected, and
+/// the socket serves its other peers on. This matters for `tcp://`, where
+/// anyone who can reach the port can send a frame header.
+pub(crate) fn socket_options() -> SocketOptions {
+    let mut o = SocketOptions::default();
+    o.max_message_size(Limits::default().max_socket_message_bytes());
+    o
 }
 
 /// Sends frames on any ZeroMQ socket; `prefix` (a ROUTER's peer identity)

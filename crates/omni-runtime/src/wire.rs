@@ -77,6 +77,19 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The most bytes one multipart message may carry on a socket: the
+    /// header, every tensor in frames, and room for routing frames. Sockets
+    /// refuse a longer message before buffering it (see
+    /// the runtime's socket options), so a peer cannot make a
+    /// process reserve memory by announcing a huge frame.
+    pub fn max_socket_message_bytes(&self) -> usize {
+        self.max_header_bytes
+            .saturating_add(self.max_message_bytes)
+            .saturating_add(64 << 10)
+    }
+}
+
 /// Why a request finished, with the engine's spelling.
 pub type WireFinishReason = FinishReason;
 

@@ -26,9 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use zeromq::{
-    DealerSendHalf, DealerSocket, RouterSendHalf, RouterSocket, Socket, SocketOptions, SocketRecv,
-};
+use zeromq::{DealerSendHalf, DealerSocket, RouterSendHalf, RouterSocket, Socket, SocketRecv};
 
 use crate::config::StageConfig;
 use crate::error::{Error, Result};
@@ -192,7 +190,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     // Sockets, while the model loads.
     let connect_timeout = Duration::from_millis(spec.connect_timeout_ms.max(1000));
     let (incoming_tx, mut incoming) = mpsc::channel::<Incoming>(1024);
-    let mut opts = SocketOptions::default();
+    let mut opts = transport::socket_options();
     let identity = transport::stage_identity(stage_id)
         .parse()
         .map_err(|e| Error::socket(&spec.orchestrator_address, e))?;
@@ -212,7 +210,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
         }
     });
 
-    let mut input = RouterSocket::new();
+    let mut input = RouterSocket::with_options(transport::socket_options());
     let input_endpoint = input
         .bind(&spec.input_address)
         .await
@@ -235,7 +233,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
 
     let mut downstream = HashMap::new();
     for (d, addr) in &spec.downstream {
-        let mut o = SocketOptions::default();
+        let mut o = transport::socket_options();
         o.connect_timeout(connect_timeout);
         let mut s = DealerSocket::with_options(o);
         s.connect(addr)
