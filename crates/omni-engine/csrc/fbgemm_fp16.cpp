@@ -1,33 +1,15 @@
 // fp16-weight linear layers through libtorch's fbgemm kernels.
 //
 // tch's generated bindings leave out the `fbgemm_*` operators, so the two we
-// need are exposed here with C linkage. Tensors cross the boundary as
-// `at::Tensor*` (what tch's `Tensor::as_ptr` / `from_ptr` carry). Errors
-// never unwind into Rust: they come back as a malloc'd message in `*err`
-// (freed with omni_fbgemm_free_error).
-#include <ATen/ATen.h>
+// need are exposed here with C linkage (conventions in shim.h).
 #include <ATen/Parallel.h>
 
-#include <cstdlib>
-#include <cstring>
-#include <exception>
 #include <optional>
 #include <vector>
 
-namespace {
-template <typename F>
-at::Tensor* guarded(char** err, F&& f) {
-  *err = nullptr;
-  try {
-    return new at::Tensor(f());
-  } catch (const std::exception& e) {
-    *err = strdup(e.what());
-  } catch (...) {
-    *err = strdup("unknown C++ exception");
-  }
-  return nullptr;
-}
-}  // namespace
+#include "shim.h"
+
+using omni::guarded;
 
 extern "C" {
 
@@ -68,6 +50,4 @@ at::Tensor* omni_fbgemm_linear_fp16(const at::Tensor* input, const at::Tensor* c
     return y;
   });
 }
-
-void omni_fbgemm_free_error(char* err) { free(err); }
 }

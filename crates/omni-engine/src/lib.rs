@@ -28,6 +28,7 @@ mod safetensors;
 mod sampler;
 mod sampling_params;
 mod scheduler;
+mod shim;
 mod tokenizer;
 mod weights;
 

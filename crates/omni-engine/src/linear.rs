@@ -10,13 +10,15 @@
 //! are not offered.
 //!
 //! tch does not bind the `fbgemm_*` operators; `csrc/fbgemm_fp16.cpp`
-//! exposes them with C linkage and this file calls them.
-use std::ffi::{c_char, CStr};
+//! exposes them with C linkage and this file calls them through
+//! [`crate::shim`].
+use std::ffi::c_char;
 
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
 use crate::error::{Error, Result};
+use crate::shim::from_shim;
 
 /// How weight matrices of linear layers are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -78,31 +80,6 @@ extern "C" {
         bias: *const C_tensor,
         err: *mut *mut c_char,
     ) -> *mut C_tensor;
-    fn omni_fbgemm_free_error(err: *mut c_char);
-}
-
-/// Turns the shim's (pointer, error) pair into a tensor or an error.
-///
-/// # Safety
-/// `ptr` must be null or a fresh `at::Tensor*` from the shim; `err` null or
-/// a message the shim allocated.
-unsafe fn from_shim(ptr: *mut C_tensor, err: *mut c_char, what: &str) -> Result<Tensor> {
-    if !err.is_null() {
-        // SAFETY: the shim wrote a NUL-terminated strdup'd string.
-        let msg = unsafe { CStr::from_ptr(err) }
-            .to_string_lossy()
-            .into_owned();
-        // SAFETY: allocated by the shim with strdup, freed once here.
-        unsafe { omni_fbgemm_free_error(err) };
-        return Err(Error::Torch(tch::TchError::Torch(format!("{what}: {msg}"))));
-    }
-    if ptr.is_null() {
-        return Err(Error::Torch(tch::TchError::Torch(format!(
-            "{what}: no result"
-        ))));
-    }
-    // SAFETY: a heap `at::Tensor` we now own; tch frees it on drop.
-    Ok(unsafe { Tensor::from_ptr(ptr) })
 }
 
 #[derive(Debug)]

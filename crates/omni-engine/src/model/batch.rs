@@ -3,10 +3,12 @@
 //!
 //! Tokens of all sequences are flattened into one `[tokens]` axis, single-token
 //! entries (decodes) first, so the linear layers see one matrix. Attention then
-//! runs in groups: all single-token entries in one batched
-//! `scaled_dot_product_attention` over their gathered, padded contexts (padding
-//! points at the zeroed block 0 and is masked), and each multi-token entry
-//! (a prefill or a prefill chunk) on its own, which needs no padding at all.
+//! runs in groups: all single-token entries together, and each multi-token
+//! entry (a prefill or a prefill chunk) on its own, which needs no padding at
+//! all. The decode group reads the cache one of two ways ([`DecodeKeys`]):
+//! on the CPU a kernel reads it in place through the block tables; elsewhere
+//! one batched `scaled_dot_product_attention` runs over gathered, padded
+//! contexts (padding points at the zeroed block 0 and is masked).
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -24,16 +26,50 @@ pub struct BatchEntry<'a> {
     pub wants_logits: bool,
 }
 
+/// How the decode group's attention reads the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DecodePath {
+    /// In place, through the block tables (the CPU kernel).
+    Paged,
+    /// Gathered into a padded copy for `scaled_dot_product_attention`.
+    Gathered,
+}
+
+impl DecodePath {
+    /// The faster path on `device`: the paged kernel is CPU code.
+    fn for_device(device: Device) -> Self {
+        if device == Device::Cpu {
+            DecodePath::Paged
+        } else {
+            DecodePath::Gathered
+        }
+    }
+}
+
+/// The decode group's view of the cache, per [`DecodePath`].
+#[derive(Debug)]
+pub(crate) enum DecodeKeys {
+    Paged {
+        /// `[count, max_blocks]`, rows padded with block 0.
+        block_tables: Tensor,
+        /// `[count]`: keys per row, the new token's included.
+        context_lens: Tensor,
+    },
+    Gathered {
+        /// Longest context in the group (keys per row after padding).
+        ctx: i64,
+        /// `[count * ctx]` slots to gather, padding at slot 0.
+        gather: Tensor,
+        /// `[count, 1, 1, ctx]`, true where a key is real.
+        mask: Tensor,
+    },
+}
+
 /// Batched attention over single-token entries.
 #[derive(Debug)]
 pub(crate) struct DecodeGroup {
     pub count: i64,
-    /// Longest context in the group (keys per row after padding).
-    pub ctx: i64,
-    /// `[count * ctx]` slots to gather, padding at slot 0.
-    pub gather: Tensor,
-    /// `[count, 1, 1, ctx]`, true where a key is real.
-    pub mask: Tensor,
+    pub keys: DecodeKeys,
 }
 
 /// Attention of one multi-token entry.
@@ -83,6 +119,17 @@ fn slot(table: &[u32], block_size: usize, pos: usize) -> Result<i64> {
 impl ForwardBatch {
     /// Builds the index tensors for `entries` on `device`.
     pub fn new(entries: &[BatchEntry<'_>], block_size: usize, device: Device) -> Result<Self> {
+        Self::with_decode_path(entries, block_size, device, DecodePath::for_device(device))
+    }
+
+    /// As [`ForwardBatch::new`], with the decode group's path chosen (tests
+    /// compare the two).
+    pub(crate) fn with_decode_path(
+        entries: &[BatchEntry<'_>],
+        block_size: usize,
+        device: Device,
+        path: DecodePath,
+    ) -> Result<Self> {
         let mut order: Vec<usize> = (0..entries.len())
             .filter(|&i| entries[i].tokens.len() == 1)
             .collect();
@@ -144,27 +191,14 @@ impl ForwardBatch {
         }
 
         let decode = if num_decode > 0 {
-            let ctx = order[..num_decode]
-                .iter()
-                .map(|&i| entries[i].start_pos + 1)
-                .max()
-                .unwrap_or(1);
-            let mut gather = vec![0i64; num_decode * ctx];
-            let mut mask = vec![false; num_decode * ctx];
-            for (row, &i) in order[..num_decode].iter().enumerate() {
-                let e = &entries[i];
-                for p in 0..=e.start_pos {
-                    gather[row * ctx + p] = slot(e.block_table, block_size, p)?;
-                    mask[row * ctx + p] = true;
-                }
-            }
+            let rows = &order[..num_decode];
+            let keys = match path {
+                DecodePath::Paged => decode_tables(entries, rows, block_size, device)?,
+                DecodePath::Gathered => decode_gather(entries, rows, block_size, device)?,
+            };
             Some(DecodeGroup {
                 count: num_decode as i64,
-                ctx: ctx as i64,
-                gather: Tensor::from_slice(&gather).f_to_device(device)?,
-                mask: Tensor::from_slice(&mask)
-                    .f_view([num_decode as i64, 1, 1, ctx as i64])?
-                    .f_to_device(device)?,
+                keys,
             })
         } else {
             None
@@ -193,4 +227,71 @@ impl ForwardBatch {
             phase,
         })
     }
+}
+
+/// Block tables and context lengths of the decode rows, for the paged kernel.
+fn decode_tables(
+    entries: &[BatchEntry<'_>],
+    rows: &[usize],
+    block_size: usize,
+    device: Device,
+) -> Result<DecodeKeys> {
+    let lens: Vec<i64> = rows
+        .iter()
+        .map(|&i| (entries[i].start_pos + 1) as i64)
+        .collect();
+    let max_blocks = lens
+        .iter()
+        .map(|&l| (l as usize).div_ceil(block_size))
+        .max()
+        .unwrap_or(1);
+    let mut tables = vec![0i64; rows.len() * max_blocks];
+    for (row, &i) in rows.iter().enumerate() {
+        let e = &entries[i];
+        let needed = (e.start_pos + 1).div_ceil(block_size);
+        if e.block_table.len() < needed {
+            // The same error `slot` gives for an uncovered position.
+            slot(e.block_table, block_size, e.start_pos)?;
+        }
+        for (b, &block) in e.block_table[..needed].iter().enumerate() {
+            tables[row * max_blocks + b] = block as i64;
+        }
+    }
+    Ok(DecodeKeys::Paged {
+        block_tables: Tensor::from_slice(&tables)
+            .f_view([rows.len() as i64, max_blocks as i64])?
+            .f_to_device(device)?,
+        context_lens: Tensor::from_slice(&lens).f_to_device(device)?,
+    })
+}
+
+/// Gather slots and padding mask of the decode rows, for batched SDPA.
+fn decode_gather(
+    entries: &[BatchEntry<'_>],
+    rows: &[usize],
+    block_size: usize,
+    device: Device,
+) -> Result<DecodeKeys> {
+    let n = rows.len();
+    let ctx = rows
+        .iter()
+        .map(|&i| entries[i].start_pos + 1)
+        .max()
+        .unwrap_or(1);
+    let mut gather = vec![0i64; n * ctx];
+    let mut mask = vec![false; n * ctx];
+    for (row, &i) in rows.iter().enumerate() {
+        let e = &entries[i];
+        for p in 0..=e.start_pos {
+            gather[row * ctx + p] = slot(e.block_table, block_size, p)?;
+            mask[row * ctx + p] = true;
+        }
+    }
+    Ok(DecodeKeys::Gathered {
+        ctx: ctx as i64,
+        gather: Tensor::from_slice(&gather).f_to_device(device)?,
+        mask: Tensor::from_slice(&mask)
+            .f_view([n as i64, 1, 1, ctx as i64])?
+            .f_to_device(device)?,
+    })
 }

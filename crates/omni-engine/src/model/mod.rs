@@ -5,6 +5,7 @@
 //! requests, sampling or scheduling.
 mod batch;
 mod decoder;
+mod paged_attention;
 mod rotary;
 
 pub use batch::{BatchEntry, ForwardBatch};
