@@ -237,6 +237,7 @@ impl LLMEngine {
         let precision = args.resolve_weight_precision(device, kind)?;
         let _guard = tch::no_grad_guard();
         tracing::info!(target: "omni::engine", model = %args.model, ?device, ?kind, precision = precision.as_str(), "loading model");
+        let heap = LoadHeap::enter();
         let loaded = crate::load_model(&args.model, device, kind)?;
         let cfg = loaded.config;
         let mut weights = loaded.weights;
@@ -263,6 +264,7 @@ impl LLMEngine {
             },
         )?;
         drop(weights);
+        drop(heap);
 
         let per_block = KvCache::bytes_per_block(&cfg, args.block_size, kind);
         // Never more than every sequence at full length needs.
@@ -417,5 +419,38 @@ impl LLMEngine {
     /// Whether any request is queued or running.
     pub fn has_unfinished(&self) -> bool {
         self.core.has_unfinished()
+    }
+}
+
+/// glibc malloc settings while a model loads. Loading makes and drops a
+/// full-precision copy of every weight (dequantized GGUF blocks, fp32
+/// before fp16 packing), megabytes each, and glibc keeps freed arena memory
+/// resident. Measured with SmolLM2 and fp16 weights: 816 MB anonymous after
+/// loading; 618 MB with the heap trimmed after the load; and a load peak
+/// (VmHWM) of 914 MB, 818 MB when every block of 1 MiB or more gets its own
+/// mapping during the load, which `free` returns whole. On drop the
+/// threshold goes to 32 MiB (glibc's adaptive ceiling) and the heap is
+/// trimmed.
+struct LoadHeap;
+
+impl LoadHeap {
+    fn enter() -> Self {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt only changes allocator tuning; any thread may call it.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        }
+        LoadHeap
+    }
+}
+
+impl Drop for LoadHeap {
+    fn drop(&mut self) {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: as above; malloc_trim only returns free memory.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::malloc_trim(0);
+        }
     }
 }
