@@ -34,6 +34,32 @@ fn garbage() -> Vec<Vec<Bytes>> {
     ]
 }
 
+/// Runs one greedy request of `max_tokens` through the pipeline and checks
+/// that it finishes with text.
+async fn serves_a_request(orch: &Orchestrator, id: &str, max_tokens: usize) -> TestResult {
+    let mut rx = orch
+        .submit(
+            id.into(),
+            Prompt::Text("One plus one is".into()),
+            greedy(orch.config(), &[max_tokens]),
+        )
+        .await?;
+    let mut text = None;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                StageEvent::Output { output, .. } if output.finished => text = Some(output.text),
+                StageEvent::Error(e) => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    })
+    .await??;
+    assert!(text.is_some_and(|t| !t.is_empty()), "{id}: no text");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_gets_error_replies_and_the_worker_keeps_serving() -> TestResult {
     let config = PipelineConfig::builtin("smollm2")?;
@@ -78,26 +104,7 @@ async fn garbage_gets_error_replies_and_the_worker_keeps_serving() -> TestResult
     }
 
     // And it still serves a valid request.
-    let mut rx = orch
-        .submit(
-            "after-garbage".into(),
-            Prompt::Text("One plus one is".into()),
-            greedy(orch.config(), &[6]),
-        )
-        .await?;
-    let mut text = None;
-    tokio::time::timeout(Duration::from_secs(120), async {
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                StageEvent::Output { output, .. } if output.finished => text = Some(output.text),
-                StageEvent::Error(e) => return Err(e),
-                _ => {}
-            }
-        }
-        Ok(())
-    })
-    .await??;
-    assert!(text.is_some_and(|t| !t.is_empty()));
+    serves_a_request(&orch, "after-garbage", 6).await?;
     let pid = orch.stages()[0].pid;
     assert!(runtime_support::pid_alive(pid));
     tokio::time::timeout(Duration::from_secs(60), orch.shutdown()).await??;
@@ -159,26 +166,7 @@ async fn a_huge_frame_header_on_tcp_is_refused_and_the_worker_keeps_serving() ->
 
     let pid = orch.stages()[0].pid;
     assert!(runtime_support::pid_alive(pid), "the worker died");
-    let mut rx = orch
-        .submit(
-            "after-huge-frame".into(),
-            Prompt::Text("One plus one is".into()),
-            greedy(orch.config(), &[4]),
-        )
-        .await?;
-    let mut text = None;
-    tokio::time::timeout(Duration::from_secs(120), async {
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                StageEvent::Output { output, .. } if output.finished => text = Some(output.text),
-                StageEvent::Error(e) => return Err(e),
-                _ => {}
-            }
-        }
-        Ok(())
-    })
-    .await??;
-    assert!(text.is_some_and(|t| !t.is_empty()));
+    serves_a_request(&orch, "after-huge-frame", 4).await?;
     tokio::time::timeout(Duration::from_secs(60), orch.shutdown()).await??;
     Ok(())
 }
