@@ -1,5 +1,6 @@
 //! `OmniLLM` on the default pipeline (two SmolLM2 stages, each its own
-//! process): outputs in prompt order with per-stage metrics, the answer
+//! process): outputs in prompt order with per-stage metrics (prefix-cache
+//! hits included), the answer
 //! stage agreeing with the engine run in-process, and typed errors for bad
 //! input.
 use omni_core::{Error, OmniEngineArgs, OmniLLM, SamplingParams, StageSamplingParams};
@@ -65,6 +66,14 @@ fn generate_returns_final_outputs_in_prompt_order_with_stage_metrics() -> Result
             out.stage_id
         );
         assert!(out.metrics.e2e_latency >= own.compute_time.min(out.metrics.e2e_latency));
+        // The chat template's system prompt is shared: after the first
+        // prompt, each stage's prefix cache holds at least its first block.
+        if out.request_id == outputs[0].request_id {
+            assert_eq!(own.num_cached_tokens, 0, "{own:?}");
+        } else {
+            assert!(own.num_cached_tokens >= 16, "{own:?}");
+            assert!(own.num_cached_tokens < own.num_prompt_tokens, "{own:?}");
+        }
     }
     // Stage 1's output carries stage 0's metrics too: its time went through both.
     let s1 = &outputs[1];

@@ -26,9 +26,16 @@ TOPICS = ["the ocean", "volcanoes", "honey bees", "the moon", "bicycles", "rainb
           "gardens"]
 
 
+FORMS = [("Tell me one interesting fact about ", "."),
+         ("What would surprise most people about ", "?"),
+         ("Explain briefly why people care about ", "."),
+         ("Describe ", " to a curious child.")]
+
+
 def bench_prompt(i):
     # Same as omni-cli's bench_prompt.
-    return f"Tell me one interesting fact about {TOPICS[i % len(TOPICS)]}."
+    head, tail = FORMS[(i // len(TOPICS)) % len(FORMS)]
+    return f"{head}{TOPICS[i % len(TOPICS)]}{tail}"
 
 
 def generate(model, tok, messages_list, max_tokens):

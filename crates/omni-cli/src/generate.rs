@@ -120,11 +120,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             .iter()
             .map(|s| {
                 format!(
-                    "stage {}: queue {:.3}s compute {:.3}s, {} prompt + {} generated tokens",
+                    "stage {}: queue {:.3}s compute {:.3}s, {} prompt ({} cached) + {} generated tokens",
                     s.stage_id,
                     s.queue_time.as_secs_f64(),
                     s.compute_time.as_secs_f64(),
                     s.num_prompt_tokens,
+                    s.num_cached_tokens,
                     s.num_generated_tokens
                 )
             })

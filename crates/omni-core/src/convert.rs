@@ -92,6 +92,7 @@ pub(crate) fn stage_metrics(
                 .map(Duration::from_micros)
                 .or_else(|| m.first_token_unix_us.map(|t| us(m.arrival_unix_us, t))),
             num_prompt_tokens: m.num_prompt_tokens,
+            num_cached_tokens: m.num_cached_tokens,
             num_generated_tokens: m.num_generated_tokens,
         },
         None => {

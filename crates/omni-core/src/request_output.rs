@@ -112,6 +112,8 @@ pub struct StageMetrics {
     pub time_to_first_token: Option<Duration>,
     /// Prompt tokens the stage read.
     pub num_prompt_tokens: usize,
+    /// Of those, tokens whose K/V the stage's prefix cache already held.
+    pub num_cached_tokens: usize,
     /// Tokens the stage generated so far.
     pub num_generated_tokens: usize,
 }

@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use tch::{Device, Kind};
 
+use crate::block_pool::PrefixCacheStats;
 use crate::engine_core::{CoreConfig, EngineCore};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
@@ -61,6 +62,9 @@ pub struct EngineArgs {
     pub max_model_len: Option<usize>,
     /// KV block size in tokens.
     pub block_size: usize,
+    /// Reuse the K/V of full blocks whose prefix an earlier request computed
+    /// (vLLM's automatic prefix caching; on by default, as in vLLM v1).
+    pub enable_prefix_caching: bool,
     /// KV cache budget in bytes; default derived from device memory.
     pub kv_cache_memory_bytes: Option<u64>,
     /// Seeds requests that bring no seed of their own.
@@ -82,6 +86,7 @@ impl Default for EngineArgs {
             max_num_batched_tokens: 2048,
             max_model_len: None,
             block_size: 16,
+            enable_prefix_caching: true,
             kv_cache_memory_bytes: None,
             seed: 0,
             num_threads: None,
@@ -305,6 +310,7 @@ impl LLMEngine {
                 },
                 block_size: args.block_size,
                 num_blocks,
+                prefix_caching: args.enable_prefix_caching,
                 max_model_len,
                 eos_token_ids: eos,
                 seed: args.seed,
@@ -352,6 +358,11 @@ impl LLMEngine {
     /// KV cache blocks (including the reserved one).
     pub fn num_kv_blocks(&self) -> usize {
         self.core.num_kv_blocks()
+    }
+
+    /// Prefix-cache hits since the engine started.
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        self.core.prefix_cache_stats()
     }
 
     /// Turns a prompt into token ids as the engine would.

@@ -14,8 +14,9 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::block_pool::{BlockPool, PrefixCacheStats};
 use crate::error::{Error, Result};
-use crate::kv_cache::{BlockAllocator, KvCache};
+use crate::kv_cache::KvCache;
 use crate::model::{BatchEntry, ForwardBatch, Model};
 use crate::request::{FinishReason, RequestOutput, Sequence, SequenceStatus};
 use crate::sampler::{self, SampleInput};
@@ -28,6 +29,7 @@ pub(crate) struct CoreConfig {
     pub scheduler: SchedulerConfig,
     pub block_size: usize,
     pub num_blocks: usize,
+    pub prefix_caching: bool,
     pub max_model_len: usize,
     pub eos_token_ids: Vec<u32>,
     pub seed: u64,
@@ -62,7 +64,7 @@ impl EngineCore {
         let cache = model.new_cache(cfg.num_blocks, cfg.block_size)?;
         let scheduler = Scheduler::new(
             cfg.scheduler,
-            BlockAllocator::new(cfg.num_blocks, cfg.block_size),
+            BlockPool::new(cfg.num_blocks, cfg.block_size, cfg.prefix_caching),
         );
         Ok(Self {
             model,
@@ -89,6 +91,10 @@ impl EngineCore {
 
     pub fn has_unfinished(&self) -> bool {
         self.scheduler.has_unfinished()
+    }
+
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        self.scheduler.pool.stats()
     }
 
     /// Queues a request after checking everything about it.
@@ -190,8 +196,8 @@ impl EngineCore {
                 self.model.forward(&batch, &mut self.cache)?
             };
             for sc in &plan.scheduled {
+                self.scheduler.advance(sc.index, sc.num_tokens);
                 let s = &mut self.scheduler.running[sc.index];
-                s.num_computed_tokens += sc.num_tokens;
                 s.metrics.first_scheduled_time.get_or_insert(now);
             }
 
@@ -391,6 +397,16 @@ mod tests {
         max_seqs: usize,
         max_tokens: usize,
     ) -> Result<EngineCore> {
+        core_with(arch, num_blocks, max_seqs, max_tokens, true)
+    }
+
+    fn core_with(
+        arch: Architecture,
+        num_blocks: usize,
+        max_seqs: usize,
+        max_tokens: usize,
+        prefix_caching: bool,
+    ) -> Result<EngineCore> {
         EngineCore::new(
             model(arch)?,
             CoreConfig {
@@ -400,6 +416,7 @@ mod tests {
                 },
                 block_size: 4,
                 num_blocks,
+                prefix_caching,
                 max_model_len: 256,
                 eos_token_ids: vec![2],
                 seed: 0,
@@ -490,6 +507,55 @@ mod tests {
                 assert_eq!(a.token_ids, batched[id].token_ids, "{arch:?} {id} batched");
                 assert_eq!(a.token_ids, tight[id].token_ids, "{arch:?} {id} preempted");
                 assert_eq!(a.finish_reason, Some(FinishReason::Length));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn prefix_cached_runs_match_uncached_ones() -> Result<()> {
+        // 13 shared tokens (3 full blocks of 4), then tails: r2 repeats r0,
+        // r5 is the shared part alone, r4 arrives after the others finished
+        // (their blocks free but still cached).
+        let shared = prompt(13, 9);
+        let tails = [
+            prompt(3, 20),
+            prompt(5, 21),
+            prompt(3, 20),
+            prompt(1, 22),
+            prompt(8, 23),
+            vec![],
+        ];
+        let arrive = [0, 0, 1, 3, 60, 5];
+        let reqs: Vec<_> = tails
+            .iter()
+            .zip(arrive)
+            .enumerate()
+            .map(|(i, (tail, at))| {
+                let mut p = shared.clone();
+                p.extend(tail);
+                (format!("r{i}"), p, greedy(8), at)
+            })
+            .collect();
+        for arch in ARCHS {
+            let mut alone = HashMap::new();
+            for r in &reqs {
+                let mut c = core_with(arch, 64, 1, 512, false)?;
+                alone.extend(run(&mut c, &[(r.0.clone(), r.1.clone(), r.2.clone(), 0)])?);
+            }
+            // Chunked prefills, and a cache so small that blocks are evicted
+            // and sequences preempted.
+            for (blocks, budget) in [(128, 7), (12, 64)] {
+                let mut c = core(arch, blocks, 8, budget)?;
+                let cached = run(&mut c, &reqs)?;
+                for (id, a) in &alone {
+                    assert_eq!(a.token_ids, cached[id].token_ids, "{arch:?} {id} {blocks}");
+                }
+                assert!(c.prefix_cache_stats().hit_tokens > 0, "{arch:?} {blocks}");
+                if blocks == 128 {
+                    assert_eq!(cached["r4"].metrics.num_cached_tokens, 12);
+                    assert_eq!(cached["r2"].metrics.num_cached_tokens, 12);
+                }
             }
         }
         Ok(())

@@ -1,83 +1,24 @@
-//! The paged KV cache: fixed-size blocks of token slots, a block allocator,
-//! and per-layer K/V storage.
+//! The paged KV cache's storage: fixed-size blocks of token slots, per layer,
+//! for K and V. Which block holds what is `block_pool`'s business.
 //!
 //! Storage is one flat slot tensor per layer and for K and V,
 //! `[num_blocks * block_size, kv_heads, head_dim]`: token `p` of a sequence
 //! lives in slot `block_table[p / block_size] * block_size + p % block_size`.
-//! New K/V are written with one `index_copy_` per layer and read back with
-//! one `index_select` (see `model/batch.rs`), so paging costs no per-token
-//! work (the idea of vLLM's PagedAttention, without a custom kernel).
+//! New K/V are written with one `index_copy_` per layer and read back in
+//! place through the block tables (the CPU kernel) or with one `index_select`
+//! (see `model/batch.rs`), so paging costs no per-token work (the idea of
+//! vLLM's PagedAttention).
 //!
 //! Block 0 is reserved and zeroed: padded gather indices point at it, so
 //! masked positions read finite zeros, never stale or uninitialised memory
 //! (a masked NaN would still poison the softmax-weighted sum). The other
 //! blocks are allocated `empty`, so the process only touches the pages it
 //! uses. This module knows nothing of requests; the scheduler owns the
-//! [`BlockAllocator`] and the sequences' block tables.
+//! [`crate::BlockPool`] and the sequences' block tables.
 use tch::{Device, Kind, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-
-/// Hands out KV blocks; block 0 is never handed out (see the module docs).
-#[derive(Debug, Clone)]
-pub struct BlockAllocator {
-    /// Free block ids; popped from the end.
-    free: Vec<u32>,
-    num_blocks: usize,
-    block_size: usize,
-}
-
-impl BlockAllocator {
-    /// An allocator over `num_blocks` blocks of `block_size` tokens (one of
-    /// them reserved).
-    pub fn new(num_blocks: usize, block_size: usize) -> Self {
-        // Reversed so low ids come out first (easier to read in traces).
-        let free = (1..num_blocks as u32).rev().collect();
-        Self {
-            free,
-            num_blocks,
-            block_size,
-        }
-    }
-
-    /// Tokens per block.
-    pub fn block_size(&self) -> usize {
-        self.block_size
-    }
-
-    /// Blocks that can ever be handed out.
-    pub fn num_usable_blocks(&self) -> usize {
-        self.num_blocks.saturating_sub(1)
-    }
-
-    /// Blocks free now.
-    pub fn num_free_blocks(&self) -> usize {
-        self.free.len()
-    }
-
-    /// Blocks needed to hold `num_tokens` tokens.
-    pub fn blocks_for(&self, num_tokens: usize) -> usize {
-        num_tokens.div_ceil(self.block_size)
-    }
-
-    /// Grows `table` so it holds `num_tokens` tokens. All or nothing: returns
-    /// `false` and leaves `table` unchanged when too few blocks are free.
-    pub fn grow(&mut self, table: &mut Vec<u32>, num_tokens: usize) -> bool {
-        let needed = self.blocks_for(num_tokens).saturating_sub(table.len());
-        if needed > self.free.len() {
-            return false;
-        }
-        let start = self.free.len() - needed;
-        table.extend(self.free.drain(start..).rev());
-        true
-    }
-
-    /// Returns every block of `table` and empties it.
-    pub fn release(&mut self, table: &mut Vec<u32>) {
-        self.free.extend(table.drain(..).rev());
-    }
-}
 
 /// Per-layer K and V slot tensors.
 #[derive(Debug)]
@@ -162,33 +103,5 @@ impl KvCache {
     /// Tokens per block.
     pub fn block_size(&self) -> usize {
         self.block_size
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grow_is_all_or_nothing_and_release_returns_blocks() {
-        let mut a = BlockAllocator::new(5, 4); // 4 usable
-        let mut t1 = Vec::new();
-        assert!(a.grow(&mut t1, 9)); // 3 blocks
-        assert_eq!(t1.len(), 3);
-        assert!(!t1.contains(&0));
-        let mut t2 = Vec::new();
-        assert!(!a.grow(&mut t2, 5)); // needs 2, 1 free
-        assert!(t2.is_empty());
-        assert!(a.grow(&mut t2, 4));
-        assert_eq!(a.num_free_blocks(), 0);
-        assert!(a.grow(&mut t1, 12)); // still 3 blocks: no-op
-        a.release(&mut t1);
-        assert!(t1.is_empty());
-        assert_eq!(a.num_free_blocks(), 3);
-        let mut all: Vec<u32> = Vec::new();
-        assert!(a.grow(&mut all, 12));
-        all.extend(&t2);
-        all.sort_unstable();
-        assert_eq!(all, vec![1, 2, 3, 4]);
     }
 }

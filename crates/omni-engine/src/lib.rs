@@ -2,8 +2,8 @@
 //!
 //! The engine inside every stage: models on libtorch (`tch`), weight loading
 //! (GGUF, Hugging Face safetensors folders), the tokenizer and chat template,
-//! a paged KV cache, a continuous-batching scheduler, the sampler and the
-//! incremental detokenizer.
+//! a paged KV cache with prefix caching, a continuous-batching scheduler, the
+//! sampler and the incremental detokenizer.
 //!
 //! It stands alone: depend on `omni-engine` only to run a model in-process.
 //! It must not know about processes, sockets or profiler backends; it marks
@@ -11,6 +11,7 @@
 //! and whoever installs a subscriber decides what to do with them.
 #![warn(missing_docs)]
 
+mod block_pool;
 mod chat_template;
 mod config;
 mod detokenizer;
@@ -32,6 +33,7 @@ mod shim;
 mod tokenizer;
 mod weights;
 
+pub use block_pool::{BlockPool, PrefixCacheStats};
 pub use chat_template::ChatTemplate;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use detokenizer::Detokenizer;
@@ -40,7 +42,7 @@ pub use error::{Error, Result};
 pub use gguf::{
     dequantize_bytes, hf_name as gguf_to_hf_name, GgmlType, GgufFile, GgufTensorInfo, GgufValue,
 };
-pub use kv_cache::{BlockAllocator, KvCache};
+pub use kv_cache::KvCache;
 pub use linear::WeightPrecision;
 pub use loader::{load_model, LoadedModel, ModelSource};
 pub use model::{BatchEntry, ForwardBatch, Model, ModelOptions, ModelOutput};

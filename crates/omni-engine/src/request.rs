@@ -13,6 +13,7 @@ use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
+use crate::block_pool::BlockHash;
 use crate::sampling_params::SamplingParams;
 
 /// One message of a chat prompt.
@@ -122,6 +123,9 @@ pub struct RequestMetrics {
     pub num_generated_tokens: usize,
     /// How often it was preempted (its KV cache dropped and recomputed).
     pub num_preemptions: usize,
+    /// Prompt tokens whose K/V came from the prefix cache when it was first
+    /// scheduled (vLLM's `num_cached_tokens`).
+    pub num_cached_tokens: usize,
 }
 
 impl RequestMetrics {
@@ -134,6 +138,7 @@ impl RequestMetrics {
             num_prompt_tokens,
             num_generated_tokens: 0,
             num_preemptions: 0,
+            num_cached_tokens: 0,
         }
     }
 
@@ -193,6 +198,9 @@ pub(crate) struct Sequence {
     pub num_computed_tokens: usize,
     /// Physical KV blocks holding this sequence's tokens, in order.
     pub block_table: Vec<u32>,
+    /// Prefix-cache hashes of the leading full blocks of `tokens`, as far as
+    /// they were needed (a function of `tokens`, so preemption keeps them).
+    pub block_hashes: Vec<BlockHash>,
     /// The request's own generator, so its draws do not depend on the batch.
     pub rng: ChaCha20Rng,
     /// Admission order; earlier requests keep their place under preemption.
@@ -224,6 +232,7 @@ impl Sequence {
             status: SequenceStatus::Waiting,
             num_computed_tokens: 0,
             block_table: Vec::new(),
+            block_hashes: Vec::new(),
             rng: ChaCha20Rng::seed_from_u64(rng_seed),
             arrival_index,
             logprobs: Vec::new(),

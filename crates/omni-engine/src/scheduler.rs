@@ -9,6 +9,12 @@
 //! requests join between steps, finished ones leave, and one step can mix
 //! prefill chunks and decodes.
 //!
+//! With prefix caching on, an admitted sequence starts past the blocks of its
+//! prompt the cache already holds (see `block_pool`). A waiting sequence
+//! whose next uncached block is being computed by this very step waits one
+//! step, then finds it cached (SGLang's in-batch prefix sharing): requests
+//! that arrive together with a common system prompt compute it once.
+//!
 //! When a running sequence needs a block and none is free, the newest running
 //! sequence is preempted: its blocks are released and it goes back to the
 //! front of the queue with its tokens, to be recomputed later (vLLM's
@@ -16,9 +22,9 @@
 //! whole cache to itself finishes with `Length` instead of looping forever.
 //!
 //! The scheduler knows sequences and blocks, not tensors or models.
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
-use crate::kv_cache::BlockAllocator;
+use crate::block_pool::{BlockHash, BlockPool};
 use crate::request::{FinishReason, Sequence, SequenceStatus};
 
 /// Limits of one step.
@@ -47,11 +53,11 @@ pub(crate) struct SchedulerOutput {
     pub num_preempted: usize,
 }
 
-/// Queues, the running batch and the block allocator.
+/// Queues, the running batch and the block pool.
 #[derive(Debug)]
 pub(crate) struct Scheduler {
     config: SchedulerConfig,
-    pub allocator: BlockAllocator,
+    pub pool: BlockPool,
     pub waiting: VecDeque<Sequence>,
     pub running: Vec<Sequence>,
     /// Sequences finished outside a forward pass (cache too small for them),
@@ -60,10 +66,10 @@ pub(crate) struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(config: SchedulerConfig, allocator: BlockAllocator) -> Self {
+    pub fn new(config: SchedulerConfig, pool: BlockPool) -> Self {
         Self {
             config,
-            allocator,
+            pool,
             waiting: VecDeque::new(),
             running: Vec::new(),
             finished_early: Vec::new(),
@@ -92,7 +98,7 @@ impl Scheduler {
                 .position(|s| s.request_id == request_id)?;
             Some(self.finished_early.remove(i))
         }?;
-        self.allocator.release(&mut seq.block_table);
+        self.pool.release(&mut seq.block_table);
         Some(seq)
     }
 
@@ -103,7 +109,7 @@ impl Scheduler {
         while i < self.running.len() {
             if self.running[i].is_finished() {
                 let mut seq = self.running.remove(i);
-                self.allocator.release(&mut seq.block_table);
+                self.pool.release(&mut seq.block_table);
                 done.push(seq);
             } else {
                 i += 1;
@@ -113,12 +119,12 @@ impl Scheduler {
     }
 
     fn fits_alone(&self, num_tokens: usize) -> bool {
-        self.allocator.blocks_for(num_tokens) <= self.allocator.num_usable_blocks()
+        self.pool.blocks_for(num_tokens) <= self.pool.num_usable_blocks()
     }
 
     fn preempt(&mut self, index: usize) {
         let mut seq = self.running.remove(index);
-        self.allocator.release(&mut seq.block_table);
+        self.pool.release(&mut seq.block_table);
         seq.num_computed_tokens = 0;
         seq.status = SequenceStatus::Waiting;
         seq.metrics.num_preemptions += 1;
@@ -132,7 +138,7 @@ impl Scheduler {
     }
 
     fn finish_too_long(&mut self, mut seq: Sequence) {
-        self.allocator.release(&mut seq.block_table);
+        self.pool.release(&mut seq.block_table);
         tracing::warn!(
             target: "omni::engine",
             request_id = %seq.request_id,
@@ -149,6 +155,8 @@ impl Scheduler {
         let mut budget = self.config.max_num_batched_tokens;
         // Oldest first, so preemption (from the back) hits the newest.
         self.running.sort_by_key(|s| s.arrival_index);
+        // Full blocks this step computes, for in-batch prefix sharing.
+        let mut pending = HashSet::new();
 
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
@@ -162,7 +170,7 @@ impl Scheduler {
             let mut scheduled_self = true;
             loop {
                 let seq = &mut self.running[i];
-                if self.allocator.grow(&mut seq.block_table, need) {
+                if self.pool.grow(&mut seq.block_table, need) {
                     break;
                 }
                 let victim = self.running.len() - 1;
@@ -176,6 +184,7 @@ impl Scheduler {
             if !scheduled_self {
                 break;
             }
+            self.note_pending(i, n, &mut pending);
             out.scheduled.push(ScheduledSeq {
                 index: i,
                 num_tokens: n,
@@ -187,35 +196,98 @@ impl Scheduler {
         // Admit waiting sequences, unless this step already had to preempt
         // (admitting now would only preempt again).
         if out.num_preempted == 0 {
-            while budget > 0 && self.running.len() < self.config.max_num_seqs {
-                let Some(front) = self.waiting.front() else {
-                    break;
-                };
-                if !self.fits_alone(front.tokens.len() + 1) {
-                    if let Some(seq) = self.waiting.pop_front() {
-                        self.finish_too_long(seq);
-                    }
-                    continue;
-                }
-                let n = front.num_uncomputed().min(budget);
-                let mut table = Vec::new();
-                if !self.allocator.grow(&mut table, n) {
-                    break;
-                }
-                let Some(mut seq) = self.waiting.pop_front() else {
-                    break;
-                };
-                seq.block_table = table;
-                seq.status = SequenceStatus::Running;
-                self.running.push(seq);
-                out.scheduled.push(ScheduledSeq {
-                    index: self.running.len() - 1,
-                    num_tokens: n,
-                });
-                budget -= n;
-            }
+            self.admit(&mut budget, &mut pending, &mut out);
         }
         out
+    }
+
+    /// Admits waiting sequences, in order, while the budget, `max_num_seqs`
+    /// and free blocks allow.
+    fn admit(
+        &mut self,
+        budget: &mut usize,
+        pending: &mut HashSet<BlockHash>,
+        out: &mut SchedulerOutput,
+    ) {
+        let mut j = 0;
+        while *budget > 0 && self.running.len() < self.config.max_num_seqs {
+            let Some(len) = self.waiting.get(j).map(|s| s.tokens.len()) else {
+                break;
+            };
+            if !self.fits_alone(len + 1) {
+                if let Some(seq) = self.waiting.remove(j) {
+                    self.finish_too_long(seq);
+                }
+                continue;
+            }
+            let seq = &mut self.waiting[j];
+            if self.pool.prefix_caching() {
+                self.pool
+                    .extend_hashes(&seq.tokens, &mut seq.block_hashes, usize::MAX);
+                let cached = self.pool.num_cached_prefix_blocks(&seq.block_hashes);
+                let usable = (seq.tokens.len() - 1) / self.pool.block_size();
+                let next = seq.block_hashes.get(cached).filter(|_| cached < usable);
+                if next.is_some_and(|h| pending.contains(h)) {
+                    j += 1;
+                    continue;
+                }
+            }
+            let mut table = Vec::new();
+            let hit = self
+                .pool
+                .take_cached_prefix(&seq.tokens, &seq.block_hashes, &mut table);
+            let n = (seq.tokens.len() - hit).min(*budget);
+            if !self.pool.grow(&mut table, hit + n) {
+                self.pool.release(&mut table);
+                break;
+            }
+            let Some(mut seq) = self.waiting.remove(j) else {
+                break;
+            };
+            seq.block_table = table;
+            seq.num_computed_tokens = hit;
+            if seq.metrics.num_preemptions == 0 {
+                seq.metrics.num_cached_tokens = hit;
+            }
+            seq.status = SequenceStatus::Running;
+            self.running.push(seq);
+            let index = self.running.len() - 1;
+            self.note_pending(index, n, pending);
+            out.scheduled.push(ScheduledSeq {
+                index,
+                num_tokens: n,
+            });
+            *budget -= n;
+        }
+    }
+
+    /// Records the full blocks that `num_tokens` more tokens of running
+    /// sequence `index` complete.
+    fn note_pending(&mut self, index: usize, num_tokens: usize, pending: &mut HashSet<BlockHash>) {
+        if !self.pool.prefix_caching() {
+            return;
+        }
+        let seq = &mut self.running[index];
+        let bs = self.pool.block_size();
+        let first = seq.num_computed_tokens / bs;
+        let end = (seq.num_computed_tokens + num_tokens) / bs;
+        self.pool
+            .extend_hashes(&seq.tokens, &mut seq.block_hashes, end);
+        pending.extend(seq.block_hashes.iter().take(end).skip(first));
+    }
+
+    /// Records that a step computed `num_tokens` more tokens of running
+    /// sequence `index`, and offers its newly filled blocks to the cache.
+    pub fn advance(&mut self, index: usize, num_tokens: usize) {
+        let seq = &mut self.running[index];
+        let start = seq.num_computed_tokens;
+        seq.num_computed_tokens += num_tokens;
+        self.pool.cache_full_blocks(
+            &seq.tokens,
+            &mut seq.block_hashes,
+            &seq.block_table,
+            start..seq.num_computed_tokens,
+        );
     }
 }
 
@@ -224,10 +296,13 @@ mod tests {
     use super::*;
     use crate::sampling_params::SamplingParams;
 
+    /// A sequence whose tokens differ from other ids' (unless they share a
+    /// first letter), so the prefix cache stays out of the way.
     fn seq(id: &str, len: usize, arrival: u64) -> Sequence {
+        let salt = 1000 * u32::from(id.as_bytes()[0]);
         Sequence::new(
             id.to_owned(),
-            vec![1; len],
+            (0..len as u32).map(|k| salt + k).collect(),
             SamplingParams::greedy(),
             0,
             arrival,
@@ -238,8 +313,8 @@ mod tests {
     /// gain one sampled token.
     fn run(s: &mut Scheduler, out: &SchedulerOutput) {
         for sc in &out.scheduled {
+            s.advance(sc.index, sc.num_tokens);
             let seq = &mut s.running[sc.index];
-            seq.num_computed_tokens += sc.num_tokens;
             if seq.num_computed_tokens == seq.tokens.len() {
                 seq.tokens.push(2);
             }
@@ -252,7 +327,7 @@ mod tests {
             max_num_seqs: 4,
             max_num_batched_tokens: 8,
         };
-        let mut s = Scheduler::new(cfg, BlockAllocator::new(64, 4));
+        let mut s = Scheduler::new(cfg, BlockPool::new(64, 4, true));
         s.add(seq("a", 3, 0));
         s.add(seq("b", 10, 1));
         let out = s.schedule();
@@ -294,7 +369,7 @@ mod tests {
             max_num_batched_tokens: 64,
         };
         // 4 usable blocks of 2 tokens.
-        let mut s = Scheduler::new(cfg, BlockAllocator::new(5, 2));
+        let mut s = Scheduler::new(cfg, BlockPool::new(5, 2, true));
         s.add(seq("old", 3, 0));
         s.add(seq("new", 3, 1));
         let out = s.schedule();
@@ -310,7 +385,7 @@ mod tests {
         assert_eq!(s.waiting[0].request_id, "new");
         assert_eq!(s.waiting[0].num_computed_tokens, 0);
         assert!(s.waiting[0].block_table.is_empty());
-        assert_eq!(s.allocator.num_free_blocks(), 1);
+        assert_eq!(s.pool.num_free_blocks(), 1);
     }
 
     #[test]
@@ -319,7 +394,7 @@ mod tests {
             max_num_seqs: 8,
             max_num_batched_tokens: 64,
         };
-        let mut s = Scheduler::new(cfg, BlockAllocator::new(3, 2)); // 4 tokens
+        let mut s = Scheduler::new(cfg, BlockPool::new(3, 2, true)); // 4 tokens
         s.add(seq("huge", 9, 0));
         let out = s.schedule();
         assert!(out.scheduled.is_empty());
@@ -330,5 +405,69 @@ mod tests {
             SequenceStatus::Finished(FinishReason::Length)
         );
         assert!(!s.has_unfinished());
+    }
+
+    #[test]
+    fn requests_sharing_a_prefix_compute_it_once() {
+        let cfg = SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 64,
+        };
+        let mut s = Scheduler::new(cfg, BlockPool::new(64, 4, true));
+        // "s1" and "s2" share their first 8 tokens (2 blocks); "x" shares
+        // nothing and is not held up.
+        let mut s2 = seq("s2", 10, 1);
+        s2.tokens[9] = 7;
+        s.add(seq("s1", 10, 0));
+        s.add(s2);
+        s.add(seq("x", 6, 2));
+        let out = s.schedule();
+        let ids: Vec<&str> = out
+            .scheduled
+            .iter()
+            .map(|sc| s.running[sc.index].request_id.as_str())
+            .collect();
+        assert_eq!(ids, ["s1", "x"], "s2 waits for s1's blocks");
+        run(&mut s, &out);
+        let out = s.schedule();
+        let last = out.scheduled.last().copied();
+        let s2 = last.map(|sc| (&s.running[sc.index], sc.num_tokens));
+        let (s2, n) = s2.unwrap_or_else(|| panic!("s2 not admitted"));
+        assert_eq!(s2.request_id, "s2");
+        assert_eq!((s2.num_computed_tokens, n), (8, 2));
+        assert_eq!(s2.metrics.num_cached_tokens, 8);
+        assert_eq!(s2.block_table[..2], s.running[0].block_table[..2]);
+        assert_eq!(s.pool.stats().hit_tokens, 8);
+    }
+
+    #[test]
+    fn a_preempted_sequence_finds_its_own_blocks_again() {
+        let cfg = SchedulerConfig {
+            max_num_seqs: 8,
+            max_num_batched_tokens: 64,
+        };
+        // 5 usable blocks of 2 tokens.
+        let mut s = Scheduler::new(cfg, BlockPool::new(6, 2, true));
+        s.add(seq("old", 3, 0));
+        s.add(seq("new", 5, 1));
+        let out = s.schedule(); // old 2 blocks, new 3 blocks
+        run(&mut s, &out);
+        let out = s.schedule(); // old: 4 tokens; new: 6 tokens -> no more blocks
+        assert_eq!(out.num_preempted, 0);
+        run(&mut s, &out);
+        // old needs a 3rd block: new is preempted, and its tail block, the
+        // first to be evicted, goes to old.
+        let out = s.schedule();
+        assert_eq!(out.num_preempted, 1);
+        run(&mut s, &out);
+        // old finishes and leaves; new comes back and finds its head blocks.
+        s.running[0].status = SequenceStatus::Finished(FinishReason::Length);
+        assert_eq!(s.take_finished().len(), 1);
+        let out = s.schedule();
+        assert_eq!(out.scheduled.len(), 1);
+        let new = &s.running[out.scheduled[0].index];
+        assert_eq!(new.request_id, "new");
+        assert_eq!(new.num_computed_tokens, 4);
+        assert_eq!(out.scheduled[0].num_tokens, 3);
     }
 }

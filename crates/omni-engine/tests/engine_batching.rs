@@ -1,7 +1,8 @@
 //! Continuous batching changes nothing about greedy outputs: requests of
 //! mixed prompt lengths, joining mid-run, under a KV budget so small that
-//! sequences get preempted and recomputed, produce exactly the tokens they
-//! produce alone. Also: a seeded sampled run repeats exactly.
+//! sequences get preempted and recomputed, with prefix caching on (the
+//! default), produce exactly the tokens they produce alone with it off. Also:
+//! a seeded sampled run repeats exactly.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -52,6 +53,7 @@ fn engine(
     max_num_seqs: usize,
     max_batched: usize,
     kv_bytes: u64,
+    prefix_caching: bool,
 ) -> Result<LLMEngine> {
     LLMEngine::new(&EngineArgs {
         model: model.display().to_string(),
@@ -63,6 +65,7 @@ fn engine(
         max_model_len: Some(256),
         block_size: 8,
         kv_cache_memory_bytes: Some(kv_bytes),
+        enable_prefix_caching: prefix_caching,
         ..EngineArgs::default()
     })
 }
@@ -101,13 +104,22 @@ fn run(
 
 fn batched_equals_alone(model: &Path, fixture: &str) -> Result<()> {
     let cases = prompts(fixture)?;
-    let reqs: Vec<_> = cases
+    let mut reqs: Vec<_> = cases
         .iter()
         .enumerate()
         .map(|(i, (name, p))| (name.clone(), p.clone(), greedy(8 + 4 * (i % 5)), 3 * i))
         .collect();
+    // The longest prompt again, late, once whole and once with a new tail:
+    // both find its leading blocks in the prefix cache.
+    let long = cases.iter().map(|c| &c.1).max_by_key(|p| p.len());
+    let long = long.cloned().unwrap_or_default();
+    let mut tail = long.clone();
+    tail.extend([28, 330, 17]);
+    let late = 3 * reqs.len() + 1;
+    reqs.push(("repeat".into(), long.clone(), greedy(8), late));
+    reqs.push(("extend".into(), tail, greedy(8), late + 1));
 
-    let mut alone_engine = engine(model, 1, 2048, 64 << 20)?;
+    let mut alone_engine = engine(model, 1, 2048, 64 << 20, false)?;
     let per_block = KvCache::bytes_per_block(alone_engine.model().config(), 8, Kind::Float);
     // Room for the longest request alone (plus the reserved block and one
     // spare), far from enough for all of them at once.
@@ -124,10 +136,17 @@ fn batched_equals_alone(model: &Path, fixture: &str) -> Result<()> {
         alone.extend(run(&mut alone_engine, &[r])?);
     }
     // Everyone, joining over time, prefills chunked by a 16-token budget.
-    let mut e = engine(model, 16, 16, 64 << 20)?;
+    let mut e = engine(model, 16, 16, 64 << 20, true)?;
     let batched = run(&mut e, &reqs)?;
+    let full_blocks = (long.len() - 1) / 8 * 8;
+    for id in ["repeat", "extend"] {
+        assert_eq!(
+            batched[id].metrics.num_cached_tokens, full_blocks,
+            "{fixture} {id}: the prefix cache missed"
+        );
+    }
     // A KV cache far too small for everyone at once.
-    let mut e = engine(model, 16, 256, kv_tight)?;
+    let mut e = engine(model, 16, 256, kv_tight, true)?;
     let tight = run(&mut e, &reqs)?;
     assert!(
         tight.values().any(|o| o.metrics.num_preemptions > 0),
@@ -172,7 +191,7 @@ fn seeded_sampling_repeats_exactly() -> Result<()> {
         ..SamplingParams::default()
     };
     let target = ("sampled".to_owned(), cases[0].1.clone(), params, 0);
-    let mut e = engine(&smollm2(), 8, 256, 64 << 20)?;
+    let mut e = engine(&smollm2(), 8, 256, 64 << 20, true)?;
     let first = run(&mut e, std::slice::from_ref(&target))?;
     let second = run(&mut e, std::slice::from_ref(&target))?;
     // Same request inside a busy batch, joining late.

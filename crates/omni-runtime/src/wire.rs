@@ -118,6 +118,9 @@ pub struct StageMetrics {
     pub ttft_us: Option<u64>,
     /// How often the engine preempted the request.
     pub num_preemptions: usize,
+    /// Prompt tokens whose K/V the engine's prefix cache held.
+    #[serde(default)]
+    pub num_cached_tokens: usize,
 }
 
 /// Start a request on an entry stage.

@@ -134,12 +134,20 @@ const TOPICS: [&str; 16] = [
     "gardens",
 ];
 
+/// Question forms; with [`TOPICS`], 64 distinct prompts. Distinct, so the
+/// prefix cache only gains what real traffic shares (the chat template), not
+/// whole repeated prompts.
+const FORMS: [(&str, &str); 4] = [
+    ("Tell me one interesting fact about ", "."),
+    ("What would surprise most people about ", "?"),
+    ("Explain briefly why people care about ", "."),
+    ("Describe ", " to a curious child."),
+];
+
 /// The i-th benchmark prompt (`bench/hf_pipeline.py` builds the same).
 pub fn bench_prompt(i: usize) -> String {
-    format!(
-        "Tell me one interesting fact about {}.",
-        TOPICS[i % TOPICS.len()]
-    )
+    let (head, tail) = FORMS[(i / TOPICS.len()) % FORMS.len()];
+    format!("{head}{}{tail}", TOPICS[i % TOPICS.len()])
 }
 
 fn chat(text: &str) -> Prompt {
@@ -178,4 +186,20 @@ fn run_batch(omni: &OmniLLM, n: usize, max_tokens: usize) -> anyhow::Result<(f64
         .context("generating")?;
     let wall = start.elapsed().as_secs_f64();
     Ok((wall, outputs.iter().map(|o| o.token_ids.len()).sum()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_64_bench_prompts_are_distinct() {
+        let all: std::collections::HashSet<String> = (0..64).map(bench_prompt).collect();
+        assert_eq!(all.len(), 64);
+        assert_eq!(
+            bench_prompt(0),
+            "Tell me one interesting fact about the ocean."
+        );
+        assert_eq!(bench_prompt(63), "Describe gardens to a curious child.");
+    }
 }

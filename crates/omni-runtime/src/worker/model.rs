@@ -471,6 +471,7 @@ impl Loop {
                 };
                 req.metrics.ttft_us = em.time_to_first_token().map(us);
                 req.metrics.num_preemptions = em.num_preemptions;
+                req.metrics.num_cached_tokens = em.num_cached_tokens;
             }
             let start = req.sent_tokens.min(o.token_ids.len());
             let delta_ids = o.token_ids[start..].to_vec();
