@@ -49,6 +49,8 @@ fn main() {
         .file("csrc/paged_attention.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
+        // fbgemm's headers name asmjit's types; wheels ship no asmjit.
+        .include("csrc/asmjit_stub")
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")

@@ -1,51 +1,95 @@
-// fp16-weight linear layers through libtorch's fbgemm kernels.
+// fp16-weight linear layers on fbgemm's fp16 GEMM, called directly.
 //
-// tch's generated bindings leave out the `fbgemm_*` operators, so the two we
-// need are exposed here with C linkage (conventions in shim.h).
+// ATen's `fbgemm_linear_fp16_weight_fp32_activation` runs on one thread and
+// allocates its output; splitting the weight into shards made it parallel
+// but cost an `at::cat` of the shards' outputs (~10% of a prefill step).
+// fbgemm's own entry point, `cblas_gemm_compute(..., thread_id,
+// num_threads)`, splits the output columns between threads and writes into
+// a buffer we own, so each intra-op thread takes its share of one output.
+// Conventions in shim.h.
 #include <ATen/Parallel.h>
+#include <fbgemm/FbgemmFP16.h>
 
-#include <optional>
+#include <memory>
 #include <vector>
 
 #include "shim.h"
 
 using omni::guarded;
 
+namespace {
+// Packed weights, and the output width they produce.
+struct PackedFp16 {
+  std::unique_ptr<fbgemm::PackedGemmMatrixFP16> matrix;
+  int64_t out_features;
+  int64_t in_features;
+};
+
+char* copy_message(const char* what) { return strdup(what); }
+}  // namespace
+
 extern "C" {
 
-// Packs a [out, in] fp32 weight into fbgemm's fp16 layout (an opaque tensor).
-// Fails ("Your CPU does not support FBGEMM") without AVX2.
-at::Tensor* omni_fbgemm_pack_fp16(const at::Tensor* weight, char** err) {
-  return guarded(err, [&] { return at::fbgemm_pack_gemm_matrix_fp16(*weight); });
+// Packs a [out, in] fp32 weight for fbgemm's fp16 GEMM. Returns an opaque
+// handle for omni_fp16_linear, freed with omni_fp16_free; null and `*err`
+// on failure (fbgemm needs AVX2, FMA and F16C).
+void* omni_fp16_pack(const at::Tensor* weight, char** err) {
+  *err = nullptr;
+  try {
+    TORCH_CHECK(weight->dim() == 2, "weight must be 2-d, got ", weight->dim(), " dims");
+    TORCH_CHECK(weight->scalar_type() == at::kFloat, "weight must be fp32");
+    TORCH_CHECK(fbgemm::fbgemmHasAvx2Support(), "Your CPU does not support FBGEMM (it needs AVX2)");
+    const at::Tensor w = weight->contiguous();
+    const int64_t n = w.size(0), k = w.size(1);
+    TORCH_CHECK(n > 0 && k > 0, "weight has an empty dimension: ", w.sizes());
+    // B = W^T, [k, n]: fbgemm reads W row-major and transposes as it packs.
+    auto matrix = std::make_unique<fbgemm::PackedGemmMatrixFP16>(
+        fbgemm::matrix_op_t::Transpose, static_cast<int>(k), static_cast<int>(n), 1.0f,
+        w.const_data_ptr<float>());
+    return new PackedFp16{std::move(matrix), n, k};
+  } catch (const std::exception& e) {
+    *err = copy_message(e.what());
+  } catch (...) {
+    *err = copy_message("unknown C++ exception");
+  }
+  return nullptr;
 }
 
-// y = x W^T (+ b) with W packed as fp16 and x, y, b in fp32; W comes as
-// `n` shards of its output rows, in order, each packed on its own.
-//
-// ATen's fbgemm fp16 linear runs on one thread (measured: one core of two
-// busy in batched decode), and fbgemm's own thread split is only reachable
-// through headers a PyTorch wheel cannot compile (they need asmjit). So the
-// weight is sharded by output columns at load and the shards run in
-// parallel on the intra-op threads, each writing its slice of y.
-at::Tensor* omni_fbgemm_linear_fp16(const at::Tensor* input, const at::Tensor* const* shards,
-                                    int64_t n, const at::Tensor* bias, char** err) {
+void omni_fp16_free(void* packed) { delete static_cast<PackedFp16*>(packed); }
+
+// y = x W^T (+ b): x [..., in] fp32, y [..., out] fp32.
+at::Tensor* omni_fp16_linear(const at::Tensor* input, const void* handle, const at::Tensor* bias,
+                             char** err) {
   return guarded(err, [&] {
-    TORCH_CHECK(n >= 1, "no weight shards");
+    const auto& packed = *static_cast<const PackedFp16*>(handle);
+    TORCH_CHECK(input->scalar_type() == at::kFloat, "input must be fp32");
+    TORCH_CHECK(input->dim() >= 1 && input->size(-1) == packed.in_features, "input ",
+                input->sizes(), " does not end in ", packed.in_features, " features");
     const at::Tensor x = input->contiguous();
-    std::vector<at::Tensor> parts(static_cast<size_t>(n));
-    std::exception_ptr failure;
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      try {
-        for (int64_t i = begin; i < end; ++i) {
-          parts[i] = at::fbgemm_linear_fp16_weight_fp32_activation(x, *shards[i], std::nullopt);
+    const int64_t m = x.numel() / packed.in_features;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = packed.out_features;
+    at::Tensor y = at::empty(shape, x.options());
+    if (m > 0) {
+      const float* a = x.const_data_ptr<float>();
+      float* c = y.mutable_data_ptr<float>();
+      const int threads = at::get_num_threads();
+      std::exception_ptr failure;
+      // One task per thread id; if the pool runs them inline, one thread
+      // walks every id and the result is the same.
+      at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+        try {
+          for (int64_t t = begin; t < end; ++t) {
+            fbgemm::cblas_gemm_compute(fbgemm::matrix_op_t::NoTranspose, static_cast<int>(m), a,
+                                       *packed.matrix, 0.0f, c, static_cast<int>(t), threads);
+          }
+        } catch (...) {
+          // Rethrown below, on the calling thread, which `guarded` catches.
+          failure = std::current_exception();
         }
-      } catch (...) {
-        // Rethrown below, on the calling thread, which `guarded` catches.
-        failure = std::current_exception();
-      }
-    });
-    if (failure) std::rethrow_exception(failure);
-    at::Tensor y = n == 1 ? parts[0] : at::cat(parts, -1);
+      });
+      if (failure) std::rethrow_exception(failure);
+    }
     if (bias != nullptr) y.add_(*bias);
     return y;
   });

@@ -9,16 +9,17 @@
 //! weight-only CPU kernels were slower than fp32 on this AVX2 machine, so they
 //! are not offered.
 //!
-//! tch does not bind the `fbgemm_*` operators; `csrc/fbgemm_fp16.cpp`
-//! exposes them with C linkage and this file calls them through
-//! [`crate::shim`].
-use std::ffi::c_char;
+//! tch does not bind fbgemm; `csrc/fbgemm_fp16.cpp` packs weights for
+//! fbgemm's fp16 GEMM and runs it on the intra-op threads, and this file
+//! calls it through [`crate::shim`].
+use std::ffi::{c_char, c_void};
+use std::ptr::NonNull;
 
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
 use crate::error::{Error, Result};
-use crate::shim::from_shim;
+use crate::shim::{from_shim, handle_from_shim};
 
 /// How weight matrices of linear layers are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -72,26 +73,53 @@ impl WeightPrecision {
 }
 
 extern "C" {
-    fn omni_fbgemm_pack_fp16(weight: *const C_tensor, err: *mut *mut c_char) -> *mut C_tensor;
-    fn omni_fbgemm_linear_fp16(
+    fn omni_fp16_pack(weight: *const C_tensor, err: *mut *mut c_char) -> *mut c_void;
+    fn omni_fp16_free(packed: *mut c_void);
+    fn omni_fp16_linear(
         input: *const C_tensor,
-        shards: *const *const C_tensor,
-        num_shards: i64,
+        packed: *const c_void,
         bias: *const C_tensor,
         err: *mut *mut c_char,
     ) -> *mut C_tensor;
 }
 
+/// A weight packed for fbgemm's fp16 GEMM (memory fbgemm owns).
+#[derive(Debug)]
+struct PackedFp16(NonNull<c_void>);
+
+// SAFETY: the packed matrix is never written after packing; fbgemm's GEMM
+// only reads it, from any thread.
+unsafe impl Send for PackedFp16 {}
+// SAFETY: as above.
+unsafe impl Sync for PackedFp16 {}
+
+impl PackedFp16 {
+    fn new(weight: &Tensor) -> Result<Self> {
+        let w = weight.f_to_kind(Kind::Float)?;
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `w` is a live tensor for the duration of the call.
+        let ptr = unsafe { omni_fp16_pack(w.as_ptr(), &mut err) };
+        // SAFETY: straight from the shim.
+        Ok(Self(unsafe {
+            handle_from_shim(ptr, err, "fbgemm fp16 pack")
+        }?))
+    }
+}
+
+impl Drop for PackedFp16 {
+    fn drop(&mut self) {
+        // SAFETY: made by omni_fp16_pack, freed once.
+        unsafe { omni_fp16_free(self.0.as_ptr()) }
+    }
+}
+
 #[derive(Debug)]
 enum Storage {
     Dense(Tensor),
-    /// Shards of the weight's output rows, in order, each packed; they run
-    /// in parallel (one per intra-op thread at load time).
-    PackedFp16(Vec<Tensor>),
+    /// Packed once at load; the GEMM splits its output columns between the
+    /// intra-op threads.
+    PackedFp16(PackedFp16),
 }
-
-/// Output rows per shard below which splitting a weight does not pay.
-const MIN_SHARD_ROWS: i64 = 64;
 
 /// `y = x W^T + b` with the weight in the chosen precision.
 #[derive(Debug)]
@@ -105,46 +133,22 @@ impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>, precision: WeightPrecision) -> Result<Self> {
         let weight = match precision {
             WeightPrecision::Native => Storage::Dense(weight),
-            WeightPrecision::Fp16 => {
-                let w = weight.f_to_kind(Kind::Float)?;
-                let out_features = w.size().first().copied().unwrap_or(0);
-                let threads = i64::from(tch::get_num_threads().max(1));
-                let shards = threads.min(out_features / MIN_SHARD_ROWS).max(1);
-                let mut packed = Vec::new();
-                for shard in w.f_chunk(shards, 0)? {
-                    let shard = shard.f_contiguous()?;
-                    let mut err = std::ptr::null_mut();
-                    // SAFETY: `shard` is a live tensor for the duration of the call.
-                    let ptr = unsafe { omni_fbgemm_pack_fp16(shard.as_ptr(), &mut err) };
-                    // SAFETY: straight from the shim.
-                    packed.push(unsafe { from_shim(ptr, err, "fbgemm_pack_gemm_matrix_fp16") }?);
-                }
-                Storage::PackedFp16(packed)
-            }
+            WeightPrecision::Fp16 => Storage::PackedFp16(PackedFp16::new(&weight)?),
         };
         Ok(Self { weight, bias })
     }
 
-    /// `x`: `[tokens, in]`.
+    /// `x`: `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
             Storage::Dense(w) => Ok(x.f_linear(w, self.bias.as_ref())?),
-            Storage::PackedFp16(shards) => {
-                let x = x.f_contiguous()?;
+            Storage::PackedFp16(packed) => {
                 let bias = self.bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr());
-                let ptrs: Vec<*const C_tensor> = shards.iter().map(|s| s.as_ptr()).collect();
                 let mut err = std::ptr::null_mut();
-                // SAFETY: all tensors outlive the call; `ptrs` holds
-                // `ptrs.len()` live tensors; bias may be null.
-                let ptr = unsafe {
-                    omni_fbgemm_linear_fp16(
-                        x.as_ptr(),
-                        ptrs.as_ptr(),
-                        ptrs.len() as i64,
-                        bias,
-                        &mut err,
-                    )
-                };
+                // SAFETY: `x`, `packed` and `bias` (which may be null)
+                // outlive the call.
+                let ptr =
+                    unsafe { omni_fp16_linear(x.as_ptr(), packed.0.as_ptr(), bias, &mut err) };
                 // SAFETY: straight from the shim.
                 unsafe { from_shim(ptr, err, "fbgemm fp16 linear") }
             }
@@ -177,9 +181,10 @@ mod tests {
         Ok(())
     }
 
-    /// Weights are split into shards of output rows that run on the
-    /// intra-op threads: uneven shards, many input rows (fbgemm blocks rows
-    /// by 120) and a 3-d input must come out as the dense product does.
+    /// The GEMM splits output columns between the intra-op threads: widths
+    /// that are not a multiple of fbgemm's 16-column blocks (the last thread
+    /// takes the fringe), many input rows (fbgemm blocks rows by 120) and a
+    /// 3-d input must come out as the dense product does.
     #[test]
     fn threaded_fp16_linear_covers_every_output() -> Result<()> {
         let _g = tch::no_grad_guard();
@@ -187,7 +192,7 @@ mod tests {
         let threads = tch::get_num_threads();
         tch::set_num_threads(2);
         let result = (|| -> Result<()> {
-            for (rows, inp, out) in [(1, 64, 1001), (130, 96, 200), (7, 576, 1536)] {
+            for (rows, inp, out) in [(1, 64, 1001), (130, 96, 200), (7, 576, 1536), (3, 40, 9)] {
                 let w = Tensor::f_randn([out, inp], (Kind::Float, Device::Cpu))?;
                 let x = Tensor::f_randn([1, rows, inp], (Kind::Float, Device::Cpu))?;
                 let dense = Linear::new(w.shallow_clone(), None, WeightPrecision::Native)?;

@@ -62,8 +62,12 @@ fn greedy(n: usize) -> SamplingParams {
 
 /// Checks every case of one fixture file; all cases run as one batch.
 fn check(fixture: &str, model: &Path, tol: f64) -> Result<()> {
+    check_with(fixture, model, "native", tol)
+}
+
+fn check_with(fixture: &str, model: &Path, precision: &str, tol: f64) -> Result<()> {
     let f = load_json(fixture)?;
-    let mut engine = engine_for(model, "native")?;
+    let mut engine = engine_for(model, precision)?;
     let cases = f["cases"].as_array().cloned().unwrap_or_default();
     assert!(!cases.is_empty(), "{fixture}: no cases");
     for case in &cases {
@@ -110,6 +114,19 @@ fn smollm2_gguf_matches_transformers() -> Result<()> {
         "smollm2-135m-instruct-q4_1.json",
         &omni_engine::model_dir().join(omni_engine::SMOLLM2.file_name),
         1e-3,
+    )
+}
+
+/// The CPU default: fp16 weights through fbgemm, fp32 activations. The
+/// reference is transformers in fp32, so logits move by the weights'
+/// rounding; the greedy tokens must still be the same.
+#[test]
+fn smollm2_gguf_with_fp16_weights_matches_transformers() -> Result<()> {
+    check_with(
+        "smollm2-135m-instruct-q4_1.json",
+        &omni_engine::model_dir().join(omni_engine::SMOLLM2.file_name),
+        "fp16",
+        0.03,
     )
 }
 
