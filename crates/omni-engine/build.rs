@@ -46,6 +46,7 @@ fn main() {
         .cpp(true)
         .file("csrc/shim.cpp")
         .file("csrc/fbgemm_fp16.cpp")
+        .file("csrc/fused.cpp")
         .file("csrc/paged_attention.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))

@@ -17,6 +17,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::batch::{DecodeKeys, ForwardBatch};
+use super::fused::Kernels;
 use super::paged_attention::paged_decode_attention;
 use super::rotary::Rotary;
 use crate::config::ModelConfig;
@@ -203,11 +204,6 @@ impl Model {
         KvCache::new(&self.cfg, num_blocks, block_size, self.kind, self.device)
     }
 
-    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let d = *x.size().last().unwrap_or(&0);
-        Ok(x.f_rms_norm([d], Some(w), self.cfg.rms_norm_eps)?)
-    }
-
     /// Runs the tokens of `batch`, writing their K/V into `cache`, and
     /// returns logits and hidden states of the rows that wanted them.
     pub fn forward(&self, batch: &ForwardBatch, cache: &mut KvCache) -> Result<ModelOutput> {
@@ -218,10 +214,16 @@ impl Model {
             self.cfg.num_key_value_heads as i64,
             self.cfg.head_dim as i64,
         );
+        let eps = self.cfg.rms_norm_eps;
         let (cos, sin) = self.rotary.tables(&batch.positions)?;
+        // The residual stream; owned here, so the norms add into it in place.
         let mut x = self.embed_tokens.f_index_select(0, &batch.input_ids)?;
+        let ops = Kernels::for_tensor(&x);
+        let mut h = match self.layers.first() {
+            Some(first) => ops.rms_norm(&x, &first.input_layernorm, eps)?,
+            None => x.shallow_clone(),
+        };
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = self.rms_norm(&x, &layer.input_layernorm)?;
             let qkv = layer.qkv_proj.forward(&h)?;
             let v = qkv
                 .f_narrow(1, (nh + nkv) * d, nkv * d)?
@@ -232,34 +234,42 @@ impl Model {
                 .f_narrow(1, 0, (nh + nkv) * d)?
                 .f_view([t, nh + nkv, d])?;
             let qk = match (&layer.q_norm, &layer.k_norm) {
-                (Some(qn), Some(kn)) => Tensor::f_cat(
-                    &[
-                        self.rms_norm(&qk.f_narrow(1, 0, nh)?, qn)?,
-                        self.rms_norm(&qk.f_narrow(1, nh, nkv)?, kn)?,
-                    ],
-                    1,
-                )?,
+                (Some(qn), Some(kn)) => {
+                    let norm = |x: Tensor, w: &Tensor| -> Result<Tensor> {
+                        let heads = x.size()[1];
+                        let flat = x.f_reshape([-1, d])?;
+                        Ok(ops.rms_norm(&flat, w, eps)?.f_view([t, heads, d])?)
+                    };
+                    Tensor::f_cat(
+                        &[
+                            norm(qk.f_narrow(1, 0, nh)?, qn)?,
+                            norm(qk.f_narrow(1, nh, nkv)?, kn)?,
+                        ],
+                        1,
+                    )?
+                }
                 _ => qk,
             };
-            let qk = Rotary::apply(&qk, &cos, &sin)?;
+            let qk = ops.rope(qk, &cos, &sin)?;
             let q = qk.f_narrow(1, 0, nh)?;
             let k = qk.f_narrow(1, nh, nkv)?;
             let _ = cache.k[l].f_index_copy_(0, &batch.slots, &k)?;
             let _ = cache.v[l].f_index_copy_(0, &batch.slots, &v)?;
             let attn = self.attention(batch, cache, l, &q, &k, &v)?;
-            x = x.f_add(&layer.o_proj.forward(&attn)?)?;
+            let o = layer.o_proj.forward(&attn)?;
+            h = ops.add_rms_norm(&mut x, &o, &layer.post_attention_layernorm, eps)?;
 
-            let h = self.rms_norm(&x, &layer.post_attention_layernorm)?;
-            let gu = layer.gate_up_proj.forward(&h)?;
-            let inter = self.cfg.intermediate_size as i64;
-            let act = gu
-                .f_narrow(1, 0, inter)?
-                .f_silu()?
-                .f_mul(&gu.f_narrow(1, inter, inter)?)?;
-            x = x.f_add(&layer.down_proj.forward(&act)?)?;
+            let act = ops.silu_and_mul(&layer.gate_up_proj.forward(&h)?)?;
+            let down = layer.down_proj.forward(&act)?;
+            match self.layers.get(l + 1) {
+                Some(next) => h = ops.add_rms_norm(&mut x, &down, &next.input_layernorm, eps)?,
+                None => {
+                    let _ = x.f_add_(&down)?;
+                }
+            }
         }
         let rows = x.f_index_select(0, &batch.logits_rows)?;
-        let hidden = self.rms_norm(&rows, &self.norm)?;
+        let hidden = ops.rms_norm(&rows, &self.norm, eps)?;
         let logits = self.lm_head.forward(&hidden)?.f_to_kind(Kind::Float)?;
         Ok(ModelOutput { logits, hidden })
     }

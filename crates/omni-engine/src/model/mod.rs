@@ -1,10 +1,12 @@
-//! Model code: the decoder ([`Model`]), its rotary tables, and the per-step
-//! index tensors ([`ForwardBatch`]) that connect it to the paged KV cache.
+//! Model code: the decoder ([`Model`]), its rotary tables, its fused CPU
+//! kernels, and the per-step index tensors ([`ForwardBatch`]) that connect
+//! it to the paged KV cache.
 //!
 //! Models know tensors, configs and the cache layout; they know nothing of
 //! requests, sampling or scheduling.
 mod batch;
 mod decoder;
+mod fused;
 mod paged_attention;
 mod rotary;
 
