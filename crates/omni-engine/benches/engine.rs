@@ -140,6 +140,10 @@ fn child(precision: &str, workload_path: &str) -> Res<()> {
         device: Some("cpu".into()),
         weight_precision: Some(precision.into()),
         num_threads: Some(threads()),
+        // The mixed workload repeats its 16 prompts; the references
+        // recompute them, so omni does too. `omni bench pipeline` measures
+        // prefix caching.
+        enable_prefix_caching: false,
         ..EngineArgs::default()
     };
     let mut engine = LLMEngine::new(&args)?;

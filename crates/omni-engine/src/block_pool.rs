@@ -222,7 +222,6 @@ impl BlockPool {
         table: &mut Vec<u32>,
     ) -> usize {
         debug_assert!(table.is_empty());
-        self.stats.queried_tokens += tokens.len() as u64;
         if !self.caching {
             return 0;
         }
@@ -245,9 +244,15 @@ impl BlockPool {
             state.ref_count += 1;
             table.push(block);
         }
-        let covered = table.len() * self.block_size;
-        self.stats.hit_tokens += covered as u64;
-        covered
+        table.len() * self.block_size
+    }
+
+    /// Counts one admitted sequence of `tokens` tokens, `hit` of them from
+    /// the cache (admissions that fail for lack of blocks are retried, so
+    /// they count when they succeed).
+    pub(crate) fn record_admission(&mut self, tokens: usize, hit: usize) {
+        self.stats.queried_tokens += tokens as u64;
+        self.stats.hit_tokens += hit as u64;
     }
 
     /// Registers the blocks of `table` that a step filled, computing tokens
@@ -318,6 +323,7 @@ mod tests {
         let mut table = Vec::new();
         let hit = pool.take_cached_prefix(tokens, &hashes, &mut table);
         assert!(pool.grow(&mut table, tokens.len()));
+        pool.record_admission(tokens.len(), hit);
         pool.cache_full_blocks(tokens, &mut hashes, &table, hit..tokens.len());
         (table, hit)
     }

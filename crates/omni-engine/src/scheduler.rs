@@ -244,6 +244,7 @@ impl Scheduler {
             let Some(mut seq) = self.waiting.remove(j) else {
                 break;
             };
+            self.pool.record_admission(seq.tokens.len(), hit);
             seq.block_table = table;
             seq.num_computed_tokens = hit;
             if seq.metrics.num_preemptions == 0 {
