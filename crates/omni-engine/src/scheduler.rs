@@ -297,6 +297,13 @@ mod tests {
     use super::*;
     use crate::sampling_params::SamplingParams;
 
+    fn limits(max_num_seqs: usize, max_num_batched_tokens: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_num_seqs,
+            max_num_batched_tokens,
+        }
+    }
+
     /// A sequence whose tokens differ from other ids' (unless they share a
     /// first letter), so the prefix cache stays out of the way.
     fn seq(id: &str, len: usize, arrival: u64) -> Sequence {
@@ -324,10 +331,7 @@ mod tests {
 
     #[test]
     fn prefill_chunks_and_decodes_share_the_budget() {
-        let cfg = SchedulerConfig {
-            max_num_seqs: 4,
-            max_num_batched_tokens: 8,
-        };
+        let cfg = limits(4, 8);
         let mut s = Scheduler::new(cfg, BlockPool::new(64, 4, true));
         s.add(seq("a", 3, 0));
         s.add(seq("b", 10, 1));
@@ -365,10 +369,7 @@ mod tests {
 
     #[test]
     fn out_of_blocks_preempts_the_newest_and_recomputes() {
-        let cfg = SchedulerConfig {
-            max_num_seqs: 8,
-            max_num_batched_tokens: 64,
-        };
+        let cfg = limits(8, 64);
         // 4 usable blocks of 2 tokens.
         let mut s = Scheduler::new(cfg, BlockPool::new(5, 2, true));
         s.add(seq("old", 3, 0));
@@ -391,10 +392,7 @@ mod tests {
 
     #[test]
     fn a_sequence_larger_than_the_cache_finishes_with_length() {
-        let cfg = SchedulerConfig {
-            max_num_seqs: 8,
-            max_num_batched_tokens: 64,
-        };
+        let cfg = limits(8, 64);
         let mut s = Scheduler::new(cfg, BlockPool::new(3, 2, true)); // 4 tokens
         s.add(seq("huge", 9, 0));
         let out = s.schedule();
@@ -410,10 +408,7 @@ mod tests {
 
     #[test]
     fn requests_sharing_a_prefix_compute_it_once() {
-        let cfg = SchedulerConfig {
-            max_num_seqs: 8,
-            max_num_batched_tokens: 64,
-        };
+        let cfg = limits(8, 64);
         let mut s = Scheduler::new(cfg, BlockPool::new(64, 4, true));
         // "s1" and "s2" share their first 8 tokens (2 blocks); "x" shares
         // nothing and is not held up.
@@ -443,10 +438,7 @@ mod tests {
 
     #[test]
     fn a_preempted_sequence_finds_its_own_blocks_again() {
-        let cfg = SchedulerConfig {
-            max_num_seqs: 8,
-            max_num_batched_tokens: 64,
-        };
+        let cfg = limits(8, 64);
         // 5 usable blocks of 2 tokens.
         let mut s = Scheduler::new(cfg, BlockPool::new(6, 2, true));
         s.add(seq("old", 3, 0));
