@@ -70,6 +70,11 @@ fn openai_python_client_streaming_and_not() -> Result {
         Some(completion_tokens),
         "{s}"
     );
+    // The same prompt a second time: its leading blocks come from the
+    // answer stage's prefix cache.
+    let cached = |u: &serde_json::Value| u["prompt_tokens_details"]["cached_tokens"].as_u64();
+    assert_eq!(cached(usage), Some(0), "{usage}");
+    assert!(cached(&s["usage"]).unwrap_or(0) >= 16, "{s}");
 
     let comp = &r["completion"];
     assert_eq!(comp["object"], "text_completion");

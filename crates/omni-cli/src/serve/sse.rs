@@ -37,8 +37,9 @@ pub struct ChunkBuilder {
     /// Final stage → choice index; stages not chosen are left out.
     choice: BTreeMap<usize, usize>,
     role_sent: Vec<bool>,
-    /// Prompt tokens of the earliest stage that reported.
-    prompt_tokens: Option<(usize, usize)>,
+    /// Prompt tokens of the earliest stage that reported: (stage, prompt
+    /// tokens, of those cached).
+    prompt_tokens: Option<(usize, usize, usize)>,
     /// Tokens generated so far per chosen stage.
     completion_tokens: BTreeMap<usize, usize>,
 }
@@ -71,10 +72,8 @@ impl ChunkBuilder {
 
     /// Usage so far.
     pub fn usage(&self) -> Usage {
-        Usage::new(
-            self.prompt_tokens.map_or(0, |(_, n)| n),
-            self.completion_tokens.values().sum(),
-        )
+        let (prompt, cached) = self.prompt_tokens.map_or((0, 0), |(_, n, c)| (n, c));
+        Usage::new(prompt, cached, self.completion_tokens.values().sum())
     }
 
     fn chunk<C: Serialize>(&self, choices: Vec<C>, usage: Option<Usage>) -> String {
@@ -100,9 +99,13 @@ impl ChunkBuilder {
         if out.num_prompt_tokens > 0
             && self
                 .prompt_tokens
-                .is_none_or(|(stage, _)| out.stage_id <= stage)
+                .is_none_or(|(stage, _, _)| out.stage_id <= stage)
         {
-            self.prompt_tokens = Some((out.stage_id, out.num_prompt_tokens));
+            let cached = out
+                .metrics
+                .stage(out.stage_id)
+                .map_or(0, |m| m.num_cached_tokens);
+            self.prompt_tokens = Some((out.stage_id, out.num_prompt_tokens, cached));
         }
         let Some(&index) = self.choice.get(&out.stage_id) else {
             return Vec::new();
@@ -206,6 +209,10 @@ mod tests {
         o.text = text.into();
         o.token_ids = vec![1; tokens];
         o.num_prompt_tokens = 5;
+        let mut m = omni_core::StageMetrics::default();
+        m.stage_id = stage_id;
+        m.num_cached_tokens = 2 + stage_id;
+        o.metrics.stages.push(m);
         o.finished = finished;
         o.finish_reason = finished.then_some(FinishReason::Length);
         o
@@ -251,6 +258,8 @@ mod tests {
         assert_eq!(usage["usage"]["prompt_tokens"], 5);
         assert_eq!(usage["usage"]["completion_tokens"], 3);
         assert_eq!(usage["usage"]["total_tokens"], 8);
+        // Cached tokens of the stage that read the prompt: stage 0.
+        assert_eq!(usage["usage"]["prompt_tokens_details"]["cached_tokens"], 2);
     }
 
     #[test]
