@@ -16,6 +16,7 @@
 #include "shim.h"
 
 using omni::guarded;
+using omni::guarded_ptr;
 
 namespace {
 // Packed weights, and the output width they produce.
@@ -24,8 +25,6 @@ struct PackedFp16 {
   int64_t out_features;
   int64_t in_features;
 };
-
-char* copy_message(const char* what) { return strdup(what); }
 }  // namespace
 
 extern "C" {
@@ -34,8 +33,7 @@ extern "C" {
 // handle for omni_fp16_linear, freed with omni_fp16_free; null and `*err`
 // on failure (fbgemm needs AVX2, FMA and F16C).
 void* omni_fp16_pack(const at::Tensor* weight, char** err) {
-  *err = nullptr;
-  try {
+  return guarded_ptr(err, [&]() -> void* {
     TORCH_CHECK(weight->dim() == 2, "weight must be 2-d, got ", weight->dim(), " dims");
     TORCH_CHECK(weight->scalar_type() == at::kFloat, "weight must be fp32");
     TORCH_CHECK(fbgemm::fbgemmHasAvx2Support(), "Your CPU does not support FBGEMM (it needs AVX2)");
@@ -47,12 +45,7 @@ void* omni_fp16_pack(const at::Tensor* weight, char** err) {
         fbgemm::matrix_op_t::Transpose, static_cast<int>(k), static_cast<int>(n), 1.0f,
         w.const_data_ptr<float>());
     return new PackedFp16{std::move(matrix), n, k};
-  } catch (const std::exception& e) {
-    *err = copy_message(e.what());
-  } catch (...) {
-    *err = copy_message("unknown C++ exception");
-  }
-  return nullptr;
+  });
 }
 
 void omni_fp16_free(void* packed) { delete static_cast<PackedFp16*>(packed); }

@@ -11,16 +11,24 @@
 #include <exception>
 
 namespace omni {
+// Runs `f`, which returns a new heap pointer (or null); an exception becomes
+// a null result and `*err`.
 template <typename F>
-at::Tensor* guarded(char** err, F&& f) {
+auto guarded_ptr(char** err, F&& f) -> decltype(f()) {
   *err = nullptr;
   try {
-    return new at::Tensor(f());
+    return f();
   } catch (const std::exception& e) {
     *err = strdup(e.what());
   } catch (...) {
     *err = strdup("unknown C++ exception");
   }
   return nullptr;
+}
+
+// Runs `f`, which returns a tensor, and hands it to Rust on the heap.
+template <typename F>
+at::Tensor* guarded(char** err, F&& f) {
+  return guarded_ptr(err, [&] { return new at::Tensor(f()); });
 }
 }  // namespace omni

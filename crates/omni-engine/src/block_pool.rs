@@ -210,6 +210,32 @@ impl BlockPool {
             .count()
     }
 
+    /// Full blocks of a `num_tokens`-token sequence that a cache hit may
+    /// cover: at least one token is left to compute, so the step that
+    /// admits it produces logits.
+    fn hit_limit(&self, num_tokens: usize) -> usize {
+        num_tokens.saturating_sub(1) / self.block_size
+    }
+
+    /// The block a hit on a `num_tokens`-token sequence with full-block
+    /// `hashes` would take next if it were cached: the first uncached one
+    /// within [`BlockPool::hit_limit`]. `None` when caching is off or the
+    /// hit is already as long as it may be.
+    pub(crate) fn next_uncached_block(
+        &self,
+        num_tokens: usize,
+        hashes: &[BlockHash],
+    ) -> Option<BlockHash> {
+        if !self.caching {
+            return None;
+        }
+        let cached = self.num_cached_prefix_blocks(hashes);
+        hashes
+            .get(cached)
+            .copied()
+            .filter(|_| cached < self.hit_limit(num_tokens))
+    }
+
     /// Takes a reference to the cached blocks of the longest cached prefix of
     /// `tokens` that leaves at least one token to compute (the step must
     /// produce logits), and appends them to the empty `table`. `hashes` must
@@ -225,8 +251,7 @@ impl BlockPool {
         if !self.caching {
             return 0;
         }
-        let limit = tokens.len().saturating_sub(1) / self.block_size;
-        for (i, hash) in hashes.iter().take(limit).enumerate() {
+        for (i, hash) in hashes.iter().take(self.hit_limit(tokens.len())).enumerate() {
             let Some(&block) = self.cached.get(hash) else {
                 break;
             };

@@ -215,6 +215,14 @@ mod tests {
     }
 
     #[test]
+    fn a_weight_fbgemm_cannot_pack_is_an_error() -> Result<()> {
+        let w = Tensor::f_zeros([8], (Kind::Float, Device::Cpu))?;
+        let e = Linear::new(w, None, WeightPrecision::Fp16).expect_err("1-d weight");
+        assert!(e.to_string().contains("weight must be 2-d"), "{e}");
+        Ok(())
+    }
+
+    #[test]
     fn unknown_precision_is_named() {
         match WeightPrecision::parse("int3") {
             Err(Error::InvalidConfig { value, .. }) => assert_eq!(value, "int3"),

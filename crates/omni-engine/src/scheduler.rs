@@ -224,10 +224,10 @@ impl Scheduler {
             if self.pool.prefix_caching() {
                 self.pool
                     .extend_hashes(&seq.tokens, &mut seq.block_hashes, usize::MAX);
-                let cached = self.pool.num_cached_prefix_blocks(&seq.block_hashes);
-                let usable = (seq.tokens.len() - 1) / self.pool.block_size();
-                let next = seq.block_hashes.get(cached).filter(|_| cached < usable);
-                if next.is_some_and(|h| pending.contains(h)) {
+                let next = self
+                    .pool
+                    .next_uncached_block(seq.tokens.len(), &seq.block_hashes);
+                if next.is_some_and(|h| pending.contains(&h)) {
                     j += 1;
                     continue;
                 }
