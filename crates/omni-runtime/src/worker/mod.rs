@@ -295,6 +295,13 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
             })
         }
     };
+    // Watch for SIGTERM before saying ready: an orchestrator killed right
+    // after it heard us sends its death signal at once, and unwatched that
+    // signal would end this process before it cleans up the run directory.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("cannot watch SIGTERM", "omni-stage", e))?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| Error::io("cannot watch SIGINT", "omni-stage", e))?;
     let ready = Message::Ready(ReadyMsg {
         stage_id,
         model_name: model_name.clone(),
@@ -306,10 +313,6 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     io.send_ctrl(wire::encode_message(ready)?).await?;
     tracing::info!(target: "omni::runtime", stage_id, model = %model_name, %device, "stage ready");
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| Error::io("cannot watch SIGTERM", "omni-stage", e))?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| Error::io("cannot watch SIGINT", "omni-stage", e))?;
     let mut parent_check = tokio::time::interval(PARENT_CHECK);
     let mut stopping: Option<tokio::time::Instant> = None;
     let mut orphaned = false;
