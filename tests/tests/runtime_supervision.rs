@@ -1,7 +1,8 @@
 //! Supervision with real processes: a stage SIGKILLed mid-request fails the
 //! request with an error naming the stage and signal, the other stage exits
 //! and the run directory goes; an orchestrator SIGKILLed leaves no worker
-//! behind; start-up failures name the stage and clean up.
+//! behind; when every process is SIGKILLed at once, the next pipeline removes
+//! what they left; start-up failures name the stage and clean up.
 
 mod runtime_support;
 
@@ -88,10 +89,21 @@ async fn sigkill_of_stage_1_fails_the_request_and_cleans_up() -> TestResult {
     Ok(())
 }
 
-#[test]
-fn sigkill_of_the_orchestrator_takes_its_workers_down() -> TestResult {
-    let mut host = std::process::Command::new(env!("CARGO_BIN_EXE_runtime-orchestrator-host"))
-        .arg("smollm2")
+/// Starts `runtime-orchestrator-host` (run directory under `parent` when
+/// given) and waits for it to report ready: the host, its run directory and
+/// its workers' pids.
+fn start_host(
+    parent: Option<&std::path::Path>,
+) -> Result<
+    (std::process::Child, std::path::PathBuf, Vec<u32>),
+    Box<dyn std::error::Error + Send + Sync>,
+> {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_runtime-orchestrator-host"));
+    cmd.arg("smollm2");
+    if let Some(p) = parent {
+        cmd.arg(p);
+    }
+    let mut host = cmd
         .env("OMNI_STAGE_BIN", runtime_support::stage_binary())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
@@ -118,7 +130,12 @@ fn sigkill_of_the_orchestrator_takes_its_workers_down() -> TestResult {
     let run_dir = std::path::PathBuf::from(words.next().ok_or("no run dir")?);
     let pids: Vec<u32> = words.map(str::parse).collect::<Result<_, _>>()?;
     assert!(!pids.is_empty() && pids.iter().all(|&p| pid_alive(p)));
+    Ok((host, run_dir, pids))
+}
 
+#[test]
+fn sigkill_of_the_orchestrator_takes_its_workers_down() -> TestResult {
+    let (mut host, run_dir, pids) = start_host(None)?;
     host.kill()?; // SIGKILL: no destructor, no clean-up code runs in the host
     host.wait()?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -134,6 +151,45 @@ fn sigkill_of_the_orchestrator_takes_its_workers_down() -> TestResult {
         "an orphaned worker removes the run directory {}",
         run_dir.display()
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_killed_outright_is_cleaned_up_by_the_next_one() -> TestResult {
+    let parent = tempfile::tempdir()?;
+    let (mut host, run_dir, pids) = start_host(Some(parent.path()))?;
+    // Freeze every process first, so none can clean up (a worker would on
+    // its orchestrator's death), then kill them all: `kill -9` of the whole
+    // process group, or the OOM killer.
+    let all: Vec<libc::pid_t> = pids
+        .iter()
+        .map(|&p| p as libc::pid_t)
+        .chain([host.id() as libc::pid_t])
+        .collect();
+    for sig in [libc::SIGSTOP, libc::SIGKILL] {
+        for &p in &all {
+            // SAFETY: plain kill(2) of processes this test started.
+            assert_eq!(unsafe { libc::kill(p, sig) }, 0);
+        }
+    }
+    host.wait()?;
+    assert!(
+        eventually(Duration::from_secs(30), || pids
+            .iter()
+            .all(|&p| !pid_alive(p)))
+        .await
+    );
+    assert!(run_dir.is_dir(), "nobody was left to remove it");
+
+    // The next pipeline under the same parent removes it before it starts
+    // (this one then fails fast, which is beside the point).
+    let opts = OrchestratorOptions {
+        run_dir_parent: Some(parent.path().to_path_buf()),
+        init_timeout: Duration::from_millis(1),
+        ..options()
+    };
+    let _ = Orchestrator::start(PipelineConfig::builtin("smollm2")?, opts).await;
+    assert!(!run_dir.exists(), "{} is still there", run_dir.display());
     Ok(())
 }
 

@@ -37,6 +37,7 @@ mod launch;
 mod locate;
 mod orchestrator;
 mod processor;
+mod run_dir;
 pub mod shm;
 mod supervisor;
 mod tensor;

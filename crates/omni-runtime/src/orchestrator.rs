@@ -27,9 +27,10 @@ use crate::config::{FinalOutputType, PipelineConfig, TransportKind};
 use crate::error::{Error, Result};
 use crate::launch::LaunchSpec;
 use crate::locate::locate_stage_binary;
+use crate::run_dir::RunDir;
 use crate::supervisor::{LogTail, Supervisor, SupervisorEvent};
 use crate::tensor::HostTensor;
-use crate::transport::{self, RunDir};
+use crate::transport;
 use crate::wire::{
     self, AckMsg, DecodeContext, Envelope, GenerateMsg, HealthMsg, Message, ReadyMsg, StageMetrics,
     StartProfileMsg, PROTOCOL_VERSION,

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
-use crate::transport::RunDir;
+use crate::run_dir::RunDir;
 
 /// How often children are polled for exit. Short, so in-flight requests of
 /// a dead stage fail promptly.

@@ -13,8 +13,7 @@
 //! worker binds a ROUTER for its input that upstream stages' DEALERs
 //! connect to, so that a malformed message can be answered to its sender.
 
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use bytes::Bytes;
 use zeromq::{SocketOptions, SocketSend, ZmqMessage};
@@ -26,81 +25,6 @@ use crate::wire::Limits;
 /// Longest path a Unix socket address may have (`sun_path` is 108 bytes
 /// with its terminating NUL).
 const MAX_IPC_PATH: usize = 107;
-
-/// The private directory of one running pipeline.
-#[derive(Debug)]
-pub(crate) struct RunDir {
-    path: PathBuf,
-}
-
-impl RunDir {
-    /// Creates `<parent>/omni-<pid>-<nonce>` with mode 0700 and its `shm/`.
-    pub(crate) fn create(parent: Option<&Path>) -> Result<Self> {
-        let parent = match parent {
-            Some(p) => p.to_path_buf(),
-            None => default_parent(),
-        };
-        let nonce = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let path = parent.join(format!(
-            "omni-{}-{:x}",
-            std::process::id(),
-            nonce & 0xffff_ffff_ffff
-        ));
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map_err(|e| Error::io("cannot create run directory", &path, e))?;
-        let dir = RunDir { path };
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(dir.shm_dir())
-            .map_err(|e| Error::io("cannot create shared-memory directory", dir.shm_dir(), e))?;
-        Ok(dir)
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub(crate) fn shm_dir(&self) -> PathBuf {
-        self.path.join("shm")
-    }
-
-    /// Removes the directory and everything in it (sockets, segments).
-    pub(crate) fn remove(&self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(target: "omni::runtime", path = %self.path.display(), "cannot remove run directory: {e}");
-            }
-        }
-    }
-}
-
-fn default_parent() -> PathBuf {
-    let shm = Path::new("/dev/shm");
-    let writable = std::fs::metadata(shm)
-        .map(|m| m.is_dir() && !m.permissions().readonly())
-        .unwrap_or(false);
-    if writable && probe_writable(shm) {
-        shm.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    }
-}
-
-fn probe_writable(dir: &Path) -> bool {
-    let probe = dir.join(format!(".omni-probe-{}", std::process::id()));
-    match std::fs::File::create(&probe) {
-        Ok(_) => {
-            let _ = std::fs::remove_file(&probe);
-            true
-        }
-        Err(_) => false,
-    }
-}
 
 /// An `ipc://` address for a socket file in `dir`.
 pub(crate) fn ipc_address(dir: &Path, name: &str) -> Result<String> {
