@@ -159,11 +159,27 @@ impl EngineCore {
     pub fn step(&mut self, text_hook: &mut TextHook<'_>) -> Result<Vec<RequestOutput>> {
         let step = self.step_counter;
         self.step_counter += 1;
-        let _step = tracing::info_span!(target: "omni::engine", "step", step).entered();
+        let step_span = tracing::info_span!(
+            target: "omni::engine",
+            "step",
+            step,
+            request_ids = tracing::field::Empty
+        )
+        .entered();
         let plan = {
             let _s = tracing::info_span!(target: "omni::engine", "schedule").entered();
             self.scheduler.schedule()
         };
+        // Which requests this step computes, so a trace tells each request's
+        // compute time apart from its queue time (`omni profile summarize`).
+        if !plan.scheduled.is_empty() && !step_span.is_disabled() {
+            let ids: Vec<&str> = plan
+                .scheduled
+                .iter()
+                .map(|sc| self.scheduler.running[sc.index].request_id.as_str())
+                .collect();
+            step_span.record("request_ids", ids.join(",").as_str());
+        }
         let mut progressed = vec![false; self.scheduler.running.len()];
         if !plan.scheduled.is_empty() {
             let now = Instant::now();

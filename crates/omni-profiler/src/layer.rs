@@ -1,9 +1,9 @@
 //! The `tracing` layer that forwards spans to whichever backend is active.
 //!
 //! Engine and runtime code mark their phases with `tracing` spans only
-//! (`step`, `schedule`, `forward`, `sample`, `stage_send`, `stage_recv`); a
-//! process installs [`tracing_layer`] once, next to its log output, and every
-//! backend sees those spans:
+//! (`step`, `schedule`, `forward`, `sample`, `add_request`, `stage_send`,
+//! `stage_recv`); a process installs [`tracing_layer`] once, next to its log
+//! output, and every backend sees those spans:
 //!
 //! * each finished span goes to the span recorder while a window is open
 //!   (the `chrome` backend writes them; `torch` merges their fields into
@@ -95,7 +95,6 @@ struct Frame {
     start_us: f64,
     name: String,
     target: &'static str,
-    args: Map<String, Value>,
     /// Open Kineto range; ended (dropped) on exit, on this thread.
     range: Option<kineto::Range>,
 }
@@ -201,13 +200,12 @@ where
             start_us: now_us(),
             name,
             target: meta.target(),
-            args: fields.args,
             range,
         };
         STACK.with(|stack| stack.borrow_mut().push(frame));
     }
 
-    fn on_exit(&self, id: &span::Id, _ctx: Context<'_, S>) {
+    fn on_exit(&self, id: &span::Id, ctx: Context<'_, S>) {
         // Runs even when no window is open: a frame pushed during a window
         // that has since closed still holds a Kineto range to end here, on
         // the thread that opened it.
@@ -220,6 +218,13 @@ where
         let end_us = now_us();
         let kineto_range = frame.range.take().is_some();
         if RECORDER.active() && frame.window == RECORDER.window() {
+            // Read at exit, not entry: fields recorded while the span ran
+            // (the engine records a step's requests once it has scheduled
+            // them) belong to the range too.
+            let args = ctx
+                .span(id)
+                .and_then(|s| s.extensions().get::<SpanFields>().map(|f| f.args.clone()))
+                .unwrap_or_default();
             RECORDER.push(
                 frame.window,
                 SpanRecord {
@@ -228,7 +233,7 @@ where
                     start_us: frame.start_us,
                     dur_us: Some(end_us - frame.start_us),
                     tid: os_tid(),
-                    args: frame.args,
+                    args,
                     kineto_range,
                 },
             );

@@ -104,19 +104,24 @@ pub fn now_us() -> f64 {
 /// One engine-like step with real tch ops, marked as the engine marks it.
 pub fn engine_step(step: u64, request_ids: &str) {
     use tch::{Device, Kind, Tensor};
-    let _step = tracing::info_span!(target: "omni::engine", "step", step).entered();
     {
-        let _s = tracing::info_span!(target: "omni::engine", "schedule").entered();
-    }
-    let logits = {
-        let _f = tracing::info_span!(target: "omni::engine", "forward",
-            phase = "decode", batch_size = 2u64, num_tokens = 2u64)
+        // As `LLMEngine::step`: the scheduled requests are recorded once the
+        // schedule is made, and outputs are sent after the step.
+        let step_span = tracing::info_span!(target: "omni::engine", "step", step,
+            request_ids = tracing::field::Empty)
         .entered();
-        let x = Tensor::randn([16, 32], (Kind::Float, Device::Cpu));
-        let w = Tensor::randn([32, 8], (Kind::Float, Device::Cpu));
-        x.matmul(&w).relu()
-    };
-    {
+        {
+            let _s = tracing::info_span!(target: "omni::engine", "schedule").entered();
+        }
+        step_span.record("request_ids", request_ids);
+        let logits = {
+            let _f = tracing::info_span!(target: "omni::engine", "forward",
+                phase = "decode", batch_size = 2u64, num_tokens = 2u64)
+            .entered();
+            let x = Tensor::randn([16, 32], (Kind::Float, Device::Cpu));
+            let w = Tensor::randn([32, 8], (Kind::Float, Device::Cpu));
+            x.matmul(&w).relu()
+        };
         let _s = tracing::info_span!(target: "omni::engine", "sample").entered();
         let _ = logits.argmax(-1, false);
     }

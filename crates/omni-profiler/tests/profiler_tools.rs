@@ -20,7 +20,13 @@ async fn merge_and_summarize_follow_requests_across_stages() -> Result<()> {
 
     let torch = backend_by_name("torch")?;
     torch.start(&s0).await?;
+    let add_request = |id: &str| {
+        let _a =
+            tracing::info_span!(target: "omni::runtime", "add_request", request_ids = id).entered();
+    };
+    add_request("req-1");
     common::engine_step(1, "req-1");
+    add_request("req-2");
     common::engine_step(2, "req-1,req-2");
     torch.stop().await?;
 
@@ -91,6 +97,23 @@ async fn merge_and_summarize_follow_requests_across_stages() -> Result<()> {
         "transfer into stage 1",
     )?;
     check(r1.stages[1].compute_us > 0.0, "compute in stage 1")?;
+    // Compute is the steps that name the request: req-2 was in one step of
+    // stage 0, req-1 in that one and the one before; stage 1's single step
+    // had both.
+    let r2 = &summary.requests[1];
+    check(
+        r2.stages[0].compute_us > 0.0 && r1.stages[0].compute_us > r2.stages[0].compute_us,
+        format!("{r1:#?} {r2:#?}"),
+    )?;
+    check(
+        r2.stages[1].compute_us == r1.stages[1].compute_us,
+        "one shared step in stage 1",
+    )?;
+    check(
+        r2.stages[0].arrived_us > r1.stages[0].arrived_us
+            && r2.stages[0].left_us >= r2.stages[0].arrived_us + r2.stages[0].compute_us,
+        format!("{r2:#?}"),
+    )?;
     check(
         r1.stages[1].arrived_us >= r1.stages[0].left_us - 1.0,
         "stage 1 after stage 0",

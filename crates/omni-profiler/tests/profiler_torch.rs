@@ -68,6 +68,11 @@ async fn torch_trace_has_steps_engine_ranges_and_aten_ops() -> Result<()> {
             r[0]["cat"] == "user_annotation",
             format!("{step} is a user range"),
         )?;
+        // Recorded after the range opened, as the engine records them.
+        check(
+            r[0]["args"]["request_ids"] == "req-1,req-2",
+            format!("{step} names its requests: {}", r[0]),
+        )?;
     }
     for span in ["schedule", "forward", "sample", "stage_send", "stage_recv"] {
         check(

@@ -7,9 +7,10 @@
 //!
 //! They read any Chrome trace (`.json`, `.json.gz`) the backends write: the
 //! stage comes from the directory name (`stage_<id>_<model>`) and the
-//! process name in the trace; requests are followed through the
-//! `stage_send`/`stage_recv` ranges (field `request_ids`, or `request_id`)
-//! and the `ProfilerStep#<n>` ranges.
+//! process name in the trace; requests are followed through the ranges that
+//! name them (field `request_ids`, or `request_id`): `add_request` and
+//! `stage_recv` (arrival), `ProfilerStep#<n>` (the engine steps that
+//! computed them) and `stage_send`.
 mod merge;
 mod summarize;
 mod trace_set;

@@ -19,8 +19,8 @@ pub struct Summary {
     pub dir: PathBuf,
     /// One entry per stage, in stage order.
     pub stages: Vec<StageSummary>,
-    /// One entry per request seen in `stage_send`/`stage_recv` ranges, in
-    /// order of first appearance.
+    /// One entry per request named by a range (`request_ids`), in order of
+    /// first appearance.
     pub requests: Vec<RequestSummary>,
 }
 
@@ -69,12 +69,17 @@ pub struct RequestSummary {
 
 /// One request in one stage. Times in µs.
 ///
-/// Derived from ranges: it *arrives* when the first `stage_recv` naming it
-/// ends (in a stage without one, at the start of the step in which it is
-/// first mentioned); it *leaves* when the last
-/// `stage_send` naming it ends; *queue* runs from arrival to the start of
-/// the first engine step after it; *compute* sums the engine steps from
-/// then until it leaves (steps are batched: other requests share them).
+/// Derived from ranges that name the request (field `request_ids`): it
+/// *arrives* when the first `stage_recv` (or, in the first stage,
+/// `add_request`) naming it ends; *compute* sums the engine steps
+/// (`ProfilerStep#<n>`) that name it (steps are batched: other requests
+/// share them); *queue* runs from arrival to the first of those steps; it
+/// *leaves* when the last step or `stage_send` naming it ends.
+///
+/// Traces whose steps name no requests (older ones) fall back to time:
+/// arrival at the start of the step in which a stage without `stage_recv`
+/// first mentions it, departure at its last `stage_send`, and every step
+/// in between counted as its compute.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RequestStage {
     /// Stage id, when the directory names it.
@@ -105,6 +110,10 @@ struct Mention {
 enum Kind {
     Send,
     Recv,
+    /// The first stage took the request from the orchestrator.
+    Arrive,
+    /// An engine step that computed the request.
+    Step,
     Other,
 }
 
@@ -178,6 +187,8 @@ pub fn summarize(dir: &Path) -> Result<Summary> {
             let kind = match r.name {
                 "stage_send" => Kind::Send,
                 "stage_recv" => Kind::Recv,
+                "add_request" => Kind::Arrive,
+                _ if is_step => Kind::Step,
                 _ => Kind::Other,
             };
             for id in ids {
@@ -262,6 +273,27 @@ fn self_times(all: &[Range<'_>]) -> Vec<f64> {
     out
 }
 
+/// Queue and compute of a request from time alone, for traces whose steps
+/// do not name their requests: the steps from the first one after arrival
+/// until it left.
+fn steps_between(steps: &[(f64, f64)], arrived_us: f64, left_us: f64) -> (f64, f64) {
+    let first_step = steps
+        .iter()
+        .find(|(s, _)| *s >= arrived_us)
+        .map(|(s, _)| *s);
+    match first_step {
+        Some(start) if start <= left_us => {
+            let compute = steps
+                .iter()
+                .filter(|(s, _)| *s >= start && *s < left_us)
+                .map(|(s, e)| e.min(left_us) - s)
+                .sum();
+            (start - arrived_us, compute)
+        }
+        _ => (0.0, 0.0),
+    }
+}
+
 fn request_summary(
     request_id: String,
     mentions: &[Mention],
@@ -279,13 +311,17 @@ fn request_summary(
             .iter()
             .filter(|m| m.kind == Kind::Recv)
             .min_by(|a, b| a.ts.total_cmp(&b.ts));
+        let first_arrival = ms
+            .iter()
+            .filter(|m| m.kind == Kind::Recv || m.kind == Kind::Arrive)
+            .min_by(|a, b| a.ts.total_cmp(&b.ts));
+        let its_steps: Vec<&&Mention> = ms.iter().filter(|m| m.kind == Kind::Step).collect();
         let steps = &steps_of[si];
-        let arrived_us = match first_recv {
+        let arrived_us = match first_arrival {
             Some(r) => r.end,
             None => {
-                // No receive (the first stage takes requests from the
-                // orchestrator): it was there by the start of the step in
-                // which it is first mentioned.
+                // It was there by the start of the step in which it is
+                // first mentioned.
                 let first = ms.iter().map(|m| m.ts).fold(f64::INFINITY, f64::min);
                 steps
                     .iter()
@@ -293,26 +329,21 @@ fn request_summary(
                     .map_or(first, |(s, _)| *s)
             }
         };
-        let stage_sends: Vec<&&Mention> = ms.iter().filter(|m| m.kind == Kind::Send).collect();
-        let left_us = if stage_sends.is_empty() {
+        let leaving: Vec<&&Mention> = ms
+            .iter()
+            .filter(|m| m.kind == Kind::Send || m.kind == Kind::Step)
+            .collect();
+        let left_us = if leaving.is_empty() {
             ms.iter().map(|m| m.end).fold(arrived_us, f64::max)
         } else {
-            stage_sends.iter().map(|m| m.end).fold(arrived_us, f64::max)
+            leaving.iter().map(|m| m.end).fold(arrived_us, f64::max)
         };
-        let first_step = steps
-            .iter()
-            .find(|(s, _)| *s >= arrived_us)
-            .map(|(s, _)| *s);
-        let (queue_us, compute_us) = match first_step {
-            Some(start) if start <= left_us => {
-                let compute = steps
-                    .iter()
-                    .filter(|(s, _)| *s >= start && *s < left_us)
-                    .map(|(s, e)| e.min(left_us) - s)
-                    .sum();
-                (start - arrived_us, compute)
-            }
-            _ => (0.0, 0.0),
+        let (queue_us, compute_us) = if its_steps.is_empty() {
+            steps_between(steps, arrived_us, left_us)
+        } else {
+            let first = its_steps.iter().map(|m| m.ts).fold(f64::INFINITY, f64::min);
+            let compute = its_steps.iter().map(|m| m.end - m.ts).sum();
+            ((first - arrived_us).max(0.0), compute)
         };
         let transfer_us = first_recv.and_then(|r| {
             sends

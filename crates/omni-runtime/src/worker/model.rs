@@ -4,8 +4,9 @@
 //! encoded frames through another; it never touches a socket.
 //!
 //! Encoding happens here, inside `stage_send` spans, and stage inputs are
-//! admitted here inside `stage_recv` spans: the torch profiler records only
-//! the thread that enabled it, and this is that thread.
+//! admitted here inside `stage_recv` spans (the first stage's requests inside
+//! `add_request` spans): the torch profiler records only the thread that
+//! enabled it, and this is that thread.
 //!
 //! Profiler windows follow the thread contract of `omni-profiler`: the
 //! `start()`/`stop()` futures are created and first polled on this thread
@@ -322,6 +323,9 @@ impl Loop {
     }
 
     fn generate(&mut self, engine: &mut LLMEngine, g: GenerateMsg, arrival: u64) {
+        // Marks the request's arrival in the trace, as `stage_recv` does for
+        // the stages downstream.
+        let _span = tracing::info_span!(target: "omni::runtime", "add_request", request_ids = %g.request_id, stage = self.t.stage_id).entered();
         if !self.t.sources.is_empty() {
             return self.request_error(
                 &g.request_id,
