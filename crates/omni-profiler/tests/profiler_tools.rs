@@ -29,13 +29,17 @@ async fn merge_and_summarize_follow_requests_across_stages() -> Result<()> {
     add_request("req-2");
     common::engine_step(2, "req-1,req-2");
     torch.stop().await?;
+    // Stage 1's socket takes both in now; its model thread gets to them at
+    // least 5 ms later.
+    let received = common::now_us().floor();
 
     let chrome = backend_by_name("chrome")?;
     chrome.start(&s1).await?;
+    std::thread::sleep(std::time::Duration::from_millis(5));
     {
-        let _r =
-            tracing::info_span!(target: "omni::runtime", "stage_recv", request_ids = "req-1,req-2")
-                .entered();
+        let _r = tracing::info_span!(target: "omni::runtime", "stage_recv",
+            request_ids = "req-1,req-2", received_us = received as u64)
+        .entered();
     }
     common::engine_step(1, "req-1,req-2");
     chrome.stop().await?;
@@ -95,6 +99,14 @@ async fn merge_and_summarize_follow_requests_across_stages() -> Result<()> {
     check(
         r1.stages[1].transfer_us.is_some_and(|t| t > 0.0),
         "transfer into stage 1",
+    )?;
+    check(
+        r1.stages[1].arrived_us == received,
+        format!("arrival when the socket took it in: {r1:#?}"),
+    )?;
+    check(
+        r1.stages[1].queue_us >= 5000.0,
+        format!("the wait for the model thread is queue time: {r1:#?}"),
     )?;
     check(r1.stages[1].compute_us > 0.0, "compute in stage 1")?;
     // Compute is the steps that name the request: req-2 was in one step of

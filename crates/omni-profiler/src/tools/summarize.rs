@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+use serde_json::Value;
 
 use super::trace_set::{load, ranges, request_ids_of, Range};
 use crate::Result;
@@ -70,8 +71,9 @@ pub struct RequestSummary {
 /// One request in one stage. Times in µs.
 ///
 /// Derived from ranges that name the request (field `request_ids`): it
-/// *arrives* when the first `stage_recv` (or, in the first stage,
-/// `add_request`) naming it ends; *compute* sums the engine steps
+/// *arrives* when the stage's socket took it in (field `received_us` of the
+/// first `stage_recv`, or in the first stage `add_request`, naming it; else
+/// when that range ends); *compute* sums the engine steps
 /// (`ProfilerStep#<n>`) that name it (steps are batched: other requests
 /// share them); *queue* runs from arrival to the first of those steps; it
 /// *leaves* when the last step or `stage_send` naming it ends.
@@ -104,6 +106,9 @@ struct Mention {
     kind: Kind,
     ts: f64,
     end: f64,
+    /// When the stage's socket took the request in (`received_us`), which
+    /// can be well before the model thread got to it (`ts`).
+    received: Option<f64>,
 }
 
 #[derive(PartialEq, Clone, Copy)]
@@ -191,6 +196,10 @@ pub fn summarize(dir: &Path) -> Result<Summary> {
                 _ if is_step => Kind::Step,
                 _ => Kind::Other,
             };
+            let received = args
+                .get("received_us")
+                .and_then(Value::as_f64)
+                .filter(|t| *t <= r.end());
             for id in ids {
                 let seen = first_seen.entry(id.clone()).or_insert(r.ts);
                 *seen = seen.min(r.ts);
@@ -199,6 +208,7 @@ pub fn summarize(dir: &Path) -> Result<Summary> {
                     kind,
                     ts: r.ts,
                     end: r.end(),
+                    received,
                 });
             }
         }
@@ -318,7 +328,7 @@ fn request_summary(
         let its_steps: Vec<&&Mention> = ms.iter().filter(|m| m.kind == Kind::Step).collect();
         let steps = &steps_of[si];
         let arrived_us = match first_arrival {
-            Some(r) => r.end,
+            Some(r) => r.received.unwrap_or(r.end),
             None => {
                 // It was there by the start of the step in which it is
                 // first mentioned.
@@ -346,14 +356,15 @@ fn request_summary(
             ((first - arrived_us).max(0.0), compute)
         };
         let transfer_us = first_recv.and_then(|r| {
+            let received = r.received.unwrap_or(r.end);
             sends
                 .iter()
-                .filter(|s| s.stage != si && s.ts <= r.end)
+                .filter(|s| s.stage != si && s.ts <= received)
                 .map(|s| s.ts)
                 .fold(None, |acc: Option<f64>, t| {
                     Some(acc.map_or(t, |a| a.max(t)))
                 })
-                .map(|sent| r.end - sent)
+                .map(|sent| received - sent)
         });
         out.push(RequestStage {
             stage_id: stages[si].stage_id,

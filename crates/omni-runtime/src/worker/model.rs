@@ -325,7 +325,7 @@ impl Loop {
     fn generate(&mut self, engine: &mut LLMEngine, g: GenerateMsg, arrival: u64) {
         // Marks the request's arrival in the trace, as `stage_recv` does for
         // the stages downstream.
-        let _span = tracing::info_span!(target: "omni::runtime", "add_request", request_ids = %g.request_id, stage = self.t.stage_id).entered();
+        let _span = tracing::info_span!(target: "omni::runtime", "add_request", request_ids = %g.request_id, stage = self.t.stage_id, received_us = arrival).entered();
         if !self.t.sources.is_empty() {
             return self.request_error(
                 &g.request_id,
@@ -352,7 +352,9 @@ impl Loop {
         tensors: Vec<(String, HostTensor)>,
         arrival: u64,
     ) {
-        let _span = tracing::info_span!(target: "omni::runtime", "stage_recv", request_ids = %m.request_id, from_stage = m.output.stage_id, stage = self.t.stage_id).entered();
+        // `received_us`: when the socket thread took it in; the span starts
+        // when this thread gets to it, after the step then running.
+        let _span = tracing::info_span!(target: "omni::runtime", "stage_recv", request_ids = %m.request_id, from_stage = m.output.stage_id, stage = self.t.stage_id, received_us = arrival).entered();
         let id = m.request_id.clone();
         if self.aborted.contains(&id) {
             return;
