@@ -18,31 +18,18 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
-#include <atomic>
 #include <cmath>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define OMNI_X86 1
-#endif
-
 #include "shim.h"
+#include "simd.h"
+
+namespace omni {
+std::atomic<bool> force_portable{false};
+}  // namespace omni
 
 using omni::guarded;
 
 namespace {
-
-// Tests switch the AVX2 paths off to check the portable ones too.
-std::atomic<bool> force_portable{false};
-
-bool has_avx2_fma() {
-#ifdef OMNI_X86
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes && !force_portable.load(std::memory_order_relaxed);
-#else
-  return false;
-#endif
-}
 
 // Rows per parallel task: small problems (a decode step's 32 rows of 576)
 // stay on the calling thread, where a fork/join would cost more than the
@@ -56,7 +43,7 @@ template <typename Args>
 void run_rows(void (*generic)(const Args&, int64_t, int64_t),
               void (*avx2)(const Args&, int64_t, int64_t), const Args& args, int64_t rows,
               int64_t row_len) {
-  auto task = has_avx2_fma() && avx2 != nullptr ? avx2 : generic;
+  auto task = omni::use_avx2() && avx2 != nullptr ? avx2 : generic;
   at::parallel_for(0, rows, grain(row_len), [&](int64_t b, int64_t e) { task(args, b, e); });
 }
 
@@ -163,28 +150,6 @@ __attribute__((target("avx2,fma"))) void rope_avx2(const RopeArgs& a, int64_t b,
   rope_range(a, b, e);
 }
 
-// e^x for 8 floats: Cephes' expf (range reduction by ln 2 in two parts, a
-// degree-5 polynomial, 2^n through the exponent bits), ~1 ulp. Inputs are
-// clamped to +-88.38, so the result is never inf or NaN.
-__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)),
-                    _mm256_set1_ps(88.3762626647949f));
-  const __m256 fx = _mm256_floor_ps(
-      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r);
-  y = _mm256_add_ps(y, _mm256_set1_ps(1.f));
-  const __m256i p = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f));
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(p, 23)));
-}
-
 __attribute__((target("avx2,fma"))) void silu_avx2(const SiluArgs& a, int64_t b, int64_t e) {
   const __m256 one = _mm256_set1_ps(1.f);
   const __m256 zero = _mm256_setzero_ps();
@@ -195,7 +160,7 @@ __attribute__((target("avx2,fma"))) void silu_avx2(const SiluArgs& a, int64_t b,
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
       const __m256 gv = _mm256_loadu_ps(g + i);
-      const __m256 den = _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(zero, gv)));
+      const __m256 den = _mm256_add_ps(one, omni::exp_avx2(_mm256_sub_ps(zero, gv)));
       _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, den), _mm256_loadu_ps(g + n + i)));
     }
     for (; i < n; ++i) o[i] = silu(g[i]) * g[n + i];
@@ -247,8 +212,11 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor* delta, const at::Tens
 
 extern "C" {
 
-// Runs the portable loops even where AVX2 is available (for tests).
-void omni_fused_force_portable(bool on) { force_portable.store(on, std::memory_order_relaxed); }
+// Runs the portable loops of every CPU kernel (these and the paged
+// attention) even where AVX2 is available (for tests).
+void omni_fused_force_portable(bool on) {
+  omni::force_portable.store(on, std::memory_order_relaxed);
+}
 
 // x: [rows, n] (rows may be strided); w: [n]. Returns a new [rows, n].
 at::Tensor* omni_rms_norm(const at::Tensor* x, const at::Tensor* w, double eps, char** err) {

@@ -17,14 +17,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
-
 #include "shim.h"
+#include "simd.h"
 
 using omni::guarded;
 
@@ -52,6 +50,18 @@ inline void axpy(float w, const T* v, float* a, int64_t d) {
   for (int64_t i = 0; i < d; ++i) a[i] += w * static_cast<float>(v[i]);
 }
 
+// x = softmax(x), in fp32.
+inline void softmax(float* x, int64_t n) {
+  const float m = *std::max_element(x, x + n);
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    sum += x[i];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
 // One decode step's problem, shared by every task.
 template <typename T>
 struct Problem {
@@ -73,7 +83,7 @@ struct Problem {
 // and ran at a third of the memory bandwidth. `scores` and `acc` are the
 // calling thread's scratch.
 template <typename T, float (*Dot)(const float*, const T*, int64_t),
-          void (*Axpy)(float, const T*, float*, int64_t)>
+          void (*Axpy)(float, const T*, float*, int64_t), void (*Softmax)(float*, int64_t)>
 inline __attribute__((always_inline)) void attend(const Problem<T>& p, int64_t s,
                                                   std::vector<float>& scores,
                                                   std::vector<float>& acc) {
@@ -92,17 +102,7 @@ inline __attribute__((always_inline)) void attend(const Problem<T>& p, int64_t s
       }
     }
   }
-  for (int64_t hq = 0; hq < heads; ++hq) {
-    float* sc = scores.data() + hq * ctx;
-    const float m = *std::max_element(sc, sc + ctx);
-    float sum = 0.f;
-    for (int64_t i = 0; i < ctx; ++i) {
-      sc[i] = std::exp(sc[i] - m);
-      sum += sc[i];
-    }
-    const float inv = 1.f / sum;
-    for (int64_t i = 0; i < ctx; ++i) sc[i] *= inv;
-  }
+  for (int64_t hq = 0; hq < heads; ++hq) Softmax(scores.data() + hq * ctx, ctx);
   acc.assign(static_cast<size_t>(heads * d), 0.f);
   for (int64_t b0 = 0; b0 < ctx; b0 += bs) {
     const int64_t base = table[b0 / bs] * bs;
@@ -120,13 +120,14 @@ inline __attribute__((always_inline)) void attend(const Problem<T>& p, int64_t s
 template <typename T>
 void attend_generic(const Problem<T>& p, int64_t s, std::vector<float>& scores,
                     std::vector<float>& acc) {
-  attend<T, dot<T>, axpy<T>>(p, s, scores, acc);
+  attend<T, dot<T>, axpy<T>, softmax>(p, s, scores, acc);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef OMNI_X86
 // fp32 caches on AVX2 + FMA, chosen at run time: the shim is compiled for
-// baseline x86-64 (SSE2), where the loops above run 4 lanes without FMA.
-// The whole task is compiled for AVX2 so that these inline into it.
+// baseline x86-64 (SSE2), where the loops above run 4 lanes without FMA
+// and exp one value at a time (scalar exp was ~8% of a decode step). The
+// whole task is compiled for AVX2 so that these inline into it.
 __attribute__((target("avx2,fma"))) inline float dot_avx2(const float* q, const float* k,
                                                            int64_t d) {
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
@@ -136,11 +137,7 @@ __attribute__((target("avx2,fma"))) inline float dot_avx2(const float* q, const 
     a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), a1);
   }
   for (; i + 8 <= d; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
-  a0 = _mm256_add_ps(a0, a1);
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
-  x = _mm_hadd_ps(x, x);
-  x = _mm_hadd_ps(x, x);
-  float sum = _mm_cvtss_f32(x);
+  float sum = omni::hsum_avx2(_mm256_add_ps(a0, a1));
   for (; i < d; ++i) sum += q[i] * k[i];
   return sum;
 }
@@ -155,24 +152,47 @@ __attribute__((target("avx2,fma"))) inline void axpy_avx2(float w, const float* 
   for (; i < d; ++i) a[i] += w * v[i];
 }
 
+__attribute__((target("avx2,fma"))) inline void softmax_avx2(float* x, int64_t n) {
+  __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + i));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mv);
+  float m = *std::max_element(lanes, lanes + 8);
+  for (; i < n; ++i) m = std::max(m, x[i]);
+
+  const __m256 mb = _mm256_set1_ps(m);
+  __m256 sv = _mm256_setzero_ps();
+  for (i = 0; i + 8 <= n; i += 8) {
+    const __m256 e = omni::exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), mb));
+    _mm256_storeu_ps(x + i, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  float sum = omni::hsum_avx2(sv);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    sum += x[i];
+  }
+
+  const float inv = 1.f / sum;
+  const __m256 invv = _mm256_set1_ps(inv);
+  for (i = 0; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), invv));
+  for (; i < n; ++i) x[i] *= inv;
+}
+
 __attribute__((target("avx2,fma"))) void attend_avx2(const Problem<float>& p, int64_t s,
                                                      std::vector<float>& scores,
                                                      std::vector<float>& acc) {
-  attend<float, dot_avx2, axpy_avx2>(p, s, scores, acc);
-}
-
-bool has_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+  attend<float, dot_avx2, axpy_avx2, softmax_avx2>(p, s, scores, acc);
 }
 #endif
 
 template <typename T>
 void paged_decode(const Problem<T>& p, int64_t n) {
   auto task = attend_generic<T>;
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef OMNI_X86
   if constexpr (std::is_same_v<T, float>) {
-    if (has_avx2_fma()) task = attend_avx2;
+    if (omni::use_avx2()) task = attend_avx2;
   }
 #endif
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {

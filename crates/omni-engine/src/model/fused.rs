@@ -138,6 +138,19 @@ impl Kernels {
     }
 }
 
+/// Runs `f` with the portable loops of every CPU kernel (`portable`), or
+/// with their AVX2 builds where the CPU has them, so tests check both.
+#[cfg(test)]
+pub(crate) fn with_kernel_build<R>(portable: bool, f: impl FnOnce() -> R) -> R {
+    // SAFETY: sets an atomic flag. Tests that run meanwhile are unaffected:
+    // the two builds agree to far within any test's tolerance.
+    unsafe { omni_fused_force_portable(portable) };
+    let r = f();
+    // SAFETY: as above.
+    unsafe { omni_fused_force_portable(false) };
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,14 +170,7 @@ mod tests {
     #[test]
     fn fused_kernels_match_the_composite_ops() -> Result<()> {
         for portable in [false, true] {
-            // SAFETY: sets an atomic flag. Only this test flips it, and the
-            // two builds agree to far within any test's tolerance, so tests
-            // running meanwhile are unaffected.
-            unsafe { omni_fused_force_portable(portable) };
-            let result = compare_with_composite();
-            // SAFETY: as above.
-            unsafe { omni_fused_force_portable(false) };
-            result?;
+            with_kernel_build(portable, compare_with_composite)?;
         }
         Ok(())
     }
