@@ -426,7 +426,7 @@ impl fmt::Display for Summary {
             writeln!(f)?;
             writeln!(
                 f,
-                "== requests (ms; queue = waiting for a step, compute = steps while in the stage)"
+                "== requests (ms; transfer = from the sender's stage_send to this stage's socket, queue = to its first step, compute = the steps that computed it)"
             )?;
             for req in &self.requests {
                 writeln!(f, "  {}  total {}", req.request_id, ms(req.total_us))?;
