@@ -180,12 +180,9 @@ where
         }
         let Some(span) = ctx.span(id) else { return };
         let meta = span.metadata();
-        let fields = span
-            .extensions()
-            .get::<SpanFields>()
-            .cloned()
-            .unwrap_or_default();
-        let name = match (meta.name(), fields.step) {
+        // Only the step number here; the args are read at exit.
+        let step = span.extensions().get::<SpanFields>().and_then(|f| f.step);
+        let name = match (meta.name(), step) {
             ("step", Some(n)) => format!("ProfilerStep#{n}"),
             (name, _) => name.to_owned(),
         };

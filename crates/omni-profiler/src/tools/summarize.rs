@@ -111,6 +111,14 @@ struct Mention {
     received: Option<f64>,
 }
 
+impl Mention {
+    /// When the stage had the request: its socket's time if recorded, else
+    /// the end of the range.
+    fn arrival(&self) -> f64 {
+        self.received.unwrap_or(self.end)
+    }
+}
+
 #[derive(PartialEq, Clone, Copy)]
 enum Kind {
     Send,
@@ -328,7 +336,7 @@ fn request_summary(
         let its_steps: Vec<&&Mention> = ms.iter().filter(|m| m.kind == Kind::Step).collect();
         let steps = &steps_of[si];
         let arrived_us = match first_arrival {
-            Some(r) => r.received.unwrap_or(r.end),
+            Some(r) => r.arrival(),
             None => {
                 // It was there by the start of the step in which it is
                 // first mentioned.
@@ -356,7 +364,7 @@ fn request_summary(
             ((first - arrived_us).max(0.0), compute)
         };
         let transfer_us = first_recv.and_then(|r| {
-            let received = r.received.unwrap_or(r.end);
+            let received = r.arrival();
             sends
                 .iter()
                 .filter(|s| s.stage != si && s.ts <= received)
