@@ -8,8 +8,8 @@ pub(crate) const NAMES: &[&str] = &["default", "smollm2"];
 /// The YAML text of a built-in pipeline.
 pub(crate) fn text(name: &str) -> Option<&'static str> {
     match name {
-        "default" => Some(include_str!("../../../pipelines/default.yaml")),
-        "smollm2" => Some(include_str!("../../../pipelines/smollm2.yaml")),
+        "default" => Some(include_str!("../../pipelines/default.yaml")),
+        "smollm2" => Some(include_str!("../../pipelines/smollm2.yaml")),
         _ => None,
     }
 }
