@@ -6,12 +6,15 @@
 // message in `*err` (freed by omni_kineto_free_str), because an exception
 // unwinding into Rust is undefined behaviour.
 #include <torch/csrc/autograd/profiler_kineto.h>
+#include <ATen/Context.h>
 #include <ATen/record_function.h>
+#include <kineto/libkineto.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <fstream>
+#include <mutex>
 #include <set>
 #include <string>
 
@@ -31,6 +34,40 @@ char* dup_message(const char* msg) {
 extern "C" {
 
 void omni_kineto_free_str(char* s) { std::free(s); }
+
+// Initialises Kineto once, on the calling thread, which must be the one that
+// loaded libtorch (the process's main thread): libtorch registers its Kineto
+// client from its static initialisers, and Kineto runs that client's init
+// only on the registering thread. Left to the first prepareProfiler (on a
+// model thread), Kineto prints "ERROR: External init callback must run in
+// same thread as registerClient" (a raw fprintf, libkineto_api.cpp).
+//
+// Also sets Kineto's log threshold (KINETO_LOG_LEVEL, read by
+// libkineto_init; a value the user set is kept): 6 is above USDT (5), so
+// neither the "USDT: profiler_start/stop" lines nor the
+// "gpuGetDeviceCount failed" error of a machine without a GPU reach stderr
+// (both go through Kineto's logger, which writes straight to std::cerr).
+// KINETO_LOG_LEVEL=4 brings back Kineto's errors.
+int omni_kineto_init(char** err) {
+  try {
+    static std::once_flag once;
+    std::call_once(once, [] {
+      setenv("KINETO_LOG_LEVEL", "6", /*overwrite=*/0);
+      if (!libkineto::api().isProfilerRegistered()) {
+        // The same test prepareProfiler makes; it will not initialise again.
+        bool cpu_only = !(at::hasCUDA() || at::hasXPU() || at::hasMTIA());
+        libkineto_init(cpu_only, /*logOnError=*/true);
+        libkineto::api().suppressLogMessages();
+      }
+    });
+    return 0;
+  } catch (const std::exception& e) {
+    *err = dup_message(e.what());
+  } catch (...) {
+    *err = dup_message("unknown c++ exception in kineto init");
+  }
+  return 1;
+}
 
 // Prepares and enables Kineto. CPU activities always; CUDA when `cuda` != 0.
 // `all_threads`: record CPU ops of every thread, not only the calling one

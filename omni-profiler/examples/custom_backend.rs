@@ -119,7 +119,7 @@ async fn main() -> Result<()> {
         println!("{}", path.display());
         println!(
             "{}",
-            std::fs::read_to_string(&path).map_err(|e| Error::Io { path, source: e })?
+            std::fs::read_to_string(&path).map_err(|e| Error::Io { path, cause: e })?
         );
     }
     Ok(())

@@ -30,6 +30,8 @@ fn step(n: u64, w: &Tensor, request_ids: &str) {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
+    // On the main thread, first: Kineto starts up only where libtorch loaded.
+    omni_profiler::init_main_thread()?;
     tracing_subscriber::registry()
         .with(omni_profiler::tracing_layer())
         .init();

@@ -1,4 +1,13 @@
 //! The crate's error type.
+//!
+//! # Wrapped errors: the message says it once
+//!
+//! A variant that wraps another error puts that error's text in its own
+//! message and does **not** return it from `source()` (no `#[source]`, no
+//! `#[from]`, and no field named `source`, which thiserror would take as the
+//! source): `to_string()` stays complete on one line, and a chain printer
+//! (anyhow's `{:#}`) does not print the inner text a second time. The
+//! wrapped error is kept in a field named `cause`.
 use std::path::PathBuf;
 
 /// Result alias of this crate.
@@ -25,12 +34,12 @@ pub enum Error {
         expected: &'static str,
     },
     /// The trace directory cannot be created or written.
-    #[error("trace directory {path} is not writable: {source}")]
+    #[error("trace directory {path} is not writable: {cause}")]
     TraceDirNotWritable {
         /// The directory.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not a `source()`).
+        cause: std::io::Error,
     },
     /// `start` on a profiler (or while another recording backend) is active.
     #[error("cannot start the {backend} profiler: {reason}")]
@@ -60,12 +69,12 @@ pub enum Error {
     #[error("torch (kineto) profiler: {0}")]
     Kineto(String),
     /// File I/O on a trace or a trace directory.
-    #[error("i/o error on {path}: {source}")]
+    #[error("i/o error on {path}: {cause}")]
     Io {
         /// The file or directory.
         path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (in the message, not a `source()`).
+        cause: std::io::Error,
     },
     /// A trace file that is not a Chrome trace we can read.
     #[error("invalid trace file {path}: {reason}")]
@@ -87,10 +96,10 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::ptr::NonNull;
 use crate::{Error, ProfileOptions, Result};
 
 extern "C" {
+    fn omni_kineto_init(err: *mut *mut c_char) -> c_int;
     fn omni_kineto_start(
         cuda: c_int,
         record_shapes: c_int,
@@ -39,6 +40,19 @@ fn take_error(err: *mut c_char, what: &str) -> Error {
         .into_owned();
     unsafe { omni_kineto_free_str(err) };
     Error::Kineto(format!("{what}: {msg}"))
+}
+
+/// Initialises Kineto on the calling thread, once per process (later calls
+/// do nothing). See [`crate::init_main_thread`].
+pub(crate) fn init() -> Result<()> {
+    let mut err: *mut c_char = std::ptr::null_mut();
+    // SAFETY: a valid out pointer; the shim catches C++ exceptions.
+    let rc = unsafe { omni_kineto_init(&mut err) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(take_error(err, "kineto init"))
+    }
 }
 
 /// Enables Kineto: CPU activities always, CUDA activities when `cuda`.

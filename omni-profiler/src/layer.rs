@@ -5,9 +5,11 @@
 //! `stage_recv`); a process installs [`tracing_layer`] once, next to its log
 //! output, and every backend sees those spans:
 //!
-//! * each finished span goes to the span recorder while a window is open
-//!   (the `chrome` backend writes them; `torch` merges their fields into
-//!   Kineto's ranges);
+//! * each finished span goes to the span recorder while a `torch` (or a
+//!   custom backend's) window is open; `torch` merges their fields into
+//!   Kineto's ranges;
+//! * while the `chrome` backend records, every callback also goes to the
+//!   window's `tracing-chrome` layer (see `chrome.rs`);
 //! * while the `torch` backend records, each span also opens a Kineto
 //!   `RecordFunction` range (`USER_SCOPE`, as `torch.profiler.record_function`
 //!   does), so aten ops nest under `forward` in the trace;
@@ -17,7 +19,6 @@
 //!
 //! When no window is open the layer costs an atomic load per span callback.
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
@@ -27,6 +28,7 @@ use tracing_subscriber::filter::{Filtered, Targets};
 use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
+use crate::chrome::ChromeSlot;
 use crate::clock::{now_us, os_tid};
 use crate::kineto;
 use crate::recorder::{SpanRecord, RECORDER};
@@ -36,13 +38,6 @@ use crate::recorder::{SpanRecord, RECORDER};
 /// spans are at INFO. Independent of `RUST_LOG`, as long as the process's
 /// log filter is a per-layer filter on its log layer, not a global one.
 pub const FILTER_ENV: &str = "OMNI_PROFILER_FILTER";
-
-static INSTALLED: AtomicBool = AtomicBool::new(false);
-
-/// Whether a [`ProfilerLayer`] has been added to a subscriber in this process.
-pub(crate) fn layer_installed() -> bool {
-    INSTALLED.load(Ordering::Acquire)
-}
 
 /// The layer a process installs once in its subscriber, e.g.
 /// `tracing_subscriber::registry().with(fmt_layer.with_filter(env_filter)).with(omni_profiler::tracing_layer())`.
@@ -54,7 +49,7 @@ pub(crate) fn layer_installed() -> bool {
 /// `info` with a warning rather than failing the process's start.
 pub fn tracing_layer<S>() -> impl Layer<S> + Send + Sync + 'static
 where
-    S: Subscriber + for<'a> LookupSpan<'a>,
+    S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync + 'static,
 {
     let filter = match std::env::var(FILTER_ENV) {
         Ok(spec) if !spec.trim().is_empty() => spec.parse::<Targets>().unwrap_or_else(|e| {
@@ -63,21 +58,47 @@ where
         }),
         _ => Targets::new().with_default(tracing::Level::INFO),
     };
-    let filtered: Filtered<ProfilerLayer, Targets, S> = ProfilerLayer::new().with_filter(filter);
+    let filtered: Filtered<ProfilerLayer<S>, Targets, S> = ProfilerLayer::new().with_filter(filter);
     filtered
 }
 
 /// The unfiltered layer behind [`tracing_layer`], for a subscriber that
 /// filters by itself.
-#[derive(Debug, Default)]
-pub struct ProfilerLayer {
-    _private: (),
+pub struct ProfilerLayer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+{
+    chrome: ChromeSlot<S>,
 }
 
-impl ProfilerLayer {
-    /// A new layer (all layers share the process's one recorder).
+impl<S> ProfilerLayer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+{
+    /// A new layer (all layers share the process's one recorder; the
+    /// `chrome` backend uses the one installed last).
     pub fn new() -> Self {
-        ProfilerLayer::default()
+        ProfilerLayer {
+            chrome: ChromeSlot::new(),
+        }
+    }
+}
+
+impl<S> Default for ProfilerLayer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+{
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S> std::fmt::Debug for ProfilerLayer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProfilerLayer").finish_non_exhaustive()
     }
 }
 
@@ -138,15 +159,16 @@ impl Visit for FieldVisitor<'_> {
     }
 }
 
-impl<S> Layer<S> for ProfilerLayer
+impl<S> Layer<S> for ProfilerLayer<S>
 where
-    S: Subscriber + for<'a> LookupSpan<'a>,
+    S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync + 'static,
 {
-    fn on_layer(&mut self, _subscriber: &mut S) {
-        INSTALLED.store(true, Ordering::Release);
+    fn on_layer(&mut self, subscriber: &mut S) {
+        self.chrome.on_layer(subscriber);
     }
 
     fn on_new_span(&self, attrs: &span::Attributes<'_>, id: &span::Id, ctx: Context<'_, S>) {
+        self.chrome.on_new_span(attrs, id, ctx.clone());
         if !RECORDER.active() {
             return;
         }
@@ -158,6 +180,7 @@ where
     }
 
     fn on_record(&self, id: &span::Id, values: &span::Record<'_>, ctx: Context<'_, S>) {
+        self.chrome.on_record(id, values, ctx.clone());
         if !RECORDER.active() {
             return;
         }
@@ -175,6 +198,7 @@ where
     }
 
     fn on_enter(&self, id: &span::Id, ctx: Context<'_, S>) {
+        self.chrome.on_enter(id, ctx.clone());
         if !RECORDER.active() {
             return;
         }
@@ -206,6 +230,7 @@ where
         // Runs even when no window is open: a frame pushed during a window
         // that has since closed still holds a Kineto range to end here, on
         // the thread that opened it.
+        self.chrome.on_exit(id, ctx.clone());
         let frame = STACK.with(|stack| {
             let mut stack = stack.borrow_mut();
             let pos = stack.iter().rposition(|f| f.id == *id)?;
@@ -237,7 +262,8 @@ where
         }
     }
 
-    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        self.chrome.on_event(event, ctx);
         if !RECORDER.active() {
             return;
         }
@@ -261,5 +287,9 @@ where
                 kineto_range: false,
             },
         );
+    }
+
+    fn on_close(&self, id: span::Id, ctx: Context<'_, S>) {
+        self.chrome.on_close(id, ctx);
     }
 }

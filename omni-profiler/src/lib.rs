@@ -1,8 +1,8 @@
 //! # omni-profiler
 //!
 //! Cross-stage profiling: the [`Profiler`] trait that backends implement,
-//! the `torch` (libtorch Kineto, through a C++ shim), `chrome` (Chrome trace
-//! JSON from `tracing` spans) and `noop` backends, trace file naming and
+//! the `torch` (libtorch Kineto, through a C++ shim), `chrome` (the
+//! `tracing-chrome` layer, switched on per window) and `noop` backends, trace file naming and
 //! atomic writing, a `tracing` layer that turns engine spans into ranges of
 //! the active backend, and trace tools ([`tools::summarize`],
 //! [`tools::merge`]).
@@ -17,7 +17,9 @@
 //! use omni_profiler::{backend_by_name, profiler_dir_from_env, ProfileOptions, ProfileSession};
 //! use tracing_subscriber::prelude::*;
 //!
-//! // Once per process: the layer forwards spans to whichever backend is active.
+//! // Once per process, on the main thread: Kineto's start-up, and the layer
+//! // that forwards spans to whichever backend is active.
+//! omni_profiler::init_main_thread()?;
 //! tracing_subscriber::registry().with(omni_profiler::tracing_layer()).init();
 //!
 //! let root = profiler_dir_from_env()?; // VLLM_TORCH_PROFILER_DIR
@@ -79,5 +81,5 @@ pub use options::{profiler_dir_from, profiler_dir_from_env, ProfileOptions, PROF
 pub use profiler::Profiler;
 pub use recorder::{CapturedSpans, SpanCapture, SpanRecord};
 pub use session::ProfileSession;
-pub use torch::TorchProfiler;
+pub use torch::{init_main_thread, TorchProfiler};
 pub use trace_file::{prepare_trace_dir, write_trace};

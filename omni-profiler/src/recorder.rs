@@ -108,7 +108,7 @@ impl Recorder {
         self.window.load(Ordering::Acquire)
     }
 
-    fn begin(&self, owner: &str, torch_ranges: bool) -> Result<u64> {
+    fn begin(&self, owner: &str, mode: CaptureMode) -> Result<u64> {
         let mut inner = self.lock();
         if let Some(current) = &inner.owner {
             return Err(Error::AlreadyActive {
@@ -119,8 +119,10 @@ impl Recorder {
         inner.owner = Some(owner.to_owned());
         inner.captured = CapturedSpans::default();
         let window = self.window.fetch_add(1, Ordering::AcqRel) + 1;
-        self.torch_ranges.store(torch_ranges, Ordering::Release);
-        self.active.store(true, Ordering::Release);
+        self.torch_ranges
+            .store(mode == CaptureMode::WithTorchRanges, Ordering::Release);
+        self.active
+            .store(mode != CaptureMode::ClaimOnly, Ordering::Release);
         Ok(window)
     }
 
@@ -158,6 +160,18 @@ impl Recorder {
     }
 }
 
+/// What a [`SpanCapture`] does while it is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CaptureMode {
+    /// Record every span.
+    Record,
+    /// Record every span, and open a Kineto range for each (`torch`).
+    WithTorchRanges,
+    /// Record nothing: only own the process's one recording slot, for a
+    /// backend that takes the spans through a layer of its own (`chrome`).
+    ClaimOnly,
+}
+
 /// An open recording window over the tracing layer's spans: what the
 /// built-in `chrome` and `torch` backends use, and what a custom backend can
 /// use to get the engine's spans without writing a `tracing` layer.
@@ -174,11 +188,11 @@ impl SpanCapture {
     /// Opens a window owned by backend `owner`. Fails with
     /// [`Error::AlreadyActive`] when another capture is open.
     pub fn start(owner: &str) -> Result<Self> {
-        Self::start_inner(owner, false)
+        Self::start_inner(owner, CaptureMode::Record)
     }
 
-    pub(crate) fn start_inner(owner: &str, torch_ranges: bool) -> Result<Self> {
-        let window = RECORDER.begin(owner, torch_ranges)?;
+    pub(crate) fn start_inner(owner: &str, mode: CaptureMode) -> Result<Self> {
+        let window = RECORDER.begin(owner, mode)?;
         Ok(SpanCapture {
             window,
             finished: false,

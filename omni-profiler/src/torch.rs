@@ -6,7 +6,7 @@
 //! session's options. While it records, the tracing layer opens a
 //! `RecordFunction` range for every span (`ProfilerStep#<n>` for steps), and
 //! the spans' fields are merged into those ranges' `args` when the trace is
-//! finalized. Without a GPU, Kineto logs `gpuGetDeviceCount failed`: harmless.
+//! finalized.
 //!
 //! Kineto runs in its default thread-local mode, as `torch.profiler` does:
 //! the torch ops of the thread that called `start` are recorded, and `stop`
@@ -17,9 +17,25 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use crate::blocking::run_blocking;
-use crate::recorder::SpanCapture;
+use crate::recorder::{CaptureMode, SpanCapture};
 use crate::trace_file::{finalize_kineto, prepare_trace_dir, tmp_path, write_trace};
 use crate::{kineto, Error, ProfileSession, Profiler, Result};
+
+/// Prepares libtorch's profiler (Kineto) for the `torch` backend. Call it
+/// once, early, on the process's main thread (the thread that loaded
+/// libtorch), before a window is opened on any thread; later calls do
+/// nothing.
+///
+/// Kineto runs its start-up only on the thread that loaded libtorch; left
+/// to the first window, opened on a model or runtime thread, it prints
+/// `ERROR: External init callback must run in same thread as registerClient`.
+/// This also quiets Kineto's own log (`KINETO_LOG_LEVEL`, default here 6:
+/// nothing; a value set in the environment is kept, and 4 shows Kineto's
+/// errors), which otherwise prints `USDT` lines at every start and stop and,
+/// on a machine without a GPU, `gpuGetDeviceCount failed`.
+pub fn init_main_thread() -> Result<()> {
+    kineto::init()
+}
 
 struct Window {
     capture: SpanCapture,
@@ -71,7 +87,10 @@ impl Profiler for TorchProfiler {
         prepare_trace_dir(&session.dir)?;
         // The recorder first: it refuses when another backend records, before
         // Kineto (process-global too) is touched.
-        let capture = SpanCapture::start_inner("torch", true)?;
+        let capture = SpanCapture::start_inner("torch", CaptureMode::WithTorchRanges)?;
+        // Done already where the process called init_main_thread; else at
+        // least Kineto's log level is set before it starts.
+        kineto::init()?;
         kineto::start(&session.options, tch::Cuda::is_available())?;
         *window = Some(Window {
             capture,

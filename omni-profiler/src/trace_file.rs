@@ -20,9 +20,9 @@ static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// error naming the path ([`Error::TraceDirNotWritable`]), not when the
 /// window's trace is lost at stop.
 pub fn prepare_trace_dir(dir: &Path) -> Result<()> {
-    let not_writable = |source| Error::TraceDirNotWritable {
+    let not_writable = |cause| Error::TraceDirNotWritable {
         path: dir.to_path_buf(),
-        source,
+        cause,
     };
     std::fs::create_dir_all(dir).map_err(not_writable)?;
     let probe = tmp_path(dir, "probe");
@@ -71,7 +71,7 @@ pub fn write_trace(session: &ProfileSession, kind: &str, trace: &Value) -> Resul
     // window's data is worth recreating it for.
     std::fs::create_dir_all(dir).map_err(|e| Error::TraceDirNotWritable {
         path: dir.clone(),
-        source: e,
+        cause: e,
     })?;
     let tmp = tmp_path(dir, "trace");
     let write = || -> std::io::Result<()> {
@@ -148,42 +148,12 @@ fn span_event(span: &SpanRecord, pid: u64, cat: &str) -> Value {
 }
 
 /// Top-level keys every trace carries besides `traceEvents`.
-fn omni_info(session: &ProfileSession, backend: &str, captured: &CapturedSpans) -> Value {
+pub(crate) fn omni_info(session: &ProfileSession, backend: &str) -> Value {
     json!({
         "backend": backend,
         "process_name": session.process_name,
         "pid": std::process::id(),
         "clock": "ts in microseconds since the UNIX epoch",
-        "dropped_spans": captured.dropped,
-    })
-}
-
-/// The Chrome trace of the `chrome` backend: the window's spans as complete
-/// (`X`) events, events as instants, with process and thread names.
-pub(crate) fn chrome_trace(captured: &CapturedSpans, session: &ProfileSession) -> Value {
-    let pid = u64::from(std::process::id());
-    let mut events = Vec::with_capacity(captured.spans.len() + captured.threads.len() + 2);
-    events.push(metadata_event(
-        "process_name",
-        pid,
-        0,
-        json!({"name": session.process_name}),
-    ));
-    for (tid, name) in &captured.threads {
-        events.push(metadata_event(
-            "thread_name",
-            pid,
-            *tid,
-            json!({"name": name}),
-        ));
-    }
-    let mut spans: Vec<&SpanRecord> = captured.spans.iter().collect();
-    spans.sort_by(|a, b| a.start_us.total_cmp(&b.start_us));
-    events.extend(spans.into_iter().map(|s| span_event(s, pid, &s.target)));
-    json!({
-        "traceEvents": events,
-        "displayTimeUnit": "ms",
-        "omni": omni_info(session, "chrome", captured),
     })
 }
 
@@ -320,7 +290,9 @@ pub(crate) fn finalize_kineto(
     }
     events.extend(extra);
     obj.insert("traceEvents".into(), Value::Array(events));
-    obj.insert("omni".into(), omni_info(session, "torch", captured));
+    let mut info = omni_info(session, "torch");
+    info["dropped_spans"] = captured.dropped.into();
+    obj.insert("omni".into(), info);
     Ok(trace)
 }
 

@@ -44,7 +44,7 @@ pub fn read_trace(path: &Path) -> Result<Value> {
 pub fn io(path: &Path, e: std::io::Error) -> Error {
     Error::Io {
         path: path.to_path_buf(),
-        source: e,
+        cause: e,
     }
 }
 

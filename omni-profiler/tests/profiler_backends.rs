@@ -92,6 +92,67 @@ async fn chrome_two_windows_give_two_files_with_events_only_inside() -> Result<(
     Ok(())
 }
 
+/// The bug the vendored `tracing-chrome` patch fixes, as the engine meets it:
+/// its model thread lives across windows, and its steps must reach each one,
+/// under its thread name, with the fields recorded after the step began.
+#[tokio::test]
+async fn chrome_windows_after_the_first_keep_a_long_lived_threads_steps() -> Result<()> {
+    install_layer();
+    let _serial = serial().await;
+    let root = tempfile::tempdir().map_err(|e| common::io(std::path::Path::new("tmp"), e))?;
+    let s = session(root.path(), false);
+    let chrome = backend_by_name("chrome")?;
+    let (to_model, steps) = std::sync::mpsc::channel::<u64>();
+    let (done, stepped) = std::sync::mpsc::channel::<()>();
+    let model = std::thread::Builder::new()
+        .name("model".to_owned())
+        .spawn(move || {
+            for step in steps {
+                common::engine_step(step, &format!("req-{step}"));
+                if done.send(()).is_err() {
+                    return;
+                }
+            }
+        })
+        .map_err(|e| common::io(std::path::Path::new("spawn"), e))?;
+    let mut files = Vec::new();
+    for step in 1..=3u64 {
+        chrome.start(&s).await?;
+        to_model
+            .send(step)
+            .map_err(|e| Error::Task(e.to_string()))?;
+        stepped.recv().map_err(|e| Error::Task(e.to_string()))?;
+        files.extend(chrome.stop().await?);
+    }
+    drop(to_model);
+    model
+        .join()
+        .map_err(|_| Error::Task("model thread panicked".to_owned()))?;
+    check(files.len() == 3, format!("three files, got {files:?}"))?;
+    for (i, f) in files.iter().enumerate() {
+        let step = i as u64 + 1;
+        let trace = read_trace(f)?;
+        let ranges = ranges_named(&trace, &format!("ProfilerStep#{step}"));
+        check(
+            ranges.len() == 1,
+            format!("window {step}: one step range in {f:?}"),
+        )?;
+        check(
+            ranges[0]["args"]["request_ids"] == format!("req-{step}").as_str(),
+            format!("window {step}: request ids {}", ranges[0]),
+        )?;
+        let tid = ranges[0]["tid"].clone();
+        let thread = common::events(&trace)
+            .into_iter()
+            .find(|e| e["ph"] == "M" && e["name"] == "thread_name" && e["tid"] == tid);
+        check(
+            thread.is_some_and(|t| t["args"]["name"] == "model"),
+            format!("window {step}: the step's thread is named"),
+        )?;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn gzip_writes_json_gz_and_names_never_collide() -> Result<()> {
     install_layer();

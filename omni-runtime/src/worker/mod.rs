@@ -112,6 +112,13 @@ pub fn run_stage_worker(launch_file: &Path) -> Result<()> {
             spec.parent_pid
         )));
     }
+    if spec.profiler_backend == "torch" {
+        // Here, on the main thread, before any other exists: Kineto runs
+        // its start-up only on the thread that loaded libtorch.
+        if let Err(e) = omni_profiler::init_main_thread() {
+            tracing::warn!("stage {}: {e}", stage.stage_id);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name(format!("omni-stage-{}-io", stage.stage_id))
