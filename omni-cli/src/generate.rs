@@ -67,7 +67,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         },
         || OmniLLM::from_engine_args(OmniEngineArgs::new(&args.pipeline)),
     )
-    .with_context(|| format!("starting pipeline {:?}", args.pipeline))?;
+    .context("cannot start the pipeline")?;
     let params = args.sampling.resolve(omni.default_sampling_params())?;
     let prompts: Vec<Prompt> = args
         .prompts

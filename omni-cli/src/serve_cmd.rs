@@ -79,7 +79,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
     ));
     let omni = AsyncOmni::from_engine_args(OmniEngineArgs::new(&args.pipeline)).await;
     bar.finish_and_clear();
-    let omni = omni.with_context(|| format!("starting pipeline {:?}", args.pipeline))?;
+    let omni = omni.context("cannot start the pipeline")?;
     let served = args
         .served_model_name
         .clone()

@@ -100,9 +100,9 @@ impl AsyncOmni {
             Some(path) => PipelineConfig::load(path),
             None => PipelineConfig::resolve(&args.model),
         }
-        .map_err(|source| Error::Pipeline {
+        .map_err(|cause| Error::Pipeline {
             pipeline: name.clone(),
-            source,
+            cause,
         })?;
         Self::from_config(config, &args).await
     }

@@ -5,6 +5,16 @@
 //! can answer them with a client error while pipeline failures become
 //! server errors. [`Error::is_invalid_input`] and [`Error::stage_id`] make
 //! that classification without matching on every variant.
+//!
+//! # Wrapped errors: the message says it once
+//!
+//! A variant that wraps another error puts that error's text in its own
+//! message and does **not** return it from `source()` (no `#[source]`, no
+//! `#[from]`, and no field named `source`, which thiserror would take as the
+//! source): the one-line `to_string()` that HTTP error bodies use stays
+//! complete, and a chain printer (anyhow's `{:#}`) does not print the inner
+//! text a second time. The wrapped error is kept in a field named `cause`.
+//! [`Error::Runtime`] is `transparent`: its message is the runtime's, once.
 use std::path::PathBuf;
 
 use crate::convert::{runtime_is_invalid_input, runtime_stage_id};
@@ -37,13 +47,13 @@ pub enum Error {
         got: usize,
     },
     /// Sampling params that the engine rejects.
-    #[error("invalid sampling params for stage {stage_id}: {source}")]
+    #[error("invalid sampling params for stage {stage_id}: {cause}")]
     InvalidSamplingParams {
         /// The stage the params were meant for.
         stage_id: usize,
-        /// The engine's reason, naming the field and value.
-        #[source]
-        source: omni_engine::Error,
+        /// The engine's reason, naming the field and value (in the message,
+        /// not a `source()`).
+        cause: omni_engine::Error,
     },
     /// A stage id that the pipeline does not have.
     #[error(
@@ -71,28 +81,27 @@ pub enum Error {
         stage_id: usize,
     },
     /// The pipeline could not be configured (file, name, fields).
-    #[error("pipeline {pipeline:?}: {source}")]
+    // The runtime's errors name the file or pipeline already.
+    #[error("{cause}")]
     Pipeline {
         /// The name or path the caller gave.
         pipeline: String,
-        /// What the runtime found wrong.
-        #[source]
-        source: omni_runtime::Error,
+        /// What the runtime found wrong (in the message, not a `source()`).
+        cause: omni_runtime::Error,
     },
     /// An error from the runtime (stage processes, sockets, profiling).
     #[error(transparent)]
     Runtime(#[from] omni_runtime::Error),
     /// The blocking `OmniLLM` could not build its tokio runtime.
     #[error("cannot start the tokio runtime of OmniLLM: {0}")]
-    TokioRuntime(#[source] std::io::Error),
+    TokioRuntime(std::io::Error),
     /// A file the caller named cannot be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
+        /// The OS error (in the message, not a `source()`).
+        cause: std::io::Error,
     },
 }
 

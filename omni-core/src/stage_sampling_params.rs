@@ -74,7 +74,7 @@ impl StageSamplingParams {
         };
         for (stage_id, p) in per_stage.iter().enumerate() {
             p.validate()
-                .map_err(|source| Error::InvalidSamplingParams { stage_id, source })?;
+                .map_err(|cause| Error::InvalidSamplingParams { stage_id, cause })?;
         }
         Ok(per_stage)
     }

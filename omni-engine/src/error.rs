@@ -1,4 +1,14 @@
 //! The engine's one error type.
+//!
+//! # Wrapped errors: the message says it once
+//!
+//! A variant that wraps another error puts that error's text in its own
+//! message and does **not** return it from `source()` (no `#[source]`, no
+//! `#[from]`, and no field named `source`, which thiserror would take as the
+//! source): `to_string()` stays complete on one line, and a chain printer
+//! (anyhow's `{:#}`) does not print the inner text a second time. The
+//! wrapped error is kept in a field named `cause` (or the tuple field), and
+//! conversions for `?` are written out by hand.
 use std::path::PathBuf;
 
 /// Everything that can go wrong inside the engine. Messages are lowercase and
@@ -7,13 +17,12 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// What the OS said.
-        #[source]
-        source: std::io::Error,
+        /// What the OS said (in the message, not a `source()`).
+        cause: std::io::Error,
     },
     /// A model file is missing or does not match its checksum.
     #[error("model file {path}: {reason}; fetch it again with `scripts/setup`")]
@@ -106,9 +115,17 @@ pub enum Error {
     /// Tokenization, detokenization or chat templating failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
-    /// libtorch reported an error.
+    /// libtorch reported an error (in the message, not a `source()`).
     #[error("libtorch: {0}")]
-    Torch(#[from] tch::TchError),
+    Torch(tch::TchError),
+}
+
+/// `?` on libtorch calls; by hand, as `#[from]` would also make the
+/// `TchError` a `source()` and print it twice in a chain.
+impl From<tch::TchError> for Error {
+    fn from(e: tch::TchError) -> Self {
+        Error::Torch(e)
+    }
 }
 
 /// The engine's result type.
@@ -116,10 +133,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     /// Wraps an I/O error with the path it concerns.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 }

@@ -232,9 +232,9 @@ impl PipelineConfig {
 
     /// Loads and validates a YAML (`.yaml`, `.yml`) or JSON (`.json`) file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+        let text = std::fs::read_to_string(path).map_err(|cause| Error::ConfigRead {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         let is_json = path
             .extension()

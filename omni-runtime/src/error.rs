@@ -1,5 +1,15 @@
 //! The runtime's one error type. Messages are lowercase and name the bad
 //! value and where it came from (file and field, stage, socket address).
+//!
+//! # Wrapped errors: the message says it once
+//!
+//! A variant that wraps another error puts that error's text in its own
+//! message and does **not** return it from `source()` (no `#[source]`, no
+//! `#[from]`, and no field named `source`, which thiserror would take as the
+//! source): `to_string()` stays complete on one line, and a chain printer
+//! (anyhow's `{:#}`) does not print the inner text a second time. The
+//! wrapped error is kept in a field named `cause` (or the tuple field), and
+//! conversions for `?` are written out by hand.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,12 +22,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// A pipeline file could not be read.
-    #[error("cannot read pipeline config {path}: {source}")]
+    #[error("cannot read pipeline config {path}: {cause}")]
     ConfigRead {
         /// The file.
         path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+        /// What the OS said (in the message, not a `source()`).
+        cause: std::io::Error,
     },
     /// A pipeline file is not valid YAML/JSON.
     #[error("pipeline config {file} is not valid {format}: {reason}")]
@@ -97,14 +107,14 @@ pub enum Error {
         reason: String,
     },
     /// A file-system operation of the runtime (run directory, launch file).
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {cause}")]
     Io {
         /// What the runtime was doing.
         what: &'static str,
         /// The path involved.
         path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+        /// What the OS said (in the message, not a `source()`).
+        cause: std::io::Error,
     },
     /// The `omni-stage` worker binary was not found.
     #[error(
@@ -117,14 +127,14 @@ pub enum Error {
         searched: String,
     },
     /// A stage process could not be spawned.
-    #[error("cannot spawn stage {stage_id} ({path}): {source}")]
+    #[error("cannot spawn stage {stage_id} ({path}): {cause}")]
     Spawn {
         /// The stage.
         stage_id: usize,
         /// The binary.
         path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
+        /// What the OS said (in the message, not a `source()`).
+        cause: std::io::Error,
     },
     /// A stage did not send `Ready` in time.
     #[error("stage {stage_id} did not become ready within {timeout:?}{log}")]
@@ -195,9 +205,10 @@ pub enum Error {
     /// A profiler operation failed.
     #[error("profiler: {0}")]
     Profiler(String),
-    /// An engine error inside a stage worker.
+    /// An engine error inside a stage worker (in the message, not a
+    /// `source()`).
     #[error("engine: {0}")]
-    Engine(#[from] omni_engine::Error),
+    Engine(omni_engine::Error),
     /// A stage did not answer a control message in time.
     #[error("stage {stage_id} did not answer {what} within {timeout:?}")]
     Timeout {
@@ -213,12 +224,20 @@ pub enum Error {
     ShutDown(String),
 }
 
+/// `?` on engine calls; by hand, as `#[from]` would also make the engine's
+/// error a `source()` and print it twice in a chain.
+impl From<omni_engine::Error> for Error {
+    fn from(e: omni_engine::Error) -> Self {
+        Error::Engine(e)
+    }
+}
+
 impl Error {
-    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Error::Io {
             what,
             path: path.into(),
-            source,
+            cause,
         }
     }
 

@@ -295,10 +295,10 @@ fn spawn_child(
         });
     }
     let program = command.get_program().to_owned();
-    let mut child = command.spawn().map_err(|source| Error::Spawn {
+    let mut child = command.spawn().map_err(|cause| Error::Spawn {
         stage_id,
         path: program.into(),
-        source,
+        cause,
     })?;
     let pid = child.id();
     let tail = Arc::new(LogTail::default());

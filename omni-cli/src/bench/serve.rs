@@ -38,7 +38,7 @@ pub(super) async fn run(b: ServeBench) -> anyhow::Result<()> {
     let bar = progress::spinner(format!("starting pipeline {:?}", b.pipeline));
     let omni = AsyncOmni::from_engine_args(OmniEngineArgs::new(&b.pipeline)).await;
     bar.finish_and_clear();
-    let omni = omni.with_context(|| format!("starting pipeline {:?}", b.pipeline))?;
+    let omni = omni.context("cannot start the pipeline")?;
     let state = Arc::new(serve::AppState::new(omni, &b.pipeline));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve::serve(
