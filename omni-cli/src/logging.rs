@@ -1,5 +1,8 @@
 //! Logging: `RUST_LOG` through `EnvFilter`, to stderr, with a default that
-//! shows Omni's own progress and everyone's warnings.
+//! shows Omni's own progress and everyone's warnings. Colours only when
+//! stderr is a terminal: piped to a file or CI, logs are plain text.
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// What is logged when `RUST_LOG` is unset.
@@ -12,5 +15,6 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

@@ -8,7 +8,32 @@ fn omni(args: &[&str]) -> Result<Output> {
     Ok(Command::new(omni_bin()?)
         .args(args)
         .env_remove("VLLM_TORCH_PROFILER_DIR")
+        .env_remove("RUST_LOG")
+        .env_remove("KINETO_LOG_LEVEL")
         .output()?)
+}
+
+/// The `error:` line of a failed run.
+fn error_line(out: &Output) -> String {
+    text(&out.stderr)
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Fails when a part of an error chain (`a: b: c`) says what another part
+/// already said: a `Display` that repeats its source's text.
+fn assert_says_each_thing_once(line: &str) {
+    let parts: Vec<&str> = line.split(": ").map(str::trim).collect();
+    for (i, a) in parts.iter().enumerate() {
+        for b in &parts[i + 1..] {
+            assert!(
+                a.len() < 12 || !b.contains(a),
+                "{a:?} is said twice in: {line}"
+            );
+        }
+    }
 }
 
 fn text(b: &[u8]) -> String {
@@ -89,6 +114,16 @@ fn generate_with_profile_writes_traces_and_the_tools_read_them() -> Result {
         "1",
     ])?;
     assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    // A normal profiled run, at the default log level, piped: no alarming
+    // lines (Kineto's start-up on the wrong thread, its USDT and GPU probe
+    // messages) and no colour codes.
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("ERROR"), "an ERROR line:\n{stderr}");
+    assert!(!stderr.contains("USDT"), "a Kineto USDT line:\n{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "escape codes in piped logs:\n{stderr}"
+    );
     let stdout = text(&out.stdout);
     assert!(stdout.contains("ui.perfetto.dev"), "{stdout}");
     let files = trace_files(&traces);
@@ -125,6 +160,50 @@ fn generate_with_profile_writes_traces_and_the_tools_read_them() -> Result {
     let out = omni(&["profile", "merge", &traces_arg, "-o", &merged_arg])?;
     assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
     read_trace(&merged)?;
+    Ok(())
+}
+
+/// Three typical errors, printed whole: each names the bad value once.
+#[test]
+fn errors_say_each_thing_once() -> Result {
+    let dir = tempfile::tempdir()?;
+    let typo = dir.path().join("typo.yaml");
+    std::fs::write(
+        &typo,
+        "name: typo\nstage_args:\n  - stage_id: 0\n    engine_args: {model: smollm2}\n",
+    )?;
+    let typo_arg = typo.to_string_lossy().into_owned();
+    let missing = dir.path().join("missing.yaml");
+    let missing_arg = missing.to_string_lossy().into_owned();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["generate", "--pipeline", &typo_arg, "--prompt", "hi"],
+            "typo.yaml",
+        ),
+        (
+            &["generate", "--pipeline", &missing_arg, "--prompt", "hi"],
+            "missing.yaml",
+        ),
+        (
+            &[
+                "generate",
+                "--prompt",
+                "hi",
+                "--temperature=-1",
+                "--max-tokens",
+                "1",
+            ],
+            "temperature",
+        ),
+    ];
+    for (args, named) in cases {
+        let out = omni(args)?;
+        assert_eq!(out.status.code(), Some(2), "stderr:\n{}", text(&out.stderr));
+        let line = error_line(&out);
+        assert!(line.contains(named), "{named:?} not named in: {line}");
+        assert_eq!(line.matches(named).count(), 1, "{named:?} twice in: {line}");
+        assert_says_each_thing_once(&line);
+    }
     Ok(())
 }
 
