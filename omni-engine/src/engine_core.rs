@@ -377,6 +377,7 @@ fn make_output(seq: &mut Sequence, finished: bool) -> Result<RequestOutput> {
         finish_reason,
         logprobs: seq.params.logprobs.map(|_| seq.logprobs.clone()),
         hidden_states,
+        audio: None,
         metrics: seq.metrics,
     })
 }

@@ -115,6 +115,9 @@ pub enum Error {
     /// Tokenization, detokenization or chat templating failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// Text could not be turned into phonemes (espeak-ng missing, unknown voice).
+    #[error("phonemizer: {0}")]
+    Phonemizer(String),
     /// libtorch reported an error (in the message, not a `source()`).
     #[error("libtorch: {0}")]
     Torch(tch::TchError),

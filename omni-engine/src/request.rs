@@ -148,7 +148,17 @@ impl RequestMetrics {
     }
 }
 
-/// What [`crate::LLMEngine::step`] reports for a request that progressed.
+/// Mono audio a generation stage made.
+#[derive(Debug)]
+pub struct Waveform {
+    /// `[samples]`, f32 in `[-1, 1]`, on the CPU.
+    pub samples: Tensor,
+    /// Samples per second.
+    pub sample_rate: u32,
+}
+
+/// What [`crate::LLMEngine::step`] (or a generation engine's) reports for a
+/// request that progressed.
 #[derive(Debug)]
 pub struct RequestOutput {
     /// The caller's id.
@@ -170,6 +180,8 @@ pub struct RequestOutput {
     /// `[num_generated, hidden]` on the CPU, on finish, when
     /// `SamplingParams::output_hidden_states` asked for it.
     pub hidden_states: Option<Tensor>,
+    /// The waveform, on finish, from a speech stage.
+    pub audio: Option<Waveform>,
     /// Timings and counts.
     pub metrics: RequestMetrics,
 }

@@ -57,6 +57,16 @@ pub struct SamplingParams {
     /// generated token (`[num_generated, hidden]`), when the request finishes.
     /// Not in vLLM; downstream stages of omni pipelines need it.
     pub output_hidden_states: bool,
+    /// Speech stages (Piper VITS): spread of the sampled latent; `None` =
+    /// the voice's default (0.667 for Piper voices). 0 with `noise_w` 0 is
+    /// deterministic. Not in vLLM; Piper's name.
+    pub noise_scale: Option<f32>,
+    /// Speech stages: duration multiplier, > 1 speaks slower; `None` = the
+    /// voice's default (1).
+    pub length_scale: Option<f32>,
+    /// Speech stages: spread of the duration predictor's noise; `None` =
+    /// the voice's default (0.8).
+    pub noise_w: Option<f32>,
 }
 
 impl Default for SamplingParams {
@@ -79,6 +89,9 @@ impl Default for SamplingParams {
             logprobs: None,
             skip_special_tokens: true,
             output_hidden_states: false,
+            noise_scale: None,
+            length_scale: None,
+            noise_w: None,
         }
     }
 }
@@ -130,6 +143,17 @@ impl SamplingParams {
                 self.repetition_penalty,
                 "must be a finite number > 0",
             );
+        }
+        for (field, value) in [("noise_scale", self.noise_scale), ("noise_w", self.noise_w)] {
+            if let Some(v) = value.filter(|v| !(*v >= 0.0 && v.is_finite() && *v <= 10.0)) {
+                return bad(field, v, "must be a finite number in [0, 10]");
+            }
+        }
+        if let Some(v) = self
+            .length_scale
+            .filter(|v| !(*v > 0.0 && v.is_finite() && *v <= 10.0))
+        {
+            return bad("length_scale", v, "must be a finite number in (0, 10]");
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return bad(

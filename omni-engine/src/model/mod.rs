@@ -9,9 +9,11 @@ mod decoder;
 mod fused;
 mod paged_attention;
 mod rotary;
+mod vits;
 
 pub use batch::{BatchEntry, ForwardBatch};
 pub use decoder::{Model, ModelOptions, ModelOutput};
+pub use vits::{Vits, VitsDims, VitsScales};
 
 /// Tiny random models for unit tests of everything above the model.
 #[cfg(test)]

@@ -1,0 +1,305 @@
+//! The non-autoregressive engine: stages that turn a whole input into a
+//! whole output in one forward pass (speech from text; vocoders), with no
+//! KV cache and no sampling loop.
+//!
+//! It has the step interface of [`LLMEngine`] so that a stage worker drives
+//! either the same way ([`StageEngine`]): `add_request` checks and prepares
+//! a request (a bad one is refused there, not mid-batch), `step` runs the
+//! requests waiting, up to `max_num_seqs`, one forward each, and reports
+//! each as finished with its waveform. The engine marks its phases with the
+//! same `tracing` spans as the LLM engine (`step` named `ProfilerStep#<n>`
+//! in traces, with the `request_ids` it ran, and a `forward` per request).
+//!
+//! Batching: each request (and each sentence in it) is its own forward.
+//! Padding a batch of sentences to one length changes what the HiFi-GAN
+//! decoder's convolutions see at the end of the shorter ones, so batched
+//! output would differ from unbatched; on a CPU the decoder's convolutions
+//! already use every core at batch 1.
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use rand::Rng;
+use tch::Device;
+
+use crate::engine::{EngineArgs, LLMEngine};
+use crate::error::{Error, Result};
+use crate::model::VitsScales;
+use crate::phonemize::PhonemizedSentence;
+use crate::request::{FinishReason, Prompt, RequestMetrics, RequestOutput, Waveform};
+use crate::sampling_params::SamplingParams;
+use crate::voice::PiperVoice;
+
+/// The `model_stage` names a generation engine runs.
+pub const GENERATION_STAGES: &[&str] = &["vits"];
+
+/// A model the generation engine runs.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum GenerationModel {
+    /// A Piper VITS voice: text in, speech out.
+    Vits(PiperVoice),
+}
+
+/// One request, prepared.
+#[derive(Debug)]
+struct Pending {
+    request_id: String,
+    text: String,
+    sentences: Vec<PhonemizedSentence>,
+    scales: VitsScales,
+    seed: u64,
+    metrics: RequestMetrics,
+}
+
+/// The non-autoregressive engine.
+#[derive(Debug)]
+pub struct GenerationEngine {
+    model: GenerationModel,
+    waiting: VecDeque<Pending>,
+    max_num_seqs: usize,
+    steps: u64,
+}
+
+impl GenerationEngine {
+    /// Loads the model `args.model` for `model_stage` (one of
+    /// [`GENERATION_STAGES`]).
+    pub fn new(args: &EngineArgs, model_stage: &str) -> Result<Self> {
+        if let Some(n) = args.num_threads {
+            tch::set_num_threads(n as i32);
+        }
+        let device = args.resolve_device()?;
+        let model = match model_stage {
+            "vits" => GenerationModel::Vits(PiperVoice::load(&args.model, device)?),
+            other => {
+                return Err(Error::InvalidConfig {
+                    field: "engine_args.model_stage".to_owned(),
+                    value: other.to_owned(),
+                    reason: format!(
+                        "not a generation stage (expected one of {})",
+                        GENERATION_STAGES.join(", ")
+                    ),
+                })
+            }
+        };
+        Ok(GenerationEngine {
+            model,
+            waiting: VecDeque::new(),
+            max_num_seqs: args.max_num_seqs.max(1),
+            steps: 0,
+        })
+    }
+
+    /// The model's name.
+    pub fn model_name(&self) -> &str {
+        match &self.model {
+            GenerationModel::Vits(v) => v.name(),
+        }
+    }
+
+    /// Where it runs.
+    pub fn device(&self) -> Device {
+        match &self.model {
+            GenerationModel::Vits(v) => v.vits().device(),
+        }
+    }
+
+    /// Samples per second of its output.
+    pub fn sample_rate(&self) -> u32 {
+        match &self.model {
+            GenerationModel::Vits(v) => v.sample_rate(),
+        }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &GenerationModel {
+        &self.model
+    }
+
+    /// Checks and prepares a request (text to phonemes, scales, seed); it
+    /// runs at a later step.
+    pub fn add_request(
+        &mut self,
+        request_id: impl Into<String>,
+        prompt: Prompt,
+        params: SamplingParams,
+    ) -> Result<()> {
+        let request_id = request_id.into();
+        if self.waiting.iter().any(|p| p.request_id == request_id) {
+            return Err(Error::DuplicateRequest(request_id));
+        }
+        params.validate()?;
+        let text = match prompt {
+            Prompt::Text(t) => t,
+            Prompt::Chat(messages) => messages
+                .into_iter()
+                .filter(|m| m.role == "user")
+                .map(|m| m.content)
+                .collect::<Vec<_>>()
+                .join("\n"),
+            Prompt::TokenIds(_) => {
+                return Err(Error::InvalidPrompt {
+                    request_id,
+                    reason: format!(
+                        "{} speaks text; token ids have no text to speak",
+                        self.model_name()
+                    ),
+                })
+            }
+        };
+        let GenerationModel::Vits(voice) = &self.model;
+        let sentences = voice.phonemize(&text)?;
+        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
+        self.waiting.push_back(Pending {
+            request_id,
+            scales: voice.scales(&params),
+            sentences,
+            text,
+            seed,
+            metrics: RequestMetrics::new(0),
+        });
+        Ok(())
+    }
+
+    /// Drops a waiting request; `false` if it is unknown or done.
+    pub fn abort(&mut self, request_id: &str) -> bool {
+        let before = self.waiting.len();
+        self.waiting.retain(|p| p.request_id != request_id);
+        self.waiting.len() != before
+    }
+
+    /// Whether any request waits.
+    pub fn has_unfinished(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// Runs up to `max_num_seqs` waiting requests, one forward each; each
+    /// output is finished and carries its waveform.
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+        self.steps += 1;
+        let n = self.waiting.len().min(self.max_num_seqs);
+        let batch: Vec<Pending> = self.waiting.drain(..n).collect();
+        let ids: Vec<&str> = batch.iter().map(|p| p.request_id.as_str()).collect();
+        let _step = tracing::info_span!(target: "omni::engine", "step", step = self.steps,
+            request_ids = ids.join(",").as_str(), batch_size = batch.len())
+        .entered();
+        let GenerationModel::Vits(voice) = &self.model;
+        let mut outputs = Vec::with_capacity(batch.len());
+        for mut p in batch {
+            let now = Instant::now();
+            p.metrics.first_scheduled_time = Some(now);
+            let num_ids: usize = p.sentences.iter().map(|s| s.ids.len()).sum();
+            let samples = {
+                let _f = tracing::info_span!(target: "omni::engine", "forward",
+                    phase = "generate", request_ids = p.request_id.as_str(),
+                    sentences = p.sentences.len(), num_tokens = num_ids)
+                .entered();
+                voice.synthesize(&p.sentences, p.scales, p.seed)?
+            };
+            let done = Instant::now();
+            p.metrics.first_token_time = Some(done);
+            p.metrics.finished_time = Some(done);
+            p.metrics.num_prompt_tokens = num_ids;
+            outputs.push(RequestOutput {
+                request_id: p.request_id,
+                prompt_token_ids: Vec::new(),
+                token_ids: Vec::new(),
+                text: p.text,
+                delta_text: String::new(),
+                finished: true,
+                finish_reason: Some(FinishReason::Stop),
+                logprobs: None,
+                hidden_states: None,
+                audio: Some(Waveform {
+                    samples,
+                    sample_rate: voice.sample_rate(),
+                }),
+                metrics: p.metrics,
+            });
+        }
+        Ok(outputs)
+    }
+}
+
+/// The engine a stage runs: the paged, continuously batched LLM engine, or
+/// the generation engine, picked by `engine_args.model_stage`.
+#[derive(Debug)]
+pub enum StageEngine {
+    /// Autoregressive text (and codec) stages.
+    Llm(Box<LLMEngine>),
+    /// Non-autoregressive stages (speech).
+    Generation(Box<GenerationEngine>),
+}
+
+impl StageEngine {
+    /// Loads the engine `model_stage` calls for: a generation engine for
+    /// [`GENERATION_STAGES`], the LLM engine otherwise.
+    pub fn new(args: &EngineArgs, model_stage: Option<&str>) -> Result<Self> {
+        match model_stage {
+            Some(stage) if GENERATION_STAGES.contains(&stage) => Ok(StageEngine::Generation(
+                Box::new(GenerationEngine::new(args, stage)?),
+            )),
+            _ => Ok(StageEngine::Llm(Box::new(LLMEngine::new(args)?))),
+        }
+    }
+
+    /// The model's name.
+    pub fn model_name(&self) -> &str {
+        match self {
+            StageEngine::Llm(e) => e.model_name(),
+            StageEngine::Generation(e) => e.model_name(),
+        }
+    }
+
+    /// Where it runs.
+    pub fn device(&self) -> Device {
+        match self {
+            StageEngine::Llm(e) => e.device(),
+            StageEngine::Generation(e) => e.device(),
+        }
+    }
+
+    /// The longest prompt plus output, in tokens (0: no such limit).
+    pub fn max_model_len(&self) -> usize {
+        match self {
+            StageEngine::Llm(e) => e.max_model_len(),
+            StageEngine::Generation(_) => 0,
+        }
+    }
+
+    /// See [`LLMEngine::add_request`].
+    pub fn add_request(
+        &mut self,
+        request_id: impl Into<String>,
+        prompt: Prompt,
+        params: SamplingParams,
+    ) -> Result<()> {
+        match self {
+            StageEngine::Llm(e) => e.add_request(request_id, prompt, params),
+            StageEngine::Generation(e) => e.add_request(request_id, prompt, params),
+        }
+    }
+
+    /// See [`LLMEngine::abort`].
+    pub fn abort(&mut self, request_id: &str) -> bool {
+        match self {
+            StageEngine::Llm(e) => e.abort(request_id),
+            StageEngine::Generation(e) => e.abort(request_id),
+        }
+    }
+
+    /// See [`LLMEngine::step`].
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+        match self {
+            StageEngine::Llm(e) => e.step(),
+            StageEngine::Generation(e) => e.step(),
+        }
+    }
+
+    /// See [`LLMEngine::has_unfinished`].
+    pub fn has_unfinished(&self) -> bool {
+        match self {
+            StageEngine::Llm(e) => e.has_unfinished(),
+            StageEngine::Generation(e) => e.has_unfinished(),
+        }
+    }
+}
