@@ -7,7 +7,7 @@ use clap::Args;
 use omni_core::{ChatMessage, OmniEngineArgs, OmniLLM, Prompt};
 
 use crate::sampling_flags::SamplingFlags;
-use crate::{progress, BadInput};
+use crate::{audio, progress, BadInput};
 
 /// Run prompts through a pipeline and print each final stage's output.
 ///
@@ -19,7 +19,8 @@ use crate::{progress, BadInput};
   omni generate --pipeline default --prompt 'Why is the sky blue?' --max-tokens 48
   omni generate --pipeline smollm2 --prompt 'Once upon a time' --raw --json
   VLLM_TORCH_PROFILER_DIR=/tmp/traces omni generate --pipeline default \\
-      --prompt 'Hi' --profile --profile-stages 1")]
+      --prompt 'Hi' --profile --profile-stages 1
+  omni generate --pipeline speak --prompt 'Why is the sky blue?' --output-dir answers/")]
 pub struct GenerateArgs {
     /// A built-in pipeline (see `omni pipelines`) or a pipeline file.
     #[arg(long, default_value = omni_core::DEFAULT_PIPELINE)]
@@ -42,6 +43,11 @@ pub struct GenerateArgs {
     /// Where traces go; sets VLLM_TORCH_PROFILER_DIR for the stages.
     #[arg(long, requires = "profile")]
     pub profile_dir: Option<PathBuf>,
+    /// Write each audio output as a WAV file here (16-bit PCM, mono; one
+    /// file per prompt and stage, `prompt<i>_stage<s>.wav`), and print its
+    /// path. Created when missing.
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingFlags,
 }
@@ -52,6 +58,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     if let Some((i, _)) = args.prompts.iter().enumerate().find(|(_, p)| p.is_empty()) {
         return Err(BadInput(format!("--prompt number {} is empty", i + 1)).into());
+    }
+    if let Some(dir) = &args.output_dir {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            BadInput(format!("--output-dir {}: cannot create it ({e})", dir.display()))
+        })?;
     }
     let omni = progress::with_spinner(
         format!(
@@ -94,8 +105,26 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         None
     };
     for out in &outputs {
+        // Request ids are the prompts' indexes, assigned here: safe in a
+        // file name.
+        let wav = match (&out.audio, &args.output_dir) {
+            (Some(audio), Some(dir)) => {
+                let path = dir.join(format!("prompt{}_stage{}.wav", out.request_id, out.stage_id));
+                audio::write_wav(&path, audio)?;
+                Some(path)
+            }
+            _ => None,
+        };
         if args.json {
-            println!("{}", serde_json::to_string(out)?);
+            let mut v = serde_json::to_value(out)?;
+            if let Some(audio) = &out.audio {
+                v["audio"] = serde_json::json!({
+                    "path": wav,
+                    "sample_rate": audio.sample_rate,
+                    "num_samples": audio.samples.len(),
+                });
+            }
+            println!("{v}");
             continue;
         }
         let prompt_index: usize = out.request_id.parse().unwrap_or(0);
@@ -114,6 +143,17 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "-".into()),
         );
         println!("{}", out.text.trim());
+        if let Some(audio) = &out.audio {
+            let place = wav.as_ref().map_or_else(
+                || "(not written: give --output-dir)".to_owned(),
+                |p| p.display().to_string(),
+            );
+            println!(
+                "audio: {place} ({:.2} s at {} Hz)",
+                audio.duration().as_secs_f64(),
+                audio.sample_rate
+            );
+        }
         let m: Vec<String> = out
             .metrics
             .stages

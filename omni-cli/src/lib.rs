@@ -9,6 +9,7 @@
 //! Exit codes: 0 success; 1 the run failed (a stage died, I/O, ...);
 //! 2 bad usage or bad input (flags, prompts, sampling params, pipeline
 //! files, stage ids).
+mod audio;
 mod bench;
 mod generate;
 mod http_client;
@@ -44,6 +45,29 @@ enum Command {
     Profile(profile::ProfileCommand),
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    Spectrogram(SpectrogramArgs),
+}
+
+/// Draw a WAV file's spectrogram as a PNG picture.
+///
+/// Time runs left to right (256 samples a column), frequency bottom to top
+/// from 0 to half the sample rate, and brightness is power over 80 dB.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Example:
+  omni spectrogram answers/prompt0_stage1.wav -o answer.png")]
+struct SpectrogramArgs {
+    /// A WAV file (16-bit PCM or 32-bit float; the first channel).
+    wav: std::path::PathBuf,
+    /// Where the PNG goes.
+    #[arg(short, long)]
+    output: std::path::PathBuf,
+}
+
+fn spectrogram(args: SpectrogramArgs) -> anyhow::Result<()> {
+    let audio = audio::read_wav(&args.wav).map_err(|e| BadInput(format!("{e:#}")))?;
+    audio::write_spectrogram(&args.output, &audio)?;
+    println!("{}", args.output.display());
+    Ok(())
 }
 
 mod serve_cmd;
@@ -63,6 +87,7 @@ pub fn main() -> ExitCode {
         Command::Pipelines(a) => pipelines::run(a),
         Command::Profile(c) => profile::run(c),
         Command::Bench(c) => bench::run(c),
+        Command::Spectrogram(a) => spectrogram(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

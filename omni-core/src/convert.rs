@@ -17,7 +17,11 @@ pub(crate) fn default_sampling_params(config: &PipelineConfig) -> Vec<SamplingPa
 
 /// Each stage's context length, as its engine reported it at start-up.
 pub(crate) fn max_model_lens(stages: &[StageInfo]) -> Vec<Option<usize>> {
-    stages.iter().map(|s| Some(s.max_model_len)).collect()
+    // 0: a stage without a context limit (a generation stage).
+    stages
+        .iter()
+        .map(|s| (s.max_model_len > 0).then_some(s.max_model_len))
+        .collect()
 }
 
 /// The orchestrator's options from the caller's arguments.

@@ -199,12 +199,19 @@ impl GenerationEngine {
             p.metrics.first_token_time = Some(done);
             p.metrics.finished_time = Some(done);
             p.metrics.num_prompt_tokens = num_ids;
+            // The phoneme ids stand for the prompt's tokens; the text is the
+            // transcript of what was spoken.
+            let prompt_token_ids = p
+                .sentences
+                .iter()
+                .flat_map(|s| s.ids.iter().map(|&i| i as u32))
+                .collect();
             outputs.push(RequestOutput {
                 request_id: p.request_id,
-                prompt_token_ids: Vec::new(),
+                prompt_token_ids,
                 token_ids: Vec::new(),
+                delta_text: p.text.clone(),
                 text: p.text,
-                delta_text: String::new(),
                 finished: true,
                 finish_reason: Some(FinishReason::Stop),
                 logprobs: None,

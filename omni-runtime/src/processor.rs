@@ -39,6 +39,7 @@ pub type InputProcessor = fn(&ProcessorInput<'_>) -> Result<Prompt>;
 
 const REGISTRY: &[(&str, InputProcessor)] = &[
     ("summarize", summarize),
+    ("text2speech", text2speech),
     ("text2text", text2text),
     ("token_ids", token_ids),
 ];
@@ -111,6 +112,139 @@ fn text2text(input: &ProcessorInput<'_>) -> Result<Prompt> {
     Ok(Prompt::Text(src.output.text.clone()))
 }
 
+/// The source's text, made speakable, for a speech stage (the `speak`
+/// pipeline's stage 1). An empty answer gives an empty text, which the
+/// voice speaks as no audio at all (with its sample rate), not an error.
+fn text2speech(input: &ProcessorInput<'_>) -> Result<Prompt> {
+    let src = single("text2speech", input)?;
+    Ok(Prompt::Text(speakable(&src.output.text)))
+}
+
+/// Markdown and symbols a chat answer may hold, as a voice should read
+/// them: emphasis, heading and list markers, inline code ticks and table
+/// bars go; a link is read by its text and a bare URL as "a link"; a code
+/// block is skipped (read as "code omitted"); a list item or heading
+/// without closing punctuation gets a period, so it is its own sentence;
+/// emoji and other pictographs are dropped.
+pub fn speakable(text: &str) -> String {
+    let mut lines = Vec::new();
+    let mut in_code = false;
+    for raw in text.lines() {
+        let line = raw.trim();
+        if line.starts_with("```") || line.starts_with("~~~") {
+            if !in_code {
+                lines.push("Code omitted.".to_owned());
+            }
+            in_code = !in_code;
+            continue;
+        }
+        if in_code || line.is_empty() {
+            continue;
+        }
+        // Table rules (|---|---|) carry nothing to say.
+        if line.chars().all(|c| matches!(c, '|' | '-' | ':' | ' ' | '=')) {
+            continue;
+        }
+        let (body, block) = strip_block_marker(line);
+        let mut spoken = if body.starts_with('|') {
+            // A table row: its cells, as a list.
+            body.trim_matches('|')
+                .split('|')
+                .map(inline)
+                .filter(|c| !c.is_empty())
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else {
+            inline(body)
+        };
+        if spoken.trim().is_empty() {
+            continue;
+        }
+        let ends = spoken.trim_end().chars().last();
+        if block && !matches!(ends, Some('.' | '!' | '?' | ':' | ';' | ',')) {
+            spoken = format!("{}.", spoken.trim_end());
+        }
+        lines.push(spoken.trim().to_owned());
+    }
+    lines.join(" ")
+}
+
+/// A line without its heading, list or quote marker; `true` when it had
+/// one (it then stands as a sentence of its own).
+fn strip_block_marker(line: &str) -> (&str, bool) {
+    let trimmed = line.trim_start_matches('>').trim_start();
+    if let Some(rest) = trimmed.strip_prefix('#') {
+        return (rest.trim_start_matches('#').trim_start(), true);
+    }
+    for bullet in ["- ", "* ", "+ ", "• "] {
+        if let Some(rest) = trimmed.strip_prefix(bullet) {
+            return (rest, true);
+        }
+    }
+    let digits = trimmed.chars().take_while(char::is_ascii_digit).count();
+    if digits > 0 {
+        let rest = &trimmed[digits..];
+        if let Some(rest) = rest.strip_prefix(". ").or_else(|| rest.strip_prefix(") ")) {
+            return (rest, true);
+        }
+    }
+    (trimmed, trimmed.len() != line.len() || trimmed.starts_with('|'))
+}
+
+/// Inline markdown and symbols of one line.
+fn inline(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let chars: Vec<char> = line.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        // [text](url) -> text
+        if c == '[' {
+            if let Some(close) = chars[i..].iter().position(|&c| c == ']').map(|p| p + i) {
+                if chars.get(close + 1) == Some(&'(') {
+                    if let Some(end) = chars[close..].iter().position(|&c| c == ')') {
+                        out.extend(&chars[i + 1..close]);
+                        i = close + end + 1;
+                        continue;
+                    }
+                }
+            }
+        }
+        let rest: String = chars[i..chars.len().min(i + 8)].iter().collect();
+        if rest.starts_with("http://") || rest.starts_with("https://") {
+            out.push_str("a link");
+            while i < chars.len() && !chars[i].is_whitespace() {
+                i += 1;
+            }
+            continue;
+        }
+        match c {
+            '*' | '`' | '~' | '#' => {}
+            // Underscores around words are emphasis; inside one they join it.
+            '_' => {
+                let inside = i > 0
+                    && chars[i - 1].is_alphanumeric()
+                    && chars.get(i + 1).is_some_and(|n| n.is_alphanumeric());
+                if inside {
+                    out.push(' ');
+                }
+            }
+            '|' => out.push_str(", "),
+            '&' => out.push_str(" and "),
+            c if is_pictograph(c) => {}
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Emoji and pictographs, which a voice cannot read.
+fn is_pictograph(c: char) -> bool {
+    matches!(c as u32,
+        0x1F000..=0x1FAFF | 0x2600..=0x27BF | 0x2B00..=0x2BFF | 0xFE0F | 0x200D)
+}
+
 /// The source's generated token ids as the prompt.
 fn token_ids(input: &ProcessorInput<'_>) -> Result<Prompt> {
     let src = single("token_ids", input)?;
@@ -122,4 +256,25 @@ fn token_ids(input: &ProcessorInput<'_>) -> Result<Prompt> {
         });
     }
     Ok(Prompt::TokenIds(src.output.token_ids.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::speakable;
+
+    #[test]
+    fn markdown_is_read_sensibly() {
+        let answer = "# Why the sky is blue\n\n**Rayleigh scattering** makes _short_ waves \
+                      scatter more.\n\n- Blue light scatters\n- Red light passes 🌅\n1. See \
+                      [this page](https://example.invalid/x) or https://example.invalid/y\n\n\
+                      ```python\nprint('hi')\n```\n| a | b |\n|---|---|\n| 1 & 2 | 3 |";
+        assert_eq!(
+            speakable(answer),
+            "Why the sky is blue. Rayleigh scattering makes short waves scatter more. \
+             Blue light scatters. Red light passes. See this page or a link. Code omitted. \
+             a, b. 1 and 2, 3."
+        );
+        assert_eq!(speakable(""), "");
+        assert_eq!(speakable("snake_case stays a word"), "snake case stays a word");
+    }
 }

@@ -21,7 +21,8 @@ use super::openai::{
 };
 use super::sse::{finish_reason, ChunkBuilder, Flavor, DONE};
 use super::validate::{parse_body, Plan};
-use super::{wav, AppState};
+use super::AppState;
+use crate::audio;
 
 type St = State<Arc<AppState>>;
 
@@ -278,7 +279,7 @@ async fn collect(
                         content: (o.audio.is_none()).then(|| o.text.clone()),
                         audio: o.audio.as_ref().map(|a| AudioOut {
                             id: format!("audio-{id}-{}", o.stage_id),
-                            data: wav::to_base64_wav(a),
+                            data: audio::to_base64_wav(a),
                             expires_at: created + 3600,
                             transcript: o.text.clone(),
                         }),

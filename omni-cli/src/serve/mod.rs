@@ -13,7 +13,7 @@ mod metrics;
 mod openai;
 mod sse;
 mod validate;
-mod wav;
+
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

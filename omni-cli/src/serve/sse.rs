@@ -13,7 +13,7 @@ use omni_core::{FinishReason, OmniRequestOutput};
 use serde::Serialize;
 
 use super::openai::{AudioOut, ChatChunkChoice, ChatDelta, Chunk, CompletionChunkChoice, Usage};
-use super::wav;
+use crate::audio;
 
 /// The payload that ends every stream.
 pub const DONE: &str = "[DONE]";
@@ -148,7 +148,7 @@ impl ChunkBuilder {
                 let audio = match (&out.audio, out.finished) {
                     (Some(a), true) => Some(AudioOut {
                         id: format!("audio-{}-{}", self.id, out.stage_id),
-                        data: wav::to_base64_wav(a),
+                        data: audio::to_base64_wav(a),
                         expires_at: self.created + 3600,
                         transcript: String::new(),
                     }),

@@ -178,6 +178,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     }
     let model = ModelThread {
         stage_id,
+        model_stage: stage.model_stage.clone(),
         final_output: stage.final_output,
         sources: stage.engine_input_source.clone(),
         downstream: spec.downstream.iter().map(|(d, _)| *d).collect(),

@@ -24,7 +24,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use omni_engine::{EngineArgs, FinishReason, LLMEngine, Prompt, RequestOutput, SamplingParams};
+use omni_engine::{EngineArgs, FinishReason, Prompt, RequestOutput, SamplingParams, StageEngine};
 use omni_profiler::{ProfileSession, Profiler};
 
 use crate::error::Result;
@@ -83,6 +83,8 @@ struct Gather {
 /// Everything the model thread needs, built by the socket thread.
 pub(crate) struct ModelThread {
     pub stage_id: usize,
+    /// Picks the engine (`vits`: the generation engine; else the LLM engine).
+    pub model_stage: Option<String>,
     pub final_output: bool,
     pub sources: Vec<usize>,
     pub downstream: Vec<usize>,
@@ -123,7 +125,7 @@ impl ModelThread {
     /// until the socket thread goes away.
     pub(crate) fn run(self, args: EngineArgs, mut rx: mpsc::Receiver<ToModel>) {
         let out = self.out.clone();
-        let mut engine = match LLMEngine::new(&args) {
+        let mut engine = match StageEngine::new(&args, self.model_stage.as_deref()) {
             Ok(e) => e,
             Err(e) => {
                 let _ = out.blocking_send(FromModel::LoadFailed(format!(
@@ -244,7 +246,7 @@ impl Loop {
     }
 
     /// Returns false on `Shutdown`.
-    fn handle(&mut self, engine: &mut LLMEngine, c: ToModel) -> bool {
+    fn handle(&mut self, engine: &mut StageEngine, c: ToModel) -> bool {
         match c {
             ToModel::Generate(g, arrival) => self.generate(engine, g, arrival),
             ToModel::Input(m, tensors, arrival) => self.input(engine, m, tensors, arrival),
@@ -322,7 +324,7 @@ impl Loop {
         }
     }
 
-    fn generate(&mut self, engine: &mut LLMEngine, g: GenerateMsg, arrival: u64) {
+    fn generate(&mut self, engine: &mut StageEngine, g: GenerateMsg, arrival: u64) {
         // Marks the request's arrival in the trace, as `stage_recv` does for
         // the stages downstream.
         let _span = tracing::info_span!(target: "omni::runtime", "add_request", request_ids = %g.request_id, stage = self.t.stage_id, received_us = arrival).entered();
@@ -347,7 +349,7 @@ impl Loop {
 
     fn input(
         &mut self,
-        engine: &mut LLMEngine,
+        engine: &mut StageEngine,
         m: StageInputMsg,
         tensors: Vec<(String, HostTensor)>,
         arrival: u64,
@@ -407,7 +409,7 @@ impl Loop {
 
     fn admit(
         &mut self,
-        engine: &mut LLMEngine,
+        engine: &mut StageEngine,
         id: String,
         prompt: Prompt,
         original: Prompt,
@@ -498,6 +500,14 @@ impl Loop {
             } else {
                 None
             };
+            let audio = match o.audio.as_ref().map(audio_tensors).transpose() {
+                Ok(a) => a,
+                Err(e) => {
+                    self.request_error(&o.request_id, format!("cannot copy the audio: {e}"));
+                    self.reqs.remove(&o.request_id);
+                    continue;
+                }
+            };
             if self.t.final_output {
                 let msg = Message::Output(OutputMsg {
                     request_id: o.request_id.clone(),
@@ -512,6 +522,7 @@ impl Loop {
                 if let Some(h) = &hidden {
                     env.tensors.push(("hidden_states".to_string(), h.clone()));
                 }
+                env.tensors.extend(audio.iter().flatten().cloned());
                 if let Some(f) = self.encode_or_log(&env) {
                     self.send(FromModel::ToOrchestrator(f));
                 }
@@ -521,14 +532,20 @@ impl Loop {
                     continue;
                 };
                 if !self.t.downstream.is_empty() && o.finish_reason != Some(FinishReason::Abort) {
-                    self.forward(&o, req, hidden);
+                    self.forward(&o, req, hidden, audio.unwrap_or_default());
                 }
             }
         }
     }
 
     /// Sends a finished output straight to every downstream stage.
-    fn forward(&self, o: &RequestOutput, req: Req, hidden: Option<HostTensor>) {
+    fn forward(
+        &self,
+        o: &RequestOutput,
+        req: Req,
+        hidden: Option<HostTensor>,
+        audio: Vec<(String, HostTensor)>,
+    ) {
         let _span = tracing::info_span!(target: "omni::runtime", "stage_send", request_ids = %o.request_id, stage = self.t.stage_id, to_stages = ?self.t.downstream).entered();
         let msg = Message::StageInput(StageInputMsg {
             request_id: o.request_id.clone(),
@@ -545,6 +562,7 @@ impl Loop {
         if let Some(h) = hidden {
             env.tensors.push(("hidden_states".to_string(), h));
         }
+        env.tensors.extend(audio);
         // One encoding per receiver: a shared-memory segment is consumed
         // (unlinked) by the stage that reads it.
         for &d in &self.t.downstream {
@@ -558,7 +576,7 @@ impl Loop {
         }
     }
 
-    fn fail_all(&mut self, engine: &mut LLMEngine, message: &str) {
+    fn fail_all(&mut self, engine: &mut StageEngine, message: &str) {
         let ids: Vec<String> = self.reqs.keys().cloned().collect();
         for id in ids {
             engine.abort(&id);
@@ -566,6 +584,16 @@ impl Loop {
             self.request_error(&id, message.to_string());
         }
     }
+}
+
+/// A waveform as the tensors a stage sends: `audio` (`[samples]`, f32) and
+/// `sample_rate` (`[1]`, i64), the names the caller's side reads.
+fn audio_tensors(w: &omni_engine::Waveform) -> Result<Vec<(String, HostTensor)>> {
+    let rate = tch::Tensor::from_slice(&[i64::from(w.sample_rate)]);
+    Ok(vec![
+        ("audio".to_string(), HostTensor::from_tch(&w.samples)?),
+        ("sample_rate".to_string(), HostTensor::from_tch(&rate)?),
+    ])
 }
 
 fn ack_frames(
