@@ -1,0 +1,34 @@
+"""Asks `omni serve` for a spoken answer with the official `openai` client.
+
+Usage: openai_audio.py BASE_URL MODEL OUT_WAV
+
+Requests modalities text and audio (as OpenAI's audio chat does), decodes
+`message.audio.data` (base64 WAV) into OUT_WAV, and prints one JSON object
+with the choices the client saw.
+"""
+import base64
+import json
+import sys
+
+import openai
+
+base_url, model, out_wav = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
+chat = client.chat.completions.create(
+    model=model,
+    messages=[{"role": "user", "content": "Why is the sky blue?"}],
+    max_tokens=24,
+    temperature=0,
+    modalities=["text", "audio"],
+    audio={"voice": "joe", "format": "wav"},
+)
+report = {"choices": []}
+for c in chat.choices:
+    entry = {"index": c.index, "content": c.message.content, "finish_reason": c.finish_reason}
+    if c.message.audio is not None:
+        with open(out_wav, "wb") as f:
+            f.write(base64.b64decode(c.message.audio.data))
+        entry["audio"] = {"id": c.message.audio.id, "transcript": c.message.audio.transcript,
+                          "expires_at": c.message.audio.expires_at}
+    report["choices"].append(entry)
+print(json.dumps(report))
