@@ -5,6 +5,7 @@
 mod pipeline;
 mod profile;
 mod serve;
+mod voice;
 
 use std::path::PathBuf;
 
@@ -40,6 +41,12 @@ pub enum BenchCommand {
         after_help = "Example:\n  omni bench serve --pipeline default --concurrency 1,8,32 --max-tokens 16"
     )]
     Serve(serve::ServeBench),
+    /// Speech: the Piper VITS stage's speed (audio seconds per wall second)
+    /// at 1 and 8 concurrent requests, side by side in the same run with
+    /// Piper's own Python path (piper-phonemize + onnxruntime) on the same
+    /// sentences; and the `speak` pipeline's time to first audio.
+    #[command(after_help = "Example:\n  omni bench voice --concurrency 1,8 --rounds 3")]
+    Voice(voice::VoiceBench),
 }
 
 /// What `omni bench pipeline` compares against.
@@ -104,6 +111,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Pipeline(b) => pipeline::run(b),
         BenchCommand::Profile(b) => profile::run(b),
+        BenchCommand::Voice(b) => voice::run(b),
         BenchCommand::Serve(b) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
