@@ -11,6 +11,16 @@ use crate::error::{Error, Result};
 
 extern "C" {
     fn omni_shim_free_error(err: *mut c_char);
+    fn omni_leaky_relu(x: *const C_tensor, slope: f64, err: *mut *mut c_char) -> *mut C_tensor;
+}
+
+/// `leaky_relu(x, slope)` (tch's binding has no slope).
+pub(crate) fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    let mut err = std::ptr::null_mut();
+    // SAFETY: `x` outlives the call, which only reads it.
+    let ptr = unsafe { omni_leaky_relu(x.as_ptr(), slope, &mut err) };
+    // SAFETY: straight from the shim.
+    unsafe { from_shim(ptr, err, "leaky_relu") }
 }
 
 /// Turns the shim's (pointer, error) pair into a tensor or an error.

@@ -413,7 +413,7 @@ impl Vits {
         }
 
         // 4. HiFi-GAN.
-        let wav = self.generate(&(z * &y_mask));
+        let wav = self.generate(&(z * &y_mask))?;
         Ok(wav.flatten(0, -1).to_device(Device::Cpu))
     }
 
@@ -557,14 +557,14 @@ impl Vits {
     }
 
     /// The HiFi-GAN generator (`models.Generator`).
-    fn generate(&self, z: &Tensor) -> Tensor {
+    fn generate(&self, z: &Tensor) -> Result<Tensor> {
         let d = &self.dims;
         let mut o = self.conv("dec.conv_pre", z);
         for (i, _) in d.upsample_rates.iter().enumerate() {
-            o = self.conv(&format!("dec.ups.{i}"), &leaky_relu(&o, GENERATOR_SLOPE));
+            o = self.conv(&format!("dec.ups.{i}"), &leaky_relu(&o, GENERATOR_SLOPE)?);
             let mut sum: Option<Tensor> = None;
             for j in 0..d.num_kernels {
-                let r = self.resblock(&format!("dec.resblocks.{}", i * d.num_kernels + j), &o);
+                let r = self.resblock(&format!("dec.resblocks.{}", i * d.num_kernels + j), &o)?;
                 sum = Some(match sum {
                     Some(s) => s + r,
                     None => r,
@@ -572,39 +572,33 @@ impl Vits {
             }
             o = sum.unwrap_or(o) / d.num_kernels as f64;
         }
-        self.conv("dec.conv_post", &leaky_relu(&o, GENERATOR_FINAL_SLOPE))
-            .tanh()
+        let o = leaky_relu(&o, GENERATOR_FINAL_SLOPE)?;
+        Ok(self.conv("dec.conv_post", &o).tanh())
     }
 
-    fn resblock(&self, name: &str, x: &Tensor) -> Tensor {
+    fn resblock(&self, name: &str, x: &Tensor) -> Result<Tensor> {
         let mut x = x.shallow_clone();
         if self.dims.resblock1 {
             for j in 0..3 {
-                let xt = self.conv(
-                    &format!("{name}.convs1.{j}"),
-                    &leaky_relu(&x, GENERATOR_SLOPE),
-                );
-                let xt = self.conv(
-                    &format!("{name}.convs2.{j}"),
-                    &leaky_relu(&xt, GENERATOR_SLOPE),
-                );
-                x = xt + x;
+                let xt = leaky_relu(&x, GENERATOR_SLOPE)?;
+                let xt = self.conv(&format!("{name}.convs1.{j}"), &xt);
+                let xt = leaky_relu(&xt, GENERATOR_SLOPE)?;
+                x = self.conv(&format!("{name}.convs2.{j}"), &xt) + x;
             }
         } else {
             for j in 0..2 {
-                let xt = self.conv(
-                    &format!("{name}.convs.{j}"),
-                    &leaky_relu(&x, GENERATOR_SLOPE),
-                );
-                x = xt + x;
+                let xt = leaky_relu(&x, GENERATOR_SLOPE)?;
+                x = self.conv(&format!("{name}.convs.{j}"), &xt) + x;
             }
         }
-        x
+        Ok(x)
     }
 }
 
-fn leaky_relu(x: &Tensor, slope: f64) -> Tensor {
-    x.maximum(&(x * slope))
+/// `leaky_relu(x, slope)` in one pass (the engine's shim: tch's binding has
+/// no slope).
+fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    crate::shim::leaky_relu(x, slope)
 }
 
 /// `[b, h, L, 2L-1]` relative logits to `[b, h, L, L]` absolute ones
