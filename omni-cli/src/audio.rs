@@ -43,7 +43,10 @@ pub fn to_base64_wav(audio: &Audio) -> String {
 /// file or the whole file.
 pub fn write_wav(path: &Path, audio: &Audio) -> anyhow::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -69,10 +72,17 @@ pub fn read_wav(path: &Path) -> anyhow::Result<Audio> {
     let mut pos = 12;
     while pos + 8 <= bytes.len() {
         let id = &bytes[pos..pos + 4];
-        let len = u32::from_le_bytes([bytes[pos + 4], bytes[pos + 5], bytes[pos + 6], bytes[pos + 7]])
-            as usize;
+        let len = u32::from_le_bytes([
+            bytes[pos + 4],
+            bytes[pos + 5],
+            bytes[pos + 6],
+            bytes[pos + 7],
+        ]) as usize;
         let body = pos + 8;
-        let end = body.checked_add(len).filter(|&e| e <= bytes.len()).ok_or_else(|| bad("a chunk runs past the end"))?;
+        let end = body
+            .checked_add(len)
+            .filter(|&e| e <= bytes.len())
+            .ok_or_else(|| bad("a chunk runs past the end"))?;
         let chunk = &bytes[body..end];
         match id {
             b"fmt " if chunk.len() >= 16 => {
@@ -95,9 +105,14 @@ pub fn read_wav(path: &Path) -> anyhow::Result<Audio> {
                         .chunks_exact(width)
                         .map(|f| f32::from_le_bytes([f[0], f[1], f[2], f[3]]))
                         .collect(),
-                    _ => bail!(bad(&format!("format {format} with {bits}-bit samples (16-bit PCM or 32-bit float)"))),
+                    _ => bail!(bad(&format!(
+                        "format {format} with {bits}-bit samples (16-bit PCM or 32-bit float)"
+                    ))),
                 };
-                return Ok(Audio { samples, sample_rate: rate });
+                return Ok(Audio {
+                    samples,
+                    sample_rate: rate,
+                });
             }
             _ => {}
         }
@@ -113,7 +128,11 @@ pub fn write_spectrogram(path: &Path, audio: &Audio) -> anyhow::Result<()> {
     const HOP: usize = 256;
     const RANGE_DB: f32 = 80.0;
     let samples = &audio.samples;
-    let frames = if samples.len() < N_FFT { 1 } else { 1 + (samples.len() - N_FFT) / HOP };
+    let frames = if samples.len() < N_FFT {
+        1
+    } else {
+        1 + (samples.len() - N_FFT) / HOP
+    };
     let bins = N_FFT / 2;
     let window: Vec<f32> = (0..N_FFT)
         .map(|i| 0.5 - 0.5 * (2.0 * std::f32::consts::PI * i as f32 / N_FFT as f32).cos())
@@ -142,7 +161,8 @@ pub fn write_spectrogram(path: &Path, audio: &Audio) -> anyhow::Result<()> {
             pixels[p..p + 3].copy_from_slice(&[r, g, b]);
         }
     }
-    let file = std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
     let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), frames as u32, bins as u32);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
@@ -185,7 +205,12 @@ mod tests {
         let back = read_wav(&path)?;
         assert_eq!(back.sample_rate, 22_050);
         assert_eq!(back.samples.len(), 1000);
-        let worst = back.samples.iter().zip(&audio.samples).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let worst = back
+            .samples
+            .iter()
+            .zip(&audio.samples)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(worst < 1e-4, "{worst}");
         let png = dir.join("a.png");
         write_spectrogram(&png, &audio)?;

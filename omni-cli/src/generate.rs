@@ -61,7 +61,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     if let Some(dir) = &args.output_dir {
         std::fs::create_dir_all(dir).map_err(|e| {
-            BadInput(format!("--output-dir {}: cannot create it ({e})", dir.display()))
+            BadInput(format!(
+                "--output-dir {}: cannot create it ({e})",
+                dir.display()
+            ))
         })?;
     }
     let omni = progress::with_spinner(
@@ -109,7 +112,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         // file name.
         let wav = match (&out.audio, &args.output_dir) {
             (Some(audio), Some(dir)) => {
-                let path = dir.join(format!("prompt{}_stage{}.wav", out.request_id, out.stage_id));
+                let path = dir.join(format!(
+                    "prompt{}_stage{}.wav",
+                    out.request_id, out.stage_id
+                ));
                 audio::write_wav(&path, audio)?;
                 Some(path)
             }

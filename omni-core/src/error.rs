@@ -22,6 +22,24 @@ use crate::convert::{runtime_is_invalid_input, runtime_stage_id};
 /// `Result` with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What kind of failure an [`Error`] is ([`Error::kind`]), so that callers
+/// can tell "you sent a bad request" from "a stage failed on it".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The caller's input was refused (prompt, sampling params, stage ids,
+    /// request id, pipeline config): fix the request.
+    InvalidInput,
+    /// A stage failed on a request it had accepted (its model, an input
+    /// processor between stages, a deadline); the request was valid.
+    StageFailed,
+    /// The pipeline cannot serve: a stage process is gone or did not start,
+    /// or the pipeline is shutting down.
+    Unavailable,
+    /// Anything else (I/O, the runtime itself).
+    Internal,
+}
+
 /// Everything that can go wrong in `OmniLLM` and `AsyncOmni`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -106,6 +124,29 @@ pub enum Error {
 }
 
 impl Error {
+    /// What kind of failure this is: the caller's input, a stage failing
+    /// on an accepted request, a pipeline that cannot serve, or anything
+    /// else. A server picks its status by it (400, 500, 503, 500).
+    pub fn kind(&self) -> ErrorKind {
+        use omni_runtime::Error as R;
+        if self.is_invalid_input() {
+            return ErrorKind::InvalidInput;
+        }
+        match self {
+            Error::Incomplete { .. } => ErrorKind::StageFailed,
+            Error::Runtime(R::Stage { .. } | R::Timeout { .. } | R::InputProcessor { .. }) => {
+                ErrorKind::StageFailed
+            }
+            Error::Runtime(
+                R::StageDied { .. }
+                | R::ShutDown(_)
+                | R::StageFailedToStart { .. }
+                | R::StageInitTimeout { .. },
+            ) => ErrorKind::Unavailable,
+            _ => ErrorKind::Internal,
+        }
+    }
+
     /// Whether the caller's input caused the error (a server answers these
     /// with 400), as opposed to a failure of the pipeline itself.
     pub fn is_invalid_input(&self) -> bool {

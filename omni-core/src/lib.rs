@@ -35,7 +35,7 @@ mod stage_sampling_params;
 pub use async_omni::{AsyncOmni, OmniStream};
 pub use convert::describe_stages;
 pub use engine_args::{OmniEngineArgs, DEFAULT_PIPELINE};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use omni_llm::OmniLLM;
 pub use request_output::{Audio, FinishReason, OmniMetrics, OmniRequestOutput, StageMetrics};
 pub use stage_sampling_params::StageSamplingParams;

@@ -7,6 +7,15 @@
 //!
 //! A stage without a processor and with one source gets that source's
 //! generated token ids as its prompt (vLLM-Omni's default).
+//!
+//! An upstream output a processor cannot use (an empty answer) is not the
+//! caller's fault and not an error: the processor says what it means.
+//! `None` means "nothing to do": the stage finishes the request at once with
+//! an empty output (no text, no tokens) and passes that on, without running
+//! its model. `summarize`, `text2text` and `token_ids` answer an empty
+//! upstream output so (the summary of no answer is no summary);
+//! `text2speech` gives the voice an empty text, which it speaks as no audio,
+//! with its sample rate.
 
 use omni_engine::{ChatMessage, Prompt};
 
@@ -34,8 +43,10 @@ pub struct ProcessorInput<'a> {
     pub sources: &'a [SourceOutput],
 }
 
-/// An input processor.
-pub type InputProcessor = fn(&ProcessorInput<'_>) -> Result<Prompt>;
+/// An input processor: the stage's prompt, or `None` when there is nothing
+/// to do (see the module's notes). An `Err` is a failure of the pipeline,
+/// never the caller's fault.
+pub type InputProcessor = fn(&ProcessorInput<'_>) -> Result<Option<Prompt>>;
 
 const REGISTRY: &[(&str, InputProcessor)] = &[
     ("summarize", summarize),
@@ -87,37 +98,30 @@ fn single<'a>(name: &str, input: &'a ProcessorInput<'_>) -> Result<&'a SourceOut
 
 /// The default pipeline's stage 1: a chat prompt asking for a one-sentence
 /// summary of the source's text.
-fn summarize(input: &ProcessorInput<'_>) -> Result<Prompt> {
+fn summarize(input: &ProcessorInput<'_>) -> Result<Option<Prompt>> {
     let src = single("summarize", input)?;
     let text = src.output.text.trim();
     if text.is_empty() {
-        return Err(Error::InputProcessor {
-            name: "summarize".into(),
-            request_id: input.request_id.to_string(),
-            reason: format!(
-                "stage {} produced no text to summarize",
-                src.output.stage_id
-            ),
-        });
+        return Ok(None);
     }
-    Ok(Prompt::Chat(vec![ChatMessage {
+    Ok(Some(Prompt::Chat(vec![ChatMessage {
         role: "user".to_string(),
         content: format!("Summarize the following text in one sentence.\n\nText: {text}"),
-    }]))
+    }])))
 }
 
 /// The source's text as a plain prompt.
-fn text2text(input: &ProcessorInput<'_>) -> Result<Prompt> {
+fn text2text(input: &ProcessorInput<'_>) -> Result<Option<Prompt>> {
     let src = single("text2text", input)?;
-    Ok(Prompt::Text(src.output.text.clone()))
+    Ok((!src.output.text.is_empty()).then(|| Prompt::Text(src.output.text.clone())))
 }
 
 /// The source's text, made speakable, for a speech stage (the `speak`
 /// pipeline's stage 1). An empty answer gives an empty text, which the
 /// voice speaks as no audio at all (with its sample rate), not an error.
-fn text2speech(input: &ProcessorInput<'_>) -> Result<Prompt> {
+fn text2speech(input: &ProcessorInput<'_>) -> Result<Option<Prompt>> {
     let src = single("text2speech", input)?;
-    Ok(Prompt::Text(speakable(&src.output.text)))
+    Ok(Some(Prompt::Text(speakable(&src.output.text))))
 }
 
 /// Markdown and symbols a chat answer may hold, as a voice should read
@@ -142,7 +146,10 @@ pub fn speakable(text: &str) -> String {
             continue;
         }
         // Table rules (|---|---|) carry nothing to say.
-        if line.chars().all(|c| matches!(c, '|' | '-' | ':' | ' ' | '=')) {
+        if line
+            .chars()
+            .all(|c| matches!(c, '|' | '-' | ':' | ' ' | '='))
+        {
             continue;
         }
         let (body, block) = strip_block_marker(line);
@@ -188,7 +195,10 @@ fn strip_block_marker(line: &str) -> (&str, bool) {
             return (rest, true);
         }
     }
-    (trimmed, trimmed.len() != line.len() || trimmed.starts_with('|'))
+    (
+        trimmed,
+        trimmed.len() != line.len() || trimmed.starts_with('|'),
+    )
 }
 
 /// Inline markdown and symbols of one line.
@@ -246,16 +256,9 @@ fn is_pictograph(c: char) -> bool {
 }
 
 /// The source's generated token ids as the prompt.
-fn token_ids(input: &ProcessorInput<'_>) -> Result<Prompt> {
+fn token_ids(input: &ProcessorInput<'_>) -> Result<Option<Prompt>> {
     let src = single("token_ids", input)?;
-    if src.output.token_ids.is_empty() {
-        return Err(Error::InputProcessor {
-            name: "token_ids".into(),
-            request_id: input.request_id.to_string(),
-            reason: format!("stage {} generated no tokens", src.output.stage_id),
-        });
-    }
-    Ok(Prompt::TokenIds(src.output.token_ids.clone()))
+    Ok((!src.output.token_ids.is_empty()).then(|| Prompt::TokenIds(src.output.token_ids.clone())))
 }
 
 #[cfg(test)]
@@ -275,6 +278,9 @@ mod tests {
              a, b. 1 and 2, 3."
         );
         assert_eq!(speakable(""), "");
-        assert_eq!(speakable("snake_case stays a word"), "snake case stays a word");
+        assert_eq!(
+            speakable("snake_case stays a word"),
+            "snake case stays a word"
+        );
     }
 }

@@ -96,7 +96,8 @@ async fn default_pipeline_runs_both_stages_in_their_own_processes() -> TestResul
         request_id: "req-1",
         prompt: &original,
         sources: &[source],
-    })?;
+    })?
+    .ok_or("stage 0 answered, so summarize has a prompt")?;
     let mut engine = LLMEngine::new(&EngineArgs {
         model: "smollm2".into(),
         ..EngineArgs::default()

@@ -9,10 +9,7 @@ use serde_json::Value;
 
 /// What `tests/python/speech_check.py` reports for a WAV and its transcript.
 fn check_speech(wav: &std::path::Path, transcript: &str) -> Result<Value> {
-    let out = run_python(
-        "speech_check.py",
-        &[&wav.to_string_lossy(), transcript],
-    )?;
+    let out = run_python("speech_check.py", &[&wav.to_string_lossy(), transcript])?;
     Ok(serde_json::from_str(out.trim())?)
 }
 
@@ -22,24 +19,40 @@ fn assert_spoken(report: &Value) {
     assert_eq!(report["sample_width"], 2, "{report}");
     let ours = report["duration"].as_f64().unwrap_or(0.0);
     let theirs = report["onnxruntime_duration"].as_f64().unwrap_or(0.0);
-    assert!(theirs > 0.5, "the transcript is too short to judge: {report}");
+    assert!(
+        theirs > 0.5,
+        "the transcript is too short to judge: {report}"
+    );
     assert!(
         (ours - theirs).abs() <= 0.1 * theirs,
         "duration {ours:.3} s is not within 10% of onnxruntime's {theirs:.3} s: {report}"
     );
-    assert!(report["rms"].as_f64().unwrap_or(0.0) > 0.01, "silent: {report}");
+    assert!(
+        report["rms"].as_f64().unwrap_or(0.0) > 0.01,
+        "silent: {report}"
+    );
 }
 
 #[test]
 fn generate_speaks_the_answer_into_a_wav() -> Result {
     let dir = tempfile::tempdir()?;
     let out = Command::new(omni_bin()?)
-        .args(["generate", "--pipeline", "speak", "--prompt", "Why is the sky blue?"])
+        .args([
+            "generate",
+            "--pipeline",
+            "speak",
+            "--prompt",
+            "Why is the sky blue?",
+        ])
         .args(["--max-tokens", "32", "--json", "--output-dir"])
         .arg(dir.path())
         .env_remove("VLLM_TORCH_PROFILER_DIR")
         .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<Value> = String::from_utf8(out.stdout)?
         .lines()
         .map(serde_json::from_str)
@@ -72,12 +85,18 @@ fn serve_answers_with_message_audio() -> Result {
     let wav = dir.path().join("answer.wav");
     let out = run_python(
         "openai_audio.py",
-        &[&format!("http://{}/v1", server.addr), "speak", &wav.to_string_lossy()],
+        &[
+            &format!("http://{}/v1", server.addr),
+            "speak",
+            &wav.to_string_lossy(),
+        ],
     )?;
     let r: Value = serde_json::from_str(out.trim())?;
     let choices = r["choices"].as_array().ok_or_else(|| err("no choices"))?;
     assert_eq!(choices.len(), 2, "{r}");
-    let answer = choices[0]["content"].as_str().ok_or_else(|| err("no text"))?;
+    let answer = choices[0]["content"]
+        .as_str()
+        .ok_or_else(|| err("no text"))?;
     let audio = &choices[1]["audio"];
     assert!(audio["id"].as_str().is_some_and(|id| !id.is_empty()), "{r}");
     assert!(audio["expires_at"].as_u64().is_some(), "{r}");

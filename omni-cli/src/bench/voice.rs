@@ -81,7 +81,9 @@ fn omni_rounds(b: &VoiceBench) -> anyhow::Result<Vec<Round>> {
     for &c in &b.concurrency {
         for _ in 0..b.rounds {
             let t = std::time::Instant::now();
-            let outs = omni.generate(texts(c), voice_params()).context("speaking")?;
+            let outs = omni
+                .generate(texts(c), voice_params())
+                .context("speaking")?;
             let wall_s = t.elapsed().as_secs_f64();
             let audio_s = outs
                 .iter()
@@ -104,7 +106,10 @@ fn reference_rounds(b: &VoiceBench) -> anyhow::Result<Vec<Round>> {
         .context("locating the Piper voice for the reference")?;
     let python = b.python.interpreter();
     let concurrency: Vec<String> = b.concurrency.iter().map(usize::to_string).collect();
-    let bar = crate::progress::spinner(format!("Piper's onnxruntime reference ({})", python.display()));
+    let bar = crate::progress::spinner(format!(
+        "Piper's onnxruntime reference ({})",
+        python.display()
+    ));
     let mut child = Command::new(&python)
         .arg("-")
         .arg(&voice)
@@ -122,7 +127,9 @@ fn reference_rounds(b: &VoiceBench) -> anyhow::Result<Vec<Round>> {
         PIPER_ORT_PY.as_bytes(),
     )
     .context("sending the reference script")?;
-    let out = child.wait_with_output().context("waiting for the reference")?;
+    let out = child
+        .wait_with_output()
+        .context("waiting for the reference")?;
     bar.finish_and_clear();
     if !out.status.success() {
         bail!(
@@ -165,7 +172,11 @@ fn time_to_first_audio(omni: &OmniLLM, concurrency: usize) -> anyhow::Result<Vec
 
 pub(super) fn run(b: VoiceBench) -> anyhow::Result<()> {
     if b.concurrency.is_empty() || b.concurrency.contains(&0) || b.rounds == 0 {
-        bail!("--concurrency {:?} and --rounds {} must be at least 1", b.concurrency, b.rounds);
+        bail!(
+            "--concurrency {:?} and --rounds {} must be at least 1",
+            b.concurrency,
+            b.rounds
+        );
     }
     let ours = omni_rounds(&b)?;
     let theirs = if b.no_reference {
@@ -184,7 +195,11 @@ pub(super) fn run(b: VoiceBench) -> anyhow::Result<()> {
         for _ in 0..b.rounds {
             all.extend(time_to_first_audio(&speak, c)?);
         }
-        ttfa.push((c, median(all.clone()), all.iter().copied().fold(0.0, f64::max)));
+        ttfa.push((
+            c,
+            median(all.clone()),
+            all.iter().copied().fold(0.0, f64::max),
+        ));
     }
     speak.shutdown().context("stopping the pipeline")?;
 
@@ -201,13 +216,19 @@ pub(super) fn run(b: VoiceBench) -> anyhow::Result<()> {
                     continue;
                 }
                 let (wall, audio, speed) = summary(rounds, c);
-                println!("{}", serde_json::json!({"system": system, "concurrency": c,
-                    "wall_s": wall, "audio_s": audio, "audio_s_per_wall_s": speed}));
+                println!(
+                    "{}",
+                    serde_json::json!({"system": system, "concurrency": c,
+                    "wall_s": wall, "audio_s": audio, "audio_s_per_wall_s": speed})
+                );
             }
         }
         for (c, med, max) in &ttfa {
-            println!("{}", serde_json::json!({"system": "omni speak", "concurrency": c,
-                "time_to_first_audio_median_s": med, "time_to_first_audio_max_s": max}));
+            println!(
+                "{}",
+                serde_json::json!({"system": "omni speak", "concurrency": c,
+                "time_to_first_audio_median_s": med, "time_to_first_audio_max_s": max})
+            );
         }
         return Ok(());
     }

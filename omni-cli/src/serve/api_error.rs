@@ -111,25 +111,25 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The mapping of pipeline errors to statuses: the caller's input → 400,
-/// a failed stage → 502 naming the stage, anything else → 500.
+/// The mapping of pipeline errors to statuses, by [`omni_core::ErrorKind`]:
+/// the caller's input → 400; a stage that failed on an accepted request →
+/// 500 naming the stage; a pipeline that cannot serve (a dead stage) → 503;
+/// anything else → 500. Nothing that happens inside the pipeline after a
+/// request was accepted is reported as the client's fault.
 impl From<omni_core::Error> for ApiError {
     fn from(e: omni_core::Error) -> Self {
+        use omni_core::ErrorKind;
         let message = e.to_string();
-        if e.is_invalid_input() {
-            return Self::bad_request(message);
-        }
-        match e.stage_id() {
-            Some(stage_id) => Self {
-                status: StatusCode::BAD_GATEWAY,
-                message: if message.contains("stage") {
-                    message
-                } else {
-                    format!("stage {stage_id} failed: {message}")
-                },
-                param: None,
-            },
-            None => Self::internal(message),
+        let named = |message: String| match e.stage_id() {
+            Some(stage_id) if !message.contains("stage") => {
+                format!("stage {stage_id} failed: {message}")
+            }
+            _ => message,
+        };
+        match e.kind() {
+            ErrorKind::InvalidInput => Self::bad_request(message),
+            ErrorKind::Unavailable => Self::unavailable(named(message)),
+            _ => Self::internal(named(message)),
         }
     }
 }
@@ -162,6 +162,28 @@ mod tests {
             got: 3,
         });
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn stage_failures_are_500_and_dead_stages_503_never_400() {
+        let failed = ApiError::from(omni_core::Error::Runtime(omni_runtime_error_stage()));
+        assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(failed.message.contains("stage 1"), "{}", failed.message);
+        let dead = ApiError::from(omni_core::Error::Runtime(
+            omni_core::runtime::Error::StageDied {
+                stage_id: 1,
+                status: "signal 9".into(),
+            },
+        ));
+        assert_eq!(dead.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(dead.message.contains("stage 1"), "{}", dead.message);
+    }
+
+    fn omni_runtime_error_stage() -> omni_core::runtime::Error {
+        omni_core::runtime::Error::Stage {
+            stage_id: 1,
+            message: "request `r`: input processor failed".into(),
+        }
     }
 
     #[test]

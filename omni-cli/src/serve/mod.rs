@@ -14,7 +14,6 @@ mod openai;
 mod sse;
 mod validate;
 
-
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -401,10 +401,63 @@ impl Loop {
             prompt: &g.prompt,
             sources: &sources,
         };
+        // What upstream made of the request is not the caller's input: a
+        // processor failure is the pipeline's (a server error), not a
+        // rejection.
         match (self.t.processor.1)(&input) {
-            Ok(prompt) => self.admit(engine, id, prompt, g.prompt, g.params, g.arrival),
-            Err(e) => self.request_rejected(&id, e.to_string()),
+            Ok(Some(prompt)) => self.admit(engine, id, prompt, g.prompt, g.params, g.arrival),
+            Ok(None) => self.finish_empty(id, g.prompt, g.params, g.arrival),
+            Err(e) => self.request_error(&id, e.to_string()),
         }
+    }
+
+    /// Finishes a request at once with an empty output, without the model:
+    /// the input processor found nothing to do (an empty upstream answer).
+    fn finish_empty(
+        &mut self,
+        id: String,
+        original: Prompt,
+        all_params: Vec<SamplingParams>,
+        arrival: u64,
+    ) {
+        let now = now_us();
+        let metrics = StageMetrics {
+            arrival_unix_us: arrival,
+            admitted_unix_us: now,
+            ..Default::default()
+        };
+        self.reqs.insert(
+            id.clone(),
+            Req {
+                metrics,
+                sent_tokens: 0,
+                prompt: original,
+                all_params,
+            },
+        );
+        let instant = std::time::Instant::now();
+        self.emit(vec![RequestOutput {
+            request_id: id,
+            prompt_token_ids: Vec::new(),
+            token_ids: Vec::new(),
+            text: String::new(),
+            delta_text: String::new(),
+            finished: true,
+            finish_reason: Some(FinishReason::Stop),
+            logprobs: None,
+            hidden_states: None,
+            audio: None,
+            metrics: omni_engine::RequestMetrics {
+                arrival_time: instant,
+                first_scheduled_time: Some(instant),
+                first_token_time: None,
+                finished_time: Some(instant),
+                num_prompt_tokens: 0,
+                num_generated_tokens: 0,
+                num_preemptions: 0,
+                num_cached_tokens: 0,
+            },
+        }]);
     }
 
     fn admit(
@@ -437,7 +490,13 @@ impl Loop {
             );
         };
         if let Err(e) = engine.add_request(id.clone(), prompt, params) {
-            return self.request_rejected(&id, e.to_string());
+            // The caller's input only at an entry stage; downstream, the
+            // prompt is what an upstream stage made.
+            return if self.t.sources.is_empty() {
+                self.request_rejected(&id, e.to_string())
+            } else {
+                self.request_error(&id, e.to_string())
+            };
         }
         let metrics = StageMetrics {
             arrival_unix_us: arrival,
