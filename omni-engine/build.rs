@@ -48,6 +48,7 @@ fn main() {
         .file("csrc/fbgemm_fp16.cpp")
         .file("csrc/fused.cpp")
         .file("csrc/paged_attention.cpp")
+        .file("csrc/pickle.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         // fbgemm's headers name asmjit's types; wheels ship no asmjit.

@@ -27,6 +27,7 @@ mod model;
 mod model_files;
 mod onnx;
 mod phonemize;
+mod pickle;
 mod request;
 mod safetensors;
 mod sampler;
@@ -50,6 +51,7 @@ pub use gguf::{
 pub use kv_cache::KvCache;
 pub use linear::WeightPrecision;
 pub use loader::{load_model, LoadedModel, ModelSource};
+pub use model::qwen2_5_omni;
 pub use model::{
     BatchEntry, ForwardBatch, Model, ModelOptions, ModelOutput, Vits, VitsDims, VitsScales,
 };

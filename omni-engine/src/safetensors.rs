@@ -104,14 +104,26 @@ impl SafetensorsFiles {
 
     /// Loads every tensor into `kind` on `device`.
     pub fn load(&self, kind: Kind, device: Device) -> Result<Weights> {
+        self.load_prefix("", kind, device)
+    }
+
+    /// Loads the tensors whose names start with `prefix`, named without it
+    /// (one part of a checkpoint that holds several models, such as
+    /// Qwen2.5-Omni's `token2wav.`), into `kind` on `device`.
+    pub fn load_prefix(&self, prefix: &str, kind: Kind, device: Device) -> Result<Weights> {
         let mut weights = Weights::new();
         for file in &self.files {
-            load_file(file, kind, device, &mut weights)?;
+            load_file(file, kind, device, &mut weights, &|name| {
+                name.strip_prefix(prefix).map(str::to_owned)
+            })?;
         }
         for (name, shard) in &self.index {
+            let Some(name) = name.strip_prefix(prefix) else {
+                continue;
+            };
             if !weights.contains(name) {
                 return Err(Error::Weight {
-                    name: name.clone(),
+                    name: name.to_owned(),
                     reason: format!(
                         "the index maps it to {} but that shard lacks it",
                         shard.display()
@@ -123,30 +135,29 @@ impl SafetensorsFiles {
     }
 }
 
-/// Loads every tensor of one `.safetensors` file into `weights`.
-pub fn load_file(path: &Path, kind: Kind, device: Device, weights: &mut Weights) -> Result<()> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: read-only private map; we assume the checkpoint is not
-    // truncated by another process while we copy out of it.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    load_bytes(path, &mmap, kind, device, weights)
-}
-
-/// Loads every tensor of a safetensors image in memory; `path` names it in
-/// errors.
-pub fn load_bytes(
+/// Loads the tensors of one `.safetensors` file that `rename` keeps, under
+/// the names it gives, into `weights`.
+fn load_file(
     path: &Path,
-    bytes: &[u8],
     kind: Kind,
     device: Device,
     weights: &mut Weights,
+    rename: &dyn Fn(&str) -> Option<String>,
 ) -> Result<()> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Format {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: read-only private map; we assume the checkpoint is not
+    // truncated by another process while we copy out of it.
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Format {
         path: path.to_owned(),
         format: "safetensors",
         reason: e.to_string(),
     })?;
     for (name, view) in st.iter() {
+        let Some(name) = rename(name) else {
+            continue;
+        };
+        let name = name.as_str();
         let src = match view.dtype() {
             Dtype::F32 => Kind::Float,
             Dtype::F16 => Kind::Half,

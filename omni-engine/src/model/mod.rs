@@ -8,6 +8,7 @@ mod batch;
 mod decoder;
 mod fused;
 mod paged_attention;
+pub mod qwen2_5_omni;
 mod rotary;
 mod vits;
 

@@ -556,7 +556,8 @@ impl Vits {
             let y = self
                 .layer_norm(&format!("{name}.norms_2.{i}"), &y)
                 .gelu("none");
-            x += y;
+            // Not `+=`: x may share storage with the caller's tensor.
+            x = y + &x;
         }
         x * mask
     }

@@ -1,0 +1,137 @@
+//! Qwen2.5-Omni (Qwen Team, "Qwen2.5-Omni Technical Report", 2025): a
+//! thinker (a Qwen2 decoder) writes the answer, a talker (a second decoder
+//! fed with the thinker's states) turns it into codec ids, and code2wav (a
+//! flow-matching DiT and a BigVGAN vocoder) turns those into a waveform.
+//! One Hugging Face folder holds all three (`config.json` with
+//! `thinker_config`, `talker_config`, `token2wav_config`; safetensors under
+//! `thinker.`, `talker.`, `token2wav.`; the voices in `spk_dict.pt`), and
+//! each stage of the `qwen2_5_omni` pipeline loads its part of it.
+//!
+//! Reference: transformers' `models/qwen2_5_omni/modeling_qwen2_5_omni.py`.
+mod bigvgan;
+mod config;
+mod dit;
+mod speakers;
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+pub use bigvgan::BigVgan;
+pub use config::{BigVganConfig, DitConfig, OmniConfig, TalkerConfig, Token2WavConfig};
+pub use dit::{Dit, SampleOptions};
+pub use speakers::{Speaker, Speakers, DEFAULT_SPEAKER};
+
+use crate::error::{Error, Result};
+use crate::safetensors::SafetensorsFiles;
+
+/// Qwen2.5-Omni speaks at 24 kHz (100 mel frames a second, 240 samples a
+/// frame with the released vocoder); the config does not state it.
+pub const SAMPLE_RATE: u32 = 24_000;
+
+/// code2wav: codec ids and a voice in, a waveform out.
+#[derive(Debug)]
+pub struct Token2Wav {
+    name: String,
+    dit: Dit,
+    bigvgan: BigVgan,
+    speakers: Speakers,
+    device: Device,
+}
+
+impl Token2Wav {
+    /// Loads code2wav and the voices from a Qwen2.5-Omni folder onto
+    /// `device` (always f32, as transformers runs it).
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        let config = OmniConfig::read(dir)?;
+        let t2w = &config.token2wav_config;
+        let speakers = Speakers::load(
+            &dir.join("spk_dict.pt"),
+            t2w.dit_config.enc_emb_dim,
+            t2w.dit_config.mel_dim,
+        )?;
+        let files = SafetensorsFiles::find(dir)?;
+        let mut dit_w = files.load_prefix("token2wav.code2wav_dit_model.", Kind::Float, device)?;
+        let mut voc_w =
+            files.load_prefix("token2wav.code2wav_bigvgan_model.", Kind::Float, device)?;
+        if dit_w.is_empty() || voc_w.is_empty() {
+            return Err(Error::Weight {
+                name: "token2wav.*".to_owned(),
+                reason: format!(
+                    "{} holds no code2wav weights (token2wav.code2wav_dit_model.*, \
+                     token2wav.code2wav_bigvgan_model.*)",
+                    dir.display()
+                ),
+            });
+        }
+        let dit = Dit::load(&mut dit_w, &t2w.dit_config, device)?;
+        let bigvgan = BigVgan::load(&mut voc_w, &t2w.bigvgan_config, device)?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "qwen2_5_omni".to_owned());
+        Ok(Token2Wav {
+            name,
+            dit,
+            bigvgan,
+            speakers,
+            device,
+        })
+    }
+
+    /// The model folder's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where it runs.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The voices.
+    pub fn speakers(&self) -> &Speakers {
+        &self.speakers
+    }
+
+    /// The DiT.
+    pub fn dit(&self) -> &Dit {
+        &self.dit
+    }
+
+    /// The vocoder.
+    pub fn bigvgan(&self) -> &BigVgan {
+        &self.bigvgan
+    }
+
+    /// The waveform (`[samples]`, f32, CPU) of `codes` in the voice
+    /// `speaker` (default: [`DEFAULT_SPEAKER`]). The initial noise is
+    /// libtorch's CPU generator seeded with `seed`, drawn as transformers
+    /// draws it (`torch.manual_seed(seed); torch.randn([1, frames, mel])`),
+    /// so a seeded run equals transformers' sample by sample, on any device.
+    pub fn synthesize(&self, codes: &[i64], speaker: Option<&str>, seed: u64) -> Result<Tensor> {
+        let voice = self.speakers.get(speaker)?;
+        let limit = self.dit.num_codes();
+        if let Some(bad) = codes.iter().find(|&&c| c < 0 || c >= limit) {
+            return Err(Error::InvalidConfig {
+                field: "codec id".to_owned(),
+                value: bad.to_string(),
+                reason: format!("outside the codec vocabulary 0..{limit} of code2wav"),
+            });
+        }
+        if codes.is_empty() {
+            return Ok(Tensor::zeros([0], (Kind::Float, Device::Cpu)));
+        }
+        let frames = codes.len() as i64 * self.dit.repeats();
+        tch::manual_seed(seed as i64);
+        let noise = Tensor::randn([1, frames, self.dit.mel_dim()], (Kind::Float, Device::Cpu));
+        let mel = self.dit.sample(
+            &Tensor::from_slice(codes),
+            &voice.cond,
+            &voice.ref_mel,
+            &noise,
+            SampleOptions::default(),
+        )?;
+        Ok(self.bigvgan.forward(&mel).to_device(Device::Cpu))
+    }
+}
