@@ -1,6 +1,7 @@
 //! The non-autoregressive engine: stages that turn a whole input into a
-//! whole output in one forward pass (speech from text; vocoders), with no
-//! KV cache and no sampling loop.
+//! whole output in one forward pass (speech from text: a Piper voice;
+//! speech from codec ids: Qwen2.5-Omni's code2wav), with no KV cache and no
+//! sampling loop.
 //!
 //! It has the step interface of [`LLMEngine`] so that a stage worker drives
 //! either the same way ([`StageEngine`]): `add_request` checks and prepares
@@ -23,21 +24,38 @@ use tch::Device;
 
 use crate::engine::{EngineArgs, LLMEngine};
 use crate::error::{Error, Result};
+use crate::model::qwen2_5_omni::Token2Wav;
 use crate::model::VitsScales;
 use crate::phonemize::PhonemizedSentence;
 use crate::request::{FinishReason, Prompt, RequestMetrics, RequestOutput, Waveform};
 use crate::sampling_params::SamplingParams;
 use crate::voice::PiperVoice;
 
-/// The `model_stage` names a generation engine runs.
-pub const GENERATION_STAGES: &[&str] = &["vits"];
+/// The `model_stage` names a generation engine runs: `vits` (a Piper voice
+/// folder or `.onnx`) and `code2wav` (a Qwen2.5-Omni folder).
+pub const GENERATION_STAGES: &[&str] = &["vits", "code2wav"];
 
 /// A model the generation engine runs.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum GenerationModel {
     /// A Piper VITS voice: text in, speech out.
-    Vits(PiperVoice),
+    Vits(Box<PiperVoice>),
+    /// Qwen2.5-Omni's code2wav: the talker's codec ids in, speech out.
+    Code2Wav(Box<Token2Wav>),
+}
+
+/// What one request asks of the model, prepared at `add_request`.
+#[derive(Debug)]
+enum Job {
+    Speak {
+        sentences: Vec<PhonemizedSentence>,
+        scales: VitsScales,
+    },
+    Codes {
+        codes: Vec<i64>,
+        speaker: Option<String>,
+    },
 }
 
 /// One request, prepared.
@@ -45,10 +63,22 @@ pub enum GenerationModel {
 struct Pending {
     request_id: String,
     text: String,
-    sentences: Vec<PhonemizedSentence>,
-    scales: VitsScales,
+    job: Job,
     seed: u64,
     metrics: RequestMetrics,
+}
+
+impl Job {
+    /// The ids the model reads (phoneme ids, codec ids).
+    fn input_ids(&self) -> Vec<u32> {
+        match self {
+            Job::Speak { sentences, .. } => sentences
+                .iter()
+                .flat_map(|s| s.ids.iter().map(|&i| i as u32))
+                .collect(),
+            Job::Codes { codes, .. } => codes.iter().map(|&c| c as u32).collect(),
+        }
+    }
 }
 
 /// The non-autoregressive engine.
@@ -69,7 +99,11 @@ impl GenerationEngine {
         }
         let device = args.resolve_device()?;
         let model = match model_stage {
-            "vits" => GenerationModel::Vits(PiperVoice::load(&args.model, device)?),
+            "vits" => GenerationModel::Vits(Box::new(PiperVoice::load(&args.model, device)?)),
+            "code2wav" => GenerationModel::Code2Wav(Box::new(Token2Wav::load(
+                &crate::resolve_model_path(&args.model)?,
+                device,
+            )?)),
             other => {
                 return Err(Error::InvalidConfig {
                     field: "engine_args.model_stage".to_owned(),
@@ -93,6 +127,7 @@ impl GenerationEngine {
     pub fn model_name(&self) -> &str {
         match &self.model {
             GenerationModel::Vits(v) => v.name(),
+            GenerationModel::Code2Wav(t) => t.name(),
         }
     }
 
@@ -100,6 +135,7 @@ impl GenerationEngine {
     pub fn device(&self) -> Device {
         match &self.model {
             GenerationModel::Vits(v) => v.vits().device(),
+            GenerationModel::Code2Wav(t) => t.device(),
         }
     }
 
@@ -107,6 +143,7 @@ impl GenerationEngine {
     pub fn sample_rate(&self) -> u32 {
         match &self.model {
             GenerationModel::Vits(v) => v.sample_rate(),
+            GenerationModel::Code2Wav(_) => crate::qwen2_5_omni::SAMPLE_RATE,
         }
     }
 
@@ -128,7 +165,58 @@ impl GenerationEngine {
             return Err(Error::DuplicateRequest(request_id));
         }
         params.validate()?;
-        let text = match prompt {
+        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
+        let (text, job) = match &self.model {
+            GenerationModel::Vits(voice) => {
+                let text = Self::text_of(prompt, &request_id, voice.name())?;
+                let job = Job::Speak {
+                    sentences: voice.phonemize(&text)?,
+                    scales: voice.scales(&params),
+                };
+                (text, job)
+            }
+            GenerationModel::Code2Wav(t2w) => {
+                let Prompt::TokenIds(ids) = prompt else {
+                    return Err(Error::InvalidPrompt {
+                        request_id,
+                        reason: "code2wav speaks codec ids (the talker's output, or \
+                                 prompt_token_ids), not text"
+                            .to_owned(),
+                    });
+                };
+                let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+                let codes = t2w.codes_of_talker_output(&ids).to_vec();
+                let limit = t2w.dit().num_codes();
+                if let Some(bad) = codes.iter().find(|&&c| c >= limit) {
+                    return Err(Error::InvalidPrompt {
+                        request_id,
+                        reason: format!(
+                            "codec id {bad} is outside code2wav's vocabulary 0..{limit}"
+                        ),
+                    });
+                }
+                // An unknown voice fails here, naming the known ones.
+                t2w.speakers().get(params.speaker.as_deref())?;
+                let job = Job::Codes {
+                    codes,
+                    speaker: params.speaker.clone(),
+                };
+                (String::new(), job)
+            }
+        };
+        self.waiting.push_back(Pending {
+            request_id,
+            text,
+            job,
+            seed,
+            metrics: RequestMetrics::new(0),
+        });
+        Ok(())
+    }
+
+    /// The text a voice speaks: a text prompt, or a chat's user turns.
+    fn text_of(prompt: Prompt, request_id: &str, model: &str) -> Result<String> {
+        Ok(match prompt {
             Prompt::Text(t) => t,
             Prompt::Chat(messages) => messages
                 .into_iter()
@@ -138,26 +226,11 @@ impl GenerationEngine {
                 .join("\n"),
             Prompt::TokenIds(_) => {
                 return Err(Error::InvalidPrompt {
-                    request_id,
-                    reason: format!(
-                        "{} speaks text; token ids have no text to speak",
-                        self.model_name()
-                    ),
+                    request_id: request_id.to_owned(),
+                    reason: format!("{model} speaks text; token ids have no text to speak"),
                 })
             }
-        };
-        let GenerationModel::Vits(voice) = &self.model;
-        let sentences = voice.phonemize(&text)?;
-        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
-        self.waiting.push_back(Pending {
-            request_id,
-            scales: voice.scales(&params),
-            sentences,
-            text,
-            seed,
-            metrics: RequestMetrics::new(0),
-        });
-        Ok(())
+        })
     }
 
     /// Drops a waiting request; `false` if it is unknown or done.
@@ -182,30 +255,33 @@ impl GenerationEngine {
         let _step = tracing::info_span!(target: "omni::engine", "step", step = self.steps,
             request_ids = ids.join(",").as_str(), batch_size = batch.len())
         .entered();
-        let GenerationModel::Vits(voice) = &self.model;
+        let sample_rate = self.sample_rate();
         let mut outputs = Vec::with_capacity(batch.len());
         for mut p in batch {
             let now = Instant::now();
             p.metrics.first_scheduled_time = Some(now);
-            let num_ids: usize = p.sentences.iter().map(|s| s.ids.len()).sum();
+            let prompt_token_ids = p.job.input_ids();
+            let num_ids = prompt_token_ids.len();
             let samples = {
                 let _f = tracing::info_span!(target: "omni::engine", "forward",
-                    phase = "generate", request_ids = p.request_id.as_str(),
-                    sentences = p.sentences.len(), num_tokens = num_ids)
+                    phase = "generate", request_ids = p.request_id.as_str(), num_tokens = num_ids)
                 .entered();
-                voice.synthesize(&p.sentences, p.scales, p.seed)?
+                match (&self.model, &p.job) {
+                    (GenerationModel::Vits(voice), Job::Speak { sentences, scales }) => {
+                        voice.synthesize(sentences, *scales, p.seed)?
+                    }
+                    (GenerationModel::Code2Wav(t2w), Job::Codes { codes, speaker }) => {
+                        t2w.synthesize(codes, speaker.as_deref(), p.seed)?
+                    }
+                    _ => unreachable!("add_request prepares the job its model runs"),
+                }
             };
             let done = Instant::now();
             p.metrics.first_token_time = Some(done);
             p.metrics.finished_time = Some(done);
             p.metrics.num_prompt_tokens = num_ids;
-            // The phoneme ids stand for the prompt's tokens; the text is the
-            // transcript of what was spoken.
-            let prompt_token_ids = p
-                .sentences
-                .iter()
-                .flat_map(|s| s.ids.iter().map(|&i| i as u32))
-                .collect();
+            // The phoneme or codec ids stand for the prompt's tokens; the
+            // text is the transcript of what was spoken (for a voice).
             outputs.push(RequestOutput {
                 request_id: p.request_id,
                 prompt_token_ids,
@@ -218,7 +294,7 @@ impl GenerationEngine {
                 hidden_states: None,
                 audio: Some(Waveform {
                     samples,
-                    sample_rate: voice.sample_rate(),
+                    sample_rate,
                 }),
                 metrics: p.metrics,
             });

@@ -67,6 +67,9 @@ pub struct SamplingParams {
     /// Speech stages: spread of the duration predictor's noise; `None` =
     /// the voice's default (0.8).
     pub noise_w: Option<f32>,
+    /// Speech stages with several voices (Qwen2.5-Omni's code2wav): the
+    /// voice, by name; `None` = the model's default. Not in vLLM.
+    pub speaker: Option<String>,
 }
 
 impl Default for SamplingParams {
@@ -92,6 +95,7 @@ impl Default for SamplingParams {
             noise_scale: None,
             length_scale: None,
             noise_w: None,
+            speaker: None,
         }
     }
 }

@@ -36,6 +36,9 @@ pub struct Token2Wav {
     dit: Dit,
     bigvgan: BigVgan,
     speakers: Speakers,
+    /// The talker's codec begin / end / pad ids, which frame its output.
+    codec_bos: i64,
+    codec_stops: [i64; 2],
     device: Device,
 }
 
@@ -70,11 +73,14 @@ impl Token2Wav {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "qwen2_5_omni".to_owned());
+        let talker = &config.talker_config;
         Ok(Token2Wav {
             name,
             dit,
             bigvgan,
             speakers,
+            codec_bos: talker.tts_codec_start_token_id,
+            codec_stops: [talker.tts_codec_end_token_id, talker.tts_codec_pad_token_id],
             device,
         })
     }
@@ -102,6 +108,18 @@ impl Token2Wav {
     /// The vocoder.
     pub fn bigvgan(&self) -> &BigVgan {
         &self.bigvgan
+    }
+
+    /// The codes of a talker's output: without a leading codec BOS and
+    /// from the first codec end (or pad, an end in transformers' `generate`)
+    /// on.
+    pub fn codes_of_talker_output<'a>(&self, ids: &'a [i64]) -> &'a [i64] {
+        let ids = ids.strip_prefix(&[self.codec_bos]).unwrap_or(ids);
+        let end = ids
+            .iter()
+            .position(|c| self.codec_stops.contains(c))
+            .unwrap_or(ids.len());
+        &ids[..end]
     }
 
     /// The waveform (`[samples]`, f32, CPU) of `codes` in the voice
