@@ -96,6 +96,10 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// Tokens that end generation.
     pub eos_token_ids: Vec<u32>,
+    /// Width of the token embeddings when it differs from `hidden_size`
+    /// (Qwen2.5-Omni's talker: its inputs are projected to the hidden size
+    /// by `input_proj`); `None` = `hidden_size`.
+    pub embedding_size: Option<usize>,
 }
 
 /// `config.json` of a Hugging Face checkpoint, as far as the engine reads it.
@@ -187,6 +191,65 @@ impl ModelConfig {
                 }
             }
         }
+        Ok(cfg)
+    }
+
+    /// The config of one part of a Qwen2.5-Omni folder: `thinker` (its
+    /// `thinker_config.text_config`) or `talker` (`talker_config`), both
+    /// Qwen2 decoders. The talker's end-of-speech ids (codec end and pad,
+    /// as transformers' `generate` stops on both) are its EOS.
+    pub fn from_qwen_omni_dir(dir: &std::path::Path, part: &str) -> crate::Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| crate::Error::io(&path, e))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| crate::Error::Format {
+                path: path.clone(),
+                format: "config.json",
+                reason: e.to_string(),
+            })?;
+        let (field, section) = match part {
+            "thinker" => (
+                "thinker_config.text_config",
+                &value["thinker_config"]["text_config"],
+            ),
+            "talker" => ("talker_config", &value["talker_config"]),
+            other => {
+                return Err(config_err(
+                    &path,
+                    "model_stage",
+                    format!("{other:?} is not a decoder of Qwen2.5-Omni (thinker, talker)"),
+                ))
+            }
+        };
+        let mut section = section.clone();
+        let Some(map) = section.as_object_mut() else {
+            return Err(config_err(&path, field, "missing"));
+        };
+        // Both parts are Qwen2 decoders (q/k/v biases, RMSNorm, SwiGLU); for
+        // text their M-RoPE positions are plain 1-D positions.
+        map.insert(
+            "architectures".into(),
+            serde_json::json!(["Qwen2ForCausalLM"]),
+        );
+        if part == "talker" {
+            let ids: Vec<serde_json::Value> = ["tts_codec_end_token_id", "tts_codec_pad_token_id"]
+                .iter()
+                .filter_map(|k| map.get(*k).cloned())
+                .collect();
+            map.insert("eos_token_id".into(), serde_json::Value::Array(ids));
+        }
+        let embedding_size = map
+            .get("embedding_size")
+            .and_then(serde_json::Value::as_u64);
+        let hf: HfConfig = serde_json::from_value(section).map_err(|e| crate::Error::Format {
+            path: path.clone(),
+            format: "config.json",
+            reason: format!("{field}: {e}"),
+        })?;
+        let mut cfg = Self::from_hf_config(&path, &hf)?;
+        cfg.embedding_size = embedding_size
+            .map(|e| e as usize)
+            .filter(|&e| e != cfg.hidden_size);
         Ok(cfg)
     }
 
@@ -283,6 +346,7 @@ impl ModelConfig {
             qk_norm: architecture == Architecture::Qwen3,
             bos_token_id: bos.first().copied(),
             eos_token_ids: token_ids(path, "eos_token_id", hf.eos_token_id.as_ref())?,
+            embedding_size: None,
         })
     }
 }

@@ -42,6 +42,12 @@ impl Detokenizer {
     /// empty while a character is still incomplete). Never returns part of
     /// a character.
     pub fn step(&mut self, tokenizer: &Tokenizer, token: u32) -> Result<String> {
+        // A model's embedding may have rows the tokenizer has no token for
+        // (Qwen2's and Qwen2.5-Omni's have); such an id has no text, as in
+        // transformers' decode.
+        if token as usize >= tokenizer.vocab_size() {
+            return Ok(String::new());
+        }
         self.ids.push(token);
         let prefix = tokenizer.decode(
             &self.ids[self.prefix_offset..self.read_offset],

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 
 use serde::Deserialize;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use crate::block_pool::PrefixCacheStats;
 use crate::engine_core::{CoreConfig, EngineCore};
@@ -227,12 +227,31 @@ pub struct LLMEngine {
     model_name: String,
     precision: WeightPrecision,
     detokenizers: HashMap<String, Detokenizer>,
+    /// Qwen2.5-Omni's talker: what builds its inputs from the thinker's.
+    talker: Option<Talker>,
+}
+
+/// What Qwen2.5-Omni's talker needs beyond its decoder to build its inputs
+/// from the thinker's states (transformers' `generate`, and vLLM-Omni's
+/// `talker_preprocess`).
+#[derive(Debug)]
+struct Talker {
+    /// The thinker's token embeddings, `[thinker vocab, embedding]`.
+    thinker_embed: Tensor,
+    speakers: crate::qwen2_5_omni::Speakers,
+    ids: crate::qwen2_5_omni::TalkerConfig,
 }
 
 impl LLMEngine {
     /// Loads the model and tokenizer named by `args.model` and sizes the KV
     /// cache.
     pub fn new(args: &EngineArgs) -> Result<Self> {
+        Self::new_part(args, None)
+    }
+
+    /// [`LLMEngine::new`] for one part of a checkpoint that holds several
+    /// (`model_stage`: Qwen2.5-Omni's `thinker` or `talker`).
+    pub fn new_part(args: &EngineArgs, model_stage: Option<&str>) -> Result<Self> {
         args.check_limits()?;
         if let Some(n) = args.num_threads {
             tch::set_num_threads(n as i32);
@@ -243,7 +262,16 @@ impl LLMEngine {
         let _guard = tch::no_grad_guard();
         tracing::info!(target: "omni::engine", model = %args.model, ?device, ?kind, precision = precision.as_str(), "loading model");
         let heap = LoadHeap::enter();
-        let loaded = crate::load_model(&args.model, device, kind)?;
+        let loaded = crate::loader::load_model_part(&args.model, model_stage, device, kind)?;
+        let talker = if loaded.part == "talker" {
+            Some(Talker::load(
+                &crate::resolve_model_path(&args.model)?,
+                kind,
+                device,
+            )?)
+        } else {
+            None
+        };
         let cfg = loaded.config;
         let mut weights = loaded.weights;
         let max_model_len = match args.max_model_len {
@@ -310,10 +338,16 @@ impl LLMEngine {
                 },
                 block_size: args.block_size,
                 num_blocks,
-                prefix_caching: args.enable_prefix_caching,
+                // The talker's prompts are placeholders for embeddings: equal
+                // ids, different inputs, so blocks cannot be shared by id.
+                prefix_caching: args.enable_prefix_caching && talker.is_none(),
                 max_model_len,
                 eos_token_ids: eos,
                 seed: args.seed,
+                suppressed_tokens: talker
+                    .as_ref()
+                    .map(|t| vec![t.ids.tts_codec_start_token_id as u32])
+                    .unwrap_or_default(),
             },
         )?;
         Ok(Self {
@@ -322,6 +356,7 @@ impl LLMEngine {
             model_name: loaded.name,
             precision,
             detokenizers: HashMap::new(),
+            talker,
         })
     }
 
@@ -386,6 +421,14 @@ impl LLMEngine {
         params: SamplingParams,
     ) -> Result<()> {
         let request_id = request_id.into();
+        if self.talker.is_some() {
+            return Err(Error::InvalidPrompt {
+                request_id,
+                reason: "Qwen2.5-Omni's talker reads the thinker's states, not a prompt \
+                         (in a pipeline, its input processor is thinker2talker)"
+                    .to_owned(),
+            });
+        }
         if self.detokenizers.contains_key(&request_id) {
             return Err(Error::DuplicateRequest(request_id));
         }
@@ -394,6 +437,110 @@ impl LLMEngine {
         self.core.add(request_id.clone(), ids, params)?;
         self.detokenizers.insert(request_id, detok);
         Ok(())
+    }
+
+    /// Whether this engine is Qwen2.5-Omni's talker.
+    pub fn is_talker(&self) -> bool {
+        self.talker.is_some()
+    }
+
+    /// Queues a request of Qwen2.5-Omni's talker. `states` are the thinker's
+    /// ([`crate::RequestOutput::states`]: per position it read, embedding
+    /// plus final hidden state), the first `prompt_len` rows its prompt's,
+    /// the rest its generated tokens' (all but the last). As transformers
+    /// builds the talker's input:
+    ///
+    /// * prompt rows: the thinker's prompt states; then the speaker's token
+    ///   (thinker embedding) plus the codec pad embedding; then the first
+    ///   generated token's state plus the codec BOS embedding;
+    /// * each decoding step: the embedding of the code just sampled plus
+    ///   the next reply row: the thinker's states of its second to
+    ///   second-to-last tokens, then the text end embedding, then the text
+    ///   pad embedding for as long as the talker goes on.
+    ///
+    /// transformers 5.24's `generate` adds the codec pad and BOS embeddings
+    /// only when the talker gets an attention mask, which for one unpadded
+    /// request it drops; its padded batches, its talker's own forward and
+    /// vLLM-Omni add them, and so do we.
+    pub fn add_talker_request(
+        &mut self,
+        request_id: impl Into<String>,
+        states: &Tensor,
+        prompt_len: usize,
+        params: SamplingParams,
+    ) -> Result<()> {
+        let request_id = request_id.into();
+        let Some(t) = &self.talker else {
+            return Err(Error::InvalidPrompt {
+                request_id,
+                reason: format!("{} is not Qwen2.5-Omni's talker", self.model_name),
+            });
+        };
+        let bad = |reason: String| Error::InvalidPrompt {
+            request_id: request_id.clone(),
+            reason,
+        };
+        let rows = states.size().first().copied().unwrap_or(0) as usize;
+        let width = t.thinker_embed.size()[1];
+        if states.dim() != 2
+            || states.size()[1] != width
+            || rows < prompt_len + 1
+            || prompt_len == 0
+        {
+            return Err(bad(format!(
+                "thinker states of shape {:?} for a {prompt_len}-token prompt: expected \
+                 [prompt + at least one generated token, {width}]",
+                states.size()
+            )));
+        }
+        let speaker = t.speakers.get(params.speaker.as_deref())?;
+        let device = t.thinker_embed.device();
+        let kind = t.thinker_embed.kind();
+        let states = states.f_to_device(device)?.f_to_kind(kind)?;
+        let thinker = |id: i64| -> Result<Tensor> {
+            let vocab = t.thinker_embed.size()[0];
+            if !(0..vocab).contains(&id) {
+                return Err(Error::InvalidConfig {
+                    field: "talker token".to_owned(),
+                    value: id.to_string(),
+                    reason: format!("outside the thinker's embedding of {vocab} rows"),
+                });
+            }
+            Ok(t.thinker_embed.f_get(id)?.f_unsqueeze(0)?)
+        };
+        let codec = |id: i64| -> Result<Tensor> {
+            let ids = Tensor::from_slice(&[id]).f_to_device(device)?;
+            self.core.model().embed(&ids)
+        };
+        let p = prompt_len as i64;
+        let replies = rows as i64 - p;
+        let prompt = Tensor::f_cat(
+            &[
+                states.f_narrow(0, 0, p)?,
+                thinker(speaker.bos_token)?.f_add(&codec(t.ids.tts_codec_pad_token_id)?)?,
+                states
+                    .f_narrow(0, p, 1)?
+                    .f_add(&codec(t.ids.tts_codec_start_token_id)?)?,
+            ],
+            0,
+        )?;
+        let stream = Tensor::f_cat(
+            &[
+                states.f_narrow(0, p + 1, replies - 1)?,
+                thinker(t.ids.tts_text_end_token_id)?,
+                thinker(t.ids.tts_text_pad_token_id)?,
+            ],
+            0,
+        )?;
+        let mut ids = vec![t.ids.tts_codec_mask_token_id as u32; prompt_len];
+        ids.push(t.ids.tts_codec_pad_token_id as u32);
+        ids.push(t.ids.tts_codec_start_token_id as u32);
+        self.core.add_with_inputs(
+            request_id,
+            ids,
+            params,
+            Some(crate::request::SequenceInputs { prompt, stream }),
+        )
     }
 
     /// Drops a request wherever it is; `false` if it is unknown or done.
@@ -463,5 +610,27 @@ impl Drop for LoadHeap {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
             libc::malloc_trim(0);
         }
+    }
+}
+
+impl Talker {
+    fn load(dir: &std::path::Path, kind: Kind, device: Device) -> Result<Self> {
+        let config = crate::qwen2_5_omni::OmniConfig::read(dir)?;
+        let dit = &config.token2wav_config.dit_config;
+        let speakers = crate::qwen2_5_omni::Speakers::load(
+            &dir.join("spk_dict.pt"),
+            dit.enc_emb_dim,
+            dit.mel_dim,
+        )?;
+        let mut w = crate::safetensors::SafetensorsFiles::find(dir)?.load_prefix(
+            "thinker.model.embed_tokens.",
+            kind,
+            device,
+        )?;
+        Ok(Talker {
+            thinker_embed: w.take("weight")?,
+            speakers,
+            ids: config.talker_config,
+        })
     }
 }

@@ -18,7 +18,7 @@ use crate::block_pool::{BlockPool, PrefixCacheStats};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{BatchEntry, ForwardBatch, Model};
-use crate::request::{FinishReason, RequestOutput, Sequence, SequenceStatus};
+use crate::request::{FinishReason, RequestOutput, Sequence, SequenceInputs, SequenceStatus};
 use crate::sampler::{self, SampleInput};
 use crate::sampling_params::SamplingParams;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -33,6 +33,9 @@ pub(crate) struct CoreConfig {
     pub max_model_len: usize,
     pub eos_token_ids: Vec<u32>,
     pub seed: u64,
+    /// Tokens never sampled (Qwen2.5-Omni's talker: the codec BOS, which is
+    /// fed, never generated; transformers' `suppress_tokens`).
+    pub suppressed_tokens: Vec<u32>,
 }
 
 /// Updates `seq.text` after a token was appended (`false`), and once more
@@ -104,6 +107,19 @@ impl EngineCore {
         prompt: Vec<u32>,
         params: SamplingParams,
     ) -> Result<()> {
+        self.add_with_inputs(request_id, prompt, params, None)
+    }
+
+    /// [`EngineCore::add`] with embeddings that stand in for the prompt's
+    /// (placeholder) ids and join the generated tokens' (see
+    /// [`SequenceInputs`]).
+    pub fn add_with_inputs(
+        &mut self,
+        request_id: String,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        inputs: Option<SequenceInputs>,
+    ) -> Result<()> {
         if self.ids.contains(&request_id) {
             return Err(Error::DuplicateRequest(request_id));
         }
@@ -135,13 +151,26 @@ impl EngineCore {
         let seed = params
             .seed
             .unwrap_or_else(|| mix(self.cfg.seed ^ mix(self.arrival_counter)));
-        let seq = Sequence::new(
+        if let Some(i) = &inputs {
+            if i.prompt.size().first().copied() != Some(prompt.len() as i64)
+                || i.stream.size()[0] == 0
+            {
+                return Err(bad(format!(
+                    "{} prompt embeddings and {} stream rows for {} prompt tokens",
+                    i.prompt.size()[0],
+                    i.stream.size()[0],
+                    prompt.len()
+                )));
+            }
+        }
+        let mut seq = Sequence::new(
             request_id.clone(),
             prompt,
             params,
             seed,
             self.arrival_counter,
         );
+        seq.inputs = inputs;
         self.arrival_counter += 1;
         self.ids.insert(request_id);
         self.scheduler.add(seq);
@@ -184,10 +213,16 @@ impl EngineCore {
         if !plan.scheduled.is_empty() {
             let now = Instant::now();
             let running = &self.scheduler.running;
+            let embeds: Vec<Option<Tensor>> = plan
+                .scheduled
+                .iter()
+                .map(|sc| input_embeds(&self.model, &running[sc.index], sc.num_tokens))
+                .collect::<Result<_>>()?;
             let entries: Vec<BatchEntry<'_>> = plan
                 .scheduled
                 .iter()
-                .map(|sc| {
+                .zip(&embeds)
+                .map(|(sc, e)| {
                     let s = &running[sc.index];
                     let start = s.num_computed_tokens;
                     BatchEntry {
@@ -195,6 +230,11 @@ impl EngineCore {
                         start_pos: start,
                         block_table: &s.block_table,
                         wants_logits: start + sc.num_tokens == s.tokens.len(),
+                        embeds: e.as_ref(),
+                        // Positions read again after a preemption are not
+                        // collected twice.
+                        wants_states: s.params.output_states
+                            && start + sc.num_tokens > s.states.len(),
                     }
                 })
                 .collect();
@@ -211,6 +251,24 @@ impl EngineCore {
                 .entered();
                 self.model.forward(&batch, &mut self.cache)?
             };
+            if let Some(states) = &out.states {
+                let mut row = 0i64;
+                for &(e, count) in &batch.state_entries {
+                    let sc = &plan.scheduled[e];
+                    let seq = &mut self.scheduler.running[sc.index];
+                    let start = seq.num_computed_tokens;
+                    for (k, pos) in (start..start + count).enumerate() {
+                        if pos == seq.states.len() {
+                            let r = states
+                                .f_get(row + k as i64)?
+                                .f_to_device(Device::Cpu)?
+                                .f_to_kind(Kind::Float)?;
+                            seq.states.push(r);
+                        }
+                    }
+                    row += count as i64;
+                }
+            }
             for sc in &plan.scheduled {
                 self.scheduler.advance(sc.index, sc.num_tokens);
                 let s = &mut self.scheduler.running[sc.index];
@@ -228,7 +286,39 @@ impl EngineCore {
             let rows = Tensor::from_slice(&rows).f_to_device(self.model.device())?;
             let sampled = {
                 let _s = tracing::info_span!(target: "omni::engine", "sample").entered();
-                let logits = out.logits.f_index_select(0, &rows)?;
+                let mut logits = out.logits.f_index_select(0, &rows)?;
+                // min_tokens: no end before the request has that many tokens.
+                for (r, &i) in order.iter().enumerate() {
+                    let s = &self.scheduler.running[i];
+                    if s.num_output_tokens() < s.params.min_tokens {
+                        let ends: Vec<i64> = self
+                            .cfg
+                            .eos_token_ids
+                            .iter()
+                            .chain(&s.params.stop_token_ids)
+                            .map(|&t| i64::from(t))
+                            .filter(|&t| t < logits.size()[1])
+                            .collect();
+                        if !ends.is_empty() {
+                            let ends = Tensor::from_slice(&ends).f_to_device(logits.device())?;
+                            let _ = logits.f_get(r as i64)?.f_index_fill_(
+                                0,
+                                &ends,
+                                f64::NEG_INFINITY,
+                            )?;
+                        }
+                    }
+                }
+                if !self.cfg.suppressed_tokens.is_empty() {
+                    let ids: Vec<i64> = self
+                        .cfg
+                        .suppressed_tokens
+                        .iter()
+                        .map(|&t| i64::from(t))
+                        .collect();
+                    let ids = Tensor::from_slice(&ids).f_to_device(logits.device())?;
+                    let _ = logits.f_index_fill_(1, &ids, f64::NEG_INFINITY)?;
+                }
                 let mut inputs: Vec<SampleInput<'_>> = self
                     .scheduler
                     .running
@@ -377,9 +467,53 @@ fn make_output(seq: &mut Sequence, finished: bool) -> Result<RequestOutput> {
         finish_reason,
         logprobs: seq.params.logprobs.map(|_| seq.logprobs.clone()),
         hidden_states,
+        states: if finished && seq.params.output_states && !seq.states.is_empty() {
+            Some(Tensor::f_stack(&seq.states, 0)?)
+        } else {
+            None
+        },
         audio: None,
         metrics: seq.metrics,
     })
+}
+
+/// The embeddings of the tokens a step computes for `seq`, when it has
+/// [`SequenceInputs`]: the given rows for prompt positions, and for a fed
+/// back generated token its own embedding plus its stream row.
+fn input_embeds(model: &Model, seq: &Sequence, count: usize) -> Result<Option<Tensor>> {
+    let Some(inputs) = &seq.inputs else {
+        return Ok(None);
+    };
+    let start = seq.num_computed_tokens;
+    let end = start + count;
+    let p = seq.prompt_len;
+    let mut parts = Vec::with_capacity(2);
+    if start < p {
+        parts.push(
+            inputs
+                .prompt
+                .f_narrow(0, start as i64, (end.min(p) - start) as i64)?,
+        );
+    }
+    if end > p {
+        let from = start.max(p);
+        let ids: Vec<i64> = seq.tokens[from..end]
+            .iter()
+            .map(|&t| i64::from(t))
+            .collect();
+        let own = model.embed(&Tensor::from_slice(&ids).f_to_device(model.device())?)?;
+        let last = inputs.stream.size()[0] - 1;
+        let rows: Vec<i64> = (from - p..end - p).map(|j| (j as i64).min(last)).collect();
+        let stream = inputs.stream.f_index_select(
+            0,
+            &Tensor::from_slice(&rows).f_to_device(inputs.stream.device())?,
+        )?;
+        parts.push(own.f_add(&stream.f_to_device(model.device())?.f_to_kind(own.kind())?)?);
+    }
+    let x = Tensor::f_cat(&parts, 0)?
+        .f_to_device(model.device())?
+        .f_to_kind(model.kind())?;
+    Ok(Some(x))
 }
 
 #[cfg(test)]
@@ -437,6 +571,7 @@ mod tests {
                 max_model_len: 256,
                 eos_token_ids: vec![2],
                 seed: 0,
+                suppressed_tokens: Vec::new(),
             },
         )
     }

@@ -292,6 +292,7 @@ impl GenerationEngine {
                 finish_reason: Some(FinishReason::Stop),
                 logprobs: None,
                 hidden_states: None,
+                states: None,
                 audio: Some(Waveform {
                     samples,
                     sample_rate,
@@ -321,7 +322,10 @@ impl StageEngine {
             Some(stage) if GENERATION_STAGES.contains(&stage) => Ok(StageEngine::Generation(
                 Box::new(GenerationEngine::new(args, stage)?),
             )),
-            _ => Ok(StageEngine::Llm(Box::new(LLMEngine::new(args)?))),
+            _ => Ok(StageEngine::Llm(Box::new(LLMEngine::new_part(
+                args,
+                model_stage,
+            )?))),
         }
     }
 
@@ -359,6 +363,29 @@ impl StageEngine {
         match self {
             StageEngine::Llm(e) => e.add_request(request_id, prompt, params),
             StageEngine::Generation(e) => e.add_request(request_id, prompt, params),
+        }
+    }
+
+    /// Whether it is Qwen2.5-Omni's talker (its requests come with the
+    /// thinker's states: [`LLMEngine::add_talker_request`]).
+    pub fn is_talker(&self) -> bool {
+        matches!(self, StageEngine::Llm(e) if e.is_talker())
+    }
+
+    /// See [`LLMEngine::add_talker_request`].
+    pub fn add_talker_request(
+        &mut self,
+        request_id: impl Into<String>,
+        states: &tch::Tensor,
+        prompt_len: usize,
+        params: SamplingParams,
+    ) -> Result<()> {
+        match self {
+            StageEngine::Llm(e) => e.add_talker_request(request_id, states, prompt_len, params),
+            StageEngine::Generation(e) => Err(Error::InvalidPrompt {
+                request_id: request_id.into(),
+                reason: format!("{} is not Qwen2.5-Omni's talker", e.model_name()),
+            }),
         }
     }
 

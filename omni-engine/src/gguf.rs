@@ -645,6 +645,7 @@ impl GgufFile {
             qk_norm: self.tensor_info("blk.0.attn_q_norm.weight").is_some(),
             bos_token_id,
             eos_token_ids,
+            embedding_size: None,
         })
     }
 

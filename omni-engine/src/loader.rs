@@ -29,6 +29,9 @@ pub struct ModelSource {
     name: String,
     config: ModelConfig,
     format: Format,
+    /// The part of a checkpoint that holds several models (Qwen2.5-Omni's
+    /// `thinker`, `talker`); empty for a whole model.
+    part: String,
 }
 
 impl std::fmt::Debug for ModelSource {
@@ -45,6 +48,13 @@ impl ModelSource {
     /// Opens a `.gguf` file, a Hugging Face folder, or a default model by
     /// alias (checked against its size and SHA-256 first).
     pub fn open(name_or_path: &str) -> Result<Self> {
+        Self::open_part(name_or_path, None)
+    }
+
+    /// Opens `name_or_path`; `model_stage` picks the part of a checkpoint
+    /// that holds several models (Qwen2.5-Omni: `thinker` or `talker`; a
+    /// whole model ignores it).
+    pub fn open_part(name_or_path: &str, model_stage: Option<&str>) -> Result<Self> {
         let path = resolve_model_path(name_or_path)?;
         if path.is_dir() {
             if !path.join("config.json").is_file() {
@@ -53,7 +63,26 @@ impl ModelSource {
                     reason: "a folder without config.json is not a Hugging Face checkpoint".into(),
                 });
             }
-            let config = ModelConfig::from_hf_dir(&path)?;
+            let mut part = String::new();
+            let config = if is_qwen_omni(&path) {
+                part = match model_stage {
+                    Some(p @ ("thinker" | "talker")) => p.to_owned(),
+                    other => {
+                        return Err(Error::InvalidConfig {
+                            field: "engine_args.model_stage".to_owned(),
+                            value: format!("{other:?}"),
+                            reason: format!(
+                                "{} is a Qwen2.5-Omni folder: its decoders are `thinker` and \
+                                 `talker` (`code2wav` runs in the generation engine)",
+                                path.display()
+                            ),
+                        })
+                    }
+                };
+                ModelConfig::from_qwen_omni_dir(&path, &part)?
+            } else {
+                ModelConfig::from_hf_dir(&path)?
+            };
             let files = SafetensorsFiles::find(&path)?;
             let name = path
                 .file_name()
@@ -64,6 +93,7 @@ impl ModelSource {
                 name,
                 config,
                 format: Format::Hf(files),
+                part,
             });
         }
         let gguf = GgufFile::open(&path).map_err(|e| match e {
@@ -84,6 +114,7 @@ impl ModelSource {
             path,
             config,
             format: Format::Gguf(gguf),
+            part: String::new(),
         })
     }
 
@@ -126,7 +157,22 @@ impl ModelSource {
             .entered();
         let weights = match &self.format {
             Format::Gguf(g) => g.load_weights(&self.config, kind, device)?,
-            Format::Hf(files) => files.load(kind, device)?,
+            Format::Hf(files) if self.part.is_empty() => files.load(kind, device)?,
+            Format::Hf(files) => {
+                let mut w = files.load_prefix(&format!("{}.", self.part), kind, device)?;
+                // The talker's own names for a decoder's pieces.
+                for (from, to) in [
+                    ("codec_head.weight", "lm_head.weight"),
+                    ("thinker_to_talker_proj.weight", "model.input_proj.weight"),
+                    ("thinker_to_talker_proj.bias", "model.input_proj.bias"),
+                ] {
+                    if w.contains(from) {
+                        let t = w.take(from)?;
+                        w.insert(to, t);
+                    }
+                }
+                w
+            }
         };
         tracing::info!(target: "omni::engine", tensors = weights.len(), ?kind, ?device, "weights loaded");
         Ok(weights)
@@ -152,11 +198,24 @@ pub struct LoadedModel {
     pub weights: Weights,
     /// The tokenizer.
     pub tokenizer: Tokenizer,
+    /// The part of the checkpoint loaded (`thinker`, `talker`; empty for a
+    /// whole model).
+    pub part: String,
 }
 
 /// Opens `name_or_path` and loads weights and tokenizer.
 pub fn load_model(name_or_path: &str, device: Device, kind: Kind) -> Result<LoadedModel> {
-    let source = ModelSource::open(name_or_path)?;
+    load_model_part(name_or_path, None, device, kind)
+}
+
+/// [`load_model`] of one part of a checkpoint (see [`ModelSource::open_part`]).
+pub fn load_model_part(
+    name_or_path: &str,
+    model_stage: Option<&str>,
+    device: Device,
+    kind: Kind,
+) -> Result<LoadedModel> {
+    let source = ModelSource::open_part(name_or_path, model_stage)?;
     let tokenizer = source.tokenizer()?;
     let weights = source.load_weights(kind, device)?;
     Ok(LoadedModel {
@@ -164,10 +223,19 @@ pub fn load_model(name_or_path: &str, device: Device, kind: Kind) -> Result<Load
         config: source.config,
         weights,
         tokenizer,
+        part: source.part,
     })
 }
 
 /// `SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct`.
+/// Whether `dir/config.json` is a Qwen2.5-Omni checkpoint's.
+fn is_qwen_omni(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["model_type"] == "qwen2_5_omni")
+}
+
 fn gguf_model_name(path: &Path) -> String {
     let stem = path
         .file_stem()

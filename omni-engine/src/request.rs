@@ -180,10 +180,27 @@ pub struct RequestOutput {
     /// `[num_generated, hidden]` on the CPU, on finish, when
     /// `SamplingParams::output_hidden_states` asked for it.
     pub hidden_states: Option<Tensor>,
+    /// `[positions read, hidden]` on the CPU, on finish, when
+    /// `SamplingParams::output_states` asked for it: per prompt token and
+    /// per generated token fed back (all but the last), its input embedding
+    /// plus its final-norm hidden state (what Qwen2.5-Omni's talker reads).
+    pub states: Option<Tensor>,
     /// The waveform, on finish, from a speech stage.
     pub audio: Option<Waveform>,
     /// Timings and counts.
     pub metrics: RequestMetrics,
+}
+
+/// Input embeddings of a sequence whose tokens are not (only) ids of the
+/// model's vocabulary: Qwen2.5-Omni's talker reads the thinker's states.
+#[derive(Debug)]
+pub(crate) struct SequenceInputs {
+    /// `[prompt_len, embedding]`: the prompt positions' embeddings, used in
+    /// place of their (placeholder) ids' embeddings.
+    pub prompt: Tensor,
+    /// `[n, embedding]`: added to the embedding of the j-th generated token
+    /// when it is fed back (row `min(j, n - 1)`).
+    pub stream: Tensor,
 }
 
 /// Where a sequence is in its life.
@@ -220,6 +237,11 @@ pub(crate) struct Sequence {
     pub logprobs: Vec<TokenLogprobs>,
     /// One `[hidden]` row per generated token, when requested.
     pub hidden_states: Vec<Tensor>,
+    /// Embeddings that stand in for token ids' (see [`SequenceInputs`]).
+    pub inputs: Option<SequenceInputs>,
+    /// With `params.output_states`: per position the model read, in order,
+    /// its input embedding plus its final-norm hidden state.
+    pub states: Vec<Tensor>,
     pub metrics: RequestMetrics,
     /// Output text so far (kept by the engine's detokenizing hook).
     pub text: String,
@@ -249,6 +271,8 @@ impl Sequence {
             arrival_index,
             logprobs: Vec::new(),
             hidden_states: Vec::new(),
+            inputs: None,
+            states: Vec::new(),
             metrics: RequestMetrics::new(prompt_len),
             text: String::new(),
             emitted_len: 0,

@@ -42,6 +42,10 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Tokens to generate at most; `None` = until the context is full.
     pub max_tokens: Option<usize>,
+    /// Tokens to generate at least: until then the model's end-of-sequence
+    /// tokens and `stop_token_ids` are never sampled (vLLM's `min_tokens`,
+    /// HF's `min_new_tokens`).
+    pub min_tokens: usize,
     /// Stop when the output text contains one of these (excluded from the text).
     pub stop: Vec<String>,
     /// Stop when one of these tokens is generated (kept in `token_ids`).
@@ -57,6 +61,11 @@ pub struct SamplingParams {
     /// generated token (`[num_generated, hidden]`), when the request finishes.
     /// Not in vLLM; downstream stages of omni pipelines need it.
     pub output_hidden_states: bool,
+    /// Return, on finish, per position the model read (the prompt, then
+    /// each generated token fed back) its input embedding plus its
+    /// final-norm hidden state, `[prompt + generated - 1, hidden]`: the
+    /// thinker's output that Qwen2.5-Omni's talker reads. Not in vLLM.
+    pub output_states: bool,
     /// Speech stages (Piper VITS): spread of the sampled latent; `None` =
     /// the voice's default (0.667 for Piper voices). 0 with `noise_w` 0 is
     /// deterministic. Not in vLLM; Piper's name.
@@ -86,12 +95,14 @@ impl Default for SamplingParams {
             min_p: 0.0,
             seed: None,
             max_tokens: Some(16),
+            min_tokens: 0,
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: None,
             skip_special_tokens: true,
             output_hidden_states: false,
+            output_states: false,
             noise_scale: None,
             length_scale: None,
             noise_w: None,
@@ -158,6 +169,13 @@ impl SamplingParams {
             .filter(|v| !(*v > 0.0 && v.is_finite() && *v <= 10.0))
         {
             return bad("length_scale", v, "must be a finite number in (0, 10]");
+        }
+        if let Some(max) = self.max_tokens.filter(|&m| self.min_tokens > m) {
+            return bad(
+                "min_tokens",
+                self.min_tokens,
+                &format!("must be at most max_tokens = {max}"),
+            );
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return bad(

@@ -233,9 +233,14 @@ impl Scheduler {
                 }
             }
             let mut table = Vec::new();
-            let hit = self
-                .pool
-                .take_cached_prefix(&seq.tokens, &seq.block_hashes, &mut table);
+            // A request that wants the states of every position it reads
+            // must read them all: cached blocks would skip them.
+            let hit = if seq.params.output_states {
+                0
+            } else {
+                self.pool
+                    .take_cached_prefix(&seq.tokens, &seq.block_hashes, &mut table)
+            };
             let n = (seq.tokens.len() - hit).min(*budget);
             if !self.pool.grow(&mut table, hit + n) {
                 self.pool.release(&mut table);

@@ -24,6 +24,11 @@ pub struct BatchEntry<'a> {
     pub block_table: &'a [u32],
     /// Whether to compute logits (and the hidden state) of the last token.
     pub wants_logits: bool,
+    /// `[tokens, embedding]`: embeddings used in place of the tokens' own.
+    pub embeds: Option<&'a Tensor>,
+    /// Whether to return every token's input embedding plus final-norm
+    /// hidden state ([`crate::ModelOutput::states`]).
+    pub wants_states: bool,
 }
 
 /// How the decode group's attention reads the KV cache.
@@ -97,6 +102,13 @@ pub struct ForwardBatch {
     pub(crate) logits_rows: Tensor,
     /// For each logits row, the index of its entry in the caller's slice.
     pub logits_entries: Vec<usize>,
+    /// Flat rows whose embeddings are given, and the embeddings.
+    pub(crate) embeds: Option<(Tensor, Tensor)>,
+    /// Flat rows whose states are wanted.
+    pub(crate) state_rows: Option<Tensor>,
+    /// Per entry wanting states, in the order of `state_rows`: its index in
+    /// the caller's slice and its number of rows.
+    pub state_entries: Vec<(usize, usize)>,
     /// Tokens in the pass.
     pub num_tokens: usize,
     /// Entries in the pass.
@@ -149,9 +161,22 @@ impl ForwardBatch {
         let mut logits_rows = Vec::new();
         let mut logits_entries = Vec::new();
         let mut prefills = Vec::new();
+        let mut embed_rows = Vec::new();
+        let mut embed_values = Vec::new();
+        let mut state_rows = Vec::new();
+        let mut state_entries = Vec::new();
         for &i in &order {
             let e = &entries[i];
             let offset = ids.len() as i64;
+            let rows = offset..offset + e.tokens.len() as i64;
+            if let Some(x) = &e.embeds {
+                embed_rows.extend(rows.clone());
+                embed_values.push(x.shallow_clone());
+            }
+            if e.wants_states {
+                state_rows.extend(rows);
+                state_entries.push((i, e.tokens.len()));
+            }
             for (j, &t) in e.tokens.iter().enumerate() {
                 let pos = e.start_pos + j;
                 ids.push(t as i64);
@@ -224,6 +249,20 @@ impl ForwardBatch {
             prefills,
             logits_rows: to(&logits_rows)?,
             logits_entries,
+            embeds: if embed_values.is_empty() {
+                None
+            } else {
+                Some((
+                    to(&embed_rows)?,
+                    Tensor::f_cat(&embed_values, 0)?.f_to_device(device)?,
+                ))
+            },
+            state_rows: if state_rows.is_empty() {
+                None
+            } else {
+                Some(to(&state_rows)?)
+            },
+            state_entries,
             phase,
         })
     }

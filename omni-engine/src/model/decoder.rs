@@ -42,6 +42,9 @@ pub struct ModelOutput {
     pub logits: Tensor,
     /// Final-norm hidden states `[rows, hidden]` (the LM head's input).
     pub hidden: Tensor,
+    /// For the batch's `state_rows`: input embedding plus final-norm hidden
+    /// state, `[rows, hidden]`.
+    pub states: Option<Tensor>,
 }
 
 #[derive(Debug)]
@@ -63,6 +66,9 @@ struct Layer {
 pub struct Model {
     cfg: ModelConfig,
     embed_tokens: Tensor,
+    /// Projects embeddings of `embedding_size` to the hidden size
+    /// (Qwen2.5-Omni's talker: `thinker_to_talker_proj`).
+    input_proj: Option<Linear>,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
@@ -156,16 +162,30 @@ impl Model {
                 ),
             });
         }
-        let embed_tokens = take(weights, "model.embed_tokens.weight", &[v, h])?;
+        let e = cfg.embedding_size.map_or(h, |e| e as i64);
+        let embed_tokens = take(weights, "model.embed_tokens.weight", &[v, e])?;
         let device = embed_tokens.device();
         let kind = embed_tokens.kind();
         opts.precision.check(device, kind)?;
+        let input_proj = if cfg.embedding_size.is_some() {
+            let w = take(weights, "model.input_proj.weight", &[h, e])?;
+            let b = if weights.contains("model.input_proj.bias") {
+                Some(take(weights, "model.input_proj.bias", &[h])?)
+            } else {
+                None
+            };
+            Some(Linear::new(w, b, opts.precision)?)
+        } else {
+            None
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             layers.push(Layer::new(weights, i, cfg, opts.precision)?);
         }
         let norm = take(weights, "model.norm.weight", &[h])?;
-        let head = if cfg.tie_word_embeddings || !weights.contains("lm_head.weight") {
+        let head = if input_proj.is_none()
+            && (cfg.tie_word_embeddings || !weights.contains("lm_head.weight"))
+        {
             embed_tokens.shallow_clone()
         } else {
             take(weights, "lm_head.weight", &[v, h])?
@@ -175,6 +195,7 @@ impl Model {
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,
+            input_proj,
             layers,
             norm,
             lm_head,
@@ -218,6 +239,16 @@ impl Model {
         let (cos, sin) = self.rotary.tables(&batch.positions)?;
         // The residual stream; owned here, so the norms add into it in place.
         let mut x = self.embed_tokens.f_index_select(0, &batch.input_ids)?;
+        if let Some((rows, values)) = &batch.embeds {
+            let _ = x.f_index_copy_(0, rows, &values.f_to_kind(x.kind())?)?;
+        }
+        let embedded = match &batch.state_rows {
+            Some(rows) => Some(x.f_index_select(0, rows)?),
+            None => None,
+        };
+        if let Some(proj) = &self.input_proj {
+            x = proj.forward(&x)?;
+        }
         let ops = Kernels::for_tensor(&x);
         let mut h = match self.layers.first() {
             Some(first) => ops.rms_norm(&x, &first.input_layernorm, eps)?,
@@ -268,10 +299,26 @@ impl Model {
                 }
             }
         }
+        let states = match (&batch.state_rows, embedded) {
+            (Some(rows), Some(e)) => {
+                let h = ops.rms_norm(&x.f_index_select(0, rows)?, &self.norm, eps)?;
+                Some(h.f_add(&e)?)
+            }
+            _ => None,
+        };
         let rows = x.f_index_select(0, &batch.logits_rows)?;
         let hidden = ops.rms_norm(&rows, &self.norm, eps)?;
         let logits = self.lm_head.forward(&hidden)?.f_to_kind(Kind::Float)?;
-        Ok(ModelOutput { logits, hidden })
+        Ok(ModelOutput {
+            logits,
+            hidden,
+            states,
+        })
+    }
+
+    /// The embeddings of `ids` (`[n, embedding]`).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed_tokens.f_index_select(0, ids)?)
     }
 
     /// Attention of every group in the batch; `[tokens, heads * head_dim]`
@@ -398,6 +445,8 @@ impl Model {
             start_pos: 0,
             block_table: &table,
             wants_logits: true,
+            embeds: None,
+            wants_states: false,
         };
         let batch = ForwardBatch::new(&[entry], block_size, self.device)?;
         let out = self.forward(&batch, &mut cache)?;
@@ -446,6 +495,8 @@ mod tests {
                 start_pos: 0,
                 block_table: &tables[s],
                 wants_logits: false,
+                embeds: None,
+                wants_states: false,
             })
             .collect();
         model.forward(&ForwardBatch::new(&prefill, bs, Device::Cpu)?, &mut cache)?;
@@ -455,6 +506,8 @@ mod tests {
                 start_pos: prompts[s].len() - 1,
                 block_table: &tables[s],
                 wants_logits: true,
+                embeds: None,
+                wants_states: false,
             })
             .collect();
         let batch = ForwardBatch::with_decode_path(&decode, bs, Device::Cpu, path)?;

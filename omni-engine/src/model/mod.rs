@@ -45,6 +45,7 @@ pub(crate) mod testing {
             qk_norm: arch == Architecture::Qwen3,
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
+            embedding_size: None,
         }
     }
 

@@ -1,0 +1,170 @@
+//! Qwen2.5-Omni's thinker and talker on the paged engine, from the tiny
+//! checkpoint's folder, against transformers' references: the thinker's
+//! greedy tokens and the states it hands the talker, the talker's greedy
+//! codes given those states.
+use std::path::{Path, PathBuf};
+
+use omni_engine::{EngineArgs, LLMEngine, SamplingParams};
+use serde_json::Value;
+use tch::Tensor;
+
+type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_omni")
+}
+
+fn references() -> Result<Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(
+        fixtures().join("references.json"),
+    )?)?)
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn sidecar(entry: &Value) -> Result<Tensor> {
+    let shape: Vec<i64> = entry["shape"]
+        .as_array()
+        .ok_or("no shape")?
+        .iter()
+        .filter_map(Value::as_i64)
+        .collect();
+    let bytes = std::fs::read(fixtures().join(entry["file"].as_str().ok_or("no file")?))?;
+    let v: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok(Tensor::from_slice(&v).reshape(&shape))
+}
+
+fn engine(stage: &str) -> Result<LLMEngine> {
+    let args = EngineArgs {
+        model: fixtures().join("tiny").to_string_lossy().into_owned(),
+        dtype: Some("float32".into()),
+        weight_precision: Some("native".into()),
+        kv_cache_memory_bytes: Some(8 << 20),
+        ..EngineArgs::default()
+    };
+    Ok(LLMEngine::new_part(&args, Some(stage))?)
+}
+
+/// Runs every request to its end; outputs by request id.
+fn run(e: &mut LLMEngine) -> Result<std::collections::HashMap<String, omni_engine::RequestOutput>> {
+    let mut done = std::collections::HashMap::new();
+    while e.has_unfinished() {
+        for o in e.step()? {
+            if o.finished {
+                done.insert(o.request_id.clone(), o);
+            }
+        }
+    }
+    Ok(done)
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs().max().double_value(&[])
+}
+
+#[test]
+fn thinker_then_talker_equal_transformers() -> Result {
+    let refs = references()?;
+    let cases = refs["thinker"]["cases"]
+        .as_array()
+        .ok_or("no thinker cases")?;
+    let n = refs["thinker"]["max_new_tokens"]
+        .as_u64()
+        .ok_or("max_new_tokens")? as usize;
+
+    // The thinker, all prompts in one batch, greedy, exactly n tokens (as
+    // transformers' min_new_tokens = max_new_tokens).
+    let mut thinker = engine("thinker")?;
+    let params = SamplingParams {
+        max_tokens: Some(n),
+        min_tokens: n,
+        output_states: true,
+        ..SamplingParams::greedy()
+    };
+    for (i, c) in cases.iter().enumerate() {
+        thinker.add_request(
+            i.to_string(),
+            omni_engine::Prompt::TokenIds(ids(&c["prompt_ids"])),
+            params.clone(),
+        )?;
+    }
+    let out = run(&mut thinker)?;
+    for (i, c) in cases.iter().enumerate() {
+        let o = &out[&i.to_string()];
+        assert_eq!(
+            o.token_ids,
+            ids(&c["generated_ids"]),
+            "thinker tokens of {}",
+            c["name"]
+        );
+    }
+
+    // The talker, from the thinker's states, greedy, 16 codes.
+    let talker_refs = &refs["talker"];
+    let m = talker_refs["max_new_tokens"]
+        .as_u64()
+        .ok_or("talker max_new_tokens")? as usize;
+    let mut talker = engine("talker")?;
+    for case in talker_refs["cases"].as_array().ok_or("no talker cases")? {
+        let p = case["prompt_index"].as_u64().ok_or("prompt_index")? as usize;
+        let o = &out[&p.to_string()];
+        let states = o.states.as_ref().ok_or("no thinker states")?;
+        let prompt_len = o.prompt_token_ids.len();
+        assert_eq!(
+            states.size()[0] as usize,
+            prompt_len + n - 1,
+            "one state per position read"
+        );
+
+        // The states are what transformers feeds the talker (prompt rows, first reply row).
+        let prefill = sidecar(
+            &case["hf_generate"]["prefill_embeds"]["file"]
+                .is_string()
+                .then(|| case["hf_generate"]["prefill_embeds"].clone())
+                .ok_or("no prefill sidecar")?,
+        )?;
+        let p_len = prompt_len as i64;
+        let ours = Tensor::cat(&[states.narrow(0, 0, p_len), states.narrow(0, p_len, 1)], 0);
+        let theirs = Tensor::cat(
+            &[prefill.narrow(0, 0, p_len), prefill.narrow(0, p_len + 1, 1)],
+            0,
+        );
+        let err = max_abs(&(&ours - &theirs)) / max_abs(&theirs);
+        assert!(
+            err < 1e-4,
+            "{}: thinker states off by {err} of their peak",
+            case["name"]
+        );
+
+        let talker_params = SamplingParams {
+            max_tokens: Some(m),
+            min_tokens: m,
+            speaker: case["speaker"].as_str().map(str::to_owned),
+            ..SamplingParams::greedy()
+        };
+        talker.add_talker_request(
+            case["name"].as_str().unwrap_or("?"),
+            states,
+            prompt_len,
+            talker_params,
+        )?;
+    }
+    let codes = run(&mut talker)?;
+    for case in talker_refs["cases"].as_array().ok_or("no talker cases")? {
+        let name = case["name"].as_str().unwrap_or("?");
+        let want = ids(&case["with_codec_prefix"]["codes"]);
+        assert_eq!(codes[name].token_ids, want, "talker codes of {name}");
+    }
+    Ok(())
+}
