@@ -96,7 +96,7 @@ impl AsyncOmni {
     /// waits until each has loaded its model.
     pub async fn from_engine_args(args: OmniEngineArgs) -> Result<Self> {
         let name = args.pipeline_name();
-        let config = match &args.stage_configs_path {
+        let mut config = match &args.stage_configs_path {
             Some(path) => PipelineConfig::load(path),
             None => PipelineConfig::resolve(&args.model),
         }
@@ -104,6 +104,11 @@ impl AsyncOmni {
             pipeline: name.clone(),
             cause,
         })?;
+        if let Some(model) = &args.model_path {
+            for stage in &mut config.stages {
+                stage.engine_args.model = model.clone();
+            }
+        }
         Self::from_config(config, &args).await
     }
 

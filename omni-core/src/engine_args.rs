@@ -29,6 +29,10 @@ pub struct OmniEngineArgs {
     /// The `omni-stage` worker binary; `None`: the runtime looks next to the
     /// current executable, then on `PATH`.
     pub stage_binary: Option<PathBuf>,
+    /// When set, every stage loads this model instead of its config's
+    /// `engine_args.model` (a pipeline written for one model family run on
+    /// your copy of it, e.g. `qwen2_5_omni` on a Qwen2.5-Omni folder).
+    pub model_path: Option<String>,
 }
 
 impl Default for OmniEngineArgs {
@@ -38,6 +42,7 @@ impl Default for OmniEngineArgs {
             stage_configs_path: None,
             init_timeout: None,
             stage_binary: None,
+            model_path: None,
         }
     }
 }

@@ -345,6 +345,14 @@ impl StageEngine {
         }
     }
 
+    /// Samples per second, for a stage that makes audio.
+    pub fn sample_rate(&self) -> Option<u32> {
+        match self {
+            StageEngine::Llm(_) => None,
+            StageEngine::Generation(e) => Some(e.sample_rate()),
+        }
+    }
+
     /// The longest prompt plus output, in tokens (0: no such limit).
     pub fn max_model_len(&self) -> usize {
         match self {

@@ -43,15 +43,35 @@ pub struct ProcessorInput<'a> {
     pub sources: &'a [SourceOutput],
 }
 
-/// An input processor: the stage's prompt, or `None` when there is nothing
+/// What a processor makes of the sources' outputs for its stage.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum StageInput {
+    /// A prompt, as the user's would be.
+    Prompt(Prompt),
+    /// The thinker's states for Qwen2.5-Omni's talker: `[prompt + generated
+    /// - 1, hidden]`, the first `prompt_len` rows the prompt's.
+    ThinkerStates {
+        /// The states (the thinker's `output_states`).
+        states: HostTensor,
+        /// Rows of the thinker's prompt.
+        prompt_len: usize,
+    },
+}
+
+/// An input processor: the stage's input, or `None` when there is nothing
 /// to do (see the module's notes). An `Err` is a failure of the pipeline,
 /// never the caller's fault.
-pub type InputProcessor = fn(&ProcessorInput<'_>) -> Result<Option<Prompt>>;
+pub type InputProcessor = fn(&ProcessorInput<'_>) -> Result<Option<StageInput>>;
+
+/// The tensor a thinker stage sends its states as.
+pub const THINKER_STATES: &str = "thinker_states";
 
 const REGISTRY: &[(&str, InputProcessor)] = &[
     ("summarize", summarize),
     ("text2speech", text2speech),
     ("text2text", text2text),
+    ("thinker2talker", thinker2talker),
     ("token_ids", token_ids),
 ];
 
@@ -98,30 +118,33 @@ fn single<'a>(name: &str, input: &'a ProcessorInput<'_>) -> Result<&'a SourceOut
 
 /// The default pipeline's stage 1: a chat prompt asking for a one-sentence
 /// summary of the source's text.
-fn summarize(input: &ProcessorInput<'_>) -> Result<Option<Prompt>> {
+fn summarize(input: &ProcessorInput<'_>) -> Result<Option<StageInput>> {
     let src = single("summarize", input)?;
     let text = src.output.text.trim();
     if text.is_empty() {
         return Ok(None);
     }
-    Ok(Some(Prompt::Chat(vec![ChatMessage {
+    Ok(Some(StageInput::Prompt(Prompt::Chat(vec![ChatMessage {
         role: "user".to_string(),
         content: format!("Summarize the following text in one sentence.\n\nText: {text}"),
-    }])))
+    }]))))
 }
 
 /// The source's text as a plain prompt.
-fn text2text(input: &ProcessorInput<'_>) -> Result<Option<Prompt>> {
+fn text2text(input: &ProcessorInput<'_>) -> Result<Option<StageInput>> {
     let src = single("text2text", input)?;
-    Ok((!src.output.text.is_empty()).then(|| Prompt::Text(src.output.text.clone())))
+    Ok((!src.output.text.is_empty())
+        .then(|| StageInput::Prompt(Prompt::Text(src.output.text.clone()))))
 }
 
 /// The source's text, made speakable, for a speech stage (the `speak`
 /// pipeline's stage 1). An empty answer gives an empty text, which the
 /// voice speaks as no audio at all (with its sample rate), not an error.
-fn text2speech(input: &ProcessorInput<'_>) -> Result<Option<Prompt>> {
+fn text2speech(input: &ProcessorInput<'_>) -> Result<Option<StageInput>> {
     let src = single("text2speech", input)?;
-    Ok(Some(Prompt::Text(speakable(&src.output.text))))
+    Ok(Some(StageInput::Prompt(Prompt::Text(speakable(
+        &src.output.text,
+    )))))
 }
 
 /// Markdown and symbols a chat answer may hold, as a voice should read
@@ -255,10 +278,53 @@ fn is_pictograph(c: char) -> bool {
         0x1F000..=0x1FAFF | 0x2600..=0x27BF | 0x2B00..=0x2BFF | 0xFE0F | 0x200D)
 }
 
+/// Qwen2.5-Omni's thinker to talker (vLLM-Omni's `thinker2talker`): the
+/// thinker's states, which the talker's engine turns into its input as
+/// transformers does. A thinker that generated fewer than two tokens gave
+/// the talker nothing to say: no codes (and so no audio).
+fn thinker2talker(input: &ProcessorInput<'_>) -> Result<Option<StageInput>> {
+    let src = single("thinker2talker", input)?;
+    let generated = src.output.token_ids.len();
+    if generated < 2 {
+        return Ok(None);
+    }
+    let fail = |reason: String| Error::InputProcessor {
+        name: "thinker2talker".into(),
+        request_id: input.request_id.to_string(),
+        reason,
+    };
+    let (_, states) = src
+        .tensors
+        .iter()
+        .find(|(name, _)| name == THINKER_STATES)
+        .ok_or_else(|| {
+            fail(format!(
+                "stage {} sent no {THINKER_STATES} (its default_sampling_params need \
+                 output_states: true)",
+                src.output.stage_id
+            ))
+        })?;
+    let rows = states.shape.first().copied().unwrap_or(0);
+    let prompt_len = rows
+        .checked_sub(generated - 1)
+        .filter(|&p| p > 0 && states.shape.len() == 2)
+        .ok_or_else(|| {
+            fail(format!(
+                "{THINKER_STATES} of shape {:?} for {generated} generated tokens",
+                states.shape
+            ))
+        })?;
+    Ok(Some(StageInput::ThinkerStates {
+        states: states.clone(),
+        prompt_len,
+    }))
+}
+
 /// The source's generated token ids as the prompt.
-fn token_ids(input: &ProcessorInput<'_>) -> Result<Option<Prompt>> {
+fn token_ids(input: &ProcessorInput<'_>) -> Result<Option<StageInput>> {
     let src = single("token_ids", input)?;
-    Ok((!src.output.token_ids.is_empty()).then(|| Prompt::TokenIds(src.output.token_ids.clone())))
+    Ok((!src.output.token_ids.is_empty())
+        .then(|| StageInput::Prompt(Prompt::TokenIds(src.output.token_ids.clone()))))
 }
 
 #[cfg(test)]

@@ -98,6 +98,9 @@ async fn default_pipeline_runs_both_stages_in_their_own_processes() -> TestResul
         sources: &[source],
     })?
     .ok_or("stage 0 answered, so summarize has a prompt")?;
+    let omni_runtime::StageInput::Prompt(p1) = p1 else {
+        return Err("summarize makes a prompt".into());
+    };
     let mut engine = LLMEngine::new(&EngineArgs {
         model: "smollm2".into(),
         ..EngineArgs::default()

@@ -28,7 +28,7 @@ use omni_engine::{EngineArgs, FinishReason, Prompt, RequestOutput, SamplingParam
 use omni_profiler::{ProfileSession, Profiler};
 
 use crate::error::Result;
-use crate::processor::{InputProcessor, ProcessorInput, SourceOutput};
+use crate::processor::{InputProcessor, ProcessorInput, SourceOutput, StageInput, THINKER_STATES};
 use crate::shm::ShmWriter;
 use crate::tensor::HostTensor;
 use crate::wire::{
@@ -340,7 +340,7 @@ impl Loop {
         self.admit(
             engine,
             g.request_id,
-            g.prompt.clone(),
+            StageInput::Prompt(g.prompt.clone()),
             g.prompt,
             g.sampling_params,
             arrival,
@@ -405,8 +405,10 @@ impl Loop {
         // processor failure is the pipeline's (a server error), not a
         // rejection.
         match (self.t.processor.1)(&input) {
-            Ok(Some(prompt)) => self.admit(engine, id, prompt, g.prompt, g.params, g.arrival),
-            Ok(None) => self.finish_empty(id, g.prompt, g.params, g.arrival),
+            Ok(Some(stage_input)) => {
+                self.admit(engine, id, stage_input, g.prompt, g.params, g.arrival)
+            }
+            Ok(None) => self.finish_empty(engine, id, g.prompt, g.params, g.arrival),
             Err(e) => self.request_error(&id, e.to_string()),
         }
     }
@@ -415,6 +417,7 @@ impl Loop {
     /// the input processor found nothing to do (an empty upstream answer).
     fn finish_empty(
         &mut self,
+        engine: &StageEngine,
         id: String,
         original: Prompt,
         all_params: Vec<SamplingParams>,
@@ -446,7 +449,14 @@ impl Loop {
             finish_reason: Some(FinishReason::Stop),
             logprobs: None,
             hidden_states: None,
-            audio: None,
+            states: None,
+            // A speech stage answers nothing with no audio, at its rate.
+            audio: engine
+                .sample_rate()
+                .map(|sample_rate| omni_engine::Waveform {
+                    samples: tch::Tensor::zeros([0], (tch::Kind::Float, tch::Device::Cpu)),
+                    sample_rate,
+                }),
             metrics: omni_engine::RequestMetrics {
                 arrival_time: instant,
                 first_scheduled_time: Some(instant),
@@ -464,7 +474,7 @@ impl Loop {
         &mut self,
         engine: &mut StageEngine,
         id: String,
-        prompt: Prompt,
+        input: StageInput,
         original: Prompt,
         all_params: Vec<SamplingParams>,
         arrival: u64,
@@ -489,7 +499,14 @@ impl Loop {
                 ),
             );
         };
-        if let Err(e) = engine.add_request(id.clone(), prompt, params) {
+        let added = match input {
+            StageInput::Prompt(prompt) => engine.add_request(id.clone(), prompt, params),
+            StageInput::ThinkerStates { states, prompt_len } => match states.to_tch() {
+                Ok(states) => engine.add_talker_request(id.clone(), &states, prompt_len, params),
+                Err(e) => return self.request_error(&id, e.to_string()),
+            },
+        };
+        if let Err(e) = added {
             // The caller's input only at an entry stage; downstream, the
             // prompt is what an upstream stage made.
             return if self.t.sources.is_empty() {
@@ -559,6 +576,17 @@ impl Loop {
             } else {
                 None
             };
+            let states = match o.states.as_ref().map(HostTensor::from_tch).transpose() {
+                Ok(s) => s,
+                Err(e) => {
+                    self.request_error(
+                        &o.request_id,
+                        format!("cannot copy the thinker's states: {e}"),
+                    );
+                    self.reqs.remove(&o.request_id);
+                    continue;
+                }
+            };
             let audio = match o.audio.as_ref().map(audio_tensors).transpose() {
                 Ok(a) => a,
                 Err(e) => {
@@ -591,7 +619,9 @@ impl Loop {
                     continue;
                 };
                 if !self.t.downstream.is_empty() && o.finish_reason != Some(FinishReason::Abort) {
-                    self.forward(&o, req, hidden, audio.unwrap_or_default());
+                    let mut tensors = audio.unwrap_or_default();
+                    tensors.extend(states.map(|s| (THINKER_STATES.to_string(), s)));
+                    self.forward(&o, req, hidden, tensors);
                 }
             }
         }
@@ -603,7 +633,7 @@ impl Loop {
         o: &RequestOutput,
         req: Req,
         hidden: Option<HostTensor>,
-        audio: Vec<(String, HostTensor)>,
+        tensors: Vec<(String, HostTensor)>,
     ) {
         let _span = tracing::info_span!(target: "omni::runtime", "stage_send", request_ids = %o.request_id, stage = self.t.stage_id, to_stages = ?self.t.downstream).entered();
         let msg = Message::StageInput(StageInputMsg {
@@ -621,7 +651,7 @@ impl Loop {
         if let Some(h) = hidden {
             env.tensors.push(("hidden_states".to_string(), h));
         }
-        env.tensors.extend(audio);
+        env.tensors.extend(tensors);
         // One encoding per receiver: a shared-memory segment is consumed
         // (unlinked) by the stage that reads it.
         for &d in &self.t.downstream {

@@ -1,0 +1,114 @@
+//! The built-in `qwen2_5_omni` pipeline end to end on the tiny checkpoint:
+//! thinker, talker and code2wav in three processes, the thinker's states
+//! handed over by `thinker2talker`, against transformers' references.
+use omni_core::{OmniEngineArgs, OmniLLM, Prompt, SamplingParams, StageSamplingParams};
+use omni_tests::{err, repo_root, Result};
+use serde_json::Value;
+
+fn fixture() -> std::path::PathBuf {
+    repo_root().join("omni-engine/tests/fixtures/qwen2_5_omni")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn samples(entry: &Value) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(fixture().join(entry["file"].as_str().ok_or("no file")?))?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+fn start() -> Result<OmniLLM> {
+    Ok(OmniLLM::from_engine_args(OmniEngineArgs {
+        model_path: Some(fixture().join("tiny").to_string_lossy().into_owned()),
+        ..OmniEngineArgs::new("qwen2_5_omni")
+    })?)
+}
+
+/// Greedy thinker and talker of fixed lengths (transformers' min = max new
+/// tokens), code2wav seeded: what the fixture script ran.
+fn params(refs: &Value, speaker: &str, seed: u64) -> Result<StageSamplingParams> {
+    let n = refs["thinker"]["max_new_tokens"].as_u64().ok_or("n")? as usize;
+    let m = refs["talker"]["max_new_tokens"].as_u64().ok_or("m")? as usize;
+    Ok(StageSamplingParams::PerStage(vec![
+        SamplingParams {
+            max_tokens: Some(n),
+            min_tokens: n,
+            output_states: true,
+            ..SamplingParams::greedy()
+        },
+        // The voice: the talker opens with its token, code2wav speaks with it.
+        SamplingParams {
+            max_tokens: Some(m),
+            min_tokens: m,
+            speaker: Some(speaker.to_owned()),
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            seed: Some(seed),
+            speaker: Some(speaker.to_owned()),
+            ..SamplingParams::default()
+        },
+    ]))
+}
+
+#[test]
+fn text_and_speech_equal_transformers() -> Result {
+    let refs: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("references.json"))?)?;
+    let omni = start()?;
+    for case in refs["talker"]["cases"].as_array().ok_or("no cases")? {
+        let name = case["name"].as_str().unwrap_or("?");
+        let p = case["prompt_index"].as_u64().ok_or("prompt_index")? as usize;
+        let thinker = &refs["thinker"]["cases"][p];
+        let speaker = case["speaker"].as_str().ok_or("speaker")?;
+        let v = &case["with_codec_prefix"];
+        let seed = v["token2wav"]["seed"].as_u64().ok_or("seed")?;
+        let outs = omni.generate(
+            [Prompt::TokenIds(ids(&thinker["prompt_ids"]))],
+            params(&refs, speaker, seed)?,
+        )?;
+        let text = outs
+            .iter()
+            .find(|o| o.stage_id == 0)
+            .ok_or("no text output")?;
+        assert_eq!(
+            text.token_ids,
+            ids(&thinker["generated_ids"]),
+            "{name}: thinker tokens"
+        );
+        let speech = outs
+            .iter()
+            .find(|o| o.stage_id == 2)
+            .ok_or("no audio output")?;
+        let audio = speech
+            .audio
+            .as_ref()
+            .ok_or_else(|| err(format!("{name}: no audio")))?;
+        assert_eq!(audio.sample_rate, 24_000);
+        let want = samples(&v["token2wav"]["wav"])?;
+        assert_eq!(audio.samples.len(), want.len(), "{name}: sample count");
+        let peak = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let worst = audio
+            .samples
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 0.01 * peak,
+            "{name}: waveform off by {worst} (peak {peak})"
+        );
+    }
+    omni.shutdown()?;
+    Ok(())
+}
