@@ -20,14 +20,24 @@ use crate::{audio, progress, BadInput};
   omni generate --pipeline smollm2 --prompt 'Once upon a time' --raw --json
   VLLM_TORCH_PROFILER_DIR=/tmp/traces omni generate --pipeline default \\
       --prompt 'Hi' --profile --profile-stages 1
-  omni generate --pipeline speak --prompt 'Why is the sky blue?' --output-dir answers/")]
+  omni generate --pipeline speak --prompt 'Why is the sky blue?' --output-dir answers/
+  omni generate --pipeline qwen2_5_omni --model-path ~/Qwen2.5-Omni-7B \\
+      --prompt 'Hello!' --speaker Ethan --output-dir answers/")]
 pub struct GenerateArgs {
     /// A built-in pipeline (see `omni pipelines`) or a pipeline file.
     #[arg(long, default_value = omni_core::DEFAULT_PIPELINE)]
     pub pipeline: String,
     /// A prompt (repeatable).
-    #[arg(long = "prompt", required = true)]
+    #[arg(long = "prompt", required_unless_present = "prompt_token_ids")]
     pub prompts: Vec<String>,
+    /// A prompt given as token ids, e.g. 1,2,3 (repeatable; sent as they
+    /// are, after the text prompts).
+    #[arg(long = "prompt-token-ids", value_name = "IDS")]
+    pub prompt_token_ids: Vec<String>,
+    /// Run every stage on this model instead of the pipeline's own (e.g. a
+    /// Qwen2.5-Omni folder for `--pipeline qwen2_5_omni`).
+    #[arg(long, value_name = "PATH")]
+    pub model_path: Option<String>,
     /// Send prompts as raw text instead of a user chat message.
     #[arg(long)]
     pub raw: bool,
@@ -79,11 +89,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 o.stages().len()
             )
         },
-        || OmniLLM::from_engine_args(OmniEngineArgs::new(&args.pipeline)),
+        || {
+            OmniLLM::from_engine_args(OmniEngineArgs {
+                model_path: args.model_path.clone(),
+                ..OmniEngineArgs::new(&args.pipeline)
+            })
+        },
     )
     .context("cannot start the pipeline")?;
     let params = args.sampling.resolve(omni.default_sampling_params())?;
-    let prompts: Vec<Prompt> = args
+    let mut prompts: Vec<Prompt> = args
         .prompts
         .iter()
         .map(|p| {
@@ -97,6 +112,19 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             }
         })
         .collect();
+    for (i, list) in args.prompt_token_ids.iter().enumerate() {
+        let ids = list
+            .split(',')
+            .map(|t| t.trim().parse::<u32>())
+            .collect::<std::result::Result<Vec<u32>, _>>()
+            .map_err(|e| {
+                BadInput(format!(
+                    "--prompt-token-ids number {} ({list:?}): not a comma-separated list of token ids ({e})",
+                    i + 1
+                ))
+            })?;
+        prompts.push(Prompt::TokenIds(ids));
+    }
     if args.profile {
         omni.start_profile(args.profile_stages.as_deref())
             .context("starting the profiler")?;

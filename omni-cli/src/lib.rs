@@ -38,7 +38,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    Generate(generate::GenerateArgs),
+    Generate(Box<generate::GenerateArgs>),
     Serve(serve_cmd::ServeArgs),
     Pipelines(pipelines::PipelinesArgs),
     #[command(subcommand)]
@@ -82,7 +82,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init();
     let result = match cli.command {
-        Command::Generate(a) => generate::run(a),
+        Command::Generate(a) => generate::run(*a),
         Command::Serve(a) => serve_cmd::run(a),
         Command::Pipelines(a) => pipelines::run(a),
         Command::Profile(c) => profile::run(c),

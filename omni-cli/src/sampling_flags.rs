@@ -38,6 +38,14 @@ pub struct SamplingFlags {
     /// Keep generating after the end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Generate at least this many tokens (end-of-sequence and stop token
+    /// ids are held back until then).
+    #[arg(long)]
+    pub min_tokens: Option<usize>,
+    /// The voice of speech stages that have several (Qwen2.5-Omni:
+    /// Chelsie, Ethan; the model's default when unset).
+    #[arg(long)]
+    pub speaker: Option<String>,
     /// One JSON object of sampling params per stage, as a JSON array, e.g.
     /// '[{"max_tokens":32},{"max_tokens":16}]' (wins over the flags above).
     #[arg(long, value_name = "JSON")]
@@ -85,6 +93,12 @@ impl SamplingFlags {
                 }
                 if self.ignore_eos {
                     p.ignore_eos = true;
+                }
+                if let Some(v) = self.min_tokens {
+                    p.min_tokens = v;
+                }
+                if let Some(v) = &self.speaker {
+                    p.speaker = Some(v.clone());
                 }
                 p
             })

@@ -26,6 +26,10 @@ pub struct ServeArgs {
     /// A built-in pipeline (see `omni pipelines`) or a pipeline file.
     #[arg(long, default_value = omni_core::DEFAULT_PIPELINE)]
     pub pipeline: String,
+    /// Run every stage on this model instead of the pipeline's own (e.g. a
+    /// Qwen2.5-Omni folder for `--pipeline qwen2_5_omni`).
+    #[arg(long, value_name = "PATH")]
+    pub model_path: Option<String>,
     /// Address to listen on (loopback by default).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -77,7 +81,11 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         "starting pipeline {:?}: spawning stages, loading models",
         args.pipeline
     ));
-    let omni = AsyncOmni::from_engine_args(OmniEngineArgs::new(&args.pipeline)).await;
+    let omni = AsyncOmni::from_engine_args(OmniEngineArgs {
+        model_path: args.model_path.clone(),
+        ..OmniEngineArgs::new(&args.pipeline)
+    })
+    .await;
     bar.finish_and_clear();
     let omni = omni.context("cannot start the pipeline")?;
     let served = args

@@ -1,6 +1,6 @@
 """Asks `omni serve` for a spoken answer with the official `openai` client.
 
-Usage: openai_audio.py BASE_URL MODEL OUT_WAV
+Usage: openai_audio.py BASE_URL MODEL OUT_WAV [VOICE]
 
 Requests modalities text and audio (as OpenAI's audio chat does), decodes
 `message.audio.data` (base64 WAV) into OUT_WAV, and prints one JSON object
@@ -9,10 +9,12 @@ with the choices the client saw.
 import base64
 import json
 import sys
+import wave
 
 import openai
 
 base_url, model, out_wav = sys.argv[1], sys.argv[2], sys.argv[3]
+voice = sys.argv[4] if len(sys.argv) > 4 else "joe"
 client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
 chat = client.chat.completions.create(
     model=model,
@@ -20,9 +22,10 @@ chat = client.chat.completions.create(
     max_tokens=24,
     temperature=0,
     modalities=["text", "audio"],
-    audio={"voice": "joe", "format": "wav"},
+    audio={"voice": voice, "format": "wav"},
 )
 report = {"choices": []}
+with_audio = None
 for c in chat.choices:
     entry = {"index": c.index, "content": c.message.content, "finish_reason": c.finish_reason}
     if c.message.audio is not None:
@@ -30,5 +33,8 @@ for c in chat.choices:
             f.write(base64.b64decode(c.message.audio.data))
         entry["audio"] = {"id": c.message.audio.id, "transcript": c.message.audio.transcript,
                           "expires_at": c.message.audio.expires_at}
+        with wave.open(out_wav, "rb") as w:
+            entry["wav"] = {"sample_rate": w.getframerate(), "channels": w.getnchannels(),
+                            "sample_width": w.getsampwidth(), "frames": w.getnframes()}
     report["choices"].append(entry)
 print(json.dumps(report))

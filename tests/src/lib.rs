@@ -234,6 +234,11 @@ impl Server {
     /// Starts `omni serve --pipeline PIPELINE --port 0` with extra
     /// environment variables and waits until it listens.
     pub fn start(pipeline: &str, env: &[(&str, &Path)]) -> Result<Self> {
+        Self::start_with(pipeline, &[], env)
+    }
+
+    /// [`Server::start`] with more `omni serve` arguments.
+    pub fn start_with(pipeline: &str, args: &[&str], env: &[(&str, &Path)]) -> Result<Self> {
         let mut cmd = Command::new(omni_bin()?);
         cmd.args([
             "serve",
@@ -244,6 +249,7 @@ impl Server {
             "--port",
             "0",
         ])
+        .args(args)
         .env_remove("VLLM_TORCH_PROFILER_DIR")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -112,3 +112,80 @@ fn text_and_speech_equal_transformers() -> Result {
     omni.shutdown()?;
     Ok(())
 }
+
+/// `omni generate` and `omni serve` (the official `openai` client asking
+/// for text and audio) run the same pipeline; the audio opens with
+/// Python's `wave`.
+#[test]
+fn cli_and_server_speak() -> Result {
+    let model = fixture().join("tiny").to_string_lossy().into_owned();
+    let dir = tempfile::tempdir()?;
+    let out = std::process::Command::new(omni_tests::omni_bin()?)
+        .args([
+            "generate",
+            "--pipeline",
+            "qwen2_5_omni",
+            "--model-path",
+            &model,
+        ])
+        .args([
+            "--prompt",
+            "Hello there.",
+            "--max-tokens",
+            "16",
+            "--speaker",
+            "Ethan",
+            "--json",
+        ])
+        .arg("--output-dir")
+        .arg(dir.path())
+        .env_remove("VLLM_TORCH_PROFILER_DIR")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8(out.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    let text = lines
+        .iter()
+        .find(|l| l["stage_id"] == 0)
+        .ok_or("no text line")?;
+    assert_eq!(
+        text["token_ids"].as_array().map(Vec::len),
+        Some(16),
+        "{text}"
+    );
+    let audio = lines
+        .iter()
+        .find(|l| l["stage_id"] == 2)
+        .ok_or("no audio line")?;
+    assert_eq!(audio["audio"]["sample_rate"], 24_000, "{audio}");
+    let path = audio["audio"]["path"].as_str().ok_or("no path")?;
+    assert!(std::path::Path::new(path).is_file(), "{audio}");
+
+    let server = omni_tests::Server::start_with("qwen2_5_omni", &["--model-path", &model], &[])?;
+    let wav = dir.path().join("served.wav");
+    let r: Value = serde_json::from_str(
+        omni_tests::run_python(
+            "openai_audio.py",
+            &[
+                &format!("http://{}/v1", server.addr),
+                "qwen2_5_omni",
+                &wav.to_string_lossy(),
+                "Ethan",
+            ],
+        )?
+        .trim(),
+    )?;
+    let choices = r["choices"].as_array().ok_or("no choices")?;
+    assert_eq!(choices.len(), 2, "{r}");
+    let spoken = &choices[1];
+    assert_eq!(spoken["wav"]["sample_rate"], 24_000, "{r}");
+    assert_eq!(spoken["wav"]["channels"], 1, "{r}");
+    assert!(spoken["wav"]["frames"].as_u64().unwrap_or(0) > 0, "{r}");
+    Ok(())
+}

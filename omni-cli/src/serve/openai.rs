@@ -65,6 +65,18 @@ pub struct SamplingFields {
     /// vLLM-Omni: which final output types to return (`text`, `audio`);
     /// all final stages when absent.
     pub modalities: Option<Vec<String>>,
+    /// vLLM's `min_tokens`.
+    pub min_tokens: Option<usize>,
+    /// OpenAI's audio output options: `voice` picks the speaker of stages
+    /// that have several (Qwen2.5-Omni); `format` must be `wav`.
+    pub audio: Option<AudioParams>,
+}
+
+/// `audio` of a chat request.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+pub struct AudioParams {
+    pub voice: Option<String>,
+    pub format: Option<String>,
 }
 
 /// `stream_options` of a streaming request.

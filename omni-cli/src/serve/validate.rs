@@ -345,6 +345,14 @@ fn top_level(f: &SamplingFields) -> Map<String, Value> {
     put("frequency_penalty", f.frequency_penalty.map(Value::from));
     put("repetition_penalty", f.repetition_penalty.map(Value::from));
     put("ignore_eos", f.ignore_eos.map(Value::from));
+    put("min_tokens", f.min_tokens.map(Value::from));
+    put(
+        "speaker",
+        f.audio
+            .as_ref()
+            .and_then(|a| a.voice.clone())
+            .map(Value::from),
+    );
     put(
         "skip_special_tokens",
         f.skip_special_tokens.map(Value::from),

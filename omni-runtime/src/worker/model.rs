@@ -499,7 +499,7 @@ impl Loop {
                 ),
             );
         };
-        let added = match input {
+        let added: omni_engine::Result<()> = match input {
             StageInput::Prompt(prompt) => engine.add_request(id.clone(), prompt, params),
             StageInput::ThinkerStates { states, prompt_len } => match states.to_tch() {
                 Ok(states) => engine.add_talker_request(id.clone(), &states, prompt_len, params),
@@ -507,9 +507,11 @@ impl Loop {
             },
         };
         if let Err(e) = added {
-            // The caller's input only at an entry stage; downstream, the
-            // prompt is what an upstream stage made.
-            return if self.t.sources.is_empty() {
+            // The caller's input at an entry stage, and the caller's
+            // sampling params anywhere; downstream, the prompt is what an
+            // upstream stage made.
+            let callers = matches!(e, omni_engine::Error::InvalidSamplingParams { .. });
+            return if self.t.sources.is_empty() || callers {
                 self.request_rejected(&id, e.to_string())
             } else {
                 self.request_error(&id, e.to_string())

@@ -118,8 +118,8 @@ impl Speakers {
                 .speakers
                 .iter()
                 .find(|s| s.name == name)
-                .ok_or_else(|| Error::InvalidConfig {
-                    field: "speaker".to_owned(),
+                .ok_or_else(|| Error::InvalidSamplingParams {
+                    field: "speaker",
                     value: name.to_owned(),
                     reason: format!(
                         "not one of this model's voices ({})",
