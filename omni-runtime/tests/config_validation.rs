@@ -29,7 +29,31 @@ fn field_error(r: Result<PipelineConfig, Error>) -> Result<(String, String, Stri
 
 #[test]
 fn builtins_load_and_are_listed() -> Result<(), Error> {
-    assert_eq!(PipelineConfig::builtin_names(), &["default", "smollm2"]);
+    assert_eq!(
+        PipelineConfig::builtin_names(),
+        &["default", "smollm2", "speak", "piper", "qwen2_5_omni"]
+    );
+    // Every built-in parses, and its stages chain as their comments say.
+    let speak = PipelineConfig::builtin("speak")?;
+    assert_eq!(speak.stages[1].model_stage.as_deref(), Some("vits"));
+    assert_eq!(
+        speak.stages[1].custom_process_input_func.as_deref(),
+        Some("text2speech")
+    );
+    assert_eq!(PipelineConfig::builtin("piper")?.stages.len(), 1);
+    let omni = PipelineConfig::builtin("qwen2_5_omni")?;
+    let stages: Vec<Option<&str>> = omni
+        .stages
+        .iter()
+        .map(|s| s.model_stage.as_deref())
+        .collect();
+    assert_eq!(stages, [Some("thinker"), Some("talker"), Some("code2wav")]);
+    assert!(omni.stages[0].default_sampling_params.output_states);
+    assert_eq!(
+        omni.stages[1].custom_process_input_func.as_deref(),
+        Some("thinker2talker")
+    );
+    assert_eq!(omni.stages[2].engine_input_source, vec![1]);
     let d = PipelineConfig::builtin("default")?;
     assert_eq!(d.stages.len(), 2);
     assert_eq!(d.stages[1].engine_input_source, vec![0]);
