@@ -29,11 +29,13 @@ use crate::model::VitsScales;
 use crate::phonemize::PhonemizedSentence;
 use crate::request::{FinishReason, Prompt, RequestMetrics, RequestOutput, Waveform};
 use crate::sampling_params::SamplingParams;
+use crate::vocoder::Vocoder;
 use crate::voice::PiperVoice;
 
 /// The `model_stage` names a generation engine runs: `vits` (a Piper voice
-/// folder or `.onnx`) and `code2wav` (a Qwen2.5-Omni folder).
-pub const GENERATION_STAGES: &[&str] = &["vits", "code2wav"];
+/// `.onnx`), `code2wav` (a Qwen2.5-Omni folder) and `vocoder` (a
+/// TorchScript vocoder: log-mel in).
+pub const GENERATION_STAGES: &[&str] = &["vits", "code2wav", "vocoder"];
 
 /// A model the generation engine runs.
 #[derive(Debug)]
@@ -43,6 +45,8 @@ pub enum GenerationModel {
     Vits(Box<PiperVoice>),
     /// Qwen2.5-Omni's code2wav: the talker's codec ids in, speech out.
     Code2Wav(Box<Token2Wav>),
+    /// A TorchScript vocoder: log-mel frames in, speech out.
+    Vocoder(Box<Vocoder>),
 }
 
 /// What one request asks of the model, prepared at `add_request`.
@@ -56,6 +60,7 @@ enum Job {
         codes: Vec<i64>,
         speaker: Option<String>,
     },
+    Mel(tch::Tensor),
 }
 
 /// One request, prepared.
@@ -77,6 +82,7 @@ impl Job {
                 .flat_map(|s| s.ids.iter().map(|&i| i as u32))
                 .collect(),
             Job::Codes { codes, .. } => codes.iter().map(|&c| c as u32).collect(),
+            Job::Mel(_) => Vec::new(),
         }
     }
 }
@@ -104,6 +110,7 @@ impl GenerationEngine {
                 &crate::resolve_model_path(&args.model)?,
                 device,
             )?)),
+            "vocoder" => GenerationModel::Vocoder(Box::new(Vocoder::load(&args.model, device)?)),
             other => {
                 return Err(Error::InvalidConfig {
                     field: "engine_args.model_stage".to_owned(),
@@ -128,6 +135,7 @@ impl GenerationEngine {
         match &self.model {
             GenerationModel::Vits(v) => v.name(),
             GenerationModel::Code2Wav(t) => t.name(),
+            GenerationModel::Vocoder(v) => v.name(),
         }
     }
 
@@ -136,6 +144,7 @@ impl GenerationEngine {
         match &self.model {
             GenerationModel::Vits(v) => v.vits().device(),
             GenerationModel::Code2Wav(t) => t.device(),
+            GenerationModel::Vocoder(v) => v.device(),
         }
     }
 
@@ -144,6 +153,7 @@ impl GenerationEngine {
         match &self.model {
             GenerationModel::Vits(v) => v.sample_rate(),
             GenerationModel::Code2Wav(_) => crate::qwen2_5_omni::SAMPLE_RATE,
+            GenerationModel::Vocoder(v) => v.sample_rate(),
         }
     }
 
@@ -203,6 +213,16 @@ impl GenerationEngine {
                 };
                 (String::new(), job)
             }
+            GenerationModel::Vocoder(v) => {
+                return Err(Error::InvalidPrompt {
+                    request_id,
+                    reason: format!(
+                        "{} turns log-mel frames into speech; it takes a mel \
+                         (an upstream stage's `mel` tensor), not a prompt",
+                        v.name()
+                    ),
+                })
+            }
         };
         self.waiting.push_back(Pending {
             request_id,
@@ -231,6 +251,45 @@ impl GenerationEngine {
                 })
             }
         })
+    }
+
+    /// Queues a request of a vocoder: a log-mel `[n_mels, frames]` in the
+    /// settings of [`Vocoder::mel_config`].
+    pub fn add_mel_request(
+        &mut self,
+        request_id: impl Into<String>,
+        mel: &tch::Tensor,
+        params: SamplingParams,
+    ) -> Result<()> {
+        let request_id = request_id.into();
+        let GenerationModel::Vocoder(v) = &self.model else {
+            return Err(Error::InvalidPrompt {
+                request_id,
+                reason: format!("{} does not take a mel", self.model_name()),
+            });
+        };
+        let n_mels = v.mel_config().n_mels;
+        if mel.dim() != 2 || mel.size()[0] != n_mels || mel.size()[1] == 0 {
+            return Err(Error::InvalidPrompt {
+                request_id,
+                reason: format!(
+                    "a mel of shape {:?}; {} takes [{n_mels}, frames]",
+                    mel.size(),
+                    v.name()
+                ),
+            });
+        }
+        if self.waiting.iter().any(|p| p.request_id == request_id) {
+            return Err(Error::DuplicateRequest(request_id));
+        }
+        self.waiting.push_back(Pending {
+            request_id,
+            text: String::new(),
+            job: Job::Mel(mel.to_kind(tch::Kind::Float)),
+            seed: params.seed.unwrap_or(0),
+            metrics: RequestMetrics::new(0),
+        });
+        Ok(())
     }
 
     /// Drops a waiting request; `false` if it is unknown or done.
@@ -273,6 +332,7 @@ impl GenerationEngine {
                     (GenerationModel::Code2Wav(t2w), Job::Codes { codes, speaker }) => {
                         t2w.synthesize(codes, speaker.as_deref(), p.seed)?
                     }
+                    (GenerationModel::Vocoder(v), Job::Mel(mel)) => v.synthesize(mel)?,
                     _ => unreachable!("add_request prepares the job its model runs"),
                 }
             };
@@ -393,6 +453,22 @@ impl StageEngine {
             StageEngine::Generation(e) => Err(Error::InvalidPrompt {
                 request_id: request_id.into(),
                 reason: format!("{} is not Qwen2.5-Omni's talker", e.model_name()),
+            }),
+        }
+    }
+
+    /// See [`GenerationEngine::add_mel_request`].
+    pub fn add_mel_request(
+        &mut self,
+        request_id: impl Into<String>,
+        mel: &tch::Tensor,
+        params: SamplingParams,
+    ) -> Result<()> {
+        match self {
+            StageEngine::Generation(e) => e.add_mel_request(request_id, mel, params),
+            StageEngine::Llm(e) => Err(Error::InvalidPrompt {
+                request_id: request_id.into(),
+                reason: format!("{} does not take a mel", e.model_name()),
             }),
         }
     }

@@ -23,6 +23,7 @@ mod gguf;
 mod kv_cache;
 mod linear;
 mod loader;
+mod mel;
 mod model;
 mod model_files;
 mod onnx;
@@ -35,6 +36,7 @@ mod sampling_params;
 mod scheduler;
 mod shim;
 mod tokenizer;
+mod vocoder;
 mod voice;
 mod weights;
 
@@ -51,6 +53,7 @@ pub use gguf::{
 pub use kv_cache::KvCache;
 pub use linear::WeightPrecision;
 pub use loader::{load_model, LoadedModel, ModelSource};
+pub use mel::{resample, MelConfig};
 pub use model::qwen2_5_omni;
 pub use model::{
     BatchEntry, ForwardBatch, Model, ModelOptions, ModelOutput, Vits, VitsDims, VitsScales,
@@ -69,6 +72,7 @@ pub use sampling_params::{SamplingParams, MAX_LOGPROBS};
 pub use scheduler::SchedulerConfig;
 pub use tch::{Device, Kind};
 pub use tokenizer::Tokenizer;
+pub use vocoder::Vocoder;
 pub use voice::PiperVoice;
 pub use weights::Weights;
 
