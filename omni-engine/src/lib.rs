@@ -70,6 +70,7 @@ pub use request::{
 pub use safetensors::SafetensorsFiles;
 pub use sampling_params::{SamplingParams, MAX_LOGPROBS};
 pub use scheduler::SchedulerConfig;
+pub use tch;
 pub use tch::{Device, Kind};
 pub use tokenizer::Tokenizer;
 pub use vocoder::Vocoder;

@@ -2,6 +2,7 @@
 //! what profiling costs, and serving latency. These are benchmarks, not
 //! tests: they print Markdown tables (or JSON with `--json`) for
 //! BENCHMARKS.md.
+mod audio;
 mod pipeline;
 mod profile;
 mod serve;
@@ -47,6 +48,12 @@ pub enum BenchCommand {
     /// sentences; and the `speak` pipeline's time to first audio.
     #[command(after_help = "Example:\n  omni bench voice --concurrency 1,8 --rounds 3")]
     Voice(voice::VoiceBench),
+    /// Qwen2.5-Omni: the qwen2_5_omni pipeline's wall time, audio seconds
+    /// per wall second and per-stage time at 1 and 8 concurrent requests,
+    /// side by side in the same run with transformers running the same
+    /// folder; and the HiFi-GAN vocoder stage against PyTorch.
+    #[command(after_help = "Example:\n  omni bench audio --concurrency 1,8 --rounds 3")]
+    Audio(audio::AudioBench),
 }
 
 /// What `omni bench pipeline` compares against.
@@ -112,6 +119,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Pipeline(b) => pipeline::run(b),
         BenchCommand::Profile(b) => profile::run(b),
         BenchCommand::Voice(b) => voice::run(b),
+        BenchCommand::Audio(b) => audio::run(b),
         BenchCommand::Serve(b) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

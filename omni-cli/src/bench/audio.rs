@@ -1,0 +1,284 @@
+//! `omni bench audio`: the `qwen2_5_omni` pipeline (thinker, talker and
+//! code2wav, three processes) on a Qwen2.5-Omni folder, at several numbers
+//! of concurrent requests, side by side in the same invocation with
+//! transformers running the same folder stage after stage; and the HiFi-GAN
+//! TorchScript vocoder stage against the same TorchScript file in PyTorch.
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use omni_core::engine::{tch, GenerationEngine, ModelSource};
+use omni_core::{
+    ChatMessage, OmniEngineArgs, OmniLLM, Prompt, SamplingParams, StageSamplingParams,
+};
+use serde::Deserialize;
+
+use super::PythonFlags;
+
+const HF_OMNI_AUDIO_PY: &str = include_str!("../../bench/hf_omni_audio.py");
+
+/// Everyday questions, as chat turns.
+const QUESTIONS: [&str; 4] = [
+    "Tell me a short story about the sea.",
+    "What is the weather like on Mars?",
+    "Count from one to five.",
+    "Why do cats purr?",
+];
+
+/// Flags of `omni bench audio`.
+#[derive(Args, Debug)]
+pub struct AudioBench {
+    /// The Qwen2.5-Omni folder (default: the tiny test checkpoint).
+    #[arg(long, default_value = "omni-engine/tests/fixtures/qwen2_5_omni/tiny")]
+    pub model_path: String,
+    /// Concurrent requests per round, e.g. 1,8.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    pub concurrency: Vec<usize>,
+    /// Rounds per concurrency (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Tokens the thinker writes (exactly: min = max).
+    #[arg(long, default_value_t = 32)]
+    pub thinker_tokens: usize,
+    /// Codes the talker writes (exactly: min = max).
+    #[arg(long, default_value_t = 64)]
+    pub talker_tokens: usize,
+    /// Mel frames the vocoder turns into audio (100 a second).
+    #[arg(long, default_value_t = 500)]
+    pub mel_frames: i64,
+    /// Skip the transformers / PyTorch references.
+    #[arg(long)]
+    pub no_reference: bool,
+    #[command(flatten)]
+    pub python: PythonFlags,
+}
+
+#[derive(Debug, Deserialize)]
+struct Round {
+    system: String,
+    part: String,
+    concurrency: usize,
+    wall_s: f64,
+    audio_s: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The questions as the thinker's token ids (its chat template, rendered
+/// by Omni's tokenizer), so both systems read the same ids.
+fn prompts(model: &str) -> anyhow::Result<Vec<Vec<u32>>> {
+    let tok = ModelSource::open_part(model, Some("thinker"))
+        .with_context(|| format!("opening {model}"))?
+        .tokenizer()?;
+    QUESTIONS
+        .iter()
+        .map(|q| {
+            let messages = [ChatMessage {
+                role: "user".into(),
+                content: (*q).to_owned(),
+            }];
+            let text = tok.apply_chat_template(&messages, true)?;
+            Ok(tok.encode(&text, false)?)
+        })
+        .collect()
+}
+
+pub(super) fn run(b: AudioBench) -> anyhow::Result<()> {
+    if b.concurrency.is_empty() || b.concurrency.contains(&0) || b.rounds == 0 {
+        bail!(
+            "--concurrency {:?} and --rounds {} must be at least 1",
+            b.concurrency,
+            b.rounds
+        );
+    }
+    let ids = prompts(&b.model_path)?;
+    let params = StageSamplingParams::PerStage(vec![
+        SamplingParams {
+            max_tokens: Some(b.thinker_tokens),
+            min_tokens: b.thinker_tokens,
+            output_states: true,
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            max_tokens: Some(b.talker_tokens),
+            min_tokens: b.talker_tokens,
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            seed: Some(0),
+            ..SamplingParams::default()
+        },
+    ]);
+    let omni = crate::progress::with_spinner(
+        "starting qwen2_5_omni".to_owned(),
+        |_: &OmniLLM| "qwen2_5_omni ready".to_owned(),
+        || {
+            OmniLLM::from_engine_args(OmniEngineArgs {
+                model_path: Some(b.model_path.clone()),
+                ..OmniEngineArgs::new("qwen2_5_omni")
+            })
+        },
+    )?;
+    let batch = |c: usize| -> Vec<Prompt> {
+        (0..c)
+            .map(|i| Prompt::TokenIds(ids[i % ids.len()].clone()))
+            .collect()
+    };
+    omni.generate(batch(1), params.clone()).context("warm-up")?;
+    let mut rounds = Vec::new();
+    // Per concurrency: per stage, median compute seconds per request.
+    let mut stage_times: Vec<(usize, [f64; 3])> = Vec::new();
+    // (Stage 1, the talker, stays NaN: see the table below.)
+    for &c in &b.concurrency {
+        let mut per_stage: [Vec<f64>; 3] = Default::default();
+        for _ in 0..b.rounds {
+            let t = Instant::now();
+            let outs = omni.generate(batch(c), params.clone())?;
+            let wall_s = t.elapsed().as_secs_f64();
+            let audio: Vec<_> = outs.iter().filter_map(|o| o.audio.as_ref()).collect();
+            if let Some(o) = outs.iter().find(|o| o.audio.is_some()) {
+                for (s, times) in per_stage.iter_mut().enumerate() {
+                    if let Some(m) = o.metrics.stage(s) {
+                        times.push(m.compute_time.as_secs_f64());
+                    }
+                }
+            }
+            rounds.push(Round {
+                system: "omni".into(),
+                part: "pipeline".into(),
+                concurrency: c,
+                wall_s,
+                audio_s: audio.iter().map(|a| a.duration().as_secs_f64()).sum(),
+            });
+        }
+        stage_times.push((c, per_stage.map(median)));
+    }
+    omni.shutdown()?;
+
+    // The HiFi-GAN stage's engine, in this process.
+    let mut voc = GenerationEngine::new(&omni_core::EngineArgs::new("hifigan"), "vocoder")?;
+    tch::manual_seed(0);
+    let mel =
+        tch::Tensor::randn([80, b.mel_frames], (tch::Kind::Float, tch::Device::Cpu)) * 2.0 - 5.0;
+    for r in 0..=b.rounds {
+        voc.add_mel_request(r.to_string(), &mel, SamplingParams::default())?;
+        let t = Instant::now();
+        let out = voc.step()?;
+        let wall_s = t.elapsed().as_secs_f64();
+        let samples = out[0].audio.as_ref().map_or(0, |a| a.samples.size()[0]);
+        if r > 0 {
+            rounds.push(Round {
+                system: "omni".into(),
+                part: "vocoder".into(),
+                concurrency: 1,
+                wall_s,
+                audio_s: samples as f64 / 16_000.0,
+            });
+        }
+    }
+
+    if !b.no_reference {
+        rounds.extend(reference(&b, &ids)?);
+    }
+    let summary = |system: &str, part: &str, c: usize| -> Option<(f64, f64)> {
+        let rows: Vec<&Round> = rounds
+            .iter()
+            .filter(|r| r.system == system && r.part == part && r.concurrency == c)
+            .collect();
+        (!rows.is_empty()).then(|| {
+            (
+                median(rows.iter().map(|r| r.wall_s).collect()),
+                median(rows.iter().map(|r| r.audio_s).collect()),
+            )
+        })
+    };
+    println!("| concurrent | omni wall s | omni audio s | omni audio s / wall s | transformers wall s | transformers audio s | transformers audio s / wall s | omni / transformers |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &c in &b.concurrency {
+        let Some((w, a)) = summary("omni", "pipeline", c) else {
+            continue;
+        };
+        let (rw, ra, rs, x) = match summary("transformers", "pipeline", c) {
+            Some((rw, ra)) => (
+                format!("{rw:.3}"),
+                format!("{ra:.2}"),
+                format!("{:.2}", ra / rw),
+                format!("{:.2}x", rw / w),
+            ),
+            None => Default::default(),
+        };
+        println!(
+            "| {c} | {w:.3} | {a:.2} | {:.2} | {rw} | {ra} | {rs} | {x} |",
+            a / w
+        );
+    }
+    println!();
+    // The talker is no final stage, so it reports no metrics of its own to
+    // the caller; its share is the rest of the request's time.
+    println!("| concurrent | thinker compute s / request | code2wav compute s / request |");
+    println!("|---:|---:|---:|");
+    for (c, t) in &stage_times {
+        println!("| {c} | {:.3} | {:.3} |", t[0], t[2]);
+    }
+    println!();
+    println!(
+        "| HiFi-GAN vocoder, {} frames | wall s | audio s / wall s |",
+        b.mel_frames
+    );
+    println!("|---|---:|---:|");
+    for (system, label) in [
+        ("omni", "omni (generation engine, tch::CModule)"),
+        ("torchscript", "PyTorch (torch.jit.load)"),
+    ] {
+        if let Some((w, a)) = summary(system, "vocoder", 1) {
+            println!("| {label} | {w:.3} | {:.1} |", a / w);
+        }
+    }
+    Ok(())
+}
+
+fn reference(b: &AudioBench, ids: &[Vec<u32>]) -> anyhow::Result<Vec<Round>> {
+    let python = b.python.interpreter();
+    let concurrency: Vec<String> = b.concurrency.iter().map(usize::to_string).collect();
+    let vocoder = omni_core::engine::resolve_model_path("hifigan")?;
+    let bar = crate::progress::spinner(format!("transformers reference ({})", python.display()));
+    let mut child = Command::new(&python)
+        .arg("-")
+        .arg(&b.model_path)
+        .arg(serde_json::to_string(ids)?)
+        .args(["--concurrency", &concurrency.join(",")])
+        .args(["--rounds", &b.rounds.to_string()])
+        .args(["--threads", &b.python.threads.to_string()])
+        .args(["--thinker-tokens", &b.thinker_tokens.to_string()])
+        .args(["--talker-tokens", &b.talker_tokens.to_string()])
+        .arg("--vocoder")
+        .arg(&vocoder)
+        .args(["--mel-frames", &b.mel_frames.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", python.display()))?;
+    std::io::Write::write_all(
+        &mut child.stdin.take().context("no stdin to the reference")?,
+        HF_OMNI_AUDIO_PY.as_bytes(),
+    )?;
+    let out = child.wait_with_output()?;
+    bar.finish_and_clear();
+    if !out.status.success() {
+        bail!(
+            "the transformers reference ({}) failed with {}; it needs transformers (OMNI_BENCH_DEPS=1 scripts/setup) or --no-reference",
+            python.display(),
+            out.status
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).with_context(|| format!("reference printed {l:?}")))
+        .collect()
+}
