@@ -189,3 +189,65 @@ fn cli_and_server_speak() -> Result {
     assert!(spoken["wav"]["frames"].as_u64().unwrap_or(0) > 0, "{r}");
     Ok(())
 }
+
+/// `AsyncOmni` streams the thinker's text as it is written, and the audio
+/// after it, equal to transformers' waveform.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_omni_streams_the_text_then_the_audio() -> Result {
+    use futures::StreamExt;
+    omni_tests::ensure_binaries()?;
+    let refs: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("references.json"))?)?;
+    let omni = omni_core::AsyncOmni::from_engine_args(OmniEngineArgs {
+        model_path: Some(fixture().join("tiny").to_string_lossy().into_owned()),
+        ..OmniEngineArgs::new("qwen2_5_omni")
+    })
+    .await?;
+    let case = &refs["talker"]["cases"][0];
+    let thinker = &refs["thinker"]["cases"][0];
+    let seed = case["with_codec_prefix"]["token2wav"]["seed"]
+        .as_u64()
+        .ok_or("seed")?;
+    let mut stream = omni
+        .generate(
+            Prompt::TokenIds(ids(&thinker["prompt_ids"])),
+            params(&refs, "Chelsie", seed)?,
+            "omni-0".to_owned(),
+        )
+        .await?;
+    let mut order = Vec::new();
+    let mut token_ids = Vec::new();
+    let mut audio = None;
+    while let Some(out) = stream.next().await {
+        let out = out?;
+        order.push(out.stage_id);
+        if out.stage_id == 0 && out.finished {
+            token_ids = out.token_ids.clone();
+        }
+        if out.stage_id == 2 {
+            audio = out.audio.clone();
+        }
+    }
+    assert_eq!(token_ids, ids(&thinker["generated_ids"]));
+    assert!(
+        order.iter().filter(|&&s| s == 0).count() > 1,
+        "the text was not streamed: {order:?}"
+    );
+    assert_eq!(order.last(), Some(&2), "the audio comes last: {order:?}");
+    let audio = audio.ok_or("no audio")?;
+    let want = samples(&case["with_codec_prefix"]["token2wav"]["wav"])?;
+    assert_eq!(audio.samples.len(), want.len());
+    let peak = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = audio
+        .samples
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 0.01 * peak,
+        "waveform off by {worst} (peak {peak})"
+    );
+    omni.shutdown().await?;
+    Ok(())
+}
