@@ -3,7 +3,6 @@
 //! of concurrent requests, side by side in the same invocation with
 //! transformers running the same folder stage after stage; and the HiFi-GAN
 //! TorchScript vocoder stage against the same TorchScript file in PyTorch.
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context as _};
@@ -242,43 +241,30 @@ pub(super) fn run(b: AudioBench) -> anyhow::Result<()> {
 }
 
 fn reference(b: &AudioBench, ids: &[Vec<u32>]) -> anyhow::Result<Vec<Round>> {
-    let python = b.python.interpreter();
-    let concurrency: Vec<String> = b.concurrency.iter().map(usize::to_string).collect();
     let vocoder = omni_core::engine::resolve_model_path("hifigan")?;
-    let bar = crate::progress::spinner(format!("transformers reference ({})", python.display()));
-    let mut child = Command::new(&python)
-        .arg("-")
-        .arg(&b.model_path)
-        .arg(serde_json::to_string(ids)?)
-        .args(["--concurrency", &concurrency.join(",")])
-        .args(["--rounds", &b.rounds.to_string()])
-        .args(["--threads", &b.python.threads.to_string()])
-        .args(["--thinker-tokens", &b.thinker_tokens.to_string()])
-        .args(["--talker-tokens", &b.talker_tokens.to_string()])
-        .arg("--vocoder")
-        .arg(&vocoder)
-        .args(["--mel-frames", &b.mel_frames.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", python.display()))?;
-    std::io::Write::write_all(
-        &mut child.stdin.take().context("no stdin to the reference")?,
-        HF_OMNI_AUDIO_PY.as_bytes(),
-    )?;
-    let out = child.wait_with_output()?;
-    bar.finish_and_clear();
-    if !out.status.success() {
-        bail!(
-            "the transformers reference ({}) failed with {}; it needs transformers (OMNI_BENCH_DEPS=1 scripts/setup) or --no-reference",
-            python.display(),
-            out.status
-        );
+    let concurrency: Vec<String> = b.concurrency.iter().map(usize::to_string).collect();
+    let mut args: Vec<std::ffi::OsString> = vec![
+        b.model_path.clone().into(),
+        serde_json::to_string(ids)?.into(),
+        "--concurrency".into(),
+        concurrency.join(",").into(),
+    ];
+    for (flag, value) in [
+        ("--rounds", b.rounds.to_string()),
+        ("--threads", b.python.threads.to_string()),
+        ("--thinker-tokens", b.thinker_tokens.to_string()),
+        ("--talker-tokens", b.talker_tokens.to_string()),
+        ("--mel-frames", b.mel_frames.to_string()),
+    ] {
+        args.push(flag.into());
+        args.push(value.into());
     }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).with_context(|| format!("reference printed {l:?}")))
-        .collect()
+    args.push("--vocoder".into());
+    args.push(vocoder.into());
+    b.python.run_reference(
+        "transformers reference",
+        HF_OMNI_AUDIO_PY,
+        &args,
+        "transformers (OMNI_BENCH_DEPS=1 scripts/setup) or --no-reference",
+    )
 }

@@ -114,6 +114,54 @@ impl PythonFlags {
     }
 }
 
+impl PythonFlags {
+    /// Runs a reference `script` (fed on stdin, so an installed `omni`
+    /// needs no file beside it) with `args` under a spinner, and reads the
+    /// JSON object of each line it prints that starts with `{`. `needs`
+    /// says what to install when it fails.
+    fn run_reference<T: serde::de::DeserializeOwned>(
+        &self,
+        label: &str,
+        script: &str,
+        args: &[std::ffi::OsString],
+        needs: &str,
+    ) -> anyhow::Result<Vec<T>> {
+        use std::io::Write as _;
+        let python = self.interpreter();
+        let bar = progress::spinner(format!("{label} ({})", python.display()));
+        let mut child = std::process::Command::new(&python)
+            .arg("-")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", python.display()))?;
+        child
+            .stdin
+            .take()
+            .context("no stdin to the reference")?
+            .write_all(script.as_bytes())
+            .context("sending the reference script")?;
+        let out = child
+            .wait_with_output()
+            .context("waiting for the reference")?;
+        bar.finish_and_clear();
+        if !out.status.success() {
+            anyhow::bail!(
+                "the {label} ({}) failed with {}; it needs {needs}",
+                python.display(),
+                out.status
+            );
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| serde_json::from_str(l).with_context(|| format!("reference printed {l:?}")))
+            .collect()
+    }
+}
+
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Pipeline(b) => pipeline::run(b),

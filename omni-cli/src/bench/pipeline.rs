@@ -1,8 +1,5 @@
 //! `omni bench pipeline`: the pipeline through OmniLLM, then the same stages
 //! in HF transformers one after the other, in one invocation.
-use std::io::Write as _;
-use std::process::{Command, Stdio};
-
 use anyhow::{bail, Context as _};
 use omni_core::{PipelineConfig, DEFAULT_PIPELINE};
 use serde::Deserialize;
@@ -113,40 +110,20 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
 fn hf_reference(b: &PipelineBench) -> anyhow::Result<Vec<Row>> {
     let gguf = omni_core::engine::resolve_model_path("smollm2")
         .context("locating the SmolLM2 GGUF for the HF reference")?;
-    let python = b.python.interpreter();
     let sizes: Vec<String> = b.prompts.iter().map(usize::to_string).collect();
-    let bar = crate::progress::spinner(format!("HF transformers reference ({})", python.display()));
-    let mut child = Command::new(&python)
-        .arg("-")
-        .arg(&gguf)
-        .args(["--prompts", &sizes.join(",")])
-        .args(["--max-tokens", &b.max_tokens.to_string()])
-        .args(["--threads", &b.python.threads.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", python.display()))?;
-    child
-        .stdin
-        .take()
-        .context("no stdin to the reference")?
-        .write_all(HF_PIPELINE_PY.as_bytes())
-        .context("sending the reference script")?;
-    let out = child
-        .wait_with_output()
-        .context("waiting for the reference")?;
-    bar.finish_and_clear();
-    if !out.status.success() {
-        bail!(
-            "the HF reference ({}) failed with {}; it needs transformers and gguf (OMNI_BENCH_DEPS=1 scripts/setup) or --reference none",
-            python.display(),
-            out.status
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).with_context(|| format!("reference printed {l:?}")))
-        .collect()
+    let args: Vec<std::ffi::OsString> = vec![
+        gguf.into(),
+        "--prompts".into(),
+        sizes.join(",").into(),
+        "--max-tokens".into(),
+        b.max_tokens.to_string().into(),
+        "--threads".into(),
+        b.python.threads.to_string().into(),
+    ];
+    b.python.run_reference(
+        "HF transformers reference",
+        HF_PIPELINE_PY,
+        &args,
+        "transformers and gguf (OMNI_BENCH_DEPS=1 scripts/setup) or --reference none",
+    )
 }

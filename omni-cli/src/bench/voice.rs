@@ -2,8 +2,6 @@
 //! (piper-phonemize + onnxruntime on the same `.onnx`), in one invocation,
 //! at several numbers of concurrent requests; and the `speak` pipeline's
 //! time to first audio.
-use std::process::{Command, Stdio};
-
 use anyhow::{bail, Context as _};
 use clap::Args;
 use omni_core::{OmniLLM, PipelineConfig, Prompt, SamplingParams};
@@ -104,45 +102,23 @@ fn omni_rounds(b: &VoiceBench) -> anyhow::Result<Vec<Round>> {
 fn reference_rounds(b: &VoiceBench) -> anyhow::Result<Vec<Round>> {
     let voice = omni_core::engine::resolve_model_path("piper-joe")
         .context("locating the Piper voice for the reference")?;
-    let python = b.python.interpreter();
     let concurrency: Vec<String> = b.concurrency.iter().map(usize::to_string).collect();
-    let bar = crate::progress::spinner(format!(
-        "Piper's onnxruntime reference ({})",
-        python.display()
-    ));
-    let mut child = Command::new(&python)
-        .arg("-")
-        .arg(&voice)
-        .arg(serde_json::to_string(&SENTENCES)?)
-        .args(["--concurrency", &concurrency.join(",")])
-        .args(["--rounds", &b.rounds.to_string()])
-        .args(["--threads", &b.python.threads.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", python.display()))?;
-    std::io::Write::write_all(
-        &mut child.stdin.take().context("no stdin to the reference")?,
-        PIPER_ORT_PY.as_bytes(),
+    let args: Vec<std::ffi::OsString> = vec![
+        voice.into(),
+        serde_json::to_string(&SENTENCES)?.into(),
+        "--concurrency".into(),
+        concurrency.join(",").into(),
+        "--rounds".into(),
+        b.rounds.to_string().into(),
+        "--threads".into(),
+        b.python.threads.to_string().into(),
+    ];
+    b.python.run_reference(
+        "Piper's onnxruntime reference",
+        PIPER_ORT_PY,
+        &args,
+        "onnxruntime and piper-phonemize (OMNI_BENCH_DEPS=1 scripts/setup) or --no-reference",
     )
-    .context("sending the reference script")?;
-    let out = child
-        .wait_with_output()
-        .context("waiting for the reference")?;
-    bar.finish_and_clear();
-    if !out.status.success() {
-        bail!(
-            "the onnxruntime reference ({}) failed with {}; it needs onnxruntime and piper-phonemize (OMNI_TEST_DEPS=1 scripts/setup) or --no-reference",
-            python.display(),
-            out.status
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).with_context(|| format!("reference printed {l:?}")))
-        .collect()
 }
 
 /// Time to first audio of the `speak` pipeline: from submitting a
