@@ -43,6 +43,18 @@ impl Weights {
         })
     }
 
+    /// Takes `<name>.weight` and, when present, `<name>.bias`.
+    pub fn take_weight_bias(&mut self, name: &str) -> Result<(Tensor, Option<Tensor>)> {
+        let weight = self.take(&format!("{name}.weight"))?;
+        let bias = format!("{name}.bias");
+        let bias = if self.contains(&bias) {
+            Some(self.take(&bias)?)
+        } else {
+            None
+        };
+        Ok((weight, bias))
+    }
+
     /// Whether a tensor is present.
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)

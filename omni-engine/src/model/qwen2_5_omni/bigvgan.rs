@@ -54,14 +54,10 @@ struct Conv {
 
 impl Conv {
     fn load(w: &mut Weights, name: &str, padding: i64, dilation: i64) -> Result<Self> {
-        let b = format!("{name}.bias");
+        let (w, b) = w.take_weight_bias(name)?;
         Ok(Conv {
-            w: w.take(&format!("{name}.weight"))?,
-            b: if w.contains(&b) {
-                Some(w.take(&b)?)
-            } else {
-                None
-            },
+            w,
+            b,
             padding,
             dilation,
         })

@@ -60,15 +60,8 @@ struct Linear {
 
 impl Linear {
     fn load(w: &mut Weights, name: &str) -> Result<Self> {
-        let b = format!("{name}.bias");
-        Ok(Linear {
-            w: w.take(&format!("{name}.weight"))?,
-            b: if w.contains(&b) {
-                Some(w.take(&b)?)
-            } else {
-                None
-            },
-        })
+        let (w, b) = w.take_weight_bias(name)?;
+        Ok(Linear { w, b })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -85,16 +78,8 @@ struct Conv {
 
 impl Conv {
     fn load(w: &mut Weights, name: &str, dilation: i64) -> Result<Self> {
-        let b = format!("{name}.bias");
-        Ok(Conv {
-            w: w.take(&format!("{name}.weight"))?,
-            b: if w.contains(&b) {
-                Some(w.take(&b)?)
-            } else {
-                None
-            },
-            dilation,
-        })
+        let (w, b) = w.take_weight_bias(name)?;
+        Ok(Conv { w, b, dilation })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -270,12 +255,12 @@ impl std::fmt::Debug for Dit {
 
 /// What does not change across the ODE's evaluations of one request.
 struct Conditioning {
-    /// `[2, frames, enc_dim]`: ECAPA of the voice, and of zeros.
-    ecapa: Tensor,
-    /// `[2, frames, emb_dim]`: the codes' embeddings, and code 0's.
-    codes: Tensor,
-    /// `[2, frames, enc_emb_dim]`: the voice's cond, and zeros.
-    cond: Tensor,
+    /// `[2, frames, hidden]`: the input projection of everything but the
+    /// noisy mel (ECAPA of the voice and of zeros; the codes' embeddings
+    /// and code 0's; the voice's cond and zeros), with its bias. The same
+    /// at each of the ODE's evaluations, so projected once: each
+    /// evaluation adds only the mel's part.
+    constant: Tensor,
     /// Per layer, `[frames, frames]` bool: which keys a query may see.
     masks: Vec<Tensor>,
     /// Rotary tables for head 0, `[frames, head_dim]`.
@@ -383,10 +368,14 @@ impl Dit {
         let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[freqs.shallow_clone(), freqs], 1);
         debug_assert_eq!(emb.size()[1], 2 * half);
+        let codes = Tensor::cat(&[code_emb.unsqueeze(0), null_emb.unsqueeze(0)], 0);
+        let rest = Tensor::cat(&[ecapa, codes, cond], 2);
+        let mel_dim = cfg.mel_dim;
+        let w = &self.input_proj.w;
+        let w_rest = w.narrow(1, mel_dim, w.size()[1] - mel_dim);
+        let constant = rest.linear(&w_rest, self.input_proj.b.as_ref());
         Conditioning {
-            ecapa,
-            codes: Tensor::cat(&[code_emb.unsqueeze(0), null_emb.unsqueeze(0)], 0),
-            cond,
+            constant,
             masks,
             cos: emb.cos(),
             sin: emb.sin(),
@@ -407,16 +396,9 @@ impl Dit {
         let temb = self.time_out.forward(&self.time_in.forward(&te).silu());
         let temb_act = temb.silu();
 
-        let x2 = Tensor::cat(&[x.shallow_clone(), x.shallow_clone()], 0);
-        let mut h = self.input_proj.forward(&Tensor::cat(
-            &[
-                x2,
-                c.ecapa.shallow_clone(),
-                c.codes.shallow_clone(),
-                c.cond.shallow_clone(),
-            ],
-            2,
-        ));
+        // proj(cat[x, rest]) = x W_x^T + (rest W_rest^T + b).
+        let w_x = self.input_proj.w.narrow(1, 0, cfg.mel_dim);
+        let mut h = x.linear(&w_x, None::<&Tensor>) + &c.constant;
         let (b, n) = (h.size()[0], h.size()[1]);
         let d = cfg.hidden_size;
         let norm =
