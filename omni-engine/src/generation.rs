@@ -6,8 +6,8 @@
 //! It has the step interface of [`LLMEngine`] so that a stage worker drives
 //! either the same way ([`StageEngine`]): `add_request` checks and prepares
 //! a request (a bad one is refused there, not mid-batch), `step` runs the
-//! requests waiting, up to `max_num_seqs`, one forward each, and reports
-//! each as finished with its waveform. The engine marks its phases with the
+//! oldest waiting request, one forward, and reports it finished with its
+//! waveform. The engine marks its phases with the
 //! same `tracing` spans as the LLM engine (`step` named `ProfilerStep#<n>`
 //! in traces, with the `request_ids` it ran, and a `forward` per request).
 //!
@@ -92,7 +92,6 @@ impl Job {
 pub struct GenerationEngine {
     model: GenerationModel,
     waiting: VecDeque<Pending>,
-    max_num_seqs: usize,
     steps: u64,
 }
 
@@ -125,7 +124,6 @@ impl GenerationEngine {
         Ok(GenerationEngine {
             model,
             waiting: VecDeque::new(),
-            max_num_seqs: args.max_num_seqs.max(1),
             steps: 0,
         })
     }
@@ -304,11 +302,16 @@ impl GenerationEngine {
         !self.waiting.is_empty()
     }
 
-    /// Runs up to `max_num_seqs` waiting requests, one forward each; each
-    /// output is finished and carries its waveform.
+    /// Runs the oldest waiting request (one forward); its output is
+    /// finished and carries its waveform.
+    ///
+    /// One request a step, not a batch of them: each is its own forward
+    /// anyway (see the module's notes), and a step's outputs leave together,
+    /// so a batch would hold every answer back until the last one of it is
+    /// spoken (the main job's first answer waited 2.8 s for the other two).
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
         self.steps += 1;
-        let n = self.waiting.len().min(self.max_num_seqs);
+        let n = self.waiting.len().min(1);
         let batch: Vec<Pending> = self.waiting.drain(..n).collect();
         let ids: Vec<&str> = batch.iter().map(|p| p.request_id.as_str()).collect();
         let _step = tracing::info_span!(target: "omni::engine", "step", step = self.steps,
