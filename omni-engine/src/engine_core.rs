@@ -151,6 +151,16 @@ impl EngineCore {
         let seed = params
             .seed
             .unwrap_or_else(|| mix(self.cfg.seed ^ mix(self.arrival_counter)));
+        if inputs.is_some() && params.output_states {
+            // The states are the input embedding plus the hidden state;
+            // with a projection between them their widths differ.
+            return Err(Error::InvalidSamplingParams {
+                field: "output_states",
+                value: "true".to_owned(),
+                reason: "this model reads embeddings, not tokens: it has no states to return"
+                    .to_owned(),
+            });
+        }
         if let Some(i) = &inputs {
             if i.prompt.size().first().copied() != Some(prompt.len() as i64)
                 || i.stream.size()[0] == 0

@@ -203,8 +203,14 @@ impl GenerationEngine {
                         ),
                     });
                 }
-                // An unknown voice fails here, naming the known ones.
+                // An unknown voice or too many codes fail here, naming the
+                // value, not in the middle of a step.
                 t2w.speakers().get(params.speaker.as_deref())?;
+                t2w.check_length(codes.len())
+                    .map_err(|reason| Error::InvalidPrompt {
+                        request_id: request_id.clone(),
+                        reason,
+                    })?;
                 let job = Job::Codes {
                     codes,
                     speaker: params.speaker.clone(),

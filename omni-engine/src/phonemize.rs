@@ -183,7 +183,15 @@ impl Espeak {
                     None => (self.text_to_phonemes)(&mut ptr, CHARS_AUTO, PHONEMES_IPA),
                 }
             };
-            let next = (!ptr.is_null()).then(|| (ptr as usize) - (base as usize));
+            // espeak advances the pointer through the text or clears it; a
+            // pointer that did not move (or left the text) would loop
+            // forever under the global lock, so the text ends there.
+            let next = (!ptr.is_null())
+                .then(|| (ptr as usize).wrapping_sub(base as usize))
+                .filter(|&n| n > start && n <= bytes.len());
+            if next.is_none() {
+                ptr = std::ptr::null();
+            }
             let terminator = match self.with_terminator {
                 Some(_) => real as u32,
                 None => {

@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
@@ -183,19 +185,33 @@ impl PiperVoice {
         self.phonemizer.phonemize(text)
     }
 
-    /// Speaks `sentences` (`[samples]`, f32, CPU). The noise comes from
-    /// libtorch's CPU generator seeded with `seed`, drawn in Piper's order,
-    /// so a seed gives the same waveform on any device.
+    /// Speaks `sentences` (`[samples]`, f32, CPU). The noise is the
+    /// request's own: standard normals from a generator seeded with `seed`
+    /// (not libtorch's global one, which other threads of the process may
+    /// draw from meanwhile), drawn in Piper's order on the CPU, so a seed
+    /// gives the same waveform on any device and whatever else runs.
     pub fn synthesize(
         &self,
         sentences: &[PhonemizedSentence],
         scales: VitsScales,
         seed: u64,
     ) -> Result<Tensor> {
-        // The model thread is the only user of libtorch's default generator
-        // in a stage process.
-        tch::manual_seed(seed as i64);
-        let mut noise = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut noise = |shape: &[i64]| {
+            let n: i64 = shape.iter().product();
+            // Box-Muller: two uniforms in (0, 1] to two standard normals.
+            let mut values = Vec::with_capacity(n as usize + 1);
+            while (values.len() as i64) < n {
+                let u1: f64 = 1.0 - rng.random::<f64>();
+                let u2: f64 = rng.random::<f64>();
+                let r = (-2.0 * u1.ln()).sqrt();
+                let (s, c) = (2.0 * std::f64::consts::PI * u2).sin_cos();
+                values.push((r * c) as f32);
+                values.push((r * s) as f32);
+            }
+            values.truncate(n as usize);
+            Tensor::from_slice(&values).view(shape)
+        };
         let gap = (SENTENCE_SILENCE_SECS * f64::from(self.sample_rate)).round() as i64;
         let mut parts = Vec::with_capacity(sentences.len() * 2);
         for (i, s) in sentences.iter().enumerate() {

@@ -444,17 +444,17 @@ impl Vits {
             .into_iter()
             .map(|v| v as i64)
             .collect();
-        let total: i64 = frames.iter().sum::<i64>().max(1);
+        let sum: i64 = frames.iter().sum();
+        // Piper's max(1): durations that all round to 0 give one frame.
+        let total = sum.max(1);
 
         // 3. The prior along the durations, sampled, through the flows.
         let repeats = Tensor::from_slice(&frames).to_device(dev);
         let expand = |s: &Tensor| {
-            let e = s.repeat_interleave_self_tensor(&repeats, Some(2), Some(total));
-            if e.size()[2] < total {
-                // All durations were 0: one silent frame, as Piper's max(1).
-                e.constant_pad_nd([0, total - e.size()[2]])
+            if sum == 0 {
+                s.narrow(2, 0, 1).zeros_like()
             } else {
-                e
+                s.repeat_interleave_self_tensor(&repeats, Some(2), Some(total))
             }
         };
         let m = expand(&m_p);

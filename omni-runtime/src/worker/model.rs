@@ -423,6 +423,15 @@ impl Loop {
         all_params: Vec<SamplingParams>,
         arrival: u64,
     ) {
+        if self.reqs.contains_key(&id) {
+            return self.request_error(
+                &id,
+                format!(
+                    "request id `{id}` is already running in stage {}",
+                    self.t.stage_id
+                ),
+            );
+        }
         let now = now_us();
         let metrics = StageMetrics {
             arrival_unix_us: arrival,

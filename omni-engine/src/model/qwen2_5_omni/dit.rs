@@ -322,6 +322,11 @@ impl Dit {
         self.cfg.repeats
     }
 
+    /// The longest mel (frames) it takes.
+    pub fn max_frames(&self) -> i64 {
+        self.cfg.max_position_embeddings
+    }
+
     /// Mel bins.
     pub fn mel_dim(&self) -> i64 {
         self.cfg.mel_dim

@@ -110,6 +110,20 @@ impl Token2Wav {
         &self.bigvgan
     }
 
+    /// Whether `codes` codes fit the DiT (its `max_position_embeddings` mel
+    /// frames); the reason when they do not.
+    pub fn check_length(&self, codes: usize) -> std::result::Result<(), String> {
+        let frames = codes as i64 * self.dit.repeats();
+        let limit = self.dit.max_frames();
+        if frames > limit {
+            return Err(format!(
+                "{codes} codes make {frames} mel frames; code2wav takes at most {limit} \
+                 (dit_config.max_position_embeddings)"
+            ));
+        }
+        Ok(())
+    }
+
     /// The codes of a talker's output: without a leading codec BOS and
     /// from the first codec end (or pad, an end in transformers' `generate`)
     /// on.
@@ -141,8 +155,15 @@ impl Token2Wav {
             return Ok(Tensor::zeros([0], (Kind::Float, Device::Cpu)));
         }
         let frames = codes.len() as i64 * self.dit.repeats();
-        tch::manual_seed(seed as i64);
-        let noise = Tensor::randn([1, frames, self.dit.mel_dim()], (Kind::Float, Device::Cpu));
+        let noise = {
+            // libtorch's global generator, as transformers draws its noise:
+            // seeding and drawing under one lock, so another thread of this
+            // process cannot draw in between.
+            static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+            let _lock = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+            tch::manual_seed(seed as i64);
+            Tensor::randn([1, frames, self.dit.mel_dim()], (Kind::Float, Device::Cpu))
+        };
         let mel = self.dit.sample(
             &Tensor::from_slice(codes),
             &voice.cond,
