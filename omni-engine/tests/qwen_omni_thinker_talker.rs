@@ -168,3 +168,36 @@ fn thinker_then_talker_equal_transformers() -> Result {
     }
     Ok(())
 }
+
+#[test]
+fn a_part_the_folder_lacks_is_named() -> Result {
+    for stage in [Some("vision"), None] {
+        let args = EngineArgs {
+            model: fixtures().join("tiny").to_string_lossy().into_owned(),
+            ..EngineArgs::default()
+        };
+        let e = LLMEngine::new_part(&args, stage)
+            .err()
+            .ok_or("a Qwen2.5-Omni folder loaded without a decoder part")?;
+        let msg = e.to_string();
+        assert!(
+            msg.contains("model_stage") && msg.contains("thinker"),
+            "{msg}"
+        );
+        if let Some(s) = stage {
+            assert!(msg.contains(s), "{msg}");
+        }
+    }
+    // The talker reads states, not prompts.
+    let mut talker = engine("talker")?;
+    let e = talker
+        .add_request(
+            "x",
+            omni_engine::Prompt::TokenIds(vec![1, 2]),
+            SamplingParams::default(),
+        )
+        .err()
+        .ok_or("the talker took a prompt")?;
+    assert!(e.to_string().contains("thinker2talker"), "{e}");
+    Ok(())
+}
