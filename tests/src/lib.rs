@@ -544,3 +544,34 @@ pub fn run_python(script: &str, args: &[&str]) -> Result<String> {
     }
     Ok(String::from_utf8(out.stdout)?)
 }
+
+/// Little-endian f32 samples of a file.
+pub fn read_f32(path: &Path) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+/// Fails unless `got` has `want`'s length and is within `tolerance` of its
+/// peak everywhere; `what` names the comparison.
+pub fn assert_waveform(what: &str, got: &[f32], want: &[f32], tolerance: f32) -> Result {
+    if got.len() != want.len() {
+        return Err(err(format!(
+            "{what}: {} samples, expected {}",
+            got.len(),
+            want.len()
+        )));
+    }
+    let peak = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    if worst > tolerance * peak {
+        return Err(err(format!("{what}: off by {worst} (peak {peak})")));
+    }
+    Ok(())
+}

@@ -22,11 +22,7 @@ fn pipeline(dir: &std::path::Path) -> Result<std::path::PathBuf> {
 }
 
 fn samples(entry: &Value) -> Result<Vec<f32>> {
-    let bytes = std::fs::read(fixture().join(entry["file"].as_str().ok_or("no file")?))?;
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+    omni_tests::read_f32(&fixture().join(entry["file"].as_str().ok_or("no file")?))
 }
 
 #[test]
@@ -65,16 +61,7 @@ fn seeded_speech_equals_transformers_alone_and_batched() -> Result {
             .as_ref()
             .ok_or_else(|| err(format!("{name}: no audio")))?;
         assert_eq!(audio.sample_rate, 24_000, "{name}");
-        assert_eq!(audio.samples.len(), want.len(), "{name}: sample count");
-        let peak = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let worst = audio
-            .samples
-            .iter()
-            .zip(want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(worst <= 0.01 * peak, "{name}: off by {worst} (peak {peak})");
-        Ok(())
+        omni_tests::assert_waveform(name, &audio.samples, want, 0.01)
     };
     // Alone.
     for case in &cases {

@@ -20,11 +20,7 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn samples(entry: &Value) -> Result<Vec<f32>> {
-    let bytes = std::fs::read(fixture().join(entry["file"].as_str().ok_or("no file")?))?;
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+    omni_tests::read_f32(&fixture().join(entry["file"].as_str().ok_or("no file")?))
 }
 
 fn start() -> Result<OmniLLM> {

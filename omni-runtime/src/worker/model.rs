@@ -413,6 +413,22 @@ impl Loop {
         }
     }
 
+    /// Reports an error for `id` when it is already running here (the
+    /// caller's other request with that id keeps going); `true` then.
+    fn refuse_running(&self, id: &str) -> bool {
+        let running = self.reqs.contains_key(id);
+        if running {
+            self.request_error(
+                id,
+                format!(
+                    "request id `{id}` is already running in stage {}",
+                    self.t.stage_id
+                ),
+            );
+        }
+        running
+    }
+
     /// Finishes a request at once with an empty output, without the model:
     /// the input processor found nothing to do (an empty upstream answer).
     fn finish_empty(
@@ -423,14 +439,8 @@ impl Loop {
         all_params: Vec<SamplingParams>,
         arrival: u64,
     ) {
-        if self.reqs.contains_key(&id) {
-            return self.request_error(
-                &id,
-                format!(
-                    "request id `{id}` is already running in stage {}",
-                    self.t.stage_id
-                ),
-            );
+        if self.refuse_running(&id) {
+            return;
         }
         let now = now_us();
         let metrics = StageMetrics {
@@ -488,14 +498,8 @@ impl Loop {
         all_params: Vec<SamplingParams>,
         arrival: u64,
     ) {
-        if self.reqs.contains_key(&id) {
-            return self.request_error(
-                &id,
-                format!(
-                    "request id `{id}` is already running in stage {}",
-                    self.t.stage_id
-                ),
-            );
+        if self.refuse_running(&id) {
+            return;
         }
         let Some(params) = all_params.get(self.t.stage_id).cloned() else {
             return self.request_error(
