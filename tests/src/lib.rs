@@ -575,3 +575,26 @@ pub fn assert_waveform(what: &str, got: &[f32], want: &[f32], tolerance: f32) ->
     }
     Ok(())
 }
+
+/// Runs `omni generate ARGS --json --output-dir DIR` (no profiling) and
+/// returns its JSON lines; fails with its stderr when it fails.
+pub fn generate_json(args: &[&str], output_dir: &Path) -> Result<Vec<serde_json::Value>> {
+    let out = Command::new(omni_bin()?)
+        .arg("generate")
+        .args(args)
+        .arg("--json")
+        .arg("--output-dir")
+        .arg(output_dir)
+        .env_remove("VLLM_TORCH_PROFILER_DIR")
+        .output()?;
+    if !out.status.success() {
+        return Err(err(format!(
+            "omni generate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(String::from_utf8(out.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?)
+}

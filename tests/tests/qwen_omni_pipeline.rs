@@ -92,18 +92,7 @@ fn text_and_speech_equal_transformers() -> Result {
             .ok_or_else(|| err(format!("{name}: no audio")))?;
         assert_eq!(audio.sample_rate, 24_000);
         let want = samples(&v["token2wav"]["wav"])?;
-        assert_eq!(audio.samples.len(), want.len(), "{name}: sample count");
-        let peak = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let worst = audio
-            .samples
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(
-            worst <= 0.01 * peak,
-            "{name}: waveform off by {worst} (peak {peak})"
-        );
+        omni_tests::assert_waveform(name, &audio.samples, &want, 0.01)?;
     }
     omni.shutdown()?;
     Ok(())
@@ -116,36 +105,21 @@ fn text_and_speech_equal_transformers() -> Result {
 fn cli_and_server_speak() -> Result {
     let model = fixture().join("tiny").to_string_lossy().into_owned();
     let dir = tempfile::tempdir()?;
-    let out = std::process::Command::new(omni_tests::omni_bin()?)
-        .args([
-            "generate",
+    let lines = omni_tests::generate_json(
+        &[
             "--pipeline",
             "qwen2_5_omni",
             "--model-path",
             &model,
-        ])
-        .args([
             "--prompt",
             "Hello there.",
             "--max-tokens",
             "16",
             "--speaker",
             "Ethan",
-            "--json",
-        ])
-        .arg("--output-dir")
-        .arg(dir.path())
-        .env_remove("VLLM_TORCH_PROFILER_DIR")
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<Value> = String::from_utf8(out.stdout)?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<std::result::Result<_, _>>()?;
+        ],
+        dir.path(),
+    )?;
     let text = lines
         .iter()
         .find(|l| l["stage_id"] == 0)
@@ -232,18 +206,7 @@ async fn async_omni_streams_the_text_then_the_audio() -> Result {
     assert_eq!(order.last(), Some(&2), "the audio comes last: {order:?}");
     let audio = audio.ok_or("no audio")?;
     let want = samples(&case["with_codec_prefix"]["token2wav"]["wav"])?;
-    assert_eq!(audio.samples.len(), want.len());
-    let peak = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let worst = audio
-        .samples
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        worst <= 0.01 * peak,
-        "waveform off by {worst} (peak {peak})"
-    );
+    omni_tests::assert_waveform("streamed", &audio.samples, &want, 0.01)?;
     omni.shutdown().await?;
     Ok(())
 }

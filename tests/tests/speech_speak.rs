@@ -2,9 +2,8 @@
 //! Piper voice speaks the answer in another; the WAV is checked with
 //! Python's `wave` and its duration against Piper's own tools
 //! (piper-phonemize + onnxruntime) speaking the same transcript.
-use std::process::Command;
 
-use omni_tests::{err, omni_bin, run_python, Result, Server};
+use omni_tests::{err, run_python, Result, Server};
 use serde_json::Value;
 
 /// What `tests/python/speech_check.py` reports for a WAV and its transcript.
@@ -36,27 +35,17 @@ fn assert_spoken(report: &Value) {
 #[test]
 fn generate_speaks_the_answer_into_a_wav() -> Result {
     let dir = tempfile::tempdir()?;
-    let out = Command::new(omni_bin()?)
-        .args([
-            "generate",
+    let lines = omni_tests::generate_json(
+        &[
             "--pipeline",
             "speak",
             "--prompt",
             "Why is the sky blue?",
-        ])
-        .args(["--max-tokens", "32", "--json", "--output-dir"])
-        .arg(dir.path())
-        .env_remove("VLLM_TORCH_PROFILER_DIR")
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<Value> = String::from_utf8(out.stdout)?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<std::result::Result<_, _>>()?;
+            "--max-tokens",
+            "32",
+        ],
+        dir.path(),
+    )?;
     assert_eq!(lines.len(), 2, "{lines:?}");
     let (text, speech) = (&lines[0], &lines[1]);
     assert_eq!(text["final_output_type"], "text");
