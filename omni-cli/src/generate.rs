@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
-use omni_core::{ChatMessage, OmniEngineArgs, OmniLLM, Prompt};
+use omni_core::{
+    AudioInput, ChatMessage, ContentPart, MultiModalData, OmniEngineArgs, OmniLLM, Prompt,
+};
 
 use crate::sampling_flags::SamplingFlags;
 use crate::{audio, progress, BadInput};
@@ -22,7 +24,9 @@ use crate::{audio, progress, BadInput};
       --prompt 'Hi' --profile --profile-stages 1
   omni generate --pipeline speak --prompt 'Why is the sky blue?' --output-dir answers/
   omni generate --pipeline qwen2_5_omni --model-path ~/Qwen2.5-Omni-7B \\
-      --prompt 'Hello!' --speaker Ethan --output-dir answers/")]
+      --prompt 'Hello!' --speaker Ethan --output-dir answers/
+  omni generate --pipeline qwen2_5_omni --model-path ~/Qwen2.5-Omni-7B \\
+      --audio question.wav --prompt 'Answer the question in the clip.'")]
 pub struct GenerateArgs {
     /// A built-in pipeline (see `omni pipelines`) or a pipeline file.
     #[arg(long, default_value = omni_core::DEFAULT_PIPELINE)]
@@ -34,6 +38,13 @@ pub struct GenerateArgs {
     /// are, after the text prompts).
     #[arg(long = "prompt-token-ids", value_name = "IDS")]
     pub prompt_token_ids: Vec<String>,
+    /// An audio clip for every prompt (repeatable; WAV, FLAC, MP3 or Ogg
+    /// Vorbis, any rate, mixed down to mono). A chat prompt's user message
+    /// gets one audio part per clip before its text; a --raw or token-id
+    /// prompt must hold the model's placeholders itself (<|AUDIO|> for
+    /// Qwen2.5-Omni). Only models with an audio encoder take it.
+    #[arg(long = "audio", value_name = "FILE")]
+    pub audio: Vec<PathBuf>,
     /// Run every stage on this model instead of the pipeline's own (e.g. a
     /// Qwen2.5-Omni folder for `--pipeline qwen2_5_omni`).
     #[arg(long, value_name = "PATH")]
@@ -77,6 +88,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             ))
         })?;
     }
+    let clips = args
+        .audio
+        .iter()
+        .map(|path| AudioInput::read(path).map_err(|e| BadInput(format!("--audio: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let media = || MultiModalData {
+        audio: clips.clone(),
+    };
     let omni = progress::with_spinner(
         format!(
             "starting pipeline {:?}: spawning stages, loading models",
@@ -102,14 +121,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .prompts
         .iter()
         .map(|p| {
-            if args.raw {
+            let prompt = if args.raw {
                 Prompt::Text(p.clone())
+            } else if clips.is_empty() {
+                Prompt::Chat(vec![ChatMessage::new("user", p.clone())])
             } else {
-                Prompt::Chat(vec![ChatMessage {
-                    role: "user".into(),
-                    content: p.clone(),
-                }])
-            }
+                let mut parts = vec![ContentPart::Audio; clips.len()];
+                parts.push(ContentPart::Text { text: p.clone() });
+                Prompt::Chat(vec![ChatMessage::with_parts("user", parts)])
+            };
+            Prompt::with_media(prompt, media())
         })
         .collect();
     for (i, list) in args.prompt_token_ids.iter().enumerate() {
@@ -123,7 +144,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                     i + 1
                 ))
             })?;
-        prompts.push(Prompt::TokenIds(ids));
+        prompts.push(Prompt::with_media(Prompt::TokenIds(ids), media()));
     }
     if args.profile {
         omni.start_profile(args.profile_stages.as_deref())

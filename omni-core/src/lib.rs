@@ -40,7 +40,10 @@ pub use omni_llm::OmniLLM;
 pub use request_output::{Audio, FinishReason, OmniMetrics, OmniRequestOutput, StageMetrics};
 pub use stage_sampling_params::StageSamplingParams;
 
-pub use omni_engine::{ChatMessage, EngineArgs, Prompt, SamplingParams};
+pub use omni_engine::{
+    AudioInput, ChatMessage, ContentPart, EngineArgs, MessageContent, MultiModalData,
+    MultiModalPrompt, Prompt, SamplingParams,
+};
 pub use omni_profiler::tools as profile_tools;
 pub use omni_runtime::{
     FinalOutputType, HealthMsg as StageHealth, PipelineConfig, StageConfig, StageInfo,

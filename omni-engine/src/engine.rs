@@ -229,6 +229,8 @@ pub struct LLMEngine {
     detokenizers: HashMap<String, Detokenizer>,
     /// Qwen2.5-Omni's talker: what builds its inputs from the thinker's.
     talker: Option<Talker>,
+    /// Qwen2.5-Omni's thinker: its media encoders, when the folder has them.
+    media: Option<crate::qwen2_5_omni::ThinkerMedia>,
 }
 
 /// What Qwen2.5-Omni's talker needs beyond its decoder to build its inputs
@@ -269,6 +271,15 @@ impl LLMEngine {
                 kind,
                 device,
             )?)
+        } else {
+            None
+        };
+        let media = if loaded.part == "thinker" {
+            crate::qwen2_5_omni::ThinkerMedia::load(
+                &crate::resolve_model_path(&args.model)?,
+                kind,
+                device,
+            )?
         } else {
             None
         };
@@ -357,6 +368,7 @@ impl LLMEngine {
             precision,
             detokenizers: HashMap::new(),
             talker,
+            media,
         })
     }
 
@@ -410,7 +422,22 @@ impl LLMEngine {
                 self.tokenizer.encode(&rendered, false)
             }
             Prompt::TokenIds(ids) => Ok(ids.clone()),
+            Prompt::MultiModal(m) => match m.prompt.as_ref() {
+                Prompt::MultiModal(_) => Err(Error::InvalidConfig {
+                    field: "prompt.prompt".to_owned(),
+                    value: "a prompt with multi_modal_data".to_owned(),
+                    reason: "media prompts do not nest: give a text, chat or token-id prompt"
+                        .to_owned(),
+                }),
+                inner => self.encode_prompt(inner),
+            },
         }
+    }
+
+    /// The thinker's media encoders (Qwen2.5-Omni's thinker, when its
+    /// folder holds them).
+    pub fn media_encoders(&self) -> Option<&crate::qwen2_5_omni::ThinkerMedia> {
+        self.media.as_ref()
     }
 
     /// Queues a request; it joins the running batch at the next step.
@@ -433,8 +460,43 @@ impl LLMEngine {
             return Err(Error::DuplicateRequest(request_id));
         }
         let ids = self.encode_prompt(&prompt)?;
+        let (ids, inputs) = match prompt.media() {
+            None => (ids, None),
+            Some(data) => {
+                let Some(media) = &self.media else {
+                    return Err(Error::InvalidPrompt {
+                        request_id,
+                        reason: format!(
+                            "{} reads text only: it has no encoder for multi_modal_data",
+                            self.model_name
+                        ),
+                    });
+                };
+                let expanded = media.expand(&request_id, &ids, data)?;
+                let _guard = tch::no_grad_guard();
+                let model = self.core.model();
+                let all: Vec<i64> = expanded.ids.iter().map(|&t| i64::from(t)).collect();
+                let all = Tensor::from_slice(&all).f_to_device(model.device())?;
+                let embeds = model.embed(&all)?;
+                let mut ranges = Vec::with_capacity(expanded.items.len());
+                for (start, rows) in &expanded.items {
+                    let n = rows.size()[0];
+                    embeds
+                        .f_narrow(0, *start as i64, n)?
+                        .f_copy_(&rows.f_to_kind(embeds.kind())?)?;
+                    ranges.push(*start..*start + n as usize);
+                }
+                let inputs = crate::request::SequenceInputs {
+                    prompt: embeds,
+                    stream: None,
+                    media: ranges,
+                };
+                (expanded.ids, Some(inputs))
+            }
+        };
         let detok = self.tokenizer.detokenizer(&ids, params.skip_special_tokens);
-        self.core.add(request_id.clone(), ids, params)?;
+        self.core
+            .add_with_inputs(request_id.clone(), ids, params, inputs)?;
         self.detokenizers.insert(request_id, detok);
         Ok(())
     }
@@ -539,7 +601,11 @@ impl LLMEngine {
             request_id,
             ids,
             params,
-            Some(crate::request::SequenceInputs { prompt, stream }),
+            Some(crate::request::SequenceInputs {
+                prompt,
+                stream: Some(stream),
+                media: Vec::new(),
+            }),
         )
     }
 

@@ -101,6 +101,7 @@ impl EngineCore {
     }
 
     /// Queues a request after checking everything about it.
+    #[cfg(test)]
     pub fn add(
         &mut self,
         request_id: String,
@@ -151,7 +152,7 @@ impl EngineCore {
         let seed = params
             .seed
             .unwrap_or_else(|| mix(self.cfg.seed ^ mix(self.arrival_counter)));
-        if inputs.is_some() && params.output_states {
+        if inputs.as_ref().is_some_and(|i| i.stream.is_some()) && params.output_states {
             // The states are the input embedding plus the hidden state;
             // with a projection between them their widths differ.
             return Err(Error::InvalidSamplingParams {
@@ -162,13 +163,13 @@ impl EngineCore {
             });
         }
         if let Some(i) = &inputs {
+            let stream_rows = i.stream.as_ref().map(|s| s.size()[0]);
             if i.prompt.size().first().copied() != Some(prompt.len() as i64)
-                || i.stream.size()[0] == 0
+                || stream_rows == Some(0)
             {
                 return Err(bad(format!(
-                    "{} prompt embeddings and {} stream rows for {} prompt tokens",
+                    "{} prompt embeddings and {stream_rows:?} stream rows for {} prompt tokens",
                     i.prompt.size()[0],
-                    i.stream.size()[0],
                     prompt.len()
                 )));
             }
@@ -245,6 +246,7 @@ impl EngineCore {
                         // collected twice.
                         wants_states: s.params.output_states
                             && start + sc.num_tokens > s.states.len(),
+                        bare_states: s.inputs.as_ref().map_or(&[], |i| i.media.as_slice()),
                     }
                 })
                 .collect();
@@ -512,13 +514,16 @@ fn input_embeds(model: &Model, seq: &Sequence, count: usize) -> Result<Option<Te
             .map(|&t| i64::from(t))
             .collect();
         let own = model.embed(&Tensor::from_slice(&ids).f_to_device(model.device())?)?;
-        let last = inputs.stream.size()[0] - 1;
-        let rows: Vec<i64> = (from - p..end - p).map(|j| (j as i64).min(last)).collect();
-        let stream = inputs.stream.f_index_select(
-            0,
-            &Tensor::from_slice(&rows).f_to_device(inputs.stream.device())?,
-        )?;
-        parts.push(own.f_add(&stream.f_to_device(model.device())?.f_to_kind(own.kind())?)?);
+        match &inputs.stream {
+            Some(stream) => {
+                let last = stream.size()[0] - 1;
+                let rows: Vec<i64> = (from - p..end - p).map(|j| (j as i64).min(last)).collect();
+                let rows = stream
+                    .f_index_select(0, &Tensor::from_slice(&rows).f_to_device(stream.device())?)?;
+                parts.push(own.f_add(&rows.f_to_device(model.device())?.f_to_kind(own.kind())?)?);
+            }
+            None => parts.push(own),
+        }
     }
     let x = Tensor::f_cat(&parts, 0)?
         .f_to_device(model.device())?

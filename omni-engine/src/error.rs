@@ -109,6 +109,14 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A media input (an audio clip, an image) that cannot be read or used.
+    #[error("media input {input}: {reason}")]
+    Media {
+        /// Names the input: a path, `multi_modal_data.audio[0]`, ...
+        input: String,
+        /// Why.
+        reason: String,
+    },
     /// A request id is already in use.
     #[error("request id {0:?} is already in use")]
     DuplicateRequest(String),

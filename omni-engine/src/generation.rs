@@ -245,13 +245,19 @@ impl GenerationEngine {
             Prompt::Chat(messages) => messages
                 .into_iter()
                 .filter(|m| m.role == "user")
-                .map(|m| m.content)
+                .map(|m| m.content.text())
                 .collect::<Vec<_>>()
                 .join("\n"),
             Prompt::TokenIds(_) => {
                 return Err(Error::InvalidPrompt {
                     request_id: request_id.to_owned(),
                     reason: format!("{model} speaks text; token ids have no text to speak"),
+                })
+            }
+            _ => {
+                return Err(Error::InvalidPrompt {
+                    request_id: request_id.to_owned(),
+                    reason: format!("{model} speaks text; it reads no multi_modal_data"),
                 })
             }
         })

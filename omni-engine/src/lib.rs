@@ -23,6 +23,7 @@ mod gguf;
 mod kv_cache;
 mod linear;
 mod loader;
+mod media;
 mod mel;
 mod model;
 mod model_files;
@@ -53,6 +54,7 @@ pub use gguf::{
 pub use kv_cache::KvCache;
 pub use linear::WeightPrecision;
 pub use loader::{load_model, LoadedModel, ModelSource};
+pub use media::{AudioInput, MultiModalData, WhisperFeatureExtractor};
 pub use mel::{resample, MelConfig};
 pub use model::qwen2_5_omni;
 pub use model::{
@@ -65,7 +67,8 @@ pub use model_files::{
 pub use onnx::{OnnxFile, OnnxNode};
 pub use phonemize::{PhonemizedSentence, Phonemizer};
 pub use request::{
-    ChatMessage, FinishReason, Prompt, RequestMetrics, RequestOutput, TokenLogprobs, Waveform,
+    ChatMessage, ContentPart, FinishReason, MessageContent, MultiModalPrompt, Prompt,
+    RequestMetrics, RequestOutput, TokenLogprobs, Waveform,
 };
 pub use safetensors::SafetensorsFiles;
 pub use sampling_params::{SamplingParams, MAX_LOGPROBS};

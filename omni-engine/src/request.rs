@@ -14,23 +14,93 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::block_pool::BlockHash;
+use crate::media::MultiModalData;
 use crate::sampling_params::SamplingParams;
+
+/// One part of a chat message's content (OpenAI's and Hugging Face's
+/// content parts). A media part stands for the next item of its modality in
+/// the prompt's [`MultiModalData`]; the chat template renders its
+/// placeholder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ContentPart {
+    /// Text.
+    Text {
+        /// The text.
+        text: String,
+    },
+    /// The next audio clip.
+    Audio,
+}
+
+/// A chat message's content: text, or a list of parts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum MessageContent {
+    /// Plain text.
+    Text(String),
+    /// Text and media parts, in order.
+    Parts(Vec<ContentPart>),
+}
+
+impl MessageContent {
+    /// The text parts, joined.
+    pub fn text(&self) -> String {
+        match self {
+            MessageContent::Text(t) => t.clone(),
+            MessageContent::Parts(parts) => parts
+                .iter()
+                .filter_map(|p| match p {
+                    ContentPart::Text { text } => Some(text.as_str()),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<String> for MessageContent {
+    fn from(s: String) -> Self {
+        MessageContent::Text(s)
+    }
+}
+
+impl From<&str> for MessageContent {
+    fn from(s: &str) -> Self {
+        MessageContent::Text(s.to_owned())
+    }
+}
+
+impl PartialEq<&str> for MessageContent {
+    fn eq(&self, other: &&str) -> bool {
+        matches!(self, MessageContent::Text(t) if t == other)
+    }
+}
 
 /// One message of a chat prompt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     /// `system`, `user`, `assistant`, ...
     pub role: String,
-    /// The message text.
-    pub content: String,
+    /// The message: text, or text and media parts.
+    pub content: MessageContent,
 }
 
 impl ChatMessage {
-    /// A message from `role`.
+    /// A text message from `role`.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),
-            content: content.into(),
+            content: MessageContent::Text(content.into()),
+        }
+    }
+
+    /// A message of text and media parts from `role`.
+    pub fn with_parts(role: impl Into<String>, parts: Vec<ContentPart>) -> Self {
+        Self {
+            role: role.into(),
+            content: MessageContent::Parts(parts),
         }
     }
 }
@@ -38,7 +108,8 @@ impl ChatMessage {
 /// What a request asks the model to continue.
 ///
 /// Serialized untagged, so JSON reads naturally: `"text"`,
-/// `[{"role": "user", "content": "hi"}]`, or `[1, 2, 3]`.
+/// `[{"role": "user", "content": "hi"}]`, `[1, 2, 3]`, or with media
+/// `{"prompt": ..., "multi_modal_data": {"audio": [...]}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 #[non_exhaustive]
@@ -50,6 +121,48 @@ pub enum Prompt {
     Chat(Vec<ChatMessage>),
     /// Token ids, used as given.
     TokenIds(Vec<u32>),
+    /// A prompt and the media its placeholders stand for (vLLM's
+    /// `{"prompt": ..., "multi_modal_data": ...}`).
+    MultiModal(MultiModalPrompt),
+}
+
+/// A prompt with media (see [`Prompt::MultiModal`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultiModalPrompt {
+    /// The text, chat or ids, with one placeholder per media item.
+    pub prompt: Box<Prompt>,
+    /// The media, by modality.
+    pub multi_modal_data: MultiModalData,
+}
+
+impl Prompt {
+    /// `prompt` with `data` (`prompt` itself when `data` is empty).
+    pub fn with_media(prompt: Prompt, data: MultiModalData) -> Prompt {
+        if data.is_empty() {
+            return prompt;
+        }
+        Prompt::MultiModal(MultiModalPrompt {
+            prompt: Box::new(prompt),
+            multi_modal_data: data,
+        })
+    }
+
+    /// The media it carries, if any.
+    pub fn media(&self) -> Option<&MultiModalData> {
+        match self {
+            Prompt::MultiModal(m) => Some(&m.multi_modal_data),
+            _ => None,
+        }
+    }
+
+    /// The prompt without its media.
+    pub fn without_media(&self) -> &Prompt {
+        match self {
+            Prompt::MultiModal(m) => m.prompt.without_media(),
+            p => p,
+        }
+    }
 }
 
 impl From<&str> for Prompt {
@@ -192,15 +305,19 @@ pub struct RequestOutput {
 }
 
 /// Input embeddings of a sequence whose tokens are not (only) ids of the
-/// model's vocabulary: Qwen2.5-Omni's talker reads the thinker's states.
+/// model's vocabulary: Qwen2.5-Omni's talker reads the thinker's states, its
+/// thinker reads media through placeholders.
 #[derive(Debug)]
 pub(crate) struct SequenceInputs {
     /// `[prompt_len, embedding]`: the prompt positions' embeddings, used in
     /// place of their (placeholder) ids' embeddings.
     pub prompt: Tensor,
     /// `[n, embedding]`: added to the embedding of the j-th generated token
-    /// when it is fed back (row `min(j, n - 1)`).
-    pub stream: Tensor,
+    /// when it is fed back (row `min(j, n - 1)`); none for a thinker.
+    pub stream: Option<Tensor>,
+    /// Prompt positions that hold media rows (encoder outputs): their
+    /// states leave the embedding out (see [`crate::BatchEntry::bare_states`]).
+    pub media: Vec<std::ops::Range<usize>>,
 }
 
 /// Where a sequence is in its life.

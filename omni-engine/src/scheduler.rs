@@ -221,7 +221,10 @@ impl Scheduler {
                 continue;
             }
             let seq = &mut self.waiting[j];
-            if self.pool.prefix_caching() {
+            // Placeholder ids stand for embeddings the ids do not name: such
+            // a sequence's blocks are neither looked up nor offered.
+            let shares = seq.inputs.is_none();
+            if self.pool.prefix_caching() && shares {
                 self.pool
                     .extend_hashes(&seq.tokens, &mut seq.block_hashes, usize::MAX);
                 let next = self
@@ -235,7 +238,7 @@ impl Scheduler {
             let mut table = Vec::new();
             // A request that wants the states of every position it reads
             // must read them all: cached blocks would skip them.
-            let hit = if seq.params.output_states {
+            let hit = if seq.params.output_states || !shares {
                 0
             } else {
                 self.pool
@@ -270,7 +273,7 @@ impl Scheduler {
     /// Records the full blocks that `num_tokens` more tokens of running
     /// sequence `index` complete.
     fn note_pending(&mut self, index: usize, num_tokens: usize, pending: &mut HashSet<BlockHash>) {
-        if !self.pool.prefix_caching() {
+        if !self.pool.prefix_caching() || self.running[index].inputs.is_some() {
             return;
         }
         let seq = &mut self.running[index];
@@ -288,6 +291,9 @@ impl Scheduler {
         let seq = &mut self.running[index];
         let start = seq.num_computed_tokens;
         seq.num_computed_tokens += num_tokens;
+        if seq.inputs.is_some() {
+            return;
+        }
         self.pool.cache_full_blocks(
             &seq.tokens,
             &mut seq.block_hashes,

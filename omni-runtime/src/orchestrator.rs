@@ -475,12 +475,16 @@ impl Orchestrator {
                 },
             );
         }
-        let msg = Message::Generate(GenerateMsg {
-            request_id: wire_id.clone(),
-            prompt,
-            sampling_params: params,
+        let mut prompt = prompt;
+        let encoded = wire::detach_media(&mut prompt).and_then(|tensors| {
+            let message = Message::Generate(GenerateMsg {
+                request_id: wire_id.clone(),
+                prompt,
+                sampling_params: params,
+            });
+            wire::encode(&wire::Envelope { message, tensors }, None)
         });
-        let frames = match wire::encode_message(msg) {
+        let frames = match encoded {
             Ok(f) => f,
             Err(e) => {
                 lock(&self.inner.state).remove(&wire_id);

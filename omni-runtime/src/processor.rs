@@ -124,10 +124,12 @@ fn summarize(input: &ProcessorInput<'_>) -> Result<Option<StageInput>> {
     if text.is_empty() {
         return Ok(None);
     }
-    Ok(Some(StageInput::Prompt(Prompt::Chat(vec![ChatMessage {
-        role: "user".to_string(),
-        content: format!("Summarize the following text in one sentence.\n\nText: {text}"),
-    }]))))
+    Ok(Some(StageInput::Prompt(Prompt::Chat(vec![
+        ChatMessage::new(
+            "user",
+            format!("Summarize the following text in one sentence.\n\nText: {text}"),
+        ),
+    ]))))
 }
 
 /// The source's text as a plain prompt.

@@ -671,7 +671,114 @@ fn short(v: &Value) -> String {
     s
 }
 
+/// Name of the tensor that carries audio clip `i` of a prompt's media.
+fn audio_tensor_name(i: usize) -> String {
+    format!("media.audio.{i}")
+}
+
+/// Moves the samples of `prompt`'s media into tensors, so that they travel
+/// as raw frames and the JSON header keeps only their sample rates.
+pub fn detach_media(prompt: &mut Prompt) -> Result<Vec<(String, HostTensor)>> {
+    let Prompt::MultiModal(m) = prompt else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::with_capacity(m.multi_modal_data.audio.len());
+    for (i, clip) in m.multi_modal_data.audio.iter_mut().enumerate() {
+        let samples = std::mem::take(&mut clip.samples);
+        let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+        out.push((
+            audio_tensor_name(i),
+            HostTensor::new(DType::F32, vec![samples.len()], Bytes::from(bytes))?,
+        ));
+    }
+    Ok(out)
+}
+
+/// Puts back what [`detach_media`] took out; a tensor that is missing or
+/// not a 1-D f32 list of samples is an error naming it.
+pub fn attach_media(prompt: &mut Prompt, tensors: &[(String, HostTensor)]) -> Result<()> {
+    let Prompt::MultiModal(m) = prompt else {
+        return Ok(());
+    };
+    for (i, clip) in m.multi_modal_data.audio.iter_mut().enumerate() {
+        let name = audio_tensor_name(i);
+        let t = tensors
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| Error::Wire(format!("generate: tensor {name} is missing")))?;
+        if t.dtype != DType::F32 || t.shape.len() != 1 || !clip.samples.is_empty() {
+            return Err(Error::Wire(format!(
+                "generate: tensor {name} must be 1-D f32 samples (got {:?} {:?}), and the \
+                 header's samples empty",
+                t.dtype, t.shape
+            )));
+        }
+        clip.samples = t
+            .data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+    }
+    Ok(())
+}
+
 /// Shorthand: encode a tensor-less message.
 pub fn encode_message(message: Message) -> Result<Vec<Bytes>> {
     encode(&Envelope::new(message), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use omni_engine::{AudioInput, MultiModalData};
+
+    use super::*;
+
+    fn with_clip(samples: Vec<f32>) -> Prompt {
+        Prompt::with_media(
+            Prompt::Text("<|AUDIO|> what is said?".into()),
+            MultiModalData {
+                audio: vec![AudioInput::new(samples, 16_000)],
+            },
+        )
+    }
+
+    #[test]
+    fn media_samples_travel_as_frames_and_come_back() -> Result<()> {
+        let samples = vec![0.25f32, -1.0, 0.5, f32::MIN_POSITIVE];
+        let mut prompt = with_clip(samples.clone());
+        let tensors = detach_media(&mut prompt)?;
+        let header = serde_json::to_string(&prompt).map_err(|e| Error::Wire(e.to_string()))?;
+        assert!(header.contains("\"samples\":[]"), "{header}");
+        let message = Message::Generate(GenerateMsg {
+            request_id: "r".into(),
+            prompt,
+            sampling_params: Vec::new(),
+        });
+        let frames = encode(&Envelope { message, tensors }, None)?;
+        let env = decode(frames, &DecodeContext::default()).map_err(|r| Error::Wire(r.error))?;
+        let Message::Generate(mut g) = env.message else {
+            return Err(Error::Wire("not a generate".into()));
+        };
+        attach_media(&mut g.prompt, &env.tensors)?;
+        assert_eq!(g.prompt, with_clip(samples));
+        Ok(())
+    }
+
+    #[test]
+    fn missing_or_wrong_media_tensors_are_named() {
+        let mut prompt = with_clip(Vec::new());
+        let e = attach_media(&mut prompt, &[]).err().map(|e| e.to_string());
+        assert!(
+            e.as_deref()
+                .is_some_and(|e| e.contains("media.audio.0 is missing")),
+            "{e:?}"
+        );
+        let ints = HostTensor::new(DType::I32, vec![1], Bytes::from(vec![0u8; 4]));
+        let e = ints
+            .and_then(|t| attach_media(&mut prompt, &[("media.audio.0".into(), t)]))
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.as_deref().is_some_and(|e| e.contains("1-D f32")), "{e:?}");
+    }
 }

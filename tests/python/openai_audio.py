@@ -1,8 +1,9 @@
 """Asks `omni serve` for a spoken answer with the official `openai` client.
 
-Usage: openai_audio.py BASE_URL MODEL OUT_WAV [VOICE]
+Usage: openai_audio.py BASE_URL MODEL OUT_WAV [VOICE [INPUT_WAV]]
 
-Requests modalities text and audio (as OpenAI's audio chat does), decodes
+Requests modalities text and audio (as OpenAI's audio chat does), with
+INPUT_WAV sent as an `input_audio` content part when given, decodes
 `message.audio.data` (base64 WAV) into OUT_WAV, and prints one JSON object
 with the choices the client saw.
 """
@@ -15,10 +16,18 @@ import openai
 
 base_url, model, out_wav = sys.argv[1], sys.argv[2], sys.argv[3]
 voice = sys.argv[4] if len(sys.argv) > 4 else "joe"
+content = "Why is the sky blue?"
+if len(sys.argv) > 5:
+    with open(sys.argv[5], "rb") as f:
+        clip = base64.b64encode(f.read()).decode()
+    content = [
+        {"type": "input_audio", "input_audio": {"data": clip, "format": "wav"}},
+        {"type": "text", "text": "What is said in this clip?"},
+    ]
 client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
 chat = client.chat.completions.create(
     model=model,
-    messages=[{"role": "user", "content": "Why is the sky blue?"}],
+    messages=[{"role": "user", "content": content}],
     max_tokens=24,
     temperature=0,
     modalities=["text", "audio"],

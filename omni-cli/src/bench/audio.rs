@@ -76,10 +76,7 @@ fn prompts(model: &str) -> anyhow::Result<Vec<Vec<u32>>> {
     QUESTIONS
         .iter()
         .map(|q| {
-            let messages = [ChatMessage {
-                role: "user".into(),
-                content: (*q).to_owned(),
-            }];
+            let messages = [ChatMessage::new("user", *q)];
             let text = tok.apply_chat_template(&messages, true)?;
             Ok(tok.encode(&text, false)?)
         })

@@ -115,7 +115,7 @@ pub struct ChatMessageIn {
 pub enum MessageContent {
     /// Plain text.
     Text(String),
-    /// Content parts; only `text` parts are understood.
+    /// Content parts: `text`, `input_audio`, `audio_url`.
     Parts(Vec<ContentPart>),
 }
 
@@ -125,6 +125,24 @@ pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
     pub text: Option<String>,
+    /// OpenAI's audio input: base64 file bytes and their format.
+    pub input_audio: Option<InputAudio>,
+    /// vLLM's audio part: a URL (only `data:` URLs are fetched).
+    pub audio_url: Option<UrlPart>,
+}
+
+/// `{"data": base64, "format": "wav"}`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct InputAudio {
+    pub data: String,
+    #[serde(default)]
+    pub format: Option<String>,
+}
+
+/// `{"url": ...}`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct UrlPart {
+    pub url: String,
 }
 
 /// `POST /v1/chat/completions`.

@@ -5,7 +5,8 @@
 //! Sampling fields at the top level of a request apply to every stage, on
 //! top of that stage's `default_sampling_params`; vLLM-Omni's
 //! `sampling_params_list` gives one object per stage instead.
-use omni_core::{ChatMessage, Prompt, SamplingParams};
+use base64::Engine as _;
+use omni_core::{AudioInput, ChatMessage, ContentPart, MultiModalData, Prompt, SamplingParams};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
@@ -13,6 +14,93 @@ use super::api_error::ApiError;
 use super::openai::{
     ChatCompletionRequest, CompletionPrompt, CompletionRequest, MessageContent, SamplingFields,
 };
+
+/// One content part of a chat message; media parts add their item to
+/// `media` and become its placeholder part. `at` names the part in errors.
+fn content_part(
+    at: &str,
+    part: super::openai::ContentPart,
+    media: &mut MultiModalData,
+) -> Result<ContentPart, ApiError> {
+    match part.kind.as_str() {
+        "text" => Ok(ContentPart::Text {
+            text: part.text.ok_or_else(|| {
+                ApiError::bad_param(
+                    format!("{at}.text"),
+                    format!("{at} is a text part without text"),
+                )
+            })?,
+        }),
+        "input_audio" => {
+            let audio = part.input_audio.ok_or_else(|| {
+                ApiError::bad_param(
+                    format!("{at}.input_audio"),
+                    format!("{at} is an input_audio part without input_audio {{data, format}}"),
+                )
+            })?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(audio.data.trim())
+                .map_err(|e| {
+                    ApiError::bad_param(
+                        format!("{at}.input_audio.data"),
+                        format!("{at}.input_audio.data is not base64: {e}"),
+                    )
+                })?;
+            media.audio.push(decode_audio(at, &bytes)?);
+            Ok(ContentPart::Audio)
+        }
+        "audio_url" => {
+            let url = part.audio_url.map(|u| u.url).ok_or_else(|| {
+                ApiError::bad_param(
+                    format!("{at}.audio_url"),
+                    format!("{at} is an audio_url part without audio_url {{url}}"),
+                )
+            })?;
+            let bytes = data_url(at, &url)?;
+            media.audio.push(decode_audio(at, &bytes)?);
+            Ok(ContentPart::Audio)
+        }
+        kind => Err(ApiError::bad_param(
+            at.to_owned(),
+            format!(
+                "content part of type {kind:?} in {at} is not supported: text, input_audio and \
+                 audio_url parts are"
+            ),
+        )),
+    }
+}
+
+fn decode_audio(at: &str, bytes: &[u8]) -> Result<AudioInput, ApiError> {
+    AudioInput::decode(bytes, at).map_err(|e| ApiError::bad_param(at.to_owned(), e.to_string()))
+}
+
+/// The bytes of a `data:[<type>][;base64],<data>` URL. Other URLs would make
+/// the server fetch what a client names; they are refused.
+fn data_url(at: &str, url: &str) -> Result<Vec<u8>, ApiError> {
+    let param = format!("{at}.audio_url.url");
+    let Some(rest) = url.strip_prefix("data:") else {
+        let shown: String = url.chars().take(64).collect();
+        return Err(ApiError::bad_param(
+            param,
+            format!(
+                "{at}: only data: URLs are accepted (got {shown:?}); this server does not \
+                 fetch remote media"
+            ),
+        ));
+    };
+    let (meta, data) = rest.split_once(',').ok_or_else(|| {
+        ApiError::bad_param(param.clone(), format!("{at}: a data: URL without a comma"))
+    })?;
+    if !meta.ends_with(";base64") {
+        return Err(ApiError::bad_param(
+            param,
+            format!("{at}: the data: URL is not base64 ({meta:?})"),
+        ));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| ApiError::bad_param(param, format!("{at}: the data: URL is not base64: {e}")))
+}
 
 /// What the server knows about the pipeline when it checks a request.
 #[derive(Debug, Clone)]
@@ -157,6 +245,7 @@ impl PipelineView {
             ));
         }
         let mut messages = Vec::with_capacity(req.messages.len());
+        let mut media = MultiModalData::default();
         for (i, m) in req.messages.into_iter().enumerate() {
             const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
             if !ROLES.contains(&m.role.as_str()) {
@@ -169,24 +258,21 @@ impl PipelineView {
                 ));
             }
             let content = match m.content {
-                None => String::new(),
-                Some(MessageContent::Text(t)) => t,
+                None => omni_core::MessageContent::Text(String::new()),
+                Some(MessageContent::Text(t)) => omni_core::MessageContent::Text(t),
                 Some(MessageContent::Parts(parts)) => {
-                    let mut text = String::new();
+                    let mut out = Vec::with_capacity(parts.len());
                     for (j, p) in parts.into_iter().enumerate() {
-                        match (p.kind.as_str(), p.text) {
-                            ("text", Some(t)) => text.push_str(&t),
-                            (kind, _) => {
-                                return Err(ApiError::bad_param(
-                                    format!("messages[{i}].content[{j}]"),
-                                    format!(
-                                        "content part of type {kind:?} in messages[{i}] is not supported: only text parts are"
-                                    ),
-                                ))
-                            }
-                        }
+                        let at = format!("messages[{i}].content[{j}]");
+                        out.push(content_part(&at, p, &mut media)?);
                     }
-                    text
+                    // Text models' templates read a string: text parts alone
+                    // are joined, as vLLM does for them.
+                    if out.iter().all(|p| matches!(p, ContentPart::Text { .. })) {
+                        omni_core::MessageContent::Parts(out).text().into()
+                    } else {
+                        omni_core::MessageContent::Parts(out)
+                    }
                 }
             };
             messages.push(ChatMessage {
@@ -195,7 +281,7 @@ impl PipelineView {
             });
         }
         self.plan(
-            Prompt::Chat(messages),
+            Prompt::with_media(Prompt::Chat(messages), media),
             req.stream,
             req.stream_options.is_some_and(|o| o.include_usage),
             sampling,

@@ -29,6 +29,10 @@ pub struct BatchEntry<'a> {
     /// Whether to return every token's input embedding plus final-norm
     /// hidden state ([`crate::ModelOutput::states`]).
     pub wants_states: bool,
+    /// Positions (of the sequence) whose states leave their input
+    /// embedding out: media rows, which Qwen2.5-Omni's talker reads as the
+    /// hidden state alone.
+    pub bare_states: &'a [std::ops::Range<usize>],
 }
 
 /// How the decode group's attention reads the KV cache.
@@ -106,6 +110,8 @@ pub struct ForwardBatch {
     pub(crate) embeds: Option<(Tensor, Tensor)>,
     /// Flat rows whose states are wanted.
     pub(crate) state_rows: Option<Tensor>,
+    /// Indices into `state_rows` whose states are the hidden state alone.
+    pub(crate) bare_state_rows: Option<Tensor>,
     /// Per entry wanting states, in the order of `state_rows`: its index in
     /// the caller's slice and its number of rows.
     pub state_entries: Vec<(usize, usize)>,
@@ -164,6 +170,7 @@ impl ForwardBatch {
         let mut embed_rows = Vec::new();
         let mut embed_values = Vec::new();
         let mut state_rows = Vec::new();
+        let mut bare_state_rows = Vec::new();
         let mut state_entries = Vec::new();
         for &i in &order {
             let e = &entries[i];
@@ -174,6 +181,12 @@ impl ForwardBatch {
                 embed_values.push(x.shallow_clone());
             }
             if e.wants_states {
+                for j in 0..e.tokens.len() {
+                    let pos = e.start_pos + j;
+                    if e.bare_states.iter().any(|r| r.contains(&pos)) {
+                        bare_state_rows.push((state_rows.len() + j) as i64);
+                    }
+                }
                 state_rows.extend(rows);
                 state_entries.push((i, e.tokens.len()));
             }
@@ -261,6 +274,11 @@ impl ForwardBatch {
                 None
             } else {
                 Some(to(&state_rows)?)
+            },
+            bare_state_rows: if bare_state_rows.is_empty() {
+                None
+            } else {
+                Some(to(&bare_state_rows)?)
             },
             state_entries,
             phase,

@@ -243,7 +243,13 @@ impl Model {
             let _ = x.f_index_copy_(0, rows, &values.f_to_kind(x.kind())?)?;
         }
         let embedded = match &batch.state_rows {
-            Some(rows) => Some(x.f_index_select(0, rows)?),
+            Some(rows) => {
+                let mut e = x.f_index_select(0, rows)?;
+                if let Some(bare) = &batch.bare_state_rows {
+                    let _ = e.f_index_fill_(0, bare, 0.0)?;
+                }
+                Some(e)
+            }
             None => None,
         };
         if let Some(proj) = &self.input_proj {
@@ -447,6 +453,7 @@ impl Model {
             wants_logits: true,
             embeds: None,
             wants_states: false,
+            bare_states: &[],
         };
         let batch = ForwardBatch::new(&[entry], block_size, self.device)?;
         let out = self.forward(&batch, &mut cache)?;
@@ -497,6 +504,7 @@ mod tests {
                 wants_logits: false,
                 embeds: None,
                 wants_states: false,
+                bare_states: &[],
             })
             .collect();
         model.forward(&ForwardBatch::new(&prefill, bs, Device::Cpu)?, &mut cache)?;
@@ -508,6 +516,7 @@ mod tests {
                 wants_logits: true,
                 embeds: None,
                 wants_states: false,
+                bare_states: &[],
             })
             .collect();
         let batch = ForwardBatch::with_decode_path(&decode, bs, Device::Cpu, path)?;

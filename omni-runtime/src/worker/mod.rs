@@ -447,9 +447,16 @@ impl Io {
         let arrival = now_us();
         match inc {
             Incoming::Control(frames) => match wire::decode(frames, ctx) {
-                Ok(Envelope { message, .. }) => match message {
+                Ok(Envelope { message, tensors }) => match message {
                     // A non-entry stage answers with a request error from the model thread.
-                    Message::Generate(g) => self.forward(ToModel::Generate(g, arrival)).await,
+                    Message::Generate(mut g) => match wire::attach_media(&mut g.prompt, &tensors) {
+                        Ok(()) => self.forward(ToModel::Generate(g, arrival)).await,
+                        Err(e) => {
+                            self.rejected.fetch_add(1, Ordering::Relaxed);
+                            self.forward(ToModel::Refuse(g.request_id, e.to_string()))
+                                .await
+                        }
+                    },
                     Message::Abort { request_ids } => {
                         self.forward(ToModel::Abort(request_ids)).await
                     }

@@ -43,6 +43,8 @@ const ABORTED_MEMORY: usize = 4096;
 /// Commands from the socket thread.
 pub(crate) enum ToModel {
     Generate(GenerateMsg, u64),
+    /// A request the socket thread could not read (its media tensors).
+    Refuse(String, String),
     Input(StageInputMsg, Vec<(String, HostTensor)>, u64),
     Abort(Vec<String>),
     StartProfile(StartProfileMsg),
@@ -250,6 +252,7 @@ impl Loop {
         match c {
             ToModel::Generate(g, arrival) => self.generate(engine, g, arrival),
             ToModel::Input(m, tensors, arrival) => self.input(engine, m, tensors, arrival),
+            ToModel::Refuse(id, reason) => self.request_rejected(&id, reason),
             ToModel::Abort(ids) => {
                 for id in ids {
                     engine.abort(&id);
@@ -653,7 +656,8 @@ impl Loop {
         let _span = tracing::info_span!(target: "omni::runtime", "stage_send", request_ids = %o.request_id, stage = self.t.stage_id, to_stages = ?self.t.downstream).entered();
         let msg = Message::StageInput(StageInputMsg {
             request_id: o.request_id.clone(),
-            prompt: req.prompt,
+            // Downstream stages read the upstream output, not the media.
+            prompt: req.prompt.without_media().clone(),
             sampling_params: req.all_params,
             output: UpstreamOutput {
                 stage_id: self.t.stage_id,

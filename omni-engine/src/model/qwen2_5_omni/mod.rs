@@ -8,19 +8,23 @@
 //! each stage of the `qwen2_5_omni` pipeline loads its part of it.
 //!
 //! Reference: transformers' `models/qwen2_5_omni/modeling_qwen2_5_omni.py`.
+mod audio_encoder;
 mod bigvgan;
 mod config;
 mod dit;
 mod speakers;
+mod thinker_media;
 
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
+pub use audio_encoder::{AudioEncoder, AudioEncoderConfig};
 pub use bigvgan::BigVgan;
 pub use config::{BigVganConfig, DitConfig, OmniConfig, TalkerConfig, Token2WavConfig};
 pub use dit::{Dit, SampleOptions};
 pub use speakers::{Speaker, Speakers, DEFAULT_SPEAKER};
+pub use thinker_media::{ExpandedPrompt, ThinkerMedia};
 
 use crate::error::{Error, Result};
 use crate::safetensors::SafetensorsFiles;

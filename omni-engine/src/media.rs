@@ -1,0 +1,361 @@
+//! Media a prompt carries into a model that reads more than text (vLLM's
+//! `multi_modal_data`), how files of it are decoded, and the Whisper log-mel
+//! features that audio encoders read.
+//!
+//! Decoding: WAV, FLAC, MP3 and Ogg Vorbis through `symphonia` (pure Rust);
+//! channels are averaged to mono, as `librosa.load(mono=True)` does.
+//! Features: transformers' `WhisperFeatureExtractor` (its torch path), so a
+//! clip's features equal the Python processor's to float rounding.
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::mel::MelConfig;
+
+/// Media items of one prompt, by modality, in prompt order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultiModalData {
+    /// Audio clips, one per audio placeholder of the prompt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audio: Vec<AudioInput>,
+}
+
+impl MultiModalData {
+    /// Whether it holds no item.
+    pub fn is_empty(&self) -> bool {
+        self.audio.is_empty()
+    }
+}
+
+/// One audio clip: mono samples in `[-1, 1]` at `sample_rate` Hz (vLLM's
+/// `(array, sampling_rate)` pair).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AudioInput {
+    /// Mono samples.
+    pub samples: Vec<f32>,
+    /// Samples per second.
+    pub sample_rate: u32,
+}
+
+impl AudioInput {
+    /// Mono `samples` at `sample_rate` Hz.
+    pub fn new(samples: Vec<f32>, sample_rate: u32) -> Self {
+        Self {
+            samples,
+            sample_rate,
+        }
+    }
+
+    /// Length in seconds.
+    pub fn duration_secs(&self) -> f64 {
+        self.samples.len() as f64 / f64::from(self.sample_rate.max(1))
+    }
+
+    /// Decodes an audio file's bytes (WAV, FLAC, MP3, Ogg Vorbis); `name`
+    /// names the input in errors (a path, `input_audio[0]`, ...).
+    pub fn decode(bytes: &[u8], name: &str) -> Result<Self> {
+        decode_audio(bytes.to_vec(), name)
+    }
+
+    /// Reads and decodes an audio file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            cause: e,
+        })?;
+        decode_audio(bytes, &path.display().to_string())
+    }
+}
+
+fn media_error(input: &str, reason: impl Into<String>) -> Error {
+    Error::Media {
+        input: input.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn decode_audio(bytes: Vec<u8>, name: &str) -> Result<AudioInput> {
+    use symphonia::core::audio::SampleBuffer;
+    use symphonia::core::codecs::{DecoderOptions, CODEC_TYPE_NULL};
+    use symphonia::core::errors::Error as SymError;
+    use symphonia::core::formats::FormatOptions;
+    use symphonia::core::io::MediaSourceStream;
+    use symphonia::core::meta::MetadataOptions;
+    use symphonia::core::probe::Hint;
+
+    if bytes.is_empty() {
+        return Err(media_error(name, "the audio is empty (0 bytes)"));
+    }
+    let stream = MediaSourceStream::new(Box::new(std::io::Cursor::new(bytes)), Default::default());
+    let probed = symphonia::default::get_probe()
+        .format(
+            &Hint::new(),
+            stream,
+            &FormatOptions::default(),
+            &MetadataOptions::default(),
+        )
+        .map_err(|e| {
+            media_error(
+                name,
+                format!("not an audio file this build reads (WAV, FLAC, MP3, Ogg Vorbis): {e}"),
+            )
+        })?;
+    let mut format = probed.format;
+    let track = format
+        .tracks()
+        .iter()
+        .find(|t| t.codec_params.codec != CODEC_TYPE_NULL)
+        .ok_or_else(|| media_error(name, "the file holds no audio track"))?;
+    let track_id = track.id;
+    let rate = track
+        .codec_params
+        .sample_rate
+        .ok_or_else(|| media_error(name, "the audio track states no sample rate"))?;
+    let mut decoder = symphonia::default::get_codecs()
+        .make(&track.codec_params, &DecoderOptions::default())
+        .map_err(|e| media_error(name, format!("cannot decode its audio: {e}")))?;
+    let mut samples = Vec::new();
+    loop {
+        let packet = match format.next_packet() {
+            Ok(p) => p,
+            Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(media_error(name, format!("truncated or corrupt: {e}"))),
+        };
+        if packet.track_id() != track_id {
+            continue;
+        }
+        let decoded = match decoder.decode(&packet) {
+            Ok(d) => d,
+            // A damaged packet is skipped, as players do; a file of nothing
+            // but damage ends with no samples below.
+            Err(SymError::DecodeError(_)) => continue,
+            Err(e) => return Err(media_error(name, format!("truncated or corrupt: {e}"))),
+        };
+        let spec = *decoded.spec();
+        let channels = spec.channels.count().max(1);
+        let mut buf = SampleBuffer::<f32>::new(decoded.capacity() as u64, spec);
+        buf.copy_interleaved_ref(decoded);
+        samples.extend(
+            buf.samples()
+                .chunks_exact(channels)
+                .map(|frame| frame.iter().sum::<f32>() / channels as f32),
+        );
+    }
+    if samples.is_empty() {
+        return Err(media_error(name, "the file decodes to no samples"));
+    }
+    Ok(AudioInput::new(samples, rate))
+}
+
+/// transformers' `WhisperFeatureExtractor`, as a model's
+/// `preprocessor_config.json` sets it: log-mel features of 16 kHz audio.
+#[derive(Debug)]
+pub struct WhisperFeatureExtractor {
+    mel: MelConfig,
+    /// `[feature_size, n_fft / 2 + 1]`.
+    filters: Tensor,
+    /// Longest clip, seconds (`chunk_length`; transformers cuts longer ones
+    /// off, we refuse them).
+    chunk_length: u32,
+}
+
+#[derive(Debug, Deserialize)]
+struct PreprocessorConfig {
+    #[serde(default)]
+    feature_size: Option<i64>,
+    #[serde(default = "d_rate")]
+    sampling_rate: u32,
+    #[serde(default = "d_hop")]
+    hop_length: i64,
+    #[serde(default = "d_n_fft")]
+    n_fft: i64,
+    #[serde(default = "d_chunk")]
+    chunk_length: u32,
+    #[serde(default)]
+    dither: f64,
+}
+
+fn d_rate() -> u32 {
+    16_000
+}
+fn d_hop() -> i64 {
+    160
+}
+fn d_n_fft() -> i64 {
+    400
+}
+fn d_chunk() -> u32 {
+    30
+}
+
+impl WhisperFeatureExtractor {
+    /// The extractor `dir/preprocessor_config.json` describes (Whisper's
+    /// defaults where it is missing), with `num_mel_bins` from the model's
+    /// config when the file does not state `feature_size`.
+    pub fn from_dir(dir: &Path, num_mel_bins: i64) -> Result<Self> {
+        let path = dir.join("preprocessor_config.json");
+        let cfg: PreprocessorConfig = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| Error::ModelConfig {
+                path: path.clone(),
+                field: "preprocessor_config".to_owned(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::from_str("{}")
+                .map_err(|e| Error::ModelConfig {
+                    path: path.clone(),
+                    field: "preprocessor_config".to_owned(),
+                    reason: e.to_string(),
+                })?,
+            Err(e) => return Err(Error::Io { path, cause: e }),
+        };
+        let bad = |field: &str, reason: &str| Error::ModelConfig {
+            path: path.clone(),
+            field: field.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if cfg.dither != 0.0 {
+            return Err(bad(
+                "dither",
+                "dithering draws noise; only 0.0 is supported",
+            ));
+        }
+        if cfg.n_fft < 2 || cfg.hop_length < 1 || cfg.sampling_rate == 0 || cfg.chunk_length == 0 {
+            return Err(bad(
+                "n_fft/hop_length/sampling_rate/chunk_length",
+                "must be positive",
+            ));
+        }
+        let feature_size = cfg.feature_size.unwrap_or(num_mel_bins);
+        if feature_size != num_mel_bins {
+            return Err(bad(
+                "feature_size",
+                &format!("{feature_size} mel bins, but the audio encoder reads {num_mel_bins}"),
+            ));
+        }
+        let mel = MelConfig {
+            sample_rate: cfg.sampling_rate,
+            n_fft: cfg.n_fft,
+            win_length: cfg.n_fft,
+            hop_length: cfg.hop_length,
+            n_mels: feature_size,
+            f_min: 0.0,
+            f_max: 8_000.0,
+            floor: 1e-10,
+        };
+        Ok(Self {
+            filters: mel.filterbank()?,
+            mel,
+            chunk_length: cfg.chunk_length,
+        })
+    }
+
+    /// The rate the features are computed at; other rates are resampled.
+    pub fn sample_rate(&self) -> u32 {
+        self.mel.sample_rate
+    }
+
+    /// The longest clip taken, seconds.
+    pub fn max_seconds(&self) -> u32 {
+        self.chunk_length
+    }
+
+    /// Mel bins per frame.
+    pub fn feature_size(&self) -> i64 {
+        self.mel.n_mels
+    }
+
+    /// `[feature_size, frames]`: the features of the clip's valid frames
+    /// (transformers pads every clip to `chunk_length` seconds and returns a
+    /// `feature_attention_mask`; these are the frames the mask keeps, with
+    /// the same values). `name` names the input in errors.
+    pub fn extract(&self, audio: &AudioInput, name: &str) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        if audio.sample_rate == 0 {
+            return Err(media_error(name, "sample rate 0"));
+        }
+        let limit = u64::from(self.chunk_length);
+        if audio.duration_secs() > limit as f64 {
+            return Err(media_error(
+                name,
+                format!(
+                    "{:.2} s of audio; this model takes at most {limit} s a clip \
+                     (chunk_length of its preprocessor_config.json)",
+                    audio.duration_secs()
+                ),
+            ));
+        }
+        if let Some(i) = audio.samples.iter().position(|s| !s.is_finite()) {
+            return Err(media_error(
+                name,
+                format!("sample {i} is not a finite number"),
+            ));
+        }
+        let rate = self.mel.sample_rate;
+        let samples = if audio.sample_rate == rate {
+            audio.samples.clone()
+        } else {
+            crate::mel::resample(&audio.samples, audio.sample_rate, rate)
+        };
+        let (n_fft, hop) = (self.mel.n_fft, self.mel.hop_length);
+        let n = samples.len() as i64;
+        // Frames the processor's attention mask keeps: one per hop started.
+        let frames = (n + hop - 1) / hop;
+        if frames < 3 {
+            return Err(media_error(
+                name,
+                format!(
+                    "{n} samples at {rate} Hz is too short: the audio encoder needs at least \
+                     {} samples",
+                    2 * hop + 1
+                ),
+            ));
+        }
+        // transformers pads to `chunk_length` seconds with zeros before its
+        // centred STFT. Zeros one window past the end give the same frames
+        // (the reflection at the end then mirrors zeros), and every frame
+        // further on is silence, which never raises the maximum below.
+        let padded_len = (n + n_fft).min(i64::from(self.chunk_length) * i64::from(rate));
+        let padded_len = padded_len.max(n);
+        let mut x = samples;
+        x.resize(padded_len as usize, 0.0);
+        // torch.stft(center=True) reflect-pads n_fft / 2 on both sides; tch
+        // cannot ask for centring (it always sends align_to_window), so the
+        // padding is done here, as stft does it.
+        let half = n_fft / 2;
+        let x = Tensor::from_slice(&x)
+            .f_view([1, 1, padded_len])?
+            .f_reflection_pad1d([half, half])?
+            .f_view([-1])?;
+        let window = Tensor::f_hann_window(n_fft, (Kind::Float, Device::Cpu))?;
+        let spec = x.f_stft_center(
+            n_fft,
+            Some(hop),
+            None::<i64>,
+            Some(&window),
+            false,
+            "reflect",
+            false,
+            true,
+            true,
+            false,
+        )?;
+        let total = spec.size()[1];
+        let magnitudes = spec
+            .f_narrow(1, 0, total - 1)?
+            .f_abs()?
+            .f_pow_tensor_scalar(2)?
+            .f_contiguous()?;
+        let log_spec = self
+            .filters
+            .f_matmul(&magnitudes)?
+            .f_clamp_min(1e-10)?
+            .f_log10()?;
+        let max = log_spec.f_max()?.double_value(&[]);
+        let log_spec = log_spec.f_clamp_min(max - 8.0)?;
+        let features = log_spec.f_add_scalar(4.0)?.f_div_scalar(4.0)?;
+        Ok(features.f_narrow(1, 0, frames.min(total - 1))?)
+    }
+}

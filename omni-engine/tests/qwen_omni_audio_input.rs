@@ -1,0 +1,274 @@
+//! Audio into Qwen2.5-Omni's thinker, against transformers on the tiny
+//! checkpoint (`make_qwen_omni_media_fixture.py`): the Whisper features of a
+//! spoken clip, the audio encoder's rows, the expanded prompt ids, the
+//! thinker's greedy tokens, and the talker's codes from the thinker's states
+//! with the audio rows' embeddings left out.
+use std::path::{Path, PathBuf};
+
+use omni_engine::{
+    AudioInput, ChatMessage, EngineArgs, LLMEngine, MultiModalData, Prompt, SamplingParams,
+};
+use serde_json::Value;
+use tch::Tensor;
+
+type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_omni")
+}
+
+fn media_refs() -> Result<Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(
+        fixtures().join("media.json"),
+    )?)?)
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn sidecar(entry: &Value) -> Result<Tensor> {
+    let shape: Vec<i64> = entry["shape"]
+        .as_array()
+        .ok_or("no shape")?
+        .iter()
+        .filter_map(Value::as_i64)
+        .collect();
+    let bytes = std::fs::read(fixtures().join(entry["file"].as_str().ok_or("no file")?))?;
+    let v: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok(Tensor::from_slice(&v).reshape(&shape))
+}
+
+fn engine(stage: &str) -> Result<LLMEngine> {
+    let args = EngineArgs {
+        model: fixtures().join("tiny").to_string_lossy().into_owned(),
+        dtype: Some("float32".into()),
+        weight_precision: Some("native".into()),
+        kv_cache_memory_bytes: Some(8 << 20),
+        ..EngineArgs::default()
+    };
+    Ok(LLMEngine::new_part(&args, Some(stage))?)
+}
+
+fn run(e: &mut LLMEngine) -> Result<std::collections::HashMap<String, omni_engine::RequestOutput>> {
+    let mut done = std::collections::HashMap::new();
+    while e.has_unfinished() {
+        for o in e.step()? {
+            if o.finished {
+                done.insert(o.request_id.clone(), o);
+            }
+        }
+    }
+    Ok(done)
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs().max().double_value(&[])
+}
+
+fn clip() -> Result<AudioInput> {
+    Ok(AudioInput::read(&fixtures().join("media/speech_16k.wav"))?)
+}
+
+fn audio_prompt(refs: &Value, audio: AudioInput) -> Result<Prompt> {
+    let messages: Vec<ChatMessage> =
+        serde_json::from_value(refs["audio_prompt"]["messages"].clone())?;
+    Ok(Prompt::with_media(
+        Prompt::Chat(messages),
+        MultiModalData { audio: vec![audio] },
+    ))
+}
+
+#[test]
+fn features_and_encoder_rows_equal_transformers() -> Result {
+    let refs = media_refs()?;
+    let thinker = engine("thinker")?;
+    let media = thinker
+        .media_encoders()
+        .ok_or("the thinker loaded no encoder")?;
+    let audio = clip()?;
+    assert_eq!(
+        audio.samples.len() as u64,
+        refs["audio"]["num_samples"].as_u64().ok_or("num_samples")?
+    );
+    let ours = media.feature_extractor().extract(&audio, "clip")?;
+    let theirs = sidecar(&refs["audio"]["features"])?;
+    assert_eq!(ours.size(), theirs.size(), "feature frames");
+    let err = max_abs(&(&ours - &theirs));
+    eprintln!("log-mel features: max abs error {err:e}");
+    assert!(err < 1e-4, "log-mel features off by {err}");
+
+    // The encoder on transformers' own features, so its error is its own.
+    let rows = media.audio_encoder().forward(&theirs)?;
+    let want = sidecar(&refs["audio"]["encoder_output"])?;
+    assert_eq!(rows.size(), want.size(), "encoder rows");
+    let err = max_abs(&(&rows - &want)) / max_abs(&want);
+    eprintln!("audio encoder: max abs error {err:e} of the peak");
+    assert!(err < 1e-4, "encoder output off by {err} of its peak");
+    Ok(())
+}
+
+#[test]
+fn audio_prompts_give_transformers_tokens_and_codes() -> Result {
+    let refs = media_refs()?;
+    let case = &refs["audio_prompt"];
+    let n = case["max_new_tokens"].as_u64().ok_or("max_new_tokens")? as usize;
+    let mut thinker = engine("thinker")?;
+    let params = SamplingParams {
+        max_tokens: Some(n),
+        min_tokens: n,
+        output_states: true,
+        ..SamplingParams::greedy()
+    };
+    // Twice in one batch, and a silent clip of the same prompt: equal ids,
+    // so blocks shared by ids alone would give one of them the other's K/V.
+    thinker.add_request("a", audio_prompt(&refs, clip()?)?, params.clone())?;
+    thinker.add_request("b", audio_prompt(&refs, clip()?)?, params.clone())?;
+    let silent = AudioInput::new(vec![0.0; 16_000], 16_000);
+    thinker.add_request("silence", audio_prompt(&refs, silent)?, params.clone())?;
+    let out = run(&mut thinker)?;
+    let want_ids = ids(&case["prompt_ids"]);
+    let want_tokens = ids(&case["generated_ids"]);
+    for id in ["a", "b"] {
+        assert_eq!(
+            out[id].prompt_token_ids, want_ids,
+            "{id}: expanded prompt ids"
+        );
+        assert_eq!(out[id].token_ids, want_tokens, "{id}: thinker tokens");
+    }
+    assert_ne!(
+        out["silence"].token_ids, want_tokens,
+        "a silent clip answers as the spoken one: the audio rows are not read"
+    );
+
+    // The states the talker reads: the audio rows leave their embedding out.
+    let o = &out["a"];
+    let states = o.states.as_ref().ok_or("no thinker states")?;
+    let prefill = sidecar(&case["talker"]["hf_generate"]["prefill_embeds"])?;
+    let p = o.prompt_token_ids.len() as i64;
+    let ours = Tensor::cat(&[states.narrow(0, 0, p), states.narrow(0, p, 1)], 0);
+    let theirs = Tensor::cat(&[prefill.narrow(0, 0, p), prefill.narrow(0, p + 1, 1)], 0);
+    let err = max_abs(&(&ours - &theirs)) / max_abs(&theirs);
+    assert!(err < 1e-4, "thinker states off by {err} of their peak");
+
+    let m = case["talker_max_new_tokens"].as_u64().ok_or("talker max")? as usize;
+    let mut talker = engine("talker")?;
+    talker.add_talker_request(
+        "a",
+        states,
+        o.prompt_token_ids.len(),
+        SamplingParams {
+            max_tokens: Some(m),
+            min_tokens: m,
+            speaker: case["speaker"].as_str().map(str::to_owned),
+            ..SamplingParams::greedy()
+        },
+    )?;
+    let codes = run(&mut talker)?;
+    assert_eq!(
+        codes["a"].token_ids,
+        ids(&case["talker"]["with_codec_prefix"]["codes"]),
+        "talker codes"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_media_is_named() -> Result {
+    let refs = media_refs()?;
+    let mut thinker = engine("thinker")?;
+    let greedy = SamplingParams::greedy();
+    let err = |r: omni_engine::Result<()>| r.err().map(|e| e.to_string()).unwrap_or_default();
+
+    // Two clips for one placeholder.
+    let messages: Vec<ChatMessage> =
+        serde_json::from_value(refs["audio_prompt"]["messages"].clone())?;
+    let two = Prompt::with_media(
+        Prompt::Chat(messages),
+        MultiModalData {
+            audio: vec![clip()?, clip()?],
+        },
+    );
+    let e = err(thinker.add_request("two", two, greedy.clone()));
+    assert!(
+        e.contains("1 audio placeholder") && e.contains("2 audio clip"),
+        "{e}"
+    );
+
+    // Too short for the encoder, too long for the processor, not finite.
+    for (name, audio, says) in [
+        (
+            "short",
+            AudioInput::new(vec![0.1; 100], 16_000),
+            "too short",
+        ),
+        (
+            "long",
+            AudioInput::new(vec![0.0; 16_000 * 301], 16_000),
+            "at most 300 s",
+        ),
+        (
+            "nan",
+            AudioInput::new(vec![f32::NAN; 16_000], 16_000),
+            "not a finite",
+        ),
+        (
+            "rate",
+            AudioInput::new(vec![0.0; 16_000], 0),
+            "sample rate 0",
+        ),
+    ] {
+        let e = err(thinker.add_request(name, audio_prompt(&refs, audio)?, greedy.clone()));
+        assert!(
+            e.contains("multi_modal_data.audio[0]") && e.contains(says),
+            "{name}: {e}"
+        );
+    }
+    assert!(!thinker.has_unfinished(), "a refused request was queued");
+
+    // Files: truncated, not audio at all, empty.
+    let wav = std::fs::read(fixtures().join("media/speech_16k.wav"))?;
+    for (name, bytes) in [
+        ("truncated.wav", &wav[..30]),
+        ("text.wav", b"hello, this is not audio".as_slice()),
+        ("empty.wav", b"".as_slice()),
+    ] {
+        let e = AudioInput::decode(bytes, name)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.starts_with(&format!("media input {name}:")),
+            "{name}: {e}"
+        );
+    }
+
+    // A model without encoders.
+    let mut text_only = LLMEngine::new(&EngineArgs {
+        model: Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-qwen2")
+            .to_string_lossy()
+            .into_owned(),
+        dtype: Some("float32".into()),
+        kv_cache_memory_bytes: Some(8 << 20),
+        ..EngineArgs::default()
+    })?;
+    let prompt = Prompt::with_media(
+        Prompt::TokenIds(vec![1, 2, 3]),
+        MultiModalData {
+            audio: vec![clip()?],
+        },
+    );
+    let e = err(text_only.add_request("t", prompt, greedy));
+    assert!(e.contains("no encoder for multi_modal_data"), "{e}");
+    Ok(())
+}

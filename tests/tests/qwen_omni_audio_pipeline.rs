@@ -1,0 +1,233 @@
+//! Audio in, text and speech out, through the three processes of the
+//! `qwen2_5_omni` pipeline on the tiny checkpoint: `OmniLLM` against
+//! transformers' thinker tokens and code2wav waveform for a spoken clip,
+//! `omni generate --audio`, and `omni serve` taking an `input_audio` part
+//! from the official `openai` client.
+use omni_core::{
+    AudioInput, ChatMessage, MultiModalData, OmniEngineArgs, OmniLLM, Prompt, SamplingParams,
+    StageSamplingParams,
+};
+use omni_tests::{err, repo_root, Result};
+use serde_json::Value;
+
+fn fixture() -> std::path::PathBuf {
+    repo_root().join("omni-engine/tests/fixtures/qwen2_5_omni")
+}
+
+fn clip_path() -> std::path::PathBuf {
+    fixture().join("media/speech_16k.wav")
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn spoken_questions_get_transformers_answers() -> Result {
+    let refs: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("media.json"))?)?;
+    let case = &refs["audio_prompt"];
+    let n = case["max_new_tokens"].as_u64().ok_or("n")? as usize;
+    let m = case["talker_max_new_tokens"].as_u64().ok_or("m")? as usize;
+    let speaker = case["speaker"].as_str().ok_or("speaker")?;
+    let t2w = &case["talker"]["with_codec_prefix"]["token2wav"];
+    let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone())?;
+    let prompt = Prompt::with_media(
+        Prompt::Chat(messages),
+        MultiModalData {
+            audio: vec![AudioInput::read(&clip_path())?],
+        },
+    );
+    let omni = OmniLLM::from_engine_args(OmniEngineArgs {
+        model_path: Some(fixture().join("tiny").to_string_lossy().into_owned()),
+        ..OmniEngineArgs::new("qwen2_5_omni")
+    })?;
+    let params = StageSamplingParams::PerStage(vec![
+        SamplingParams {
+            max_tokens: Some(n),
+            min_tokens: n,
+            output_states: true,
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            max_tokens: Some(m),
+            min_tokens: m,
+            speaker: Some(speaker.to_owned()),
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            seed: t2w["seed"].as_u64(),
+            speaker: Some(speaker.to_owned()),
+            ..SamplingParams::default()
+        },
+    ]);
+    let outs = omni.generate([prompt], params)?;
+    let text = outs.iter().find(|o| o.stage_id == 0).ok_or("no text")?;
+    assert_eq!(
+        text.token_ids,
+        ids(&case["generated_ids"]),
+        "thinker tokens"
+    );
+    let thinker_metrics = text
+        .metrics
+        .stages
+        .iter()
+        .find(|s| s.stage_id == 0)
+        .ok_or("no stage 0 metrics")?;
+    assert_eq!(
+        thinker_metrics.num_prompt_tokens,
+        ids(&case["prompt_ids"]).len(),
+        "the thinker read the expanded prompt"
+    );
+    let speech = outs.iter().find(|o| o.stage_id == 2).ok_or("no audio")?;
+    let audio = speech.audio.as_ref().ok_or("no waveform")?;
+    let want =
+        omni_tests::read_f32(&fixture().join(t2w["wav"]["file"].as_str().ok_or("no wav file")?))?;
+    omni_tests::assert_waveform("audio prompt", &audio.samples, &want, 0.01)?;
+
+    // A clip the engine refuses (too short) is the caller's error, named.
+    let short = Prompt::with_media(
+        Prompt::Chat(vec![ChatMessage::with_parts(
+            "user",
+            vec![omni_core::ContentPart::Audio],
+        )]),
+        MultiModalData {
+            audio: vec![AudioInput::new(vec![0.0; 10], 16_000)],
+        },
+    );
+    let e = omni
+        .generate([short], StageSamplingParams::Defaults)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("multi_modal_data.audio[0]") && e.contains("too short"),
+        "{e}"
+    );
+    omni.shutdown()?;
+    Ok(())
+}
+
+#[test]
+fn cli_and_server_take_audio() -> Result {
+    let model = fixture().join("tiny").to_string_lossy().into_owned();
+    let clip = clip_path().to_string_lossy().into_owned();
+    let dir = tempfile::tempdir()?;
+    let lines = omni_tests::generate_json(
+        &[
+            "--pipeline",
+            "qwen2_5_omni",
+            "--model-path",
+            &model,
+            "--audio",
+            &clip,
+            "--prompt",
+            "What is said in this clip?",
+            "--max-tokens",
+            "8",
+        ],
+        dir.path(),
+    )?;
+    let text = lines
+        .iter()
+        .find(|l| l["stage_id"] == 0)
+        .ok_or("no text line")?;
+    let prompt_tokens = text["metrics"]["stages"][0]["num_prompt_tokens"]
+        .as_u64()
+        .ok_or_else(|| err(format!("no prompt token count in {text}")))?;
+    let audio_tokens = refs_audio_tokens()?;
+    assert!(
+        prompt_tokens > audio_tokens,
+        "{prompt_tokens} prompt tokens: the clip's {audio_tokens} are not in"
+    );
+    let audio = lines
+        .iter()
+        .find(|l| l["stage_id"] == 2)
+        .ok_or("no audio line")?;
+    assert!(
+        audio["audio"]["num_samples"].as_u64().unwrap_or(0) > 0,
+        "{audio}"
+    );
+
+    // A file that is not audio is named before any stage starts.
+    let bad = dir.path().join("notes.wav");
+    std::fs::write(&bad, "not audio")?;
+    let out = std::process::Command::new(omni_tests::omni_bin()?)
+        .args([
+            "generate",
+            "--pipeline",
+            "qwen2_5_omni",
+            "--model-path",
+            &model,
+        ])
+        .args(["--prompt", "hi", "--audio"])
+        .arg(&bad)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("notes.wav"), "{stderr}");
+
+    let server = omni_tests::Server::start_with("qwen2_5_omni", &["--model-path", &model], &[])?;
+    let wav = dir.path().join("served.wav");
+    let r: Value = serde_json::from_str(
+        omni_tests::run_python(
+            "openai_audio.py",
+            &[
+                &format!("http://{}/v1", server.addr),
+                "qwen2_5_omni",
+                &wav.to_string_lossy(),
+                "Ethan",
+                &clip,
+            ],
+        )?
+        .trim(),
+    )?;
+    let choices = r["choices"].as_array().ok_or("no choices")?;
+    assert_eq!(choices.len(), 2, "{r}");
+    assert!(choices[1]["wav"]["frames"].as_u64().unwrap_or(0) > 0, "{r}");
+
+    // A remote URL is refused, not fetched; broken base64 is named.
+    for (part, says) in [
+        (
+            serde_json::json!({"type": "audio_url", "audio_url": {"url": "http://example.invalid/a.wav"}}),
+            "only data: URLs",
+        ),
+        (
+            serde_json::json!({"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}}),
+            "input_audio.data is not base64",
+        ),
+    ] {
+        let body = serde_json::json!({
+            "model": "qwen2_5_omni",
+            "messages": [{"role": "user", "content": [part]}],
+        });
+        let r = omni_tests::http(
+            &server.addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(&body.to_string()),
+        )?;
+        let answer = r.json()?;
+        assert_eq!(r.status, 400, "{answer}");
+        let msg = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains("messages[0].content[0]") && msg.contains(says),
+            "{answer}"
+        );
+    }
+    Ok(())
+}
+
+fn refs_audio_tokens() -> Result<u64> {
+    let refs: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("media.json"))?)?;
+    refs["audio_prompt"]["num_audio_tokens"]
+        .as_u64()
+        .ok_or_else(|| err("num_audio_tokens"))
+}
