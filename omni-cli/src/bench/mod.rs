@@ -3,6 +3,7 @@
 //! tests: they print Markdown tables (or JSON with `--json`) for
 //! BENCHMARKS.md.
 mod audio;
+mod encoder;
 mod pipeline;
 mod profile;
 mod serve;
@@ -54,6 +55,12 @@ pub enum BenchCommand {
     /// folder; and the HiFi-GAN vocoder stage against PyTorch.
     #[command(after_help = "Example:\n  omni bench audio --concurrency 1,8 --rounds 3")]
     Audio(audio::AudioBench),
+    /// Qwen2.5-Omni's audio input: Whisper features and the thinker's
+    /// audio encoder, milliseconds per second of audio at several clip
+    /// lengths, side by side in the same run with transformers' processor
+    /// and audio tower on the same samples.
+    #[command(after_help = "Example:\n  omni bench encoder --seconds 4,30,120 --rounds 3")]
+    Encoder(encoder::EncoderBench),
 }
 
 /// What `omni bench pipeline` compares against.
@@ -168,6 +175,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Profile(b) => profile::run(b),
         BenchCommand::Voice(b) => voice::run(b),
         BenchCommand::Audio(b) => audio::run(b),
+        BenchCommand::Encoder(b) => encoder::run(b),
         BenchCommand::Serve(b) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
