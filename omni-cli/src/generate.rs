@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::Args;
 use omni_core::{
-    AudioInput, ChatMessage, ContentPart, MultiModalData, OmniEngineArgs, OmniLLM, Prompt,
+    AudioInput, ChatMessage, ContentPart, ImageInput, MultiModalData, OmniEngineArgs, OmniLLM,
+    Prompt,
 };
 
 use crate::sampling_flags::SamplingFlags;
@@ -26,7 +27,9 @@ use crate::{audio, progress, BadInput};
   omni generate --pipeline qwen2_5_omni --model-path ~/Qwen2.5-Omni-7B \\
       --prompt 'Hello!' --speaker Ethan --output-dir answers/
   omni generate --pipeline qwen2_5_omni --model-path ~/Qwen2.5-Omni-7B \\
-      --audio question.wav --prompt 'Answer the question in the clip.'")]
+      --audio question.wav --prompt 'Answer the question in the clip.'
+  omni generate --pipeline qwen2_5_omni --model-path ~/Qwen2.5-Omni-7B \\
+      --image photo.png --prompt 'Describe this picture.' --output-dir answers/")]
 pub struct GenerateArgs {
     /// A built-in pipeline (see `omni pipelines`) or a pipeline file.
     #[arg(long, default_value = omni_core::DEFAULT_PIPELINE)]
@@ -45,6 +48,13 @@ pub struct GenerateArgs {
     /// Qwen2.5-Omni). Only models with an audio encoder take it.
     #[arg(long = "audio", value_name = "FILE")]
     pub audio: Vec<PathBuf>,
+    /// An image for every prompt (repeatable; PNG, JPEG, WebP, GIF, BMP).
+    /// A chat prompt's user message gets one image part per file, after
+    /// the audio parts and before its text; --raw and token-id prompts
+    /// must hold <|IMAGE|> placeholders (framed by <|vision_bos|> and
+    /// <|vision_eos|>) themselves.
+    #[arg(long = "image", value_name = "FILE")]
+    pub images: Vec<PathBuf>,
     /// Run every stage on this model instead of the pipeline's own (e.g. a
     /// Qwen2.5-Omni folder for `--pipeline qwen2_5_omni`).
     #[arg(long, value_name = "PATH")]
@@ -93,8 +103,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .iter()
         .map(|path| AudioInput::read(path).map_err(|e| BadInput(format!("--audio: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
+    let pictures = args
+        .images
+        .iter()
+        .map(|path| ImageInput::read(path).map_err(|e| BadInput(format!("--image: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
     let media = || MultiModalData {
         audio: clips.clone(),
+        image: pictures.clone(),
     };
     let omni = progress::with_spinner(
         format!(
@@ -123,10 +139,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .map(|p| {
             let prompt = if args.raw {
                 Prompt::Text(p.clone())
-            } else if clips.is_empty() {
+            } else if clips.is_empty() && pictures.is_empty() {
                 Prompt::Chat(vec![ChatMessage::new("user", p.clone())])
             } else {
                 let mut parts = vec![ContentPart::Audio; clips.len()];
+                parts.extend(vec![ContentPart::Image; pictures.len()]);
                 parts.push(ContentPart::Text { text: p.clone() });
                 Prompt::Chat(vec![ChatMessage::with_parts("user", parts)])
             };

@@ -41,7 +41,7 @@ pub use request_output::{Audio, FinishReason, OmniMetrics, OmniRequestOutput, St
 pub use stage_sampling_params::StageSamplingParams;
 
 pub use omni_engine::{
-    AudioInput, ChatMessage, ContentPart, EngineArgs, MessageContent, MultiModalData,
+    AudioInput, ChatMessage, ContentPart, EngineArgs, ImageInput, MessageContent, MultiModalData,
     MultiModalPrompt, Prompt, SamplingParams,
 };
 pub use omni_profiler::tools as profile_tools;

@@ -100,6 +100,11 @@ pub struct ModelConfig {
     /// (Qwen2.5-Omni's talker: its inputs are projected to the hidden size
     /// by `input_proj`); `None` = `hidden_size`.
     pub embedding_size: Option<usize>,
+    /// Multimodal RoPE (Qwen2-VL, Qwen2.5-Omni): how many of a head's
+    /// rotary frequencies follow the temporal, height and width position;
+    /// sums to `head_dim / 2`. Text alone has three equal positions, so it
+    /// only matters for prompts with images or video.
+    pub mrope_section: Option<Vec<usize>>,
 }
 
 /// `config.json` of a Hugging Face checkpoint, as far as the engine reads it.
@@ -324,6 +329,7 @@ impl ModelConfig {
             }
         };
         let (rope_theta, rope_scaling) = rope(path, hf)?;
+        let mrope_section = mrope_section(path, hf, head_dim)?;
         let bos = token_ids(path, "bos_token_id", hf.bos_token_id.as_ref())?;
         Ok(ModelConfig {
             architecture,
@@ -347,8 +353,40 @@ impl ModelConfig {
             bos_token_id: bos.first().copied(),
             eos_token_ids: token_ids(path, "eos_token_id", hf.eos_token_id.as_ref())?,
             embedding_size: None,
+            mrope_section,
         })
     }
+}
+
+/// `mrope_section` of the RoPE parameters, checked against the head width.
+fn mrope_section(
+    path: &std::path::Path,
+    hf: &HfConfig,
+    head_dim: usize,
+) -> crate::Result<Option<Vec<usize>>> {
+    let (params, field) = match (&hf.rope_parameters, &hf.rope_scaling) {
+        (Some(p), _) if !p.is_null() => (p, "rope_parameters"),
+        (_, Some(s)) if !s.is_null() => (s, "rope_scaling"),
+        _ => return Ok(None),
+    };
+    let Some(v) = params.get("mrope_section") else {
+        return Ok(None);
+    };
+    let field = format!("{field}.mrope_section");
+    let sections: Vec<usize> = serde_json::from_value(v.clone())
+        .map_err(|_| config_err(path, &field, format!("expected a list of sizes, found {v}")))?;
+    if sections.len() != 3 || sections.iter().sum::<usize>() != head_dim / 2 {
+        return Err(config_err(
+            path,
+            &field,
+            format!(
+                "{sections:?}: expected three sizes (temporal, height, width) summing to \
+                 head_dim / 2 = {}",
+                head_dim / 2
+            ),
+        ));
+    }
+    Ok(Some(sections))
 }
 
 /// RoPE base and scaling from either layout: classic (`rope_theta`,

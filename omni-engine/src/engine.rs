@@ -490,6 +490,8 @@ impl LLMEngine {
                     prompt: embeds,
                     stream: None,
                     media: ranges,
+                    mrope: expanded.positions,
+                    mrope_delta: expanded.position_delta,
                 };
                 (expanded.ids, Some(inputs))
             }
@@ -529,6 +531,23 @@ impl LLMEngine {
         request_id: impl Into<String>,
         states: &Tensor,
         prompt_len: usize,
+        params: SamplingParams,
+    ) -> Result<()> {
+        self.add_talker_request_with_positions(request_id, states, prompt_len, None, params)
+    }
+
+    /// [`LLMEngine::add_talker_request`] for a thinker prompt with 3-D RoPE
+    /// positions (`[3, prompt_len]`, [`RequestOutput::mrope_positions`]):
+    /// the talker's prompt takes them, its two extra rows (speaker, first
+    /// reply) the next two positions, and later tokens their index plus the
+    /// thinker's delta (transformers' `get_rope_index` on the talker's
+    /// `input_text_ids`).
+    pub fn add_talker_request_with_positions(
+        &mut self,
+        request_id: impl Into<String>,
+        states: &Tensor,
+        prompt_len: usize,
+        positions: Option<&Tensor>,
         params: SamplingParams,
     ) -> Result<()> {
         let request_id = request_id.into();
@@ -594,6 +613,27 @@ impl LLMEngine {
             ],
             0,
         )?;
+        let (mrope, mrope_delta) = match positions {
+            None => (Vec::new(), 0),
+            Some(p) => {
+                if p.size() != [3, prompt_len as i64] || p.kind() != Kind::Int64 {
+                    return Err(bad(format!(
+                        "3-D positions of shape {:?} ({:?}) for a {prompt_len}-token prompt: \
+                         expected [3, {prompt_len}] int64",
+                        p.size(),
+                        p.kind()
+                    )));
+                }
+                let flat: Vec<i64> = Vec::<i64>::try_from(p.f_reshape([-1])?)?;
+                let mut rows: Vec<[i64; 3]> = (0..prompt_len)
+                    .map(|i| [flat[i], flat[prompt_len + i], flat[2 * prompt_len + i]])
+                    .collect();
+                let next = flat.iter().copied().max().unwrap_or(-1) + 1;
+                rows.push([next; 3]);
+                rows.push([next + 1; 3]);
+                (rows, next - prompt_len as i64)
+            }
+        };
         let mut ids = vec![t.ids.tts_codec_mask_token_id as u32; prompt_len];
         ids.push(t.ids.tts_codec_pad_token_id as u32);
         ids.push(t.ids.tts_codec_start_token_id as u32);
@@ -605,6 +645,8 @@ impl LLMEngine {
                 prompt,
                 stream: Some(stream),
                 media: Vec::new(),
+                mrope,
+                mrope_delta,
             }),
         )
     }

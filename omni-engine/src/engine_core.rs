@@ -247,6 +247,12 @@ impl EngineCore {
                         wants_states: s.params.output_states
                             && start + sc.num_tokens > s.states.len(),
                         bare_states: s.inputs.as_ref().map_or(&[], |i| i.media.as_slice()),
+                        mrope: s.inputs.as_ref().filter(|i| !i.mrope.is_empty()).map(|i| {
+                            crate::model::MropePositions {
+                                prompt: &i.mrope,
+                                delta: i.mrope_delta,
+                            }
+                        }),
                     }
                 })
                 .collect();
@@ -483,6 +489,15 @@ fn make_output(seq: &mut Sequence, finished: bool) -> Result<RequestOutput> {
             Some(Tensor::f_stack(&seq.states, 0)?)
         } else {
             None
+        },
+        mrope_positions: match &seq.inputs {
+            Some(i) if finished && seq.params.output_states && !i.mrope.is_empty() => {
+                let rows: Vec<i64> = (0..3)
+                    .flat_map(|r| i.mrope.iter().map(move |p| p[r]))
+                    .collect();
+                Some(Tensor::from_slice(&rows).f_view([3, -1])?)
+            }
+            _ => None,
         },
         audio: None,
         metrics: seq.metrics,

@@ -368,6 +368,7 @@ impl GenerationEngine {
                 logprobs: None,
                 hidden_states: None,
                 states: None,
+                mrope_positions: None,
                 audio: Some(Waveform {
                     samples,
                     sample_rate,
@@ -455,16 +456,19 @@ impl StageEngine {
         matches!(self, StageEngine::Llm(e) if e.is_talker())
     }
 
-    /// See [`LLMEngine::add_talker_request`].
-    pub fn add_talker_request(
+    /// See [`LLMEngine::add_talker_request_with_positions`].
+    pub fn add_talker_request_with_positions(
         &mut self,
         request_id: impl Into<String>,
         states: &tch::Tensor,
         prompt_len: usize,
+        positions: Option<&tch::Tensor>,
         params: SamplingParams,
     ) -> Result<()> {
         match self {
-            StageEngine::Llm(e) => e.add_talker_request(request_id, states, prompt_len, params),
+            StageEngine::Llm(e) => e.add_talker_request_with_positions(
+                request_id, states, prompt_len, positions, params,
+            ),
             StageEngine::Generation(e) => Err(Error::InvalidPrompt {
                 request_id: request_id.into(),
                 reason: format!("{} is not Qwen2.5-Omni's talker", e.model_name()),

@@ -646,6 +646,7 @@ impl GgufFile {
             bos_token_id,
             eos_token_ids,
             embedding_size: None,
+            mrope_section: None,
         })
     }
 

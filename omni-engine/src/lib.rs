@@ -54,11 +54,15 @@ pub use gguf::{
 pub use kv_cache::KvCache;
 pub use linear::WeightPrecision;
 pub use loader::{load_model, LoadedModel, ModelSource};
-pub use media::{AudioInput, MultiModalData, WhisperFeatureExtractor};
+pub use media::{
+    AudioInput, ImageInput, ImagePatches, ImageProcessor, MultiModalData, WhisperFeatureExtractor,
+    MAX_IMAGE_PIXELS,
+};
 pub use mel::{resample, MelConfig};
 pub use model::qwen2_5_omni;
 pub use model::{
-    BatchEntry, ForwardBatch, Model, ModelOptions, ModelOutput, Vits, VitsDims, VitsScales,
+    BatchEntry, ForwardBatch, Model, ModelOptions, ModelOutput, MropePositions, Vits, VitsDims,
+    VitsScales,
 };
 pub use model_files::{
     known_model, model_dir, resolve_model_path, sha256_file, verify as verify_model_file,

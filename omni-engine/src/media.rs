@@ -21,14 +21,91 @@ pub struct MultiModalData {
     /// Audio clips, one per audio placeholder of the prompt.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub audio: Vec<AudioInput>,
+    /// Images, one per image placeholder of the prompt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image: Vec<ImageInput>,
 }
 
 impl MultiModalData {
     /// Whether it holds no item.
     pub fn is_empty(&self) -> bool {
-        self.audio.is_empty()
+        self.audio.is_empty() && self.image.is_empty()
     }
 }
+
+/// One image: 8-bit RGB pixels, row-major (`height * width * 3` bytes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageInput {
+    /// Pixels across.
+    pub width: u32,
+    /// Pixels down.
+    pub height: u32,
+    /// `height * width * 3` bytes, R G B per pixel, rows top to bottom.
+    pub rgb: Vec<u8>,
+}
+
+impl ImageInput {
+    /// An image of `rgb` bytes; errors when their count is not `width *
+    /// height * 3`.
+    pub fn new(width: u32, height: u32, rgb: Vec<u8>) -> Result<Self> {
+        let want = width as usize * height as usize * 3;
+        if rgb.len() != want || want == 0 {
+            return Err(media_error(
+                "image",
+                format!(
+                    "{width} x {height} RGB needs {want} bytes, got {}",
+                    rgb.len()
+                ),
+            ));
+        }
+        Ok(Self { width, height, rgb })
+    }
+
+    /// Decodes an image file's bytes (PNG, JPEG, WebP, GIF, BMP) to RGB
+    /// (alpha dropped, grey expanded, as PIL's `convert("RGB")`); `name`
+    /// names the input in errors. Refuses more than `MAX_IMAGE_PIXELS`.
+    pub fn decode(bytes: &[u8], name: &str) -> Result<Self> {
+        if bytes.is_empty() {
+            return Err(media_error(name, "the image is empty (0 bytes)"));
+        }
+        let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| media_error(name, format!("cannot read it: {e}")))?;
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(MAX_IMAGE_PIXELS * 4 * 2);
+        let mut reader = reader;
+        reader.limits(limits);
+        let (w, h) = reader.into_dimensions().map_err(|e| {
+            media_error(
+                name,
+                format!("not an image this build reads (PNG, JPEG, WebP, GIF, BMP): {e}"),
+            )
+        })?;
+        if u64::from(w) * u64::from(h) > MAX_IMAGE_PIXELS {
+            return Err(media_error(
+                name,
+                format!("{w} x {h} pixels; at most {MAX_IMAGE_PIXELS} are taken"),
+            ));
+        }
+        let img = image::load_from_memory(bytes)
+            .map_err(|e| media_error(name, format!("truncated or corrupt: {e}")))?;
+        let rgb = img.to_rgb8();
+        Self::new(rgb.width(), rgb.height(), rgb.into_raw())
+    }
+
+    /// Reads and decodes an image file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::Io {
+            path: path.to_path_buf(),
+            cause: e,
+        })?;
+        Self::decode(&bytes, &path.display().to_string())
+    }
+}
+
+/// The most pixels a decoded image may have (the processor scales larger
+/// ones down to its `max_pixels` anyway; this bounds the decoder's memory).
+pub const MAX_IMAGE_PIXELS: u64 = 64 << 20;
 
 /// One audio clip: mono samples in `[-1, 1]` at `sample_rate` Hz (vLLM's
 /// `(array, sampling_rate)` pair).
@@ -357,5 +434,205 @@ impl WhisperFeatureExtractor {
         let log_spec = log_spec.f_clamp_min(max - 8.0)?;
         let features = log_spec.f_add_scalar(4.0)?.f_div_scalar(4.0)?;
         Ok(features.f_narrow(1, 0, frames.min(total - 1))?)
+    }
+}
+
+/// transformers' `Qwen2VLImageProcessor` (its torchvision backend, which
+/// transformers 5 picks): resize so both sides are multiples of
+/// `patch_size * merge_size` within `[min_pixels, max_pixels]` (bicubic,
+/// antialiased, rounded back to 8 bits), rescale and normalise, and lay the
+/// patches out merge-group-major with the frame repeated
+/// `temporal_patch_size` times.
+#[derive(Debug, Clone)]
+pub struct ImageProcessor {
+    min_pixels: u64,
+    max_pixels: u64,
+    patch_size: i64,
+    merge_size: i64,
+    temporal_patch_size: i64,
+    mean: [f64; 3],
+    std: [f64; 3],
+    rescale: f64,
+}
+
+#[derive(Debug, Deserialize)]
+struct ImageProcessorConfig {
+    #[serde(default)]
+    min_pixels: Option<u64>,
+    #[serde(default)]
+    max_pixels: Option<u64>,
+    #[serde(default)]
+    size: Option<serde_json::Value>,
+    #[serde(default = "d_patch")]
+    patch_size: i64,
+    #[serde(default = "d_merge")]
+    merge_size: i64,
+    #[serde(default = "d_temporal")]
+    temporal_patch_size: i64,
+    #[serde(default = "d_mean")]
+    image_mean: [f64; 3],
+    #[serde(default = "d_std")]
+    image_std: [f64; 3],
+    #[serde(default = "d_rescale")]
+    rescale_factor: f64,
+}
+
+fn d_patch() -> i64 {
+    14
+}
+fn d_merge() -> i64 {
+    2
+}
+fn d_temporal() -> i64 {
+    2
+}
+fn d_mean() -> [f64; 3] {
+    [0.48145466, 0.4578275, 0.40821073]
+}
+fn d_std() -> [f64; 3] {
+    [0.26862954, 0.26130258, 0.27577711]
+}
+fn d_rescale() -> f64 {
+    1.0 / 255.0
+}
+
+/// One image as the vision encoder reads it.
+#[derive(Debug)]
+pub struct ImagePatches {
+    /// `[t * h * w, channels * temporal_patch_size * patch_size²]`.
+    pub pixel_values: Tensor,
+    /// Patches along time, height and width.
+    pub grid: [i64; 3],
+}
+
+impl ImageProcessor {
+    /// The processor `dir/preprocessor_config.json` describes
+    /// (transformers' defaults where it is silent).
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("preprocessor_config.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "{}".to_owned(),
+            Err(e) => return Err(Error::Io { path, cause: e }),
+        };
+        let bad = |field: &str, reason: String| Error::ModelConfig {
+            path: path.clone(),
+            field: field.to_owned(),
+            reason,
+        };
+        let cfg: ImageProcessorConfig =
+            serde_json::from_str(&text).map_err(|e| bad("preprocessor_config", e.to_string()))?;
+        let size = |key: &str| {
+            cfg.size
+                .as_ref()
+                .and_then(|s| s.get(key))
+                .and_then(serde_json::Value::as_u64)
+        };
+        let min_pixels = cfg.min_pixels.or(size("shortest_edge")).unwrap_or(56 * 56);
+        let max_pixels = cfg
+            .max_pixels
+            .or(size("longest_edge"))
+            .unwrap_or(28 * 28 * 1280);
+        if cfg.patch_size < 1 || cfg.merge_size < 1 || cfg.temporal_patch_size < 1 {
+            return Err(bad(
+                "patch_size/merge_size/temporal_patch_size",
+                "must be positive".to_owned(),
+            ));
+        }
+        if min_pixels > max_pixels || max_pixels == 0 {
+            return Err(bad(
+                "min_pixels",
+                format!("{min_pixels} is above max_pixels {max_pixels}"),
+            ));
+        }
+        Ok(Self {
+            min_pixels,
+            max_pixels,
+            patch_size: cfg.patch_size,
+            merge_size: cfg.merge_size,
+            temporal_patch_size: cfg.temporal_patch_size,
+            mean: cfg.image_mean,
+            std: cfg.image_std,
+            rescale: cfg.rescale_factor,
+        })
+    }
+
+    /// transformers' `smart_resize`: the size an image of `height x width`
+    /// is resized to.
+    pub fn target_size(&self, height: u32, width: u32, name: &str) -> Result<(i64, i64)> {
+        let (h, w) = (f64::from(height), f64::from(width));
+        if h.max(w) / h.min(w) > 200.0 {
+            return Err(media_error(
+                name,
+                format!("{width} x {height}: the aspect ratio must be below 200"),
+            ));
+        }
+        let factor = (self.patch_size * self.merge_size) as f64;
+        // Python's round() rounds halves to even.
+        let round = |x: f64| -> f64 { x.round_ties_even() };
+        let (mut hb, mut wb) = (round(h / factor) * factor, round(w / factor) * factor);
+        let (min, max) = (self.min_pixels as f64, self.max_pixels as f64);
+        if hb * wb > max {
+            let beta = (h * w / max).sqrt();
+            hb = factor.max((h / beta / factor).floor() * factor);
+            wb = factor.max((w / beta / factor).floor() * factor);
+        } else if hb * wb < min {
+            let beta = (min / (h * w)).sqrt();
+            hb = (h * beta / factor).ceil() * factor;
+            wb = (w * beta / factor).ceil() * factor;
+        }
+        Ok((hb as i64, wb as i64))
+    }
+
+    /// The patches of `image`; `name` names it in errors.
+    pub fn process(&self, image: &ImageInput, name: &str) -> Result<ImagePatches> {
+        let _guard = tch::no_grad_guard();
+        let (h, w) = (i64::from(image.height), i64::from(image.width));
+        if image.rgb.len() as i64 != h * w * 3 || h == 0 || w == 0 {
+            return Err(media_error(
+                name,
+                format!(
+                    "{w} x {h} RGB needs {} bytes, got {}",
+                    h * w * 3,
+                    image.rgb.len()
+                ),
+            ));
+        }
+        let (th, tw) = self.target_size(image.height, image.width, name)?;
+        // torchvision resizes 8-bit pixels natively on the CPU (libtorch's
+        // integer antialiasing kernel), on the channels-last view of the
+        // decoded rows, as here; on other devices it goes through f32 and
+        // rounds back, so the resize runs on the CPU wherever the model is.
+        let x = Tensor::from_slice(&image.rgb)
+            .f_view([h, w, 3])?
+            .f_permute([2, 0, 1])?
+            .f_unsqueeze(0)?;
+        let x = if (th, tw) == (h, w) {
+            x
+        } else {
+            x.f_internal_upsample_bicubic2d_aa([th, tw], false, None, None)?
+        };
+        let x = x.f_to_kind(Kind::Float)?;
+        // Rescale and normalise fused, as transformers does:
+        // (x - mean / rescale) / (std / rescale).
+        let per_channel = |v: [f64; 3]| -> Result<Tensor> {
+            let t = Tensor::from_slice(&v.map(|c| c as f32)).f_mul_scalar(1.0 / self.rescale)?;
+            Ok(t.f_view([1, 3, 1, 1])?)
+        };
+        let x = x
+            .f_sub(&per_channel(self.mean)?)?
+            .f_div(&per_channel(self.std)?)?;
+        let (p, m, tp) = (self.patch_size, self.merge_size, self.temporal_patch_size);
+        let (gh, gw) = (th / p, tw / p);
+        let patches = x
+            .f_reshape([1, 3, gh / m, m, p, gw / m, m, p])?
+            .f_permute([0, 2, 5, 3, 6, 1, 4, 7])?
+            .f_unsqueeze(6)?
+            .f_expand([-1, -1, -1, -1, -1, -1, tp, -1, -1], false)?
+            .f_reshape([gh * gw, 3 * tp * p * p])?;
+        Ok(ImagePatches {
+            pixel_values: patches,
+            grid: [1, gh, gw],
+        })
     }
 }

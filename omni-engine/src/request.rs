@@ -32,6 +32,8 @@ pub enum ContentPart {
     },
     /// The next audio clip.
     Audio,
+    /// The next image.
+    Image,
 }
 
 /// A chat message's content: text, or a list of parts.
@@ -298,6 +300,10 @@ pub struct RequestOutput {
     /// per generated token fed back (all but the last), its input embedding
     /// plus its final-norm hidden state (what Qwen2.5-Omni's talker reads).
     pub states: Option<Tensor>,
+    /// `[3, prompt tokens]` int64 on the CPU, on finish, with `states`,
+    /// when the prompt had multimodal RoPE positions (an image): what
+    /// Qwen2.5-Omni's talker continues its own positions from.
+    pub mrope_positions: Option<Tensor>,
     /// The waveform, on finish, from a speech stage.
     pub audio: Option<Waveform>,
     /// Timings and counts.
@@ -318,6 +324,11 @@ pub(crate) struct SequenceInputs {
     /// Prompt positions that hold media rows (encoder outputs): their
     /// states leave the embedding out (see [`crate::BatchEntry::bare_states`]).
     pub media: Vec<std::ops::Range<usize>>,
+    /// Multimodal RoPE positions of the prompt and the delta of later
+    /// tokens (see [`crate::MropePositions`]); empty: plain positions.
+    pub mrope: Vec<[i64; 3]>,
+    /// See [`crate::MropePositions::delta`].
+    pub mrope_delta: i64,
 }
 
 /// Where a sequence is in its life.

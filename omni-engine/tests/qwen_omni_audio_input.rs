@@ -84,7 +84,10 @@ fn audio_prompt(refs: &Value, audio: AudioInput) -> Result<Prompt> {
         serde_json::from_value(refs["audio_prompt"]["messages"].clone())?;
     Ok(Prompt::with_media(
         Prompt::Chat(messages),
-        MultiModalData { audio: vec![audio] },
+        MultiModalData {
+            audio: vec![audio],
+            ..MultiModalData::default()
+        },
     ))
 }
 
@@ -100,7 +103,10 @@ fn features_and_encoder_rows_equal_transformers() -> Result {
         audio.samples.len() as u64,
         refs["audio"]["num_samples"].as_u64().ok_or("num_samples")?
     );
-    let ours = media.feature_extractor().extract(&audio, "clip")?;
+    let ours = media
+        .feature_extractor()
+        .ok_or("no feature extractor")?
+        .extract(&audio, "clip")?;
     let theirs = sidecar(&refs["audio"]["features"])?;
     assert_eq!(ours.size(), theirs.size(), "feature frames");
     let err = max_abs(&(&ours - &theirs));
@@ -108,7 +114,10 @@ fn features_and_encoder_rows_equal_transformers() -> Result {
     assert!(err < 1e-4, "log-mel features off by {err}");
 
     // The encoder on transformers' own features, so its error is its own.
-    let rows = media.audio_encoder().forward(&theirs)?;
+    let rows = media
+        .audio_encoder()
+        .ok_or("no audio encoder")?
+        .forward(&theirs)?;
     let want = sidecar(&refs["audio"]["encoder_output"])?;
     assert_eq!(rows.size(), want.size(), "encoder rows");
     let err = max_abs(&(&rows - &want)) / max_abs(&want);
@@ -196,11 +205,12 @@ fn bad_media_is_named() -> Result {
         Prompt::Chat(messages),
         MultiModalData {
             audio: vec![clip()?, clip()?],
+            ..MultiModalData::default()
         },
     );
     let e = err(thinker.add_request("two", two, greedy.clone()));
     assert!(
-        e.contains("1 audio placeholder") && e.contains("2 audio clip"),
+        e.contains("1 audio placeholder") && e.contains("2 audio item"),
         "{e}"
     );
 
@@ -266,6 +276,7 @@ fn bad_media_is_named() -> Result {
         Prompt::TokenIds(vec![1, 2, 3]),
         MultiModalData {
             audio: vec![clip()?],
+            ..MultiModalData::default()
         },
     );
     let e = err(text_only.add_request("t", prompt, greedy));

@@ -55,7 +55,7 @@ pub use locate::{locate_stage_binary, STAGE_BINARY_ENV, STAGE_BINARY_NAME};
 pub use orchestrator::{Orchestrator, OrchestratorOptions, StageEvent, StageInfo, StageOutput};
 pub use processor::{
     lookup as input_processor, names as input_processor_names, speakable, InputProcessor,
-    ProcessorInput, SourceOutput, StageInput, THINKER_STATES,
+    ProcessorInput, SourceOutput, StageInput, THINKER_POSITIONS, THINKER_STATES,
 };
 pub use tensor::{byte_len, DType, HostTensor};
 pub use wire::{HealthMsg, StageMetrics, PROTOCOL_VERSION};

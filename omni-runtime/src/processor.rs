@@ -56,6 +56,8 @@ pub enum StageInput {
         states: HostTensor,
         /// Rows of the thinker's prompt.
         prompt_len: usize,
+        /// The prompt's 3-D RoPE positions, when it had an image.
+        positions: Option<HostTensor>,
     },
 }
 
@@ -66,6 +68,10 @@ pub type InputProcessor = fn(&ProcessorInput<'_>) -> Result<Option<StageInput>>;
 
 /// The tensor a thinker stage sends its states as.
 pub const THINKER_STATES: &str = "thinker_states";
+
+/// The tensor a thinker stage sends its prompt's 3-D RoPE positions as
+/// (`[3, prompt_len]` int64; only for prompts with images).
+pub const THINKER_POSITIONS: &str = "thinker_positions";
 
 const REGISTRY: &[(&str, InputProcessor)] = &[
     ("summarize", summarize),
@@ -316,9 +322,23 @@ fn thinker2talker(input: &ProcessorInput<'_>) -> Result<Option<StageInput>> {
                 states.shape
             ))
         })?;
+    let positions = src
+        .tensors
+        .iter()
+        .find(|(name, _)| name == THINKER_POSITIONS)
+        .map(|(_, t)| t.clone());
+    if let Some(p) = &positions {
+        if p.shape != [3, prompt_len] {
+            return Err(fail(format!(
+                "{THINKER_POSITIONS} of shape {:?} for a {prompt_len}-token prompt",
+                p.shape
+            )));
+        }
+    }
     Ok(Some(StageInput::ThinkerStates {
         states: states.clone(),
         prompt_len,
+        positions,
     }))
 }
 

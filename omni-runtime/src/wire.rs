@@ -676,6 +676,11 @@ fn audio_tensor_name(i: usize) -> String {
     format!("media.audio.{i}")
 }
 
+/// Name of the tensor that carries image `i` of a prompt's media.
+fn image_tensor_name(i: usize) -> String {
+    format!("media.image.{i}")
+}
+
 /// Moves the samples of `prompt`'s media into tensors, so that they travel
 /// as raw frames and the JSON header keeps only their sample rates.
 pub fn detach_media(prompt: &mut Prompt) -> Result<Vec<(String, HostTensor)>> {
@@ -689,6 +694,13 @@ pub fn detach_media(prompt: &mut Prompt) -> Result<Vec<(String, HostTensor)>> {
         out.push((
             audio_tensor_name(i),
             HostTensor::new(DType::F32, vec![samples.len()], Bytes::from(bytes))?,
+        ));
+    }
+    for (i, image) in m.multi_modal_data.image.iter_mut().enumerate() {
+        let rgb = std::mem::take(&mut image.rgb);
+        out.push((
+            image_tensor_name(i),
+            HostTensor::new(DType::U8, vec![rgb.len()], Bytes::from(rgb))?,
         ));
     }
     Ok(out)
@@ -720,6 +732,23 @@ pub fn attach_media(prompt: &mut Prompt, tensors: &[(String, HostTensor)]) -> Re
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
     }
+    for (i, image) in m.multi_modal_data.image.iter_mut().enumerate() {
+        let name = image_tensor_name(i);
+        let t = tensors
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| Error::Wire(format!("generate: tensor {name} is missing")))?;
+        let want = image.width as usize * image.height as usize * 3;
+        if t.dtype != DType::U8 || t.shape != [want] || !image.rgb.is_empty() {
+            return Err(Error::Wire(format!(
+                "generate: tensor {name} must be {want} u8 RGB bytes for a {} x {} image \
+                 (got {:?} {:?}), and the header's rgb empty",
+                image.width, image.height, t.dtype, t.shape
+            )));
+        }
+        image.rgb = t.data.to_vec();
+    }
     Ok(())
 }
 
@@ -739,6 +768,7 @@ mod tests {
             Prompt::Text("<|AUDIO|> what is said?".into()),
             MultiModalData {
                 audio: vec![AudioInput::new(samples, 16_000)],
+                ..MultiModalData::default()
             },
         )
     }

@@ -60,8 +60,11 @@ pub(super) fn run(b: EncoderBench) -> anyhow::Result<()> {
     let dir = omni_core::engine::resolve_model_path(&b.model_path)?;
     let media = ThinkerMedia::load(&dir, Kind::Float, Device::Cpu)
         .with_context(|| format!("loading the encoders of {}", dir.display()))?
-        .with_context(|| format!("{} holds no audio encoder", dir.display()))?;
+        .with_context(|| format!("{} holds no media encoder", dir.display()))?;
     let clip = AudioInput::read(std::path::Path::new(&b.audio))?;
+    let (Some(features), Some(encoder)) = (media.feature_extractor(), media.audio_encoder()) else {
+        anyhow::bail!("{} holds no audio encoder", dir.display());
+    };
     let bar = progress::spinner(format!(
         "omni: features + audio encoder, {} lengths x {} rounds",
         b.seconds.len(),
@@ -73,16 +76,12 @@ pub(super) fn run(b: EncoderBench) -> anyhow::Result<()> {
         let samples: Vec<f32> = clip.samples.iter().copied().cycle().take(n).collect();
         let audio = AudioInput::new(samples, clip.sample_rate);
         // One untimed run first: allocator and kernel caches warm up.
-        drop(
-            media
-                .audio_encoder()
-                .forward(&media.feature_extractor().extract(&audio, &b.audio)?)?,
-        );
+        drop(encoder.forward(&features.extract(&audio, &b.audio)?)?);
         for _ in 0..b.rounds {
             let t0 = Instant::now();
-            let features = media.feature_extractor().extract(&audio, &b.audio)?;
+            let mel = features.extract(&audio, &b.audio)?;
             let t1 = Instant::now();
-            let rows = media.audio_encoder().forward(&features)?;
+            let rows = encoder.forward(&mel)?;
             let t2 = Instant::now();
             rounds.push(Round {
                 system: "omni".into(),

@@ -115,7 +115,7 @@ pub struct ChatMessageIn {
 pub enum MessageContent {
     /// Plain text.
     Text(String),
-    /// Content parts: `text`, `input_audio`, `audio_url`.
+    /// Content parts: `text`, `input_audio`, `audio_url`, `image_url`.
     Parts(Vec<ContentPart>),
 }
 
@@ -129,6 +129,8 @@ pub struct ContentPart {
     pub input_audio: Option<InputAudio>,
     /// vLLM's audio part: a URL (only `data:` URLs are fetched).
     pub audio_url: Option<UrlPart>,
+    /// OpenAI's image part: a URL (only `data:` URLs are fetched).
+    pub image_url: Option<UrlPart>,
 }
 
 /// `{"data": base64, "format": "wav"}`.

@@ -6,7 +6,9 @@
 //! top of that stage's `default_sampling_params`; vLLM-Omni's
 //! `sampling_params_list` gives one object per stage instead.
 use base64::Engine as _;
-use omni_core::{AudioInput, ChatMessage, ContentPart, MultiModalData, Prompt, SamplingParams};
+use omni_core::{
+    AudioInput, ChatMessage, ContentPart, ImageInput, MultiModalData, Prompt, SamplingParams,
+};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
@@ -56,15 +58,29 @@ fn content_part(
                     format!("{at} is an audio_url part without audio_url {{url}}"),
                 )
             })?;
-            let bytes = data_url(at, &url)?;
+            let bytes = data_url(at, "audio_url", &url)?;
             media.audio.push(decode_audio(at, &bytes)?);
             Ok(ContentPart::Audio)
+        }
+        "image_url" => {
+            let url = part.image_url.map(|u| u.url).ok_or_else(|| {
+                ApiError::bad_param(
+                    format!("{at}.image_url"),
+                    format!("{at} is an image_url part without image_url {{url}}"),
+                )
+            })?;
+            let bytes = data_url(at, "image_url", &url)?;
+            media.image.push(
+                ImageInput::decode(&bytes, at)
+                    .map_err(|e| ApiError::bad_param(at.to_owned(), e.to_string()))?,
+            );
+            Ok(ContentPart::Image)
         }
         kind => Err(ApiError::bad_param(
             at.to_owned(),
             format!(
-                "content part of type {kind:?} in {at} is not supported: text, input_audio and \
-                 audio_url parts are"
+                "content part of type {kind:?} in {at} is not supported: text, input_audio, \
+                 audio_url and image_url parts are"
             ),
         )),
     }
@@ -76,8 +92,8 @@ fn decode_audio(at: &str, bytes: &[u8]) -> Result<AudioInput, ApiError> {
 
 /// The bytes of a `data:[<type>][;base64],<data>` URL. Other URLs would make
 /// the server fetch what a client names; they are refused.
-fn data_url(at: &str, url: &str) -> Result<Vec<u8>, ApiError> {
-    let param = format!("{at}.audio_url.url");
+fn data_url(at: &str, kind: &str, url: &str) -> Result<Vec<u8>, ApiError> {
+    let param = format!("{at}.{kind}.url");
     let Some(rest) = url.strip_prefix("data:") else {
         let shown: String = url.chars().take(64).collect();
         return Err(ApiError::bad_param(

@@ -33,6 +33,30 @@ pub struct BatchEntry<'a> {
     /// embedding out: media rows, which Qwen2.5-Omni's talker reads as the
     /// hidden state alone.
     pub bare_states: &'a [std::ops::Range<usize>],
+    /// 3-D rotary positions (multimodal RoPE), when the prompt holds
+    /// images or video; `None`: every row is the token's index.
+    pub mrope: Option<MropePositions<'a>>,
+}
+
+/// A sequence's multimodal RoPE positions: its prompt's, then for every
+/// later token its index plus `delta` in all three rows.
+#[derive(Debug, Clone, Copy)]
+pub struct MropePositions<'a> {
+    /// `(temporal, height, width)` of each prompt position.
+    pub prompt: &'a [[i64; 3]],
+    /// Added to a generated token's index (the prompt's largest position
+    /// plus one, minus its length).
+    pub delta: i64,
+}
+
+impl MropePositions<'_> {
+    /// The three positions of the token at `index`.
+    pub fn at(&self, index: usize) -> [i64; 3] {
+        match self.prompt.get(index) {
+            Some(p) => *p,
+            None => [index as i64 + self.delta; 3],
+        }
+    }
 }
 
 /// How the decode group's attention reads the KV cache.
@@ -98,6 +122,8 @@ pub(crate) struct PrefillGroup {
 pub struct ForwardBatch {
     pub(crate) input_ids: Tensor,
     pub(crate) positions: Tensor,
+    /// `[3, tokens]` multimodal RoPE positions, when an entry has them.
+    pub(crate) mrope_positions: Option<Tensor>,
     /// Slot of each new token's K/V.
     pub(crate) slots: Tensor,
     pub(crate) decode: Option<DecodeGroup>,
@@ -163,6 +189,8 @@ impl ForwardBatch {
 
         let mut ids = Vec::new();
         let mut positions = Vec::new();
+        let any_mrope = entries.iter().any(|e| e.mrope.is_some());
+        let mut mrope: [Vec<i64>; 3] = Default::default();
         let mut slots = Vec::new();
         let mut logits_rows = Vec::new();
         let mut logits_entries = Vec::new();
@@ -194,6 +222,12 @@ impl ForwardBatch {
                 let pos = e.start_pos + j;
                 ids.push(t as i64);
                 positions.push(pos as i64);
+                if any_mrope {
+                    let p = e.mrope.map_or([pos as i64; 3], |m| m.at(pos));
+                    for (row, v) in mrope.iter_mut().zip(p) {
+                        row.push(v);
+                    }
+                }
                 slots.push(slot(e.block_table, block_size, pos)?);
             }
             if e.wants_logits {
@@ -257,6 +291,11 @@ impl ForwardBatch {
             batch_size: entries.len(),
             input_ids: to(&ids)?,
             positions: to(&positions)?,
+            mrope_positions: if any_mrope {
+                Some(to(&mrope.concat())?.f_view([3, -1])?)
+            } else {
+                None
+            },
             slots: to(&slots)?,
             decode,
             prefills,

@@ -73,6 +73,9 @@ pub struct Model {
     norm: Tensor,
     lm_head: Linear,
     rotary: Rotary,
+    /// `[head_dim]`: the RoPE position row (temporal, height, width) of
+    /// each column, when the model has multimodal RoPE.
+    mrope_columns: Option<Tensor>,
     device: Device,
     kind: Kind,
 }
@@ -192,6 +195,20 @@ impl Model {
         };
         let lm_head = Linear::new(head, None, opts.precision)?;
         let rotary = Rotary::new(cfg, opts.max_positions, kind, device)?;
+        // For each column of a head, which of the three positions rotates
+        // it: the sections in order over the first half, again over the second.
+        let mrope_columns = match &cfg.mrope_section {
+            Some(sections) => {
+                let half: Vec<i64> = sections
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(row, &n)| std::iter::repeat_n(row as i64, n))
+                    .collect();
+                let cols = [half.as_slice(), half.as_slice()].concat();
+                Some(Tensor::from_slice(&cols).f_to_device(device)?)
+            }
+            None => None,
+        };
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,
@@ -200,6 +217,7 @@ impl Model {
             norm,
             lm_head,
             rotary,
+            mrope_columns,
             device,
             kind,
         })
@@ -236,7 +254,23 @@ impl Model {
             self.cfg.head_dim as i64,
         );
         let eps = self.cfg.rms_norm_eps;
-        let (cos, sin) = self.rotary.tables(&batch.positions)?;
+        let (cos, sin) = match (&batch.mrope_positions, &self.mrope_columns) {
+            (Some(p), Some(cols)) => {
+                let max = p.f_max()?.int64_value(&[]);
+                if max >= self.rotary.len() {
+                    return Err(Error::InvalidConfig {
+                        field: "rotary position".to_owned(),
+                        value: max.to_string(),
+                        reason: format!(
+                            "past the {} positions of the rotary tables (max_model_len)",
+                            self.rotary.len()
+                        ),
+                    });
+                }
+                self.rotary.tables_3d(p, cols)?
+            }
+            _ => self.rotary.tables(&batch.positions)?,
+        };
         // The residual stream; owned here, so the norms add into it in place.
         let mut x = self.embed_tokens.f_index_select(0, &batch.input_ids)?;
         if let Some((rows, values)) = &batch.embeds {
@@ -454,6 +488,7 @@ impl Model {
             embeds: None,
             wants_states: false,
             bare_states: &[],
+            mrope: None,
         };
         let batch = ForwardBatch::new(&[entry], block_size, self.device)?;
         let out = self.forward(&batch, &mut cache)?;
@@ -505,6 +540,7 @@ mod tests {
                 embeds: None,
                 wants_states: false,
                 bare_states: &[],
+                mrope: None,
             })
             .collect();
         model.forward(&ForwardBatch::new(&prefill, bs, Device::Cpu)?, &mut cache)?;
@@ -517,6 +553,7 @@ mod tests {
                 embeds: None,
                 wants_states: false,
                 bare_states: &[],
+                mrope: None,
             })
             .collect();
         let batch = ForwardBatch::with_decode_path(&decode, bs, Device::Cpu, path)?;

@@ -12,7 +12,7 @@ pub mod qwen2_5_omni;
 mod rotary;
 mod vits;
 
-pub use batch::{BatchEntry, ForwardBatch};
+pub use batch::{BatchEntry, ForwardBatch, MropePositions};
 pub use decoder::{Model, ModelOptions, ModelOutput};
 pub use vits::{Vits, VitsDims, VitsScales};
 
@@ -46,6 +46,7 @@ pub(crate) mod testing {
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
             embedding_size: None,
+            mrope_section: None,
         }
     }
 

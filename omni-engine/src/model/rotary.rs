@@ -90,6 +90,38 @@ impl Rotary {
         Ok((cos, sin))
     }
 
+    /// cos and signed sin for 3-D positions (`[3, tokens]`, int64: temporal,
+    /// height, width), shaped `[tokens, 1, head_dim]`. Column `c` of a head
+    /// takes the row `row_of_column[c]` names (transformers'
+    /// `apply_multimodal_rotary_pos_emb`: the frequencies in `mrope_section`
+    /// order, in both halves).
+    pub fn tables_3d(
+        &self,
+        positions: &Tensor,
+        row_of_column: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let gather = |table: &Tensor| -> Result<Tensor> {
+            let rows: Vec<Tensor> = (0..3)
+                .map(|r| table.f_index_select(0, &positions.f_get(r)?))
+                .collect::<std::result::Result<_, _>>()?;
+            // [3, tokens, head_dim] -> pick a row per column.
+            let stacked = Tensor::f_stack(&rows, 0)?;
+            let index = row_of_column
+                .f_view([1, 1, -1])?
+                .f_expand([1, stacked.size()[1], stacked.size()[2]], false)?;
+            Ok(stacked
+                .f_gather(0, &index, false)?
+                .f_squeeze_dim(0)?
+                .f_unsqueeze(1)?)
+        };
+        Ok((gather(&self.cos)?, gather(&self.sin)?))
+    }
+
+    /// Positions the tables cover.
+    pub fn len(&self) -> i64 {
+        self.cos.size()[0]
+    }
+
     /// Rotates `x` (`[tokens, heads, head_dim]`): HF's
     /// `x * cos + rotate_half(x) * sin`.
     pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

@@ -479,7 +479,24 @@ impl Io {
                         let _ = self.send_ctrl(f).await;
                     }
                 },
-                Err(Rejected { seq, error, .. }) => {
+                Err(Rejected {
+                    seq,
+                    request_id,
+                    error,
+                }) => {
+                    if let Some(id) = request_id {
+                        // A generate the stage cannot read must fail its
+                        // request, or the caller waits for ever.
+                        let m = Message::RequestError {
+                            request_id: id,
+                            stage_id: self.stage_id,
+                            message: format!("request rejected: {error}"),
+                            rejected: false,
+                        };
+                        if let Ok(f) = wire::encode_message(m) {
+                            let _ = self.send_ctrl(f).await;
+                        }
+                    }
                     let f = self.protocol_error(seq, error);
                     let _ = self.send_ctrl(f).await;
                 }

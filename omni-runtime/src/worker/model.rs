@@ -28,7 +28,9 @@ use omni_engine::{EngineArgs, FinishReason, Prompt, RequestOutput, SamplingParam
 use omni_profiler::{ProfileSession, Profiler};
 
 use crate::error::Result;
-use crate::processor::{InputProcessor, ProcessorInput, SourceOutput, StageInput, THINKER_STATES};
+use crate::processor::{
+    InputProcessor, ProcessorInput, SourceOutput, StageInput, THINKER_POSITIONS, THINKER_STATES,
+};
 use crate::shm::ShmWriter;
 use crate::tensor::HostTensor;
 use crate::wire::{
@@ -472,6 +474,7 @@ impl Loop {
             logprobs: None,
             hidden_states: None,
             states: None,
+            mrope_positions: None,
             // A speech stage answers nothing with no audio, at its rate.
             audio: engine
                 .sample_rate()
@@ -517,9 +520,22 @@ impl Loop {
         };
         let added: omni_engine::Result<()> = match input {
             StageInput::Prompt(prompt) => engine.add_request(id.clone(), prompt, params),
-            StageInput::ThinkerStates { states, prompt_len } => match states.to_tch() {
-                Ok(states) => engine.add_talker_request(id.clone(), &states, prompt_len, params),
-                Err(e) => return self.request_error(&id, e.to_string()),
+            StageInput::ThinkerStates {
+                states,
+                prompt_len,
+                positions,
+            } => match (
+                states.to_tch(),
+                positions.as_ref().map(HostTensor::to_tch).transpose(),
+            ) {
+                (Ok(states), Ok(positions)) => engine.add_talker_request_with_positions(
+                    id.clone(),
+                    &states,
+                    prompt_len,
+                    positions.as_ref(),
+                    params,
+                ),
+                (Err(e), _) | (_, Err(e)) => return self.request_error(&id, e.to_string()),
             },
         };
         if let Err(e) = added {
@@ -594,6 +610,22 @@ impl Loop {
             } else {
                 None
             };
+            let positions = match o
+                .mrope_positions
+                .as_ref()
+                .map(HostTensor::from_tch)
+                .transpose()
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    self.request_error(
+                        &o.request_id,
+                        format!("cannot copy the thinker's positions: {e}"),
+                    );
+                    self.reqs.remove(&o.request_id);
+                    continue;
+                }
+            };
             let states = match o.states.as_ref().map(HostTensor::from_tch).transpose() {
                 Ok(s) => s,
                 Err(e) => {
@@ -639,6 +671,7 @@ impl Loop {
                 if !self.t.downstream.is_empty() && o.finish_reason != Some(FinishReason::Abort) {
                     let mut tensors = audio.unwrap_or_default();
                     tensors.extend(states.map(|s| (THINKER_STATES.to_string(), s)));
+                    tensors.extend(positions.map(|p| (THINKER_POSITIONS.to_string(), p)));
                     self.forward(&o, req, hidden, tensors);
                 }
             }

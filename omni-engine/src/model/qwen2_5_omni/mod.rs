@@ -14,6 +14,7 @@ mod config;
 mod dit;
 mod speakers;
 mod thinker_media;
+mod vision_encoder;
 
 use std::path::Path;
 
@@ -25,6 +26,7 @@ pub use config::{BigVganConfig, DitConfig, OmniConfig, TalkerConfig, Token2WavCo
 pub use dit::{Dit, SampleOptions};
 pub use speakers::{Speaker, Speakers, DEFAULT_SPEAKER};
 pub use thinker_media::{ExpandedPrompt, ThinkerMedia};
+pub use vision_encoder::{VisionEncoder, VisionEncoderConfig};
 
 use crate::error::{Error, Result};
 use crate::safetensors::SafetensorsFiles;

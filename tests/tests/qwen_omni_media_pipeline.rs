@@ -1,11 +1,12 @@
-//! Audio in, text and speech out, through the three processes of the
-//! `qwen2_5_omni` pipeline on the tiny checkpoint: `OmniLLM` against
-//! transformers' thinker tokens and code2wav waveform for a spoken clip,
-//! `omni generate --audio`, and `omni serve` taking an `input_audio` part
-//! from the official `openai` client.
+//! Audio and images in, text and speech out, through the three processes
+//! of the `qwen2_5_omni` pipeline on the tiny checkpoint: `OmniLLM` against
+//! transformers' thinker tokens and code2wav waveform for a spoken clip and
+//! for a picture (the talker on 3-D positions handed over by the thinker),
+//! `omni generate --audio/--image`, and `omni serve` taking `input_audio`
+//! and `image_url` parts from the official `openai` client.
 use omni_core::{
-    AudioInput, ChatMessage, MultiModalData, OmniEngineArgs, OmniLLM, Prompt, SamplingParams,
-    StageSamplingParams,
+    AudioInput, ChatMessage, ImageInput, MultiModalData, OmniEngineArgs, OmniLLM, Prompt,
+    SamplingParams, StageSamplingParams,
 };
 use omni_tests::{err, repo_root, Result};
 use serde_json::Value;
@@ -28,27 +29,12 @@ fn ids(v: &Value) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-#[test]
-fn spoken_questions_get_transformers_answers() -> Result {
-    let refs: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("media.json"))?)?;
-    let case = &refs["audio_prompt"];
+/// Greedy thinker and talker of the case's fixed lengths, code2wav seeded.
+fn params(case: &Value, seed: Option<u64>) -> Result<StageSamplingParams> {
     let n = case["max_new_tokens"].as_u64().ok_or("n")? as usize;
     let m = case["talker_max_new_tokens"].as_u64().ok_or("m")? as usize;
     let speaker = case["speaker"].as_str().ok_or("speaker")?;
-    let t2w = &case["talker"]["with_codec_prefix"]["token2wav"];
-    let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone())?;
-    let prompt = Prompt::with_media(
-        Prompt::Chat(messages),
-        MultiModalData {
-            audio: vec![AudioInput::read(&clip_path())?],
-        },
-    );
-    let omni = OmniLLM::from_engine_args(OmniEngineArgs {
-        model_path: Some(fixture().join("tiny").to_string_lossy().into_owned()),
-        ..OmniEngineArgs::new("qwen2_5_omni")
-    })?;
-    let params = StageSamplingParams::PerStage(vec![
+    Ok(StageSamplingParams::PerStage(vec![
         SamplingParams {
             max_tokens: Some(n),
             min_tokens: n,
@@ -62,17 +48,22 @@ fn spoken_questions_get_transformers_answers() -> Result {
             ..SamplingParams::greedy()
         },
         SamplingParams {
-            seed: t2w["seed"].as_u64(),
+            seed,
             speaker: Some(speaker.to_owned()),
             ..SamplingParams::default()
         },
-    ]);
-    let outs = omni.generate([prompt], params)?;
+    ]))
+}
+
+/// Runs `prompt` as `case` says; checks the thinker's tokens and prompt
+/// length and the waveform against the references.
+fn check_case(omni: &OmniLLM, name: &str, case: &Value, t2w: &Value, prompt: Prompt) -> Result {
+    let outs = omni.generate([prompt], params(case, t2w["seed"].as_u64())?)?;
     let text = outs.iter().find(|o| o.stage_id == 0).ok_or("no text")?;
     assert_eq!(
         text.token_ids,
         ids(&case["generated_ids"]),
-        "thinker tokens"
+        "{name}: thinker tokens"
     );
     let thinker_metrics = text
         .metrics
@@ -83,13 +74,47 @@ fn spoken_questions_get_transformers_answers() -> Result {
     assert_eq!(
         thinker_metrics.num_prompt_tokens,
         ids(&case["prompt_ids"]).len(),
-        "the thinker read the expanded prompt"
+        "{name}: the thinker read the expanded prompt"
     );
     let speech = outs.iter().find(|o| o.stage_id == 2).ok_or("no audio")?;
     let audio = speech.audio.as_ref().ok_or("no waveform")?;
     let want =
         omni_tests::read_f32(&fixture().join(t2w["wav"]["file"].as_str().ok_or("no wav file")?))?;
-    omni_tests::assert_waveform("audio prompt", &audio.samples, &want, 0.01)?;
+    omni_tests::assert_waveform(name, &audio.samples, &want, 0.01)
+}
+
+#[test]
+fn spoken_and_pictured_questions_get_transformers_answers() -> Result {
+    let refs: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("media.json"))?)?;
+    let omni = OmniLLM::from_engine_args(OmniEngineArgs {
+        model_path: Some(fixture().join("tiny").to_string_lossy().into_owned()),
+        ..OmniEngineArgs::new("qwen2_5_omni")
+    })?;
+
+    let case = &refs["audio_prompt"];
+    let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone())?;
+    let prompt = Prompt::with_media(
+        Prompt::Chat(messages),
+        MultiModalData {
+            audio: vec![AudioInput::read(&clip_path())?],
+            ..MultiModalData::default()
+        },
+    );
+    let t2w = &case["talker"]["with_codec_prefix"]["token2wav"];
+    check_case(&omni, "audio prompt", case, t2w, prompt)?;
+
+    // The talker's codes depend on the 3-D positions the thinker hands it.
+    let case = &refs["image_prompt"];
+    let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone())?;
+    let prompt = Prompt::with_media(
+        Prompt::Chat(messages),
+        MultiModalData {
+            image: vec![ImageInput::read(&fixture().join("media/picture.png"))?],
+            ..MultiModalData::default()
+        },
+    );
+    check_case(&omni, "image prompt", case, &case["token2wav"], prompt)?;
 
     // A clip the engine refuses (too short) is the caller's error, named.
     let short = Prompt::with_media(
@@ -99,6 +124,7 @@ fn spoken_questions_get_transformers_answers() -> Result {
         )]),
         MultiModalData {
             audio: vec![AudioInput::new(vec![0.0; 10], 16_000)],
+            ..MultiModalData::default()
         },
     );
     let e = omni
@@ -110,14 +136,40 @@ fn spoken_questions_get_transformers_answers() -> Result {
         e.contains("multi_modal_data.audio[0]") && e.contains("too short"),
         "{e}"
     );
+    // An image whose pixels do not fill its size is refused by the stage
+    // that reads it, as an error of its request, not a hang.
+    let torn = Prompt::with_media(
+        Prompt::Chat(vec![ChatMessage::with_parts(
+            "user",
+            vec![omni_core::ContentPart::Image],
+        )]),
+        MultiModalData {
+            image: vec![ImageInput {
+                width: 10,
+                height: 10,
+                rgb: vec![0; 5],
+            }],
+            ..MultiModalData::default()
+        },
+    );
+    let e = omni
+        .generate([torn], StageSamplingParams::Defaults)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("media.image.0"), "{e}");
     omni.shutdown()?;
     Ok(())
 }
 
 #[test]
-fn cli_and_server_take_audio() -> Result {
+fn cli_and_server_take_audio_and_images() -> Result {
     let model = fixture().join("tiny").to_string_lossy().into_owned();
     let clip = clip_path().to_string_lossy().into_owned();
+    let picture = fixture()
+        .join("media/picture.png")
+        .to_string_lossy()
+        .into_owned();
     let dir = tempfile::tempdir()?;
     let lines = omni_tests::generate_json(
         &[
@@ -127,6 +179,8 @@ fn cli_and_server_take_audio() -> Result {
             &model,
             "--audio",
             &clip,
+            "--image",
+            &picture,
             "--prompt",
             "What is said in this clip?",
             "--max-tokens",
@@ -141,10 +195,10 @@ fn cli_and_server_take_audio() -> Result {
     let prompt_tokens = text["metrics"]["stages"][0]["num_prompt_tokens"]
         .as_u64()
         .ok_or_else(|| err(format!("no prompt token count in {text}")))?;
-    let audio_tokens = refs_audio_tokens()?;
+    let media_tokens = refs_media_tokens()?;
     assert!(
-        prompt_tokens > audio_tokens,
-        "{prompt_tokens} prompt tokens: the clip's {audio_tokens} are not in"
+        prompt_tokens > media_tokens,
+        "{prompt_tokens} prompt tokens: the clip's and the picture's {media_tokens} are not in"
     );
     let audio = lines
         .iter()
@@ -184,6 +238,7 @@ fn cli_and_server_take_audio() -> Result {
                 &wav.to_string_lossy(),
                 "Ethan",
                 &clip,
+                &picture,
             ],
         )?
         .trim(),
@@ -201,6 +256,14 @@ fn cli_and_server_take_audio() -> Result {
         (
             serde_json::json!({"type": "input_audio", "input_audio": {"data": "@@@", "format": "wav"}}),
             "input_audio.data is not base64",
+        ),
+        (
+            serde_json::json!({"type": "image_url", "image_url": {"url": "https://example.invalid/a.png"}}),
+            "only data: URLs",
+        ),
+        (
+            serde_json::json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}),
+            "not an image",
         ),
     ] {
         let body = serde_json::json!({
@@ -224,10 +287,14 @@ fn cli_and_server_take_audio() -> Result {
     Ok(())
 }
 
-fn refs_audio_tokens() -> Result<u64> {
+fn refs_media_tokens() -> Result<u64> {
     let refs: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture().join("media.json"))?)?;
-    refs["audio_prompt"]["num_audio_tokens"]
+    let audio = refs["audio_prompt"]["num_audio_tokens"]
         .as_u64()
-        .ok_or_else(|| err("num_audio_tokens"))
+        .ok_or_else(|| err("num_audio_tokens"))?;
+    let image = refs["image_prompt"]["num_image_tokens"]
+        .as_u64()
+        .ok_or_else(|| err("num_image_tokens"))?;
+    Ok(audio + image)
 }

@@ -1,0 +1,239 @@
+//! Images into Qwen2.5-Omni's thinker, against transformers on the tiny
+//! checkpoint (`make_qwen_omni_media_fixture.py`): the image processor's
+//! patches (resized, normalised, laid out), the vision encoder's rows
+//! (windowed and full attention, 2-D rotary, merger), the 3-D rotary
+//! positions of the expanded prompt, the thinker's greedy tokens, and the
+//! talker's codes on 3-D positions.
+use std::path::{Path, PathBuf};
+
+use omni_engine::{
+    ChatMessage, EngineArgs, ImageInput, LLMEngine, MultiModalData, Prompt, SamplingParams,
+};
+use serde_json::Value;
+use tch::Tensor;
+
+type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_omni")
+}
+
+fn media_refs() -> Result<Value> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(
+        fixtures().join("media.json"),
+    )?)?)
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn sidecar(entry: &Value) -> Result<Tensor> {
+    let shape: Vec<i64> = entry["shape"]
+        .as_array()
+        .ok_or("no shape")?
+        .iter()
+        .filter_map(Value::as_i64)
+        .collect();
+    let bytes = std::fs::read(fixtures().join(entry["file"].as_str().ok_or("no file")?))?;
+    let v: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok(Tensor::from_slice(&v).reshape(&shape))
+}
+
+fn engine(stage: &str) -> Result<LLMEngine> {
+    let args = EngineArgs {
+        model: fixtures().join("tiny").to_string_lossy().into_owned(),
+        dtype: Some("float32".into()),
+        weight_precision: Some("native".into()),
+        kv_cache_memory_bytes: Some(8 << 20),
+        ..EngineArgs::default()
+    };
+    Ok(LLMEngine::new_part(&args, Some(stage))?)
+}
+
+fn run(e: &mut LLMEngine) -> Result<std::collections::HashMap<String, omni_engine::RequestOutput>> {
+    let mut done = std::collections::HashMap::new();
+    while e.has_unfinished() {
+        for o in e.step()? {
+            if o.finished {
+                done.insert(o.request_id.clone(), o);
+            }
+        }
+    }
+    Ok(done)
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs().max().double_value(&[])
+}
+
+fn picture() -> Result<ImageInput> {
+    Ok(ImageInput::read(&fixtures().join("media/picture.png"))?)
+}
+
+fn image_prompt(refs: &Value, image: ImageInput) -> Result<Prompt> {
+    let messages: Vec<ChatMessage> =
+        serde_json::from_value(refs["image_prompt"]["messages"].clone())?;
+    Ok(Prompt::with_media(
+        Prompt::Chat(messages),
+        MultiModalData {
+            image: vec![image],
+            ..MultiModalData::default()
+        },
+    ))
+}
+
+#[test]
+fn patches_rows_and_positions_equal_transformers() -> Result {
+    let refs = media_refs()?;
+    let thinker = engine("thinker")?;
+    let media = thinker.media_encoders().ok_or("no encoders")?;
+    let processor = media.image_processor().ok_or("no image processor")?;
+    let image = picture()?;
+    let patches = processor.process(&image, "picture")?;
+    let grid: Vec<i64> = refs["image"]["image_grid_thw"]
+        .as_array()
+        .ok_or("grid")?
+        .iter()
+        .filter_map(Value::as_i64)
+        .collect();
+    assert_eq!(patches.grid.to_vec(), grid, "patch grid");
+    let theirs = sidecar(&refs["image"]["pixel_values"])?;
+    let err = max_abs(&(&patches.pixel_values - &theirs));
+    eprintln!("pixel values: max abs error {err:e}");
+    assert!(err < 1e-4, "pixel values off by {err}");
+
+    let rows = media
+        .vision_encoder()
+        .ok_or("no vision encoder")?
+        .forward(&theirs, patches.grid)?;
+    let want = sidecar(&refs["image"]["encoder_output"])?;
+    assert_eq!(rows.size(), want.size(), "encoder rows");
+    let err = max_abs(&(&rows - &want)) / max_abs(&want);
+    eprintln!("vision encoder: max abs error {err:e} of the peak");
+    assert!(err < 1e-4, "vision encoder off by {err} of its peak");
+
+    let case = &refs["image_prompt"];
+    let unexpanded = thinker.encode_prompt(&image_prompt(&refs, picture()?)?)?;
+    let data = MultiModalData {
+        image: vec![image],
+        ..MultiModalData::default()
+    };
+    let expanded = media.expand("p", &unexpanded, &data)?;
+    assert_eq!(expanded.ids, ids(&case["prompt_ids"]), "expanded ids");
+    let rows: Vec<Vec<i64>> = serde_json::from_value(case["position_ids"].clone())?;
+    let want: Vec<[i64; 3]> = (0..rows[0].len())
+        .map(|i| [rows[0][i], rows[1][i], rows[2][i]])
+        .collect();
+    assert_eq!(expanded.positions, want, "3-D positions");
+    assert_eq!(
+        expanded.position_delta,
+        case["rope_delta"].as_i64().ok_or("rope_delta")?,
+        "position delta"
+    );
+    Ok(())
+}
+
+#[test]
+fn image_prompts_give_transformers_tokens_and_codes() -> Result {
+    let refs = media_refs()?;
+    let case = &refs["image_prompt"];
+    let n = case["max_new_tokens"].as_u64().ok_or("max_new_tokens")? as usize;
+    let mut thinker = engine("thinker")?;
+    let params = SamplingParams {
+        max_tokens: Some(n),
+        min_tokens: n,
+        output_states: true,
+        ..SamplingParams::greedy()
+    };
+    thinker.add_request("a", image_prompt(&refs, picture()?)?, params.clone())?;
+    let out = run(&mut thinker)?;
+    let o = &out["a"];
+    assert_eq!(
+        o.prompt_token_ids,
+        ids(&case["prompt_ids"]),
+        "expanded prompt ids"
+    );
+    assert_eq!(o.token_ids, ids(&case["generated_ids"]), "thinker tokens");
+
+    let states = o.states.as_ref().ok_or("no thinker states")?;
+    let prefill = sidecar(&case["talker_prefill_embeds"])?;
+    let p = o.prompt_token_ids.len() as i64;
+    let ours = Tensor::cat(&[states.narrow(0, 0, p), states.narrow(0, p, 1)], 0);
+    let theirs = Tensor::cat(&[prefill.narrow(0, 0, p), prefill.narrow(0, p + 1, 1)], 0);
+    let err = max_abs(&(&ours - &theirs)) / max_abs(&theirs);
+    assert!(err < 1e-4, "thinker states off by {err} of their peak");
+
+    let positions = o.mrope_positions.as_ref().ok_or("no 3-D positions")?;
+    let m = case["talker_max_new_tokens"].as_u64().ok_or("talker max")? as usize;
+    let mut talker = engine("talker")?;
+    talker.add_talker_request_with_positions(
+        "a",
+        states,
+        o.prompt_token_ids.len(),
+        Some(positions),
+        SamplingParams {
+            max_tokens: Some(m),
+            min_tokens: m,
+            speaker: case["speaker"].as_str().map(str::to_owned),
+            ..SamplingParams::greedy()
+        },
+    )?;
+    let codes = run(&mut talker)?;
+    assert_eq!(
+        codes["a"].token_ids,
+        ids(&case["talker_codes"]),
+        "talker codes"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_images_are_named() -> Result {
+    let refs = media_refs()?;
+    let mut thinker = engine("thinker")?;
+    let png = std::fs::read(fixtures().join("media/picture.png"))?;
+    for (name, bytes) in [
+        ("truncated.png", &png[..png.len() / 2]),
+        ("text.png", b"not a picture".as_slice()),
+        ("empty.png", b"".as_slice()),
+    ] {
+        let e = ImageInput::decode(bytes, name)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.starts_with(&format!("media input {name}:")),
+            "{name}: {e}"
+        );
+    }
+    // A sliver: its aspect ratio is past what the processor takes.
+    let sliver = ImageInput::new(300, 1, vec![128; 900])?;
+    let e = thinker
+        .add_request(
+            "sliver",
+            image_prompt(&refs, sliver)?,
+            SamplingParams::greedy(),
+        )
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("multi_modal_data.image[0]") && e.contains("aspect ratio"),
+        "{e}"
+    );
+    assert!(
+        ImageInput::new(2, 2, vec![0; 11]).is_err(),
+        "a short buffer"
+    );
+    Ok(())
+}
