@@ -76,6 +76,11 @@ impl AppState {
     }
 }
 
+/// The largest request body taken: room for a 300 s clip of 16-bit 16 kHz
+/// audio in base64 (12.8 MB; Qwen2.5-Omni's longest) with its JSON around
+/// it. Larger bodies are answered 413 before they are read.
+pub const MAX_REQUEST_BYTES: usize = 32 << 20;
+
 /// The routes, for a server or for `tower::ServiceExt::oneshot` in tests.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -87,6 +92,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/start_profile", post(handlers::start_profile))
         .route("/stop_profile", post(handlers::stop_profile))
         .fallback(handlers::not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(state)
 }
 

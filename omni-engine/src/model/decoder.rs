@@ -577,6 +577,57 @@ mod tests {
         Ok(())
     }
 
+    /// Logits of one 9-token prompt with `mrope` positions (or plain ones).
+    fn mrope_logits(mrope: Option<&[[i64; 3]]>, sections: [usize; 3]) -> Result<Tensor> {
+        let mut cfg = tiny_config(Architecture::Qwen2);
+        cfg.mrope_section = Some(sections.to_vec());
+        let mut w = random_weights(&cfg, 11)?;
+        let opts = ModelOptions {
+            precision: WeightPrecision::Native,
+            max_positions: 64,
+        };
+        let model = Model::new(&cfg, &mut w, &opts)?;
+        let mut cache = model.new_cache(8, 4)?;
+        let tokens: Vec<u32> = (0..9).map(|t| 3 + 7 * t).collect();
+        let table = [1u32, 2, 3];
+        let entry = BatchEntry {
+            tokens: &tokens,
+            start_pos: 0,
+            block_table: &table,
+            wants_logits: true,
+            embeds: None,
+            wants_states: false,
+            bare_states: &[],
+            mrope: mrope.map(|prompt| crate::model::MropePositions { prompt, delta: 0 }),
+        };
+        Ok(model
+            .forward(&ForwardBatch::new(&[entry], 4, Device::Cpu)?, &mut cache)?
+            .logits)
+    }
+
+    #[test]
+    fn equal_3d_positions_rotate_as_plain_ones_and_unequal_ones_do_not() -> Result<()> {
+        // head_dim 16: 8 frequencies split 2 / 3 / 3 between t, h and w.
+        let plain = mrope_logits(None, [2, 3, 3])?;
+        let equal: Vec<[i64; 3]> = (0..9).map(|i| [i; 3]).collect();
+        let same = mrope_logits(Some(&equal), [2, 3, 3])?;
+        let diff = f64::try_from(plain.f_sub(&same)?.f_abs()?.f_max()?)?;
+        assert!(diff < 1e-5, "equal rows differ from plain positions by {diff}");
+        // A 2 x 2 grid in the middle: only the sections of the rows that
+        // differ can change the result.
+        let mut grid = equal.clone();
+        for (k, (y, x)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
+            grid[3 + k] = [3, 3 + y, 3 + x];
+        }
+        for (k, p) in grid.iter_mut().enumerate().skip(7) {
+            *p = [k as i64 - 2; 3];
+        }
+        let moved = mrope_logits(Some(&grid), [2, 3, 3])?;
+        let diff = f64::try_from(plain.f_sub(&moved)?.f_abs()?.f_max()?)?;
+        assert!(diff > 1e-3, "3-D positions left the logits unchanged ({diff})");
+        Ok(())
+    }
+
     #[test]
     fn a_block_table_outside_the_cache_is_an_error() -> Result<()> {
         let cache = Tensor::f_zeros([8 * 4, 2, 16], (Kind::Float, Device::Cpu))?;
