@@ -284,6 +284,16 @@ impl LLMEngine {
             None
         };
         let cfg = loaded.config;
+        if media.as_ref().is_some_and(|m| m.vision_encoder().is_some())
+            && cfg.mrope_section.is_none()
+        {
+            return Err(invalid(
+                "model",
+                &args.model,
+                "the thinker has a vision encoder but its text_config states no \
+                 rope_scaling.mrope_section: images need 3-D rotary positions",
+            ));
+        }
         let mut weights = loaded.weights;
         let max_model_len = match args.max_model_len {
             None => cfg.max_position_embeddings,
@@ -459,20 +469,20 @@ impl LLMEngine {
         if self.detokenizers.contains_key(&request_id) {
             return Err(Error::DuplicateRequest(request_id));
         }
+        if prompt.media().is_some() && self.media.is_none() {
+            return Err(Error::InvalidPrompt {
+                request_id,
+                reason: format!(
+                    "{} reads text only: it has no encoder for multi_modal_data",
+                    self.model_name
+                ),
+            });
+        }
         let ids = self.encode_prompt(&prompt)?;
-        let (ids, inputs) = match prompt.media() {
-            None => (ids, None),
-            Some(data) => {
-                let Some(media) = &self.media else {
-                    return Err(Error::InvalidPrompt {
-                        request_id,
-                        reason: format!(
-                            "{} reads text only: it has no encoder for multi_modal_data",
-                            self.model_name
-                        ),
-                    });
-                };
-                let expanded = media.expand(&request_id, &ids, data)?;
+        let (ids, inputs) = match (prompt.media(), &self.media) {
+            (Some(data), Some(media)) => {
+                let max_len = self.core.max_model_len();
+                let expanded = media.expand(&request_id, &ids, data, max_len)?;
                 let _guard = tch::no_grad_guard();
                 let model = self.core.model();
                 let all: Vec<i64> = expanded.ids.iter().map(|&t| i64::from(t)).collect();
@@ -495,6 +505,7 @@ impl LLMEngine {
                 };
                 (expanded.ids, Some(inputs))
             }
+            _ => (ids, None),
         };
         let detok = self.tokenizer.detokenizer(&ids, params.skip_special_tokens);
         self.core
@@ -629,6 +640,15 @@ impl LLMEngine {
                     .map(|i| [flat[i], flat[prompt_len + i], flat[2 * prompt_len + i]])
                     .collect();
                 let next = flat.iter().copied().max().unwrap_or(-1) + 1;
+                let limit = self.core.max_model_len() as i64;
+                if flat.iter().any(|&v| v < 0) || next + 2 > limit {
+                    return Err(bad(format!(
+                        "3-D positions must lie in 0..{} (max_model_len, with the talker's two \
+                         extra rows); these reach {}",
+                        limit - 2,
+                        next - 1
+                    )));
+                }
                 rows.push([next; 3]);
                 rows.push([next + 1; 3]);
                 (rows, next - prompt_len as i64)

@@ -163,6 +163,13 @@ impl EngineCore {
             });
         }
         if let Some(i) = &inputs {
+            if !i.mrope.is_empty() && i.mrope.len() != prompt.len() {
+                return Err(bad(format!(
+                    "{} 3-D positions for {} prompt tokens",
+                    i.mrope.len(),
+                    prompt.len()
+                )));
+            }
             let stream_rows = i.stream.as_ref().map(|s| s.size()[0]);
             if i.prompt.size().first().copied() != Some(prompt.len() as i64)
                 || stream_rows == Some(0)

@@ -48,17 +48,39 @@ impl ImageInput {
     /// An image of `rgb` bytes; errors when their count is not `width *
     /// height * 3`.
     pub fn new(width: u32, height: u32, rgb: Vec<u8>) -> Result<Self> {
-        let want = width as usize * height as usize * 3;
-        if rgb.len() != want || want == 0 {
+        let image = Self { width, height, rgb };
+        image.check("image")?;
+        Ok(image)
+    }
+
+    /// Bytes `width x height` RGB pixels take, when that fits memory.
+    pub fn byte_len(width: u32, height: u32) -> Option<usize> {
+        (width as usize)
+            .checked_mul(height as usize)?
+            .checked_mul(3)
+    }
+
+    /// That the pixels fill the stated size and stay within
+    /// [`MAX_IMAGE_PIXELS`]; `name` names the image in the error.
+    pub fn check(&self, name: &str) -> Result<()> {
+        let (w, h) = (self.width, self.height);
+        if u64::from(w) * u64::from(h) > MAX_IMAGE_PIXELS {
             return Err(media_error(
-                "image",
-                format!(
-                    "{width} x {height} RGB needs {want} bytes, got {}",
-                    rgb.len()
-                ),
+                name,
+                format!("{w} x {h} pixels; at most {MAX_IMAGE_PIXELS} are taken"),
             ));
         }
-        Ok(Self { width, height, rgb })
+        match Self::byte_len(w, h) {
+            Some(n) if n > 0 && n == self.rgb.len() => Ok(()),
+            _ => Err(media_error(
+                name,
+                format!(
+                    "{w} x {h} RGB needs {} bytes, got {}",
+                    u64::from(w) * u64::from(h) * 3,
+                    self.rgb.len()
+                ),
+            )),
+        }
     }
 
     /// Decodes an image file's bytes (PNG, JPEG, WebP, GIF, BMP) to RGB
@@ -68,26 +90,30 @@ impl ImageInput {
         if bytes.is_empty() {
             return Err(media_error(name, "the image is empty (0 bytes)"));
         }
-        let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| media_error(name, format!("cannot read it: {e}")))?;
-        let mut limits = image::Limits::default();
-        limits.max_alloc = Some(MAX_IMAGE_PIXELS * 4 * 2);
-        let mut reader = reader;
-        reader.limits(limits);
-        let (w, h) = reader.into_dimensions().map_err(|e| {
+        let open = || {
+            image::ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .map_err(|e| media_error(name, format!("cannot read it: {e}")))
+        };
+        let unreadable = |e: image::ImageError| {
             media_error(
                 name,
                 format!("not an image this build reads (PNG, JPEG, WebP, GIF, BMP): {e}"),
             )
-        })?;
+        };
+        let (w, h) = open()?.into_dimensions().map_err(unreadable)?;
         if u64::from(w) * u64::from(h) > MAX_IMAGE_PIXELS {
             return Err(media_error(
                 name,
                 format!("{w} x {h} pixels; at most {MAX_IMAGE_PIXELS} are taken"),
             ));
         }
-        let img = image::load_from_memory(bytes)
+        let mut reader = open()?;
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(MAX_IMAGE_PIXELS * 4 * 2);
+        reader.limits(limits);
+        let img = reader
+            .decode()
             .map_err(|e| media_error(name, format!("truncated or corrupt: {e}")))?;
         let rgb = img.to_rgb8();
         Self::new(rgb.width(), rgb.height(), rgb.into_raw())
@@ -147,6 +173,28 @@ impl AudioInput {
     }
 }
 
+/// The longest audio decoded, seconds: twice Qwen2.5-Omni's longest clip,
+/// so a model's own limit names the problem; it bounds what a compressed
+/// file may expand to.
+pub const MAX_AUDIO_SECONDS: u64 = 600;
+
+/// Sample rates taken, Hz.
+pub const AUDIO_RATES: std::ops::RangeInclusive<u32> = 1_000..=384_000;
+
+fn check_rate(rate: u32, name: &str) -> Result<()> {
+    if !AUDIO_RATES.contains(&rate) {
+        return Err(media_error(
+            name,
+            format!(
+                "sample rate {rate} Hz is outside {}..={} Hz",
+                AUDIO_RATES.start(),
+                AUDIO_RATES.end()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn media_error(input: &str, reason: impl Into<String>) -> Error {
     Error::Media {
         input: input.to_owned(),
@@ -191,6 +239,14 @@ fn decode_audio(bytes: Vec<u8>, name: &str) -> Result<AudioInput> {
         .codec_params
         .sample_rate
         .ok_or_else(|| media_error(name, "the audio track states no sample rate"))?;
+    check_rate(rate, name)?;
+    let cap = MAX_AUDIO_SECONDS * u64::from(rate);
+    if track.codec_params.n_frames.is_some_and(|n| n > cap) {
+        return Err(media_error(
+            name,
+            format!("longer than {MAX_AUDIO_SECONDS} s at {rate} Hz"),
+        ));
+    }
     let mut decoder = symphonia::default::get_codecs()
         .make(&track.codec_params, &DecoderOptions::default())
         .map_err(|e| media_error(name, format!("cannot decode its audio: {e}")))?;
@@ -220,6 +276,13 @@ fn decode_audio(bytes: Vec<u8>, name: &str) -> Result<AudioInput> {
                 .chunks_exact(channels)
                 .map(|frame| frame.iter().sum::<f32>() / channels as f32),
         );
+        // A header can understate the length: stop at the cap while decoding.
+        if samples.len() as u64 > cap {
+            return Err(media_error(
+                name,
+                format!("longer than {MAX_AUDIO_SECONDS} s at {rate} Hz"),
+            ));
+        }
     }
     if samples.is_empty() {
         return Err(media_error(name, "the file decodes to no samples"));
@@ -344,15 +407,24 @@ impl WhisperFeatureExtractor {
         self.mel.n_mels
     }
 
-    /// `[feature_size, frames]`: the features of the clip's valid frames
-    /// (transformers pads every clip to `chunk_length` seconds and returns a
-    /// `feature_attention_mask`; these are the frames the mask keeps, with
-    /// the same values). `name` names the input in errors.
-    pub fn extract(&self, audio: &AudioInput, name: &str) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        if audio.sample_rate == 0 {
-            return Err(media_error(name, "sample rate 0"));
-        }
+    /// Feature frames `audio` will have (what the processor's attention mask
+    /// keeps), before computing them.
+    pub fn frames_for(&self, audio: &AudioInput) -> i64 {
+        let n = if audio.sample_rate == self.mel.sample_rate || audio.sample_rate == 0 {
+            audio.samples.len() as f64
+        } else {
+            (audio.samples.len() as f64 * f64::from(self.mel.sample_rate)
+                / f64::from(audio.sample_rate))
+            .round()
+        };
+        (n as i64 + self.mel.hop_length - 1) / self.mel.hop_length
+    }
+
+    /// That `audio` is a clip this extractor takes: a sample rate in
+    /// [`AUDIO_RATES`], at most `chunk_length` seconds, finite samples, and
+    /// at least the three feature frames the encoder needs.
+    pub fn check(&self, audio: &AudioInput, name: &str) -> Result<()> {
+        check_rate(audio.sample_rate, name)?;
         let limit = u64::from(self.chunk_length);
         if audio.duration_secs() > limit as f64 {
             return Err(media_error(
@@ -370,6 +442,30 @@ impl WhisperFeatureExtractor {
                 format!("sample {i} is not a finite number"),
             ));
         }
+        if self.frames_for(audio) < 3 {
+            let hop = self.mel.hop_length;
+            return Err(media_error(
+                name,
+                format!(
+                    "{} samples at {} Hz ({:.4} s) is too short: the audio encoder needs at \
+                     least {:.4} s",
+                    audio.samples.len(),
+                    audio.sample_rate,
+                    audio.duration_secs(),
+                    (2 * hop + 1) as f64 / f64::from(self.mel.sample_rate)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `[feature_size, frames]`: the features of the clip's valid frames
+    /// (transformers pads every clip to `chunk_length` seconds and returns a
+    /// `feature_attention_mask`; these are the frames the mask keeps, with
+    /// the same values). `name` names the input in errors.
+    pub fn extract(&self, audio: &AudioInput, name: &str) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        self.check(audio, name)?;
         let rate = self.mel.sample_rate;
         let samples = if audio.sample_rate == rate {
             audio.samples.clone()
@@ -384,9 +480,12 @@ impl WhisperFeatureExtractor {
             return Err(media_error(
                 name,
                 format!(
-                    "{n} samples at {rate} Hz is too short: the audio encoder needs at least \
-                     {} samples",
-                    2 * hop + 1
+                    "{} samples at {} Hz ({:.4} s) is too short: the audio encoder needs at \
+                     least {:.4} s",
+                    audio.samples.len(),
+                    audio.sample_rate,
+                    audio.duration_secs(),
+                    (2 * hop + 1) as f64 / f64::from(rate)
                 ),
             ));
         }
@@ -539,10 +638,10 @@ impl ImageProcessor {
                 "must be positive".to_owned(),
             ));
         }
-        if min_pixels > max_pixels || max_pixels == 0 {
+        if min_pixels == 0 || min_pixels > max_pixels {
             return Err(bad(
                 "min_pixels",
-                format!("{min_pixels} is above max_pixels {max_pixels}"),
+                format!("{min_pixels}: must be at least 1 and at most max_pixels {max_pixels}"),
             ));
         }
         Ok(Self {
@@ -584,20 +683,23 @@ impl ImageProcessor {
         Ok((hb as i64, wb as i64))
     }
 
+    /// Patches per merged row (the vision encoder's output rows per
+    /// `merge_size`² patches).
+    pub fn merge_unit(&self) -> i64 {
+        self.merge_size * self.merge_size
+    }
+
+    /// The patch grid `(t, h, w)` of `image`, before computing it.
+    pub fn grid_for(&self, image: &ImageInput, name: &str) -> Result<[i64; 3]> {
+        let (th, tw) = self.target_size(image.height, image.width, name)?;
+        Ok([1, th / self.patch_size, tw / self.patch_size])
+    }
+
     /// The patches of `image`; `name` names it in errors.
     pub fn process(&self, image: &ImageInput, name: &str) -> Result<ImagePatches> {
         let _guard = tch::no_grad_guard();
+        image.check(name)?;
         let (h, w) = (i64::from(image.height), i64::from(image.width));
-        if image.rgb.len() as i64 != h * w * 3 || h == 0 || w == 0 {
-            return Err(media_error(
-                name,
-                format!(
-                    "{w} x {h} RGB needs {} bytes, got {}",
-                    h * w * 3,
-                    image.rgb.len()
-                ),
-            ));
-        }
         let (th, tw) = self.target_size(image.height, image.width, name)?;
         // torchvision resizes 8-bit pixels natively on the CPU (libtorch's
         // integer antialiasing kernel), on the channels-last view of the

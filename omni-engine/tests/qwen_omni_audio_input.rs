@@ -234,7 +234,7 @@ fn bad_media_is_named() -> Result {
         (
             "rate",
             AudioInput::new(vec![0.0; 16_000], 0),
-            "sample rate 0",
+            "sample rate 0 Hz is outside",
         ),
     ] {
         let e = err(thinker.add_request(name, audio_prompt(&refs, audio)?, greedy.clone()));
@@ -243,6 +243,14 @@ fn bad_media_is_named() -> Result {
             "{name}: {e}"
         );
     }
+    // Within the processor's limit but past the context: refused before
+    // any encoder runs, with the count.
+    let long = AudioInput::new(vec![0.0; 16_000 * 200], 16_000);
+    let e = err(thinker.add_request("context", audio_prompt(&refs, long)?, greedy.clone()));
+    assert!(
+        e.contains("5000 of them for its media") && e.contains("max_model_len"),
+        "{e}"
+    );
     assert!(!thinker.has_unfinished(), "a refused request was queued");
 
     // Files: truncated, not audio at all, empty.

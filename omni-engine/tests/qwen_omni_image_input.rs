@@ -128,7 +128,7 @@ fn patches_rows_and_positions_equal_transformers() -> Result {
         image: vec![image],
         ..MultiModalData::default()
     };
-    let expanded = media.expand("p", &unexpanded, &data)?;
+    let expanded = media.expand("p", &unexpanded, &data, thinker.max_model_len())?;
     assert_eq!(expanded.ids, ids(&case["prompt_ids"]), "expanded ids");
     let rows: Vec<Vec<i64>> = serde_json::from_value(case["position_ids"].clone())?;
     let want: Vec<[i64; 3]> = (0..rows[0].len())

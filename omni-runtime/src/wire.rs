@@ -739,10 +739,13 @@ pub fn attach_media(prompt: &mut Prompt, tensors: &[(String, HostTensor)]) -> Re
             .find(|(n, _)| *n == name)
             .map(|(_, t)| t)
             .ok_or_else(|| Error::Wire(format!("generate: tensor {name} is missing")))?;
-        let want = image.width as usize * image.height as usize * 3;
-        if t.dtype != DType::U8 || t.shape != [want] || !image.rgb.is_empty() {
+        let want = omni_engine::ImageInput::byte_len(image.width, image.height);
+        if t.dtype != DType::U8
+            || Some(t.shape.as_slice()) != want.as_ref().map(std::slice::from_ref)
+            || !image.rgb.is_empty()
+        {
             return Err(Error::Wire(format!(
-                "generate: tensor {name} must be {want} u8 RGB bytes for a {} x {} image \
+                "generate: tensor {name} must be {want:?} u8 RGB bytes for a {} x {} image \
                  (got {:?} {:?}), and the header's rgb empty",
                 image.width, image.height, t.dtype, t.shape
             )));

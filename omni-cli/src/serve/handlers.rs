@@ -107,10 +107,17 @@ pub async fn completions(State(st): St, body: Bytes) -> Response {
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(State(st): St, body: Bytes) -> Response {
     const EP: &str = "/v1/chat/completions";
-    let plan = parse_body::<ChatCompletionRequest>(&body).and_then(|(req, sampling)| {
-        let model = req.model.clone();
-        st.view.chat(req, &sampling).map(|p| (p, model))
-    });
+    // Media parts are decoded here (megabytes of audio or pixels): off the
+    // async workers, so other connections keep being served meanwhile.
+    let state = Arc::clone(&st);
+    let plan = tokio::task::spawn_blocking(move || {
+        parse_body::<ChatCompletionRequest>(&body).and_then(|(req, sampling)| {
+            let model = req.model.clone();
+            state.view.chat(req, &sampling).map(|p| (p, model))
+        })
+    })
+    .await
+    .unwrap_or_else(|e| Err(ApiError::internal(format!("reading the request failed: {e}"))));
     respond(&st, EP, Flavor::Chat, plan).await
 }
 

@@ -124,6 +124,9 @@ pub struct ForwardBatch {
     pub(crate) positions: Tensor,
     /// `[3, tokens]` multimodal RoPE positions, when an entry has them.
     pub(crate) mrope_positions: Option<Tensor>,
+    /// The largest of them (checked against the rotary tables without a
+    /// device round trip).
+    pub(crate) mrope_max: i64,
     /// Slot of each new token's K/V.
     pub(crate) slots: Tensor,
     pub(crate) decode: Option<DecodeGroup>,
@@ -291,6 +294,7 @@ impl ForwardBatch {
             batch_size: entries.len(),
             input_ids: to(&ids)?,
             positions: to(&positions)?,
+            mrope_max: mrope.iter().flatten().copied().max().unwrap_or(0),
             mrope_positions: if any_mrope {
                 Some(to(&mrope.concat())?.f_view([3, -1])?)
             } else {

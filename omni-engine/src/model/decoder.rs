@@ -255,8 +255,17 @@ impl Model {
         );
         let eps = self.cfg.rms_norm_eps;
         let (cos, sin) = match (&batch.mrope_positions, &self.mrope_columns) {
+            (Some(_), None) => {
+                return Err(Error::InvalidConfig {
+                    field: "rope_scaling.mrope_section".to_owned(),
+                    value: "none".to_owned(),
+                    reason: "a sequence has 3-D rotary positions, and this model has no \
+                             multimodal RoPE"
+                        .to_owned(),
+                })
+            }
             (Some(p), Some(cols)) => {
-                let max = p.f_max()?.int64_value(&[]);
+                let max = batch.mrope_max;
                 if max >= self.rotary.len() {
                     return Err(Error::InvalidConfig {
                         field: "rotary position".to_owned(),
@@ -612,7 +621,10 @@ mod tests {
         let equal: Vec<[i64; 3]> = (0..9).map(|i| [i; 3]).collect();
         let same = mrope_logits(Some(&equal), [2, 3, 3])?;
         let diff = f64::try_from(plain.f_sub(&same)?.f_abs()?.f_max()?)?;
-        assert!(diff < 1e-5, "equal rows differ from plain positions by {diff}");
+        assert!(
+            diff < 1e-5,
+            "equal rows differ from plain positions by {diff}"
+        );
         // A 2 x 2 grid in the middle: only the sections of the rows that
         // differ can change the result.
         let mut grid = equal.clone();
@@ -624,7 +636,10 @@ mod tests {
         }
         let moved = mrope_logits(Some(&grid), [2, 3, 3])?;
         let diff = f64::try_from(plain.f_sub(&moved)?.f_abs()?.f_max()?)?;
-        assert!(diff > 1e-3, "3-D positions left the logits unchanged ({diff})");
+        assert!(
+            diff > 1e-3,
+            "3-D positions left the logits unchanged ({diff})"
+        );
         Ok(())
     }
 

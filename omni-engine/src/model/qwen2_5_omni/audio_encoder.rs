@@ -8,6 +8,7 @@
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
+use super::layers::{attention_within, LayerNorm, Linear};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
 
@@ -72,44 +73,6 @@ fn d_act() -> String {
     "gelu".to_owned()
 }
 
-/// nn.LayerNorm's default epsilon.
-const LAYER_NORM_EPS: f64 = 1e-5;
-
-struct Linear {
-    w: Tensor,
-    b: Option<Tensor>,
-}
-
-impl Linear {
-    fn load(w: &mut Weights, name: &str) -> Result<Self> {
-        let (w, b) = w.take_weight_bias(name)?;
-        Ok(Linear { w, b })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.w, self.b.as_ref())?)
-    }
-}
-
-struct LayerNorm {
-    w: Tensor,
-    b: Tensor,
-}
-
-impl LayerNorm {
-    fn load(w: &mut Weights, name: &str) -> Result<Self> {
-        Ok(LayerNorm {
-            w: w.take(&format!("{name}.weight"))?,
-            b: w.take(&format!("{name}.bias"))?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let width = *x.size().last().unwrap_or(&0);
-        Ok(x.f_layer_norm([width], Some(&self.w), Some(&self.b), LAYER_NORM_EPS, false)?)
-    }
-}
-
 struct Layer {
     attn_norm: LayerNorm,
     q: Linear,
@@ -163,6 +126,13 @@ impl AudioEncoder {
                 field: "thinker_config.audio_config.activation_function".to_owned(),
                 value: cfg.activation_function.clone(),
                 reason: "only gelu is supported".to_owned(),
+            });
+        }
+        if cfg.n_window < 1 || cfg.encoder_attention_heads < 1 {
+            return Err(Error::InvalidConfig {
+                field: "thinker_config.audio_config.n_window".to_owned(),
+                value: format!("{} (heads {})", cfg.n_window, cfg.encoder_attention_heads),
+                reason: "n_window and encoder_attention_heads must be at least 1".to_owned(),
             });
         }
         if cfg.d_model % cfg.encoder_attention_heads != 0 || cfg.d_model % 2 != 0 {
@@ -320,26 +290,7 @@ impl AudioEncoder {
         let q = split(layer.q.forward(x)?)?;
         let k = split(layer.k.forward(x)?)?;
         let v = split(layer.v.forward(x)?)?;
-        let mut outs = Vec::with_capacity(lens.len());
-        let mut start = 0;
-        for &len in lens {
-            let part = |t: &Tensor| t.f_narrow(1, start, len);
-            let o = Tensor::f_scaled_dot_product_attention::<Tensor>(
-                &part(&q)?.f_unsqueeze(0)?,
-                &part(&k)?.f_unsqueeze(0)?,
-                &part(&v)?.f_unsqueeze(0)?,
-                None,
-                0.0,
-                false,
-                None,
-                false,
-            )?;
-            outs.push(o.f_squeeze_dim(0)?);
-            start += len;
-        }
-        let o = Tensor::f_cat(&outs, 1)?
-            .f_transpose(0, 1)?
-            .f_reshape([-1, self.cfg.d_model])?;
+        let o = attention_within(&q, &k, &v, lens)?;
         layer.out.forward(&o)
     }
 }

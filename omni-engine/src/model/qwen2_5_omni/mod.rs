@@ -12,6 +12,7 @@ mod audio_encoder;
 mod bigvgan;
 mod config;
 mod dit;
+mod layers;
 mod speakers;
 mod thinker_media;
 mod vision_encoder;

@@ -138,12 +138,15 @@ impl ThinkerMedia {
     }
 
     /// Expands the placeholders of `ids` for `data`, encodes the media and
-    /// places every token. Errors name the request and the item.
+    /// places every token. A prompt that would not leave a token of room
+    /// in `max_len` is refused before any encoder runs. Errors name the
+    /// request and the item.
     pub fn expand(
         &self,
         request_id: &str,
         ids: &[u32],
         data: &MultiModalData,
+        max_len: usize,
     ) -> Result<ExpandedPrompt> {
         let bad = |reason: String| Error::InvalidPrompt {
             request_id: request_id.to_owned(),
@@ -169,7 +172,35 @@ impl ThinkerMedia {
         if !data.image.is_empty() && self.vision.is_none() {
             return Err(bad("this checkpoint has no vision encoder".to_owned()));
         }
-        let mut out = Vec::with_capacity(ids.len());
+        // Rows each item will take, from its size alone.
+        let mut media_rows = 0i64;
+        if let Some((_, features)) = &self.audio {
+            for (i, clip) in data.audio.iter().enumerate() {
+                let name = format!("multi_modal_data.audio[{i}]");
+                features
+                    .check(clip, &name)
+                    .map_err(|e| bad(e.to_string()))?;
+                media_rows += AudioEncoder::output_len(features.frames_for(clip)).max(0);
+            }
+        }
+        if let Some((_, processor)) = &self.vision {
+            for (i, image) in data.image.iter().enumerate() {
+                let name = format!("multi_modal_data.image[{i}]");
+                let [t, h, w] = processor
+                    .grid_for(image, &name)
+                    .map_err(|e| bad(e.to_string()))?;
+                media_rows += t * h * w / processor.merge_unit();
+            }
+        }
+        let text = ids.len() - data.audio.len() - data.image.len();
+        let total = text as i64 + media_rows;
+        if total >= max_len as i64 {
+            return Err(bad(format!(
+                "the prompt would take {total} tokens ({media_rows} of them for its media); the \
+                 context holds {max_len} (max_model_len), leaving no room to generate"
+            )));
+        }
+        let mut out = Vec::with_capacity(total as usize);
         let mut items = Vec::with_capacity(data.audio.len() + data.image.len());
         let mut kinds = Vec::with_capacity(items.capacity());
         let (mut clips, mut images) =
@@ -238,22 +269,16 @@ fn rope_positions(
     let mut item = 0;
     while out.len() < len {
         match (starts.get(item), kinds.get(item)) {
-            (Some(&s), Some(Item::Image([t, h, w]))) if s == out.len() => {
+            (Some(&s), Some(Item::Image([_, h, w]))) if s == out.len() => {
+                // An image is one frame (the processor's grid has t = 1):
+                // every row sits at time 0 of its grid.
                 let (lh, lw) = (h / merge, w / merge);
-                let mut top = next;
-                for tt in 0..*t {
-                    for y in 0..lh {
-                        for x in 0..lw {
-                            // An image's temporal step: one position a second
-                            // times position_id_per_seconds, and images have a
-                            // single frame, so every row has t = 0.
-                            let p = [next + tt, next + y, next + x];
-                            top = top.max(p[0]).max(p[1]).max(p[2]);
-                            out.push(p);
-                        }
+                for y in 0..lh {
+                    for x in 0..lw {
+                        out.push([next, next + y, next + x]);
                     }
                 }
-                next = top + 1;
+                next += lh.max(lw);
                 item += 1;
             }
             (Some(&s), Some(Item::Audio)) if s == out.len() => {

@@ -8,6 +8,7 @@
 use serde::Deserialize;
 use tch::{Kind, Tensor};
 
+use super::layers::{attention_within, Linear};
 use crate::error::{Error, Result};
 use crate::weights::Weights;
 
@@ -98,22 +99,6 @@ fn d_out() -> i64 {
 
 const RMS_EPS: f64 = 1e-6;
 
-struct Linear {
-    w: Tensor,
-    b: Option<Tensor>,
-}
-
-impl Linear {
-    fn load(w: &mut Weights, name: &str) -> Result<Self> {
-        let (w, b) = w.take_weight_bias(name)?;
-        Ok(Linear { w, b })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.w, self.b.as_ref())?)
-    }
-}
-
 /// transformers' `Qwen2_5OmniRMSNorm`: in f32, then the weight.
 fn rms_norm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let kind = x.kind();
@@ -175,6 +160,16 @@ impl VisionEncoder {
             value,
             reason: reason.to_owned(),
         };
+        if cfg.patch_size < 1 || cfg.temporal_patch_size < 1 || cfg.num_heads < 1 {
+            return Err(bad(
+                "patch_size",
+                format!(
+                    "{} (temporal {}, heads {})",
+                    cfg.patch_size, cfg.temporal_patch_size, cfg.num_heads
+                ),
+                "patch_size, temporal_patch_size and num_heads must be at least 1",
+            ));
+        }
         if cfg.hidden_act != "silu" {
             return Err(bad(
                 "hidden_act",
@@ -415,27 +410,7 @@ impl VisionEncoder {
             .forward(x)?
             .f_view([-1, heads, d])?
             .f_transpose(0, 1)?;
-        let mut outs = Vec::with_capacity(lens.len());
-        let mut start = 0;
-        for &len in lens {
-            let part =
-                |t: &Tensor| -> Result<Tensor> { Ok(t.f_narrow(1, start, len)?.f_unsqueeze(0)?) };
-            let o = Tensor::f_scaled_dot_product_attention::<Tensor>(
-                &part(&q)?,
-                &part(&k)?,
-                &part(&v)?,
-                None,
-                0.0,
-                false,
-                None,
-                false,
-            )?;
-            outs.push(o.f_squeeze_dim(0)?);
-            start += len;
-        }
-        let o = Tensor::f_cat(&outs, 1)?
-            .f_transpose(0, 1)?
-            .f_reshape([-1, self.cfg.hidden_size])?;
+        let o = attention_within(&q, &k, &v, lens)?;
         block.proj.forward(&o)
     }
 }
