@@ -474,21 +474,9 @@ impl WhisperFeatureExtractor {
         };
         let (n_fft, hop) = (self.mel.n_fft, self.mel.hop_length);
         let n = samples.len() as i64;
-        // Frames the processor's attention mask keeps: one per hop started.
+        // Frames the processor's attention mask keeps: one per hop started
+        // (at least 3: `check` saw to it).
         let frames = (n + hop - 1) / hop;
-        if frames < 3 {
-            return Err(media_error(
-                name,
-                format!(
-                    "{} samples at {} Hz ({:.4} s) is too short: the audio encoder needs at \
-                     least {:.4} s",
-                    audio.samples.len(),
-                    audio.sample_rate,
-                    audio.duration_secs(),
-                    (2 * hop + 1) as f64 / f64::from(rate)
-                ),
-            ));
-        }
         // transformers pads to `chunk_length` seconds with zeros before its
         // centred STFT. Zeros one window past the end give the same frames
         // (the reflection at the end then mirrors zeros), and every frame

@@ -3,77 +3,14 @@
 //! spoken clip, the audio encoder's rows, the expanded prompt ids, the
 //! thinker's greedy tokens, and the talker's codes from the thinker's states
 //! with the audio rows' embeddings left out.
-use std::path::{Path, PathBuf};
+mod qwen_omni_support;
 
 use omni_engine::{
     AudioInput, ChatMessage, EngineArgs, LLMEngine, MultiModalData, Prompt, SamplingParams,
 };
+use qwen_omni_support::{engine, fixtures, ids, json, max_abs, run, sidecar, Result};
 use serde_json::Value;
 use tch::Tensor;
-
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_omni")
-}
-
-fn media_refs() -> Result<Value> {
-    Ok(serde_json::from_str(&std::fs::read_to_string(
-        fixtures().join("media.json"),
-    )?)?)
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_u64().map(|x| x as u32))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn sidecar(entry: &Value) -> Result<Tensor> {
-    let shape: Vec<i64> = entry["shape"]
-        .as_array()
-        .ok_or("no shape")?
-        .iter()
-        .filter_map(Value::as_i64)
-        .collect();
-    let bytes = std::fs::read(fixtures().join(entry["file"].as_str().ok_or("no file")?))?;
-    let v: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok(Tensor::from_slice(&v).reshape(&shape))
-}
-
-fn engine(stage: &str) -> Result<LLMEngine> {
-    let args = EngineArgs {
-        model: fixtures().join("tiny").to_string_lossy().into_owned(),
-        dtype: Some("float32".into()),
-        weight_precision: Some("native".into()),
-        kv_cache_memory_bytes: Some(8 << 20),
-        ..EngineArgs::default()
-    };
-    Ok(LLMEngine::new_part(&args, Some(stage))?)
-}
-
-fn run(e: &mut LLMEngine) -> Result<std::collections::HashMap<String, omni_engine::RequestOutput>> {
-    let mut done = std::collections::HashMap::new();
-    while e.has_unfinished() {
-        for o in e.step()? {
-            if o.finished {
-                done.insert(o.request_id.clone(), o);
-            }
-        }
-    }
-    Ok(done)
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.abs().max().double_value(&[])
-}
 
 fn clip() -> Result<AudioInput> {
     Ok(AudioInput::read(&fixtures().join("media/speech_16k.wav"))?)
@@ -93,7 +30,7 @@ fn audio_prompt(refs: &Value, audio: AudioInput) -> Result<Prompt> {
 
 #[test]
 fn features_and_encoder_rows_equal_transformers() -> Result {
-    let refs = media_refs()?;
+    let refs = json("media.json")?;
     let thinker = engine("thinker")?;
     let media = thinker
         .media_encoders()
@@ -128,7 +65,7 @@ fn features_and_encoder_rows_equal_transformers() -> Result {
 
 #[test]
 fn audio_prompts_give_transformers_tokens_and_codes() -> Result {
-    let refs = media_refs()?;
+    let refs = json("media.json")?;
     let case = &refs["audio_prompt"];
     let n = case["max_new_tokens"].as_u64().ok_or("max_new_tokens")? as usize;
     let mut thinker = engine("thinker")?;
@@ -193,7 +130,7 @@ fn audio_prompts_give_transformers_tokens_and_codes() -> Result {
 
 #[test]
 fn bad_media_is_named() -> Result {
-    let refs = media_refs()?;
+    let refs = json("media.json")?;
     let mut thinker = engine("thinker")?;
     let greedy = SamplingParams::greedy();
     let err = |r: omni_engine::Result<()>| r.err().map(|e| e.to_string()).unwrap_or_default();
@@ -272,7 +209,7 @@ fn bad_media_is_named() -> Result {
 
     // A model without encoders.
     let mut text_only = LLMEngine::new(&EngineArgs {
-        model: Path::new(env!("CARGO_MANIFEST_DIR"))
+        model: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/tiny-qwen2")
             .to_string_lossy()
             .into_owned(),

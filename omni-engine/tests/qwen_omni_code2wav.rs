@@ -1,49 +1,17 @@
 //! Qwen2.5-Omni's code2wav (DiT + BigVGAN) and its voices (`spk_dict.pt`)
 //! on the tiny random checkpoint, against transformers' references
 //! (`tests/fixtures/qwen2_5_omni/make_qwen_omni_fixture.py`).
-use std::path::{Path, PathBuf};
+mod qwen_omni_support;
 
 use omni_engine::qwen2_5_omni::{SampleOptions, Speakers, Token2Wav};
 use omni_engine::Device;
+use qwen_omni_support::{fixtures, json, max_abs, sidecar, Result};
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_omni")
-}
-
-fn references() -> Result<Value> {
-    Ok(serde_json::from_str(&std::fs::read_to_string(
-        fixtures().join("references.json"),
-    )?)?)
-}
-
-/// A float32 sidecar as a tensor of its recorded shape.
-fn sidecar(entry: &Value) -> Result<Tensor> {
-    let file = entry["file"].as_str().ok_or("no file")?;
-    let shape: Vec<i64> = entry["shape"]
-        .as_array()
-        .ok_or("no shape")?
-        .iter()
-        .filter_map(Value::as_i64)
-        .collect();
-    let bytes = std::fs::read(fixtures().join(file))?;
-    let values: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok(Tensor::from_slice(&values).reshape(&shape))
-}
-
-fn max_abs(a: &Tensor) -> f64 {
-    a.abs().max().double_value(&[])
-}
-
 #[test]
 fn the_voices_are_read_as_shipped() -> Result {
-    let refs = references()?;
+    let refs = json("references.json")?;
     let speakers = Speakers::load(&fixtures().join("tiny/spk_dict.pt"), 24, 80)?;
     assert_eq!(speakers.names(), ["Chelsie", "Ethan"]);
     for name in ["Chelsie", "Ethan"] {
@@ -73,7 +41,7 @@ fn the_voices_are_read_as_shipped() -> Result {
 
 #[test]
 fn seeded_waveforms_equal_transformers() -> Result {
-    let refs = references()?;
+    let refs = json("references.json")?;
     let t2w = Token2Wav::load(&fixtures().join("tiny"), Device::Cpu)?;
     for case in refs["talker"]["cases"].as_array().ok_or("no cases")? {
         for variant in ["hf_generate", "with_codec_prefix"] {

@@ -2,80 +2,15 @@
 //! checkpoint's folder, against transformers' references: the thinker's
 //! greedy tokens and the states it hands the talker, the talker's greedy
 //! codes given those states.
-use std::path::{Path, PathBuf};
+mod qwen_omni_support;
 
 use omni_engine::{EngineArgs, LLMEngine, SamplingParams};
-use serde_json::Value;
+use qwen_omni_support::{engine, fixtures, ids, json, max_abs, run, sidecar, Result};
 use tch::Tensor;
-
-type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_5_omni")
-}
-
-fn references() -> Result<Value> {
-    Ok(serde_json::from_str(&std::fs::read_to_string(
-        fixtures().join("references.json"),
-    )?)?)
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_u64().map(|x| x as u32))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn sidecar(entry: &Value) -> Result<Tensor> {
-    let shape: Vec<i64> = entry["shape"]
-        .as_array()
-        .ok_or("no shape")?
-        .iter()
-        .filter_map(Value::as_i64)
-        .collect();
-    let bytes = std::fs::read(fixtures().join(entry["file"].as_str().ok_or("no file")?))?;
-    let v: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok(Tensor::from_slice(&v).reshape(&shape))
-}
-
-fn engine(stage: &str) -> Result<LLMEngine> {
-    let args = EngineArgs {
-        model: fixtures().join("tiny").to_string_lossy().into_owned(),
-        dtype: Some("float32".into()),
-        weight_precision: Some("native".into()),
-        kv_cache_memory_bytes: Some(8 << 20),
-        ..EngineArgs::default()
-    };
-    Ok(LLMEngine::new_part(&args, Some(stage))?)
-}
-
-/// Runs every request to its end; outputs by request id.
-fn run(e: &mut LLMEngine) -> Result<std::collections::HashMap<String, omni_engine::RequestOutput>> {
-    let mut done = std::collections::HashMap::new();
-    while e.has_unfinished() {
-        for o in e.step()? {
-            if o.finished {
-                done.insert(o.request_id.clone(), o);
-            }
-        }
-    }
-    Ok(done)
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.abs().max().double_value(&[])
-}
 
 #[test]
 fn thinker_then_talker_equal_transformers() -> Result {
-    let refs = references()?;
+    let refs = json("references.json")?;
     let cases = refs["thinker"]["cases"]
         .as_array()
         .ok_or("no thinker cases")?;

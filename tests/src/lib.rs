@@ -115,6 +115,17 @@ pub fn tiny_params(max_tokens: usize) -> omni_core::SamplingParams {
     }
 }
 
+/// A JSON list of token ids (as the fixture references write them).
+pub fn json_ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A user chat message as a prompt.
 pub fn chat(text: &str) -> omni_core::Prompt {
     omni_core::Prompt::Chat(vec![omni_core::ChatMessage {

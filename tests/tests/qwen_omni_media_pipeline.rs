@@ -8,7 +8,7 @@ use omni_core::{
     AudioInput, ChatMessage, ImageInput, MultiModalData, OmniEngineArgs, OmniLLM, Prompt,
     SamplingParams, StageSamplingParams,
 };
-use omni_tests::{err, repo_root, Result};
+use omni_tests::{err, json_ids, repo_root, Result};
 use serde_json::Value;
 
 fn fixture() -> std::path::PathBuf {
@@ -17,16 +17,6 @@ fn fixture() -> std::path::PathBuf {
 
 fn clip_path() -> std::path::PathBuf {
     fixture().join("media/speech_16k.wav")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_u64().map(|x| x as u32))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Greedy thinker and talker of the case's fixed lengths, code2wav seeded.
@@ -62,7 +52,7 @@ fn check_case(omni: &OmniLLM, name: &str, case: &Value, t2w: &Value, prompt: Pro
     let text = outs.iter().find(|o| o.stage_id == 0).ok_or("no text")?;
     assert_eq!(
         text.token_ids,
-        ids(&case["generated_ids"]),
+        json_ids(&case["generated_ids"]),
         "{name}: thinker tokens"
     );
     let thinker_metrics = text
@@ -73,7 +63,7 @@ fn check_case(omni: &OmniLLM, name: &str, case: &Value, t2w: &Value, prompt: Pro
         .ok_or("no stage 0 metrics")?;
     assert_eq!(
         thinker_metrics.num_prompt_tokens,
-        ids(&case["prompt_ids"]).len(),
+        json_ids(&case["prompt_ids"]).len(),
         "{name}: the thinker read the expanded prompt"
     );
     let speech = outs.iter().find(|o| o.stage_id == 2).ok_or("no audio")?;

@@ -2,21 +2,11 @@
 //! thinker, talker and code2wav in three processes, the thinker's states
 //! handed over by `thinker2talker`, against transformers' references.
 use omni_core::{OmniEngineArgs, OmniLLM, Prompt, SamplingParams, StageSamplingParams};
-use omni_tests::{err, repo_root, Result};
+use omni_tests::{err, json_ids, repo_root, Result};
 use serde_json::Value;
 
 fn fixture() -> std::path::PathBuf {
     repo_root().join("omni-engine/tests/fixtures/qwen2_5_omni")
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_u64().map(|x| x as u32))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn samples(entry: &Value) -> Result<Vec<f32>> {
@@ -70,7 +60,7 @@ fn text_and_speech_equal_transformers() -> Result {
         let v = &case["with_codec_prefix"];
         let seed = v["token2wav"]["seed"].as_u64().ok_or("seed")?;
         let outs = omni.generate(
-            [Prompt::TokenIds(ids(&thinker["prompt_ids"]))],
+            [Prompt::TokenIds(json_ids(&thinker["prompt_ids"]))],
             params(&refs, speaker, seed)?,
         )?;
         let text = outs
@@ -79,7 +69,7 @@ fn text_and_speech_equal_transformers() -> Result {
             .ok_or("no text output")?;
         assert_eq!(
             text.token_ids,
-            ids(&thinker["generated_ids"]),
+            json_ids(&thinker["generated_ids"]),
             "{name}: thinker tokens"
         );
         let speech = outs
@@ -180,7 +170,7 @@ async fn async_omni_streams_the_text_then_the_audio() -> Result {
         .ok_or("seed")?;
     let mut stream = omni
         .generate(
-            Prompt::TokenIds(ids(&thinker["prompt_ids"])),
+            Prompt::TokenIds(json_ids(&thinker["prompt_ids"])),
             params(&refs, "Chelsie", seed)?,
             "omni-0".to_owned(),
         )
@@ -198,7 +188,7 @@ async fn async_omni_streams_the_text_then_the_audio() -> Result {
             audio = out.audio.clone();
         }
     }
-    assert_eq!(token_ids, ids(&thinker["generated_ids"]));
+    assert_eq!(token_ids, json_ids(&thinker["generated_ids"]));
     assert!(
         order.iter().filter(|&&s| s == 0).count() > 1,
         "the text was not streamed: {order:?}"

@@ -117,7 +117,11 @@ pub async fn chat_completions(State(st): St, body: Bytes) -> Response {
         })
     })
     .await
-    .unwrap_or_else(|e| Err(ApiError::internal(format!("reading the request failed: {e}"))));
+    .unwrap_or_else(|e| {
+        Err(ApiError::internal(format!(
+            "reading the request failed: {e}"
+        )))
+    });
     respond(&st, EP, Flavor::Chat, plan).await
 }
 

@@ -442,6 +442,19 @@ impl Io {
         .unwrap_or_default()
     }
 
+    /// Tells the orchestrator that request `id` failed in this stage.
+    async fn fail_request(&mut self, id: String, message: String) {
+        let m = Message::RequestError {
+            request_id: id,
+            stage_id: self.stage_id,
+            message,
+            rejected: false,
+        };
+        if let Ok(f) = wire::encode_message(m) {
+            let _ = self.send_ctrl(f).await;
+        }
+    }
+
     /// Handles one incoming message; returns true when the stage must stop.
     async fn incoming(&mut self, inc: Incoming, ctx: &DecodeContext) -> bool {
         let arrival = now_us();
@@ -487,15 +500,8 @@ impl Io {
                     if let Some(id) = request_id {
                         // A generate the stage cannot read must fail its
                         // request, or the caller waits for ever.
-                        let m = Message::RequestError {
-                            request_id: id,
-                            stage_id: self.stage_id,
-                            message: format!("request rejected: {error}"),
-                            rejected: false,
-                        };
-                        if let Ok(f) = wire::encode_message(m) {
-                            let _ = self.send_ctrl(f).await;
-                        }
+                        self.fail_request(id, format!("request rejected: {error}"))
+                            .await;
                     }
                     let f = self.protocol_error(seq, error);
                     let _ = self.send_ctrl(f).await;
@@ -524,15 +530,8 @@ impl Io {
                     }) => {
                         if let Some(id) = request_id {
                             // A real request whose input was mangled must not hang.
-                            let m = Message::RequestError {
-                                request_id: id,
-                                stage_id: self.stage_id,
-                                message: format!("stage input rejected: {error}"),
-                                rejected: false,
-                            };
-                            if let Ok(f) = wire::encode_message(m) {
-                                let _ = self.send_ctrl(f).await;
-                            }
+                            self.fail_request(id, format!("stage input rejected: {error}"))
+                                .await;
                         }
                         Some(self.protocol_error(seq, error))
                     }
