@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::Args;
 use omni_core::{
     AudioInput, ChatMessage, ContentPart, ImageInput, MultiModalData, OmniEngineArgs, OmniLLM,
-    Prompt,
+    Prompt, VideoInput,
 };
 
 use crate::sampling_flags::SamplingFlags;
@@ -55,6 +55,17 @@ pub struct GenerateArgs {
     /// <|vision_eos|>) themselves.
     #[arg(long = "image", value_name = "FILE")]
     pub images: Vec<PathBuf>,
+    /// A video for every prompt (repeatable), as a folder of its frames
+    /// (image files, in file-name order) sampled at --video-fps: Omni
+    /// decodes no video container (extract frames with e.g. `ffmpeg -i
+    /// clip.mp4 -vf fps=2 dir/%04d.png`). A chat prompt's user message gets
+    /// one video part per folder, after the image parts.
+    #[arg(long = "video", value_name = "DIR")]
+    pub videos: Vec<PathBuf>,
+    /// Frames per second of the --video folders (Qwen2.5-Omni's processor
+    /// assumes 2).
+    #[arg(long, default_value_t = 2.0, value_name = "FPS")]
+    pub video_fps: f64,
     /// Run every stage on this model instead of the pipeline's own (e.g. a
     /// Qwen2.5-Omni folder for `--pipeline qwen2_5_omni`).
     #[arg(long, value_name = "PATH")]
@@ -108,9 +119,17 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .iter()
         .map(|path| ImageInput::read(path).map_err(|e| BadInput(format!("--image: {e}"))))
         .collect::<Result<Vec<_>, _>>()?;
+    let films = args
+        .videos
+        .iter()
+        .map(|dir| {
+            VideoInput::read_dir(dir, args.video_fps).map_err(|e| BadInput(format!("--video: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let media = || MultiModalData {
         audio: clips.clone(),
         image: pictures.clone(),
+        video: films.clone(),
     };
     let omni = progress::with_spinner(
         format!(
@@ -139,11 +158,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         .map(|p| {
             let prompt = if args.raw {
                 Prompt::Text(p.clone())
-            } else if clips.is_empty() && pictures.is_empty() {
+            } else if clips.is_empty() && pictures.is_empty() && films.is_empty() {
                 Prompt::Chat(vec![ChatMessage::new("user", p.clone())])
             } else {
                 let mut parts = vec![ContentPart::Audio; clips.len()];
                 parts.extend(vec![ContentPart::Image; pictures.len()]);
+                parts.extend(vec![ContentPart::Video; films.len()]);
                 parts.push(ContentPart::Text { text: p.clone() });
                 Prompt::Chat(vec![ChatMessage::with_parts("user", parts)])
             };

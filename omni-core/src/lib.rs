@@ -42,7 +42,7 @@ pub use stage_sampling_params::StageSamplingParams;
 
 pub use omni_engine::{
     AudioInput, ChatMessage, ContentPart, EngineArgs, ImageInput, MessageContent, MultiModalData,
-    MultiModalPrompt, Prompt, SamplingParams,
+    MultiModalPrompt, Prompt, SamplingParams, VideoInput,
 };
 pub use omni_profiler::tools as profile_tools;
 pub use omni_runtime::{

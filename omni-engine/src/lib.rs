@@ -55,8 +55,8 @@ pub use kv_cache::KvCache;
 pub use linear::WeightPrecision;
 pub use loader::{load_model, LoadedModel, ModelSource};
 pub use media::{
-    AudioInput, ImageInput, ImagePatches, ImageProcessor, MultiModalData, WhisperFeatureExtractor,
-    MAX_IMAGE_PIXELS,
+    AudioInput, ImageInput, ImagePatches, ImageProcessor, MultiModalData, VideoInput,
+    WhisperFeatureExtractor, MAX_IMAGE_PIXELS, MAX_VIDEO_FRAMES,
 };
 pub use mel::{resample, MelConfig};
 pub use model::qwen2_5_omni;

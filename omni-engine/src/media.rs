@@ -24,12 +24,15 @@ pub struct MultiModalData {
     /// Images, one per image placeholder of the prompt.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub image: Vec<ImageInput>,
+    /// Videos, one per video placeholder of the prompt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub video: Vec<VideoInput>,
 }
 
 impl MultiModalData {
     /// Whether it holds no item.
     pub fn is_empty(&self) -> bool {
-        self.audio.is_empty() && self.image.is_empty()
+        self.audio.is_empty() && self.image.is_empty() && self.video.is_empty()
     }
 }
 
@@ -126,6 +129,104 @@ impl ImageInput {
             cause: e,
         })?;
         Self::decode(&bytes, &path.display().to_string())
+    }
+}
+
+/// One video: its frames as sampled (all of one size), `fps` of them a
+/// second. No video container is decoded here: a video arrives as frames
+/// (vLLM's `(frames, metadata)`), e.g. a folder of images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VideoInput {
+    /// The frames, in time order.
+    pub frames: Vec<ImageInput>,
+    /// Frames per second (Qwen2.5-Omni's processor assumes 2).
+    pub fps: f64,
+}
+
+/// The most frames a video may have (transformers' `max_frames`).
+pub const MAX_VIDEO_FRAMES: usize = 768;
+
+impl VideoInput {
+    /// A video of `frames` at `fps`; errors when it has none, too many,
+    /// frames of different sizes, or a rate that is not positive.
+    pub fn new(frames: Vec<ImageInput>, fps: f64) -> Result<Self> {
+        let video = Self { frames, fps };
+        video.check("video")?;
+        Ok(video)
+    }
+
+    /// That the frames exist, agree in size and are within limits.
+    pub fn check(&self, name: &str) -> Result<()> {
+        if !(self.fps.is_finite() && self.fps > 0.0) {
+            return Err(media_error(
+                name,
+                format!("fps {} must be a positive number", self.fps),
+            ));
+        }
+        let Some(first) = self.frames.first() else {
+            return Err(media_error(name, "the video has no frames"));
+        };
+        if self.frames.len() > MAX_VIDEO_FRAMES {
+            return Err(media_error(
+                name,
+                format!(
+                    "{} frames; at most {MAX_VIDEO_FRAMES} are taken",
+                    self.frames.len()
+                ),
+            ));
+        }
+        for (i, f) in self.frames.iter().enumerate() {
+            f.check(&format!("{name} frame {i}"))?;
+            if (f.width, f.height) != (first.width, first.height) {
+                return Err(media_error(
+                    name,
+                    format!(
+                        "frame {i} is {} x {}, frame 0 {} x {}: all frames must be one size",
+                        f.width, f.height, first.width, first.height
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The image files of a folder, in file-name order, as the frames of a
+    /// video at `fps` (files that are not PNG, JPEG, WebP, GIF or BMP by
+    /// their extension are passed over).
+    pub fn read_dir(dir: &Path, fps: f64) -> Result<Self> {
+        let io = |e: std::io::Error| Error::Io {
+            path: dir.to_path_buf(),
+            cause: e,
+        };
+        let mut paths: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()
+            .map_err(io)?;
+        paths.retain(|p| {
+            p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                ["png", "jpg", "jpeg", "webp", "gif", "bmp"]
+                    .contains(&e.to_ascii_lowercase().as_str())
+            })
+        });
+        paths.sort();
+        let name = dir.display().to_string();
+        if paths.len() > MAX_VIDEO_FRAMES {
+            return Err(media_error(
+                &name,
+                format!(
+                    "{} frames; at most {MAX_VIDEO_FRAMES} are taken",
+                    paths.len()
+                ),
+            ));
+        }
+        let frames = paths
+            .iter()
+            .map(|p| ImageInput::read(p))
+            .collect::<Result<Vec<_>>>()?;
+        let video = Self { frames, fps };
+        video.check(&name)?;
+        Ok(video)
     }
 }
 
@@ -583,6 +684,12 @@ fn d_rescale() -> f64 {
     1.0 / 255.0
 }
 
+/// Qwen2.5-Omni's processor bounds video frames by these pixel counts
+/// (its `videos_kwargs`, not `preprocessor_config.json`).
+pub const VIDEO_MIN_PIXELS: u64 = 128 * 28 * 28;
+/// See [`VIDEO_MIN_PIXELS`].
+pub const VIDEO_MAX_PIXELS: u64 = 768 * 28 * 28;
+
 /// One image as the vision encoder reads it.
 #[derive(Debug)]
 pub struct ImagePatches {
@@ -647,6 +754,18 @@ impl ImageProcessor {
     /// transformers' `smart_resize`: the size an image of `height x width`
     /// is resized to.
     pub fn target_size(&self, height: u32, width: u32, name: &str) -> Result<(i64, i64)> {
+        self.smart_resize(height, width, self.min_pixels, self.max_pixels, name)
+    }
+
+    /// `smart_resize` within `[min_pixels, max_pixels]`.
+    fn smart_resize(
+        &self,
+        height: u32,
+        width: u32,
+        min_pixels: u64,
+        max_pixels: u64,
+        name: &str,
+    ) -> Result<(i64, i64)> {
         let (h, w) = (f64::from(height), f64::from(width));
         if h.max(w) / h.min(w) > 200.0 {
             return Err(media_error(
@@ -658,7 +777,7 @@ impl ImageProcessor {
         // Python's round() rounds halves to even.
         let round = |x: f64| -> f64 { x.round_ties_even() };
         let (mut hb, mut wb) = (round(h / factor) * factor, round(w / factor) * factor);
-        let (min, max) = (self.min_pixels as f64, self.max_pixels as f64);
+        let (min, max) = (min_pixels as f64, max_pixels as f64);
         if hb * wb > max {
             let beta = (h * w / max).sqrt();
             hb = factor.max((h / beta / factor).floor() * factor);
@@ -683,6 +802,81 @@ impl ImageProcessor {
         Ok([1, th / self.patch_size, tw / self.patch_size])
     }
 
+    /// The patch grid `(t, h, w)` of `video`, before computing it.
+    pub fn video_grid_for(&self, video: &VideoInput, name: &str) -> Result<[i64; 3]> {
+        video.check(name)?;
+        let f = &video.frames[0];
+        let (th, tw) =
+            self.smart_resize(f.height, f.width, VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS, name)?;
+        let t =
+            (video.frames.len() as i64 + self.temporal_patch_size - 1) / self.temporal_patch_size;
+        Ok([t, th / self.patch_size, tw / self.patch_size])
+    }
+
+    /// Seconds one temporal patch of `video` spans (transformers'
+    /// `video_second_per_grid`).
+    pub fn second_per_grid(&self, video: &VideoInput) -> f64 {
+        self.temporal_patch_size as f64 / video.fps
+    }
+
+    /// The patches of `video` (transformers' `Qwen2VLVideoProcessor` as
+    /// `Qwen2_5OmniProcessor` calls it: frames resized within its own pixel
+    /// bounds, the last frame repeated to fill a temporal patch); `name`
+    /// names it in errors.
+    pub fn process_video(&self, video: &VideoInput, name: &str) -> Result<ImagePatches> {
+        let _guard = tch::no_grad_guard();
+        let [gt, gh, gw] = self.video_grid_for(video, name)?;
+        let f0 = &video.frames[0];
+        let (h, w) = (i64::from(f0.height), i64::from(f0.width));
+        let (p, m, tp) = (self.patch_size, self.merge_size, self.temporal_patch_size);
+        let (th, tw) = (gh * p, gw * p);
+        let frames: Vec<Tensor> = video
+            .frames
+            .iter()
+            .map(|f| Tensor::from_slice(&f.rgb).f_view([h, w, 3]))
+            .collect::<std::result::Result<_, _>>()?;
+        // transformers reshapes the frames to one contiguous [T, C, H, W]
+        // batch before the 8-bit resize (a copy, unlike a single image's
+        // channels-last view).
+        let x = Tensor::f_stack(&frames, 0)?
+            .f_permute([0, 3, 1, 2])?
+            .f_contiguous()?;
+        let x = if (th, tw) == (h, w) {
+            x
+        } else {
+            x.f_internal_upsample_bicubic2d_aa([th, tw], false, None, None)?
+        };
+        let x = self.normalize(&x.f_to_kind(Kind::Float)?)?;
+        let t = x.size()[0];
+        let x = if t % tp == 0 {
+            x
+        } else {
+            let last = x
+                .f_narrow(0, t - 1, 1)?
+                .f_expand([tp - t % tp, -1, -1, -1], false)?;
+            Tensor::f_cat(&[x, last], 0)?
+        };
+        let patches = x
+            .f_reshape([1, gt, tp, 3, gh / m, m, p, gw / m, m, p])?
+            .f_permute([0, 1, 4, 7, 5, 8, 3, 2, 6, 9])?
+            .f_reshape([gt * gh * gw, 3 * tp * p * p])?;
+        Ok(ImagePatches {
+            pixel_values: patches,
+            grid: [gt, gh, gw],
+        })
+    }
+
+    /// Rescale and normalise fused, as transformers does:
+    /// `(x - mean / rescale) / (std / rescale)` on `[n, 3, h, w]` f32.
+    fn normalize(&self, x: &Tensor) -> Result<Tensor> {
+        let per_channel = |v: [f64; 3]| -> Result<Tensor> {
+            let t = Tensor::from_slice(&v.map(|c| c as f32)).f_mul_scalar(1.0 / self.rescale)?;
+            Ok(t.f_view([1, 3, 1, 1])?)
+        };
+        Ok(x.f_sub(&per_channel(self.mean)?)?
+            .f_div(&per_channel(self.std)?)?)
+    }
+
     /// The patches of `image`; `name` names it in errors.
     pub fn process(&self, image: &ImageInput, name: &str) -> Result<ImagePatches> {
         let _guard = tch::no_grad_guard();
@@ -702,16 +896,7 @@ impl ImageProcessor {
         } else {
             x.f_internal_upsample_bicubic2d_aa([th, tw], false, None, None)?
         };
-        let x = x.f_to_kind(Kind::Float)?;
-        // Rescale and normalise fused, as transformers does:
-        // (x - mean / rescale) / (std / rescale).
-        let per_channel = |v: [f64; 3]| -> Result<Tensor> {
-            let t = Tensor::from_slice(&v.map(|c| c as f32)).f_mul_scalar(1.0 / self.rescale)?;
-            Ok(t.f_view([1, 3, 1, 1])?)
-        };
-        let x = x
-            .f_sub(&per_channel(self.mean)?)?
-            .f_div(&per_channel(self.std)?)?;
+        let x = self.normalize(&x.f_to_kind(Kind::Float)?)?;
         let (p, m, tp) = (self.patch_size, self.merge_size, self.temporal_patch_size);
         let (gh, gw) = (th / p, tw / p);
         let patches = x

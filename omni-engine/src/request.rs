@@ -34,6 +34,8 @@ pub enum ContentPart {
     Audio,
     /// The next image.
     Image,
+    /// The next video.
+    Video,
 }
 
 /// A chat message's content: text, or a list of parts.

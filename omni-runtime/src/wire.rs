@@ -681,6 +681,11 @@ fn image_tensor_name(i: usize) -> String {
     format!("media.image.{i}")
 }
 
+/// Name of the tensor that carries frame `j` of video `i`.
+fn frame_tensor_name(i: usize, j: usize) -> String {
+    format!("media.video.{i}.{j}")
+}
+
 /// Moves the samples of `prompt`'s media into tensors, so that they travel
 /// as raw frames and the JSON header keeps only their sample rates.
 pub fn detach_media(prompt: &mut Prompt) -> Result<Vec<(String, HostTensor)>> {
@@ -696,10 +701,25 @@ pub fn detach_media(prompt: &mut Prompt) -> Result<Vec<(String, HostTensor)>> {
             HostTensor::new(DType::F32, vec![samples.len()], Bytes::from(bytes))?,
         ));
     }
-    for (i, image) in m.multi_modal_data.image.iter_mut().enumerate() {
+    let images = m.multi_modal_data.image.iter_mut().enumerate();
+    let frames = m
+        .multi_modal_data
+        .video
+        .iter_mut()
+        .enumerate()
+        .flat_map(|(i, v)| {
+            v.frames
+                .iter_mut()
+                .enumerate()
+                .map(move |(j, f)| (frame_tensor_name(i, j), f))
+        });
+    for (name, image) in images
+        .map(|(i, image)| (image_tensor_name(i), image))
+        .chain(frames)
+    {
         let rgb = std::mem::take(&mut image.rgb);
         out.push((
-            image_tensor_name(i),
+            name,
             HostTensor::new(DType::U8, vec![rgb.len()], Bytes::from(rgb))?,
         ));
     }
@@ -732,8 +752,24 @@ pub fn attach_media(prompt: &mut Prompt, tensors: &[(String, HostTensor)]) -> Re
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
     }
-    for (i, image) in m.multi_modal_data.image.iter_mut().enumerate() {
-        let name = image_tensor_name(i);
+    let images = m
+        .multi_modal_data
+        .image
+        .iter_mut()
+        .enumerate()
+        .map(|(i, image)| (image_tensor_name(i), image));
+    let frames = m
+        .multi_modal_data
+        .video
+        .iter_mut()
+        .enumerate()
+        .flat_map(|(i, v)| {
+            v.frames
+                .iter_mut()
+                .enumerate()
+                .map(move |(j, f)| (frame_tensor_name(i, j), f))
+        });
+    for (name, image) in images.chain(frames) {
         let t = tensors
             .iter()
             .find(|(n, _)| *n == name)

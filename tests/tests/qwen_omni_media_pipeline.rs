@@ -2,11 +2,12 @@
 //! of the `qwen2_5_omni` pipeline on the tiny checkpoint: `OmniLLM` against
 //! transformers' thinker tokens and code2wav waveform for a spoken clip and
 //! for a picture (the talker on 3-D positions handed over by the thinker),
-//! `omni generate --audio/--image`, and `omni serve` taking `input_audio`
-//! and `image_url` parts from the official `openai` client.
+//! and for a video given as frames, `omni generate --audio/--image/--video`,
+//! and `omni serve` taking `input_audio` and `image_url` parts from the
+//! official `openai` client.
 use omni_core::{
     AudioInput, ChatMessage, ImageInput, MultiModalData, OmniEngineArgs, OmniLLM, Prompt,
-    SamplingParams, StageSamplingParams,
+    SamplingParams, StageSamplingParams, VideoInput,
 };
 use omni_tests::{err, json_ids, repo_root, Result};
 use serde_json::Value;
@@ -74,7 +75,7 @@ fn check_case(omni: &OmniLLM, name: &str, case: &Value, t2w: &Value, prompt: Pro
 }
 
 #[test]
-fn spoken_and_pictured_questions_get_transformers_answers() -> Result {
+fn spoken_pictured_and_filmed_questions_get_transformers_answers() -> Result {
     let refs: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture().join("media.json"))?)?;
     let omni = OmniLLM::from_engine_args(OmniEngineArgs {
@@ -105,6 +106,32 @@ fn spoken_and_pictured_questions_get_transformers_answers() -> Result {
         },
     );
     check_case(&omni, "image prompt", case, &case["token2wav"], prompt)?;
+
+    // A video: its frames cross to the thinker's process, its time row
+    // advances 25 positions a second.
+    let case = &refs["video_prompt"];
+    let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone())?;
+    let frames = refs["video"]["frames"]
+        .as_array()
+        .ok_or("no frames")?
+        .iter()
+        .map(|f| {
+            Ok(ImageInput::read(
+                &fixture().join(f.as_str().ok_or("frame")?),
+            )?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let prompt = Prompt::with_media(
+        Prompt::Chat(messages),
+        MultiModalData {
+            video: vec![VideoInput::new(
+                frames,
+                refs["video"]["fps"].as_f64().ok_or("fps")?,
+            )?],
+            ..MultiModalData::default()
+        },
+    );
+    check_case(&omni, "video prompt", case, &case["token2wav"], prompt)?;
 
     // A clip the engine refuses (too short) is the caller's error, named.
     let short = Prompt::with_media(
@@ -153,13 +180,14 @@ fn spoken_and_pictured_questions_get_transformers_answers() -> Result {
 }
 
 #[test]
-fn cli_and_server_take_audio_and_images() -> Result {
+fn cli_and_server_take_media() -> Result {
     let model = fixture().join("tiny").to_string_lossy().into_owned();
     let clip = clip_path().to_string_lossy().into_owned();
     let picture = fixture()
         .join("media/picture.png")
         .to_string_lossy()
         .into_owned();
+    let frames = fixture().join("media/video").to_string_lossy().into_owned();
     let dir = tempfile::tempdir()?;
     let lines = omni_tests::generate_json(
         &[
@@ -171,6 +199,8 @@ fn cli_and_server_take_audio_and_images() -> Result {
             &clip,
             "--image",
             &picture,
+            "--video",
+            &frames,
             "--prompt",
             "What is said in this clip?",
             "--max-tokens",
@@ -188,7 +218,7 @@ fn cli_and_server_take_audio_and_images() -> Result {
     let media_tokens = refs_media_tokens()?;
     assert!(
         prompt_tokens > media_tokens,
-        "{prompt_tokens} prompt tokens: the clip's and the picture's {media_tokens} are not in"
+        "{prompt_tokens} prompt tokens: the clip's, picture's and video's {media_tokens} are not in"
     );
     let audio = lines
         .iter()
@@ -248,6 +278,10 @@ fn cli_and_server_take_audio_and_images() -> Result {
             "input_audio.data is not base64",
         ),
         (
+            serde_json::json!({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}),
+            "decodes no video container",
+        ),
+        (
             serde_json::json!({"type": "image_url", "image_url": {"url": "https://example.invalid/a.png"}}),
             "only data: URLs",
         ),
@@ -286,5 +320,8 @@ fn refs_media_tokens() -> Result<u64> {
     let image = refs["image_prompt"]["num_image_tokens"]
         .as_u64()
         .ok_or_else(|| err("num_image_tokens"))?;
-    Ok(audio + image)
+    let video = refs["video_prompt"]["num_video_tokens"]
+        .as_u64()
+        .ok_or_else(|| err("num_video_tokens"))?;
+    Ok(audio + image + video)
 }

@@ -76,6 +76,13 @@ fn content_part(
             );
             Ok(ContentPart::Image)
         }
+        "video_url" => Err(ApiError::bad_param(
+            at.to_owned(),
+            format!(
+                "{at}: video_url is not supported: this server decodes no video container \
+                 (OmniLLM, AsyncOmni and omni generate --video take a video as its frames)"
+            ),
+        )),
         kind => Err(ApiError::bad_param(
             at.to_owned(),
             format!(

@@ -1,11 +1,13 @@
-//! What the thinker reads besides text: each `<|AUDIO|>` or `<|IMAGE|>`
-//! placeholder of a prompt stands for the next clip or image of the
-//! prompt's media; it is expanded to one token per row its encoder makes,
+//! What the thinker reads besides text: each `<|AUDIO|>`, `<|IMAGE|>` or
+//! `<|VIDEO|>` placeholder of a prompt stands for the next clip, image or
+//! video of the prompt's media; it is expanded to one token per row its encoder makes,
 //! and those rows replace the placeholders' embeddings (transformers'
 //! `Qwen2_5OmniProcessor`, then `Qwen2_5OmniThinkerModel.forward`). With an
-//! image in the prompt, positions become 3-D (`get_rope_index`): an image's
-//! rows sit on a (time, height, width) grid from the position after the
-//! text before it, and text goes on after the grid's largest position.
+//! image or a video in the prompt, positions become 3-D (`get_rope_index`):
+//! its rows sit on a (time, height, width) grid from the position after the
+//! text before it (a video's time advancing `position_id_per_seconds` a
+//! second), and text goes on after the grid's largest position. Audio
+//! interleaved with a video's frames (`use_audio_in_video`) is not done.
 use std::path::Path;
 
 use serde::Deserialize;
@@ -25,6 +27,11 @@ struct MediaIds {
     audio_token_index: u32,
     #[serde(default = "d_image")]
     image_token_index: u32,
+    #[serde(default = "d_video")]
+    video_token_index: u32,
+    /// Rotary positions a second of video advances the temporal row.
+    #[serde(default = "d_pps")]
+    position_id_per_seconds: f64,
 }
 
 fn d_audio() -> u32 {
@@ -32,6 +39,12 @@ fn d_audio() -> u32 {
 }
 fn d_image() -> u32 {
     151_655
+}
+fn d_video() -> u32 {
+    151_656
+}
+fn d_pps() -> f64 {
+    25.0
 }
 
 /// A prompt with its media placeholders expanded and encoded.
@@ -62,6 +75,8 @@ pub struct ThinkerMedia {
 enum Item {
     Audio,
     Image([i64; 3]),
+    /// The grid and the temporal positions of its frames' patches.
+    Video([i64; 3], Vec<i64>),
 }
 
 impl ThinkerMedia {
@@ -153,9 +168,11 @@ impl ThinkerMedia {
             reason,
         };
         let (audio_token, image_token) = (self.ids.audio_token_index, self.ids.image_token_index);
+        let video_token = self.ids.video_token_index;
         for (what, token, items, part) in [
             ("audio", audio_token, data.audio.len(), "<|AUDIO|>"),
             ("image", image_token, data.image.len(), "<|IMAGE|>"),
+            ("video", video_token, data.video.len(), "<|VIDEO|>"),
         ] {
             let placeholders = ids.iter().filter(|&&t| t == token).count();
             if placeholders != items {
@@ -169,7 +186,7 @@ impl ThinkerMedia {
         if !data.audio.is_empty() && self.audio.is_none() {
             return Err(bad("this checkpoint has no audio encoder".to_owned()));
         }
-        if !data.image.is_empty() && self.vision.is_none() {
+        if (!data.image.is_empty() || !data.video.is_empty()) && self.vision.is_none() {
             return Err(bad("this checkpoint has no vision encoder".to_owned()));
         }
         // Rows each item will take, from its size alone.
@@ -191,8 +208,15 @@ impl ThinkerMedia {
                     .map_err(|e| bad(e.to_string()))?;
                 media_rows += t * h * w / processor.merge_unit();
             }
+            for (i, video) in data.video.iter().enumerate() {
+                let name = format!("multi_modal_data.video[{i}]");
+                let [t, h, w] = processor
+                    .video_grid_for(video, &name)
+                    .map_err(|e| bad(e.to_string()))?;
+                media_rows += t * h * w / processor.merge_unit();
+            }
         }
-        let text = ids.len() - data.audio.len() - data.image.len();
+        let text = ids.len() - data.audio.len() - data.image.len() - data.video.len();
         let total = text as i64 + media_rows;
         if total >= max_len as i64 {
             return Err(bad(format!(
@@ -205,6 +229,7 @@ impl ThinkerMedia {
         let mut kinds = Vec::with_capacity(items.capacity());
         let (mut clips, mut images) =
             (data.audio.iter().enumerate(), data.image.iter().enumerate());
+        let mut videos = data.video.iter().enumerate();
         for &t in ids {
             let rows = if t == audio_token {
                 let (Some((enc, features)), Some((i, clip))) = (&self.audio, clips.next()) else {
@@ -227,6 +252,24 @@ impl ThinkerMedia {
                     .map_err(|e| bad(e.to_string()))?;
                 kinds.push(Item::Image(p.grid));
                 enc.forward(&p.pixel_values, p.grid)?
+            } else if t == video_token {
+                let (Some((enc, processor)), Some((i, video))) = (&self.vision, videos.next())
+                else {
+                    return Err(bad("more video placeholders than videos".to_owned()));
+                };
+                let name = format!("multi_modal_data.video[{i}]");
+                let p = processor
+                    .process_video(video, &name)
+                    .map_err(|e| bad(e.to_string()))?;
+                // transformers: (arange(t) * second_per_grid * position_id_per_seconds).long(), in f32.
+                let spg = processor.second_per_grid(video) as f32;
+                let pps = self.ids.position_id_per_seconds as f32;
+                let times = (0..p.grid[0])
+                    .map(|k| (k as f32 * spg * pps) as i64)
+                    .collect();
+                kinds.push(Item::Video(p.grid, times));
+                enc.forward(&p.pixel_values, p.grid)
+                    .map_err(|e| bad(format!("{name}: the vision encoder failed: {e}")))?
             } else {
                 out.push(t);
                 continue;
@@ -239,7 +282,10 @@ impl ThinkerMedia {
             .vision
             .as_ref()
             .map_or(1, |(e, _)| e.config().spatial_merge_size);
-        let (positions, position_delta) = if kinds.iter().any(|k| matches!(k, Item::Image(_))) {
+        let (positions, position_delta) = if kinds
+            .iter()
+            .any(|k| matches!(k, Item::Image(_) | Item::Video(..)))
+        {
             let starts: Vec<usize> = items.iter().map(|(s, _)| *s).collect();
             rope_positions(out.len(), &starts, &kinds, merge)
         } else {
@@ -279,6 +325,21 @@ fn rope_positions(
                     }
                 }
                 next += lh.max(lw);
+                item += 1;
+            }
+            (Some(&s), Some(Item::Video([_, h, w], times))) if s == out.len() => {
+                let (lh, lw) = (h / merge, w / merge);
+                let mut top = next;
+                for &t in times {
+                    for y in 0..lh {
+                        for x in 0..lw {
+                            let p = [next + t, next + y, next + x];
+                            top = top.max(p[0]).max(p[1]).max(p[2]);
+                            out.push(p);
+                        }
+                    }
+                }
+                next = top + 1;
                 item += 1;
             }
             (Some(&s), Some(Item::Audio)) if s == out.len() => {

@@ -1,4 +1,4 @@
-//! Images into Qwen2.5-Omni's thinker, against transformers on the tiny
+//! Images and videos into Qwen2.5-Omni's thinker, against transformers on the tiny
 //! checkpoint (`make_qwen_omni_media_fixture.py`): the image processor's
 //! patches (resized, normalised, laid out), the vision encoder's rows
 //! (windowed and full attention, 2-D rotary, merger), the 3-D rotary
@@ -6,7 +6,7 @@
 //! talker's codes on 3-D positions.
 mod qwen_omni_support;
 
-use omni_engine::{ChatMessage, ImageInput, MultiModalData, Prompt, SamplingParams};
+use omni_engine::{ChatMessage, ImageInput, MultiModalData, Prompt, SamplingParams, VideoInput};
 use qwen_omni_support::{engine, fixtures, ids, json, max_abs, run, sidecar, Result};
 use serde_json::Value;
 use tch::Tensor;
@@ -171,4 +171,130 @@ fn bad_images_are_named() -> Result {
         "a short buffer"
     );
     Ok(())
+}
+
+fn video(refs: &Value) -> Result<VideoInput> {
+    let frames = refs["video"]["frames"]
+        .as_array()
+        .ok_or("no frames")?
+        .iter()
+        .map(|f| {
+            Ok(ImageInput::read(
+                &fixtures().join(f.as_str().ok_or("frame")?),
+            )?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(VideoInput::new(
+        frames,
+        refs["video"]["fps"].as_f64().ok_or("fps")?,
+    )?)
+}
+
+#[test]
+fn videos_equal_transformers_from_patches_to_codes() -> Result {
+    let refs = json("media.json")?;
+    let mut thinker = engine("thinker")?;
+    let clip = video(&refs)?;
+    {
+        let media = thinker.media_encoders().ok_or("no encoders")?;
+        let processor = media.image_processor().ok_or("no image processor")?;
+        let patches = processor.process_video(&clip, "video")?;
+        let grid: Vec<i64> = serde_json::from_value(refs["video"]["video_grid_thw"].clone())?;
+        assert_eq!(
+            patches.grid.to_vec(),
+            grid,
+            "video grid (frames padded to pairs)"
+        );
+        let stride = refs["video"]["pixel_values_sample_stride"]
+            .as_i64()
+            .ok_or("stride")?;
+        let sample = patches.pixel_values.reshape([-1]).slice(0, 0, None, stride);
+        let want = sidecar(&refs["video"]["pixel_values_sample"])?;
+        let err = max_abs(&(&sample - &want));
+        eprintln!("video pixel values (every {stride}th): max abs error {err:e}");
+        assert!(err < 1e-4, "video pixel values off by {err}");
+        let rows = media
+            .vision_encoder()
+            .ok_or("no vision encoder")?
+            .forward(&patches.pixel_values, patches.grid)?;
+        let want = sidecar(&refs["video"]["encoder_output"])?;
+        let err = max_abs(&(&rows - &want)) / max_abs(&want);
+        eprintln!("vision encoder on video: max abs error {err:e} of the peak");
+        assert!(err < 1e-4, "video rows off by {err} of their peak");
+    }
+
+    let case = &refs["video_prompt"];
+    let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone())?;
+    let prompt = Prompt::with_media(
+        Prompt::Chat(messages),
+        MultiModalData {
+            video: vec![clip],
+            ..MultiModalData::default()
+        },
+    );
+    let n = case["max_new_tokens"].as_u64().ok_or("max_new_tokens")? as usize;
+    thinker.add_request(
+        "v",
+        prompt,
+        SamplingParams {
+            max_tokens: Some(n),
+            min_tokens: n,
+            output_states: true,
+            ..SamplingParams::greedy()
+        },
+    )?;
+    let out = run(&mut thinker)?;
+    let o = &out["v"];
+    assert_eq!(
+        o.prompt_token_ids,
+        ids(&case["prompt_ids"]),
+        "expanded prompt ids"
+    );
+    let positions = o.mrope_positions.as_ref().ok_or("no 3-D positions")?;
+    let want: Vec<Vec<i64>> = serde_json::from_value(case["position_ids"].clone())?;
+    let want = Tensor::from_slice(&want.concat()).reshape([3, -1]);
+    assert!(
+        positions.equal(&want),
+        "3-D positions (time at 25 a second)"
+    );
+    assert_eq!(o.token_ids, ids(&case["generated_ids"]), "thinker tokens");
+
+    let m = case["talker_max_new_tokens"].as_u64().ok_or("talker max")? as usize;
+    let mut talker = engine("talker")?;
+    talker.add_talker_request_with_positions(
+        "v",
+        o.states.as_ref().ok_or("no states")?,
+        o.prompt_token_ids.len(),
+        Some(positions),
+        SamplingParams {
+            max_tokens: Some(m),
+            min_tokens: m,
+            speaker: case["speaker"].as_str().map(str::to_owned),
+            ..SamplingParams::greedy()
+        },
+    )?;
+    let codes = run(&mut talker)?;
+    assert_eq!(
+        codes["v"].token_ids,
+        ids(&case["talker_codes"]),
+        "talker codes"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_videos_are_named() {
+    let frame = |w: u32| ImageInput::new(w, 4, vec![0; w as usize * 12]).ok();
+    let (Some(a), Some(b)) = (frame(4), frame(6)) else {
+        panic!("frames");
+    };
+    for (video, says) in [
+        (VideoInput::new(vec![], 2.0), "no frames"),
+        (VideoInput::new(vec![a.clone(), b], 2.0), "one size"),
+        (VideoInput::new(vec![a.clone()], 0.0), "fps 0"),
+        (VideoInput::new(vec![a; 769], 2.0), "at most 768"),
+    ] {
+        let e = video.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains(says), "{e}");
+    }
 }
