@@ -66,6 +66,12 @@ pub struct GenerateArgs {
     /// assumes 2).
     #[arg(long, default_value_t = 2.0, value_name = "FPS")]
     pub video_fps: f64,
+    /// The --audio clips are the --video folders' sound, one per video in
+    /// order: the thinker reads each video's frames and sound interleaved
+    /// in time (Qwen2.5-Omni's use_audio_in_video), and the chat message
+    /// gets no audio parts of its own.
+    #[arg(long, requires = "videos")]
+    pub use_audio_in_video: bool,
     /// Run every stage on this model instead of the pipeline's own (e.g. a
     /// Qwen2.5-Omni folder for `--pipeline qwen2_5_omni`).
     #[arg(long, value_name = "PATH")]
@@ -126,11 +132,21 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             VideoInput::read_dir(dir, args.video_fps).map_err(|e| BadInput(format!("--video: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    if args.use_audio_in_video && clips.len() != films.len() {
+        return Err(BadInput(format!(
+            "--use-audio-in-video pairs each --video with one --audio: {} video(s), {} clip(s)",
+            films.len(),
+            clips.len()
+        ))
+        .into());
+    }
     let media = || MultiModalData {
         audio: clips.clone(),
         image: pictures.clone(),
         video: films.clone(),
+        use_audio_in_video: args.use_audio_in_video,
     };
+    let audio_parts = if args.use_audio_in_video { 0 } else { clips.len() };
     let omni = progress::with_spinner(
         format!(
             "starting pipeline {:?}: spawning stages, loading models",
@@ -161,7 +177,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             } else if clips.is_empty() && pictures.is_empty() && films.is_empty() {
                 Prompt::Chat(vec![ChatMessage::new("user", p.clone())])
             } else {
-                let mut parts = vec![ContentPart::Audio; clips.len()];
+                let mut parts = vec![ContentPart::Audio; audio_parts];
                 parts.extend(vec![ContentPart::Image; pictures.len()]);
                 parts.extend(vec![ContentPart::Video; films.len()]);
                 parts.push(ContentPart::Text { text: p.clone() });

@@ -487,14 +487,23 @@ impl LLMEngine {
                 let model = self.core.model();
                 let all: Vec<i64> = expanded.ids.iter().map(|&t| i64::from(t)).collect();
                 let all = Tensor::from_slice(&all).f_to_device(model.device())?;
-                let embeds = model.embed(&all)?;
-                let mut ranges = Vec::with_capacity(expanded.items.len());
-                for (start, rows) in &expanded.items {
-                    let n = rows.size()[0];
-                    embeds
-                        .f_narrow(0, *start as i64, n)?
-                        .f_copy_(&rows.f_to_kind(embeds.kind())?)?;
-                    ranges.push(*start..*start + n as usize);
+                let mut embeds = model.embed(&all)?;
+                let mut rows_at = Vec::new();
+                for (at, rows) in &expanded.items {
+                    let index: Vec<i64> = at.iter().map(|&p| p as i64).collect();
+                    let index = Tensor::from_slice(&index).f_to_device(model.device())?;
+                    let rows = rows.f_to_device(model.device())?.f_to_kind(embeds.kind())?;
+                    let _ = embeds.f_index_copy_(0, &index, &rows)?;
+                    rows_at.extend_from_slice(at);
+                }
+                // The media positions as spans (the states leave them bare).
+                rows_at.sort_unstable();
+                let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+                for p in rows_at {
+                    match ranges.last_mut() {
+                        Some(r) if r.end == p => r.end += 1,
+                        _ => ranges.push(p..p + 1),
+                    }
                 }
                 let inputs = crate::request::SequenceInputs {
                     prompt: embeds,

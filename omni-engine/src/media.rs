@@ -27,6 +27,11 @@ pub struct MultiModalData {
     /// Videos, one per video placeholder of the prompt.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub video: Vec<VideoInput>,
+    /// The audio clips are the videos' sound, one per video in order,
+    /// interleaved with their frames in time (Qwen2.5-Omni's
+    /// `use_audio_in_video`); the prompt then has no audio placeholders.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub use_audio_in_video: bool,
 }
 
 impl MultiModalData {

@@ -298,3 +298,68 @@ fn bad_videos_are_named() {
         assert!(e.contains(says), "{e}");
     }
 }
+
+#[test]
+fn a_video_with_its_sound_equals_transformers() -> Result {
+    let refs = json("media.json")?;
+    let case = &refs["video_with_audio_prompt"];
+    let messages: Vec<ChatMessage> =
+        serde_json::from_value(refs["video_prompt"]["messages"].clone())?;
+    let prompt = Prompt::with_media(
+        Prompt::Chat(messages),
+        MultiModalData {
+            video: vec![video(&refs)?],
+            audio: vec![omni_engine::AudioInput::read(
+                &fixtures().join("media/speech_16k.wav"),
+            )?],
+            use_audio_in_video: true,
+            ..MultiModalData::default()
+        },
+    );
+    let n = case["max_new_tokens"].as_u64().ok_or("max_new_tokens")? as usize;
+    let mut thinker = engine("thinker")?;
+    thinker.add_request(
+        "va",
+        prompt,
+        SamplingParams {
+            max_tokens: Some(n),
+            min_tokens: n,
+            output_states: true,
+            ..SamplingParams::greedy()
+        },
+    )?;
+    let out = run(&mut thinker)?;
+    let o = &out["va"];
+    assert_eq!(
+        o.prompt_token_ids,
+        ids(&case["prompt_ids"]),
+        "frames and sound interleaved in 2 s chunks"
+    );
+    let positions = o.mrope_positions.as_ref().ok_or("no 3-D positions")?;
+    let want: Vec<Vec<i64>> = serde_json::from_value(case["position_ids"].clone())?;
+    let want = Tensor::from_slice(&want.concat()).reshape([3, -1]);
+    assert!(positions.equal(&want), "3-D positions");
+    assert_eq!(o.token_ids, ids(&case["generated_ids"]), "thinker tokens");
+
+    let m = case["talker_max_new_tokens"].as_u64().ok_or("talker max")? as usize;
+    let mut talker = engine("talker")?;
+    talker.add_talker_request_with_positions(
+        "va",
+        o.states.as_ref().ok_or("no states")?,
+        o.prompt_token_ids.len(),
+        Some(positions),
+        SamplingParams {
+            max_tokens: Some(m),
+            min_tokens: m,
+            speaker: case["speaker"].as_str().map(str::to_owned),
+            ..SamplingParams::greedy()
+        },
+    )?;
+    let codes = run(&mut talker)?;
+    assert_eq!(
+        codes["va"].token_ids,
+        ids(&case["talker_codes"]),
+        "talker codes"
+    );
+    Ok(())
+}

@@ -32,6 +32,13 @@ struct MediaIds {
     /// Rotary positions a second of video advances the temporal row.
     #[serde(default = "d_pps")]
     position_id_per_seconds: f64,
+    /// Seconds of a video and its sound interleaved at a time.
+    #[serde(default = "d_spc")]
+    seconds_per_chunk: f64,
+    #[serde(default = "d_audio_start")]
+    audio_start_token_id: u32,
+    #[serde(default = "d_audio_end")]
+    audio_end_token_id: u32,
 }
 
 fn d_audio() -> u32 {
@@ -46,15 +53,24 @@ fn d_video() -> u32 {
 fn d_pps() -> f64 {
     25.0
 }
+fn d_spc() -> f64 {
+    2.0
+}
+fn d_audio_start() -> u32 {
+    151_647
+}
+fn d_audio_end() -> u32 {
+    151_648
+}
 
 /// A prompt with its media placeholders expanded and encoded.
 #[derive(Debug)]
 pub struct ExpandedPrompt {
     /// The prompt's ids, each placeholder repeated once per encoder row.
     pub ids: Vec<u32>,
-    /// Per media item: where its rows start in `ids`, and the rows
-    /// (`[n, hidden]`, on the encoder's device).
-    pub items: Vec<(usize, Tensor)>,
+    /// Per encoder output: the positions in `ids` its rows fill, in order,
+    /// and the rows (`[n, hidden]`, on the encoder's device).
+    pub items: Vec<(Vec<usize>, Tensor)>,
     /// 3-D RoPE positions of every prompt token when the prompt holds an
     /// image; empty when plain positions are exact.
     pub positions: Vec<[i64; 3]>,
@@ -71,12 +87,44 @@ pub struct ThinkerMedia {
     ids: MediaIds,
 }
 
-/// One encoded item, in prompt order.
-enum Item {
-    Audio,
-    Image([i64; 3]),
-    /// The grid and the temporal positions of its frames' patches.
-    Video([i64; 3], Vec<i64>),
+/// How the tokens a placeholder expands to are placed on the 3-D rotary
+/// positions (transformers' `get_rope_index`).
+enum Placement {
+    /// One after the other, as text (audio).
+    Sequential,
+    /// On a grid: each token's offset from the next free position; the
+    /// next free position after it is its largest plus one (images, video).
+    Grid(Vec<[i64; 3]>),
+    /// A video with its sound (`use_audio_in_video`): `<|audio_bos|>`
+    /// shares the position of the `<|vision_bos|>` before it, the inner
+    /// tokens sit at their offsets from the position after it, and
+    /// `<|audio_eos|>` and the `<|vision_eos|>` after it share the position
+    /// after the largest.
+    WithSound(Vec<[i64; 3]>),
+}
+
+/// What one placeholder becomes.
+struct Expansion {
+    /// The tokens in its place.
+    ids: Vec<u32>,
+    /// Encoder outputs and the offsets (in `ids`) their rows fill.
+    rows: Vec<(Vec<usize>, Tensor)>,
+    place: Placement,
+}
+
+/// transformers' `get_chunked_index`: where the values of `times`
+/// (non-decreasing) cross each multiple of `per_chunk`, as spans.
+fn chunk_spans(times: &[f64], per_chunk: f64) -> Vec<std::ops::Range<usize>> {
+    let (mut spans, mut start, mut chunk) = (Vec::new(), 0, 1.0);
+    for (i, &t) in times.iter().enumerate() {
+        if t >= chunk * per_chunk {
+            spans.push(start..i);
+            start = i;
+            chunk += 1.0;
+        }
+    }
+    spans.push(start..times.len());
+    spans
 }
 
 impl ThinkerMedia {
@@ -169,8 +217,19 @@ impl ThinkerMedia {
         };
         let (audio_token, image_token) = (self.ids.audio_token_index, self.ids.image_token_index);
         let video_token = self.ids.video_token_index;
+        let with_sound = data.use_audio_in_video;
+        if with_sound && data.audio.len() != data.video.len() {
+            return Err(bad(format!(
+                "use_audio_in_video pairs each video with its sound: {} video(s), {} audio clip(s)",
+                data.video.len(),
+                data.audio.len()
+            )));
+        }
+        // With use_audio_in_video the clips are the videos' sound, placed
+        // with them; the prompt names only the videos.
+        let standalone_audio = if with_sound { 0 } else { data.audio.len() };
         for (what, token, items, part) in [
-            ("audio", audio_token, data.audio.len(), "<|AUDIO|>"),
+            ("audio", audio_token, standalone_audio, "<|AUDIO|>"),
             ("image", image_token, data.image.len(), "<|IMAGE|>"),
             ("video", video_token, data.video.len(), "<|VIDEO|>"),
         ] {
@@ -216,7 +275,8 @@ impl ThinkerMedia {
                 media_rows += t * h * w / processor.merge_unit();
             }
         }
-        let text = ids.len() - data.audio.len() - data.image.len() - data.video.len();
+        let text = ids.len() - standalone_audio - data.image.len() - data.video.len()
+            + if with_sound { 2 * data.video.len() } else { 0 };
         let total = text as i64 + media_rows;
         if total >= max_len as i64 {
             return Err(bad(format!(
@@ -225,69 +285,44 @@ impl ThinkerMedia {
             )));
         }
         let mut out = Vec::with_capacity(total as usize);
-        let mut items = Vec::with_capacity(data.audio.len() + data.image.len());
-        let mut kinds = Vec::with_capacity(items.capacity());
+        let mut items = Vec::new();
+        let mut segments: Vec<(usize, usize, Placement)> = Vec::new();
         let (mut clips, mut images) =
             (data.audio.iter().enumerate(), data.image.iter().enumerate());
         let mut videos = data.video.iter().enumerate();
         for &t in ids {
-            let rows = if t == audio_token {
-                let (Some((enc, features)), Some((i, clip))) = (&self.audio, clips.next()) else {
+            let e = if t == audio_token {
+                let Some(clip) = clips.next() else {
                     return Err(bad("more audio placeholders than clips".to_owned()));
                 };
-                let name = format!("multi_modal_data.audio[{i}]");
-                let f = features
-                    .extract(clip, &name)
-                    .map_err(|e| bad(e.to_string()))?;
-                kinds.push(Item::Audio);
-                enc.forward(&f)?
+                self.audio_expansion(clip, &bad)?
             } else if t == image_token {
-                let (Some((enc, processor)), Some((i, image))) = (&self.vision, images.next())
-                else {
+                let Some(image) = images.next() else {
                     return Err(bad("more image placeholders than images".to_owned()));
                 };
-                let name = format!("multi_modal_data.image[{i}]");
-                let p = processor
-                    .process(image, &name)
-                    .map_err(|e| bad(e.to_string()))?;
-                kinds.push(Item::Image(p.grid));
-                enc.forward(&p.pixel_values, p.grid)?
+                self.image_expansion(image, &bad)?
             } else if t == video_token {
-                let (Some((enc, processor)), Some((i, video))) = (&self.vision, videos.next())
-                else {
+                let Some((i, video)) = videos.next() else {
                     return Err(bad("more video placeholders than videos".to_owned()));
                 };
-                let name = format!("multi_modal_data.video[{i}]");
-                let p = processor
-                    .process_video(video, &name)
-                    .map_err(|e| bad(e.to_string()))?;
-                // transformers: (arange(t) * second_per_grid * position_id_per_seconds).long(), in f32.
-                let spg = processor.second_per_grid(video) as f32;
-                let pps = self.ids.position_id_per_seconds as f32;
-                let times = (0..p.grid[0])
-                    .map(|k| (k as f32 * spg * pps) as i64)
-                    .collect();
-                kinds.push(Item::Video(p.grid, times));
-                enc.forward(&p.pixel_values, p.grid)
-                    .map_err(|e| bad(format!("{name}: the vision encoder failed: {e}")))?
+                let sound = if with_sound { clips.next() } else { None };
+                self.video_expansion((i, video), sound, &bad)?
             } else {
                 out.push(t);
                 continue;
             };
-            let n = rows.size()[0] as usize;
-            items.push((out.len(), rows));
-            out.extend(std::iter::repeat_n(t, n));
+            let start = out.len();
+            for (offsets, rows) in e.rows {
+                items.push((offsets.iter().map(|o| start + o).collect(), rows));
+            }
+            segments.push((start, e.ids.len(), e.place));
+            out.extend(e.ids);
         }
-        let merge = self
-            .vision
-            .as_ref()
-            .map_or(1, |(e, _)| e.config().spatial_merge_size);
-        let (positions, position_delta) = if kinds
+        let (positions, position_delta) = if segments
             .iter()
-            .any(|k| matches!(k, Item::Image(_) | Item::Video(..)))
+            .any(|(_, _, p)| !matches!(p, Placement::Sequential))
         {
-            let starts: Vec<usize> = items.iter().map(|(s, _)| *s).collect();
-            rope_positions(out.len(), &starts, &kinds, merge)
+            rope_positions(out.len(), &segments)
         } else {
             (Vec::new(), 0)
         };
@@ -300,55 +335,197 @@ impl ThinkerMedia {
     }
 }
 
-/// transformers' `get_rope_index` for text, audio and images: every token
-/// outside an image takes the next position in all three rows; an image's
-/// rows sit on its merged grid, from the next position on; the next
-/// position after it is its largest plus one.
-fn rope_positions(
-    len: usize,
-    starts: &[usize],
-    kinds: &[Item],
-    merge: i64,
-) -> (Vec<[i64; 3]>, i64) {
-    let mut out = Vec::with_capacity(len);
-    let mut next = 0i64;
-    let mut item = 0;
-    while out.len() < len {
-        match (starts.get(item), kinds.get(item)) {
-            (Some(&s), Some(Item::Image([_, h, w]))) if s == out.len() => {
-                // An image is one frame (the processor's grid has t = 1):
-                // every row sits at time 0 of its grid.
-                let (lh, lw) = (h / merge, w / merge);
-                for y in 0..lh {
-                    for x in 0..lw {
-                        out.push([next, next + y, next + x]);
-                    }
-                }
-                next += lh.max(lw);
-                item += 1;
+impl ThinkerMedia {
+    fn merge(&self) -> i64 {
+        self.vision
+            .as_ref()
+            .map_or(1, |(e, _)| e.config().spatial_merge_size)
+    }
+
+    fn audio_rows(
+        &self,
+        (i, clip): (usize, &crate::media::AudioInput),
+        bad: &dyn Fn(String) -> Error,
+    ) -> Result<Tensor> {
+        let Some((enc, features)) = &self.audio else {
+            return Err(bad("this checkpoint has no audio encoder".to_owned()));
+        };
+        let name = format!("multi_modal_data.audio[{i}]");
+        let f = features
+            .extract(clip, &name)
+            .map_err(|e| bad(e.to_string()))?;
+        enc.forward(&f)
+            .map_err(|e| bad(format!("{name}: the audio encoder failed: {e}")))
+    }
+
+    fn audio_expansion(
+        &self,
+        clip: (usize, &crate::media::AudioInput),
+        bad: &dyn Fn(String) -> Error,
+    ) -> Result<Expansion> {
+        let rows = self.audio_rows(clip, bad)?;
+        let n = rows.size()[0] as usize;
+        Ok(Expansion {
+            ids: vec![self.ids.audio_token_index; n],
+            rows: vec![((0..n).collect(), rows)],
+            place: Placement::Sequential,
+        })
+    }
+
+    fn image_expansion(
+        &self,
+        (i, image): (usize, &crate::media::ImageInput),
+        bad: &dyn Fn(String) -> Error,
+    ) -> Result<Expansion> {
+        let Some((enc, processor)) = &self.vision else {
+            return Err(bad("this checkpoint has no vision encoder".to_owned()));
+        };
+        let name = format!("multi_modal_data.image[{i}]");
+        let p = processor
+            .process(image, &name)
+            .map_err(|e| bad(e.to_string()))?;
+        let rows = enc
+            .forward(&p.pixel_values, p.grid)
+            .map_err(|e| bad(format!("{name}: the vision encoder failed: {e}")))?;
+        // An image is one frame: every row sits at time 0 of its grid.
+        let grid = grid_offsets(p.grid, &[0], self.merge());
+        let n = grid.len();
+        Ok(Expansion {
+            ids: vec![self.ids.image_token_index; n],
+            rows: vec![((0..n).collect(), rows)],
+            place: Placement::Grid(grid),
+        })
+    }
+
+    fn video_expansion(
+        &self,
+        (i, video): (usize, &crate::media::VideoInput),
+        sound: Option<(usize, &crate::media::AudioInput)>,
+        bad: &dyn Fn(String) -> Error,
+    ) -> Result<Expansion> {
+        let Some((enc, processor)) = &self.vision else {
+            return Err(bad("this checkpoint has no vision encoder".to_owned()));
+        };
+        let name = format!("multi_modal_data.video[{i}]");
+        let p = processor
+            .process_video(video, &name)
+            .map_err(|e| bad(e.to_string()))?;
+        let rows = enc
+            .forward(&p.pixel_values, p.grid)
+            .map_err(|e| bad(format!("{name}: the vision encoder failed: {e}")))?;
+        // transformers places frames at (arange(t) * second_per_grid *
+        // position_id_per_seconds).long(), in f32; its processor chunks
+        // them by the unrounded values.
+        let spg = processor.second_per_grid(video);
+        let pps = self.ids.position_id_per_seconds;
+        let times: Vec<i64> = (0..p.grid[0])
+            .map(|k| (k as f32 * spg as f32 * pps as f32) as i64)
+            .collect();
+        let grid = grid_offsets(p.grid, &times, self.merge());
+        let video_token = self.ids.video_token_index;
+        let Some(clip) = sound else {
+            let n = grid.len();
+            return Ok(Expansion {
+                ids: vec![video_token; n],
+                rows: vec![((0..n).collect(), rows)],
+                place: Placement::Grid(grid),
+            });
+        };
+        // Interleave the frames and the sound chunk by chunk of
+        // seconds_per_chunk (transformers' replace_video_with_audio_token).
+        let sound_rows = self.audio_rows(clip, bad)?;
+        let per_frame = grid.len() as i64 / p.grid[0];
+        let unrounded: Vec<f64> = (0..grid.len() as i64)
+            .map(|r| (r / per_frame) as f64 * spg * pps)
+            .collect();
+        let n_audio = sound_rows.size()[0] as usize;
+        let audio_times: Vec<f64> = (0..n_audio).map(|k| k as f64).collect();
+        let per_chunk = (pps * self.ids.seconds_per_chunk).trunc();
+        let (v_spans, a_spans) = (
+            chunk_spans(&unrounded, per_chunk),
+            chunk_spans(&audio_times, per_chunk),
+        );
+        let mut ids = vec![self.ids.audio_start_token_id];
+        let (mut video_at, mut audio_at) = (Vec::new(), Vec::new());
+        let mut inner = Vec::with_capacity(grid.len() + n_audio);
+        for j in 0..v_spans.len().max(a_spans.len()) {
+            for r in v_spans.get(j).cloned().unwrap_or_default() {
+                video_at.push(ids.len());
+                ids.push(video_token);
+                inner.push(grid[r]);
             }
-            (Some(&s), Some(Item::Video([_, h, w], times))) if s == out.len() => {
-                let (lh, lw) = (h / merge, w / merge);
+            for k in a_spans.get(j).cloned().unwrap_or_default() {
+                audio_at.push(ids.len());
+                ids.push(self.ids.audio_token_index);
+                inner.push([k as i64; 3]);
+            }
+        }
+        ids.push(self.ids.audio_end_token_id);
+        Ok(Expansion {
+            ids,
+            rows: vec![(video_at, rows), (audio_at, sound_rows)],
+            place: Placement::WithSound(inner),
+        })
+    }
+}
+
+/// Offsets `(t, h, w)` of a vision item's merged rows from its first
+/// position: frame by frame, row by row.
+fn grid_offsets([_, h, w]: [i64; 3], times: &[i64], merge: i64) -> Vec<[i64; 3]> {
+    let (lh, lw) = (h / merge, w / merge);
+    let mut out = Vec::with_capacity(times.len() * (lh * lw) as usize);
+    for &t in times {
+        for y in 0..lh {
+            for x in 0..lw {
+                out.push([t, y, x]);
+            }
+        }
+    }
+    out
+}
+
+/// transformers' `get_rope_index`: every token outside a placed segment
+/// takes the next position in all three rows; segments place theirs as
+/// [`Placement`] says.
+fn rope_positions(len: usize, segments: &[(usize, usize, Placement)]) -> (Vec<[i64; 3]>, i64) {
+    let mut out: Vec<[i64; 3]> = Vec::with_capacity(len);
+    let mut next = 0i64;
+    let mut seg = segments.iter().peekable();
+    while out.len() < len {
+        let Some((_, n, place)) = seg.next_if(|(s, _, _)| *s == out.len()) else {
+            out.push([next; 3]);
+            next += 1;
+            continue;
+        };
+        match place {
+            Placement::Sequential => {
+                for _ in 0..*n {
+                    out.push([next; 3]);
+                    next += 1;
+                }
+            }
+            Placement::Grid(offsets) => {
                 let mut top = next;
-                for &t in times {
-                    for y in 0..lh {
-                        for x in 0..lw {
-                            let p = [next + t, next + y, next + x];
-                            top = top.max(p[0]).max(p[1]).max(p[2]);
-                            out.push(p);
-                        }
-                    }
+                for o in offsets {
+                    let p = [next + o[0], next + o[1], next + o[2]];
+                    top = top.max(p[0]).max(p[1]).max(p[2]);
+                    out.push(p);
                 }
                 next = top + 1;
-                item += 1;
             }
-            (Some(&s), Some(Item::Audio)) if s == out.len() => {
-                // Audio rows are placed as text is; the item only ends here.
-                item += 1;
-            }
-            _ => {
-                out.push([next; 3]);
-                next += 1;
+            Placement::WithSound(offsets) => {
+                // <|audio_bos|> at the <|vision_bos|>'s position.
+                let bos = next - 1;
+                out.push([bos; 3]);
+                let mut top = bos;
+                for o in offsets {
+                    let p = [next + o[0], next + o[1], next + o[2]];
+                    top = top.max(p[0]).max(p[1]).max(p[2]);
+                    out.push(p);
+                }
+                // <|audio_eos|> here, and the <|vision_eos|> after it, at top + 1.
+                out.push([top + 1; 3]);
+                next = top + 1;
             }
         }
     }
