@@ -146,7 +146,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         video: films.clone(),
         use_audio_in_video: args.use_audio_in_video,
     };
-    let audio_parts = if args.use_audio_in_video { 0 } else { clips.len() };
+    let audio_parts = if args.use_audio_in_video {
+        0
+    } else {
+        clips.len()
+    };
     let omni = progress::with_spinner(
         format!(
             "starting pipeline {:?}: spawning stages, loading models",
