@@ -195,6 +195,44 @@ impl VideoInput {
         Ok(())
     }
 
+    /// An animated GIF's frames as a video, `fps` from its first frame's
+    /// delay (2 when it states none): the one video container decoded here
+    /// (no pure-Rust MP4/WebM decoder fits). `name` names it in errors.
+    pub fn decode_gif(bytes: &[u8], name: &str) -> Result<Self> {
+        use image::AnimationDecoder as _;
+        let decoder = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(bytes))
+            .map_err(|e| media_error(name, format!("not a GIF: {e}")))?;
+        let mut frames = Vec::new();
+        let mut delay_ms = None;
+        for frame in decoder.into_frames() {
+            let frame =
+                frame.map_err(|e| media_error(name, format!("truncated or corrupt: {e}")))?;
+            if frames.len() == MAX_VIDEO_FRAMES {
+                return Err(media_error(
+                    name,
+                    format!("more than {MAX_VIDEO_FRAMES} frames"),
+                ));
+            }
+            let (num, den) = frame.delay().numer_denom_ms();
+            delay_ms.get_or_insert(f64::from(num) / f64::from(den.max(1)));
+            let rgba = frame.into_buffer();
+            let (w, h) = (rgba.width(), rgba.height());
+            let rgb: Vec<u8> = rgba
+                .into_raw()
+                .chunks_exact(4)
+                .flat_map(|p| [p[0], p[1], p[2]])
+                .collect();
+            frames.push(ImageInput::new(w, h, rgb)?);
+        }
+        let fps = match delay_ms {
+            Some(ms) if ms > 0.0 => 1000.0 / ms,
+            _ => 2.0,
+        };
+        let video = Self { frames, fps };
+        video.check(name)?;
+        Ok(video)
+    }
+
     /// The image files of a folder, in file-name order, as the frames of a
     /// video at `fps` (files that are not PNG, JPEG, WebP, GIF or BMP by
     /// their extension are passed over).

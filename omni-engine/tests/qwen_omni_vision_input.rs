@@ -283,6 +283,26 @@ fn videos_equal_transformers_from_patches_to_codes() -> Result {
 }
 
 #[test]
+fn an_animated_gif_is_a_video() -> Result {
+    let refs = json("media.json")?;
+    let bytes = std::fs::read(fixtures().join("media/video.gif"))?;
+    let gif = VideoInput::decode_gif(&bytes, "video.gif")?;
+    let png = video(&refs)?;
+    assert_eq!(gif.frames.len(), png.frames.len(), "frames");
+    assert_eq!(gif.fps, png.fps, "fps from the frame delay");
+    assert_eq!(
+        (gif.frames[0].width, gif.frames[0].height),
+        (png.frames[0].width, png.frames[0].height)
+    );
+    let e = VideoInput::decode_gif(&bytes[..bytes.len() / 2], "half.gif")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.starts_with("media input half.gif:"), "{e}");
+    Ok(())
+}
+
+#[test]
 fn bad_videos_are_named() {
     let frame = |w: u32| ImageInput::new(w, 4, vec![0; w as usize * 12]).ok();
     let (Some(a), Some(b)) = (frame(4), frame(6)) else {

@@ -1,10 +1,10 @@
 """Asks `omni serve` for a spoken answer with the official `openai` client.
 
-Usage: openai_audio.py BASE_URL MODEL OUT_WAV [VOICE [INPUT_WAV [INPUT_PNG]]]
+Usage: openai_audio.py BASE_URL MODEL OUT_WAV [VOICE [INPUT_WAV [INPUT_PNG [INPUT_GIF]]]]
 
 Requests modalities text and audio (as OpenAI's audio chat does), with
-INPUT_WAV sent as an `input_audio` content part and INPUT_PNG as an
-`image_url` data URL when given, decodes
+INPUT_WAV sent as an `input_audio` content part, INPUT_PNG as an `image_url`
+data URL and INPUT_GIF as a `video_url` data URL when given, decodes
 `message.audio.data` (base64 WAV) into OUT_WAV, and prints one JSON object
 with the choices the client saw.
 """
@@ -26,6 +26,10 @@ if len(sys.argv) > 5:
         with open(sys.argv[6], "rb") as f:
             png = base64.b64encode(f.read()).decode()
         content.append({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}})
+    if len(sys.argv) > 7:
+        with open(sys.argv[7], "rb") as f:
+            gif = base64.b64encode(f.read()).decode()
+        content.append({"type": "video_url", "video_url": {"url": f"data:image/gif;base64,{gif}"}})
     content.append({"type": "text", "text": "What is said in this clip?"})
 client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600)
 chat = client.chat.completions.create(

@@ -259,6 +259,7 @@ fn cli_and_server_take_media() -> Result {
                 "Ethan",
                 &clip,
                 &picture,
+                &fixture().join("media/video.gif").to_string_lossy(),
             ],
         )?
         .trim(),
@@ -279,7 +280,7 @@ fn cli_and_server_take_media() -> Result {
         ),
         (
             serde_json::json!({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}),
-            "decodes no video container",
+            "decodes no MP4",
         ),
         (
             serde_json::json!({"type": "image_url", "image_url": {"url": "https://example.invalid/a.png"}}),

@@ -1,14 +1,16 @@
-//! `omni bench encoder`: Qwen2.5-Omni's audio input path (Whisper log-mel
+//! `omni bench encoder`: Qwen2.5-Omni's media input paths, side by side in
+//! the same run with transformers on the same inputs: audio (Whisper log-mel
 //! features, then the thinker's audio encoder) on a spoken clip tiled to
-//! several lengths, per second of audio, side by side in the same run with
-//! transformers' feature extractor and audio tower on the same samples.
+//! several lengths, per second of audio; and images (the Qwen2-VL image
+//! processor, then the vision encoder) on a drawn picture at several sizes,
+//! per image.
 use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::Args;
 use omni_core::engine::qwen2_5_omni::ThinkerMedia;
 use omni_core::engine::tch::{Device, Kind};
-use omni_core::AudioInput;
+use omni_core::{AudioInput, ImageInput};
 use serde::Deserialize;
 
 use super::PythonFlags;
@@ -32,6 +34,9 @@ pub struct EncoderBench {
     /// Clip lengths in seconds.
     #[arg(long, value_delimiter = ',', default_value = "4,30,120")]
     pub seconds: Vec<f64>,
+    /// Image sizes, WIDTHxHEIGHT (a pattern both sides draw alike).
+    #[arg(long, value_delimiter = ',', default_value = "640x480,1280x720")]
+    pub images: Vec<String>,
     /// Rounds per length (medians are reported).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
@@ -45,10 +50,37 @@ pub struct EncoderBench {
 #[derive(Debug, Deserialize)]
 struct Round {
     system: String,
-    seconds: f64,
+    /// `audio` or `image`.
+    kind: String,
+    /// Seconds of audio, or the image's `WxH`.
+    input: String,
+    /// Feature extraction or image processing.
     features_s: f64,
     encoder_s: f64,
     rows: usize,
+}
+
+/// The benchmark picture of `w x h` pixels: a pattern the Python reference
+/// draws the same way.
+fn pattern(w: u32, h: u32) -> anyhow::Result<ImageInput> {
+    let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
+    for y in 0..h as u64 {
+        for x in 0..w as u64 {
+            rgb.extend([
+                ((x * 7 + y * 3) % 256) as u8,
+                ((x * y) % 256) as u8,
+                ((x + 2 * y) % 256) as u8,
+            ]);
+        }
+    }
+    Ok(ImageInput::new(w, h, rgb)?)
+}
+
+fn parse_size(s: &str) -> anyhow::Result<(u32, u32)> {
+    let (w, h) = s
+        .split_once('x')
+        .with_context(|| format!("--images {s:?}: expected WIDTHxHEIGHT"))?;
+    Ok((w.parse()?, h.parse()?))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -85,11 +117,35 @@ pub(super) fn run(b: EncoderBench) -> anyhow::Result<()> {
             let t2 = Instant::now();
             rounds.push(Round {
                 system: "omni".into(),
-                seconds,
+                kind: "audio".into(),
+                input: seconds.to_string(),
                 features_s: (t1 - t0).as_secs_f64(),
                 encoder_s: (t2 - t1).as_secs_f64(),
                 rows: rows.size()[0] as usize,
             });
+        }
+    }
+    if let (Some(processor), Some(vision)) = (media.image_processor(), media.vision_encoder()) {
+        for size in &b.images {
+            let (w, h) = parse_size(size)?;
+            let image = pattern(w, h)?;
+            let warm = processor.process(&image, size)?;
+            drop(vision.forward(&warm.pixel_values, warm.grid)?);
+            for _ in 0..b.rounds {
+                let t0 = Instant::now();
+                let p = processor.process(&image, size)?;
+                let t1 = Instant::now();
+                let rows = vision.forward(&p.pixel_values, p.grid)?;
+                let t2 = Instant::now();
+                rounds.push(Round {
+                    system: "omni".into(),
+                    kind: "image".into(),
+                    input: size.clone(),
+                    features_s: (t1 - t0).as_secs_f64(),
+                    encoder_s: (t2 - t1).as_secs_f64(),
+                    rows: rows.size()[0] as usize,
+                });
+            }
         }
     }
     bar.finish_and_clear();
@@ -100,6 +156,8 @@ pub(super) fn run(b: EncoderBench) -> anyhow::Result<()> {
             b.audio.clone().into(),
             "--seconds".into(),
             seconds.join(",").into(),
+            "--images".into(),
+            b.images.join(",").into(),
             "--rounds".into(),
             b.rounds.to_string().into(),
             "--threads".into(),
@@ -113,14 +171,20 @@ pub(super) fn run(b: EncoderBench) -> anyhow::Result<()> {
         )?);
     }
     println!(
-        "| clip | system | encoder rows | features (ms) | encoder (ms) | total per audio second (ms/s) |"
+        "| input | system | encoder rows | features or patches (ms) | encoder (ms) | total (ms) | per audio second (ms/s) |"
     );
-    println!("|---|---|---|---|---|---|");
-    for &seconds in &b.seconds {
+    println!("|---|---|---|---|---|---|---|");
+    let inputs: Vec<(String, String)> = b
+        .seconds
+        .iter()
+        .map(|s| ("audio".to_owned(), s.to_string()))
+        .chain(b.images.iter().map(|s| ("image".to_owned(), s.clone())))
+        .collect();
+    for (kind, input) in &inputs {
         for system in ["omni", "transformers"] {
             let mine: Vec<&Round> = rounds
                 .iter()
-                .filter(|r| r.system == system && r.seconds == seconds)
+                .filter(|r| r.system == system && &r.kind == kind && &r.input == input)
                 .collect();
             if mine.is_empty() {
                 continue;
@@ -128,12 +192,22 @@ pub(super) fn run(b: EncoderBench) -> anyhow::Result<()> {
             let f = median(mine.iter().map(|r| r.features_s).collect());
             let e = median(mine.iter().map(|r| r.encoder_s).collect());
             let total = median(mine.iter().map(|r| r.features_s + r.encoder_s).collect());
+            let (label, per_second) = match kind.as_str() {
+                "audio" => {
+                    let secs: f64 = input.parse().unwrap_or(f64::NAN);
+                    (
+                        format!("{input} s audio"),
+                        format!("{:.2}", total * 1e3 / secs),
+                    )
+                }
+                _ => (format!("{input} image"), "-".to_owned()),
+            };
             println!(
-                "| {seconds} s | {system} | {} | {:.1} | {:.1} | {:.2} |",
+                "| {label} | {system} | {} | {:.1} | {:.1} | {:.1} | {per_second} |",
                 mine[0].rows,
                 f * 1e3,
                 e * 1e3,
-                total * 1e3 / seconds
+                total * 1e3,
             );
         }
     }

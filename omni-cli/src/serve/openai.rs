@@ -115,7 +115,8 @@ pub struct ChatMessageIn {
 pub enum MessageContent {
     /// Plain text.
     Text(String),
-    /// Content parts: `text`, `input_audio`, `audio_url`, `image_url`.
+    /// Content parts: `text`, `input_audio`, `audio_url`, `image_url`,
+    /// `video_url`.
     Parts(Vec<ContentPart>),
 }
 
@@ -131,6 +132,8 @@ pub struct ContentPart {
     pub audio_url: Option<UrlPart>,
     /// OpenAI's image part: a URL (only `data:` URLs are fetched).
     pub image_url: Option<UrlPart>,
+    /// vLLM's video part: a URL (only `data:` URLs of animated GIFs).
+    pub video_url: Option<UrlPart>,
 }
 
 /// `{"data": base64, "format": "wav"}`.

@@ -8,6 +8,7 @@
 use base64::Engine as _;
 use omni_core::{
     AudioInput, ChatMessage, ContentPart, ImageInput, MultiModalData, Prompt, SamplingParams,
+    VideoInput,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -76,18 +77,36 @@ fn content_part(
             );
             Ok(ContentPart::Image)
         }
-        "video_url" => Err(ApiError::bad_param(
-            at.to_owned(),
-            format!(
-                "{at}: video_url is not supported: this server decodes no video container \
-                 (OmniLLM, AsyncOmni and omni generate --video take a video as its frames)"
-            ),
-        )),
+        "video_url" => {
+            let url = part.video_url.map(|u| u.url).ok_or_else(|| {
+                ApiError::bad_param(
+                    format!("{at}.video_url"),
+                    format!("{at} is a video_url part without video_url {{url}}"),
+                )
+            })?;
+            if !url.starts_with("data:image/gif") {
+                let shown: String = url.chars().take(40).collect();
+                return Err(ApiError::bad_param(
+                    format!("{at}.video_url.url"),
+                    format!(
+                        "{at}: only animated GIFs as data: URLs are taken as video (got \
+                         {shown:?}); this server decodes no MP4 or WebM (OmniLLM, AsyncOmni and \
+                         omni generate --video take a video as its frames)"
+                    ),
+                ));
+            }
+            let bytes = data_url(at, "video_url", &url)?;
+            media.video.push(
+                VideoInput::decode_gif(&bytes, at)
+                    .map_err(|e| ApiError::bad_param(at.to_owned(), e.to_string()))?,
+            );
+            Ok(ContentPart::Video)
+        }
         kind => Err(ApiError::bad_param(
             at.to_owned(),
             format!(
                 "content part of type {kind:?} in {at} is not supported: text, input_audio, \
-                 audio_url and image_url parts are"
+                 audio_url, image_url and video_url parts are"
             ),
         )),
     }
