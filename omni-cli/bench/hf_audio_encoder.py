@@ -48,7 +48,7 @@ for seconds in [float(s) for s in a.seconds.split(",")]:
         t2 = time.perf_counter()
         if r < 0:
             continue
-        print(json.dumps({"system": "transformers", "kind": "audio", "input": f"{seconds:g}", "round": r,
+        print(json.dumps({"system": "transformers", "kind": "audio", "input": str(int(seconds)) if seconds.is_integer() else repr(seconds), "round": r,
                           "features_s": t1 - t0, "encoder_s": t2 - t1, "rows": int(rows.shape[0])}), flush=True)
 
 ip = AutoImageProcessor.from_pretrained(a.model)

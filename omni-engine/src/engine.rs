@@ -648,19 +648,24 @@ impl LLMEngine {
                 let mut rows: Vec<[i64; 3]> = (0..prompt_len)
                     .map(|i| [flat[i], flat[prompt_len + i], flat[2 * prompt_len + i]])
                     .collect();
-                let next = flat.iter().copied().max().unwrap_or(-1) + 1;
+                // The speaker's and the first reply's rows are text after the
+                // prompt's last token; later tokens add the delta of the
+                // largest position (transformers' get_rope_index on
+                // input_text_ids).
+                let last = rows.last().map_or(-1, |p| p[0].max(p[1]).max(p[2]));
+                let top = flat.iter().copied().max().unwrap_or(-1).max(last + 2);
                 let limit = self.core.max_model_len() as i64;
-                if flat.iter().any(|&v| v < 0) || next + 2 > limit {
+                let delta = top + 1 - (prompt_len as i64 + 2);
+                if flat.iter().any(|&v| v < 0) || top >= limit || delta > 0 {
                     return Err(bad(format!(
-                        "3-D positions must lie in 0..{} (max_model_len, with the talker's two \
-                         extra rows); these reach {}",
-                        limit - 2,
-                        next - 1
+                        "3-D positions must lie in 0..{limit} (max_model_len) and not outrun \
+                         the tokens; these reach {top} over {} tokens",
+                        prompt_len + 2
                     )));
                 }
-                rows.push([next; 3]);
-                rows.push([next + 1; 3]);
-                (rows, next - prompt_len as i64)
+                rows.push([last + 1; 3]);
+                rows.push([last + 2; 3]);
+                (rows, delta)
             }
         };
         let mut ids = vec![t.ids.tts_codec_mask_token_id as u32; prompt_len];

@@ -138,8 +138,8 @@ impl ImageInput {
 }
 
 /// One video: its frames as sampled (all of one size), `fps` of them a
-/// second. No video container is decoded here: a video arrives as frames
-/// (vLLM's `(frames, metadata)`), e.g. a folder of images.
+/// second (vLLM's `(frames, metadata)`): a folder of images, an animated
+/// GIF, or frames a caller decoded. No MP4 or WebM is decoded here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VideoInput {
     /// The frames, in time order.
@@ -150,6 +150,13 @@ pub struct VideoInput {
 
 /// The most frames a video may have (transformers' `max_frames`).
 pub const MAX_VIDEO_FRAMES: usize = 768;
+
+/// The most pixels all frames of a video may have together (about 400 MB of
+/// RGB): frames beyond the processor's own bounds are scaled down anyway.
+pub const MAX_VIDEO_PIXELS: u64 = 128 << 20;
+
+/// Frame rates taken: from a frame every ten seconds to 240 a second.
+pub const VIDEO_FPS: std::ops::RangeInclusive<f64> = 0.1..=240.0;
 
 impl VideoInput {
     /// A video of `frames` at `fps`; errors when it has none, too many,
@@ -162,10 +169,15 @@ impl VideoInput {
 
     /// That the frames exist, agree in size and are within limits.
     pub fn check(&self, name: &str) -> Result<()> {
-        if !(self.fps.is_finite() && self.fps > 0.0) {
+        if !VIDEO_FPS.contains(&self.fps) {
             return Err(media_error(
                 name,
-                format!("fps {} must be a positive number", self.fps),
+                format!(
+                    "fps {} is outside {}..={}",
+                    self.fps,
+                    VIDEO_FPS.start(),
+                    VIDEO_FPS.end()
+                ),
             ));
         }
         let Some(first) = self.frames.first() else {
@@ -178,6 +190,13 @@ impl VideoInput {
                     "{} frames; at most {MAX_VIDEO_FRAMES} are taken",
                     self.frames.len()
                 ),
+            ));
+        }
+        let pixels = u64::from(first.width) * u64::from(first.height) * self.frames.len() as u64;
+        if pixels > MAX_VIDEO_PIXELS {
+            return Err(media_error(
+                name,
+                format!("{pixels} pixels in all frames; at most {MAX_VIDEO_PIXELS} are taken"),
             ));
         }
         for (i, f) in self.frames.iter().enumerate() {
@@ -196,21 +215,39 @@ impl VideoInput {
     }
 
     /// An animated GIF's frames as a video, `fps` from its first frame's
-    /// delay (2 when it states none): the one video container decoded here
-    /// (no pure-Rust MP4/WebM decoder fits). `name` names it in errors.
+    /// delay (2 when it states none; later delays are not looked at): the
+    /// one video container decoded here (no pure-Rust MP4/WebM decoder
+    /// fits). `name` names it in errors.
     pub fn decode_gif(bytes: &[u8], name: &str) -> Result<Self> {
         use image::AnimationDecoder as _;
-        let decoder = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(bytes))
+        use image::ImageDecoder as _;
+        let mut decoder = image::codecs::gif::GifDecoder::new(std::io::Cursor::new(bytes))
             .map_err(|e| media_error(name, format!("not a GIF: {e}")))?;
+        let (w, h) = decoder.dimensions();
+        if u64::from(w) * u64::from(h) > MAX_IMAGE_PIXELS {
+            return Err(media_error(
+                name,
+                format!("{w} x {h} frames; at most {MAX_IMAGE_PIXELS} pixels a frame are taken"),
+            ));
+        }
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(MAX_IMAGE_PIXELS * 4 * 2);
+        decoder
+            .set_limits(limits)
+            .map_err(|e| media_error(name, format!("too large: {e}")))?;
         let mut frames = Vec::new();
         let mut delay_ms = None;
         for frame in decoder.into_frames() {
             let frame =
                 frame.map_err(|e| media_error(name, format!("truncated or corrupt: {e}")))?;
-            if frames.len() == MAX_VIDEO_FRAMES {
+            if frames.len() == MAX_VIDEO_FRAMES
+                || (frames.len() as u64 + 1) * u64::from(w) * u64::from(h) > MAX_VIDEO_PIXELS
+            {
                 return Err(media_error(
                     name,
-                    format!("more than {MAX_VIDEO_FRAMES} frames"),
+                    format!(
+                        "more than {MAX_VIDEO_FRAMES} frames or {MAX_VIDEO_PIXELS} pixels in all"
+                    ),
                 ));
             }
             let (num, den) = frame.delay().numer_denom_ms();
@@ -317,9 +354,9 @@ impl AudioInput {
     }
 }
 
-/// The longest audio decoded, seconds: twice Qwen2.5-Omni's longest clip,
-/// so a model's own limit names the problem; it bounds what a compressed
-/// file may expand to.
+/// The longest audio decoded, seconds (at most 48 kHz's worth of samples):
+/// twice Qwen2.5-Omni's longest clip, so a model's own limit names the
+/// problem; it bounds what a compressed file may expand to.
 pub const MAX_AUDIO_SECONDS: u64 = 600;
 
 /// Sample rates taken, Hz.
@@ -384,11 +421,11 @@ fn decode_audio(bytes: Vec<u8>, name: &str) -> Result<AudioInput> {
         .sample_rate
         .ok_or_else(|| media_error(name, "the audio track states no sample rate"))?;
     check_rate(rate, name)?;
-    let cap = MAX_AUDIO_SECONDS * u64::from(rate);
+    let cap = MAX_AUDIO_SECONDS * u64::from(rate.min(48_000));
     if track.codec_params.n_frames.is_some_and(|n| n > cap) {
         return Err(media_error(
             name,
-            format!("longer than {MAX_AUDIO_SECONDS} s at {rate} Hz"),
+            format!("longer than {cap} samples ({MAX_AUDIO_SECONDS} s at up to 48 kHz)"),
         ));
     }
     let mut decoder = symphonia::default::get_codecs()
@@ -424,7 +461,7 @@ fn decode_audio(bytes: Vec<u8>, name: &str) -> Result<AudioInput> {
         if samples.len() as u64 > cap {
             return Err(media_error(
                 name,
-                format!("longer than {MAX_AUDIO_SECONDS} s at {rate} Hz"),
+                format!("longer than {cap} samples ({MAX_AUDIO_SECONDS} s at up to 48 kHz)"),
             ));
         }
     }
@@ -554,13 +591,8 @@ impl WhisperFeatureExtractor {
     /// Feature frames `audio` will have (what the processor's attention mask
     /// keeps), before computing them.
     pub fn frames_for(&self, audio: &AudioInput) -> i64 {
-        let n = if audio.sample_rate == self.mel.sample_rate || audio.sample_rate == 0 {
-            audio.samples.len() as f64
-        } else {
-            (audio.samples.len() as f64 * f64::from(self.mel.sample_rate)
-                / f64::from(audio.sample_rate))
-            .round()
-        };
+        let n =
+            crate::mel::resampled_len(audio.samples.len(), audio.sample_rate, self.mel.sample_rate);
         (n as i64 + self.mel.hop_length - 1) / self.mel.hop_length
     }
 
@@ -569,6 +601,19 @@ impl WhisperFeatureExtractor {
     /// at least the three feature frames the encoder needs.
     pub fn check(&self, audio: &AudioInput, name: &str) -> Result<()> {
         check_rate(audio.sample_rate, name)?;
+        // A rate sharing no large divisor with ours needs a filter table per
+        // phase: past ~64 MB of it, ask for the clip at a common rate.
+        const MAX_TAPS: u64 = 8 << 20;
+        if crate::mel::resample_table_len(audio.sample_rate, self.mel.sample_rate) > MAX_TAPS {
+            return Err(media_error(
+                name,
+                format!(
+                    "sample rate {} Hz is too far from a multiple of {} Hz to resample here; \
+                     resample the clip to a common rate (e.g. 16 or 48 kHz) first",
+                    audio.sample_rate, self.mel.sample_rate
+                ),
+            ));
+        }
         let limit = u64::from(self.chunk_length);
         if audio.duration_secs() > limit as f64 {
             return Err(media_error(

@@ -150,7 +150,7 @@ pub fn resample(samples: &[f32], from: u32, to: u32) -> Vec<f32> {
     let ratio = f64::from(to) / f64::from(from);
     let cutoff = ratio.min(1.0);
     let half = (ZEROS / cutoff).ceil() as i64;
-    let out_len = (samples.len() as f64 * ratio).round() as usize;
+    let out_len = resampled_len(samples.len(), from, to);
     let i0 = |x: f64| -> f64 {
         // Modified Bessel function of the first kind, order 0 (series).
         let (mut sum, mut term, mut k) = (1.0, 1.0, 1.0);
@@ -202,6 +202,25 @@ pub fn resample(samples: &[f32], from: u32, to: u32) -> Vec<f32> {
             acc as f32
         })
         .collect()
+}
+
+/// Samples [`resample`] makes of `n` at `from` Hz for `to` Hz.
+pub fn resampled_len(n: usize, from: u32, to: u32) -> usize {
+    if from == to || from == 0 || to == 0 {
+        return n;
+    }
+    (n as f64 * (f64::from(to) / f64::from(from))).round() as usize
+}
+
+/// Filter taps [`resample`] evaluates for `from` to `to` Hz (phases times
+/// taps): rates without a large common divisor need a table per phase.
+pub fn resample_table_len(from: u32, to: u32) -> u64 {
+    if from == to || from == 0 || to == 0 {
+        return 0;
+    }
+    let up = u64::from(to) / gcd(u64::from(from), u64::from(to));
+    let cutoff = (f64::from(to) / f64::from(from)).min(1.0);
+    up * (2 * (32.0 / cutoff).ceil() as u64 + 1)
 }
 
 fn gcd(mut a: u64, mut b: u64) -> u64 {

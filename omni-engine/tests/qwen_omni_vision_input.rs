@@ -322,11 +322,108 @@ fn bad_videos_are_named() {
 #[test]
 fn a_video_with_its_sound_equals_transformers() -> Result {
     let refs = json("media.json")?;
-    let case = &refs["video_with_audio_prompt"];
+    let speech = omni_engine::AudioInput::read(&fixtures().join("media/speech_16k.wav"))?;
+    // The whole clip with the 5 frames (interleaved), and a short sound with
+    // 2 frames (it ends below the frames' largest position).
+    for name in ["video_with_audio_prompt", "video_with_short_audio_prompt"] {
+        let case = &refs[name];
+        let mut clip = video(&refs)?;
+        let mut sound = speech.clone();
+        if let Some(f) = case["frames"].as_u64() {
+            clip.frames.truncate(f as usize);
+        }
+        if let Some(n) = case["samples"].as_u64() {
+            sound.samples.truncate(n as usize);
+        }
+        let messages: Vec<ChatMessage> =
+            serde_json::from_value(refs["video_prompt"]["messages"].clone())?;
+        let prompt = Prompt::with_media(
+            Prompt::Chat(messages),
+            MultiModalData {
+                video: vec![clip],
+                audio: vec![sound],
+                use_audio_in_video: true,
+                ..MultiModalData::default()
+            },
+        );
+        let n = case["max_new_tokens"].as_u64().ok_or("max_new_tokens")? as usize;
+        let mut thinker = engine("thinker")?;
+        thinker.add_request(
+            name,
+            prompt,
+            SamplingParams {
+                max_tokens: Some(n),
+                min_tokens: n,
+                output_states: true,
+                ..SamplingParams::greedy()
+            },
+        )?;
+        let out = run(&mut thinker)?;
+        let o = &out[name];
+        assert_eq!(
+            o.prompt_token_ids,
+            ids(&case["prompt_ids"]),
+            "{name}: frames and sound interleaved in 2 s chunks"
+        );
+        let positions = o.mrope_positions.as_ref().ok_or("no 3-D positions")?;
+        let want: Vec<Vec<i64>> = serde_json::from_value(case["position_ids"].clone())?;
+        let want = Tensor::from_slice(&want.concat()).reshape([3, -1]);
+        assert!(positions.equal(&want), "{name}: 3-D positions");
+        assert_eq!(
+            o.token_ids,
+            ids(&case["generated_ids"]),
+            "{name}: thinker tokens"
+        );
+
+        let m = case["talker_max_new_tokens"].as_u64().ok_or("talker max")? as usize;
+        let mut talker = engine("talker")?;
+        talker.add_talker_request_with_positions(
+            name,
+            o.states.as_ref().ok_or("no states")?,
+            o.prompt_token_ids.len(),
+            Some(positions),
+            SamplingParams {
+                max_tokens: Some(m),
+                min_tokens: m,
+                speaker: case["speaker"].as_str().map(str::to_owned),
+                ..SamplingParams::greedy()
+            },
+        )?;
+        let codes = run(&mut talker)?;
+        assert_eq!(
+            codes[name].token_ids,
+            ids(&case["talker_codes"]),
+            "{name}: talker codes"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn videos_whose_positions_cannot_be_placed_are_refused() -> Result {
+    let refs = json("media.json")?;
+    let mut thinker = engine("thinker")?;
     let messages: Vec<ChatMessage> =
         serde_json::from_value(refs["video_prompt"]["messages"].clone())?;
+    let err = |r: omni_engine::Result<()>| r.err().map(|e| e.to_string()).unwrap_or_default();
+
+    // At 0.1 fps a temporal patch is 20 s: the time row outruns the tokens.
+    let mut slow = video(&refs)?;
+    slow.fps = 0.1;
     let prompt = Prompt::with_media(
         Prompt::Chat(messages),
+        MultiModalData {
+            video: vec![slow],
+            ..MultiModalData::default()
+        },
+    );
+    let e = err(thinker.add_request("slow", prompt, SamplingParams::greedy()));
+    assert!(e.contains("rotary positions reach"), "{e}");
+
+    // A video with its sound needs the <|vision_bos|> the template writes.
+    let video_token = 613; // the fixture's <|VIDEO|>
+    let bare = Prompt::with_media(
+        Prompt::TokenIds(vec![video_token, 5, 6]),
         MultiModalData {
             video: vec![video(&refs)?],
             audio: vec![omni_engine::AudioInput::read(
@@ -336,50 +433,8 @@ fn a_video_with_its_sound_equals_transformers() -> Result {
             ..MultiModalData::default()
         },
     );
-    let n = case["max_new_tokens"].as_u64().ok_or("max_new_tokens")? as usize;
-    let mut thinker = engine("thinker")?;
-    thinker.add_request(
-        "va",
-        prompt,
-        SamplingParams {
-            max_tokens: Some(n),
-            min_tokens: n,
-            output_states: true,
-            ..SamplingParams::greedy()
-        },
-    )?;
-    let out = run(&mut thinker)?;
-    let o = &out["va"];
-    assert_eq!(
-        o.prompt_token_ids,
-        ids(&case["prompt_ids"]),
-        "frames and sound interleaved in 2 s chunks"
-    );
-    let positions = o.mrope_positions.as_ref().ok_or("no 3-D positions")?;
-    let want: Vec<Vec<i64>> = serde_json::from_value(case["position_ids"].clone())?;
-    let want = Tensor::from_slice(&want.concat()).reshape([3, -1]);
-    assert!(positions.equal(&want), "3-D positions");
-    assert_eq!(o.token_ids, ids(&case["generated_ids"]), "thinker tokens");
-
-    let m = case["talker_max_new_tokens"].as_u64().ok_or("talker max")? as usize;
-    let mut talker = engine("talker")?;
-    talker.add_talker_request_with_positions(
-        "va",
-        o.states.as_ref().ok_or("no states")?,
-        o.prompt_token_ids.len(),
-        Some(positions),
-        SamplingParams {
-            max_tokens: Some(m),
-            min_tokens: m,
-            speaker: case["speaker"].as_str().map(str::to_owned),
-            ..SamplingParams::greedy()
-        },
-    )?;
-    let codes = run(&mut talker)?;
-    assert_eq!(
-        codes["va"].token_ids,
-        ids(&case["talker_codes"]),
-        "talker codes"
-    );
+    let e = err(thinker.add_request("bare", bare, SamplingParams::greedy()));
+    assert!(e.contains("must follow <|vision_bos|>"), "{e}");
+    assert!(!thinker.has_unfinished(), "a refused request was queued");
     Ok(())
 }

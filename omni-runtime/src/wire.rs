@@ -732,13 +732,17 @@ pub fn attach_media(prompt: &mut Prompt, tensors: &[(String, HostTensor)]) -> Re
     let Prompt::MultiModal(m) = prompt else {
         return Ok(());
     };
+    let by_name: std::collections::HashMap<&str, &HostTensor> =
+        tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let find = |name: &str| -> Result<&HostTensor> {
+        by_name
+            .get(name)
+            .copied()
+            .ok_or_else(|| Error::Wire(format!("generate: tensor {name} is missing")))
+    };
     for (i, clip) in m.multi_modal_data.audio.iter_mut().enumerate() {
         let name = audio_tensor_name(i);
-        let t = tensors
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, t)| t)
-            .ok_or_else(|| Error::Wire(format!("generate: tensor {name} is missing")))?;
+        let t = find(&name)?;
         if t.dtype != DType::F32 || t.shape.len() != 1 || !clip.samples.is_empty() {
             return Err(Error::Wire(format!(
                 "generate: tensor {name} must be 1-D f32 samples (got {:?} {:?}), and the \
@@ -770,20 +774,20 @@ pub fn attach_media(prompt: &mut Prompt, tensors: &[(String, HostTensor)]) -> Re
                 .map(move |(j, f)| (frame_tensor_name(i, j), f))
         });
     for (name, image) in images.chain(frames) {
-        let t = tensors
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, t)| t)
-            .ok_or_else(|| Error::Wire(format!("generate: tensor {name} is missing")))?;
+        let t = find(&name)?;
         let want = omni_engine::ImageInput::byte_len(image.width, image.height);
         if t.dtype != DType::U8
             || Some(t.shape.as_slice()) != want.as_ref().map(std::slice::from_ref)
             || !image.rgb.is_empty()
         {
             return Err(Error::Wire(format!(
-                "generate: tensor {name} must be {want:?} u8 RGB bytes for a {} x {} image \
+                "generate: tensor {name} must be {} u8 RGB bytes for a {} x {} image \
                  (got {:?} {:?}), and the header's rgb empty",
-                image.width, image.height, t.dtype, t.shape
+                want.map_or_else(|| "too many".to_owned(), |n| n.to_string()),
+                image.width,
+                image.height,
+                t.dtype,
+                t.shape
             )));
         }
         image.rgb = t.data.to_vec();

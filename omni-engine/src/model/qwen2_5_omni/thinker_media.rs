@@ -6,8 +6,8 @@
 //! image or a video in the prompt, positions become 3-D (`get_rope_index`):
 //! its rows sit on a (time, height, width) grid from the position after the
 //! text before it (a video's time advancing `position_id_per_seconds` a
-//! second), and text goes on after the grid's largest position. Audio
-//! interleaved with a video's frames (`use_audio_in_video`) is not done.
+//! second), and text goes on after the grid's largest position. A video's
+//! sound (`use_audio_in_video`) is interleaved with its frames in time.
 use std::path::Path;
 
 use serde::Deserialize;
@@ -39,6 +39,8 @@ struct MediaIds {
     audio_start_token_id: u32,
     #[serde(default = "d_audio_end")]
     audio_end_token_id: u32,
+    #[serde(default = "d_vision_start")]
+    vision_start_token_id: u32,
 }
 
 fn d_audio() -> u32 {
@@ -62,6 +64,9 @@ fn d_audio_start() -> u32 {
 fn d_audio_end() -> u32 {
     151_648
 }
+fn d_vision_start() -> u32 {
+    151_652
+}
 
 /// A prompt with its media placeholders expanded and encoded.
 #[derive(Debug)]
@@ -72,7 +77,7 @@ pub struct ExpandedPrompt {
     /// and the rows (`[n, hidden]`, on the encoder's device).
     pub items: Vec<(Vec<usize>, Tensor)>,
     /// 3-D RoPE positions of every prompt token when the prompt holds an
-    /// image; empty when plain positions are exact.
+    /// image or a video; empty when plain positions are exact.
     pub positions: Vec<[i64; 3]>,
     /// What a later token adds to its index: the largest position plus one,
     /// minus the prompt's length.
@@ -96,11 +101,12 @@ enum Placement {
     /// next free position after it is its largest plus one (images, video).
     Grid(Vec<[i64; 3]>),
     /// A video with its sound (`use_audio_in_video`): `<|audio_bos|>`
-    /// shares the position of the `<|vision_bos|>` before it, the inner
-    /// tokens sit at their offsets from the position after it, and
+    /// shares the position of the `<|vision_bos|>` before it; the inner
+    /// tokens sit at their offsets from the position after it; then
     /// `<|audio_eos|>` and the `<|vision_eos|>` after it share the position
-    /// after the largest.
-    WithSound(Vec<[i64; 3]>),
+    /// after the largest of the *last chunk* laid out (transformers'
+    /// `llm_pos_ids_list[-1].max() + 1`), whose length is the `usize`.
+    WithSound(Vec<[i64; 3]>, usize),
 }
 
 /// What one placeholder becomes.
@@ -234,6 +240,12 @@ impl ThinkerMedia {
             ("video", video_token, data.video.len(), "<|VIDEO|>"),
         ] {
             let placeholders = ids.iter().filter(|&&t| t == token).count();
+            if with_sound && token == audio_token && placeholders > 0 {
+                return Err(bad(format!(
+                    "with use_audio_in_video the audio clips are the videos' sound: the prompt \
+                     must have no audio placeholder ({part}), and has {placeholders}"
+                )));
+            }
             if placeholders != items {
                 return Err(bad(format!(
                     "the prompt has {placeholders} {what} placeholder(s) ({part}, id {token}) \
@@ -306,6 +318,13 @@ impl ThinkerMedia {
                     return Err(bad("more video placeholders than videos".to_owned()));
                 };
                 let sound = if with_sound { clips.next() } else { None };
+                if sound.is_some() && out.last() != Some(&self.ids.vision_start_token_id) {
+                    return Err(bad(format!(
+                        "with use_audio_in_video, <|VIDEO|> must follow <|vision_bos|> (id {}), \
+                         as the chat template writes it",
+                        self.ids.vision_start_token_id
+                    )));
+                }
                 self.video_expansion((i, video), sound, &bad)?
             } else {
                 out.push(t);
@@ -326,6 +345,17 @@ impl ThinkerMedia {
         } else {
             (Vec::new(), 0)
         };
+        // A video's time row can outrun its tokens (a low fps): the rotary
+        // tables end at max_model_len, and later tokens add the delta.
+        let top = positions.iter().flatten().copied().max().unwrap_or(0);
+        if positions.iter().flatten().any(|&p| p < 0) || top >= max_len as i64 || position_delta > 0
+        {
+            return Err(bad(format!(
+                "the media's rotary positions reach {top} over {} tokens; they must stay \
+                 below max_model_len {max_len} and not outrun the tokens (a video's fps too low?)",
+                out.len()
+            )));
+        }
         Ok(ExpandedPrompt {
             ids: out,
             items,
@@ -448,23 +478,30 @@ impl ThinkerMedia {
         let mut ids = vec![self.ids.audio_start_token_id];
         let (mut video_at, mut audio_at) = (Vec::new(), Vec::new());
         let mut inner = Vec::with_capacity(grid.len() + n_audio);
+        let mut last_piece = 0;
         for j in 0..v_spans.len().max(a_spans.len()) {
-            for r in v_spans.get(j).cloned().unwrap_or_default() {
-                video_at.push(ids.len());
-                ids.push(video_token);
-                inner.push(grid[r]);
+            if let Some(span) = v_spans.get(j).filter(|s| !s.is_empty()) {
+                last_piece = span.len();
+                for r in span.clone() {
+                    video_at.push(ids.len());
+                    ids.push(video_token);
+                    inner.push(grid[r]);
+                }
             }
-            for k in a_spans.get(j).cloned().unwrap_or_default() {
-                audio_at.push(ids.len());
-                ids.push(self.ids.audio_token_index);
-                inner.push([k as i64; 3]);
+            if let Some(span) = a_spans.get(j).filter(|s| !s.is_empty()) {
+                last_piece = span.len();
+                for k in span.clone() {
+                    audio_at.push(ids.len());
+                    ids.push(self.ids.audio_token_index);
+                    inner.push([k as i64; 3]);
+                }
             }
         }
         ids.push(self.ids.audio_end_token_id);
         Ok(Expansion {
             ids,
             rows: vec![(video_at, rows), (audio_at, sound_rows)],
-            place: Placement::WithSound(inner),
+            place: Placement::WithSound(inner, last_piece),
         })
     }
 }
@@ -491,6 +528,7 @@ fn rope_positions(len: usize, segments: &[(usize, usize, Placement)]) -> (Vec<[i
     let mut out: Vec<[i64; 3]> = Vec::with_capacity(len);
     let mut next = 0i64;
     let mut seg = segments.iter().peekable();
+    let max3 = |p: &[i64; 3]| p[0].max(p[1]).max(p[2]);
     while out.len() < len {
         let Some((_, n, place)) = seg.next_if(|(s, _, _)| *s == out.len()) else {
             out.push([next; 3]);
@@ -508,27 +546,32 @@ fn rope_positions(len: usize, segments: &[(usize, usize, Placement)]) -> (Vec<[i
                 let mut top = next;
                 for o in offsets {
                     let p = [next + o[0], next + o[1], next + o[2]];
-                    top = top.max(p[0]).max(p[1]).max(p[2]);
+                    top = top.max(max3(&p));
                     out.push(p);
                 }
                 next = top + 1;
             }
-            Placement::WithSound(offsets) => {
+            Placement::WithSound(offsets, last_piece) => {
                 // <|audio_bos|> at the <|vision_bos|>'s position.
-                let bos = next - 1;
-                out.push([bos; 3]);
-                let mut top = bos;
-                for o in offsets {
-                    let p = [next + o[0], next + o[1], next + o[2]];
-                    top = top.max(p[0]).max(p[1]).max(p[2]);
-                    out.push(p);
-                }
-                // <|audio_eos|> here, and the <|vision_eos|> after it, at top + 1.
-                out.push([top + 1; 3]);
-                next = top + 1;
+                out.push([next - 1; 3]);
+                let placed: Vec<[i64; 3]> = offsets
+                    .iter()
+                    .map(|o| [next + o[0], next + o[1], next + o[2]])
+                    .collect();
+                let end = placed[placed.len().saturating_sub(*last_piece)..]
+                    .iter()
+                    .map(max3)
+                    .max()
+                    .unwrap_or(next - 1)
+                    + 1;
+                out.extend(placed);
+                // <|audio_eos|> here, and the <|vision_eos|> after it, at `end`.
+                out.push([end; 3]);
+                next = end;
             }
         }
     }
-    let delta = next - len as i64;
-    (out, delta)
+    // transformers: the prompt's largest position plus one, minus its length.
+    let top = out.iter().map(max3).max().unwrap_or(-1);
+    (out, top + 1 - len as i64)
 }
