@@ -173,11 +173,7 @@ impl ModelConfig {
     pub fn from_hf_dir(dir: &std::path::Path) -> crate::Result<Self> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|e| crate::Error::io(&path, e))?;
-        let hf: HfConfig = serde_json::from_str(&text).map_err(|e| crate::Error::Format {
-            path: path.clone(),
-            format: "config.json",
-            reason: e.to_string(),
-        })?;
+        let hf = parse_hf(&path, &text)?;
         let mut cfg = Self::from_hf_config(&path, &hf)?;
         let gen_path = dir.join("generation_config.json");
         if gen_path.exists() {
@@ -246,10 +242,12 @@ impl ModelConfig {
         let embedding_size = map
             .get("embedding_size")
             .and_then(serde_json::Value::as_u64);
-        let hf: HfConfig = serde_json::from_value(section).map_err(|e| crate::Error::Format {
-            path: path.clone(),
-            format: "config.json",
-            reason: format!("{field}: {e}"),
+        let hf: HfConfig = serde_path_to_error::deserialize(section).map_err(|e| {
+            config_err(
+                &path,
+                &format!("{field}.{}", e.path()),
+                e.inner().to_string(),
+            )
         })?;
         let mut cfg = Self::from_hf_config(&path, &hf)?;
         cfg.embedding_size = embedding_size
@@ -260,11 +258,7 @@ impl ModelConfig {
 
     /// Parses the text of a `config.json`; `path` names it in errors.
     pub fn from_config_json(path: &std::path::Path, text: &str) -> crate::Result<Self> {
-        let hf: HfConfig = serde_json::from_str(text).map_err(|e| crate::Error::Format {
-            path: path.to_owned(),
-            format: "config.json",
-            reason: e.to_string(),
-        })?;
+        let hf = parse_hf(path, text)?;
         Self::from_hf_config(path, &hf)
     }
 
@@ -356,6 +350,25 @@ impl ModelConfig {
             mrope_section,
         })
     }
+}
+
+/// `config.json`'s text as [`HfConfig`]; a value of the wrong type is an
+/// error naming its field (`hidden_size`, `rope_scaling.factor`).
+fn parse_hf(path: &std::path::Path, text: &str) -> crate::Result<HfConfig> {
+    let de = &mut serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            crate::Error::Format {
+                path: path.to_owned(),
+                format: "config.json",
+                reason: inner.to_string(),
+            }
+        } else {
+            config_err(path, &field, inner.to_string())
+        }
+    })
 }
 
 /// `mrope_section` of the RoPE parameters, checked against the head width.

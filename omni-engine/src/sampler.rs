@@ -263,6 +263,74 @@ mod tests {
         out
     }
 
+    /// Pearson's chi-square of `counts` against `probs` (expected counts
+    /// `n * p`).
+    fn chi_square(counts: &[usize], probs: &[f64], n: usize) -> f64 {
+        counts
+            .iter()
+            .zip(probs)
+            .map(|(&c, &p)| {
+                let e = p * n as f64;
+                (c as f64 - e).powi(2) / e
+            })
+            .sum()
+    }
+
+    #[test]
+    fn seeded_draws_follow_the_softmax_and_top_k_renormalises() {
+        // Six tokens; 4000 draws. With 5 degrees of freedom the chi-square
+        // exceeds 30 with probability ~1e-5: a sampler off by a few percent
+        // on any token (a wrong temperature, an off-by-one in the cumulative
+        // sum) lands far above it; the seeds are fixed, so this cannot flake.
+        let row = [2.0f32, 1.0, 0.5, 0.0, -1.0, 1.5];
+        let n = 4000;
+        for (temperature, top_k) in [(1.0, -1), (0.7, -1), (1.3, 3)] {
+            let p = params(|p| {
+                p.temperature = temperature;
+                p.top_k = top_k;
+            });
+            let mut scaled: Vec<f64> = row
+                .iter()
+                .map(|&l| f64::from(l) / f64::from(temperature))
+                .collect();
+            if top_k > 0 {
+                let mut sorted = scaled.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                let kth = sorted[top_k as usize - 1];
+                for v in &mut scaled {
+                    if *v < kth {
+                        *v = f64::NEG_INFINITY;
+                    }
+                }
+            }
+            let z: f64 = scaled.iter().map(|v| v.exp()).sum();
+            let probs: Vec<f64> = scaled.iter().map(|v| v.exp() / z).collect();
+            let mut counts = vec![0usize; row.len()];
+            for t in draw(&row, &p, 2024, n) {
+                counts[t as usize] += 1;
+            }
+            // Tokens outside top-k must never be drawn; the rest follow the
+            // renormalised softmax.
+            let (kept_counts, kept_probs): (Vec<usize>, Vec<f64>) = counts
+                .iter()
+                .zip(&probs)
+                .filter_map(|(&c, &p)| {
+                    if p == 0.0 {
+                        assert_eq!(c, 0, "T={temperature} k={top_k}: a masked token was drawn");
+                        None
+                    } else {
+                        Some((c, p))
+                    }
+                })
+                .unzip();
+            let x2 = chi_square(&kept_counts, &kept_probs, n);
+            assert!(
+                x2 < 30.0,
+                "T={temperature} k={top_k}: chi-square {x2:.1} of {counts:?} against {probs:?}"
+            );
+        }
+    }
+
     #[test]
     fn same_seed_same_tokens_and_truncation_holds() -> Result<()> {
         // Distinct values, so the best token is unique.

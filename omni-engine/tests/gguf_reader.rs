@@ -77,9 +77,20 @@ fn every_supported_type_dequantizes_like_gguf_py() -> TestResult {
                 t.name
             );
         }
-        // Into another dtype too.
+        // Into another dtype too: bf16 keeps 8 significant bits, so each
+        // value is gguf-py's within half a unit in the last place: 2^-9 of
+        // the binade's base, at most 2^-8 of the value.
         let h = g.dequantize(&t.name, Kind::BFloat16, Device::Cpu)?;
         assert_eq!(h.kind(), Kind::BFloat16);
+        let got: Vec<f32> = Vec::<f32>::try_from(h.to_kind(Kind::Float).flatten(0, -1))?;
+        assert_eq!(got.len(), t.values.len());
+        for (i, (a, b)) in got.iter().zip(&t.values).enumerate() {
+            assert!(
+                (a - b).abs() <= b.abs() / 256.0 + 1e-30,
+                "{} element {i} in bf16: {a} vs gguf-py {b}",
+                t.name
+            );
+        }
     }
     Ok(())
 }

@@ -96,10 +96,34 @@ fn check_with(fixture: &str, model: &Path, precision: &str, tol: f64) -> Result<
                 .iter()
                 .find(|c| c["name"].as_str() == Some(out.request_id.as_str()))
                 .ok_or_else(|| fail(format!("unknown output {}", out.request_id)))?;
+            // Where the reference's top-two margin is under the logit
+            // tolerance, a path within it may pick the other token: tokens
+            // are asserted up to the first such step (all of them when no
+            // step is that close; the fp32 paths' tolerances are below every
+            // margin of the fixtures, so they are asserted whole).
+            let want = ids(&case["greedy_token_ids"]);
+            let margins: Vec<f64> = case["greedy_margins"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+                .unwrap_or_default();
+            let stable = margins
+                .iter()
+                .position(|&m| m < tol)
+                .unwrap_or(want.len())
+                .min(want.len());
+            if stable < want.len() {
+                eprintln!(
+                    "{fixture} {}: tokens asserted up to step {stable} of {} (reference margin \
+                     {:.4} there, under the tolerance {tol})",
+                    out.request_id,
+                    want.len(),
+                    margins[stable]
+                );
+            }
             assert_eq!(
-                out.token_ids,
-                ids(&case["greedy_token_ids"]),
-                "{fixture} {}: greedy tokens differ from transformers",
+                out.token_ids.get(..stable),
+                want.get(..stable),
+                "{fixture} {}: greedy tokens differ from transformers before any close step",
                 out.request_id
             );
         }
@@ -119,7 +143,10 @@ fn smollm2_gguf_matches_transformers() -> Result<()> {
 
 /// The CPU default: fp16 weights through fbgemm, fp32 activations. The
 /// reference is transformers in fp32, so logits move by the weights'
-/// rounding; the greedy tokens must still be the same.
+/// rounding (up to 0.03 here): the greedy tokens must be the same up to the
+/// first step whose reference margin is under that (SmolLM2's fixture has
+/// steps at 0.0045 and 0.0071, where another CPU's rounding may pick the
+/// other token).
 #[test]
 fn smollm2_gguf_with_fp16_weights_matches_transformers() -> Result<()> {
     check_with(
