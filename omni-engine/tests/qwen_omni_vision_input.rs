@@ -78,42 +78,49 @@ fn patches_rows_and_positions_equal_transformers() -> Result {
     Ok(())
 }
 
-#[test]
-fn image_prompts_give_transformers_tokens_and_codes() -> Result {
-    let refs = json("media.json")?;
-    let case = &refs["image_prompt"];
+/// Runs `prompt` through the thinker (greedy, the case's length, states
+/// on) and checks its expanded ids, 3-D positions and tokens against the
+/// case; then the talker from its states and positions, whose greedy codes
+/// must be the case's. The thinker's output comes back for more checks.
+fn thinker_then_talker(
+    name: &str,
+    case: &Value,
+    prompt: Prompt,
+) -> Result<omni_engine::RequestOutput> {
     let n = case["max_new_tokens"].as_u64().ok_or("max_new_tokens")? as usize;
     let mut thinker = engine("thinker")?;
-    let params = SamplingParams {
-        max_tokens: Some(n),
-        min_tokens: n,
-        output_states: true,
-        ..SamplingParams::greedy()
-    };
-    thinker.add_request("a", image_prompt(&refs, picture()?)?, params.clone())?;
-    let out = run(&mut thinker)?;
-    let o = &out["a"];
+    thinker.add_request(
+        name,
+        prompt,
+        SamplingParams {
+            max_tokens: Some(n),
+            min_tokens: n,
+            output_states: true,
+            ..SamplingParams::greedy()
+        },
+    )?;
+    let mut out = run(&mut thinker)?;
+    let o = out.remove(name).ok_or("no thinker output")?;
     assert_eq!(
         o.prompt_token_ids,
         ids(&case["prompt_ids"]),
-        "expanded prompt ids"
+        "{name}: expanded prompt ids"
     );
-    assert_eq!(o.token_ids, ids(&case["generated_ids"]), "thinker tokens");
-
-    let states = o.states.as_ref().ok_or("no thinker states")?;
-    let prefill = sidecar(&case["talker_prefill_embeds"])?;
-    let p = o.prompt_token_ids.len() as i64;
-    let ours = Tensor::cat(&[states.narrow(0, 0, p), states.narrow(0, p, 1)], 0);
-    let theirs = Tensor::cat(&[prefill.narrow(0, 0, p), prefill.narrow(0, p + 1, 1)], 0);
-    let err = max_abs(&(&ours - &theirs)) / max_abs(&theirs);
-    assert!(err < 1e-4, "thinker states off by {err} of their peak");
-
     let positions = o.mrope_positions.as_ref().ok_or("no 3-D positions")?;
+    let want: Vec<Vec<i64>> = serde_json::from_value(case["position_ids"].clone())?;
+    let want = Tensor::from_slice(&want.concat()).reshape([3, -1]);
+    assert!(positions.equal(&want), "{name}: 3-D positions");
+    assert_eq!(
+        o.token_ids,
+        ids(&case["generated_ids"]),
+        "{name}: thinker tokens"
+    );
+
     let m = case["talker_max_new_tokens"].as_u64().ok_or("talker max")? as usize;
     let mut talker = engine("talker")?;
     talker.add_talker_request_with_positions(
-        "a",
-        states,
+        name,
+        o.states.as_ref().ok_or("no states")?,
         o.prompt_token_ids.len(),
         Some(positions),
         SamplingParams {
@@ -125,10 +132,26 @@ fn image_prompts_give_transformers_tokens_and_codes() -> Result {
     )?;
     let codes = run(&mut talker)?;
     assert_eq!(
-        codes["a"].token_ids,
+        codes[name].token_ids,
         ids(&case["talker_codes"]),
-        "talker codes"
+        "{name}: talker codes"
     );
+    Ok(o)
+}
+
+#[test]
+fn image_prompts_give_transformers_tokens_and_codes() -> Result {
+    let refs = json("media.json")?;
+    let case = &refs["image_prompt"];
+    let o = thinker_then_talker("image", case, image_prompt(&refs, picture()?)?)?;
+    // The states the talker read: the image rows leave their embedding out.
+    let states = o.states.as_ref().ok_or("no thinker states")?;
+    let prefill = sidecar(&case["talker_prefill_embeds"])?;
+    let p = o.prompt_token_ids.len() as i64;
+    let ours = Tensor::cat(&[states.narrow(0, 0, p), states.narrow(0, p, 1)], 0);
+    let theirs = Tensor::cat(&[prefill.narrow(0, 0, p), prefill.narrow(0, p + 1, 1)], 0);
+    let err = max_abs(&(&ours - &theirs)) / max_abs(&theirs);
+    assert!(err < 1e-4, "thinker states off by {err} of their peak");
     Ok(())
 }
 
@@ -193,7 +216,7 @@ fn video(refs: &Value) -> Result<VideoInput> {
 #[test]
 fn videos_equal_transformers_from_patches_to_codes() -> Result {
     let refs = json("media.json")?;
-    let mut thinker = engine("thinker")?;
+    let thinker = engine("thinker")?;
     let clip = video(&refs)?;
     {
         let media = thinker.media_encoders().ok_or("no encoders")?;
@@ -232,53 +255,8 @@ fn videos_equal_transformers_from_patches_to_codes() -> Result {
             ..MultiModalData::default()
         },
     );
-    let n = case["max_new_tokens"].as_u64().ok_or("max_new_tokens")? as usize;
-    thinker.add_request(
-        "v",
-        prompt,
-        SamplingParams {
-            max_tokens: Some(n),
-            min_tokens: n,
-            output_states: true,
-            ..SamplingParams::greedy()
-        },
-    )?;
-    let out = run(&mut thinker)?;
-    let o = &out["v"];
-    assert_eq!(
-        o.prompt_token_ids,
-        ids(&case["prompt_ids"]),
-        "expanded prompt ids"
-    );
-    let positions = o.mrope_positions.as_ref().ok_or("no 3-D positions")?;
-    let want: Vec<Vec<i64>> = serde_json::from_value(case["position_ids"].clone())?;
-    let want = Tensor::from_slice(&want.concat()).reshape([3, -1]);
-    assert!(
-        positions.equal(&want),
-        "3-D positions (time at 25 a second)"
-    );
-    assert_eq!(o.token_ids, ids(&case["generated_ids"]), "thinker tokens");
-
-    let m = case["talker_max_new_tokens"].as_u64().ok_or("talker max")? as usize;
-    let mut talker = engine("talker")?;
-    talker.add_talker_request_with_positions(
-        "v",
-        o.states.as_ref().ok_or("no states")?,
-        o.prompt_token_ids.len(),
-        Some(positions),
-        SamplingParams {
-            max_tokens: Some(m),
-            min_tokens: m,
-            speaker: case["speaker"].as_str().map(str::to_owned),
-            ..SamplingParams::greedy()
-        },
-    )?;
-    let codes = run(&mut talker)?;
-    assert_eq!(
-        codes["v"].token_ids,
-        ids(&case["talker_codes"]),
-        "talker codes"
-    );
+    // Its time row advances 25 positions a second.
+    thinker_then_talker("video", case, prompt)?;
     Ok(())
 }
 
@@ -346,55 +324,7 @@ fn a_video_with_its_sound_equals_transformers() -> Result {
                 ..MultiModalData::default()
             },
         );
-        let n = case["max_new_tokens"].as_u64().ok_or("max_new_tokens")? as usize;
-        let mut thinker = engine("thinker")?;
-        thinker.add_request(
-            name,
-            prompt,
-            SamplingParams {
-                max_tokens: Some(n),
-                min_tokens: n,
-                output_states: true,
-                ..SamplingParams::greedy()
-            },
-        )?;
-        let out = run(&mut thinker)?;
-        let o = &out[name];
-        assert_eq!(
-            o.prompt_token_ids,
-            ids(&case["prompt_ids"]),
-            "{name}: frames and sound interleaved in 2 s chunks"
-        );
-        let positions = o.mrope_positions.as_ref().ok_or("no 3-D positions")?;
-        let want: Vec<Vec<i64>> = serde_json::from_value(case["position_ids"].clone())?;
-        let want = Tensor::from_slice(&want.concat()).reshape([3, -1]);
-        assert!(positions.equal(&want), "{name}: 3-D positions");
-        assert_eq!(
-            o.token_ids,
-            ids(&case["generated_ids"]),
-            "{name}: thinker tokens"
-        );
-
-        let m = case["talker_max_new_tokens"].as_u64().ok_or("talker max")? as usize;
-        let mut talker = engine("talker")?;
-        talker.add_talker_request_with_positions(
-            name,
-            o.states.as_ref().ok_or("no states")?,
-            o.prompt_token_ids.len(),
-            Some(positions),
-            SamplingParams {
-                max_tokens: Some(m),
-                min_tokens: m,
-                speaker: case["speaker"].as_str().map(str::to_owned),
-                ..SamplingParams::greedy()
-            },
-        )?;
-        let codes = run(&mut talker)?;
-        assert_eq!(
-            codes[name].token_ids,
-            ids(&case["talker_codes"]),
-            "{name}: talker codes"
-        );
+        thinker_then_talker(name, case, prompt)?;
     }
     Ok(())
 }
