@@ -686,6 +686,25 @@ fn frame_tensor_name(i: usize, j: usize) -> String {
     format!("media.video.{i}.{j}")
 }
 
+/// Every image and video frame of `data`, with the name of the tensor that
+/// carries its pixels on the wire.
+fn pictures(
+    data: &mut omni_engine::MultiModalData,
+) -> impl Iterator<Item = (String, &mut omni_engine::ImageInput)> {
+    let images = data
+        .image
+        .iter_mut()
+        .enumerate()
+        .map(|(i, image)| (image_tensor_name(i), image));
+    let frames = data.video.iter_mut().enumerate().flat_map(|(i, v)| {
+        v.frames
+            .iter_mut()
+            .enumerate()
+            .map(move |(j, f)| (frame_tensor_name(i, j), f))
+    });
+    images.chain(frames)
+}
+
 /// Moves the samples of `prompt`'s media into tensors, so that they travel
 /// as raw frames and the JSON header keeps only their sample rates.
 pub fn detach_media(prompt: &mut Prompt) -> Result<Vec<(String, HostTensor)>> {
@@ -701,22 +720,7 @@ pub fn detach_media(prompt: &mut Prompt) -> Result<Vec<(String, HostTensor)>> {
             HostTensor::new(DType::F32, vec![samples.len()], Bytes::from(bytes))?,
         ));
     }
-    let images = m.multi_modal_data.image.iter_mut().enumerate();
-    let frames = m
-        .multi_modal_data
-        .video
-        .iter_mut()
-        .enumerate()
-        .flat_map(|(i, v)| {
-            v.frames
-                .iter_mut()
-                .enumerate()
-                .map(move |(j, f)| (frame_tensor_name(i, j), f))
-        });
-    for (name, image) in images
-        .map(|(i, image)| (image_tensor_name(i), image))
-        .chain(frames)
-    {
+    for (name, image) in pictures(&mut m.multi_modal_data) {
         let rgb = std::mem::take(&mut image.rgb);
         out.push((
             name,
@@ -756,24 +760,7 @@ pub fn attach_media(prompt: &mut Prompt, tensors: &[(String, HostTensor)]) -> Re
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
     }
-    let images = m
-        .multi_modal_data
-        .image
-        .iter_mut()
-        .enumerate()
-        .map(|(i, image)| (image_tensor_name(i), image));
-    let frames = m
-        .multi_modal_data
-        .video
-        .iter_mut()
-        .enumerate()
-        .flat_map(|(i, v)| {
-            v.frames
-                .iter_mut()
-                .enumerate()
-                .map(move |(j, f)| (frame_tensor_name(i, j), f))
-        });
-    for (name, image) in images.chain(frames) {
+    for (name, image) in pictures(&mut m.multi_modal_data) {
         let t = find(&name)?;
         let want = omni_engine::ImageInput::byte_len(image.width, image.height);
         if t.dtype != DType::U8
