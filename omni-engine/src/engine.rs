@@ -24,7 +24,7 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::block_pool::PrefixCacheStats;
-use crate::engine_core::{CoreConfig, EngineCore};
+use crate::engine_core::{CoreConfig, EngineCore, EngineLoad};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::WeightPrecision;
@@ -719,6 +719,11 @@ impl LLMEngine {
     /// Whether any request is queued or running.
     pub fn has_unfinished(&self) -> bool {
         self.core.has_unfinished()
+    }
+
+    /// Requests held and tokens generated so far.
+    pub fn load(&self) -> EngineLoad {
+        self.core.load()
     }
 }
 

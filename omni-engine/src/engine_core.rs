@@ -23,6 +23,17 @@ use crate::sampler::{self, SampleInput};
 use crate::sampling_params::SamplingParams;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 
+/// What an engine holds and has done, read between steps: the counts a stage
+/// reports in its health answer, so callers can see work stop (an abort) or
+/// pile up from the engine itself rather than from its caller's bookkeeping.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineLoad {
+    /// Requests queued, running, or finished and not yet returned.
+    pub unfinished_requests: usize,
+    /// Tokens sampled since the engine started, over all requests.
+    pub generated_tokens: u64,
+}
+
 /// Sizes of the core.
 #[derive(Debug, Clone)]
 pub(crate) struct CoreConfig {
@@ -51,6 +62,7 @@ pub(crate) struct EngineCore {
     cfg: CoreConfig,
     ids: HashSet<String>,
     step_counter: u64,
+    generated_tokens: u64,
     arrival_counter: u64,
 }
 
@@ -76,6 +88,7 @@ impl EngineCore {
             cfg,
             ids: HashSet::new(),
             step_counter: 0,
+            generated_tokens: 0,
             arrival_counter: 0,
         })
     }
@@ -94,6 +107,13 @@ impl EngineCore {
 
     pub fn has_unfinished(&self) -> bool {
         self.scheduler.has_unfinished()
+    }
+
+    pub fn load(&self) -> EngineLoad {
+        EngineLoad {
+            unfinished_requests: self.scheduler.num_unfinished(),
+            generated_tokens: self.generated_tokens,
+        }
     }
 
     pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
@@ -369,6 +389,7 @@ impl EngineCore {
                 let seq = &mut self.scheduler.running[i];
                 seq.tokens.push(sample.token);
                 seq.metrics.num_generated_tokens += 1;
+                self.generated_tokens += 1;
                 seq.metrics
                     .first_token_time
                     .get_or_insert_with(Instant::now);

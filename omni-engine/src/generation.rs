@@ -23,6 +23,7 @@ use rand::Rng;
 use tch::Device;
 
 use crate::engine::{EngineArgs, LLMEngine};
+use crate::engine_core::EngineLoad;
 use crate::error::{Error, Result};
 use crate::model::qwen2_5_omni::Token2Wav;
 use crate::model::VitsScales;
@@ -314,6 +315,14 @@ impl GenerationEngine {
         !self.waiting.is_empty()
     }
 
+    /// Requests waiting; a generation model samples no tokens.
+    pub fn load(&self) -> EngineLoad {
+        EngineLoad {
+            unfinished_requests: self.waiting.len(),
+            generated_tokens: 0,
+        }
+    }
+
     /// Runs the oldest waiting request (one forward); its output is
     /// finished and carries its waveform.
     ///
@@ -513,6 +522,14 @@ impl StageEngine {
         match self {
             StageEngine::Llm(e) => e.has_unfinished(),
             StageEngine::Generation(e) => e.has_unfinished(),
+        }
+    }
+
+    /// See [`LLMEngine::load`].
+    pub fn load(&self) -> EngineLoad {
+        match self {
+            StageEngine::Llm(e) => e.load(),
+            StageEngine::Generation(e) => e.load(),
         }
     }
 }

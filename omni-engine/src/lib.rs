@@ -46,6 +46,7 @@ pub use chat_template::ChatTemplate;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use detokenizer::Detokenizer;
 pub use engine::{EngineArgs, LLMEngine};
+pub use engine_core::EngineLoad;
 pub use error::{Error, Result};
 pub use generation::{GenerationEngine, GenerationModel, StageEngine, GENERATION_STAGES};
 pub use gguf::{

@@ -81,7 +81,12 @@ impl Scheduler {
     }
 
     pub fn has_unfinished(&self) -> bool {
-        !self.waiting.is_empty() || !self.running.is_empty() || !self.finished_early.is_empty()
+        self.num_unfinished() > 0
+    }
+
+    /// Requests waiting, running or finished but not yet taken out.
+    pub fn num_unfinished(&self) -> usize {
+        self.waiting.len() + self.running.len() + self.finished_early.len()
     }
 
     /// Removes a request wherever it is, releasing its blocks.

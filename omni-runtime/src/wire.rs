@@ -234,6 +234,15 @@ pub struct HealthMsg {
     pub pid: u32,
     /// Requests inside the engine or waiting for upstream inputs.
     pub running_requests: usize,
+    /// Requests the engine itself still holds (queued, running or finishing).
+    #[serde(default)]
+    pub engine_requests: usize,
+    /// Tokens sampled by the stage's engine since it started.
+    #[serde(default)]
+    pub generated_tokens: u64,
+    /// Aborts that found their request still in the stage.
+    #[serde(default)]
+    pub aborted_requests: u64,
     /// Malformed messages rejected since start.
     pub rejected_messages: u64,
     /// Whether a profiler window is open.

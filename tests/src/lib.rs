@@ -187,6 +187,18 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The value of one series (name with its labels, as Prometheus' text
+/// format writes it: `omni_x{stage="0"}`) in a `/metrics` body.
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// Every trace file under `dir`, recursively.
 pub fn trace_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -3,26 +3,54 @@
 use std::collections::BTreeMap;
 
 use futures::StreamExt;
-use omni_core::{AsyncOmni, Error, FinishReason, OmniEngineArgs, SamplingParams};
+use omni_core::{AsyncOmni, Error, OmniEngineArgs, SamplingParams, StageHealth};
 use omni_tests::{chat, ensure_binaries, err, tiny_params, Result};
 
-/// Waits (bounded) until no stage holds any request: an abort reached
-/// every stage's engine.
-async fn stages_idle(omni: &AsyncOmni) -> Result {
+/// Long enough that a request left to run would still be generating when
+/// `abort_reached_the_stages` gives up (about 40 tokens/s on these CPUs).
+const LONG: usize = 4000;
+
+/// Waits (bounded) until each stage's own counters show the abort: its
+/// engine holds nothing, and `aborts[s]` more aborts found their request
+/// in stage `s` than in `before`. Returns the tokens each stage generated
+/// since `before`. A stage that ignored the abort would keep its request
+/// and generate until `LONG`, so neither check can pass by waiting.
+async fn abort_reached_the_stages(
+    omni: &AsyncOmni,
+    before: &[StageHealth],
+    aborts: &[u64],
+) -> Result<Vec<u64>> {
+    let mut now = Vec::new();
     for _ in 0..600 {
-        let mut busy = Vec::new();
+        now.clear();
         for s in 0..omni.stages().len() {
-            let h = omni.stage_health(s).await?;
-            if h.running_requests > 0 {
-                busy.push((s, h.running_requests));
-            }
+            now.push(omni.stage_health(s).await?);
         }
-        if busy.is_empty() {
-            return Ok(());
+        let settled = now.iter().zip(before).zip(aborts).all(|((h, b), &a)| {
+            h.running_requests == 0
+                && h.engine_requests == 0
+                && h.aborted_requests - b.aborted_requests == a
+        });
+        if settled {
+            return Ok(now
+                .iter()
+                .zip(before)
+                .map(|(h, b)| h.generated_tokens - b.generated_tokens)
+                .collect());
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    Err(err("stages still hold requests a minute after the abort"))
+    Err(err(format!(
+        "a minute after the abort the stages report {now:?} (before: {before:?}, aborts expected: {aborts:?})"
+    )))
+}
+
+async fn health(omni: &AsyncOmni) -> Result<Vec<StageHealth>> {
+    let mut out = Vec::new();
+    for s in 0..omni.stages().len() {
+        out.push(omni.stage_health(s).await?);
+    }
+    Ok(out)
 }
 
 async fn start() -> Result<AsyncOmni> {
@@ -105,8 +133,9 @@ async fn abort_stops_a_request_in_every_stage() -> Result {
     let omni = start().await?;
 
     // Abort while stage 0 generates: stage 1 never produces anything.
+    let before = health(&omni).await?;
     let mut stream = omni
-        .generate(chat("Tell a long story."), vec![long(400), long(8)], "a")
+        .generate(chat("Tell a long story."), vec![long(LONG), long(8)], "a")
         .await?;
     let first = stream.next().await.ok_or_else(|| err("no output"))??;
     assert_eq!(first.stage_id, 0);
@@ -120,19 +149,19 @@ async fn abort_stops_a_request_in_every_stage() -> Result {
         "stage 1 ran after abort: {rest:?}"
     );
     assert!(
-        rest.iter()
-            .all(|o| o.finish_reason != Some(FinishReason::Length)),
-        "stage 0 ran to max_tokens despite the abort"
-    );
-    assert!(
         !omni.abort("a").await?,
         "an ended request is still abortable"
     );
-    stages_idle(&omni).await?;
+    let generated = abort_reached_the_stages(&omni, &before, &[1, 0]).await?;
+    assert!(
+        generated[0] < LONG as u64 / 4 && generated[1] == 0,
+        "tokens generated per stage after the abort of \"a\": {generated:?}"
+    );
 
     // Abort while stage 1 generates (stage 0 done after 2 tokens).
+    let before = health(&omni).await?;
     let mut stream = omni
-        .generate(chat("Hi."), vec![long(2), long(400)], "b")
+        .generate(chat("Hi."), vec![long(2), long(LONG)], "b")
         .await?;
     loop {
         let out = stream
@@ -144,25 +173,28 @@ async fn abort_stops_a_request_in_every_stage() -> Result {
         }
     }
     assert!(omni.abort("b").await?);
-    while let Some(out) = stream.next().await {
-        let out = out?;
-        assert!(
-            !(out.finished && out.finish_reason == Some(FinishReason::Length)),
-            "stage 1 ran to max_tokens despite the abort"
-        );
-    }
+    while stream.next().await.transpose()?.is_some() {}
     assert_eq!(omni.num_running(), 0);
-    stages_idle(&omni).await?;
+    let generated = abort_reached_the_stages(&omni, &before, &[0, 1]).await?;
+    assert!(
+        generated[0] == 2 && generated[1] < LONG as u64 / 4,
+        "tokens generated per stage after the abort of \"b\": {generated:?}"
+    );
 
     // Dropping a stream aborts too; the id is free again afterwards and the
     // pipeline serves the next request.
+    let before = health(&omni).await?;
     let mut stream = omni
-        .generate(chat("Count."), vec![long(400), long(8)], "c")
+        .generate(chat("Count."), vec![long(LONG), long(8)], "c")
         .await?;
     stream.next().await.ok_or_else(|| err("no output"))??;
     drop(stream);
     assert_eq!(omni.num_running(), 0);
-    stages_idle(&omni).await?;
+    let generated = abort_reached_the_stages(&omni, &before, &[1, 0]).await?;
+    assert!(
+        generated[0] < LONG as u64 / 4 && generated[1] == 0,
+        "tokens generated per stage after dropping \"c\": {generated:?}"
+    );
     let mut stream = omni
         .generate(chat("Count."), vec![tiny_params(3), tiny_params(3)], "c")
         .await?;

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use omni_tests::{
-    err, http, python, run_python, trace_files, wait_until, HttpConn, Result, Server,
+    err, http, metric, python, run_python, trace_files, wait_until, HttpConn, Result, Server,
 };
 
 fn chat_body(model: &str, extra: &str) -> String {
@@ -261,31 +261,46 @@ fn client_disconnect_aborts_and_sigterm_leaves_no_stage_processes() -> Result {
     );
 
     // A client that goes away mid-stream: the request leaves the pipeline.
+    // Long enough that, left to run, it would outlast the wait below; the
+    // stages' own counters must show the abort and few tokens.
+    const LONG: u32 = 4000;
     let mut conn = HttpConn::open(
         &a,
         "POST",
         "/v1/chat/completions",
         Some(&chat_body(
             "default",
-            r#","max_tokens":2000,"ignore_eos":true,"stream":true"#,
+            &format!(r#","max_tokens":{LONG},"ignore_eos":true,"stream":true"#),
         )),
     )?;
     conn.next_data()?.ok_or_else(|| err("no first chunk"))?;
     drop(conn);
-    // Gone from the server and from every stage's engine.
+    let settled = |m: &str| {
+        let v = |s: &str| metric(m, s);
+        v("omni_requests_running") == Some(0.0)
+            && v(r#"omni_stage_aborted_requests_total{stage="0"}"#) == Some(1.0)
+            && v(r#"omni_stage_aborted_requests_total{stage="1"}"#) == Some(0.0)
+            && (0..2).all(|s| {
+                v(&format!(r#"omni_stage_engine_requests{{stage="{s}"}}"#)) == Some(0.0)
+                    && v(&format!(r#"omni_stage_running_requests{{stage="{s}"}}"#)) == Some(0.0)
+            })
+    };
     let gone = wait_until(std::time::Duration::from_secs(120), || {
-        http(&a, "GET", "/metrics", None).is_ok_and(|m| {
-            m.body.contains("omni_requests_running 0")
-                && m.body
-                    .contains("omni_stage_running_requests{stage=\"0\"} 0")
-                && m.body
-                    .contains("omni_stage_running_requests{stage=\"1\"} 0")
-        })
+        http(&a, "GET", "/metrics", None).is_ok_and(|m| settled(&m.body))
     });
+    let m = http(&a, "GET", "/metrics", None)?.body;
+    assert!(gone, "the disconnected request is still running:\n{m}");
+    let generated = |s: usize| {
+        metric(
+            &m,
+            &format!(r#"omni_stage_generated_tokens_total{{stage="{s}"}}"#),
+        )
+    };
     assert!(
-        gone,
-        "the disconnected request is still running: {}",
-        http(&a, "GET", "/metrics", None)?.body
+        generated(0).is_some_and(|g| g < f64::from(LONG) / 4.0) && generated(1) == Some(0.0),
+        "tokens generated after the disconnect: {:?}, {:?}",
+        generated(0),
+        generated(1)
     );
 
     // SIGTERM while a request streams: it completes, then everything exits.

@@ -12,7 +12,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{Stream, StreamExt};
-use omni_core::{OmniRequestOutput, OmniStream, StageSamplingParams};
+use omni_core::{OmniRequestOutput, OmniStream, StageHealth, StageSamplingParams};
 
 use super::api_error::ApiError;
 use super::openai::{
@@ -35,26 +35,60 @@ pub async fn health(State(st): St) -> Response {
     }
 }
 
+/// Per-stage series read from each stage's health answer.
+type StageSeries = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&StageHealth) -> u64,
+);
+
+const STAGE_SERIES: [StageSeries; 4] = [
+    (
+        "omni_stage_running_requests",
+        "Requests a stage holds (in its engine or waiting for input).",
+        "gauge",
+        |h| h.running_requests as u64,
+    ),
+    (
+        "omni_stage_engine_requests",
+        "Requests a stage's engine holds (queued, running or finishing).",
+        "gauge",
+        |h| h.engine_requests as u64,
+    ),
+    (
+        "omni_stage_generated_tokens_total",
+        "Tokens a stage's engine has sampled since it started, aborted requests included.",
+        "counter",
+        |h| h.generated_tokens,
+    ),
+    (
+        "omni_stage_aborted_requests_total",
+        "Aborts that found their request still in the stage.",
+        "counter",
+        |h| h.aborted_requests,
+    ),
+];
+
 /// `GET /metrics`: the server's own series, plus what each stage reports
-/// about itself right now (alive, requests it holds).
+/// about itself right now (alive, requests it holds, tokens, aborts).
 pub async fn metrics(State(st): St) -> Response {
     let mut text = st.metrics.render();
     let mut up = String::from(
         "# HELP omni_stage_up Whether the stage answered a health check.\n# TYPE omni_stage_up gauge\n",
     );
-    let mut running = String::from(
-        "# HELP omni_stage_running_requests Requests a stage holds (in its engine or waiting for input).\n\
-         # TYPE omni_stage_running_requests gauge\n",
-    );
+    let mut series: Vec<String> = STAGE_SERIES
+        .iter()
+        .map(|(name, help, kind, _)| format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"))
+        .collect();
     for stage in st.omni.stages() {
         let id = stage.stage_id;
         match st.omni.stage_health(id).await {
             Ok(h) => {
                 up.push_str(&format!("omni_stage_up{{stage=\"{id}\"}} 1\n"));
-                running.push_str(&format!(
-                    "omni_stage_running_requests{{stage=\"{id}\"}} {}\n",
-                    h.running_requests
-                ));
+                for ((name, _, _, value), out) in STAGE_SERIES.iter().zip(&mut series) {
+                    out.push_str(&format!("{name}{{stage=\"{id}\"}} {}\n", value(&h)));
+                }
             }
             Err(e) => {
                 tracing::warn!(stage = id, error = %e, "health check failed");
@@ -63,7 +97,9 @@ pub async fn metrics(State(st): St) -> Response {
         }
     }
     text.push_str(&up);
-    text.push_str(&running);
+    for s in series {
+        text.push_str(&s);
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -20,7 +20,7 @@ mod model;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +38,7 @@ use crate::wire::{
     self, DecodeContext, Envelope, HealthMsg, Message, ReadyMsg, Rejected, PROTOCOL_VERSION,
 };
 
-use model::{now_us, FromModel, ModelThread, ToModel};
+use model::{now_us, FromModel, ModelThread, StageCounters, ToModel};
 
 /// How often the worker checks that its orchestrator is still its parent.
 const PARENT_CHECK: Duration = Duration::from_millis(250);
@@ -151,7 +151,7 @@ struct Io {
     downstream: HashMap<usize, (DealerSendHalf, String)>,
     to_model: mpsc::Sender<ToModel>,
     rejected: Arc<AtomicU64>,
-    running: Arc<AtomicUsize>,
+    counters: Arc<StageCounters>,
     profiling: Arc<AtomicBool>,
 }
 
@@ -170,7 +170,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     };
     let (to_model, to_model_rx) = mpsc::channel(1024);
     let (from_model_tx, mut from_model) = mpsc::channel(1024);
-    let running = Arc::new(AtomicUsize::new(0));
+    let counters = Arc::new(StageCounters::default());
     let profiling = Arc::new(AtomicBool::new(false));
     let mut args = stage.engine_args.clone();
     if let Some(d) = &stage.runtime.devices {
@@ -187,7 +187,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
         out: from_model_tx,
         profiler,
         runtime: handle,
-        running: running.clone(),
+        counters: counters.clone(),
         profiling: profiling.clone(),
     };
     let model_thread = std::thread::Builder::new()
@@ -274,7 +274,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
         downstream,
         to_model,
         rejected: Arc::new(AtomicU64::new(0)),
-        running,
+        counters,
         profiling,
     };
     let ctx = DecodeContext {
@@ -425,7 +425,10 @@ impl Io {
             seq,
             stage_id: self.stage_id,
             pid: std::process::id(),
-            running_requests: self.running.load(Ordering::Relaxed),
+            running_requests: self.counters.running.load(Ordering::Relaxed),
+            engine_requests: self.counters.engine_requests.load(Ordering::Relaxed),
+            generated_tokens: self.counters.generated_tokens.load(Ordering::Relaxed),
+            aborted_requests: self.counters.aborted_requests.load(Ordering::Relaxed),
             rejected_messages: self.rejected.load(Ordering::Relaxed),
             profiling: self.profiling.load(Ordering::Relaxed),
         })

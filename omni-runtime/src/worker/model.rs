@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
@@ -97,8 +97,22 @@ pub(crate) struct ModelThread {
     pub out: mpsc::Sender<FromModel>,
     pub profiler: Arc<dyn Profiler>,
     pub runtime: tokio::runtime::Handle,
-    pub running: Arc<AtomicUsize>,
+    pub counters: Arc<StageCounters>,
     pub profiling: Arc<AtomicBool>,
+}
+
+/// What the model thread publishes for health answers; the socket thread
+/// reads it without waiting on a step.
+#[derive(Debug, Default)]
+pub(crate) struct StageCounters {
+    /// Requests in the engine or waiting for upstream inputs.
+    pub running: AtomicUsize,
+    /// Requests the engine itself still holds.
+    pub engine_requests: AtomicUsize,
+    /// Tokens the engine has sampled since start.
+    pub generated_tokens: AtomicU64,
+    /// Aborts that found the request still in this stage.
+    pub aborted_requests: AtomicU64,
 }
 
 struct Loop {
@@ -181,8 +195,14 @@ impl ModelThread {
                     Err(e) => l.fail_all(&mut engine, &format!("engine step failed: {e}")),
                 }
             }
-            l.t.running
+            let c = &l.t.counters;
+            c.running
                 .store(l.reqs.len() + l.gather.len(), Ordering::Relaxed);
+            let load = engine.load();
+            c.engine_requests
+                .store(load.unfinished_requests, Ordering::Relaxed);
+            c.generated_tokens
+                .store(load.generated_tokens, Ordering::Relaxed);
         }
         // Shutting down: a window still open is closed so its trace is not lost.
         if l.t.profiler.is_active() {
@@ -257,9 +277,16 @@ impl Loop {
             ToModel::Refuse(id, reason) => self.request_rejected(&id, reason),
             ToModel::Abort(ids) => {
                 for id in ids {
-                    engine.abort(&id);
-                    self.reqs.remove(&id);
-                    self.gather.remove(&id);
+                    // Non-short-circuit `|`: each place must let go of the id.
+                    let held = engine.abort(&id)
+                        | self.reqs.remove(&id).is_some()
+                        | self.gather.remove(&id).is_some();
+                    if held {
+                        self.t
+                            .counters
+                            .aborted_requests
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     if self.aborted.insert(id.clone()) {
                         self.aborted_order.push_back(id);
                         if self.aborted_order.len() > ABORTED_MEMORY {
