@@ -21,6 +21,10 @@ pub struct LaunchSpec {
     pub orchestrator_address: String,
     /// The address this stage's input ROUTER binds.
     pub input_address: String,
+    /// A socket already listening on `input_address` that the stage
+    /// inherits (TCP ports the orchestrator chose); absent: bind it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_listener_fd: Option<i32>,
     /// Stages that take this stage's output: `(stage_id, input address)`.
     pub downstream: Vec<(usize, String)>,
     /// Shared-memory directory for large tensors, when stages share a host.

@@ -250,15 +250,21 @@ impl Orchestrator {
             .to_string();
 
         let mut inputs = Vec::with_capacity(config.stages.len());
+        let mut listeners = Vec::with_capacity(config.stages.len());
         for s in &config.stages {
-            let addr = match (&s.runtime.address, transport_kind) {
-                (Some(a), _) => a.clone(),
-                (None, TransportKind::Ipc) => {
-                    transport::ipc_address(&run_path, &format!("stage-{}.sock", s.stage_id))?
+            let (addr, listener) = match (&s.runtime.address, transport_kind) {
+                (Some(a), _) => (a.clone(), None),
+                (None, TransportKind::Ipc) => (
+                    transport::ipc_address(&run_path, &format!("stage-{}.sock", s.stage_id))?,
+                    None,
+                ),
+                (None, TransportKind::Tcp) => {
+                    let (a, l) = transport::reserve_tcp_address(&host)?;
+                    (a, Some(l))
                 }
-                (None, TransportKind::Tcp) => transport::free_tcp_address(&host)?,
             };
             inputs.push(addr);
+            listeners.push(listener);
         }
 
         let mut tails: Vec<Arc<LogTail>> = Vec::new();
@@ -270,6 +276,9 @@ impl Orchestrator {
                 num_stages: config.stages.len(),
                 orchestrator_address: endpoint.clone(),
                 input_address: inputs[s.stage_id].clone(),
+                input_listener_fd: listeners[s.stage_id]
+                    .as_ref()
+                    .map(std::os::fd::AsRawFd::as_raw_fd),
                 downstream: config
                     .downstream_of(s.stage_id)
                     .into_iter()
@@ -290,7 +299,14 @@ impl Orchestrator {
             for (k, v) in &opts.worker_env {
                 cmd.env(k, v);
             }
-            let (pid, tail) = supervisor.spawn(s.stage_id, cmd).await?;
+            // The stage owns its port from here; this process lets go of it.
+            let listener = listeners[s.stage_id].take();
+            if let Some(l) = &listener {
+                transport::inherit_listener(&mut cmd, l);
+            }
+            let spawned = supervisor.spawn(s.stage_id, cmd).await;
+            drop(listener);
+            let (pid, tail) = spawned?;
             tracing::info!(target: "omni::runtime", stage_id = s.stage_id, pid, "stage process started");
             tails.push(tail);
             pids.push(pid);

@@ -39,8 +39,11 @@ pub(crate) fn ipc_address(dir: &Path, name: &str) -> Result<String> {
     Ok(format!("ipc://{s}"))
 }
 
-/// A `tcp://host:port` address with a port that was free a moment ago.
-pub(crate) fn free_tcp_address(host: &str) -> Result<String> {
+/// A `tcp://host:port` address with a port bound and listening right now.
+/// The listener is kept open until the stage that will serve on it inherits
+/// it ([`inherit_listener`]), so no other process can take the port between
+/// the orchestrator choosing it and the stage using it.
+pub(crate) fn reserve_tcp_address(host: &str) -> Result<(String, std::net::TcpListener)> {
     let listener = std::net::TcpListener::bind((host, 0)).map_err(|e| {
         Error::socket(
             format!("tcp://{host}:0"),
@@ -51,7 +54,56 @@ pub(crate) fn free_tcp_address(host: &str) -> Result<String> {
         .local_addr()
         .map_err(|e| Error::socket(format!("tcp://{host}:0"), e))?
         .port();
-    Ok(format!("tcp://{host}:{port}"))
+    Ok((format!("tcp://{host}:{port}"), listener))
+}
+
+/// Lets the process `command` starts keep `listener` open across `exec`
+/// (Rust opens sockets close-on-exec); the child finds it under the same
+/// descriptor number, which its launch spec names.
+pub(crate) fn inherit_listener(
+    command: &mut std::process::Command,
+    listener: &std::net::TcpListener,
+) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    // SAFETY: fcntl is async-signal-safe; it only clears FD_CLOEXEC in the
+    // child's own descriptor table, after fork.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Takes over the listening socket a stage inherited (see
+/// [`inherit_listener`]), after checking it is one bound to `address`.
+pub(crate) fn inherited_listener(fd: i32, address: &str) -> Result<std::net::TcpListener> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    // SAFETY: the orchestrator passed this descriptor for this purpose and
+    // nothing else in the worker owns it; a wrong one fails the checks below.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    let bound = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            // Not a socket: give the descriptor back rather than close it.
+            let _ = listener.into_raw_fd();
+            return Err(Error::socket(
+                address,
+                format!("inherited descriptor {fd} is not a listening socket: {e}"),
+            ));
+        }
+    };
+    if !address.ends_with(&format!(":{}", bound.port())) {
+        return Err(Error::socket(
+            address,
+            format!("inherited descriptor {fd} is bound to {bound}, not to this address"),
+        ));
+    }
+    Ok(listener)
 }
 
 /// The address the orchestrator's ROUTER binds.

@@ -9,6 +9,7 @@
 //! no test asserts on how fast something is: the machines are noisy.
 #![warn(missing_docs)]
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -620,4 +621,125 @@ pub fn generate_json(args: &[&str], output_dir: &Path) -> Result<Vec<serde_json:
         .lines()
         .map(serde_json::from_str)
         .collect::<std::result::Result<_, _>>()?)
+}
+
+/// Microseconds since the UNIX epoch, the clock trace timestamps use.
+pub fn now_us() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+}
+
+/// The stages' process names in the `default` pipeline's traces.
+pub const DEFAULT_STAGE_NAMES: [&str; 2] = [
+    "stage 0 (answer) SmolLM2-135M-Instruct",
+    "stage 1 (summarizer) SmolLM2-135M-Instruct",
+];
+
+/// What one stage recorded in one profiler window, read from its files.
+#[derive(Debug, Default)]
+pub struct WindowContents {
+    /// Names the files give their own process (`process_name` metadata of
+    /// the pid the file's `omni` header names).
+    pub process_names: BTreeSet<String>,
+    /// `ProfilerStep#n` ranges.
+    pub steps: usize,
+    /// Callers' request ids the steps name (the `#n` the orchestrator adds
+    /// per submission taken off).
+    pub step_requests: BTreeSet<String>,
+    /// `forward` ranges.
+    pub forwards: usize,
+}
+
+/// Clock slack between the test and the stage processes, which anchor the
+/// wall clock once and advance it monotonically.
+const WINDOW_SLACK_US: f64 = 10_000.0;
+
+/// Reads a stage's trace files from one window and checks that every timed
+/// event lies within `[start_us, stop_us]` (the test's clock read before
+/// `start_profile` and after `stop_profile` returned).
+pub fn window_contents(paths: &[PathBuf], start_us: f64, stop_us: f64) -> Result<WindowContents> {
+    let mut out = WindowContents::default();
+    for path in paths {
+        let doc = read_trace(path)?;
+        let pid = doc["omni"]["pid"].clone();
+        let events = doc["traceEvents"].as_array().map_or(&[][..], Vec::as_slice);
+        let mut outside = Vec::new();
+        for e in events {
+            let name = e["name"].as_str().unwrap_or("");
+            let ph = e["ph"].as_str().unwrap_or("");
+            if ph == "M" {
+                if name == "process_name" && e["pid"] == pid {
+                    if let Some(n) = e["args"]["name"].as_str() {
+                        out.process_names.insert(n.to_owned());
+                    }
+                }
+                continue;
+            }
+            let Some(ts) = e["ts"].as_f64() else {
+                return Err(err(format!(
+                    "{}: event without a numeric ts: {e}",
+                    path.display()
+                )));
+            };
+            let end = ts + e["dur"].as_f64().unwrap_or(0.0);
+            if ts < start_us - WINDOW_SLACK_US || end > stop_us + WINDOW_SLACK_US {
+                outside.push(format!(
+                    "{name} at {:.1} ms .. {:.1} ms",
+                    (ts - start_us) / 1e3,
+                    (end - start_us) / 1e3
+                ));
+            }
+            if ph != "X" {
+                continue;
+            }
+            if name.starts_with("ProfilerStep#") {
+                out.steps += 1;
+                let ids = match &e["args"]["request_ids"] {
+                    serde_json::Value::String(s) => s.clone(),
+                    _ => String::new(),
+                };
+                for id in ids.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+                    let caller = id.rsplit_once('#').map_or(id, |(c, _)| c);
+                    out.step_requests.insert(caller.to_owned());
+                }
+            } else if name == "forward" {
+                out.forwards += 1;
+            }
+        }
+        if !outside.is_empty() {
+            return Err(err(format!(
+                "{}: {} event(s) outside the window of {:.1} ms, e.g. {:?}",
+                path.display(),
+                outside.len(),
+                (stop_us - start_us) / 1e3,
+                &outside[..outside.len().min(5)]
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// Checks a stage's window: its process name, and that its steps name
+/// exactly the requests in `requests` (every one, no other) with a
+/// `forward` range inside.
+pub fn assert_window(
+    stage: usize,
+    paths: &[PathBuf],
+    (start_us, stop_us): (f64, f64),
+    process_name: &str,
+    requests: &[&str],
+) -> Result<WindowContents> {
+    let w = window_contents(paths, start_us, stop_us)?;
+    let want: BTreeSet<String> = requests.iter().map(|r| (*r).to_owned()).collect();
+    if w.process_names != BTreeSet::from([process_name.to_owned()])
+        || w.step_requests != want
+        || w.forwards == 0
+    {
+        return Err(err(format!(
+            "stage {stage}: expected process {process_name:?}, steps naming {want:?} and \
+             forward ranges; the window holds {w:?} ({paths:?})"
+        )));
+    }
+    Ok(w)
 }

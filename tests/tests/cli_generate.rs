@@ -2,7 +2,7 @@
 //! command line and the profile tools, `pipelines`, help, exit codes.
 use std::process::{Command, Output};
 
-use omni_tests::{err, omni_bin, read_trace, trace_files, Result};
+use omni_tests::{err, omni_bin, read_trace, trace_files, Result, DEFAULT_STAGE_NAMES};
 
 fn omni(args: &[&str]) -> Result<Output> {
     Ok(Command::new(omni_bin()?)
@@ -111,7 +111,7 @@ fn generate_with_profile_writes_traces_and_the_tools_read_them() -> Result {
         "--profile-dir",
         &traces_arg,
         "--profile-stages",
-        "1",
+        "0,1",
     ])?;
     assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
     // A normal profiled run, at the default log level, piped: no alarming
@@ -132,17 +132,14 @@ fn generate_with_profile_writes_traces_and_the_tools_read_them() -> Result {
         "no trace written under {}",
         traces.display()
     );
+    let mut stages = Vec::new();
     for f in &files {
         let stage_dir = f
             .parent()
             .and_then(|d| d.file_name())
             .and_then(|n| n.to_str())
             .unwrap_or("");
-        assert!(
-            stage_dir.starts_with("stage_1_"),
-            "trace of an unselected stage: {}",
-            f.display()
-        );
+        stages.push(stage_dir.split('_').nth(1).unwrap_or("").to_owned());
         assert!(
             stdout.contains(&f.display().to_string()),
             "{} not printed:\n{stdout}",
@@ -150,16 +147,101 @@ fn generate_with_profile_writes_traces_and_the_tools_read_them() -> Result {
         );
         read_trace(f)?;
     }
+    assert_eq!(
+        stages,
+        ["0", "1"],
+        "one trace per selected stage: {files:?}"
+    );
 
+    // The summary: each stage's header, then the one request through both
+    // stages, with a transfer into stage 1 and compute in each.
     let out = omni(&["profile", "summarize", &traces_arg])?;
     assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
-    assert!(!text(&out.stdout).trim().is_empty());
+    let summary = text(&out.stdout);
+    for name in DEFAULT_STAGE_NAMES {
+        assert!(
+            summary.contains(&format!("== {name} (1 file(s), ")),
+            "no header for {name}:\n{summary}"
+        );
+    }
+    let lines: Vec<&str> = summary.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("  0#0  total "))
+        .ok_or_else(|| err(format!("no line for request 0#0:\n{summary}")))?;
+    let columns = |line: &str| -> Option<(String, Vec<String>)> {
+        let (stage, rest) = line.trim_start().split_once(" transfer ")?;
+        let mut values = vec![];
+        let mut rest = format!("transfer {rest}");
+        for key in ["transfer", "queue", "compute", "in stage"] {
+            let r = rest.trim_start().strip_prefix(key)?.trim_start().to_owned();
+            let end = r.find("  ").unwrap_or(r.len());
+            values.push(r[..end].to_owned());
+            rest = r[end..].to_owned();
+        }
+        Some((stage.trim().to_owned(), values))
+    };
+    let (s0, v0) = lines
+        .get(at + 1)
+        .and_then(|l| columns(l))
+        .ok_or_else(|| err(summary.clone()))?;
+    let (s1, v1) = lines
+        .get(at + 2)
+        .and_then(|l| columns(l))
+        .ok_or_else(|| err(summary.clone()))?;
+    let num = |v: &str| v.parse::<f64>().ok();
+    assert!(
+        s0 == DEFAULT_STAGE_NAMES[0]
+            && v0[0] == "-"
+            && num(&v0[2]).is_some_and(|c| c > 0.0)
+            && s1.starts_with("stage 1 (summarizer) ")
+            && num(&v1[0]).is_some_and(|t| t >= 0.0)
+            && num(&v1[2]).is_some_and(|c| c > 0.0),
+        "request 0#0's stages: {s0} {v0:?}, {s1} {v1:?}\n{summary}"
+    );
 
+    // The merged timeline: both stages as named processes, and one flow
+    // arrow from stage 0's send of the request to stage 1's receipt.
     let merged = dir.path().join("merged.json");
     let merged_arg = merged.to_string_lossy().into_owned();
     let out = omni(&["profile", "merge", &traces_arg, "-o", &merged_arg])?;
     assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
-    read_trace(&merged)?;
+    let doc = read_trace(&merged)?;
+    let events = doc["traceEvents"].as_array().map_or(&[][..], Vec::as_slice);
+    let pid_of = |name: &str| -> Vec<&serde_json::Value> {
+        events
+            .iter()
+            .filter(|e| e["ph"] == "M" && e["name"] == "process_name" && e["args"]["name"] == name)
+            .map(|e| &e["pid"])
+            .collect()
+    };
+    let (p0, p1) = (
+        pid_of(DEFAULT_STAGE_NAMES[0]),
+        pid_of(DEFAULT_STAGE_NAMES[1]),
+    );
+    assert!(
+        p0.len() == 1 && p1.len() == 1 && p0 != p1,
+        "stage processes: {p0:?} {p1:?}"
+    );
+    let flows: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["cat"] == "request" && (e["ph"] == "s" || e["ph"] == "f"))
+        .collect();
+    let [start, finish] = flows[..] else {
+        return Err(err(format!("expected one flow (s, f), got {flows:?}")));
+    };
+    assert!(
+        start["ph"] == "s"
+            && finish["ph"] == "f"
+            && start["name"] == "0#0"
+            && finish["name"] == "0#0"
+            && start["id"] == finish["id"]
+            && &start["pid"] == p0[0]
+            && &finish["pid"] == p1[0]
+            && finish["bp"] == "e"
+            && finish["ts"].as_f64() >= start["ts"].as_f64(),
+        "flow: {start} -> {finish}"
+    );
     Ok(())
 }
 

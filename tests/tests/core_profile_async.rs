@@ -1,14 +1,20 @@
 //! Profiling toggled on and off with `AsyncOmni` while 8 requests stream:
-//! every stage writes a trace, and every request completes.
+//! every stage writes a trace of the steps inside the window, and every
+//! request completes.
 //!
 //! One test per file: it sets `VLLM_TORCH_PROFILER_DIR` for the stage
 //! processes it starts, which must not leak into other tests.
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use omni_core::{AsyncOmni, OmniEngineArgs, SamplingParams};
-use omni_tests::{chat, ensure_binaries, err, read_trace, tiny_params, Result};
+use omni_tests::{
+    assert_window, chat, ensure_binaries, err, now_us, tiny_params, window_contents, Result,
+    DEFAULT_STAGE_NAMES,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn profiling_toggled_while_8_requests_stream_loses_no_request() -> Result {
@@ -19,14 +25,20 @@ async fn profiling_toggled_while_8_requests_stream_loses_no_request() -> Result 
 
     let params = SamplingParams {
         ignore_eos: true,
-        ..tiny_params(24)
+        ..tiny_params(64)
     };
+    // Each request says when it first streamed, and when it has streamed two
+    // more stage-0 deltas with the profiler on (or stage 0 ended).
     let (first_tx, mut first_rx) = tokio::sync::mpsc::channel::<()>(8);
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::channel::<()>(8);
+    let profiling = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for i in 0..8 {
         let omni = Arc::clone(&omni);
         let params = vec![params.clone(), tiny_params(6)];
         let first_tx = first_tx.clone();
+        let seen_tx = seen_tx.clone();
+        let profiling = Arc::clone(&profiling);
         tasks.push(tokio::spawn(async move {
             let mut stream = omni
                 .generate(
@@ -36,12 +48,18 @@ async fn profiling_toggled_while_8_requests_stream_loses_no_request() -> Result 
                 )
                 .await?;
             let mut finished = BTreeSet::new();
-            let mut n = 0;
+            let (mut n, mut under_profiler) = (0, 0);
             while let Some(out) = stream.next().await {
                 let out = out?;
                 n += 1;
                 if n == 1 {
                     let _ = first_tx.send(()).await;
+                }
+                if out.stage_id == 0 && profiling.load(Ordering::SeqCst) {
+                    under_profiler += 1;
+                    if under_profiler == 2 || (out.finished && under_profiler < 2) {
+                        let _ = seen_tx.send(()).await;
+                    }
                 }
                 if out.finished {
                     finished.insert(out.stage_id);
@@ -50,7 +68,7 @@ async fn profiling_toggled_while_8_requests_stream_loses_no_request() -> Result 
             Ok::<_, omni_tests::BoxError>(finished)
         }));
     }
-    drop(first_tx);
+    drop((first_tx, seen_tx));
     // Every request is streaming before the profiler starts.
     for _ in 0..8 {
         first_rx
@@ -58,11 +76,18 @@ async fn profiling_toggled_while_8_requests_stream_loses_no_request() -> Result 
             .await
             .ok_or_else(|| err("a request ended before streaming"))?;
     }
+    let start = now_us();
     omni.start_profile(None).await?;
-    // Let some steps happen under the profiler, then stop while requests
-    // are still in flight.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    profiling.store(true, Ordering::SeqCst);
+    // Steps happen under the profiler; stop while requests are in flight.
+    for _ in 0..8 {
+        tokio::time::timeout(Duration::from_secs(120), seen_rx.recv())
+            .await
+            .map_err(|_| err("no stage-0 output for two minutes with the profiler on"))?
+            .ok_or_else(|| err("a request ended before streaming under the profiler"))?;
+    }
     let traces = omni.stop_profile().await?;
+    let window = (start, now_us());
 
     for t in tasks {
         let finished = t.await??;
@@ -95,11 +120,27 @@ async fn profiling_toggled_while_8_requests_stream_loses_no_request() -> Result 
                 "{} not in stage_{stage}_*",
                 p.display()
             );
-            read_trace(p)?;
         }
     }
+    // Stage 0 stepped all eight requests in the window; stage 1 at most
+    // them (it may not have started any yet).
+    let ids: BTreeSet<String> = (0..8).map(|i| format!("p{i}")).collect();
+    assert_window(
+        0,
+        &traces[&0],
+        window,
+        DEFAULT_STAGE_NAMES[0],
+        &ids.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let w1 = window_contents(&traces[&1], window.0, window.1)?;
+    assert!(
+        w1.process_names == BTreeSet::from([DEFAULT_STAGE_NAMES[1].to_owned()])
+            && w1.step_requests.is_subset(&ids),
+        "stage 1's first window: {w1:?}"
+    );
 
     // A second window during more traffic gives a second file per stage.
+    let start = now_us();
     omni.start_profile(Some(&[1])).await?;
     let mut stream = omni
         .generate(chat("Hi."), vec![tiny_params(4), tiny_params(4)], "after")
@@ -108,6 +149,7 @@ async fn profiling_toggled_while_8_requests_stream_loses_no_request() -> Result 
         out?;
     }
     let second = omni.stop_profile().await?;
+    let window = (start, now_us());
     assert_eq!(
         second.keys().copied().collect::<Vec<_>>(),
         vec![1],
@@ -119,7 +161,7 @@ async fn profiling_toggled_while_8_requests_stream_loses_no_request() -> Result 
             "window 2 overwrote {}",
             p.display()
         );
-        read_trace(p)?;
     }
+    assert_window(1, &second[&1], window, DEFAULT_STAGE_NAMES[1], &["after"])?;
     Ok(())
 }

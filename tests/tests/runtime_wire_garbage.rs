@@ -148,6 +148,22 @@ async fn a_huge_frame_header_on_tcp_is_refused_and_the_worker_keeps_serving() ->
     let host_port = address
         .strip_prefix("tcp://")
         .ok_or_else(|| format!("stage input {address:?} is not tcp://"))?;
+    // The stage serves on the socket the orchestrator bound when it chose
+    // the port: inherited (its launch spec names the descriptor), never let
+    // go of for another process to take in between.
+    let pid = orch.stages()[0].pid;
+    let spec = omni_runtime::LaunchSpec::read(&orch.run_dir().join("stage-0.json"))?;
+    let fd = spec
+        .input_listener_fd
+        .ok_or("the launch spec names no inherited listener")?;
+    let held = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))?;
+    let port: u16 = host_port.rsplit(':').next().unwrap_or("").parse()?;
+    let listening = listening_socket(port)?;
+    assert_eq!(
+        held.to_string_lossy(),
+        format!("socket:[{listening}]"),
+        "the worker's descriptor {fd} is not the socket listening on port {port}"
+    );
     let mut raw = tokio::net::TcpStream::connect(host_port).await?;
     let mut frames = zmtp_handshake();
     frames.push(0x02); // a message frame, long length, last
@@ -164,9 +180,26 @@ async fn a_huge_frame_header_on_tcp_is_refused_and_the_worker_keeps_serving() ->
             _ => Err(e),
         })?;
 
-    let pid = orch.stages()[0].pid;
     assert!(runtime_support::pid_alive(pid), "the worker died");
     serves_a_request(&orch, "after-huge-frame", 4).await?;
     tokio::time::timeout(Duration::from_secs(60), orch.shutdown()).await??;
     Ok(())
+}
+
+/// The inode of the socket listening on `port` (from `/proc/net/tcp{,6}`).
+fn listening_socket(port: u16) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+    const LISTEN: &str = "0A";
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table)?.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let local_port = cols
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && cols.get(3) == Some(&LISTEN) {
+                return Ok(cols.get(9).ok_or("short line")?.parse()?);
+            }
+        }
+    }
+    Err(format!("nothing listens on port {port}").into())
 }

@@ -1,10 +1,11 @@
 //! `omni serve` on a free loopback port, driven by the official `openai`
 //! Python client (streaming and not) and by raw HTTP for error cases,
 //! health, metrics and profiling.
-use std::path::Path;
+use std::path::PathBuf;
 
 use omni_tests::{
-    err, http, metric, python, run_python, trace_files, wait_until, HttpConn, Result, Server,
+    assert_window, err, http, metric, now_us, python, run_python, trace_files, wait_until,
+    HttpConn, Result, Server, DEFAULT_STAGE_NAMES,
 };
 
 fn chat_body(model: &str, extra: &str) -> String {
@@ -201,11 +202,25 @@ fn profile_endpoints_toggle_while_serving() -> Result {
         )),
     )?;
     assert_eq!(conn.status, 200);
-    conn.next_data()?.ok_or_else(|| err("no first chunk"))?;
+    let first = conn.next_data()?.ok_or_else(|| err("no first chunk"))?;
+    let first: serde_json::Value = serde_json::from_str(&first)?;
+    let id = first["id"]
+        .as_str()
+        .ok_or_else(|| err("chunk without id"))?;
+    let start = now_us();
     let r = http(a, "POST", "/start_profile", Some(r#"{"stages":[0]}"#))?;
     assert_eq!(r.status, 200, "{}", r.body);
+    let r = http(a, "POST", "/start_profile", Some(r#"{"stages":[0]}"#))?;
+    assert_eq!(r.status, 400, "a second start: {}", r.body);
+    assert!(r.body.contains("already profiling"), "{}", r.body);
+    // Stage 0 steps the request under the profiler (its chunks show it).
+    for _ in 0..3 {
+        conn.next_data()?
+            .ok_or_else(|| err("the stream ended early"))?;
+    }
     let r = http(a, "POST", "/stop_profile", None)?;
     assert_eq!(r.status, 200, "{}", r.body);
+    let window = (start, now_us());
     let traces = r.json()?;
     let stage0 = traces["traces"]["0"]
         .as_array()
@@ -217,9 +232,12 @@ fn profile_endpoints_toggle_while_serving() -> Result {
             .is_none_or(|v| v.as_array().is_some_and(Vec::is_empty)),
         "{traces}"
     );
-    for p in stage0 {
-        omni_tests::read_trace(Path::new(p.as_str().unwrap_or("")))?;
-    }
+    let paths = |v: &[serde_json::Value]| -> Vec<PathBuf> {
+        v.iter()
+            .map(|p| PathBuf::from(p.as_str().unwrap_or("")))
+            .collect()
+    };
+    assert_window(0, &paths(stage0), window, DEFAULT_STAGE_NAMES[0], &[id])?;
     // The request in flight finished normally.
     let mut last = String::new();
     while let Some(d) = conn.next_data()? {
@@ -229,6 +247,7 @@ fn profile_endpoints_toggle_while_serving() -> Result {
     assert_eq!(last, "[DONE]");
 
     // A whole-pipeline window with an empty body.
+    let start = now_us();
     assert_eq!(http(a, "POST", "/start_profile", Some(""))?.status, 200);
     let r = http(
         a,
@@ -237,16 +256,27 @@ fn profile_endpoints_toggle_while_serving() -> Result {
         Some(r#"{"model":"default","prompt":"Hi","max_tokens":2}"#),
     )?;
     assert_eq!(r.status, 200, "{}", r.body);
+    let done = r.json()?;
+    let id = done["id"]
+        .as_str()
+        .ok_or_else(|| err("completion without id"))?;
     let r = http(a, "POST", "/stop_profile", Some("{}"))?;
     assert_eq!(r.status, 200, "{}", r.body);
+    let window = (start, now_us());
     let traces = r.json()?;
-    assert!(
-        traces["traces"]["1"]
+    for stage in 0..2 {
+        let files = traces["traces"][stage.to_string()]
             .as_array()
-            .is_some_and(|v| !v.is_empty()),
-        "{traces}"
-    );
-    assert!(trace_files(dir.path()).len() >= 3);
+            .ok_or_else(|| err(format!("no stage {stage} traces: {traces}")))?;
+        assert_window(
+            stage,
+            &paths(files),
+            window,
+            DEFAULT_STAGE_NAMES[stage],
+            &[id],
+        )?;
+    }
+    assert_eq!(trace_files(dir.path()).len(), 3);
     Ok(())
 }
 

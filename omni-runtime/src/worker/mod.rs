@@ -219,9 +219,14 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     });
 
     let mut input = RouterSocket::with_options(transport::socket_options());
-    let input_endpoint = input
-        .bind(&spec.input_address)
-        .await
+    let bound = match spec.input_listener_fd {
+        Some(fd) => {
+            let listener = transport::inherited_listener(fd, &spec.input_address)?;
+            input.bind_listener(listener).await
+        }
+        None => input.bind(&spec.input_address).await,
+    };
+    let input_endpoint = bound
         .map_err(|e| Error::socket(&spec.input_address, e))?
         .to_string();
     let (input_tx, mut input_rx) = input.split();
