@@ -1,22 +1,31 @@
 //! The default pipeline end to end: two SmolLM2 stages, each in its own
-//! `omni-stage` process; both final outputs come back, stage 1's input is
-//! exactly stage 0's output (checked against the engine run in-process on
-//! the summarizer prompt), and shutdown leaves no process or socket behind.
+//! `omni-stage` process; both final outputs come back and equal
+//! transformers' run of the same two steps by hand (`default-pipeline.json`:
+//! stage 1's summarize prompt written out in the fixture script, not made by
+//! Omni's processor), and shutdown leaves no process or socket behind.
 
 mod runtime_support;
 
 use std::time::Duration;
 
-use omni_engine::{EngineArgs, LLMEngine, Prompt};
-use omni_runtime::wire::UpstreamOutput;
-use omni_runtime::{
-    Orchestrator, PipelineConfig, ProcessorInput, SourceOutput, StageEvent, StageOutput,
-};
+use omni_engine::Prompt;
+use omni_runtime::{Orchestrator, PipelineConfig, StageEvent, StageOutput};
+use omni_tests::{json_ids, repo_root};
 use runtime_support::{eventually, greedy, options, pid_alive, TestResult};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_pipeline_runs_both_stages_in_their_own_processes() -> TestResult {
-    let config = PipelineConfig::builtin("default")?;
+    let fixture: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        repo_root().join("omni-engine/tests/fixtures/default-pipeline.json"),
+    )?)?;
+    let expected = &fixture["stages"];
+    let mut config = PipelineConfig::builtin("default")?;
+    // fp32, as the reference: greedy tokens then match exactly (the fp16
+    // default could flip a step whose margin is small).
+    for s in &mut config.stages {
+        s.engine_args.dtype = Some("float32".into());
+        s.engine_args.weight_precision = Some("fp32".into());
+    }
     let params = greedy(&config, &[24, 12]);
     let orch = Orchestrator::start(config, options()).await?;
     let stages = orch.stages().to_vec();
@@ -31,7 +40,12 @@ async fn default_pipeline_runs_both_stages_in_their_own_processes() -> TestResul
     let run_dir = orch.run_dir().to_path_buf();
     assert!(run_dir.is_dir());
 
-    let prompt = Prompt::Text("The capital of France is".to_string());
+    let prompt = Prompt::Text(
+        expected[0]["prompt"]
+            .as_str()
+            .ok_or("fixture prompt")?
+            .to_string(),
+    );
     let mut rx = orch
         .submit("req-1".to_string(), prompt, params.clone())
         .await?;
@@ -80,44 +94,20 @@ async fn default_pipeline_runs_both_stages_in_their_own_processes() -> TestResul
     );
     assert!(m1.arrival_unix_us >= m0.finished_unix_us.unwrap_or(u64::MAX));
 
-    // Same prompt through the same processor, engine in-process: the same tokens.
-    let source = SourceOutput {
-        output: UpstreamOutput {
-            stage_id: 0,
-            text: s0.text.clone(),
-            token_ids: s0.token_ids.clone(),
-            finish_reason: s0.finish_reason,
-        },
-        tensors: vec![],
-    };
-    let summarize = omni_runtime::input_processor("summarize").ok_or("summarize is registered")?;
-    let original = Prompt::Text("The capital of France is".to_string());
-    let p1 = summarize(&ProcessorInput {
-        request_id: "req-1",
-        prompt: &original,
-        sources: &[source],
-    })?
-    .ok_or("stage 0 answered, so summarize has a prompt")?;
-    let omni_runtime::StageInput::Prompt(p1) = p1 else {
-        return Err("summarize makes a prompt".into());
-    };
-    let mut engine = LLMEngine::new(&EngineArgs {
-        model: "smollm2".into(),
-        ..EngineArgs::default()
-    })?;
-    engine.add_request("local", p1, params[1].clone())?;
-    let mut local = None;
-    while engine.has_unfinished() {
-        for o in engine.step()? {
-            if o.finished {
-                local = Some(o.token_ids.clone());
-            }
-        }
-    }
+    // What transformers made of the same two steps.
+    assert_eq!(s0.token_ids, json_ids(&expected[0]["token_ids"]), "stage 0");
+    assert_eq!(Some(s0.text.as_str()), expected[0]["text"].as_str());
     assert_eq!(
-        local.as_deref(),
-        Some(s1.token_ids.as_slice()),
-        "stage 1 saw exactly stage 0's output"
+        m1.num_prompt_tokens,
+        json_ids(&expected[1]["prompt_token_ids"]).len(),
+        "stage 1's prompt: {:?}",
+        expected[1]["rendered"]
+    );
+    assert_eq!(
+        s1.token_ids,
+        json_ids(&expected[1]["token_ids"]),
+        "stage 1 (prompt {:?})",
+        expected[1]["rendered"]
     );
 
     // A second request reuses the running stages.
