@@ -1,6 +1,8 @@
-//! Supervision with real processes: a stage SIGKILLed mid-request fails the
-//! request with an error naming the stage and signal, the other stage exits
-//! and the run directory goes; an orchestrator SIGKILLed leaves no worker
+//! Supervision with real processes: a stage SIGKILLed (either one) or
+//! exiting with a failure status mid-request fails the request with an
+//! error naming the stage and how it ended, the other stage exits and the
+//! run directory goes; a stopped stage times out control calls and is
+//! SIGKILLed after the shutdown grace; an orchestrator SIGKILLed leaves no worker
 //! behind; when every process is SIGKILLed at once, the next pipeline removes
 //! what they left; start-up failures name the stage and clean up.
 
@@ -13,15 +15,22 @@ use omni_engine::Prompt;
 use omni_runtime::{Error, Orchestrator, OrchestratorOptions, PipelineConfig, StageEvent};
 use runtime_support::{eventually, greedy, options, pid_alive, TestResult};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_of_stage_1_fails_the_request_and_cleans_up() -> TestResult {
+/// Stage `victim` of the default pipeline gets `signal` while a request
+/// streams from stage 0: the request fails with `StageDied` for that stage,
+/// its status described as `status`; every stage process exits, the run
+/// directory goes, and the pipeline refuses new work with the same cause.
+async fn a_stage_death_fails_the_request_and_cleans_up(
+    victim: usize,
+    signal: libc::c_int,
+    status_says: &str,
+) -> TestResult {
     let config = PipelineConfig::builtin("default")?;
     let orch = Orchestrator::start(config, options()).await?;
     let pids: Vec<u32> = orch.stages().iter().map(|s| s.pid).collect();
     let run_dir = orch.run_dir().to_path_buf();
     // Stage 0 streams long enough (EOS ignored) that the request is surely
-    // in flight when stage 1 dies.
-    let mut params = greedy(orch.config(), &[200, 8]);
+    // in flight when the stage dies.
+    let mut params = greedy(orch.config(), &[2000, 8]);
     params[0].ignore_eos = true;
     let mut rx = orch
         .submit(
@@ -39,7 +48,7 @@ async fn sigkill_of_stage_1_fails_the_request_and_cleans_up() -> TestResult {
     );
     // SAFETY: plain kill(2) of a child process we own.
     assert_eq!(
-        unsafe { libc::kill(pids[1] as libc::pid_t, libc::SIGKILL) },
+        unsafe { libc::kill(pids[victim] as libc::pid_t, signal) },
         0
     );
 
@@ -54,13 +63,15 @@ async fn sigkill_of_stage_1_fails_the_request_and_cleans_up() -> TestResult {
     .await?
     .ok_or("stream ended without an error")?;
     match &err {
-        Error::StageDied {
-            stage_id: 1,
-            status,
-        } => assert!(status.contains("SIGKILL"), "{status}"),
-        other => return Err(format!("expected StageDied for stage 1, got {other}").into()),
+        Error::StageDied { stage_id, status } if *stage_id == victim => {
+            assert!(status.contains(status_says), "{status}")
+        }
+        other => return Err(format!("expected StageDied for stage {victim}, got {other}").into()),
     }
-    assert!(err.to_string().contains("stage 1"), "{err}");
+    assert!(
+        err.to_string().contains(&format!("stage {victim}")),
+        "{err}"
+    );
     assert!(rx.recv().await.is_none(), "nothing after the error");
 
     assert!(
@@ -84,8 +95,97 @@ async fn sigkill_of_stage_1_fails_the_request_and_cleans_up() -> TestResult {
         .await
         .err()
         .ok_or("accepted after death")?;
-    assert!(matches!(e, Error::StageDied { stage_id: 1, .. }), "{e}");
+    assert!(
+        matches!(e, Error::StageDied { stage_id, .. } if stage_id == victim),
+        "{e}"
+    );
     tokio::time::timeout(Duration::from_secs(30), orch.shutdown()).await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_stage_1_fails_the_request_and_cleans_up() -> TestResult {
+    a_stage_death_fails_the_request_and_cleans_up(1, libc::SIGKILL, "killed by signal 9 (SIGKILL)")
+        .await
+}
+
+/// The stage the request is in, and the pipeline's entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_stage_0_fails_the_request_and_cleans_up() -> TestResult {
+    a_stage_death_fails_the_request_and_cleans_up(0, libc::SIGKILL, "killed by signal 9 (SIGKILL)")
+        .await
+}
+
+/// A stage that exits by itself with a failure status (the test worker
+/// exits with status 3 on SIGUSR1) is a death like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_exiting_with_status_3_fails_the_request_and_cleans_up() -> TestResult {
+    a_stage_death_fails_the_request_and_cleans_up(1, libc::SIGUSR1, "exit status 3").await
+}
+
+/// A stopped stage (SIGSTOP) answers no control message: the call fails
+/// with `Timeout` after `control_timeout`, and once the stage runs again
+/// the next call gets its own answer (the late one is dropped). At shutdown
+/// a stage that stays stopped past the grace is SIGKILLed: shutdown returns
+/// after the grace, the process is gone and the run directory removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_stage_times_out_control_calls_and_is_killed_after_the_grace() -> TestResult {
+    let config = PipelineConfig::builtin("smollm2")?;
+    let grace = Duration::from_secs(2);
+    let orch = Orchestrator::start(
+        config,
+        OrchestratorOptions {
+            control_timeout: Duration::from_secs(2),
+            shutdown_grace: grace,
+            ..options()
+        },
+    )
+    .await?;
+    let pid = orch.stages()[0].pid;
+    let run_dir = orch.run_dir().to_path_buf();
+    let signal = |sig| {
+        // SAFETY: plain kill(2) of a child process we own.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0);
+    };
+    assert_eq!(orch.health(0).await?.pid, pid);
+
+    signal(libc::SIGSTOP);
+    let e = tokio::time::timeout(Duration::from_secs(30), orch.health(0))
+        .await?
+        .err()
+        .ok_or("a stopped stage answered")?;
+    assert!(
+        matches!(
+            e,
+            Error::Timeout {
+                stage_id: 0,
+                what: "health",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    signal(libc::SIGCONT);
+    let h = tokio::time::timeout(Duration::from_secs(30), orch.health(0)).await??;
+    assert_eq!((h.stage_id, h.pid), (0, pid));
+
+    signal(libc::SIGSTOP);
+    let asked = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), orch.shutdown()).await??;
+    assert!(
+        asked.elapsed() >= grace,
+        "shutdown returned after {:?}, within the grace of {grace:?}",
+        asked.elapsed()
+    );
+    // Only SIGKILL ends a stopped process.
+    assert!(
+        eventually(Duration::from_secs(10), || !pid_alive(pid)).await,
+        "the stopped stage is still there"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || !run_dir.exists()).await,
+        "run directory removed"
+    );
     Ok(())
 }
 

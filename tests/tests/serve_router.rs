@@ -1,6 +1,7 @@
 //! The HTTP handlers through axum's `Router` without a socket
 //! (`tower::ServiceExt::oneshot`), against a real `AsyncOmni` on the default
 //! pipeline.
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::{to_bytes, Body};
@@ -31,7 +32,8 @@ async fn call(
 async fn router_serves_models_chat_streaming_and_errors() -> Result {
     ensure_binaries()?;
     let omni = AsyncOmni::from_engine_args(OmniEngineArgs::new("default")).await?;
-    let app = router(Arc::new(AppState::new(omni, "default")));
+    let state = Arc::new(AppState::new(omni, "default"));
+    let app = router(Arc::clone(&state));
 
     let (status, body) = call(&app, "GET", "/v1/models", "").await?;
     assert_eq!(status, StatusCode::OK);
@@ -93,5 +95,58 @@ async fn router_serves_models_chat_streaming_and_errors() -> Result {
 
     let (status, body) = call(&app, "GET", "/health", "").await?;
     assert_eq!(status, StatusCode::OK, "{body}");
+
+    // Once shutdown begins: not healthy, and no new work.
+    state.draining.store(true, Ordering::SeqCst);
+    let (status, body) = call(&app, "GET", "/health", "").await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let (status, body) = call(&app, "POST", "/v1/chat/completions", chat).await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let e: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(e["error"]["type"], "server_error", "{e}");
+    Ok(())
+}
+
+/// A stage that dies while a request runs: that request is answered 503
+/// (the pipeline can no longer serve; README, "Errors"), naming the stage
+/// and the signal, and so is the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_dying_mid_request_is_503_naming_the_stage() -> Result {
+    ensure_binaries()?;
+    let omni = AsyncOmni::from_engine_args(OmniEngineArgs::new("default")).await?;
+    let victim = omni.stage_health(1).await?.pid;
+    let state = Arc::new(AppState::new(omni, "default"));
+    let app = router(Arc::clone(&state));
+    let long = r#"{"model":"default","messages":[{"role":"user","content":"Tell a long story."}],"max_tokens":4000,"ignore_eos":true}"#;
+    let request = {
+        let app = app.clone();
+        tokio::spawn(async move { call(&app, "POST", "/v1/chat/completions", long).await })
+    };
+    // In stage 0's engine, by the stage's own count.
+    let mut running = false;
+    for _ in 0..600 {
+        if state.omni.stage_health(0).await?.engine_requests == 1 {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(running, "the request never reached stage 0");
+    // SAFETY: plain kill(2) of a stage process this test started.
+    assert_eq!(
+        unsafe { libc::kill(victim as libc::pid_t, libc::SIGKILL) },
+        0
+    );
+    let (status, body) =
+        tokio::time::timeout(std::time::Duration::from_secs(60), request).await???;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body.contains("stage 1") && body.contains("SIGKILL"),
+        "{body}"
+    );
+    let chat = r#"{"model":"default","messages":[{"role":"user","content":"Hi!"}],"max_tokens":3}"#;
+    let (status, body) = call(&app, "POST", "/v1/chat/completions", chat).await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("stage 1"), "{body}");
     Ok(())
 }
