@@ -173,3 +173,96 @@ fn unknown_pipeline_is_an_error_naming_it() -> Result {
     }
     Ok(())
 }
+
+/// A user's own pipeline file, passed by path as `stage_configs_path`:
+/// stage 0 answers; stage 1 takes its text (`text2text`), stage 2 its token
+/// ids (`token_ids`). Every stage's tokens equal transformers' run of the
+/// same steps (`default-pipeline.json`), at fp32 as the reference.
+#[test]
+fn a_users_pipeline_file_runs_the_text_and_token_id_processors() -> Result {
+    ensure_binaries()?;
+    let fixture: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        omni_tests::repo_root().join("omni-engine/tests/fixtures/default-pipeline.json"),
+    )?)?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("mine.yaml");
+    let stage = |id: usize, extra: &str| {
+        format!(
+            "  - stage_id: {id}
+    engine_args:
+      model: smollm2
+      dtype: float32
+      weight_precision: fp32
+      kv_cache_memory_bytes: 67108864
+    final_output: true
+    final_output_type: text
+{extra}"
+        )
+    };
+    std::fs::write(
+        &path,
+        format!(
+            "name: mine\nstage_args:\n{}{}{}",
+            stage(0, ""),
+            stage(
+                1,
+                "    engine_input_source: [0]\n    custom_process_input_func: text2text\n"
+            ),
+            stage(
+                2,
+                "    engine_input_source: [0]\n    custom_process_input_func: token_ids\n"
+            ),
+        ),
+    )?;
+    let omni = OmniLLM::from_engine_args(OmniEngineArgs {
+        stage_configs_path: Some(path.clone()),
+        ..OmniEngineArgs::new("mine")
+    })?;
+    let greedy = |n: usize| SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(n),
+        ..SamplingParams::default()
+    };
+    let prompt = fixture["stages"][0]["prompt"].as_str().unwrap_or_default();
+    let outputs = omni.generate(
+        [omni_core::Prompt::Text(prompt.into())],
+        vec![greedy(24), greedy(8), greedy(8)],
+    )?;
+    let expected = [
+        &fixture["stages"][0],
+        &fixture["text2text"],
+        &fixture["token_ids"],
+    ];
+    assert_eq!(outputs.len(), 3, "{outputs:?}");
+    for (out, want) in outputs.iter().zip(expected) {
+        let m = out
+            .metrics
+            .stage(out.stage_id)
+            .ok_or("the stage metrics on its final output")?;
+        assert_eq!(
+            (m.num_prompt_tokens, &out.token_ids),
+            (
+                omni_tests::json_ids(&want["prompt_token_ids"]).len(),
+                &omni_tests::json_ids(&want["token_ids"])
+            ),
+            "stage {}",
+            out.stage_id
+        );
+    }
+    omni.shutdown()?;
+
+    // The same file loaded by the caller and handed over as a config.
+    let config = omni_core::PipelineConfig::load(&path)?;
+    let omni = OmniLLM::from_config(config, &OmniEngineArgs::new("mine"))?;
+    assert_eq!(omni.final_stage_ids(), &[0, 1, 2]);
+    let again = omni.generate(
+        [omni_core::Prompt::Text(prompt.into())],
+        vec![greedy(24), greedy(8), greedy(8)],
+    )?;
+    let ids = |o: &[omni_core::OmniRequestOutput]| -> Vec<Vec<u32>> {
+        o.iter().map(|o| o.token_ids.clone()).collect()
+    };
+    assert_eq!(ids(&again), ids(&outputs));
+    omni.shutdown()?;
+    Ok(())
+}
