@@ -20,6 +20,21 @@ fn start() -> Result<OmniLLM> {
     })?)
 }
 
+/// The pipeline with every tensor between stages (the thinker's states,
+/// the talker's codes) sent through shared memory rather than in the
+/// message: a one-byte threshold.
+fn start_through_shared_memory() -> Result<OmniLLM> {
+    let mut config = omni_core::PipelineConfig::builtin("qwen2_5_omni")?;
+    for stage in &mut config.stages {
+        stage.engine_args.model = fixture().join("tiny").to_string_lossy().into_owned();
+    }
+    config.runtime.shm_threshold_bytes = Some(1);
+    Ok(OmniLLM::from_config(
+        config,
+        &OmniEngineArgs::new("qwen2_5_omni"),
+    )?)
+}
+
 /// Greedy thinker and talker of fixed lengths (transformers' min = max new
 /// tokens), code2wav seeded: what the fixture script ran.
 fn params(refs: &Value, speaker: &str, seed: u64) -> Result<StageSamplingParams> {
@@ -49,9 +64,17 @@ fn params(refs: &Value, speaker: &str, seed: u64) -> Result<StageSamplingParams>
 
 #[test]
 fn text_and_speech_equal_transformers() -> Result {
+    speech_equals_transformers(start()?)
+}
+
+#[test]
+fn text_and_speech_equal_transformers_with_tensors_in_shared_memory() -> Result {
+    speech_equals_transformers(start_through_shared_memory()?)
+}
+
+fn speech_equals_transformers(omni: OmniLLM) -> Result {
     let refs: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture().join("references.json"))?)?;
-    let omni = start()?;
     for case in refs["talker"]["cases"].as_array().ok_or("no cases")? {
         let name = case["name"].as_str().unwrap_or("?");
         let p = case["prompt_index"].as_u64().ok_or("prompt_index")? as usize;
