@@ -122,6 +122,9 @@ impl Writer {
     fn kv_str(&mut self, k: &str, v: &str) -> &mut Self {
         self.str(k).u32(8).str(v)
     }
+    fn kv_u32(&mut self, k: &str, v: u32) -> &mut Self {
+        self.str(k).u32(4).u32(v)
+    }
     fn tensor(&mut self, name: &str, dims: &[u64], ty: u32, offset: u64) -> &mut Self {
         self.str(name).u32(dims.len() as u32);
         for &d in dims {
@@ -316,4 +319,72 @@ fn gguf_names_map_to_hf_names() {
         "model.layers.1.post_attention_layernorm.weight"
     );
     assert_eq!(m("rope_freqs.weight"), "rope_freqs.weight");
+}
+
+/// A one-layer `arch` model whose q (2 heads) and k (1 head) projections,
+/// 8 x 8 and 4 x 8, hold 0, 1, 2, ... in stored row order; returns the
+/// q and k weights as loaded (rows of 8 values).
+fn stored_qk(arch: &str) -> Result<(Vec<f32>, Vec<f32>), Box<dyn std::error::Error>> {
+    let mut w = Writer::default();
+    w.header(3, 6).kv_str("general.architecture", arch);
+    for (k, v) in [
+        ("embedding_length", 8),
+        ("attention.head_count", 2),
+        ("attention.head_count_kv", 1),
+        ("block_count", 1),
+        ("feed_forward_length", 16),
+    ] {
+        w.kv_u32(&format!("{arch}.{k}"), v);
+    }
+    // GGUF lists dimensions innermost first: [columns, rows].
+    w.tensor("blk.0.attn_q.weight", &[8, 8], 0, 0)
+        .tensor("blk.0.attn_k.weight", &[8, 4], 0, 256)
+        .tensor("token_embd.weight", &[8, 5], 0, 384)
+        .pad(32);
+    for n in [64, 32, 40] {
+        for i in 0..n {
+            w.buf.extend_from_slice(&(i as f32).to_le_bytes());
+        }
+    }
+    let g = w.parse()?;
+    let weights = g.load_weights(&g.model_config()?, Kind::Float, Device::Cpu)?;
+    let get = |name: &str| -> Result<Vec<f32>, Box<dyn std::error::Error>> {
+        Ok(Vec::<f32>::try_from(weights.get(name)?.flatten(0, -1))?)
+    };
+    Ok((
+        get("model.layers.0.self_attn.q_proj.weight")?,
+        get("model.layers.0.self_attn.k_proj.weight")?,
+    ))
+}
+
+/// llama.cpp stores llama/mistral q/k rows permuted per head (row
+/// `j * half + i` of a head at `i * 2 + j`) for GGML's interleaved RoPE, and
+/// the loader undoes it; qwen2/qwen3 use NEOX RoPE and are stored as HF has
+/// them, so their rows must come back untouched.
+#[test]
+fn q_k_rows_are_unpermuted_for_llama_only() -> TestResult {
+    let arange = |n: usize| (0..n).map(|i| i as f32).collect::<Vec<f32>>();
+    // HF row r of a head of `dim` rows, from the stored (permuted) rows.
+    let unpermuted = |rows: usize, heads: usize| -> Vec<f32> {
+        let (dim, half) = (rows / heads, rows / heads / 2);
+        let mut out = Vec::new();
+        for r in 0..rows {
+            let (h, within) = (r / dim, r % dim);
+            let (j, i) = (within / half, within % half);
+            let stored = h * dim + i * 2 + j;
+            out.extend((0..8).map(|c| (stored * 8 + c) as f32));
+        }
+        out
+    };
+    for arch in ["qwen2", "qwen3"] {
+        let (q, k) = stored_qk(arch)?;
+        assert_eq!((q, k), (arange(64), arange(32)), "{arch}: rows moved");
+    }
+    for arch in ["llama", "mistral"] {
+        let (q, k) = stored_qk(arch)?;
+        assert_eq!(q, unpermuted(8, 2), "{arch}: q rows");
+        assert_eq!(k, unpermuted(4, 1), "{arch}: k rows");
+        assert_ne!(q, arange(64), "{arch}: q left permuted");
+    }
+    Ok(())
 }
