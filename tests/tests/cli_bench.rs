@@ -1,0 +1,162 @@
+//! Every `omni bench` subcommand once, on the smallest inputs it takes, so
+//! a benchmark cannot rot between the runs that fill BENCHMARKS.md. Each
+//! must exit 0 and print its result in the shape it documents (JSON lines,
+//! or a Markdown table). The Python references that need transformers are
+//! left out (the test set-up does not install it); Piper's onnxruntime
+//! reference runs.
+use std::process::{Command, Output};
+
+use omni_tests::{err, omni_bin, repo_root, Result};
+
+fn bench(args: &[&str]) -> Result<String> {
+    let out: Output = Command::new(omni_bin()?)
+        .arg("bench")
+        .args(args)
+        .current_dir(repo_root())
+        .env_remove("OMNI_PROFILER_BACKEND")
+        .env_remove("VLLM_TORCH_PROFILER_DIR")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(err(format!(
+            "omni bench {args:?}: {}\nstdout:\n{stdout}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(stdout)
+}
+
+/// The JSON objects among the lines (each benchmark prints one per row).
+fn json_rows(stdout: &str) -> Result<Vec<serde_json::Value>> {
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with('{'))
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    if rows.is_empty() {
+        return Err(err(format!("no JSON rows in:\n{stdout}")));
+    }
+    Ok(rows)
+}
+
+/// A Markdown table: a header row and at least one data row after `|---`.
+fn table_rows(stdout: &str) -> Result<usize> {
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with('|')).collect();
+    match lines
+        .iter()
+        .position(|l| l.starts_with("|--") || l.starts_with("| --"))
+    {
+        Some(sep) if sep >= 1 && lines.len() > sep + 1 => Ok(lines.len() - sep - 1),
+        _ => Err(err(format!("no Markdown table in:\n{stdout}"))),
+    }
+}
+
+#[test]
+fn bench_pipeline() -> Result {
+    let out = bench(&[
+        "pipeline",
+        "--pipeline",
+        "smollm2",
+        "--prompts",
+        "1",
+        "--max-tokens",
+        "2",
+        "--reference",
+        "none",
+        "--json",
+    ])?;
+    assert_eq!(json_rows(&out)?.len(), 1, "{out}");
+    Ok(())
+}
+
+#[test]
+fn bench_profile() -> Result {
+    let out = bench(&[
+        "profile",
+        "--pipeline",
+        "smollm2",
+        "--prompts",
+        "1",
+        "--max-tokens",
+        "2",
+        "--rounds",
+        "1",
+        "--json",
+    ])?;
+    assert!(
+        json_rows(&out)?.len() >= 2,
+        "one row per configuration:\n{out}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bench_serve() -> Result {
+    let out = bench(&[
+        "serve",
+        "--pipeline",
+        "smollm2",
+        "--concurrency",
+        "1",
+        "--requests-per-client",
+        "1",
+        "--max-tokens",
+        "2",
+        "--json",
+    ])?;
+    assert_eq!(json_rows(&out)?.len(), 1, "{out}");
+    Ok(())
+}
+
+#[test]
+fn bench_voice() -> Result {
+    let out = bench(&["voice", "--concurrency", "1", "--rounds", "1", "--json"])?;
+    let systems: Vec<String> = json_rows(&out)?
+        .iter()
+        .filter_map(|r| r["system"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        ["omni", "onnxruntime", "omni speak"]
+            .iter()
+            .all(|s| systems.iter().any(|x| x == s)),
+        "Omni, the reference and the speak pipeline: {out}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bench_audio() -> Result {
+    let out = bench(&[
+        "audio",
+        "--concurrency",
+        "1",
+        "--rounds",
+        "1",
+        "--thinker-tokens",
+        "2",
+        "--talker-tokens",
+        "2",
+        "--mel-frames",
+        "10",
+        "--no-reference",
+    ])?;
+    assert!(table_rows(&out)? >= 1, "{out}");
+    Ok(())
+}
+
+#[test]
+fn bench_encoder() -> Result {
+    let out = bench(&[
+        "encoder",
+        "--seconds",
+        "1",
+        "--images",
+        "32x32",
+        "--rounds",
+        "1",
+        "--no-reference",
+    ])?;
+    assert!(table_rows(&out)? >= 1, "{out}");
+    Ok(())
+}
