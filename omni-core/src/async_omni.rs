@@ -263,7 +263,9 @@ impl AsyncOmni {
     /// Starts profiling the given stages (all when `None`) and returns once
     /// every one of them records. Needs `VLLM_TORCH_PROFILER_DIR`; unknown
     /// stage ids are an error before any stage is touched. Requests keep
-    /// streaming meanwhile.
+    /// streaming meanwhile. If one stage fails to start, those that started
+    /// record until [`stop_profile`](Self::stop_profile) (the error names
+    /// them).
     pub async fn start_profile(&self, stages: Option<&[usize]>) -> Result<()> {
         if let Some(stages) = stages {
             self.inner.check_stages(stages)?;

@@ -299,14 +299,12 @@ impl Orchestrator {
             for (k, v) in &opts.worker_env {
                 cmd.env(k, v);
             }
-            // The stage owns its port from here; this process lets go of it.
-            let listener = listeners[s.stage_id].take();
-            if let Some(l) = &listener {
+            // The stage owns its port from here; this process lets go of it
+            // when the command is dropped, after the fork.
+            if let Some(l) = listeners[s.stage_id].take() {
                 transport::inherit_listener(&mut cmd, l);
             }
-            let spawned = supervisor.spawn(s.stage_id, cmd).await;
-            drop(listener);
-            let (pid, tail) = spawned?;
+            let (pid, tail) = supervisor.spawn(s.stage_id, cmd).await?;
             tracing::info!(target: "omni::runtime", stage_id = s.stage_id, pid, "stage process started");
             tails.push(tail);
             pids.push(pid);
@@ -608,10 +606,12 @@ impl Orchestrator {
         });
         let results = futures::future::join_all(calls).await;
         let mut first_err = None;
+        let mut started = Vec::new();
         for (stage_id, r) in results {
             match r {
                 Ok(Reply::Ack(AckMsg { error: None, .. })) => {
                     lock(&self.inner.state).profiling.insert(stage_id);
+                    started.push(stage_id);
                 }
                 Ok(Reply::Ack(AckMsg { error: Some(e), .. })) => {
                     first_err.get_or_insert(Error::Stage {
@@ -629,7 +629,17 @@ impl Orchestrator {
                 }
             }
         }
-        first_err.map_or(Ok(()), Err)
+        match first_err {
+            None => Ok(()),
+            // Say what the caller now has to close.
+            Some(Error::Stage { stage_id, message }) if !started.is_empty() => Err(Error::Stage {
+                stage_id,
+                message: format!(
+                    "{message} (stages {started:?} did start and record until stop_profile)"
+                ),
+            }),
+            Some(e) => Err(e),
+        }
     }
 
     /// Closes the profiler window of every stage that is recording, waits

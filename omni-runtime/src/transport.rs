@@ -57,21 +57,22 @@ pub(crate) fn reserve_tcp_address(host: &str) -> Result<(String, std::net::TcpLi
     Ok((format!("tcp://{host}:{port}"), listener))
 }
 
-/// Lets the process `command` starts keep `listener` open across `exec`
-/// (Rust opens sockets close-on-exec); the child finds it under the same
-/// descriptor number, which its launch spec names.
+/// Hands `listener` to the process `command` starts: it stays open across
+/// `exec` (Rust opens sockets close-on-exec) under the same descriptor
+/// number, which the child's launch spec names. The command owns the
+/// listener until it is dropped, so the descriptor is valid at the fork
+/// whatever happens to the caller meanwhile.
 pub(crate) fn inherit_listener(
     command: &mut std::process::Command,
-    listener: &std::net::TcpListener,
+    listener: std::net::TcpListener,
 ) {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    let fd = listener.as_raw_fd();
     // SAFETY: fcntl is async-signal-safe; it only clears FD_CLOEXEC in the
     // child's own descriptor table, after fork.
     unsafe {
         command.pre_exec(move || {
-            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+            if libc::fcntl(listener.as_raw_fd(), libc::F_SETFD, 0) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -80,30 +81,50 @@ pub(crate) fn inherit_listener(
 }
 
 /// Takes over the listening socket a stage inherited (see
-/// [`inherit_listener`]), after checking it is one bound to `address`.
+/// [`inherit_listener`]) after checking that the descriptor is a listening
+/// TCP socket bound to `address`'s port. On any mismatch the descriptor is
+/// left open and untouched: it may belong to something else.
 pub(crate) fn inherited_listener(fd: i32, address: &str) -> Result<std::net::TcpListener> {
-    use std::os::fd::{FromRawFd, IntoRawFd};
-    // SAFETY: the orchestrator passed this descriptor for this purpose and
-    // nothing else in the worker owns it; a wrong one fails the checks below.
-    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-    let bound = match listener.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            // Not a socket: give the descriptor back rather than close it.
-            let _ = listener.into_raw_fd();
-            return Err(Error::socket(
-                address,
-                format!("inherited descriptor {fd} is not a listening socket: {e}"),
-            ));
-        }
-    };
-    if !address.ends_with(&format!(":{}", bound.port())) {
-        return Err(Error::socket(
-            address,
-            format!("inherited descriptor {fd} is bound to {bound}, not to this address"),
-        ));
+    use std::os::fd::FromRawFd;
+    let refuse = |why: String| Error::socket(address, format!("inherited descriptor {fd} {why}"));
+    // 0-2 are stdio, never a listener the orchestrator passes.
+    if fd < 3 {
+        return Err(refuse("is not one the orchestrator passes".into()));
     }
-    Ok(listener)
+    let mut listening: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `listening`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut listening as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || listening == 0 {
+        return Err(refuse("is not a listening socket".into()));
+    }
+    // SAFETY: a listening socket the orchestrator passed for this purpose;
+    // nothing else in this process uses it. It is only owned (and so
+    // closed on drop) once the port matches.
+    let listener = std::mem::ManuallyDrop::new(unsafe { std::net::TcpListener::from_raw_fd(fd) });
+    let bound = listener
+        .local_addr()
+        .map_err(|e| refuse(format!("has no address: {e}")))?;
+    if !address.ends_with(&format!(":{}", bound.port())) {
+        return Err(refuse(format!("is bound to {bound}, not to this address")));
+    }
+    // Ours now: keep it from whatever this stage may start later.
+    // SAFETY: fcntl on a descriptor this process holds.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == -1 {
+        return Err(refuse(format!(
+            "cannot be made close-on-exec: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(std::mem::ManuallyDrop::into_inner(listener))
 }
 
 /// The address the orchestrator's ROUTER binds.

@@ -153,6 +153,31 @@ fn generate_with_profile_writes_traces_and_the_tools_read_them() -> Result {
         "one trace per selected stage: {files:?}"
     );
 
+    // --profile-stages picks: stage 1 alone.
+    let only_1 = dir.path().join("only_1");
+    let only_1_arg = only_1.to_string_lossy().into_owned();
+    let out = omni(&[
+        "generate",
+        "--prompt",
+        "Hello!",
+        "--max-tokens",
+        "2",
+        "--profile",
+        "--profile-dir",
+        &only_1_arg,
+        "--profile-stages",
+        "1",
+    ])?;
+    assert!(out.status.success(), "stderr:\n{}", text(&out.stderr));
+    let picked: Vec<String> = trace_files(&only_1)
+        .iter()
+        .filter_map(|f| f.parent()?.file_name()?.to_str().map(str::to_owned))
+        .collect();
+    assert!(
+        !picked.is_empty() && picked.iter().all(|d| d.starts_with("stage_1_")),
+        "--profile-stages 1 wrote {picked:?}"
+    );
+
     // The summary: each stage's header, then the one request through both
     // stages, with a transfer into stage 1 and compute in each.
     let out = omni(&["profile", "summarize", &traces_arg])?;

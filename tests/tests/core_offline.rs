@@ -175,15 +175,14 @@ fn unknown_pipeline_is_an_error_naming_it() -> Result {
 }
 
 /// A user's own pipeline file, passed by path as `stage_configs_path`:
-/// stage 0 answers; stage 1 takes its text (`text2text`), stage 2 its token
-/// ids (`token_ids`). Every stage's tokens equal transformers' run of the
-/// same steps (`default-pipeline.json`), at fp32 as the reference.
+/// stage 0 answers (ending with EOS); stage 1 takes its text (`text2text`,
+/// the EOS gone), stage 2 its token ids (`token_ids`, the EOS kept). Every
+/// stage's tokens equal transformers' run of the same steps
+/// (`default-pipeline.json`), at fp32 as the reference.
 #[test]
 fn a_users_pipeline_file_runs_the_text_and_token_id_processors() -> Result {
     ensure_binaries()?;
-    let fixture: serde_json::Value = serde_json::from_slice(&std::fs::read(
-        omni_tests::repo_root().join("omni-engine/tests/fixtures/default-pipeline.json"),
-    )?)?;
+    let fixture = &omni_tests::default_pipeline_fixture()?["processors"];
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("mine.yaml");
     let stage = |id: usize, extra: &str| {
@@ -223,16 +222,20 @@ fn a_users_pipeline_file_runs_the_text_and_token_id_processors() -> Result {
         max_tokens: Some(n),
         ..SamplingParams::default()
     };
-    let prompt = fixture["stages"][0]["prompt"].as_str().unwrap_or_default();
+    let prompt = fixture["answer"]["prompt"].as_str().unwrap_or_default();
     let outputs = omni.generate(
         [omni_core::Prompt::Text(prompt.into())],
-        vec![greedy(24), greedy(8), greedy(8)],
+        vec![greedy(40), greedy(8), greedy(8)],
     )?;
     let expected = [
-        &fixture["stages"][0],
+        &fixture["answer"],
         &fixture["text2text"],
         &fixture["token_ids"],
     ];
+    assert_ne!(
+        expected[1]["prompt_token_ids"], expected[2]["prompt_token_ids"],
+        "the fixture no longer tells the two processors apart"
+    );
     assert_eq!(outputs.len(), 3, "{outputs:?}");
     for (out, want) in outputs.iter().zip(expected) {
         let m = out
@@ -257,7 +260,7 @@ fn a_users_pipeline_file_runs_the_text_and_token_id_processors() -> Result {
     assert_eq!(omni.final_stage_ids(), &[0, 1, 2]);
     let again = omni.generate(
         [omni_core::Prompt::Text(prompt.into())],
-        vec![greedy(24), greedy(8), greedy(8)],
+        vec![greedy(40), greedy(8), greedy(8)],
     )?;
     let ids = |o: &[omni_core::OmniRequestOutput]| -> Vec<Vec<u32>> {
         o.iter().map(|o| o.token_ids.clone()).collect()

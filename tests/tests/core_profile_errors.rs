@@ -38,7 +38,9 @@ fn a_second_start_is_refused_and_a_failing_stage_is_named() -> Result {
         .ok_or_else(|| err("start_profile succeeded into a file"))?;
     assert_eq!(e.stage_id(), Some(1), "{e}");
     assert!(
-        e.to_string().contains("stage 1") && e.kind() != ErrorKind::InvalidInput,
+        e.to_string().contains("stage 1")
+            && e.to_string().contains("stages [0] did start")
+            && e.kind() != ErrorKind::InvalidInput,
         "{e}"
     );
     // Stage 0 started and records; stop returns its window alone.

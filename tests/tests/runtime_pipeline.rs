@@ -10,14 +10,12 @@ use std::time::Duration;
 
 use omni_engine::Prompt;
 use omni_runtime::{Orchestrator, PipelineConfig, StageEvent, StageOutput};
-use omni_tests::{json_ids, repo_root};
+use omni_tests::{default_pipeline_fixture, json_ids};
 use runtime_support::{eventually, greedy, options, pid_alive, TestResult};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_pipeline_runs_both_stages_in_their_own_processes() -> TestResult {
-    let fixture: serde_json::Value = serde_json::from_slice(&std::fs::read(
-        repo_root().join("omni-engine/tests/fixtures/default-pipeline.json"),
-    )?)?;
+    let fixture = default_pipeline_fixture()?;
     let expected = &fixture["stages"];
     let mut config = PipelineConfig::builtin("default")?;
     // fp32, as the reference: greedy tokens then match exactly (the fp16

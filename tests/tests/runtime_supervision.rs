@@ -147,7 +147,8 @@ async fn a_stopped_stage_times_out_control_calls_and_is_killed_after_the_grace()
         // SAFETY: plain kill(2) of a child process we own.
         assert_eq!(unsafe { libc::kill(pid as libc::pid_t, sig) }, 0);
     };
-    assert_eq!(orch.health(0).await?.pid, pid);
+    let before = orch.health(0).await?;
+    assert_eq!(before.pid, pid);
 
     signal(libc::SIGSTOP);
     let e = tokio::time::timeout(Duration::from_secs(30), orch.health(0))
@@ -167,7 +168,9 @@ async fn a_stopped_stage_times_out_control_calls_and_is_killed_after_the_grace()
     );
     signal(libc::SIGCONT);
     let h = tokio::time::timeout(Duration::from_secs(30), orch.health(0)).await??;
-    assert_eq!((h.stage_id, h.pid), (0, pid));
+    // Its own answer (calls are numbered), not the late one to the call
+    // that timed out.
+    assert_eq!((h.stage_id, h.pid, h.seq), (0, pid, before.seq + 2));
 
     signal(libc::SIGSTOP);
     let asked = std::time::Instant::now();

@@ -157,6 +157,11 @@ struct Io {
 
 async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Handle) -> Result<()> {
     let stage_id = stage.stage_id;
+    // Before this process opens anything else: the input socket it inherited.
+    let inherited = spec
+        .input_listener_fd
+        .map(|fd| transport::inherited_listener(fd, &spec.input_address))
+        .transpose()?;
     let pid = std::process::id();
     let profiler = omni_profiler::backend_by_name(&spec.profiler_backend)
         .map_err(|e| Error::Profiler(e.to_string()))?;
@@ -219,11 +224,8 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     });
 
     let mut input = RouterSocket::with_options(transport::socket_options());
-    let bound = match spec.input_listener_fd {
-        Some(fd) => {
-            let listener = transport::inherited_listener(fd, &spec.input_address)?;
-            input.bind_listener(listener).await
-        }
+    let bound = match inherited {
+        Some(listener) => input.bind_listener(listener).await,
         None => input.bind(&spec.input_address).await,
     };
     let input_endpoint = bound

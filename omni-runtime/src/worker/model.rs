@@ -102,7 +102,9 @@ pub(crate) struct ModelThread {
 }
 
 /// What the model thread publishes for health answers; the socket thread
-/// reads it without waiting on a step.
+/// reads it without waiting on a step. The gauges and the token count are
+/// as of the model loop's last iteration (one step behind at most); an
+/// abort is counted when it is handled.
 #[derive(Debug, Default)]
 pub(crate) struct StageCounters {
     /// Requests in the engine or waiting for upstream inputs.
@@ -277,11 +279,12 @@ impl Loop {
             ToModel::Refuse(id, reason) => self.request_rejected(&id, reason),
             ToModel::Abort(ids) => {
                 for id in ids {
-                    // Non-short-circuit `|`: each place must let go of the id.
-                    let held = engine.abort(&id)
-                        | self.reqs.remove(&id).is_some()
-                        | self.gather.remove(&id).is_some();
-                    if held {
+                    // Each place must let go of the id, whether or not an
+                    // earlier one held it.
+                    let in_engine = engine.abort(&id);
+                    let in_stage = self.reqs.remove(&id).is_some();
+                    let gathering = self.gather.remove(&id).is_some();
+                    if in_engine || in_stage || gathering {
                         self.t
                             .counters
                             .aborted_requests
