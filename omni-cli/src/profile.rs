@@ -9,15 +9,38 @@ use omni_core::profile_tools;
 
 use crate::BadInput;
 
-/// Summarize or merge the traces of a profiled run.
+/// Summarize, compare or merge the traces of a profiled run.
 #[derive(Subcommand, Debug)]
 pub enum ProfileCommand {
-    /// Per stage, the top operations by total time, and per request where
-    /// its time went (stage by stage, queue vs compute).
-    #[command(after_help = "Example:\n  omni profile summarize /tmp/traces")]
+    /// Per stage, the top operations by total time, its busy and idle time
+    /// (idle by cause: holding, blocked, starved, empty) and how full its
+    /// batches were; the stage that limits the pipeline; per request where
+    /// its time went (stage by stage: transfer, queue, compute), what
+    /// dominated it, and its time to first audio in a speech pipeline.
+    #[command(
+        after_help = "Example:\n  omni profile summarize /tmp/traces\n  omni profile summarize /tmp/traces --json | jq .bottleneck"
+    )]
     Summarize {
         /// The profiler directory ($VLLM_TORCH_PROFILER_DIR of the run).
         dir: PathBuf,
+        /// Print the whole analysis as one JSON object (every request and
+        /// operation; schema: omni-profiler/schema/analysis.schema.json).
+        #[arg(long)]
+        json: bool,
+    },
+    /// What got slower or faster from profile A to profile B: per stage
+    /// (its steps' time), per operation category and per operation, total
+    /// and per step, largest change first.
+    #[command(after_help = "Example:\n  omni profile diff /tmp/traces-before /tmp/traces-after")]
+    Diff {
+        /// The profile compared against (before).
+        a: PathBuf,
+        /// The profile compared (after).
+        b: PathBuf,
+        /// Print the whole comparison as one JSON object (schema:
+        /// omni-profiler/schema/diff.schema.json).
+        #[arg(long)]
+        json: bool,
     },
     /// One Chrome trace of all stages, with flow arrows that follow each
     /// request from stage to stage; open it in https://ui.perfetto.dev.
@@ -33,11 +56,31 @@ pub enum ProfileCommand {
 
 pub fn run(cmd: ProfileCommand) -> anyhow::Result<()> {
     match cmd {
-        ProfileCommand::Summarize { dir } => {
+        ProfileCommand::Summarize { dir, json } => {
             check_dir(&dir)?;
-            let summary = profile_tools::summarize(&dir)
+            let analysis = profile_tools::analyze(&dir)
                 .with_context(|| format!("summarizing the traces in {}", dir.display()))?;
-            println!("{summary}");
+            if json {
+                println!("{}", serde_json::to_string(&analysis)?);
+            } else {
+                print!("{analysis}");
+            }
+        }
+        ProfileCommand::Diff { a, b, json } => {
+            check_dir(&a)?;
+            check_dir(&b)?;
+            let diff = profile_tools::diff(&a, &b).with_context(|| {
+                format!(
+                    "comparing the traces in {} and {}",
+                    a.display(),
+                    b.display()
+                )
+            })?;
+            if json {
+                println!("{}", serde_json::to_string(&diff)?);
+            } else {
+                print!("{diff}");
+            }
         }
         ProfileCommand::Merge { dir, output } => {
             check_dir(&dir)?;

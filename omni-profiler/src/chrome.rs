@@ -29,8 +29,9 @@ use tracing_subscriber::layer::{Context, Layer};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::blocking::run_blocking;
+use crate::clock::now_us;
 use crate::recorder::{CaptureMode, SpanCapture};
-use crate::trace_file::{omni_info, prepare_trace_dir, tmp_path, write_trace};
+use crate::trace_file::{omni_info, prepare_trace_dir, set_window, tmp_path, write_trace};
 use crate::{Error, ProfileSession, Profiler, Result};
 
 /// Longest name an event (an instant) gets from its message.
@@ -231,6 +232,7 @@ struct Window {
     /// The file `tracing-chrome` writes, hidden in the trace directory.
     raw: PathBuf,
     guard: FlushGuard,
+    started_us: f64,
 }
 
 /// The `chrome` backend. Needs [`crate::tracing_layer`] in the process's
@@ -286,6 +288,7 @@ impl Profiler for ChromeProfiler {
             session: session.clone(),
             raw,
             guard,
+            started_us: now_us(),
         });
         Ok(())
     }
@@ -294,6 +297,7 @@ impl Profiler for ChromeProfiler {
         let Some(window) = self.lock().take() else {
             return Ok(Vec::new());
         };
+        let stopped_us = now_us();
         if let Some(slot) = installed_slot() {
             slot.close();
         }
@@ -302,14 +306,17 @@ impl Profiler for ChromeProfiler {
             session,
             raw,
             guard,
+            started_us,
         } = window;
         // The slot is free for another backend once the layer is out.
         claim.finish();
         let path = run_blocking(move || {
             // Joins the writer thread: the raw file is complete after this.
             drop(guard);
-            let result = finalize_chrome(&raw, &session)
-                .and_then(|trace| write_trace(&session, "chrome", &trace));
+            let result = finalize_chrome(&raw, &session).and_then(|mut trace| {
+                set_window(&mut trace, started_us, stopped_us);
+                write_trace(&session, "chrome", &trace)
+            });
             let _ = std::fs::remove_file(&raw);
             result
         })

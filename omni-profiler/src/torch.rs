@@ -17,8 +17,9 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use crate::blocking::run_blocking;
+use crate::clock::now_us;
 use crate::recorder::{CaptureMode, SpanCapture};
-use crate::trace_file::{finalize_kineto, prepare_trace_dir, tmp_path, write_trace};
+use crate::trace_file::{finalize_kineto, prepare_trace_dir, set_window, tmp_path, write_trace};
 use crate::{kineto, Error, ProfileSession, Profiler, Result};
 
 /// Prepares libtorch's profiler (Kineto) for the `torch` backend. Call it
@@ -42,6 +43,7 @@ struct Window {
     session: ProfileSession,
     /// Kineto (thread-local mode) can only be disabled where it was enabled.
     thread: std::thread::ThreadId,
+    started_us: f64,
 }
 
 /// The `torch` (Kineto) backend. Works without [`crate::tracing_layer`] too;
@@ -96,6 +98,7 @@ impl Profiler for TorchProfiler {
             capture,
             session: session.clone(),
             thread: std::thread::current().id(),
+            started_us: now_us(),
         });
         Ok(())
     }
@@ -120,6 +123,8 @@ impl Profiler for TorchProfiler {
         };
         // Thread-bound part, before the first await: close the ranges'
         // source, disable Kineto, save its raw trace.
+        let stopped_us = now_us();
+        let started_us = window.started_us;
         let captured = window.capture.finish();
         let session = window.session;
         let raw = tmp_path(&session.dir, "kineto");
@@ -130,7 +135,8 @@ impl Profiler for TorchProfiler {
         let saved = kineto::stop_and_save(&raw, flops.as_deref());
         let path = run_blocking(move || {
             let result = saved.and_then(|()| {
-                let trace = finalize_kineto(&raw, flops.as_deref(), &captured, &session)?;
+                let mut trace = finalize_kineto(&raw, flops.as_deref(), &captured, &session)?;
+                set_window(&mut trace, started_us, stopped_us);
                 write_trace(&session, "pt", &trace)
             });
             let _ = std::fs::remove_file(&raw);

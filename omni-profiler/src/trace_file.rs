@@ -147,6 +147,13 @@ fn span_event(span: &SpanRecord, pid: u64, cat: &str) -> Value {
     e
 }
 
+/// Records the window's bounds (µs since the UNIX epoch, the events'
+/// clock) in the trace's `omni` header: the window holds idle time before
+/// the first event and after the last, which analysis counts.
+pub(crate) fn set_window(trace: &mut Value, start_us: f64, stop_us: f64) {
+    trace["omni"]["window"] = json!({ "start_us": start_us, "stop_us": stop_us });
+}
+
 /// Top-level keys every trace carries besides `traceEvents`.
 pub(crate) fn omni_info(session: &ProfileSession, backend: &str) -> Value {
     json!({

@@ -223,3 +223,51 @@ async fn async_omni_streams_the_text_then_the_audio() -> Result {
     omni.shutdown().await?;
     Ok(())
 }
+
+/// The profile tools on the three-stage speech pipeline: `summarize` names
+/// code2wav (the only stage with real work on the tiny checkpoint) as the
+/// bottleneck and reports each request's time to first audio.
+#[test]
+fn profile_analysis_reports_time_to_first_audio() -> Result {
+    let model = fixture().join("tiny").to_string_lossy().into_owned();
+    let dir = tempfile::tempdir()?;
+    let traces = dir.path().join("traces").to_string_lossy().into_owned();
+    let out = std::process::Command::new(omni_tests::omni_bin()?)
+        .args([
+            "generate",
+            "--pipeline",
+            "qwen2_5_omni",
+            "--model-path",
+            &model,
+            "--prompt",
+            "Hello",
+            "--max-tokens",
+            "8",
+            "--profile",
+            "--profile-dir",
+            &traces,
+            "--output-dir",
+        ])
+        .arg(dir.path().join("out"))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let analysis = omni_core::profile_tools::analyze(std::path::Path::new(&traces))?;
+    assert_eq!(analysis.stages.len(), 3, "{analysis}");
+    let bottleneck = analysis.bottleneck.as_ref().ok_or("no bottleneck")?;
+    assert!(
+        bottleneck.name.starts_with("stage 2 (code2wav)"),
+        "{analysis}"
+    );
+    assert_eq!(analysis.requests.len(), 1, "{analysis}");
+    let r = &analysis.requests[0];
+    assert!(
+        r.first_audio_us
+            .is_some_and(|t| t > 0.0 && t <= r.total_us + 1.0),
+        "{analysis}"
+    );
+    Ok(())
+}

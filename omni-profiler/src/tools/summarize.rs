@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::trace_set::{load, ranges, request_ids_of, Range};
+use super::trace_set::{load, ranges, request_ids_of, Range, StageTrace};
 use crate::Result;
 
 /// How many operations [`StageSummary::top_ops`] keeps.
@@ -132,7 +132,12 @@ enum Kind {
 
 /// Reads every trace under `dir` and summarizes it (see [`Summary`]).
 pub fn summarize(dir: &Path) -> Result<Summary> {
-    let traces = load(dir)?;
+    Ok(summarize_traces(dir, &load(dir)?, TOP_OPS))
+}
+
+/// [`summarize`] over traces already loaded, keeping `keep_ops` operations
+/// per stage.
+pub(crate) fn summarize_traces(dir: &Path, traces: &[StageTrace], keep_ops: usize) -> Summary {
     // Stage key -> index in `stages`; traces are sorted by stage.
     let mut stage_index: BTreeMap<String, usize> = BTreeMap::new();
     let mut stages: Vec<StageSummary> = Vec::new();
@@ -141,7 +146,7 @@ pub fn summarize(dir: &Path) -> Result<Summary> {
     let mut mentions: BTreeMap<String, Vec<Mention>> = BTreeMap::new();
     let mut first_seen: HashMap<String, f64> = HashMap::new();
 
-    for trace in &traces {
+    for trace in traces {
         let si = *stage_index
             .entry(trace.stage_key.clone())
             .or_insert_with(|| {
@@ -224,7 +229,7 @@ pub fn summarize(dir: &Path) -> Result<Summary> {
     for (stage, stats) in stages.iter_mut().zip(op_stats) {
         let mut ops: Vec<OpStat> = stats.into_values().collect();
         ops.sort_by(|a, b| b.total_us.total_cmp(&a.total_us).then(a.name.cmp(&b.name)));
-        ops.truncate(TOP_OPS);
+        ops.truncate(keep_ops);
         stage.top_ops = ops;
     }
     for steps in &mut steps_of {
@@ -246,11 +251,11 @@ pub fn summarize(dir: &Path) -> Result<Summary> {
             .unwrap_or(f64::INFINITY);
         fa.total_cmp(&fb).then(a.request_id.cmp(&b.request_id))
     });
-    Ok(Summary {
+    Summary {
         dir: dir.to_path_buf(),
         stages,
         requests,
-    })
+    }
 }
 
 /// Self time of each range: its duration minus its direct children's on the
@@ -402,6 +407,27 @@ fn ms(us: f64) -> String {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write(f, usize::MAX)
+    }
+}
+
+/// A [`Summary`] shown with at most so many requests.
+pub struct Compact<'a>(&'a Summary, usize);
+
+impl fmt::Display for Compact<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.write(f, self.1)
+    }
+}
+
+impl Summary {
+    /// The summary with its first `max_requests` requests only (the rest
+    /// counted), for output that should fit a screen.
+    pub fn display_compact(&self, max_requests: usize) -> Compact<'_> {
+        Compact(self, max_requests)
+    }
+
+    fn write(&self, f: &mut fmt::Formatter<'_>, max_requests: usize) -> fmt::Result {
         writeln!(f, "profile summary of {}", self.dir.display())?;
         for stage in &self.stages {
             writeln!(f)?;
@@ -436,7 +462,7 @@ impl fmt::Display for Summary {
                 f,
                 "== requests (ms; transfer = from the sender's stage_send to this stage's socket, queue = to its first step, compute = the steps that computed it)"
             )?;
-            for req in &self.requests {
+            for req in self.requests.iter().take(max_requests) {
                 writeln!(f, "  {}  total {}", req.request_id, ms(req.total_us))?;
                 for s in &req.stages {
                     let transfer = s.transfer_us.map(ms).unwrap_or_else(|| "-".to_owned());
@@ -451,12 +477,19 @@ impl fmt::Display for Summary {
                     )?;
                 }
             }
+            if self.requests.len() > max_requests {
+                writeln!(
+                    f,
+                    "  ... {} more (--json lists every request)",
+                    self.requests.len() - max_requests
+                )?;
+            }
         }
         Ok(())
     }
 }
 
-fn truncate(s: &str, n: usize) -> String {
+pub(crate) fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_owned()
     } else {

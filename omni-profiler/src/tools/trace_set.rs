@@ -17,6 +17,8 @@ pub(crate) struct StageTrace {
     /// The pid of the process that wrote it (from `omni.pid`, or the
     /// process named like the stage).
     pub main_pid: Option<Value>,
+    /// The window's bounds, µs, when the backend recorded them (`omni.window`).
+    pub window: Option<(f64, f64)>,
     pub path: PathBuf,
     pub events: Vec<Value>,
 }
@@ -158,6 +160,12 @@ pub(crate) fn load(dir: &Path) -> Result<Vec<StageTrace>> {
         };
         let omni = trace.get("omni");
         let main_pid = omni.and_then(|o| o.get("pid")).cloned();
+        let window = omni.and_then(|o| {
+            let w = o.get("window")?;
+            let start = w.get("start_us")?.as_f64()?;
+            let stop = w.get("stop_us")?.as_f64()?;
+            (stop >= start).then_some((start, stop))
+        });
         let process_name = omni
             .and_then(|o| o.get("process_name"))
             .and_then(Value::as_str)
@@ -169,6 +177,7 @@ pub(crate) fn load(dir: &Path) -> Result<Vec<StageTrace>> {
             stage_key,
             process_name,
             main_pid,
+            window,
             path,
             events,
         });
