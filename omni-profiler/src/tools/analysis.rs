@@ -11,6 +11,10 @@
 //! - *starved*: it holds nothing, but a request that will come to it is
 //!   upstream or in transit;
 //! - *empty*: no work anywhere that will reach it.
+//!
+//! A request counts as upstream from its arrival at the first stage that
+//! was profiled: with only some stages profiled, the first of them is never
+//! starved.
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::Path;
@@ -18,12 +22,15 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::summarize::{summarize_traces, truncate, RequestSummary, Summary};
+use super::summarize::{is_engine_step, summarize_traces, truncate, RequestSummary, Summary};
 use super::trace_set::{load, ranges, request_ids_of, StageTrace};
 use crate::Result;
 
-/// How many operations per stage the analysis's summary keeps.
-const TOP_OPS: usize = 8;
+/// How many operations per stage the text output shows (`--json` has all).
+const SHOWN_OPS: usize = 8;
+
+/// Below this busy share, even the busiest stage idles most of the time.
+const UNDER_LOADED: f64 = 0.5;
 
 /// Roles of stages whose output is audio (the `model_stage` in a process
 /// name `stage <id> (<role>) <model>`).
@@ -163,7 +170,7 @@ struct StageTimeline {
 /// Reads every trace under `dir` and analyzes it (see [`Analysis`]).
 pub fn analyze(dir: &Path) -> Result<Analysis> {
     let traces = load(dir)?;
-    let summary = summarize_traces(dir, &traces, TOP_OPS);
+    let summary = summarize_traces(dir, &traces, usize::MAX);
     let timelines = timelines(&traces);
     let stages: Vec<StageLoad> = summary
         .stages
@@ -174,16 +181,32 @@ pub fn analyze(dir: &Path) -> Result<Analysis> {
             stage_id: s.stage_id,
             name: s.name.clone(),
             window_us: tl.windows.iter().map(|(a, b)| b - a).sum(),
-            busy_us: tl.steps.iter().map(|st| st.end - st.ts).sum(),
+            busy_us: union(tl.steps.iter().map(|st| (st.ts, st.end)).collect())
+                .iter()
+                .map(|(a, b)| b - a)
+                .sum(),
             idle: idle(si, tl, &summary),
             occupancy: occupancy(&tl.steps),
         })
         .collect();
     let bottleneck = bottleneck(&stages);
+    // Per stage, each request's first step's end (steps are in time order).
+    let first_steps: Vec<HashMap<&str, f64>> = timelines
+        .iter()
+        .map(|tl| {
+            let mut m = HashMap::new();
+            for st in &tl.steps {
+                for id in &st.ids {
+                    m.entry(id.as_str()).or_insert(st.end);
+                }
+            }
+            m
+        })
+        .collect();
     let requests = summary
         .requests
         .iter()
-        .map(|r| critical_path(r, &summary, &timelines))
+        .map(|r| critical_path(r, &summary, &first_steps))
         .collect();
     Ok(Analysis {
         summary,
@@ -208,11 +231,14 @@ fn timelines(traces: &[StageTrace]) -> Vec<StageTimeline> {
         });
         let tl = &mut out[si];
         let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+        let (mut first_step, mut last_step) = (f64::INFINITY, f64::NEG_INFINITY);
         let mut forwards: Vec<(f64, f64)> = Vec::new();
         for r in ranges(&trace.events) {
             lo = lo.min(r.ts);
             hi = hi.max(r.end());
-            if r.name.starts_with("ProfilerStep#") {
+            if is_engine_step(r.name, r.cat) {
+                first_step = first_step.min(r.ts);
+                last_step = last_step.max(r.end());
                 tl.steps.push(Step {
                     ts: r.ts,
                     end: r.end(),
@@ -230,9 +256,11 @@ fn timelines(traces: &[StageTrace]) -> Vec<StageTimeline> {
             }
         }
         // The recorded window, else (older traces) its first event to its
-        // last; events a little outside the recorded bounds widen it.
+        // last; a step a little outside the recorded bounds widens it.
         match trace.window {
-            Some((start, stop)) => tl.windows.push((start.min(lo), stop.max(hi))),
+            Some((start, stop)) => tl
+                .windows
+                .push((start.min(first_step), stop.max(last_step))),
             None if hi > lo => tl.windows.push((lo, hi)),
             None => {}
         }
@@ -244,8 +272,23 @@ fn timelines(traces: &[StageTrace]) -> Vec<StageTimeline> {
         }
     }
     for tl in &mut out {
-        tl.windows.sort_by(|a, b| a.0.total_cmp(&b.0));
+        // Windows of one stage do not overlap unless files were copied
+        // together from two runs; counting such time once keeps shares sane.
+        tl.windows = union(std::mem::take(&mut tl.windows));
         tl.steps.sort_by(|a, b| a.ts.total_cmp(&b.ts));
+    }
+    out
+}
+
+/// Overlapping intervals merged, sorted by start.
+fn union(mut spans: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut out: Vec<(f64, f64)> = Vec::with_capacity(spans.len());
+    for (a, b) in spans {
+        match out.last_mut() {
+            Some(last) if a <= last.1 => last.1 = last.1.max(b),
+            _ => out.push((a, b)),
+        }
     }
     out
 }
@@ -257,6 +300,7 @@ fn step_at(steps: &mut [Step], t: f64) -> Option<&mut Step> {
     (t < step.end).then_some(step)
 }
 
+/// Whether `t` falls in a step (steps of one stage run one after another).
 fn in_step(steps: &[Step], t: f64) -> bool {
     let i = steps.partition_point(|s| s.ts <= t);
     i.checked_sub(1).is_some_and(|i| t < steps[i].end)
@@ -409,10 +453,17 @@ fn bottleneck(stages: &[StageLoad]) -> Option<Bottleneck> {
         })
         .collect();
     let mut evidence = format!(
-        "{} busy {} of its window",
+        "{} busy {} of its window (holding {}, blocked {})",
         short_name(top),
-        pct(top.busy_us, top.window_us)
+        pct(top.busy_us, top.window_us),
+        pct(top.idle.holding_us, top.window_us),
+        pct(top.idle.blocked_us, top.window_us)
     );
+    if top.busy_share() < UNDER_LOADED {
+        // The busiest stage still idles most of the time: more load, not
+        // a faster stage, is what this profile asks for.
+        evidence.insert_str(0, "under-loaded: ");
+    }
     if !others.is_empty() {
         evidence.push_str(" while ");
         evidence.push_str(&others.join("; "));
@@ -444,7 +495,7 @@ fn role_of(name: &str) -> Option<&str> {
 fn critical_path(
     r: &RequestSummary,
     summary: &Summary,
-    timelines: &[StageTimeline],
+    first_steps: &[HashMap<&str, f64>],
 ) -> CriticalPath {
     let mut dominant: Option<PathPart> = None;
     for s in &r.stages {
@@ -472,11 +523,9 @@ fn critical_path(
             .stages
             .iter()
             .position(|s| s.stage_id == last.stage_id && s.name == last.stage)?;
-        timelines[si]
-            .steps
-            .iter()
-            .find(|st| st.ids.contains(&r.request_id))
-            .map(|st| st.end - entered)
+        first_steps[si]
+            .get(r.request_id.as_str())
+            .map(|end| end - entered)
     });
     let audio = last
         .and_then(|l| role_of(&l.stage))
@@ -499,14 +548,19 @@ const SHOWN_REQUESTS: usize = 8;
 
 impl fmt::Display for Analysis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.summary.display_compact(SHOWN_REQUESTS))?;
+        write!(
+            f,
+            "{}",
+            self.summary.display_compact(SHOWN_OPS, SHOWN_REQUESTS)
+        )?;
         writeln!(f)?;
+        writeln!(f, "== load (share of the profiled windows)")?;
         writeln!(
             f,
-            "== load (share of the profiled windows; idle: holding = between its own steps, blocked = \
-             waiting to hand over, starved = waiting on upstream, empty = nothing coming; batch: \
-             sequences and tokens per step, min/median/max)"
+            "   idle: holding = between its own steps, blocked = waiting to hand over, starved = \
+             waiting on upstream, empty = nothing coming"
         )?;
+        writeln!(f, "   batch: sequences and tokens per step, min/median/max")?;
         for s in &self.stages {
             let o = &s.occupancy;
             let seqs = o.sequences.map_or("-".to_owned(), |p| {

@@ -79,7 +79,8 @@ pub struct OpChange {
 }
 
 /// Compares the profiles under `a` and `b` (see [`ProfileDiff`]). Stages
-/// are matched by stage id (by process name when a directory names none).
+/// are matched by stage id (by process name when a directory names none);
+/// a matched stage is shown under its name in `b`.
 pub fn diff(a: &Path, b: &Path) -> Result<ProfileDiff> {
     let sa = summarize_traces(a, &load(a)?, usize::MAX);
     let sb = summarize_traces(b, &load(b)?, usize::MAX);
@@ -162,14 +163,21 @@ fn busy(s: Option<&StageSummary>) -> f64 {
 
 type Totals<K> = BTreeMap<K, f64>;
 
+/// The category of a step's own time, outside every operation in it.
+const STEP_OUTSIDE_OPS: &str = "(step, outside any op)";
+
 /// Self time per category, total time per (operation, category). Steps
-/// are left out: they are the stage's busy time, and every operation is
-/// inside one.
+/// are not operations (they are the stage's busy time, and every
+/// operation is inside one); their own self time is a category.
 fn totals(s: Option<&StageSummary>) -> (Totals<String>, Totals<(String, String)>) {
     let mut cats = Totals::new();
     let mut ops = Totals::new();
     for op in s.map_or(&[][..], |s| s.top_ops.as_slice()) {
         if op.name == "ProfilerStep#*" {
+            // Its self time is the step's work outside any recorded
+            // operation: a category of its own, so categories add up to the
+            // steps' change.
+            *cats.entry(STEP_OUTSIDE_OPS.to_owned()).or_insert(0.0) += op.self_us;
             continue;
         }
         *cats.entry(op.category.clone()).or_insert(0.0) += op.self_us;

@@ -13,6 +13,9 @@ use crate::Result;
 /// How many operations [`StageSummary::top_ops`] keeps.
 const TOP_OPS: usize = 20;
 
+/// How many of them the text output shows.
+const SHOWN_OPS: usize = 15;
+
 /// What [`summarize`] found under a directory.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Summary {
@@ -179,7 +182,7 @@ pub(crate) fn summarize_traces(dir: &Path, traces: &[StageTrace], keep_ops: usiz
                 // Kineto's range over the whole window, not an operation.
                 continue;
             }
-            let is_step = r.name.starts_with("ProfilerStep#");
+            let is_step = is_engine_step(r.name, r.cat);
             if is_step {
                 stage.steps += 1;
                 steps_of[si].push((r.ts, r.end()));
@@ -407,27 +410,42 @@ fn ms(us: f64) -> String {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.write(f, usize::MAX)
+        self.write(f, SHOWN_OPS, usize::MAX)
     }
 }
 
-/// A [`Summary`] shown with at most so many requests.
-pub struct Compact<'a>(&'a Summary, usize);
+/// A [`Summary`] shown with at most so many operations per stage and
+/// requests.
+pub struct Compact<'a> {
+    summary: &'a Summary,
+    max_ops: usize,
+    max_requests: usize,
+}
 
 impl fmt::Display for Compact<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.write(f, self.1)
+        self.summary.write(f, self.max_ops, self.max_requests)
     }
 }
 
 impl Summary {
-    /// The summary with its first `max_requests` requests only (the rest
-    /// counted), for output that should fit a screen.
-    pub fn display_compact(&self, max_requests: usize) -> Compact<'_> {
-        Compact(self, max_requests)
+    /// The summary with its top `max_ops` operations per stage and its
+    /// first `max_requests` requests only (the rest counted), for output
+    /// that should fit a screen.
+    pub fn display_compact(&self, max_ops: usize, max_requests: usize) -> Compact<'_> {
+        Compact {
+            summary: self,
+            max_ops,
+            max_requests,
+        }
     }
 
-    fn write(&self, f: &mut fmt::Formatter<'_>, max_requests: usize) -> fmt::Result {
+    fn write(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        max_ops: usize,
+        max_requests: usize,
+    ) -> fmt::Result {
         writeln!(f, "profile summary of {}", self.dir.display())?;
         for stage in &self.stages {
             writeln!(f)?;
@@ -444,7 +462,7 @@ impl Summary {
                 "  {:>10} {:>10} {:>8}  {:<16} name",
                 "total ms", "self ms", "count", "category"
             )?;
-            for op in stage.top_ops.iter().take(15) {
+            for op in stage.top_ops.iter().take(max_ops) {
                 writeln!(
                     f,
                     "  {:>10} {:>10} {:>8}  {:<16} {}",
@@ -487,6 +505,12 @@ impl Summary {
         }
         Ok(())
     }
+}
+
+/// An engine step on the host. Kineto mirrors each step range on the GPU
+/// streams (`gpu_user_annotation`); counting those would count steps twice.
+pub(crate) fn is_engine_step(name: &str, category: &str) -> bool {
+    name.starts_with("ProfilerStep#") && category != "gpu_user_annotation"
 }
 
 pub(crate) fn truncate(s: &str, n: usize) -> String {
