@@ -192,6 +192,13 @@ impl AsyncOmni {
             .collect()
     }
 
+    /// Whether the pipeline can take requests; else why not (a stage that
+    /// died, naming it and how; or shutdown). Answered from this process's
+    /// state, without asking the stages.
+    pub fn check_serving(&self) -> Result<()> {
+        Ok(self.inner.orchestrator.check_serving()?)
+    }
+
     /// Number of requests streaming now.
     pub fn num_running(&self) -> usize {
         self.inner.running().len()

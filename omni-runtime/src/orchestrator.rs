@@ -440,6 +440,13 @@ impl Orchestrator {
         &self.inner.config
     }
 
+    /// Whether the pipeline can take requests: the stage death or shutdown
+    /// that stopped it otherwise (answered at once, from state this
+    /// process holds).
+    pub fn check_serving(&self) -> Result<()> {
+        self.inner.check_alive(&lock(&self.inner.state))
+    }
+
     /// The private run directory (sockets, launch files, shared memory);
     /// removed when the pipeline stops.
     pub fn run_dir(&self) -> &std::path::Path {

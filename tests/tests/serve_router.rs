@@ -109,7 +109,7 @@ async fn router_serves_models_chat_streaming_and_errors() -> Result {
 
 /// A stage that dies while a request runs: that request is answered 503
 /// (the pipeline can no longer serve; README, "Errors"), naming the stage
-/// and the signal, and so is the next one.
+/// and the signal, and so are the next one and `/health`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_dying_mid_request_is_503_naming_the_stage() -> Result {
     ensure_binaries()?;
@@ -148,5 +148,12 @@ async fn a_stage_dying_mid_request_is_503_naming_the_stage() -> Result {
     let (status, body) = call(&app, "POST", "/v1/chat/completions", chat).await?;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body.contains("stage 1"), "{body}");
+    // Not healthy any more: a load balancer must stop sending requests.
+    let (status, body) = call(&app, "GET", "/health", "").await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body.contains("stage 1") && body.contains("SIGKILL"),
+        "{body}"
+    );
     Ok(())
 }

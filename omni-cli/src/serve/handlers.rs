@@ -26,12 +26,16 @@ use crate::audio;
 
 type St = State<Arc<AppState>>;
 
-/// `GET /health`: 200 while serving, 503 once draining.
+/// `GET /health`: 200 while serving; 503 once draining, or once a stage
+/// died (naming it), so a load balancer stops sending requests that could
+/// only fail.
 pub async fn health(State(st): St) -> Response {
     if st.draining.load(Ordering::Relaxed) {
-        ApiError::unavailable("server is shutting down").into_response()
-    } else {
-        StatusCode::OK.into_response()
+        return ApiError::unavailable("server is shutting down").into_response();
+    }
+    match st.omni.check_serving() {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 
