@@ -22,7 +22,9 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::summarize::{is_engine_step, summarize_traces, truncate, RequestSummary, Summary};
+use super::summarize::{
+    is_engine_step, ms_tenths as ms, summarize_traces, truncate, RequestSummary, Summary,
+};
 use super::trace_set::{load, ranges, request_ids_of, StageTrace};
 use crate::Result;
 
@@ -266,8 +268,8 @@ fn timelines(traces: &[StageTrace]) -> Vec<StageTimeline> {
         }
         tl.steps.sort_by(|a, b| a.ts.total_cmp(&b.ts));
         for (ts, n) in forwards {
-            if let Some(step) = step_at(&mut tl.steps, ts) {
-                *step.tokens.get_or_insert(0.0) += n;
+            if let Some(i) = step_index(&tl.steps, ts) {
+                *tl.steps[i].tokens.get_or_insert(0.0) += n;
             }
         }
     }
@@ -293,17 +295,11 @@ fn union(mut spans: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
     out
 }
 
-/// The step (sorted by start) whose range holds `t`.
-fn step_at(steps: &mut [Step], t: f64) -> Option<&mut Step> {
-    let i = steps.partition_point(|s| s.ts <= t);
-    let step = steps.get_mut(i.checked_sub(1)?)?;
-    (t < step.end).then_some(step)
-}
-
-/// Whether `t` falls in a step (steps of one stage run one after another).
-fn in_step(steps: &[Step], t: f64) -> bool {
-    let i = steps.partition_point(|s| s.ts <= t);
-    i.checked_sub(1).is_some_and(|i| t < steps[i].end)
+/// The index of the step (sorted by start) whose range holds `t`; steps of
+/// one stage run one after another.
+fn step_index(steps: &[Step], t: f64) -> Option<usize> {
+    let i = steps.partition_point(|s| s.ts <= t).checked_sub(1)?;
+    (t < steps[i].end).then_some(i)
 }
 
 /// One request as one stage sees it, for classifying that stage's idle time.
@@ -363,7 +359,7 @@ fn idle(si: usize, tl: &StageTimeline, summary: &Summary) -> Idle {
         for pair in cuts.windows(2) {
             let (a, b) = (pair[0], pair[1]);
             let mid = (a + b) / 2.0;
-            if in_step(&tl.steps, mid) {
+            if step_index(&tl.steps, mid).is_some() {
                 continue;
             }
             let held: Vec<&Visit> = visits
@@ -537,10 +533,6 @@ fn critical_path(
         first_output_us,
         first_audio_us: first_output_us.filter(|_| audio),
     }
-}
-
-fn ms(us: f64) -> String {
-    format!("{:.1}", us / 1000.0)
 }
 
 /// Requests listed in the text output; `--json` has them all.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::summarize::{summarize_traces, truncate, StageSummary};
+use super::summarize::{ms_tenths as ms, summarize_traces, truncate, StageSummary};
 use super::trace_set::load;
 use crate::Result;
 
@@ -195,10 +195,6 @@ fn keys<K: Ord + Clone>(a: &Totals<K>, b: &Totals<K>) -> Vec<K> {
 
 fn get<K: Ord>(t: &Totals<K>, k: &K) -> f64 {
     t.get(k).copied().unwrap_or(0.0)
-}
-
-fn ms(us: f64) -> String {
-    format!("{:.1}", us / 1000.0)
 }
 
 fn signed_ms(us: f64) -> String {

@@ -513,6 +513,12 @@ pub(crate) fn is_engine_step(name: &str, category: &str) -> bool {
     name.starts_with("ProfilerStep#") && category != "gpu_user_annotation"
 }
 
+/// Milliseconds to a tenth, for the analysis and diff tables (the summary's
+/// own columns keep microsecond precision).
+pub(crate) fn ms_tenths(us: f64) -> String {
+    format!("{:.1}", us / 1000.0)
+}
+
 pub(crate) fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_owned()
