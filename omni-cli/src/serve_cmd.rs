@@ -42,6 +42,12 @@ pub struct ServeArgs {
     /// Seconds to let requests in flight finish after SIGTERM.
     #[arg(long, default_value_t = 30.0)]
     pub drain_timeout: f64,
+    /// Where sampling fields a request leaves out come from: `pipeline`
+    /// (each stage's default_sampling_params in the pipeline file) or
+    /// `vllm` (vLLM's defaults: temperature 1, no truncation, max_tokens 16
+    /// for completions and the rest of the context for chat).
+    #[arg(long, value_enum, default_value_t = serve::GenerationConfig::Pipeline)]
+    pub generation_config: serve::GenerationConfig,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -92,7 +98,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         .served_model_name
         .clone()
         .unwrap_or_else(|| args.pipeline.clone());
-    let state = Arc::new(serve::AppState::new(omni, &served));
+    let state = Arc::new(serve::AppState::new(omni, &served, args.generation_config));
     tracing::info!(
         model = %served,
         profiling = state.profiling_enabled,

@@ -55,7 +55,7 @@ pub(crate) fn prompt_is_empty(prompt: &Prompt) -> bool {
 /// API does not surface.
 pub(crate) fn stage_output(event: StageEvent) -> Option<(usize, StageOutput)> {
     match event {
-        StageEvent::Output { stage_id, output } => Some((stage_id, output)),
+        StageEvent::Output { stage_id, output } => Some((stage_id, *output)),
         #[allow(unreachable_patterns)]
         _ => None,
     }
@@ -160,7 +160,10 @@ pub(crate) fn request_output(
         final_output_type: output.final_output_type.to_string(),
         finished: output.finished,
         finish_reason: output.finish_reason,
+        stop_reason: output.stop_reason,
         num_prompt_tokens,
+        logprobs: output.logprobs,
+        prompt_logprobs: output.prompt_logprobs.map(|p| *p),
         text: output.text,
         delta_text: output.delta_text,
         token_ids: output.token_ids,

@@ -42,7 +42,8 @@ pub use stage_sampling_params::StageSamplingParams;
 
 pub use omni_engine::{
     AudioInput, ChatMessage, ContentPart, EngineArgs, ImageInput, MessageContent, MultiModalData,
-    MultiModalPrompt, Prompt, SamplingParams, VideoInput,
+    MultiModalPrompt, Prompt, PromptLogprobs, SamplingParams, StopReason, TokenLogprobs,
+    VideoInput,
 };
 pub use omni_profiler::tools as profile_tools;
 pub use omni_runtime::{

@@ -11,6 +11,9 @@ use crate::{Error, Result};
 /// Sampling params for every stage of a request.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
+// Made once per request and read at once: boxing `Same` would only cost
+// every caller a `Box::new`.
+#[allow(clippy::large_enum_variant)]
 pub enum StageSamplingParams {
     /// Each stage's `default_sampling_params` from the pipeline config.
     #[default]

@@ -24,12 +24,12 @@ use serde::Deserialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::block_pool::PrefixCacheStats;
-use crate::engine_core::{CoreConfig, EngineCore, EngineLoad};
+use crate::engine_core::{CoreConfig, EngineCore, EngineLoad, TextEvent};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::WeightPrecision;
 use crate::model::{Model, ModelOptions};
-use crate::request::{Prompt, RequestOutput, Sequence};
+use crate::request::{Prompt, RequestOutput, Sequence, TokenLogprobs};
 use crate::sampling_params::SamplingParams;
 use crate::scheduler::SchedulerConfig;
 use crate::{Detokenizer, Tokenizer};
@@ -696,19 +696,34 @@ impl LLMEngine {
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
         let tokenizer = &self.tokenizer;
         let detokenizers = &mut self.detokenizers;
-        let mut hook = |seq: &mut Sequence, finishing: bool| -> Result<()> {
+        let mut hook = |seq: &mut Sequence, event: TextEvent| -> Result<()> {
+            if let TextEvent::Token { .. } = event {
+                // The tokens of new log-probabilities: the last generated
+                // token's, and after the prefill the prompt's.
+                let fresh = seq.logprobs.iter_mut().rev().take(1);
+                let prompt = seq.prompt_logprobs.iter_mut();
+                for lp in fresh.chain(prompt).filter(|lp| lp.decoded.is_empty()) {
+                    decode_logprob_tokens(tokenizer, lp);
+                }
+            }
             if let Some(d) = detokenizers.get_mut(&seq.request_id) {
-                let piece = if finishing {
-                    d.flush(tokenizer)?
-                } else {
-                    d.step(tokenizer, seq.tokens[seq.tokens.len() - 1])?
+                let piece = match event {
+                    TextEvent::Finish => d.flush(tokenizer)?,
+                    TextEvent::Token { with_text: true } => {
+                        d.step(tokenizer, seq.tokens[seq.tokens.len() - 1])?
+                    }
+                    TextEvent::Token { with_text: false } => String::new(),
                 };
                 seq.text.push_str(&piece);
             }
             Ok(())
         };
-        let outputs = self.core.step(&mut hook)?;
-        for o in &outputs {
+        let mut outputs = self.core.step(&mut hook)?;
+        for o in &mut outputs {
+            if let Some(p) = &mut o.prompt_logprobs {
+                p.first_token = self.tokenizer.decode(&[p.first_token_id], false)?;
+                p.text = self.tokenizer.decode(&o.prompt_token_ids, false)?;
+            }
             if o.finished {
                 self.detokenizers.remove(&o.request_id);
             }
@@ -780,4 +795,13 @@ impl Talker {
             ids: config.talker_config,
         })
     }
+}
+
+/// Fills `lp.decoded`: each token alone, special tokens kept; ids past the
+/// tokenizer's vocabulary (padding rows of an embedding) have no text.
+fn decode_logprob_tokens(tokenizer: &Tokenizer, lp: &mut TokenLogprobs) {
+    let ids = std::iter::once(lp.token_id).chain(lp.top.iter().map(|&(t, _)| t));
+    lp.decoded = ids
+        .map(|t| tokenizer.decode(&[t], false).unwrap_or_default())
+        .collect();
 }

@@ -18,7 +18,10 @@ use crate::block_pool::{BlockPool, PrefixCacheStats};
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::model::{BatchEntry, ForwardBatch, Model};
-use crate::request::{FinishReason, RequestOutput, Sequence, SequenceInputs, SequenceStatus};
+use crate::request::{
+    FinishReason, PromptLogprobs, RequestOutput, Sequence, SequenceInputs, SequenceStatus,
+    StopReason,
+};
 use crate::sampler::{self, SampleInput};
 use crate::sampling_params::SamplingParams;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -49,9 +52,19 @@ pub(crate) struct CoreConfig {
     pub suppressed_tokens: Vec<u32>,
 }
 
-/// Updates `seq.text` after a token was appended (`false`), and once more
-/// when the sequence finishes (`true`: flush anything held back).
-pub(crate) type TextHook<'a> = dyn FnMut(&mut Sequence, bool) -> Result<()> + 'a;
+/// What the text hook is told about a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TextEvent {
+    /// A token was appended; `with_text`: its text joins `seq.text` (a
+    /// stopping token's does not, unless the request asked for it).
+    Token { with_text: bool },
+    /// The sequence finished: flush anything held back.
+    Finish,
+}
+
+/// Keeps `seq.text` up to date (and decodes the tokens of its
+/// log-probabilities).
+pub(crate) type TextHook<'a> = dyn FnMut(&mut Sequence, TextEvent) -> Result<()> + 'a;
 
 /// Model, cache, scheduler and sampler.
 #[derive(Debug)]
@@ -163,11 +176,30 @@ impl EngineCore {
             )));
         }
         if prompt.len() >= self.cfg.max_model_len {
-            return Err(bad(format!(
-                "the prompt has {} tokens; the context holds {} (max_model_len), leaving no room to generate",
-                prompt.len(),
-                self.cfg.max_model_len
-            )));
+            return Err(Error::ContextLengthExceeded {
+                request_id,
+                prompt_tokens: prompt.len(),
+                max_tokens: None,
+                max_model_len: self.cfg.max_model_len,
+            });
+        }
+        if let Some(max_tokens) = params
+            .max_tokens
+            .filter(|&m| prompt.len() + m > self.cfg.max_model_len)
+        {
+            return Err(Error::ContextLengthExceeded {
+                request_id,
+                prompt_tokens: prompt.len(),
+                max_tokens: Some(max_tokens),
+                max_model_len: self.cfg.max_model_len,
+            });
+        }
+        if let Some(&t) = params.logit_bias.keys().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidSamplingParams {
+                field: "logit_bias",
+                value: t.to_string(),
+                reason: format!("token id out of range for the vocabulary of {vocab}"),
+            });
         }
         let seed = params
             .seed
@@ -268,6 +300,7 @@ impl EngineCore {
                         start_pos: start,
                         block_table: &s.block_table,
                         wants_logits: start + sc.num_tokens == s.tokens.len(),
+                        prompt_logits: prompt_logit_rows(s, sc.num_tokens),
                         embeds: e.as_ref(),
                         // Positions read again after a preemption are not
                         // collected twice.
@@ -311,6 +344,25 @@ impl EngineCore {
                             seq.states.push(r);
                         }
                     }
+                    row += count as i64;
+                }
+            }
+            if let Some(logits) = &out.prompt_logits {
+                let mut row = 0i64;
+                for &(e, count) in &batch.prompt_logit_entries {
+                    let seq = &mut self.scheduler.running[plan.scheduled[e].index];
+                    let start = seq.num_computed_tokens;
+                    let next = &seq.tokens[start + 1..start + 1 + count];
+                    let k = seq.params.prompt_logprobs.unwrap_or(0);
+                    let lps = sampler::next_token_logprobs(
+                        &logits.f_narrow(0, row, count as i64)?,
+                        next,
+                        k,
+                    )?;
+                    // Positions read again after a preemption are kept once.
+                    let have = seq.prompt_logprobs.len();
+                    seq.prompt_logprobs
+                        .extend(lps.into_iter().skip(have.saturating_sub(start)));
                     row += count as i64;
                 }
             }
@@ -403,12 +455,18 @@ impl EngineCore {
                         .f_to_kind(Kind::Float)?;
                     seq.hidden_states.push(row);
                 }
-                text_hook(seq, false)?;
+                // A stopping token's text stays out of the output unless
+                // the request asks for it (vLLM's detokenizer).
+                let with_text = seq.params.include_stop_str_in_output
+                    || !stops_on_token(seq, sample.token, eos);
+                text_hook(seq, TextEvent::Token { with_text })?;
                 let cut = check_stop(seq, sample.token, eos, max_len);
                 if seq.is_finished() && !cut {
-                    text_hook(seq, true)?;
-                    if let Some(cut) = find_stop(&seq.text, &seq.params.stop, seq.emitted_len) {
-                        seq.text.truncate(cut);
+                    text_hook(seq, TextEvent::Finish)?;
+                    if let Some((at, which)) =
+                        find_stop(&seq.text, &seq.params.stop, seq.emitted_len)
+                    {
+                        cut_at_stop(seq, at, which);
                         seq.status = SequenceStatus::Finished(FinishReason::Stop);
                     }
                 }
@@ -435,15 +493,30 @@ impl EngineCore {
     }
 }
 
+/// Whether `token` ends the sequence by itself: an end-of-sequence token
+/// (unless ignored) or a stop token, once `min_tokens` are out.
+fn stops_on_token(seq: &Sequence, token: u32, eos: &[u32]) -> bool {
+    let p = &seq.params;
+    seq.num_output_tokens() >= p.min_tokens
+        && ((!p.ignore_eos && eos.contains(&token)) || p.stop_token_ids.contains(&token))
+}
+
 /// Token-level and text-level stop conditions, in vLLM's order. Returns
 /// whether a stop string cut the text.
 fn check_stop(seq: &mut Sequence, token: u32, eos: &[u32], max_model_len: usize) -> bool {
     let p = &seq.params;
-    let stop_cut = find_stop(&seq.text, &p.stop, seq.emitted_len);
-    let reason = if (!p.ignore_eos && eos.contains(&token))
-        || p.stop_token_ids.contains(&token)
-        || stop_cut.is_some()
-    {
+    // Nothing but the length stops a sequence before `min_tokens`.
+    let stop_cut = if seq.num_output_tokens() < p.min_tokens {
+        None
+    } else {
+        find_stop(&seq.text, &p.stop, seq.emitted_len)
+    };
+    let reason = if stops_on_token(seq, token, eos) {
+        if p.stop_token_ids.contains(&token) && (p.ignore_eos || !eos.contains(&token)) {
+            seq.stop_reason = Some(StopReason::TokenId(token));
+        }
+        Some(FinishReason::Stop)
+    } else if stop_cut.is_some() {
         Some(FinishReason::Stop)
     } else if p.max_tokens.is_some_and(|m| seq.num_output_tokens() >= m)
         || seq.tokens.len() >= max_model_len
@@ -452,8 +525,8 @@ fn check_stop(seq: &mut Sequence, token: u32, eos: &[u32], max_model_len: usize)
     } else {
         None
     };
-    if let Some(cut) = stop_cut {
-        seq.text.truncate(cut);
+    if let Some((at, which)) = stop_cut {
+        cut_at_stop(seq, at, which);
     }
     if let Some(r) = reason {
         seq.status = SequenceStatus::Finished(r);
@@ -461,9 +534,23 @@ fn check_stop(seq: &mut Sequence, token: u32, eos: &[u32], max_model_len: usize)
     stop_cut.is_some()
 }
 
-/// Byte offset where the earliest stop string starts, searching only text
-/// that was not reported yet (plus overlap), so a stop string is found once.
-fn find_stop(text: &str, stops: &[String], emitted: usize) -> Option<usize> {
+/// Ends `seq.text` at stop string `which` found at byte `at`: before it, or
+/// after it with `include_stop_str_in_output`.
+fn cut_at_stop(seq: &mut Sequence, at: usize, which: usize) {
+    let stop = &seq.params.stop[which];
+    let end = if seq.params.include_stop_str_in_output {
+        at + stop.len()
+    } else {
+        at
+    };
+    seq.text.truncate(end);
+    seq.stop_reason = Some(StopReason::Text(stop.clone()));
+}
+
+/// Byte offset where the earliest stop string starts, and which one,
+/// searching only text that was not reported yet (plus overlap), so a stop
+/// string is found once.
+fn find_stop(text: &str, stops: &[String], emitted: usize) -> Option<(usize, usize)> {
     let longest = stops.iter().map(String::len).max()?;
     let mut from = emitted.saturating_sub(longest);
     while !text.is_char_boundary(from) {
@@ -471,21 +558,45 @@ fn find_stop(text: &str, stops: &[String], emitted: usize) -> Option<usize> {
     }
     stops
         .iter()
-        .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
+        .enumerate()
+        .filter_map(|(k, s)| text[from..].find(s.as_str()).map(|i| (from + i, k)))
         .min()
 }
 
-fn make_output(seq: &mut Sequence, finished: bool) -> Result<RequestOutput> {
-    // While running, hold back what could be the start of a stop string.
-    let mut end = if finished {
-        seq.text.len()
-    } else {
-        let hold = seq.params.stop.iter().map(|s| s.len()).max().unwrap_or(1) - 1;
-        seq.text.len().saturating_sub(hold)
-    };
-    while !seq.text.is_char_boundary(end) {
-        end -= 1;
+/// How many leading tokens of the `count` a step computes for `seq` need
+/// logits for its prompt log-probabilities: prompt positions that predict a
+/// prompt token, and were not collected yet.
+fn prompt_logit_rows(seq: &Sequence, count: usize) -> usize {
+    if seq.params.prompt_logprobs.is_none() {
+        return 0;
     }
+    let start = seq.num_computed_tokens;
+    let end = (start + count).min(seq.prompt_len.saturating_sub(1));
+    if end <= seq.prompt_logprobs.len() {
+        return 0;
+    }
+    end.saturating_sub(start)
+}
+
+fn make_output(seq: &mut Sequence, finished: bool) -> Result<RequestOutput> {
+    // While running, hold back what could be the start of a stop string
+    // (vLLM's `stop_buffer_length`, in characters); an included stop string
+    // needs no hold-back.
+    let hold = if finished || seq.params.include_stop_str_in_output {
+        0
+    } else {
+        let longest = seq.params.stop.iter().map(|s| s.chars().count()).max();
+        longest.unwrap_or(1) - 1
+    };
+    let end = match hold {
+        0 => seq.text.len(),
+        n => seq
+            .text
+            .char_indices()
+            .rev()
+            .nth(n - 1)
+            .map_or(0, |(i, _)| i),
+    };
     let end = end.max(seq.emitted_len.min(seq.text.len()));
     let delta_text = seq
         .text
@@ -511,7 +622,20 @@ fn make_output(seq: &mut Sequence, finished: bool) -> Result<RequestOutput> {
         delta_text,
         finished,
         finish_reason,
+        stop_reason: seq.stop_reason.clone().filter(|_| finished),
         logprobs: seq.params.logprobs.map(|_| seq.logprobs.clone()),
+        // On the first output and the last: they do not change after the
+        // prefill, and a long prompt's would be copied every step.
+        prompt_logprobs: seq
+            .params
+            .prompt_logprobs
+            .filter(|_| finished || seq.num_output_tokens() <= 1)
+            .map(|_| PromptLogprobs {
+                first_token_id: seq.tokens[0],
+                first_token: String::new(),
+                tokens: seq.prompt_logprobs.clone(),
+                text: String::new(),
+            }),
         hidden_states,
         states: if finished && seq.params.output_states && !seq.states.is_empty() {
             Some(Tensor::f_stack(&seq.states, 0)?)
@@ -655,7 +779,7 @@ mod tests {
     ) -> Result<HashMap<String, RequestOutput>> {
         let mut done = HashMap::new();
         let mut step = 0;
-        let mut hook = |_: &mut Sequence, _: bool| Ok(());
+        let mut hook = |_: &mut Sequence, _: TextEvent| Ok(());
         while done.len() < reqs.len() {
             for (id, p, params, at) in reqs {
                 if *at == step {
@@ -844,7 +968,21 @@ mod tests {
         let e = err(c.add("a".into(), vec![3, 500], greedy(4)));
         assert!(e.contains("token id 500 at index 1"), "{e}");
         let e = err(c.add("a".into(), prompt(300, 0), greedy(4)));
-        assert!(e.contains("300 tokens"), "{e}");
+        assert!(
+            e.contains("maximum context length is 256 tokens") && e.contains("300 input tokens"),
+            "{e}"
+        );
+        // vLLM's words, so clients that read them keep working.
+        let e = err(c.add("a".into(), prompt(200, 0), greedy(100)));
+        assert!(
+            e.contains("'max_tokens' or 'max_completion_tokens' is too large: 100")
+                && e.contains("(100 > 256 - 200)"),
+            "{e}"
+        );
+        let mut bias = SamplingParams::greedy();
+        bias.logit_bias.insert(500, 1.0);
+        let e = err(c.add("a".into(), prompt(3, 0), bias));
+        assert!(e.contains("logit_bias") && e.contains("500"), "{e}");
         let bad = SamplingParams {
             top_p: 1.5,
             ..greedy(4)
@@ -866,7 +1004,7 @@ mod tests {
     fn stop_strings_trim_text_and_never_leak_into_deltas() -> Result<()> {
         let mut c = core(Architecture::Llama, 64, 4, 64)?;
         // Text of a token: a letter chosen by its id.
-        let mut hook = |s: &mut Sequence, _: bool| {
+        let mut hook = |s: &mut Sequence, _: TextEvent| {
             s.text = s
                 .output()
                 .iter()
@@ -901,6 +1039,171 @@ mod tests {
         assert_eq!(last.finish_reason, Some(FinishReason::Stop));
         assert_eq!(last.text, text[..cut]);
         assert_eq!(deltas, last.text);
+        Ok(())
+    }
+
+    /// A hook that gives token `t` the text of letter `t % 26`, and honours
+    /// `with_text` as the engine's detokenizing hook does.
+    fn letters(s: &mut Sequence, e: TextEvent) -> Result<()> {
+        if let TextEvent::Token { with_text: true } = e {
+            let t = s.tokens[s.tokens.len() - 1];
+            s.text.push((b'a' + (t % 26) as u8) as char);
+        }
+        Ok(())
+    }
+
+    fn run_one(c: &mut EngineCore, p: Vec<u32>, params: SamplingParams) -> Result<RequestOutput> {
+        c.add("x".into(), p, params)?;
+        let mut last = None;
+        while c.has_unfinished() {
+            for o in c.step(&mut letters)? {
+                last = Some(o);
+            }
+        }
+        last.ok_or(Error::Tokenizer("no output".into()))
+    }
+
+    #[test]
+    fn stop_tokens_and_strings_leave_their_text_out_unless_asked() -> Result<()> {
+        let mut c = core(Architecture::Llama, 64, 4, 64)?;
+        let free = run_one(&mut c, prompt(5, 2), greedy(12))?;
+        assert_eq!(free.stop_reason, None);
+        // Stop on the token at position 5 (its first occurrence).
+        let t = free.token_ids[5];
+        let at = free.token_ids.iter().position(|&x| x == t).unwrap_or(5);
+        for include in [false, true] {
+            let params = SamplingParams {
+                stop_token_ids: vec![t],
+                include_stop_str_in_output: include,
+                ..greedy(12)
+            };
+            let o = run_one(&mut c, prompt(5, 2), params)?;
+            assert_eq!(o.token_ids, free.token_ids[..=at], "the stop token is kept");
+            assert_eq!(o.finish_reason, Some(FinishReason::Stop));
+            assert_eq!(o.stop_reason, Some(StopReason::TokenId(t)));
+            let want = if include { at + 1 } else { at };
+            assert_eq!(o.text, free.text[..want], "include {include}");
+        }
+        // min_tokens holds the stop token off.
+        let params = SamplingParams {
+            stop_token_ids: vec![t],
+            min_tokens: at + 1,
+            ..greedy(12)
+        };
+        let o = run_one(&mut c, prompt(5, 2), params)?;
+        assert!(o.token_ids.len() > at + 1, "{:?}", o.token_ids);
+        // A stop string, included or not.
+        let stop = free.text[3..5].to_owned();
+        let cut = free.text.find(&stop).unwrap_or(3);
+        for include in [false, true] {
+            let params = SamplingParams {
+                stop: vec!["zzzz".into(), stop.clone()],
+                include_stop_str_in_output: include,
+                ..greedy(12)
+            };
+            let o = run_one(&mut c, prompt(5, 2), params)?;
+            let end = if include { cut + stop.len() } else { cut };
+            assert_eq!(o.text, free.text[..end], "include {include}");
+            assert_eq!(o.stop_reason, Some(StopReason::Text(stop.clone())));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn logit_bias_moves_the_choice_but_not_the_logprobs() -> Result<()> {
+        let mut c = core(Architecture::Qwen2, 64, 4, 64)?;
+        let free = run_one(
+            &mut c,
+            prompt(6, 1),
+            SamplingParams {
+                logprobs: Some(1),
+                ..greedy(5)
+            },
+        )?;
+        let forced = (0..100u32)
+            .find(|t| !free.token_ids.contains(t))
+            .unwrap_or(99);
+        let mut params = SamplingParams {
+            logprobs: Some(1),
+            ..greedy(5)
+        };
+        params.logit_bias.insert(forced, 100.0);
+        let o = run_one(&mut c, prompt(6, 1), params)?;
+        assert_eq!(o.token_ids, vec![forced; 5]);
+        // Raw log-probabilities: the first step's distribution is the
+        // unbiased one.
+        let (a, b) = (
+            free.logprobs.unwrap_or_default(),
+            o.logprobs.unwrap_or_default(),
+        );
+        assert_eq!(a[0].top, b[0].top);
+        Ok(())
+    }
+
+    #[test]
+    fn prompt_logprobs_match_the_model_chunked_and_after_a_cache_hit() -> Result<()> {
+        for arch in ARCHS {
+            let p = prompt(11, 4);
+            let params = SamplingParams {
+                prompt_logprobs: Some(2),
+                ..greedy(2)
+            };
+            // Prefill in chunks of 3, after the same prompt filled the cache.
+            let mut c = core(arch, 64, 4, 3)?;
+            run_one(&mut c, p.clone(), greedy(2))?;
+            let hits = c.prefix_cache_stats().hit_tokens;
+            let o = run_one(&mut c, p.clone(), params)?;
+            assert_eq!(
+                c.prefix_cache_stats().hit_tokens,
+                hits,
+                "{arch:?}: no cache use"
+            );
+            let lps = o
+                .prompt_logprobs
+                .ok_or(Error::Tokenizer("no prompt logprobs".into()))?;
+            assert_eq!(lps.first_token_id, p[0]);
+            assert_eq!(lps.tokens.len(), p.len() - 1);
+            for (i, lp) in lps.tokens.iter().enumerate() {
+                let logits = c.model().last_logits(&p[..=i])?;
+                let all = logits.f_log_softmax(0, Kind::Float)?;
+                let want = f32::try_from(all.f_get(i64::from(p[i + 1]))?)?;
+                assert_eq!(lp.token_id, p[i + 1]);
+                assert!((want - lp.logprob).abs() < 1e-4, "{arch:?} position {i}");
+                assert_eq!(lp.top.len(), 2);
+                let best = i64::try_from(logits.f_argmax(0, false)?)? as u32;
+                assert_eq!(lp.top[0].0, best, "{arch:?} position {i}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn stream_hold_back_for_stop_strings_counts_characters() -> Result<()> {
+        let mut c = core(Architecture::Llama, 64, 4, 64)?;
+        // Two-byte characters: a byte count would hold back too little.
+        let mut hook = |s: &mut Sequence, e: TextEvent| {
+            if let TextEvent::Token { with_text: true } = e {
+                s.text.push('é');
+            }
+            Ok(())
+        };
+        let params = SamplingParams {
+            stop: vec!["xyz".into()],
+            ..greedy(6)
+        };
+        c.add("x".into(), prompt(4, 1), params)?;
+        let mut shown = String::new();
+        while c.has_unfinished() {
+            for o in c.step(&mut hook)? {
+                shown.push_str(&o.delta_text);
+                if !o.finished {
+                    // "xyz" could start in the last two characters.
+                    let held = o.token_ids.len().saturating_sub(2);
+                    assert_eq!(shown.chars().count(), held, "{shown:?}");
+                }
+            }
+        }
+        assert_eq!(shown, "éééééé");
         Ok(())
     }
 }

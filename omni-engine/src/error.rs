@@ -109,6 +109,20 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// A prompt, with the tokens asked for, does not fit the context. The
+    /// texts are vLLM's (its OpenAI server's `_validate_input`), so clients
+    /// that parse them keep working.
+    #[error("{}", context_message(*prompt_tokens, *max_tokens, *max_model_len))]
+    ContextLengthExceeded {
+        /// The request.
+        request_id: String,
+        /// Tokens of the prompt.
+        prompt_tokens: usize,
+        /// Tokens asked for; `None` when the prompt alone fills the context.
+        max_tokens: Option<usize>,
+        /// The engine's context length.
+        max_model_len: usize,
+    },
     /// A media input (an audio clip, an image) that cannot be read or used.
     #[error("media input {input}: {reason}")]
     Media {
@@ -149,5 +163,19 @@ impl Error {
             path: path.into(),
             cause,
         }
+    }
+}
+
+fn context_message(prompt: usize, max_tokens: Option<usize>, max_model_len: usize) -> String {
+    match max_tokens {
+        None => format!(
+            "This model's maximum context length is {max_model_len} tokens. However, your \
+             request has {prompt} input tokens. Please reduce the length of the input messages."
+        ),
+        Some(m) => format!(
+            "'max_tokens' or 'max_completion_tokens' is too large: {m}. This model's maximum \
+             context length is {max_model_len} tokens and your request has {prompt} input \
+             tokens ({m} > {max_model_len} - {prompt})."
+        ),
     }
 }

@@ -375,6 +375,8 @@ impl GenerationEngine {
                 finished: true,
                 finish_reason: Some(FinishReason::Stop),
                 logprobs: None,
+                stop_reason: None,
+                prompt_logprobs: None,
                 hidden_states: None,
                 states: None,
                 mrope_positions: None,

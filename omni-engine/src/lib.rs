@@ -73,7 +73,7 @@ pub use onnx::{OnnxFile, OnnxNode};
 pub use phonemize::{PhonemizedSentence, Phonemizer};
 pub use request::{
     ChatMessage, ContentPart, FinishReason, MessageContent, MultiModalPrompt, Prompt,
-    RequestMetrics, RequestOutput, TokenLogprobs, Waveform,
+    PromptLogprobs, RequestMetrics, RequestOutput, StopReason, TokenLogprobs, Waveform,
 };
 pub use safetensors::SafetensorsFiles;
 pub use sampling_params::{SamplingParams, MAX_LOGPROBS};

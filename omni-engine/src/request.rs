@@ -211,16 +211,67 @@ impl FinishReason {
     }
 }
 
-/// Log-probabilities around one generated token.
+/// What ended a request that finished with [`FinishReason::Stop`] on
+/// something the request asked for (vLLM's `stop_reason`); an
+/// end-of-sequence token of the model has none.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum StopReason {
+    /// One of `SamplingParams::stop_token_ids`.
+    TokenId(u32),
+    /// One of `SamplingParams::stop`.
+    Text(String),
+}
+
+/// Log-probabilities around one token: a generated one, or a prompt token
+/// (`SamplingParams::prompt_logprobs`).
+///
+/// Log-probabilities are those of the model's raw distribution (vLLM's
+/// default `logprobs_mode`, `raw_logprobs`): before logit bias, penalties,
+/// temperature and truncation. An impossible token's is -9999 (vLLM's
+/// server's floor), never -inf.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenLogprobs {
-    /// The generated token.
+    /// The token.
     pub token_id: u32,
-    /// Its log-probability under the model's raw distribution.
+    /// Its log-probability.
     pub logprob: f32,
     /// The most likely tokens and their log-probabilities, best first
     /// (`SamplingParams::logprobs` of them).
     pub top: Vec<(u32, f32)>,
+    /// The text of `token_id` alone, then of each `top` token, decoded
+    /// with special tokens kept (what OpenAI's `tokens` show); filled by
+    /// the engine that holds the tokenizer, empty before.
+    #[serde(default)]
+    pub decoded: Vec<String>,
+}
+
+impl TokenLogprobs {
+    /// The text of `token_id` (empty when not decoded).
+    pub fn text(&self) -> &str {
+        self.decoded.first().map_or("", String::as_str)
+    }
+
+    /// The text of `top[i]` (empty when not decoded).
+    pub fn top_text(&self, i: usize) -> &str {
+        self.decoded.get(i + 1).map_or("", String::as_str)
+    }
+}
+
+/// The log-probabilities of a prompt's tokens, each given the tokens before
+/// it (nothing predicts the first), and the prompt as text: what an echo of
+/// the prompt shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptLogprobs {
+    /// The prompt's first token.
+    pub first_token_id: u32,
+    /// Its text alone (special tokens kept; empty before decoding).
+    pub first_token: String,
+    /// Per later prompt token, in order.
+    pub tokens: Vec<TokenLogprobs>,
+    /// The whole prompt decoded, special tokens kept (empty before
+    /// decoding).
+    pub text: String,
 }
 
 /// Timings and counts of one request.
@@ -292,8 +343,13 @@ pub struct RequestOutput {
     pub finished: bool,
     /// Why it finished.
     pub finish_reason: Option<FinishReason>,
+    /// The stop string or stop token id that ended it, if one did.
+    pub stop_reason: Option<StopReason>,
     /// Per generated token, when `SamplingParams::logprobs` asked for them.
     pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// When `SamplingParams::prompt_logprobs` asked for them: on the
+    /// request's first output and its last.
+    pub prompt_logprobs: Option<PromptLogprobs>,
     /// `[num_generated, hidden]` on the CPU, on finish, when
     /// `SamplingParams::output_hidden_states` asked for it.
     pub hidden_states: Option<Tensor>,
@@ -365,6 +421,11 @@ pub(crate) struct Sequence {
     /// Admission order; earlier requests keep their place under preemption.
     pub arrival_index: u64,
     pub logprobs: Vec<TokenLogprobs>,
+    /// With `params.prompt_logprobs`: per prompt position after the first,
+    /// as its prefill computed them.
+    pub prompt_logprobs: Vec<TokenLogprobs>,
+    /// Set when a stop string or stop token ended the sequence.
+    pub stop_reason: Option<StopReason>,
     /// One `[hidden]` row per generated token, when requested.
     pub hidden_states: Vec<Tensor>,
     /// Embeddings that stand in for token ids' (see [`SequenceInputs`]).
@@ -400,6 +461,8 @@ impl Sequence {
             rng: ChaCha20Rng::seed_from_u64(rng_seed),
             arrival_index,
             logprobs: Vec::new(),
+            prompt_logprobs: Vec::new(),
+            stop_reason: None,
             hidden_states: Vec::new(),
             inputs: None,
             states: Vec::new(),

@@ -41,6 +41,7 @@ fn needs_host(p: &SamplingParams) -> bool {
         || p.repetition_penalty != 1.0
         || p.presence_penalty != 0.0
         || p.frequency_penalty != 0.0
+        || !p.logit_bias.is_empty()
 }
 
 /// Samples one token per row of `logits` (`[rows, vocab]`, any device/dtype).
@@ -101,7 +102,15 @@ fn top_logprobs(logprobs: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.select_nth_unstable_by(k - 1, |&a, &b| logprobs[b].total_cmp(&logprobs[a]));
     idx.truncate(k);
     idx.sort_by(|&a, &b| logprobs[b].total_cmp(&logprobs[a]).then(a.cmp(&b)));
-    idx.into_iter().map(|i| (i as u32, logprobs[i])).collect()
+    idx.into_iter()
+        .map(|i| (i as u32, finite_logprob(logprobs[i])))
+        .collect()
+}
+
+/// vLLM's server shows an impossible token's log-probability as -9999, and
+/// JSON has no -inf: the engine reports it so from the start.
+fn finite_logprob(lp: f32) -> f32 {
+    lp.max(-9999.0)
 }
 
 fn apply_penalties(logits: &mut [f32], p: &SamplingParams, prompt: &[u32], output: &[u32]) {
@@ -140,6 +149,11 @@ fn sample_row(raw: &[f32], input: &mut SampleInput<'_>) -> Sampled {
     let p = input.params;
     let logprobs_all = p.logprobs.map(|_| log_softmax(raw));
     let mut logits = raw.to_vec();
+    for (&t, &b) in &p.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += b;
+        }
+    }
     apply_penalties(&mut logits, p, input.prompt, input.output);
 
     let token = if p.is_greedy() {
@@ -149,13 +163,41 @@ fn sample_row(raw: &[f32], input: &mut SampleInput<'_>) -> Sampled {
     };
     let logprobs = logprobs_all.map(|lp| TokenLogprobs {
         token_id: token as u32,
-        logprob: lp[token],
+        logprob: finite_logprob(lp[token]),
         top: top_logprobs(&lp, p.logprobs.unwrap_or(0)),
+        decoded: Vec::new(),
     });
     Sampled {
         token: token as u32,
         logprobs,
     }
+}
+
+/// Log-probabilities of the tokens that follow each row of `logits`
+/// (`[rows, vocab]`): row `i` is the distribution `next[i]` was read from;
+/// with the `k` most likely tokens of each row.
+pub(crate) fn next_token_logprobs(
+    logits: &Tensor,
+    next: &[u32],
+    k: usize,
+) -> Result<Vec<TokenLogprobs>> {
+    let lp = logits
+        .f_to_kind(Kind::Float)?
+        .f_log_softmax(-1, Kind::Float)?
+        .f_to_device(tch::Device::Cpu)?
+        .f_contiguous()?;
+    let vocab = lp.size()[1] as usize;
+    let flat = Vec::<f32>::try_from(lp.f_view([-1])?)?;
+    Ok(flat
+        .chunks_exact(vocab)
+        .zip(next)
+        .map(|(row, &t)| TokenLogprobs {
+            token_id: t,
+            logprob: finite_logprob(row.get(t as usize).copied().unwrap_or(f32::NEG_INFINITY)),
+            top: top_logprobs(row, k),
+            decoded: Vec::new(),
+        })
+        .collect())
 }
 
 /// Temperature, min-p, top-k, top-p, then one draw.

@@ -5,6 +5,8 @@
 //! here unchanged. [`SamplingParams::validate`] rejects values vLLM rejects,
 //! naming the field and the value. This module knows nothing of models or
 //! tensors; the sampler (`sampler.rs`) applies the parameters.
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -48,13 +50,29 @@ pub struct SamplingParams {
     pub min_tokens: usize,
     /// Stop when the output text contains one of these (excluded from the text).
     pub stop: Vec<String>,
-    /// Stop when one of these tokens is generated (kept in `token_ids`).
+    /// Stop when one of these tokens is generated (kept in `token_ids`;
+    /// its text is left out of `text` unless `include_stop_str_in_output`).
     pub stop_token_ids: Vec<u32>,
+    /// Keep the stop string that ended the output in `text` (and the text
+    /// of a stopping token: an end-of-sequence or a `stop_token_ids` one),
+    /// as vLLM's `include_stop_str_in_output`.
+    pub include_stop_str_in_output: bool,
+    /// Added to these tokens' logits before sampling (OpenAI's and vLLM's
+    /// `logit_bias`: -100 bans a token, 100 forces it). Log-probabilities
+    /// stay those of the raw logits. In JSON, an object keyed by token ids.
+    #[serde(with = "token_id_keys")]
+    pub logit_bias: BTreeMap<u32, f32>,
     /// Keep going past the model's end-of-sequence tokens.
     pub ignore_eos: bool,
     /// Return this many top log-probabilities per generated token (plus the
     /// chosen token's); `None` = none.
     pub logprobs: Option<usize>,
+    /// Return the log-probability of every prompt token but the first
+    /// (under the model, given the tokens before it) and this many top
+    /// alternatives per position, computed in the prefill. A request asking
+    /// for them computes its whole prompt: it takes nothing from the prefix
+    /// cache (as in vLLM).
+    pub prompt_logprobs: Option<usize>,
     /// Leave special tokens out of the text.
     pub skip_special_tokens: bool,
     /// Return the final-norm hidden state of the position that produced each
@@ -98,8 +116,11 @@ impl Default for SamplingParams {
             min_tokens: 0,
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
+            include_stop_str_in_output: false,
+            logit_bias: BTreeMap::new(),
             ignore_eos: false,
             logprobs: None,
+            prompt_logprobs: None,
             skip_special_tokens: true,
             output_hidden_states: false,
             output_states: false,
@@ -196,10 +217,20 @@ impl SamplingParams {
         if self.max_tokens == Some(0) {
             return bad("max_tokens", 0, "must be at least 1");
         }
-        if let Some(k) = self.logprobs {
-            if k > MAX_LOGPROBS {
-                return bad("logprobs", k, &format!("must be at most {MAX_LOGPROBS}"));
+        for (field, k) in [
+            ("logprobs", self.logprobs),
+            ("prompt_logprobs", self.prompt_logprobs),
+        ] {
+            if let Some(k) = k.filter(|&k| k > MAX_LOGPROBS) {
+                return bad(field, k, &format!("must be at most {MAX_LOGPROBS}"));
             }
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
+            return bad(
+                "logit_bias",
+                format!("{{{t}: {b}}}"),
+                "biases must be finite",
+            );
         }
         if let Some(i) = self.stop.iter().position(String::is_empty) {
             return bad(
@@ -214,6 +245,32 @@ impl SamplingParams {
     /// Whether `top_k` truncates at all.
     pub(crate) fn top_k_enabled(&self) -> Option<usize> {
         (self.top_k >= 1).then_some(self.top_k as usize)
+    }
+}
+
+/// A map keyed by token ids as JSON writes it: keys are strings. (Through
+/// `serde_json::Value`, which the wire decodes from, integer keys would not
+/// parse back.)
+mod token_id_keys {
+    use std::collections::BTreeMap;
+
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<u32, f32>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(m.iter().map(|(k, v)| (k.to_string(), v)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, f32>, D::Error> {
+        BTreeMap::<String, f32>::deserialize(d)?
+            .into_iter()
+            .map(|(k, v)| {
+                k.trim()
+                    .parse()
+                    .map(|id| (id, v))
+                    .map_err(|_| D::Error::custom(format!("{k:?} is not a token id")))
+            })
+            .collect()
     }
 }
 
@@ -233,6 +290,13 @@ mod tests {
                 .map_err(|e| Error::Tokenizer(e.to_string()))?;
         assert_eq!(from_json.top_k, 40);
         assert_eq!(from_json.top_p, 1.0);
+        // Token-id keys survive a trip through `Value` (the wire's path).
+        let mut p = SamplingParams::default();
+        p.logit_bias.insert(30, -2.5);
+        let v = serde_json::to_value(&p).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let back: SamplingParams =
+            serde_json::from_value(v).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        assert_eq!(back, p);
         Ok(())
     }
 

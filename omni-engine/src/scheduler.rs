@@ -241,9 +241,11 @@ impl Scheduler {
                 }
             }
             let mut table = Vec::new();
-            // A request that wants the states of every position it reads
-            // must read them all: cached blocks would skip them.
-            let hit = if seq.params.output_states || !shares {
+            // A request that wants the states (or prompt log-probabilities)
+            // of every position it reads must read them all: cached blocks
+            // would skip them.
+            let hit = if seq.params.output_states || seq.params.prompt_logprobs.is_some() || !shares
+            {
                 0
             } else {
                 self.pool

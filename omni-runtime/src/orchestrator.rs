@@ -21,7 +21,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use zeromq::{RouterSendHalf, Socket, SocketRecv};
 
-use omni_engine::{FinishReason, Prompt, SamplingParams};
+use omni_engine::{
+    FinishReason, Prompt, PromptLogprobs, SamplingParams, StopReason, TokenLogprobs,
+};
 
 use crate::config::{FinalOutputType, PipelineConfig, TransportKind};
 use crate::error::{Error, Result};
@@ -115,6 +117,13 @@ pub struct StageOutput {
     pub finished: bool,
     /// Why it finished.
     pub finish_reason: Option<FinishReason>,
+    /// The stop string or stop token id that ended it, if one did.
+    pub stop_reason: Option<StopReason>,
+    /// Log-probabilities of every token so far, when the request asked.
+    pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// Prompt log-probabilities, when the request asked; on the stage's
+    /// first output.
+    pub prompt_logprobs: Option<Box<PromptLogprobs>>,
     /// Timing and token counts, on the last output.
     pub metrics: Option<StageMetrics>,
     /// Tensors the stage returned (hidden states, audio, ...), on the last output.
@@ -129,12 +138,20 @@ pub enum StageEvent {
     Output {
         /// The stage.
         stage_id: usize,
-        /// The output.
-        output: StageOutput,
+        /// The output (boxed: it is large next to an error).
+        output: Box<StageOutput>,
     },
     /// The request failed (a stage died or reported an error); nothing
     /// follows.
     Error(Error),
+}
+
+/// What a final stage generated for a request so far.
+#[derive(Debug, Default)]
+struct Generated {
+    text: String,
+    token_ids: Vec<u32>,
+    logprobs: Option<Vec<TokenLogprobs>>,
 }
 
 struct RequestState {
@@ -142,7 +159,7 @@ struct RequestState {
     /// (see [`State::requests`]).
     request_id: String,
     events: mpsc::UnboundedSender<StageEvent>,
-    text: HashMap<usize, (String, Vec<u32>)>,
+    text: HashMap<usize, Generated>,
     remaining_final: BTreeSet<usize>,
 }
 
@@ -851,24 +868,30 @@ impl Inner {
                         return; // aborted or failed meanwhile
                     };
                     let acc = req.text.entry(o.stage_id).or_default();
-                    acc.0.push_str(&o.delta_text);
-                    acc.1.extend_from_slice(&o.delta_token_ids);
+                    acc.text.push_str(&o.delta_text);
+                    acc.token_ids.extend_from_slice(&o.delta_token_ids);
+                    if let Some(lps) = o.delta_logprobs {
+                        acc.logprobs.get_or_insert_with(Vec::new).extend(lps);
+                    }
                     let out = StageOutput {
                         request_id: req.request_id.clone(),
                         stage_id: o.stage_id,
                         final_output_type: self.stage_type(o.stage_id),
-                        text: acc.0.clone(),
+                        text: acc.text.clone(),
                         delta_text: o.delta_text,
-                        token_ids: acc.1.clone(),
+                        token_ids: acc.token_ids.clone(),
                         delta_token_ids: o.delta_token_ids,
                         finished: o.finished,
                         finish_reason: o.finish_reason,
+                        stop_reason: o.stop_reason,
+                        logprobs: acc.logprobs.clone(),
+                        prompt_logprobs: o.prompt_logprobs.map(Box::new),
                         metrics: o.metrics,
                         tensors,
                     };
                     let _ = req.events.send(StageEvent::Output {
                         stage_id: o.stage_id,
-                        output: out,
+                        output: Box::new(out),
                     });
                     if o.finished {
                         req.remaining_final.remove(&o.stage_id);

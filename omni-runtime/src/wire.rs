@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use serde_json::Value;
 
-use omni_engine::{FinishReason, Prompt, SamplingParams};
+use omni_engine::{
+    FinishReason, Prompt, PromptLogprobs, SamplingParams, StopReason, TokenLogprobs,
+};
 
 use crate::error::{Error, Result};
 use crate::shm::{self, ShmHandle, ShmWriter};
@@ -206,6 +208,16 @@ pub struct OutputMsg {
     pub finished: bool,
     /// Why it finished.
     pub finish_reason: Option<FinishReason>,
+    /// The stop string or stop token id that ended it, if one did.
+    #[serde(default)]
+    pub stop_reason: Option<StopReason>,
+    /// Log-probabilities of `delta_token_ids`, when the request asked.
+    #[serde(default)]
+    pub delta_logprobs: Option<Vec<TokenLogprobs>>,
+    /// Prompt log-probabilities, on the stage's first output, when the
+    /// request asked.
+    #[serde(default)]
+    pub prompt_logprobs: Option<PromptLogprobs>,
     /// Set on the last output.
     pub metrics: Option<StageMetrics>,
 }

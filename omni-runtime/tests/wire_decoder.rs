@@ -137,6 +137,14 @@ fn round_trip_inline_and_shared_memory() -> Result<(), omni_runtime::Error> {
             delta_token_ids: vec![1, 2, 3],
             finished: true,
             finish_reason: None,
+            stop_reason: Some(omni_engine::StopReason::Text("é".into())),
+            delta_logprobs: Some(vec![omni_engine::TokenLogprobs {
+                token_id: 2,
+                logprob: -9999.0,
+                top: vec![(2, -9999.0), (3, -0.5)],
+                decoded: vec!["b".into(), "b".into(), "c".into()],
+            }]),
+            prompt_logprobs: None,
             metrics: None,
         }),
         tensors: vec![

@@ -20,7 +20,8 @@ chat = client.chat.completions.create(model=model, messages=messages, max_tokens
 report["chat"] = {
     "object": chat.object,
     "choices": [
-        {"index": c.index, "content": c.message.content, "role": c.message.role, "finish_reason": c.finish_reason}
+        {"index": c.index, "content": c.message.content, "role": c.message.role, "finish_reason": c.finish_reason,
+         "stage_id": getattr(c, "stage_id", None), "modality": getattr(c, "modality", None)}
         for c in chat.choices
     ],
     "usage": chat.usage.model_dump() if chat.usage else None,
@@ -70,7 +71,7 @@ report["extras"] = {"tokens": [None if extra.usage is None else extra.usage.comp
 try:
     client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=2)
     report["unknown_model"] = None
-except openai.BadRequestError as e:
-    report["unknown_model"] = {"status": e.status_code, "message": str(e)}
+except openai.NotFoundError as e:
+    report["unknown_model"] = {"status": e.status_code, "message": e.body.get("message") if isinstance(e.body, dict) else str(e)}
 
 print(json.dumps(report))

@@ -56,7 +56,7 @@ async fn default_pipeline_runs_both_stages_in_their_own_processes() -> TestResul
                     assert!(finals[stage_id].is_none(), "output after the final one");
                     deltas[stage_id].push_str(&output.delta_text);
                     if output.finished {
-                        finals[stage_id] = Some(output);
+                        finals[stage_id] = Some(*output);
                     }
                 }
                 StageEvent::Error(e) => return Err(e),

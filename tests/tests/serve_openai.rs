@@ -41,7 +41,10 @@ fn openai_python_client_streaming_and_not() -> Result {
         .as_array()
         .ok_or_else(|| err("no choices"))?;
     assert_eq!(choices.len(), 2, "{chat}");
-    for c in choices {
+    for (i, c) in choices.iter().enumerate() {
+        // Each choice says which stage made it (vLLM-Omni), in stage order.
+        assert_eq!(c["stage_id"], i, "{c}");
+        assert_eq!(c["modality"], "text", "{c}");
         assert_eq!(c["role"], "assistant");
         assert!(c["content"].as_str().is_some_and(|s| !s.is_empty()), "{c}");
         assert!(
@@ -91,7 +94,11 @@ fn openai_python_client_streaming_and_not() -> Result {
         "{r}"
     );
 
-    assert_eq!(r["unknown_model"]["status"], 400, "{r}");
+    assert_eq!(r["unknown_model"]["status"], 404, "{r}");
+    assert_eq!(
+        r["unknown_model"]["message"], "The model `no-such-model` does not exist.",
+        "{r}"
+    );
     Ok(())
 }
 
@@ -110,7 +117,11 @@ fn raw_http_errors_health_and_metrics() -> Result {
             &chat_body("default", r#","max_tokens":"ten""#),
             "max_tokens",
         ),
-        ("/v1/chat/completions", &chat_body("gpt-4", ""), "gpt-4"),
+        (
+            "/v1/chat/completions",
+            &chat_body("default", r#","tools":[]"#),
+            "tools",
+        ),
         (
             "/v1/chat/completions",
             &chat_body("default", r#","max_tokens":100000000"#),
@@ -144,6 +155,17 @@ fn raw_http_errors_health_and_metrics() -> Result {
             "{body}: message {msg:?} does not name {named:?}"
         );
     }
+    // An unknown model: vLLM's 404, word for word.
+    let r = http(
+        a,
+        "POST",
+        "/v1/chat/completions",
+        Some(&chat_body("gpt-4", "")),
+    )?;
+    assert_eq!(r.status, 404, "{}", r.body);
+    let e = r.json()?;
+    assert_eq!(e["error"]["type"], "NotFoundError", "{e}");
+    assert_eq!(e["error"]["message"], "The model `gpt-4` does not exist.");
     let r = http(a, "GET", "/v1/nope", None)?;
     assert_eq!(r.status, 404);
     assert!(r.json()?["error"]["message"].is_string());

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::body::{to_bytes, Body};
 use axum::http::{Request, StatusCode};
-use omni_cli::serve::{router, AppState};
+use omni_cli::serve::{router, AppState, GenerationConfig};
 use omni_core::{AsyncOmni, OmniEngineArgs};
 use omni_tests::{ensure_binaries, err, Result};
 use tower::ServiceExt;
@@ -32,7 +32,7 @@ async fn call(
 async fn router_serves_models_chat_streaming_and_errors() -> Result {
     ensure_binaries()?;
     let omni = AsyncOmni::from_engine_args(OmniEngineArgs::new("default")).await?;
-    let state = Arc::new(AppState::new(omni, "default"));
+    let state = Arc::new(AppState::new(omni, "default", GenerationConfig::Pipeline));
     let app = router(Arc::clone(&state));
 
     let (status, body) = call(&app, "GET", "/v1/models", "").await?;
@@ -115,7 +115,7 @@ async fn a_stage_dying_mid_request_is_503_naming_the_stage() -> Result {
     ensure_binaries()?;
     let omni = AsyncOmni::from_engine_args(OmniEngineArgs::new("default")).await?;
     let victim = omni.stage_health(1).await?.pid;
-    let state = Arc::new(AppState::new(omni, "default"));
+    let state = Arc::new(AppState::new(omni, "default", GenerationConfig::Pipeline));
     let app = router(Arc::clone(&state));
     let long = r#"{"model":"default","messages":[{"role":"user","content":"Tell a long story."}],"max_tokens":4000,"ignore_eos":true}"#;
     let request = {

@@ -39,7 +39,11 @@ pub(super) async fn run(b: ServeBench) -> anyhow::Result<()> {
     let omni = AsyncOmni::from_engine_args(OmniEngineArgs::new(&b.pipeline)).await;
     bar.finish_and_clear();
     let omni = omni.context("cannot start the pipeline")?;
-    let state = Arc::new(serve::AppState::new(omni, &b.pipeline));
+    let state = Arc::new(serve::AppState::new(
+        omni,
+        &b.pipeline,
+        serve::GenerationConfig::Pipeline,
+    ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(serve::serve(
         listener,

@@ -59,6 +59,14 @@ impl ApiError {
         }
     }
 
+    /// 404 naming the `model` field: the model is not served here.
+    pub fn model_not_found(message: impl Into<String>) -> Self {
+        Self {
+            param: Some("model".to_owned()),
+            ..Self::not_found(message)
+        }
+    }
+
     /// 500: the server failed.
     pub fn internal(message: impl Into<String>) -> Self {
         Self {
@@ -80,7 +88,8 @@ impl ApiError {
     /// OpenAI's `type` for the status.
     pub fn kind(&self) -> &'static str {
         match self.status {
-            StatusCode::NOT_FOUND => "not_found_error",
+            // vLLM's spelling (OpenAI's own is `not_found_error`).
+            StatusCode::NOT_FOUND => "NotFoundError",
             s if s.is_client_error() => "invalid_request_error",
             _ => "server_error",
         }

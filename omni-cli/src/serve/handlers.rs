@@ -12,17 +12,16 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{Stream, StreamExt};
-use omni_core::{OmniRequestOutput, OmniStream, StageHealth, StageSamplingParams};
+use omni_core::{OmniRequestOutput, StageHealth, StageSamplingParams};
 
 use super::api_error::ApiError;
 use super::openai::{
-    AudioOut, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, ChatMessageOut,
-    CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList, ProfileRequest,
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+    ModelCard, ModelList, ProfileRequest,
 };
-use super::sse::{finish_reason, ChunkBuilder, Flavor, DONE};
+use super::sse::{ChunkBuilder, Flavor, DONE};
 use super::validate::{parse_body, Plan};
 use super::AppState;
-use crate::audio;
 
 type St = State<Arc<AppState>>;
 
@@ -126,6 +125,7 @@ pub async fn models(State(st): St) -> Json<ModelList> {
             created: st.created,
             owned_by: "omni",
             root: st.root.clone(),
+            max_model_len: st.view.max_model_len.first().copied().flatten(),
         })
         .collect();
     Json(ModelList {
@@ -250,96 +250,103 @@ async fn run(
         Flavor::Completion => "cmpl",
     };
     let request_id = format!("{prefix}-{:x}{n:06x}", st.created);
-    let in_flight = InFlight::new(st, st.view.finals.iter().map(|(s, _)| *s).collect());
-    let stream = st
-        .omni
-        .generate(
-            plan.prompt,
-            StageSamplingParams::PerStage(plan.params),
-            request_id.clone(),
-        )
-        .await?;
-    let builder = ChunkBuilder::new(flavor, request_id, unix_now(), model, &plan.choices);
+    let builder = ChunkBuilder::new(flavor, request_id.clone(), unix_now(), model, &plan);
+    // One pipeline request per prompt and sample, all submitted before any
+    // is read: the stages batch them, and samples of one prompt share its
+    // KV blocks through the prefix cache (vLLM's parallel sampling). Ids as
+    // vLLM's: `<id>-<prompt>`, `<sample>_<id>-<prompt>`.
+    let sequences = plan.prompts.len() * plan.n;
+    let mut streams = Vec::with_capacity(sequences);
+    for (p, prompt) in plan.prompts.into_iter().enumerate() {
+        for i in 0..plan.n {
+            let mut id = if sequences / plan.n == 1 {
+                request_id.clone()
+            } else {
+                format!("{request_id}-{p}")
+            };
+            if plan.n > 1 {
+                id = format!("{i}_{id}");
+            }
+            let params = plan
+                .params
+                .iter()
+                .map(|s| {
+                    let mut s = s.clone();
+                    s.seed = s.seed.map(|seed| seed.wrapping_add(i as u64));
+                    s
+                })
+                .collect();
+            let in_flight = InFlight::new(st, st.view.finals.iter().map(|(s, _)| *s).collect());
+            let stream = st
+                .omni
+                .generate(prompt.clone(), StageSamplingParams::PerStage(params), id)
+                .await?;
+            let seq = p * plan.n + i;
+            streams.push(
+                stream
+                    .scan(in_flight, move |in_flight, out| {
+                        if let Ok(o) = &out {
+                            in_flight.observe(o);
+                        }
+                        futures::future::ready(Some((seq, out)))
+                    })
+                    .boxed(),
+            );
+        }
+    }
+    let mut outputs = futures::stream::select_all(streams);
     if plan.stream {
+        // A stage refuses a request (its prompt too long for the context,
+        // say) before it makes anything: wait for the first output so that
+        // a refusal is an HTTP status, as vLLM answers, not an error event.
+        let first = match outputs.next().await {
+            Some((_, Err(e))) => return Err(e.into()),
+            first => first,
+        };
         st.metrics.request_done(endpoint, 200);
-        let events = sse_events(stream, builder, in_flight, plan.include_usage);
+        let events = sse_events(outputs, first, builder, plan.include_usage);
         let sse = Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(2)));
         return Ok(sse.into_response());
     }
-    let resp = collect(stream, builder, in_flight, flavor, &plan.choices).await?;
+    let resp = collect(outputs, builder, request_id, flavor).await?;
     st.metrics.request_done(endpoint, 200);
     Ok(resp)
 }
 
-/// A non-streaming answer: one choice per chosen final stage.
+/// Every sequence's outputs, tagged with the sequence's number.
+type Outputs = futures::stream::SelectAll<
+    futures::stream::BoxStream<'static, (usize, omni_core::Result<OmniRequestOutput>)>,
+>;
+
+/// A non-streaming answer: one choice per sequence and chosen final stage.
 async fn collect(
-    mut stream: OmniStream,
+    mut outputs: Outputs,
     mut builder: ChunkBuilder,
-    mut in_flight: InFlight,
+    id: String,
     flavor: Flavor,
-    choices: &[usize],
 ) -> Result<Response, ApiError> {
-    let mut finals: BTreeMap<usize, OmniRequestOutput> = BTreeMap::new();
-    while let Some(out) = stream.next().await {
-        let out = out?;
-        in_flight.observe(&out);
-        builder.on_output(&out);
-        if out.finished {
-            finals.insert(out.stage_id, out);
-        }
+    while let Some((seq, out)) = outputs.next().await {
+        builder.on_output(seq, &out?);
     }
     let usage = builder.usage();
-    let id = stream.request_id().to_string();
     let created = unix_now();
     let model = builder.model().to_string();
-    let outs: Vec<(usize, &OmniRequestOutput)> = choices
-        .iter()
-        .filter_map(|s| finals.get(s))
-        .enumerate()
-        .collect();
     Ok(match flavor {
         Flavor::Completion => Json(CompletionResponse {
             id,
             object: "text_completion",
             created,
             model,
-            choices: outs
-                .into_iter()
-                .map(|(index, o)| CompletionChoice {
-                    index,
-                    text: o.text.clone(),
-                    logprobs: None,
-                    finish_reason: finish_reason(o.finish_reason.as_ref()),
-                    stage_id: o.stage_id,
-                })
-                .collect(),
+            choices: builder.completion_choices(),
             usage,
         })
         .into_response(),
         Flavor::Chat => Json(ChatCompletionResponse {
-            id: id.clone(),
+            id,
             object: "chat.completion",
             created,
             model,
-            choices: outs
-                .into_iter()
-                .map(|(index, o)| ChatChoice {
-                    index,
-                    message: ChatMessageOut {
-                        role: "assistant",
-                        content: (o.audio.is_none()).then(|| o.text.clone()),
-                        audio: o.audio.as_ref().map(|a| AudioOut {
-                            id: format!("audio-{id}-{}", o.stage_id),
-                            data: audio::to_base64_wav(a),
-                            expires_at: created + 3600,
-                            transcript: o.text.clone(),
-                        }),
-                    },
-                    logprobs: None,
-                    finish_reason: finish_reason(o.finish_reason.as_ref()),
-                    stage_id: o.stage_id,
-                })
-                .collect(),
+            choices: builder.chat_choices(),
             usage,
         })
         .into_response(),
@@ -347,28 +354,30 @@ async fn collect(
 }
 
 /// The SSE events of a streaming answer. Dropping this stream (the client
-/// went away) drops the `OmniStream`, which aborts the request in every
-/// stage.
+/// went away) drops every sequence's `OmniStream`, which aborts them in
+/// every stage.
 fn sse_events(
-    stream: OmniStream,
-    builder: ChunkBuilder,
-    in_flight: InFlight,
+    outputs: Outputs,
+    first: Option<(usize, omni_core::Result<OmniRequestOutput>)>,
+    mut builder: ChunkBuilder,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     struct S {
-        stream: OmniStream,
+        outputs: Outputs,
         builder: ChunkBuilder,
-        in_flight: InFlight,
         include_usage: bool,
         queue: VecDeque<String>,
         ended: bool,
     }
+    let queue = match first {
+        Some((seq, Ok(out))) => builder.on_output(seq, &out).into(),
+        _ => VecDeque::new(),
+    };
     let state = S {
-        stream,
+        outputs,
         builder,
-        in_flight,
         include_usage,
-        queue: VecDeque::new(),
+        queue,
         ended: false,
     };
     futures::stream::unfold(state, |mut s| async move {
@@ -379,13 +388,12 @@ fn sse_events(
             if s.ended {
                 return None;
             }
-            match s.stream.next().await {
-                Some(Ok(out)) => {
-                    s.in_flight.observe(&out);
-                    let payloads = s.builder.on_output(&out);
+            match s.outputs.next().await {
+                Some((seq, Ok(out))) => {
+                    let payloads = s.builder.on_output(seq, &out);
                     s.queue.extend(payloads);
                 }
-                Some(Err(e)) => {
+                Some((_, Err(e))) => {
                     // Headers are gone already: report in the stream, as
                     // vLLM does, then end it properly.
                     let e = ApiError::from(e);

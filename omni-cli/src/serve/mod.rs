@@ -26,6 +26,19 @@ use omni_core::AsyncOmni;
 pub use api_error::ApiError;
 pub use validate::PipelineView;
 
+/// Where the sampling fields a request leaves out come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GenerationConfig {
+    /// Each stage's `default_sampling_params` from the pipeline file
+    /// (Omni's default: a pipeline is written for its models).
+    Pipeline,
+    /// vLLM's `--generation-config vllm`: temperature 1, no truncation or
+    /// penalties, `max_tokens` 16 for completions and the rest of the
+    /// context for chat. Other stage defaults (e.g. a talker's stop tokens)
+    /// stay.
+    Vllm,
+}
+
 /// What every handler shares.
 pub struct AppState {
     /// The pipeline.
@@ -48,16 +61,31 @@ pub struct AppState {
 impl AppState {
     /// State for a started pipeline. `served_name` is the name clients put
     /// in `model` (the stage models' names are accepted too).
-    pub fn new(omni: AsyncOmni, served_name: &str) -> Self {
+    pub fn new(omni: AsyncOmni, served_name: &str, generation: GenerationConfig) -> Self {
         let mut served_names = vec![served_name.to_string()];
         for m in omni.model_names() {
             if !served_names.contains(&m) {
                 served_names.push(m);
             }
         }
+        let mut defaults = omni.default_sampling_params().to_vec();
+        if generation == GenerationConfig::Vllm {
+            let vllm = omni_core::SamplingParams::default();
+            for d in &mut defaults {
+                d.temperature = vllm.temperature;
+                d.top_p = vllm.top_p;
+                d.top_k = vllm.top_k;
+                d.min_p = vllm.min_p;
+                d.repetition_penalty = vllm.repetition_penalty;
+                d.presence_penalty = vllm.presence_penalty;
+                d.frequency_penalty = vllm.frequency_penalty;
+                d.max_tokens = None;
+            }
+        }
         let view = PipelineView {
             served_names,
-            defaults: omni.default_sampling_params().to_vec(),
+            defaults,
+            completion_max_tokens: (generation == GenerationConfig::Vllm).then_some(16),
             max_model_len: omni.max_model_lens(),
             finals: omni.final_outputs(),
         };

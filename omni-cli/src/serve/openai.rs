@@ -3,8 +3,11 @@
 //! (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `stop_token_ids`,
 //! `sampling_params_list`, `modalities`).
 //!
-//! Requests accept what OpenAI's clients send and ignore fields they do not
-//! know (as OpenAI does); wrong types are errors.
+//! Requests accept what OpenAI's clients send; fields the server does not
+//! know are logged and ignored (vLLM's rule), fields it knows but does not
+//! implement are refused ([`super::validate`]); wrong types are errors.
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// A string or a list of strings (`prompt`, `stop`).
@@ -32,11 +35,11 @@ impl OneOrMany {
 pub enum CompletionPrompt {
     /// Text.
     Text(String),
-    /// A batch of texts (only one is supported).
+    /// A batch of texts: one choice (or `n`) per prompt.
     Texts(Vec<String>),
     /// Token ids.
     Tokens(Vec<u32>),
-    /// A batch of token-id lists (only one is supported).
+    /// A batch of token-id lists.
     TokenBatches(Vec<Vec<u32>>),
 }
 
@@ -51,7 +54,10 @@ pub struct SamplingFields {
     pub top_k: Option<i32>,
     pub min_p: Option<f32>,
     pub n: Option<usize>,
-    pub seed: Option<u64>,
+    /// vLLM's V0 `best_of`; V1 (and Omni) run `n` samples only.
+    pub best_of: Option<usize>,
+    /// Any 64-bit signed integer, as vLLM takes (`torch.long`'s range).
+    pub seed: Option<i64>,
     pub stop: Option<OneOrMany>,
     pub stop_token_ids: Option<Vec<u32>>,
     pub presence_penalty: Option<f32>,
@@ -67,6 +73,15 @@ pub struct SamplingFields {
     pub modalities: Option<Vec<String>>,
     /// vLLM's `min_tokens`.
     pub min_tokens: Option<usize>,
+    /// vLLM's `include_stop_str_in_output`.
+    pub include_stop_str_in_output: Option<bool>,
+    /// OpenAI's `logit_bias`: token id (as a string) → bias, clamped to
+    /// [-100, 100].
+    pub logit_bias: Option<BTreeMap<String, f32>>,
+    /// vLLM's `prompt_logprobs`: top log-probabilities per prompt token.
+    pub prompt_logprobs: Option<usize>,
+    /// vLLM's `return_tokens_as_token_ids`: logprob tokens as `token_id:N`.
+    pub return_tokens_as_token_ids: Option<bool>,
     /// OpenAI's audio output options: `voice` picks the speaker of stages
     /// that have several (Qwen2.5-Omni); `format` must be `wav`.
     pub audio: Option<AudioParams>,
@@ -94,8 +109,10 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
-    /// Log probabilities are not returned yet; a request for them is refused.
-    pub logprobs: Option<u32>,
+    /// Top log-probabilities per generated token (with the chosen one's).
+    pub logprobs: Option<usize>,
+    /// Return the prompt before the completion (with its log-probabilities
+    /// when `logprobs` is set).
     #[serde(default)]
     pub echo: bool,
 }
@@ -158,9 +175,11 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
-    /// Log probabilities are not returned yet; a request for them is refused.
+    /// Return the chosen tokens' log-probabilities.
     #[serde(default)]
     pub logprobs: bool,
+    /// With `logprobs`: this many alternatives per token (0-20).
+    pub top_logprobs: Option<usize>,
 }
 
 /// `usage` of a response.
@@ -190,15 +209,73 @@ impl Usage {
     }
 }
 
+/// `logprobs` of a completion choice (OpenAI's legacy shape), one entry
+/// per token; a prompt's first token has no log-probability.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CompletionLogprobs {
+    /// Character offset of each token in the choice's text.
+    pub text_offset: Vec<usize>,
+    pub token_logprobs: Vec<Option<f32>>,
+    pub tokens: Vec<String>,
+    /// The top alternatives per token, token text → log-probability.
+    pub top_logprobs: Vec<Option<BTreeMap<String, f32>>>,
+}
+
+/// One alternative in a chat choice's `logprobs`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+}
+
+/// One token in a chat choice's `logprobs.content`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Option<Vec<u8>>,
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+/// `logprobs` of a chat choice.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+/// What a choice says about the stop: the stop string or token id that
+/// ended it (vLLM's `stop_reason`); `null` otherwise.
+pub type StopReasonOut = Option<serde_json::Value>;
+
+/// One entry of vLLM's `prompt_logprobs` (keyed by token id).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct VllmLogprob {
+    pub logprob: f32,
+    /// 1 for the most likely token; `null` when outside the returned top.
+    pub rank: Option<usize>,
+    pub decoded_token: String,
+}
+
+/// vLLM's `prompt_logprobs`: per prompt token (the first `null`), its
+/// own and the top alternatives, token id → log-probability.
+pub type PromptLogprobsOut = Vec<Option<BTreeMap<String, VllmLogprob>>>;
+
 /// One choice of a completion response.
 #[derive(Debug, Clone, Serialize)]
 pub struct CompletionChoice {
     pub index: usize,
     pub text: String,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<String>,
+    pub stop_reason: StopReasonOut,
+    /// vLLM's, when the request asked for `prompt_logprobs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobsOut>,
     /// vLLM-Omni: the stage this choice comes from.
     pub stage_id: usize,
+    /// What the stage outputs (`text`, `audio`).
+    pub modality: String,
 }
 
 /// `POST /v1/completions` answer.
@@ -236,10 +313,16 @@ pub struct ChatMessageOut {
 pub struct ChatChoice {
     pub index: usize,
     pub message: ChatMessageOut,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<String>,
+    pub stop_reason: StopReasonOut,
+    /// vLLM's, when the request asked for `prompt_logprobs`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobsOut>,
     /// vLLM-Omni: the stage this choice comes from.
     pub stage_id: usize,
+    /// What the stage outputs (`text`, `audio`).
+    pub modality: String,
 }
 
 /// `POST /v1/chat/completions` answer.
@@ -269,8 +352,11 @@ pub struct ChatDelta {
 pub struct ChatChunkChoice {
     pub index: usize,
     pub delta: ChatDelta,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: StopReasonOut,
+    pub stage_id: usize,
 }
 
 /// One choice of a completion chunk.
@@ -278,8 +364,11 @@ pub struct ChatChunkChoice {
 pub struct CompletionChunkChoice {
     pub index: usize,
     pub text: String,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: StopReasonOut,
+    pub stage_id: usize,
 }
 
 /// A streamed chunk: `chat.completion.chunk` or `text_completion`.
@@ -303,6 +392,8 @@ pub struct ModelCard {
     pub created: u64,
     pub owned_by: &'static str,
     pub root: String,
+    /// The first stage's context length (vLLM's field).
+    pub max_model_len: Option<usize>,
 }
 
 /// `GET /v1/models`.

@@ -13,6 +13,8 @@ use omni_core::{
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use omni_core::engine::MAX_LOGPROBS;
+
 use super::api_error::ApiError;
 use super::openai::{
     ChatCompletionRequest, CompletionPrompt, CompletionRequest, MessageContent, SamplingFields,
@@ -151,6 +153,9 @@ pub struct PipelineView {
     pub served_names: Vec<String>,
     /// Each stage's default sampling params, in stage order.
     pub defaults: Vec<SamplingParams>,
+    /// `max_tokens` of a completion that sets none, over the defaults
+    /// (vLLM's 16 with `--generation-config vllm`).
+    pub completion_max_tokens: Option<usize>,
     /// Each stage's context length, when known.
     pub max_model_len: Vec<Option<usize>>,
     /// `(stage_id, final_output_type)` of every final stage, by stage id.
@@ -160,13 +165,116 @@ pub struct PipelineView {
 /// A request ready for the pipeline.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    pub prompt: Prompt,
+    /// One per prompt of the request (a completion may send a batch).
+    pub prompts: Vec<Prompt>,
     pub params: Vec<SamplingParams>,
+    /// Samples per prompt: each runs as its own sequence, with the seed
+    /// plus its index when a seed is given (vLLM's parallel sampling).
+    pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
     /// The final stages whose outputs become choices, in choice order.
     pub choices: Vec<usize>,
+    pub output: OutputOptions,
 }
+
+/// How a choice shows what the stages returned.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutputOptions {
+    /// Top alternatives per token when log-probabilities are returned
+    /// (completions: `logprobs`; chat: `top_logprobs` with `logprobs`).
+    pub logprobs: Option<usize>,
+    /// Completions: the prompt comes before the completion.
+    pub echo: bool,
+    /// `echo` with `max_tokens: 0`: the prompt alone (one token is
+    /// generated, as vLLM does, and left out).
+    pub echo_only: bool,
+    /// Tokens of log-probabilities as `token_id:N`.
+    pub tokens_as_ids: bool,
+    /// The request asked for `prompt_logprobs` (an echo asks for them on
+    /// its own, without showing them so).
+    pub prompt_logprobs: bool,
+}
+
+/// The stage that reads the request's prompt: where echo and prompt
+/// log-probabilities apply.
+pub const ENTRY_STAGE: usize = 0;
+
+/// vLLM's cap on prompts and samples a request may ask for at once; beyond
+/// it a request is refused instead of queueing unbounded work.
+pub const MAX_CHOICES: usize = 128;
+
+/// Request fields of OpenAI's and vLLM's that Omni does not implement: a
+/// request that sets one (to anything but null) is refused, never served as
+/// if the field were not there.
+const NOT_IMPLEMENTED: [&str; 21] = [
+    "suffix",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "response_format",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "structured_outputs",
+    "use_beam_search",
+    "length_penalty",
+    "bad_words",
+    "allowed_token_ids",
+    "truncate_prompt_tokens",
+    "prediction",
+    "logits_processors",
+    "chat_template",
+    "add_special_tokens",
+];
+
+/// Every field the server reads; others are logged and ignored (vLLM's
+/// rule for unknown fields).
+const KNOWN: [&str; 39] = [
+    "model",
+    "prompt",
+    "messages",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "n",
+    "best_of",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "skip_special_tokens",
+    "sampling_params_list",
+    "modalities",
+    "min_tokens",
+    "audio",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "logit_bias",
+    "prompt_logprobs",
+    "include_stop_str_in_output",
+    "return_tokens_as_token_ids",
+    // Accepted and without effect on the output, as in vLLM.
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "request_id",
+    "priority",
+    "spaces_between_special_tokens",
+];
 
 /// Parses a JSON body: syntax errors and wrong types are 400s naming the
 /// position or the field.
@@ -183,6 +291,27 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<(T, SamplingFields
             "request body must be a JSON object, got {}",
             kind_of(&value)
         )));
+    }
+    if let Value::Object(fields) = &value {
+        if let Some((k, _)) = fields
+            .iter()
+            .find(|(k, v)| NOT_IMPLEMENTED.contains(&k.as_str()) && !v.is_null())
+        {
+            return Err(ApiError::bad_param(
+                k.clone(),
+                format!("{k} is not supported by this server: leave it out"),
+            ));
+        }
+        let ignored: Vec<&str> = fields
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !KNOWN.contains(k) && !NOT_IMPLEMENTED.contains(k))
+            .collect();
+        if !ignored.is_empty() {
+            tracing::warn!(
+                "The following fields were present in the request but ignored: {ignored:?}"
+            );
+        }
     }
     let req = typed::<T>(&value)?;
     let sampling = typed::<SamplingFields>(&value)?;
@@ -217,13 +346,10 @@ impl PipelineView {
         if self.served_names.iter().any(|n| n == model) {
             Ok(())
         } else {
-            Err(ApiError::bad_param(
-                "model",
-                format!(
-                    "unknown model {model:?}: this server serves {:?}",
-                    self.served_names
-                ),
-            ))
+            // vLLM's answer, word for word: clients match on it.
+            Err(ApiError::model_not_found(format!(
+                "The model `{model}` does not exist."
+            )))
         }
     }
 
@@ -234,36 +360,55 @@ impl PipelineView {
         sampling: &SamplingFields,
     ) -> Result<Plan, ApiError> {
         self.check_model(&req.model)?;
-        if req.echo {
-            return Err(ApiError::bad_param("echo", "echo is not supported"));
-        }
-        if req.logprobs.is_some() {
-            return Err(ApiError::bad_param(
-                "logprobs",
-                "logprobs are not supported yet",
-            ));
-        }
-        let prompt = match req.prompt {
-            CompletionPrompt::Text(t) => Prompt::Text(t),
-            CompletionPrompt::Texts(mut v) if v.len() == 1 => Prompt::Text(v.remove(0)),
-            CompletionPrompt::Tokens(ids) => Prompt::TokenIds(ids),
-            CompletionPrompt::TokenBatches(mut v) if v.len() == 1 => Prompt::TokenIds(v.remove(0)),
-            CompletionPrompt::Texts(v) => return Err(batch_error(v.len())),
-            CompletionPrompt::TokenBatches(v) => return Err(batch_error(v.len())),
+        let prompts: Vec<Prompt> = match req.prompt {
+            CompletionPrompt::Text(t) => vec![Prompt::Text(t)],
+            CompletionPrompt::Texts(v) => v.into_iter().map(Prompt::Text).collect(),
+            CompletionPrompt::Tokens(ids) => vec![Prompt::TokenIds(ids)],
+            CompletionPrompt::TokenBatches(v) => v.into_iter().map(Prompt::TokenIds).collect(),
         };
-        let empty = match &prompt {
-            Prompt::Text(t) => t.is_empty(),
-            Prompt::TokenIds(ids) => ids.is_empty(),
-            _ => false,
-        };
-        if empty {
-            return Err(ApiError::bad_param("prompt", "prompt is empty"));
+        if prompts.is_empty() {
+            return Err(ApiError::bad_param("prompt", "prompt is an empty list"));
         }
+        for (i, p) in prompts.iter().enumerate() {
+            let empty = match p {
+                Prompt::Text(t) => t.is_empty(),
+                Prompt::TokenIds(ids) => ids.is_empty(),
+                _ => false,
+            };
+            if empty {
+                let at = if prompts.len() == 1 {
+                    "prompt".to_string()
+                } else {
+                    format!("prompt[{i}]")
+                };
+                return Err(ApiError::bad_param(at.clone(), format!("{at} is empty")));
+            }
+        }
+        if let Some(k) = req.logprobs.filter(|&k| k > MAX_LOGPROBS) {
+            return Err(too_many_logprobs("logprobs", k));
+        }
+        let echo_only = req.echo && sampling.max_tokens == Some(0);
+        let mut sampling = sampling.clone();
+        if sampling.max_tokens.is_none() {
+            sampling.max_tokens = self.completion_max_tokens;
+        }
+        if echo_only {
+            // vLLM generates one token and shows the prompt alone.
+            sampling.max_tokens = Some(1);
+        }
+        let output = OutputOptions {
+            logprobs: req.logprobs,
+            echo: req.echo,
+            echo_only,
+            tokens_as_ids: sampling.return_tokens_as_token_ids.unwrap_or(false),
+            prompt_logprobs: sampling.prompt_logprobs.is_some(),
+        };
         self.plan(
-            prompt,
+            prompts,
             req.stream,
             req.stream_options.is_some_and(|o| o.include_usage),
-            sampling,
+            &sampling,
+            output,
         )
     }
 
@@ -274,10 +419,13 @@ impl PipelineView {
         sampling: &SamplingFields,
     ) -> Result<Plan, ApiError> {
         self.check_model(&req.model)?;
-        if req.logprobs {
+        if let Some(k) = req.top_logprobs.filter(|&k| k > MAX_LOGPROBS) {
+            return Err(too_many_logprobs("top_logprobs", k));
+        }
+        if req.top_logprobs.is_some() && !req.logprobs {
             return Err(ApiError::bad_param(
-                "logprobs",
-                "logprobs are not supported yet",
+                "top_logprobs",
+                "top_logprobs needs logprobs: true",
             ));
         }
         if req.messages.is_empty() {
@@ -322,29 +470,75 @@ impl PipelineView {
                 content,
             });
         }
+        let output = OutputOptions {
+            logprobs: req.logprobs.then(|| req.top_logprobs.unwrap_or(0)),
+            echo: false,
+            echo_only: false,
+            tokens_as_ids: sampling.return_tokens_as_token_ids.unwrap_or(false),
+            prompt_logprobs: sampling.prompt_logprobs.is_some(),
+        };
         self.plan(
-            Prompt::with_media(Prompt::Chat(messages), media),
+            vec![Prompt::with_media(Prompt::Chat(messages), media)],
             req.stream,
             req.stream_options.is_some_and(|o| o.include_usage),
             sampling,
+            output,
         )
     }
 
     fn plan(
         &self,
-        prompt: Prompt,
+        prompts: Vec<Prompt>,
         stream: bool,
         include_usage: bool,
         sampling: &SamplingFields,
+        output: OutputOptions,
     ) -> Result<Plan, ApiError> {
-        let params = self.sampling_params(sampling)?;
+        let n = sampling.n.unwrap_or(1);
+        if n == 0 {
+            return Err(ApiError::bad_param("n", "n must be at least 1, got 0"));
+        }
+        if let Some(b) = sampling.best_of.filter(|&b| b != n) {
+            return Err(ApiError::bad_param(
+                "best_of",
+                format!(
+                    "best_of {b} is not supported (vLLM's V1 engine dropped it too): every \
+                     sample is returned; set n to the number of samples you want"
+                ),
+            ));
+        }
+        if prompts.len() * n > MAX_CHOICES {
+            return Err(ApiError::bad_param(
+                "n",
+                format!(
+                    "{} prompts times n = {n} asks for {} sequences; at most {MAX_CHOICES} per \
+                     request",
+                    prompts.len(),
+                    prompts.len() * n
+                ),
+            ));
+        }
+        let mut params = self.sampling_params(sampling)?;
+        if let Some(entry) = params.get_mut(ENTRY_STAGE) {
+            if let Some(k) = output.logprobs {
+                entry.logprobs = Some(k);
+            }
+            // vLLM: an echo brings the prompt's log-probabilities along
+            // with the completion's; an echo of token ids needs the prompt's
+            // text, which the stage sends with them.
+            if output.echo && entry.prompt_logprobs.is_none() {
+                entry.prompt_logprobs = Some(output.logprobs.unwrap_or(0));
+            }
+        }
         let choices = self.choices(sampling.modalities.as_deref())?;
         Ok(Plan {
-            prompt,
+            prompts,
             params,
+            n,
             stream,
             include_usage,
             choices,
+            output,
         })
     }
 
@@ -370,12 +564,6 @@ impl PipelineView {
 
     /// One `SamplingParams` per stage.
     pub fn sampling_params(&self, f: &SamplingFields) -> Result<Vec<SamplingParams>, ApiError> {
-        if f.n.is_some_and(|n| n != 1) {
-            return Err(ApiError::bad_param(
-                "n",
-                format!("n {} is not supported: only n = 1", f.n.unwrap_or_default()),
-            ));
-        }
         let per_stage: Vec<Map<String, Value>> = match &f.sampling_params_list {
             Some(list) => {
                 if list.len() != self.defaults.len() {
@@ -402,7 +590,7 @@ impl PipelineView {
                     })
                     .collect::<Result<_, _>>()?
             }
-            None => vec![top_level(f); self.defaults.len()],
+            None => vec![top_level(f)?; self.defaults.len()],
         };
         let mut out = Vec::with_capacity(self.defaults.len());
         for (stage_id, (default, overrides)) in self.defaults.iter().zip(per_stage).enumerate() {
@@ -425,14 +613,18 @@ impl PipelineView {
             params.validate().map_err(|e| {
                 ApiError::bad_request(format!("invalid sampling params for stage {stage_id}: {e}"))
             })?;
+            // The prompt's length is the stage's to check (it tokenizes):
+            // here only what no prompt could make fit.
             if let (Some(max_tokens), Some(Some(ctx))) =
                 (params.max_tokens, self.max_model_len.get(stage_id))
             {
-                if max_tokens > *ctx {
+                if max_tokens >= *ctx {
                     return Err(ApiError::bad_param(
                         "max_tokens",
                         format!(
-                            "max_tokens {max_tokens} is more than the context length {ctx} of stage {stage_id}"
+                            "'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. \
+                             This model's maximum context length is {ctx} tokens (stage \
+                             {stage_id}), and a prompt takes at least one."
                         ),
                     ));
                 }
@@ -443,15 +635,17 @@ impl PipelineView {
     }
 }
 
-fn batch_error(n: usize) -> ApiError {
+fn too_many_logprobs(field: &str, k: usize) -> ApiError {
     ApiError::bad_param(
-        "prompt",
-        format!("a batch of {n} prompts is not supported: send one prompt per request"),
+        field.to_owned(),
+        format!(
+            "Requested sample logprobs of {k}, which is greater than max allowed: {MAX_LOGPROBS}"
+        ),
     )
 }
 
 /// The top-level sampling fields a request set, as `SamplingParams` keys.
-fn top_level(f: &SamplingFields) -> Map<String, Value> {
+fn top_level(f: &SamplingFields) -> Result<Map<String, Value>, ApiError> {
     let mut m = Map::new();
     let mut put = |k: &str, v: Option<Value>| {
         if let Some(v) = v {
@@ -466,7 +660,9 @@ fn top_level(f: &SamplingFields) -> Map<String, Value> {
     put("top_p", f.top_p.map(Value::from));
     put("top_k", f.top_k.map(Value::from));
     put("min_p", f.min_p.map(Value::from));
-    put("seed", f.seed.map(Value::from));
+    // vLLM takes any 64-bit signed seed; the engine's generator takes its
+    // bits.
+    put("seed", f.seed.map(|s| Value::from(s as u64)));
     put("stop", f.stop.clone().map(|s| Value::from(s.into_vec())));
     put("stop_token_ids", f.stop_token_ids.clone().map(Value::from));
     put("presence_penalty", f.presence_penalty.map(Value::from));
@@ -474,6 +670,31 @@ fn top_level(f: &SamplingFields) -> Map<String, Value> {
     put("repetition_penalty", f.repetition_penalty.map(Value::from));
     put("ignore_eos", f.ignore_eos.map(Value::from));
     put("min_tokens", f.min_tokens.map(Value::from));
+    put(
+        "include_stop_str_in_output",
+        f.include_stop_str_in_output.map(Value::from),
+    );
+    put("prompt_logprobs", f.prompt_logprobs.map(Value::from));
+    if let Some(bias) = &f.logit_bias {
+        let mut m = Map::new();
+        for (token, &b) in bias {
+            let id: u32 = token.trim().parse().map_err(|_| {
+                ApiError::bad_param(
+                    "logit_bias",
+                    format!("logit_bias key {token:?} is not a token id"),
+                )
+            })?;
+            if !b.is_finite() {
+                return Err(ApiError::bad_param(
+                    "logit_bias",
+                    format!("logit_bias[{token:?}] = {b} is not a finite number"),
+                ));
+            }
+            // OpenAI's range; vLLM clamps to it.
+            m.insert(id.to_string(), Value::from(b.clamp(-100.0, 100.0)));
+        }
+        put("logit_bias", Some(Value::Object(m)));
+    }
     put(
         "speaker",
         f.audio
@@ -485,7 +706,7 @@ fn top_level(f: &SamplingFields) -> Map<String, Value> {
         "skip_special_tokens",
         f.skip_special_tokens.map(Value::from),
     );
-    m
+    Ok(m)
 }
 
 #[cfg(test)]
@@ -505,6 +726,7 @@ mod tests {
                     ..SamplingParams::greedy()
                 },
             ],
+            completion_max_tokens: None,
             max_model_len: vec![Some(8192), Some(8192)],
             finals: vec![(0, "text".into()), (1, "text".into())],
         }
@@ -605,7 +827,9 @@ mod tests {
     #[test]
     fn semantic_errors_name_the_value() {
         let e = refused(chat(&format!(r#"{{"model":"gpt-4",{MSG}}}"#)));
-        assert!(e.message.contains("gpt-4"), "{}", e.message);
+        assert_eq!(e.message, "The model `gpt-4` does not exist.");
+        assert_eq!(e.status.as_u16(), 404);
+        assert_eq!(e.kind(), "NotFoundError");
         assert_eq!(e.param.as_deref(), Some("model"));
         let e = refused(chat(&format!(
             r#"{{"model":"default",{MSG},"max_tokens":9000}}"#
@@ -619,8 +843,28 @@ mod tests {
             r#"{{"model":"default",{MSG},"temperature":-1}}"#
         )));
         assert!(e.message.contains("-1"), "{}", e.message);
-        let e = refused(chat(&format!(r#"{{"model":"default",{MSG},"n":2}}"#)));
+        let e = refused(chat(&format!(r#"{{"model":"default",{MSG},"n":0}}"#)));
         assert_eq!(e.param.as_deref(), Some("n"));
+        let e = refused(chat(&format!(
+            r#"{{"model":"default",{MSG},"n":2,"best_of":3}}"#
+        )));
+        assert_eq!(e.param.as_deref(), Some("best_of"));
+        let e = refused(chat(&format!(
+            r#"{{"model":"default",{MSG},"response_format":{{"type":"json_object"}}}}"#
+        )));
+        assert_eq!(e.param.as_deref(), Some("response_format"));
+        let e = refused(chat(&format!(
+            r#"{{"model":"default",{MSG},"logprobs":true,"top_logprobs":21}}"#
+        )));
+        assert_eq!(e.param.as_deref(), Some("top_logprobs"));
+        let e = refused(chat(&format!(
+            r#"{{"model":"default",{MSG},"logit_bias":{{"x":1}}}}"#
+        )));
+        assert_eq!(e.param.as_deref(), Some("logit_bias"));
+        let e = refused(chat(&format!(
+            r#"{{"model":"default",{MSG},"seed":18446744073709551615}}"#
+        )));
+        assert_eq!(e.param.as_deref(), Some("seed"));
         let e = refused(chat(r#"{"model":"default","messages":[]}"#));
         assert_eq!(e.param.as_deref(), Some("messages"));
         let e = refused(chat(
@@ -633,27 +877,58 @@ mod tests {
         assert!(e.message.contains("audio"), "{}", e.message);
         let e = refused(completion(r#"{"model":"default","prompt":""}"#));
         assert_eq!(e.param.as_deref(), Some("prompt"));
-        let e = refused(completion(r#"{"model":"default","prompt":["a","b"]}"#));
-        assert!(e.message.contains("2 prompts"), "{}", e.message);
+        let e = refused(completion(r#"{"model":"default","prompt":["a",""]}"#));
+        assert_eq!(e.param.as_deref(), Some("prompt[1]"));
+    }
+
+    #[test]
+    fn vllm_fields_reach_the_params() -> Result<(), ApiError> {
+        let plan = completion(
+            r#"{"model":"default","prompt":["a","b"],"n":3,"seed":-1,"logprobs":2,"echo":true,"max_tokens":0,"include_stop_str_in_output":true,"logit_bias":{"7":250,"9":-3.5},"min_tokens":0,"unknown_field":1}"#,
+        )?;
+        assert_eq!(plan.prompts.len(), 2);
+        assert_eq!(plan.n, 3);
+        assert!(plan.output.echo && plan.output.echo_only);
+        assert_eq!(plan.output.logprobs, Some(2));
+        let p = &plan.params[0];
+        assert_eq!(p.seed, Some(u64::MAX), "-1 as its 64 bits");
+        assert_eq!(p.max_tokens, Some(1), "echo alone still samples one token");
+        assert_eq!(p.logprobs, Some(2));
+        assert_eq!(p.prompt_logprobs, Some(2), "echo brings the prompt's");
+        assert!(p.include_stop_str_in_output);
+        assert_eq!(p.logit_bias.get(&7), Some(&100.0), "clamped");
+        assert_eq!(p.logit_bias.get(&9), Some(&-3.5));
+        // Only the stage that reads the prompt computes its logprobs.
+        assert_eq!(plan.params[1].prompt_logprobs, None);
+        let plan = chat(&format!(
+            r#"{{"model":"default",{MSG},"logprobs":true,"top_logprobs":3}}"#
+        ))?;
+        assert_eq!(plan.output.logprobs, Some(3));
+        assert_eq!(plan.params[0].logprobs, Some(3));
+        Ok(())
     }
 
     #[test]
     fn prompts_of_every_shape() -> Result<(), ApiError> {
+        let first = |body: &str| completion(body).map(|mut p| p.prompts.remove(0));
         assert!(
-            matches!(completion(r#"{"model":"default","prompt":"hi"}"#)?.prompt, Prompt::Text(t) if t == "hi")
+            matches!(first(r#"{"model":"default","prompt":"hi"}"#)?, Prompt::Text(t) if t == "hi")
         );
         assert!(matches!(
-            completion(r#"{"model":"default","prompt":["hi"]}"#)?.prompt,
+            first(r#"{"model":"default","prompt":["hi"]}"#)?,
             Prompt::Text(_)
         ));
         assert!(
-            matches!(completion(r#"{"model":"default","prompt":[1,2,3]}"#)?.prompt, Prompt::TokenIds(ids) if ids == [1,2,3])
+            matches!(first(r#"{"model":"default","prompt":[1,2,3]}"#)?, Prompt::TokenIds(ids) if ids == [1,2,3])
+        );
+        assert!(
+            matches!(first(r#"{"model":"default","prompt":[[1,2],[3]]}"#)?, Prompt::TokenIds(ids) if ids == [1,2])
         );
         let plan = chat(
             r#"{"model":"SmolLM2-135M-Instruct","messages":[{"role":"system","content":"be brief"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#,
         )?;
-        match plan.prompt {
-            Prompt::Chat(m) => {
+        match plan.prompts.into_iter().next() {
+            Some(Prompt::Chat(m)) => {
                 assert_eq!(m.len(), 2);
                 assert_eq!(m[1].content, "ab");
             }

@@ -24,6 +24,10 @@ pub struct BatchEntry<'a> {
     pub block_table: &'a [u32],
     /// Whether to compute logits (and the hidden state) of the last token.
     pub wants_logits: bool,
+    /// Logits of this many leading tokens are wanted too, apart from the
+    /// above ([`crate::ModelOutput::prompt_logits`]): what prompt
+    /// log-probabilities are read from.
+    pub prompt_logits: usize,
     /// `[tokens, embedding]`: embeddings used in place of the tokens' own.
     pub embeds: Option<&'a Tensor>,
     /// Whether to return every token's input embedding plus final-norm
@@ -135,6 +139,11 @@ pub struct ForwardBatch {
     pub(crate) logits_rows: Tensor,
     /// For each logits row, the index of its entry in the caller's slice.
     pub logits_entries: Vec<usize>,
+    /// Flat rows whose logits are wanted for prompt log-probabilities.
+    pub(crate) prompt_logit_rows: Option<Tensor>,
+    /// Per entry wanting them, in the order of `prompt_logit_rows`: its
+    /// index in the caller's slice and its number of rows.
+    pub prompt_logit_entries: Vec<(usize, usize)>,
     /// Flat rows whose embeddings are given, and the embeddings.
     pub(crate) embeds: Option<(Tensor, Tensor)>,
     /// Flat rows whose states are wanted.
@@ -197,6 +206,8 @@ impl ForwardBatch {
         let mut slots = Vec::new();
         let mut logits_rows = Vec::new();
         let mut logits_entries = Vec::new();
+        let mut prompt_logit_rows = Vec::new();
+        let mut prompt_logit_entries = Vec::new();
         let mut prefills = Vec::new();
         let mut embed_rows = Vec::new();
         let mut embed_values = Vec::new();
@@ -210,6 +221,11 @@ impl ForwardBatch {
             if let Some(x) = &e.embeds {
                 embed_rows.extend(rows.clone());
                 embed_values.push(x.shallow_clone());
+            }
+            if e.prompt_logits > 0 {
+                let n = e.prompt_logits.min(e.tokens.len());
+                prompt_logit_rows.extend(offset..offset + n as i64);
+                prompt_logit_entries.push((i, n));
             }
             if e.wants_states {
                 for j in 0..e.tokens.len() {
@@ -305,6 +321,12 @@ impl ForwardBatch {
             prefills,
             logits_rows: to(&logits_rows)?,
             logits_entries,
+            prompt_logit_rows: if prompt_logit_rows.is_empty() {
+                None
+            } else {
+                Some(to(&prompt_logit_rows)?)
+            },
+            prompt_logit_entries,
             embeds: if embed_values.is_empty() {
                 None
             } else {

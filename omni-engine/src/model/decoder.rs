@@ -45,6 +45,8 @@ pub struct ModelOutput {
     /// For the batch's `state_rows`: input embedding plus final-norm hidden
     /// state, `[rows, hidden]`.
     pub states: Option<Tensor>,
+    /// For the batch's `prompt_logit_rows`: `[rows, vocab]`, fp32.
+    pub prompt_logits: Option<Tensor>,
 }
 
 #[derive(Debug)]
@@ -355,6 +357,13 @@ impl Model {
             }
             _ => None,
         };
+        let prompt_logits = match &batch.prompt_logit_rows {
+            Some(rows) => {
+                let h = ops.rms_norm(&x.f_index_select(0, rows)?, &self.norm, eps)?;
+                Some(self.lm_head.forward(&h)?.f_to_kind(Kind::Float)?)
+            }
+            None => None,
+        };
         let rows = x.f_index_select(0, &batch.logits_rows)?;
         let hidden = ops.rms_norm(&rows, &self.norm, eps)?;
         let logits = self.lm_head.forward(&hidden)?.f_to_kind(Kind::Float)?;
@@ -362,6 +371,7 @@ impl Model {
             logits,
             hidden,
             states,
+            prompt_logits,
         })
     }
 
@@ -494,6 +504,7 @@ impl Model {
             start_pos: 0,
             block_table: &table,
             wants_logits: true,
+            prompt_logits: 0,
             embeds: None,
             wants_states: false,
             bare_states: &[],
@@ -546,6 +557,7 @@ mod tests {
                 start_pos: 0,
                 block_table: &tables[s],
                 wants_logits: false,
+                prompt_logits: 0,
                 embeds: None,
                 wants_states: false,
                 bare_states: &[],
@@ -559,6 +571,7 @@ mod tests {
                 start_pos: prompts[s].len() - 1,
                 block_table: &tables[s],
                 wants_logits: true,
+                prompt_logits: 0,
                 embeds: None,
                 wants_states: false,
                 bare_states: &[],
@@ -604,6 +617,7 @@ mod tests {
             start_pos: 0,
             block_table: &table,
             wants_logits: true,
+            prompt_logits: 0,
             embeds: None,
             wants_states: false,
             bare_states: &[],

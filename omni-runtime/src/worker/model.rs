@@ -502,6 +502,8 @@ impl Loop {
             finished: true,
             finish_reason: Some(FinishReason::Stop),
             logprobs: None,
+            stop_reason: None,
+            prompt_logprobs: None,
             hidden_states: None,
             states: None,
             mrope_positions: None,
@@ -572,7 +574,11 @@ impl Loop {
             // The caller's input at an entry stage, and the caller's
             // sampling params anywhere; downstream, the prompt is what an
             // upstream stage made.
-            let callers = matches!(e, omni_engine::Error::InvalidSamplingParams { .. });
+            let callers = matches!(
+                e,
+                omni_engine::Error::InvalidSamplingParams { .. }
+                    | omni_engine::Error::ContextLengthExceeded { .. }
+            );
             return if self.t.sources.is_empty() || callers {
                 self.request_rejected(&id, e.to_string())
             } else {
@@ -623,6 +629,10 @@ impl Loop {
             }
             let start = req.sent_tokens.min(o.token_ids.len());
             let delta_ids = o.token_ids[start..].to_vec();
+            let delta_logprobs = o
+                .logprobs
+                .as_ref()
+                .map(|lps| lps.get(start..).unwrap_or_default().to_vec());
             req.sent_tokens = o.token_ids.len();
             let hidden = if o.finished {
                 match o
@@ -683,6 +693,10 @@ impl Loop {
                     delta_token_ids: delta_ids,
                     finished: o.finished,
                     finish_reason: o.finish_reason,
+                    stop_reason: o.stop_reason.clone(),
+                    delta_logprobs,
+                    // Sent once, with the first tokens.
+                    prompt_logprobs: o.prompt_logprobs.clone().filter(|_| start == 0),
                     metrics: o.finished.then(|| req.metrics.clone()),
                 });
                 let mut env = Envelope::new(msg);
