@@ -35,8 +35,9 @@ pub struct OmniRequestOutput {
     /// Number of prompt tokens the stage's engine saw.
     pub num_prompt_tokens: usize,
     /// Log-probabilities of every token in `token_ids`, when
-    /// `SamplingParams::logprobs` asked for them.
-    pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// `SamplingParams::logprobs` asked for them (shared: later outputs
+    /// extend the same list when this one is gone).
+    pub logprobs: Option<std::sync::Arc<Vec<TokenLogprobs>>>,
     /// The prompt's tokens, text and log-probabilities, when
     /// `SamplingParams::prompt_logprobs` asked for them; on the stage's
     /// first output.

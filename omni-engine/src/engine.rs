@@ -700,8 +700,9 @@ impl LLMEngine {
             if let TextEvent::Token { .. } = event {
                 // The tokens of new log-probabilities: the last generated
                 // token's, and after the prefill the prompt's.
+                let first = seq.num_output_tokens() == 1;
                 let fresh = seq.logprobs.iter_mut().rev().take(1);
-                let prompt = seq.prompt_logprobs.iter_mut();
+                let prompt = seq.prompt_logprobs.iter_mut().filter(|_| first);
                 for lp in fresh.chain(prompt).filter(|lp| lp.decoded.is_empty()) {
                     decode_logprob_tokens(tokenizer, lp);
                 }

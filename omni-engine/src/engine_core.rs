@@ -52,6 +52,10 @@ pub(crate) struct CoreConfig {
     pub suppressed_tokens: Vec<u32>,
 }
 
+/// Prompt positions whose logits are made at once for prompt
+/// log-probabilities: 256 rows of a 150k vocabulary are 150 MB in fp32.
+const PROMPT_LOGITS_ROWS: usize = 256;
+
 /// What the text hook is told about a sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TextEvent {
@@ -185,7 +189,7 @@ impl EngineCore {
         }
         if let Some(max_tokens) = params
             .max_tokens
-            .filter(|&m| prompt.len() + m > self.cfg.max_model_len)
+            .filter(|&m| params.max_tokens_must_fit && prompt.len() + m > self.cfg.max_model_len)
         {
             return Err(Error::ContextLengthExceeded {
                 request_id,
@@ -347,18 +351,24 @@ impl EngineCore {
                     row += count as i64;
                 }
             }
-            if let Some(logits) = &out.prompt_logits {
+            if let Some(hidden) = &out.prompt_hidden {
                 let mut row = 0i64;
                 for &(e, count) in &batch.prompt_logit_entries {
                     let seq = &mut self.scheduler.running[plan.scheduled[e].index];
                     let start = seq.num_computed_tokens;
                     let next = &seq.tokens[start + 1..start + 1 + count];
                     let k = seq.params.prompt_logprobs.unwrap_or(0);
-                    let lps = sampler::next_token_logprobs(
-                        &logits.f_narrow(0, row, count as i64)?,
-                        next,
-                        k,
-                    )?;
+                    let mut lps = Vec::with_capacity(count);
+                    for from in (0..count).step_by(PROMPT_LOGITS_ROWS) {
+                        let n = (count - from).min(PROMPT_LOGITS_ROWS);
+                        let rows = hidden.f_narrow(0, row + from as i64, n as i64)?;
+                        let logits = self.model.logits(&rows)?;
+                        lps.extend(sampler::next_token_logprobs(
+                            &logits,
+                            &next[from..from + n],
+                            k,
+                        )?);
+                    }
                     // Positions read again after a preemption are kept once.
                     let have = seq.prompt_logprobs.len();
                     seq.prompt_logprobs
@@ -464,7 +474,7 @@ impl EngineCore {
                 if seq.is_finished() && !cut {
                     text_hook(seq, TextEvent::Finish)?;
                     if let Some((at, which)) =
-                        find_stop(&seq.text, &seq.params.stop, seq.emitted_len)
+                        find_stop(&seq.text, &seq.params.stop, seq.stop_checked)
                     {
                         cut_at_stop(seq, at, which);
                         seq.status = SequenceStatus::Finished(FinishReason::Stop);
@@ -504,12 +514,14 @@ fn stops_on_token(seq: &Sequence, token: u32, eos: &[u32]) -> bool {
 /// Token-level and text-level stop conditions, in vLLM's order. Returns
 /// whether a stop string cut the text.
 fn check_stop(seq: &mut Sequence, token: u32, eos: &[u32], max_model_len: usize) -> bool {
+    // Nothing but the length stops a sequence before `min_tokens`; text
+    // checked once (before then included) is not searched again.
+    let checked = std::mem::replace(&mut seq.stop_checked, seq.text.len());
     let p = &seq.params;
-    // Nothing but the length stops a sequence before `min_tokens`.
     let stop_cut = if seq.num_output_tokens() < p.min_tokens {
         None
     } else {
-        find_stop(&seq.text, &p.stop, seq.emitted_len)
+        find_stop(&seq.text, &p.stop, checked)
     };
     let reason = if stops_on_token(seq, token, eos) {
         if p.stop_token_ids.contains(&token) && (p.ignore_eos || !eos.contains(&token)) {
@@ -547,12 +559,12 @@ fn cut_at_stop(seq: &mut Sequence, at: usize, which: usize) {
     seq.stop_reason = Some(StopReason::Text(stop.clone()));
 }
 
-/// Byte offset where the earliest stop string starts, and which one,
-/// searching only text that was not reported yet (plus overlap), so a stop
-/// string is found once.
-fn find_stop(text: &str, stops: &[String], emitted: usize) -> Option<(usize, usize)> {
+/// Byte offset where the earliest stop string starts, and which one, among
+/// those that end past `checked` (text searched before): vLLM's window, so
+/// a stop string is found once, and never in text from before `min_tokens`.
+fn find_stop(text: &str, stops: &[String], checked: usize) -> Option<(usize, usize)> {
     let longest = stops.iter().map(String::len).max()?;
-    let mut from = emitted.saturating_sub(longest);
+    let mut from = checked.min(text.len()).saturating_sub(longest - 1);
     while !text.is_char_boundary(from) {
         from -= 1;
     }
@@ -973,7 +985,11 @@ mod tests {
             "{e}"
         );
         // vLLM's words, so clients that read them keep working.
-        let e = err(c.add("a".into(), prompt(200, 0), greedy(100)));
+        let strict = SamplingParams {
+            max_tokens_must_fit: true,
+            ..greedy(100)
+        };
+        let e = err(c.add("a".into(), prompt(200, 0), strict));
         assert!(
             e.contains("'max_tokens' or 'max_completion_tokens' is too large: 100")
                 && e.contains("(100 > 256 - 200)"),
@@ -997,6 +1013,11 @@ mod tests {
         assert!(c.abort("a"));
         assert!(!c.abort("a"));
         assert!(!c.has_unfinished());
+        // Without `max_tokens_must_fit`, vLLM's engine cuts at the context.
+        let mut c = core(Architecture::Qwen3, 128, 4, 256)?;
+        let o = run(&mut c, &[("b".into(), prompt(200, 0), greedy(100), 0)])?;
+        assert_eq!(o["b"].token_ids.len(), 56);
+        assert_eq!(o["b"].finish_reason, Some(FinishReason::Length));
         Ok(())
     }
 
@@ -1084,6 +1105,17 @@ mod tests {
             let want = if include { at + 1 } else { at };
             assert_eq!(o.text, free.text[..want], "include {include}");
         }
+        // A stop string seen before `min_tokens` does not stop the output
+        // later: only new text is searched.
+        let early = free.text[1..2].to_owned();
+        let params = SamplingParams {
+            stop: vec![early.clone()],
+            min_tokens: 6,
+            ..greedy(12)
+        };
+        let o = run_one(&mut c, prompt(5, 2), params)?;
+        let later = free.text[6..].find(&early).map(|i| i + 6);
+        assert_eq!(o.text, free.text[..later.unwrap_or(12)], "{early:?}");
         // min_tokens holds the stop token off.
         let params = SamplingParams {
             stop_token_ids: vec![t],

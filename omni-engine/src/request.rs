@@ -438,6 +438,8 @@ pub(crate) struct Sequence {
     pub text: String,
     /// Bytes of `text` already reported in a `delta_text`.
     pub emitted_len: usize,
+    /// Bytes of `text` already searched for stop strings.
+    pub stop_checked: usize,
 }
 
 impl Sequence {
@@ -469,6 +471,7 @@ impl Sequence {
             metrics: RequestMetrics::new(prompt_len),
             text: String::new(),
             emitted_len: 0,
+            stop_checked: 0,
         }
     }
 

@@ -181,20 +181,34 @@ pub(crate) fn next_token_logprobs(
     next: &[u32],
     k: usize,
 ) -> Result<Vec<TokenLogprobs>> {
-    let lp = logits
-        .f_to_kind(Kind::Float)?
-        .f_log_softmax(-1, Kind::Float)?
-        .f_to_device(tch::Device::Cpu)?
-        .f_contiguous()?;
-    let vocab = lp.size()[1] as usize;
-    let flat = Vec::<f32>::try_from(lp.f_view([-1])?)?;
-    Ok(flat
-        .chunks_exact(vocab)
-        .zip(next)
-        .map(|(row, &t)| TokenLogprobs {
+    // On the logits' device; only k + 1 values per row come to the host.
+    let lp = logits.f_log_softmax(-1, Kind::Float)?;
+    let ids: Vec<i64> = next.iter().map(|&t| i64::from(t)).collect();
+    let ids = Tensor::from_slice(&ids)
+        .f_to_device(lp.device())?
+        .f_view([-1, 1])?;
+    let host =
+        |t: Tensor| -> Result<Tensor> { Ok(t.f_to_device(tch::Device::Cpu)?.f_contiguous()?) };
+    let chosen = Vec::<f32>::try_from(host(lp.f_gather(1, &ids, false)?.f_view([-1])?)?)?;
+    let k = k.min(lp.size()[1] as usize);
+    let (values, indices) = if k > 0 {
+        let (v, i) = lp.f_topk(k as i64, -1, true, true)?;
+        (
+            Vec::<f32>::try_from(host(v.f_view([-1])?)?)?,
+            Vec::<i64>::try_from(host(i.f_view([-1])?)?)?,
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    Ok(next
+        .iter()
+        .enumerate()
+        .map(|(r, &t)| TokenLogprobs {
             token_id: t,
-            logprob: finite_logprob(row.get(t as usize).copied().unwrap_or(f32::NEG_INFINITY)),
-            top: top_logprobs(row, k),
+            logprob: finite_logprob(chosen[r]),
+            top: (r * k..(r + 1) * k)
+                .map(|j| (indices[j] as u32, finite_logprob(values[j])))
+                .collect(),
             decoded: Vec::new(),
         })
         .collect())

@@ -42,8 +42,15 @@ pub struct SamplingParams {
     /// Seed of this request's own random generator: the same seed gives the
     /// same tokens whatever else is in the batch.
     pub seed: Option<u64>,
-    /// Tokens to generate at most; `None` = until the context is full.
+    /// Tokens to generate at most; `None` = until the context is full. A
+    /// request whose prompt leaves less room stops at the context's end
+    /// (`Length`), as in vLLM's engine, unless `max_tokens_must_fit`.
     pub max_tokens: Option<usize>,
+    /// Refuse the request (`Error::ContextLengthExceeded`, vLLM's text)
+    /// when the prompt and `max_tokens` do not fit the context, instead of
+    /// cutting it there: what vLLM's OpenAI server does with a `max_tokens`
+    /// the client gave. Not in vLLM's `SamplingParams`; Omni's server sets it.
+    pub max_tokens_must_fit: bool,
     /// Tokens to generate at least: until then the model's end-of-sequence
     /// tokens and `stop_token_ids` are never sampled (vLLM's `min_tokens`,
     /// HF's `min_new_tokens`).
@@ -113,6 +120,7 @@ impl Default for SamplingParams {
             min_p: 0.0,
             seed: None,
             max_tokens: Some(16),
+            max_tokens_must_fit: false,
             min_tokens: 0,
             stop: Vec::new(),
             stop_token_ids: Vec::new(),

@@ -108,7 +108,7 @@ fn bad_requests_are_rejected_and_the_engine_keeps_going() -> Result<()> {
     let m = message(e.add_request("a", Prompt::TokenIds(vec![5, vocab + 3]), ok()));
     assert!(m.contains(&format!("token id {}", vocab + 3)), "{m}");
     let m = message(e.add_request("a", Prompt::TokenIds(vec![5; 100]), ok()));
-    assert!(m.contains("100 tokens") && m.contains("64"), "{m}");
+    assert!(m.contains("100 input tokens") && m.contains("64"), "{m}");
     let bad: Vec<(SamplingParams, &str)> = vec![
         (SamplingParams { top_p: 0.0, ..ok() }, "top_p = 0"),
         (SamplingParams { top_p: 1.5, ..ok() }, "top_p = 1.5"),

@@ -120,7 +120,9 @@ pub struct StageOutput {
     /// The stop string or stop token id that ended it, if one did.
     pub stop_reason: Option<StopReason>,
     /// Log-probabilities of every token so far, when the request asked.
-    pub logprobs: Option<Vec<TokenLogprobs>>,
+    /// Shared with the orchestrator, which appends to it in place once the
+    /// caller has dropped the previous output (no copy per token).
+    pub logprobs: Option<Arc<Vec<TokenLogprobs>>>,
     /// Prompt log-probabilities, when the request asked; on the stage's
     /// first output.
     pub prompt_logprobs: Option<Box<PromptLogprobs>>,
@@ -151,7 +153,7 @@ pub enum StageEvent {
 struct Generated {
     text: String,
     token_ids: Vec<u32>,
-    logprobs: Option<Vec<TokenLogprobs>>,
+    logprobs: Option<Arc<Vec<TokenLogprobs>>>,
 }
 
 struct RequestState {
@@ -871,7 +873,8 @@ impl Inner {
                     acc.text.push_str(&o.delta_text);
                     acc.token_ids.extend_from_slice(&o.delta_token_ids);
                     if let Some(lps) = o.delta_logprobs {
-                        acc.logprobs.get_or_insert_with(Vec::new).extend(lps);
+                        Arc::make_mut(acc.logprobs.get_or_insert_with(Default::default))
+                            .extend(lps);
                     }
                     let out = StageOutput {
                         request_id: req.request_id.clone(),

@@ -46,7 +46,9 @@ fn every_row_behaves_as_vllm_s_server() -> Result {
         &[
             &format!("http://{}/v1", server.addr),
             "smollm2",
-            fixture.to_str().ok_or_else(|| err("fixture path is not UTF-8"))?,
+            fixture
+                .to_str()
+                .ok_or_else(|| err("fixture path is not UTF-8"))?,
         ],
     )?;
     let r: serde_json::Value = serde_json::from_str(out.trim())?;

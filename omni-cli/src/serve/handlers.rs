@@ -137,7 +137,7 @@ pub async fn models(State(st): St) -> Json<ModelList> {
 /// `POST /v1/completions`.
 pub async fn completions(State(st): St, body: Bytes) -> Response {
     const EP: &str = "/v1/completions";
-    let plan = parse_body::<CompletionRequest>(&body).and_then(|(req, sampling)| {
+    let plan = parse_body::<CompletionRequest>(&body, false).and_then(|(req, sampling)| {
         let model = req.model.clone();
         st.view.completion(req, &sampling).map(|p| (p, model))
     });
@@ -151,7 +151,7 @@ pub async fn chat_completions(State(st): St, body: Bytes) -> Response {
     // async workers, so other connections keep being served meanwhile.
     let state = Arc::clone(&st);
     let plan = tokio::task::spawn_blocking(move || {
-        parse_body::<ChatCompletionRequest>(&body).and_then(|(req, sampling)| {
+        parse_body::<ChatCompletionRequest>(&body, true).and_then(|(req, sampling)| {
             let model = req.model.clone();
             state.view.chat(req, &sampling).map(|p| (p, model))
         })
@@ -296,13 +296,22 @@ async fn run(
     }
     let mut outputs = futures::stream::select_all(streams);
     if plan.stream {
-        // A stage refuses a request (its prompt too long for the context,
-        // say) before it makes anything: wait for the first output so that
-        // a refusal is an HTTP status, as vLLM answers, not an error event.
-        let first = match outputs.next().await {
-            Some((_, Err(e))) => return Err(e.into()),
-            first => first,
-        };
+        // A stage refuses a sequence (its prompt too long for the context,
+        // say) before it makes anything: wait for every sequence's first
+        // output so that a refusal is an HTTP status, as vLLM answers, not
+        // an error event after a 200.
+        let mut first = Vec::new();
+        let mut started = std::collections::HashSet::new();
+        while started.len() < sequences {
+            match outputs.next().await {
+                Some((seq, Ok(out))) => {
+                    started.insert(seq);
+                    first.push((seq, out));
+                }
+                Some((_, Err(e))) => return Err(e.into()),
+                None => break,
+            }
+        }
         st.metrics.request_done(endpoint, 200);
         let events = sse_events(outputs, first, builder, plan.include_usage);
         let sse = Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(2)));
@@ -358,7 +367,7 @@ async fn collect(
 /// every stage.
 fn sse_events(
     outputs: Outputs,
-    first: Option<(usize, omni_core::Result<OmniRequestOutput>)>,
+    first: Vec<(usize, OmniRequestOutput)>,
     mut builder: ChunkBuilder,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
@@ -369,10 +378,10 @@ fn sse_events(
         queue: VecDeque<String>,
         ended: bool,
     }
-    let queue = match first {
-        Some((seq, Ok(out))) => builder.on_output(seq, &out).into(),
-        _ => VecDeque::new(),
-    };
+    let queue = first
+        .iter()
+        .flat_map(|(seq, out)| builder.on_output(*seq, out))
+        .collect();
     let state = S {
         outputs,
         builder,

@@ -34,8 +34,8 @@ pub enum GenerationConfig {
     Pipeline,
     /// vLLM's `--generation-config vllm`: temperature 1, no truncation or
     /// penalties, `max_tokens` 16 for completions and the rest of the
-    /// context for chat. Other stage defaults (e.g. a talker's stop tokens)
-    /// stay.
+    /// context for chat, for the stage that reads the prompt; later stages
+    /// (a talker) keep their pipeline's.
     Vllm,
 }
 
@@ -70,8 +70,11 @@ impl AppState {
         }
         let mut defaults = omni.default_sampling_params().to_vec();
         if generation == GenerationConfig::Vllm {
+            // The stage that reads the prompt is the model a vLLM user
+            // addresses; later stages (a talker) keep what their pipeline
+            // says.
             let vllm = omni_core::SamplingParams::default();
-            for d in &mut defaults {
+            if let Some(d) = defaults.get_mut(validate::ENTRY_STAGE) {
                 d.temperature = vllm.temperature;
                 d.top_p = vllm.top_p;
                 d.top_k = vllm.top_k;

@@ -194,6 +194,8 @@ pub struct OutputOptions {
     /// The request asked for `prompt_logprobs` (an echo asks for them on
     /// its own, without showing them so).
     pub prompt_logprobs: bool,
+    /// A completion (not a chat) request.
+    pub completion: bool,
 }
 
 /// The stage that reads the request's prompt: where echo and prompt
@@ -205,8 +207,9 @@ pub const ENTRY_STAGE: usize = 0;
 pub const MAX_CHOICES: usize = 128;
 
 /// Request fields of OpenAI's and vLLM's that Omni does not implement: a
-/// request that sets one (to anything but null) is refused, never served as
-/// if the field were not there.
+/// request that sets one to anything but a value that asks for nothing
+/// ([`asks_nothing`]) is refused, never served as if the field were not
+/// there.
 const NOT_IMPLEMENTED: [&str; 21] = [
     "suffix",
     "tools",
@@ -276,9 +279,31 @@ const KNOWN: [&str; 39] = [
     "spaces_between_special_tokens",
 ];
 
+/// Whether `value` of field `key` asks for nothing: null, `false`, an empty
+/// list or object, `"none"` (`tool_choice`), `{"type": "text"}`
+/// (`response_format`), or an endpoint's own default (`add_special_tokens`:
+/// true for completions, false for chat). Harnesses send such values.
+fn asks_nothing(key: &str, value: &Value, chat: bool) -> bool {
+    if key == "add_special_tokens" {
+        return value.is_null() || value.as_bool() == Some(!chat);
+    }
+    match value {
+        Value::Null | Value::Bool(false) => true,
+        Value::Bool(true) => false,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty() || (o.len() == 1 && o.get("type") == Some(&"text".into())),
+        Value::String(s) => s == "none",
+        Value::Number(_) => false,
+    }
+}
+
 /// Parses a JSON body: syntax errors and wrong types are 400s naming the
-/// position or the field.
-pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<(T, SamplingFields), ApiError> {
+/// position or the field. `chat`: the body is a chat request (whose
+/// `echo`, vLLM's message-prepending one, is not implemented).
+pub fn parse_body<T: DeserializeOwned>(
+    body: &[u8],
+    chat: bool,
+) -> Result<(T, SamplingFields), ApiError> {
     if body.is_empty() {
         return Err(ApiError::bad_request(
             "empty request body: expected a JSON object",
@@ -293,9 +318,10 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<(T, SamplingFields
         )));
     }
     if let Value::Object(fields) = &value {
+        let refused = |k: &str| NOT_IMPLEMENTED.contains(&k) || (chat && k == "echo");
         if let Some((k, _)) = fields
             .iter()
-            .find(|(k, v)| NOT_IMPLEMENTED.contains(&k.as_str()) && !v.is_null())
+            .find(|(k, v)| refused(k) && !asks_nothing(k, v, chat))
         {
             return Err(ApiError::bad_param(
                 k.clone(),
@@ -389,9 +415,6 @@ impl PipelineView {
         }
         let echo_only = req.echo && sampling.max_tokens == Some(0);
         let mut sampling = sampling.clone();
-        if sampling.max_tokens.is_none() {
-            sampling.max_tokens = self.completion_max_tokens;
-        }
         if echo_only {
             // vLLM generates one token and shows the prompt alone.
             sampling.max_tokens = Some(1);
@@ -402,6 +425,7 @@ impl PipelineView {
             echo_only,
             tokens_as_ids: sampling.return_tokens_as_token_ids.unwrap_or(false),
             prompt_logprobs: sampling.prompt_logprobs.is_some(),
+            completion: true,
         };
         self.plan(
             prompts,
@@ -476,6 +500,7 @@ impl PipelineView {
             echo_only: false,
             tokens_as_ids: sampling.return_tokens_as_token_ids.unwrap_or(false),
             prompt_logprobs: sampling.prompt_logprobs.is_some(),
+            completion: false,
         };
         self.plan(
             vec![Prompt::with_media(Prompt::Chat(messages), media)],
@@ -519,15 +544,36 @@ impl PipelineView {
             ));
         }
         let mut params = self.sampling_params(sampling)?;
+        let token_prompts = prompts.iter().any(|p| matches!(p, Prompt::TokenIds(_)));
+        let user_max_tokens = sampling
+            .max_tokens
+            .or(sampling.max_completion_tokens)
+            .is_some()
+            || sampling
+                .sampling_params_list
+                .as_ref()
+                .and_then(|l| l.get(ENTRY_STAGE))
+                .is_some_and(|v| v.get("max_tokens").is_some_and(|m| !m.is_null()));
         if let Some(entry) = params.get_mut(ENTRY_STAGE) {
             if let Some(k) = output.logprobs {
                 entry.logprobs = Some(k);
             }
             // vLLM: an echo brings the prompt's log-probabilities along
             // with the completion's; an echo of token ids needs the prompt's
-            // text, which the stage sends with them.
-            if output.echo && entry.prompt_logprobs.is_none() {
+            // text, which the stage sends with them. A text prompt echoes
+            // itself: no prompt logits (nor a skipped prefix cache) for it.
+            if output.echo
+                && entry.prompt_logprobs.is_none()
+                && (output.logprobs.is_some() || token_prompts)
+            {
                 entry.prompt_logprobs = Some(output.logprobs.unwrap_or(0));
+            }
+            if user_max_tokens {
+                // vLLM's server refuses a max_tokens the client gave that
+                // does not fit; a default one stops at the context.
+                entry.max_tokens_must_fit = true;
+            } else if output.completion && self.completion_max_tokens.is_some() {
+                entry.max_tokens = self.completion_max_tokens;
             }
         }
         let choices = self.choices(sampling.modalities.as_deref())?;
@@ -590,7 +636,23 @@ impl PipelineView {
                     })
                     .collect::<Result<_, _>>()?
             }
-            None => vec![top_level(f)?; self.defaults.len()],
+            None => {
+                // Per-request fields that name the entry stage's tokens or
+                // prompt stay there; the rest apply to every stage.
+                let top = top_level(f)?;
+                let mut rest = top.clone();
+                rest.remove("prompt_logprobs");
+                rest.remove("logit_bias");
+                (0..self.defaults.len())
+                    .map(|s| {
+                        if s == ENTRY_STAGE {
+                            top.clone()
+                        } else {
+                            rest.clone()
+                        }
+                    })
+                    .collect()
+            }
         };
         let mut out = Vec::with_capacity(self.defaults.len());
         for (stage_id, (default, overrides)) in self.defaults.iter().zip(per_stage).enumerate() {
@@ -733,12 +795,12 @@ mod tests {
     }
 
     fn chat(body: &str) -> Result<Plan, ApiError> {
-        let (req, sampling) = parse_body::<ChatCompletionRequest>(body.as_bytes())?;
+        let (req, sampling) = parse_body::<ChatCompletionRequest>(body.as_bytes(), true)?;
         view().chat(req, &sampling)
     }
 
     fn completion(body: &str) -> Result<Plan, ApiError> {
-        let (req, sampling) = parse_body::<CompletionRequest>(body.as_bytes())?;
+        let (req, sampling) = parse_body::<CompletionRequest>(body.as_bytes(), false)?;
         view().completion(req, &sampling)
     }
 
@@ -853,6 +915,18 @@ mod tests {
             r#"{{"model":"default",{MSG},"response_format":{{"type":"json_object"}}}}"#
         )));
         assert_eq!(e.param.as_deref(), Some("response_format"));
+        let e = refused(chat(&format!(r#"{{"model":"default",{MSG},"echo":true}}"#)));
+        assert_eq!(e.param.as_deref(), Some("echo"));
+        let e = refused(completion(
+            r#"{"model":"default","prompt":"x","add_special_tokens":false}"#,
+        ));
+        assert_eq!(e.param.as_deref(), Some("add_special_tokens"));
+        // Values that ask for nothing pass.
+        chat(&format!(
+            r#"{{"model":"default",{MSG},"tools":[],"tool_choice":"none","use_beam_search":false,"response_format":{{"type":"text"}},"add_special_tokens":false,"echo":false}}"#
+        ))
+        .map_err(|e| format!("{e:?}"))
+        .expect("harmless values are accepted");
         let e = refused(chat(&format!(
             r#"{{"model":"default",{MSG},"logprobs":true,"top_logprobs":21}}"#
         )));

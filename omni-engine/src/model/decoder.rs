@@ -45,8 +45,10 @@ pub struct ModelOutput {
     /// For the batch's `state_rows`: input embedding plus final-norm hidden
     /// state, `[rows, hidden]`.
     pub states: Option<Tensor>,
-    /// For the batch's `prompt_logit_rows`: `[rows, vocab]`, fp32.
-    pub prompt_logits: Option<Tensor>,
+    /// For the batch's `prompt_logit_rows`: final-norm hidden states
+    /// `[rows, hidden]`, for [`Model::logits`] a slice at a time (a long
+    /// prompt's logits at once would take gigabytes).
+    pub prompt_hidden: Option<Tensor>,
 }
 
 #[derive(Debug)]
@@ -357,11 +359,8 @@ impl Model {
             }
             _ => None,
         };
-        let prompt_logits = match &batch.prompt_logit_rows {
-            Some(rows) => {
-                let h = ops.rms_norm(&x.f_index_select(0, rows)?, &self.norm, eps)?;
-                Some(self.lm_head.forward(&h)?.f_to_kind(Kind::Float)?)
-            }
+        let prompt_hidden = match &batch.prompt_logit_rows {
+            Some(rows) => Some(ops.rms_norm(&x.f_index_select(0, rows)?, &self.norm, eps)?),
             None => None,
         };
         let rows = x.f_index_select(0, &batch.logits_rows)?;
@@ -371,8 +370,13 @@ impl Model {
             logits,
             hidden,
             states,
-            prompt_logits,
+            prompt_hidden,
         })
+    }
+
+    /// Logits `[rows, vocab]` (fp32) of final-norm hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?.f_to_kind(Kind::Float)?)
     }
 
     /// The embeddings of `ids` (`[n, embedding]`).
