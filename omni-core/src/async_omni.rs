@@ -423,12 +423,15 @@ impl Drop for OmniStream {
         }
         // The caller lost interest (e.g. an HTTP client disconnected): free
         // the stages' batch slots now rather than letting them run on.
+        // The orchestrator lets go of the id now, before this returns, and
+        // aborts this submission by its own wire id: a new request that
+        // reuses the id at once is not touched.
+        let abort = self.inner.orchestrator.release(&self.request_id);
         self.finish();
-        let inner = Arc::clone(&self.inner);
         let request_id = std::mem::take(&mut self.request_id);
         tracing::debug!(request_id = %request_id, "stream dropped before the end: aborting");
         self.inner.handle.spawn(async move {
-            if let Err(e) = inner.orchestrator.abort(&request_id).await {
+            if let Err(e) = abort.await {
                 tracing::warn!(request_id = %request_id, error = %e, "abort after drop failed");
             }
         });

@@ -165,7 +165,11 @@ impl SamplingParams {
             })
         }
         if self.n != 1 {
-            return bad("n", self.n, "only n = 1 is supported");
+            return bad(
+                "n",
+                self.n,
+                "an engine request is one sequence: submit n requests, sample i with seed + i, as `omni serve` does",
+            );
         }
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
             return bad(

@@ -10,6 +10,7 @@
 //! an `.await`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +51,16 @@ pub struct OrchestratorOptions {
     pub shutdown_grace: Duration,
     /// How long a stage may take to answer a control command (profile, health).
     pub control_timeout: Duration,
+    /// How often every stage's health is checked while the pipeline runs.
+    pub health_interval: Duration,
+    /// A stage that does not answer a health check in this time (stopped,
+    /// or its process wedged) is killed and reported dead, so callers get
+    /// an error instead of waiting forever.
+    pub health_timeout: Duration,
+    /// A stage whose model thread has been on one round (one engine step,
+    /// with its commands and outputs) this long is killed and reported
+    /// dead. Generous: one step of a long prefill on a CPU takes seconds.
+    pub step_timeout: Duration,
     /// Where the private run directory is created (default: `/dev/shm`, else
     /// the temp dir).
     pub run_dir_parent: Option<PathBuf>,
@@ -66,6 +77,9 @@ impl Default for OrchestratorOptions {
             init_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(10),
             control_timeout: Duration::from_secs(120),
+            health_interval: Duration::from_secs(5),
+            health_timeout: Duration::from_secs(10),
+            step_timeout: Duration::from_secs(300),
             run_dir_parent: None,
             event_buffer: 256,
             worker_env: Vec::new(),
@@ -213,6 +227,7 @@ pub struct Orchestrator {
     supervisor: Option<Supervisor>,
     event_task: Option<JoinHandle<()>>,
     recv_task: Option<JoinHandle<()>>,
+    watchdog_task: Option<JoinHandle<()>>,
     run_dir: PathBuf,
 }
 
@@ -227,6 +242,17 @@ impl std::fmt::Debug for Orchestrator {
 }
 
 impl State {
+    /// Ends every request and control call in flight with `error`.
+    fn fail_all(&mut self, error: impl Fn() -> Error) {
+        self.wire_ids.clear();
+        for (_, req) in self.requests.drain() {
+            let _ = req.events.send(StageEvent::Error(error()));
+        }
+        for (_, p) in self.pending.drain() {
+            let _ = p.tx.send(Err(error()));
+        }
+    }
+
     /// Forgets a request by wire id.
     fn remove(&mut self, wire_id: &str) -> Option<RequestState> {
         let req = self.requests.remove(wire_id)?;
@@ -440,11 +466,13 @@ impl Orchestrator {
             shm_dir: shm_enabled.then_some(shm_dir),
         });
         let event_task = tokio::spawn(event_loop(inner.clone(), msg_rx, sup_rx));
+        let watchdog_task = tokio::spawn(watchdog(inner.clone(), supervisor.killer()));
         Ok(Orchestrator {
             inner,
             supervisor: Some(supervisor),
             event_task: Some(event_task),
             recv_task: Some(recv_task),
+            watchdog_task: Some(watchdog_task),
             run_dir: run_path,
         })
     }
@@ -543,14 +571,41 @@ impl Orchestrator {
         let (tx, rx) = mpsc::channel(self.inner.opts.event_buffer.max(1));
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            while let Some(ev) = urx.recv().await {
-                if tx.send(ev).await.is_err() {
-                    let _ = inner.abort_wire(&wire_id).await;
-                    break;
+            loop {
+                tokio::select! {
+                    ev = urx.recv() => {
+                        let Some(ev) = ev else { break };
+                        if tx.send(ev).await.is_err() {
+                            let _ = inner.abort_wire(&wire_id).await;
+                            break;
+                        }
+                    }
+                    // Noticed at once, not at the next output (which a
+                    // request still in a non-final stage may not make for
+                    // long).
+                    () = tx.closed() => {
+                        let _ = inner.abort_wire(&wire_id).await;
+                        break;
+                    }
                 }
             }
         });
         Ok(rx)
+    }
+
+    /// Lets go of a request whose caller is gone: its id is free for a new
+    /// request as soon as this returns, and the returned future aborts the
+    /// old submission (by its own wire id, so a new request that reuses the
+    /// id is left alone). For `Drop` impls, which cannot await.
+    pub fn release(&self, request_id: &str) -> impl Future<Output = Result<()>> + Send + 'static {
+        let wire_id = lock(&self.inner.state).wire_ids.remove(request_id);
+        let inner = self.inner.clone();
+        async move {
+            match wire_id {
+                Some(w) => inner.abort_wire(&w).await,
+                None => Ok(()),
+            }
+        }
     }
 
     /// Aborts a request in every stage; its channel closes. Unknown or
@@ -722,6 +777,8 @@ impl Orchestrator {
         let dead = {
             let mut st = lock(&self.inner.state);
             st.shutting_down = true;
+            // Every caller still waiting gets an error, not a silent hang.
+            st.fail_all(|| Error::ShutDown(": shut down with this request in flight".into()));
             st.dead.clone()
         };
         if let Some(mut sup) = self.supervisor.take() {
@@ -742,6 +799,9 @@ impl Orchestrator {
     }
 
     fn stop_tasks(&mut self) {
+        if let Some(t) = self.watchdog_task.take() {
+            t.abort();
+        }
         if let Some(t) = self.event_task.take() {
             t.abort();
         }
@@ -754,7 +814,10 @@ impl Orchestrator {
 impl Drop for Orchestrator {
     fn drop(&mut self) {
         if let Some(mut sup) = self.supervisor.take() {
-            lock(&self.inner.state).shutting_down = true;
+            let mut st = lock(&self.inner.state);
+            st.shutting_down = true;
+            st.fail_all(|| Error::ShutDown(": dropped with this request in flight".into()));
+            drop(st);
             // No runtime may be available in Drop; SIGTERM is the worker's
             // Shutdown (it finishes the same way).
             sup.stop(self.inner.opts.shutdown_grace, true);
@@ -813,10 +876,14 @@ impl Inner {
         let frames = wire::encode_message(Message::Abort {
             request_ids: vec![wire_id.to_string()],
         })?;
+        // Every stage, even when one cannot be reached.
+        let mut first_err = None;
         for s in 0..self.stages.len() {
-            self.send(s, frames.clone()).await?;
+            if let Err(e) = self.send(s, frames.clone()).await {
+                first_err.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_err.map_or(Ok(()), Err)
     }
 
     async fn call(
@@ -825,6 +892,25 @@ impl Inner {
         what: &'static str,
         build: impl FnOnce(u64) -> Message,
     ) -> Result<Reply> {
+        self.call_within(stage_id, what, build, self.opts.control_timeout)
+            .await
+    }
+
+    /// [`Inner::call`] with its own timeout. The pending entry goes with the
+    /// call however it ends, a cancelled (dropped) call included.
+    async fn call_within(
+        &self,
+        stage_id: usize,
+        what: &'static str,
+        build: impl FnOnce(u64) -> Message,
+        timeout: Duration,
+    ) -> Result<Reply> {
+        struct Forget<'a>(&'a Inner, u64);
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                lock(&self.0.state).pending.remove(&self.1);
+            }
+        }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -832,22 +918,17 @@ impl Inner {
             self.check_alive(&st)?;
             st.pending.insert(seq, Pending { tx });
         }
+        let _forget = Forget(self, seq);
         let frames = wire::encode_message(build(seq))?;
-        if let Err(e) = self.send(stage_id, frames).await {
-            lock(&self.state).pending.remove(&seq);
-            return Err(e);
-        }
-        match tokio::time::timeout(self.opts.control_timeout, rx).await {
+        self.send(stage_id, frames).await?;
+        match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Error::ShutDown(String::new())),
-            Err(_) => {
-                lock(&self.state).pending.remove(&seq);
-                Err(Error::Timeout {
-                    stage_id,
-                    what,
-                    timeout: self.opts.control_timeout,
-                })
-            }
+            Err(_) => Err(Error::Timeout {
+                stage_id,
+                what,
+                timeout,
+            }),
         }
     }
 
@@ -968,20 +1049,59 @@ impl Inner {
             return;
         }
         st.dead = Some((stage_id, status.clone()));
-        st.wire_ids.clear();
-        for (_, req) in st.requests.drain() {
-            let _ = req.events.send(StageEvent::Error(Error::StageDied {
-                stage_id,
-                status: status.clone(),
-            }));
-        }
-        for (_, p) in st.pending.drain() {
-            let _ = p.tx.send(Err(Error::StageDied {
-                stage_id,
-                status: status.clone(),
-            }));
-        }
+        st.fail_all(|| Error::StageDied {
+            stage_id,
+            status: status.clone(),
+        });
         tracing::error!(target: "omni::runtime", stage_id, %status, "stage died; failed every request in flight");
+    }
+}
+
+/// Checks every stage's health every `health_interval` while the pipeline
+/// serves. A stage that does not answer within `health_timeout` (a stopped
+/// or wedged process) or whose model thread is stuck on one round past
+/// `step_timeout` is killed with the reason: its exit then fails every
+/// request in flight as any stage death does, and shutdown stays clean.
+async fn watchdog(inner: Arc<Inner>, killer: crate::supervisor::StageKiller) {
+    let mut tick = tokio::time::interval(inner.opts.health_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if inner.check_alive(&lock(&inner.state)).is_err() {
+            return;
+        }
+        let checks = (0..inner.stages.len()).map(|s| {
+            let inner = &inner;
+            async move {
+                let r = inner
+                    .call_within(
+                        s,
+                        "health",
+                        |seq| Message::Health { seq },
+                        inner.opts.health_timeout,
+                    )
+                    .await;
+                (s, r)
+            }
+        });
+        for (stage_id, r) in futures::future::join_all(checks).await {
+            let step_limit = inner.opts.step_timeout.as_millis() as u64;
+            let reason = match r {
+                Err(Error::Timeout { timeout, .. }) => format!(
+                    "stage {stage_id} did not answer a health check within {timeout:?} \
+                     (stopped or hung)"
+                ),
+                Ok(Reply::Health(h)) if h.model_busy_ms > step_limit => format!(
+                    "stage {stage_id}'s model thread has been on one step for {} s (more than \
+                     the step timeout of {:?})",
+                    h.model_busy_ms / 1000,
+                    inner.opts.step_timeout
+                ),
+                _ => continue,
+            };
+            killer.kill(stage_id, reason);
+        }
     }
 }
 

@@ -88,12 +88,18 @@ enum Cmd {
         grace: Duration,
         terminate_now: bool,
     },
+    Kill {
+        stage_id: usize,
+        reason: String,
+    },
 }
 
 struct Watched {
     stage_id: usize,
     child: Child,
     terminated: bool,
+    /// Why the supervisor killed it, when it did (reported with its exit).
+    killed_for: Option<String>,
 }
 
 /// Handle to the supervisor thread.
@@ -147,12 +153,33 @@ impl Supervisor {
         });
     }
 
+    /// A handle that kills one stage (SIGKILL, which also ends a stopped
+    /// process) with a reason its exit is reported with; the exit then
+    /// counts as a death, as any other.
+    pub(crate) fn killer(&self) -> StageKiller {
+        StageKiller {
+            cmd: self.cmd.clone(),
+        }
+    }
+
     /// Waits until the thread has reaped every worker and removed the run
     /// directory (blocking).
     pub(crate) fn join(&mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Kills one stage through the supervisor thread (see [`Supervisor::killer`]).
+#[derive(Clone)]
+pub(crate) struct StageKiller {
+    cmd: std_mpsc::Sender<Cmd>,
+}
+
+impl StageKiller {
+    pub(crate) fn kill(&self, stage_id: usize, reason: String) {
+        let _ = self.cmd.send(Cmd::Kill { stage_id, reason });
     }
 }
 
@@ -197,6 +224,16 @@ fn supervise(
                     terminate_all(&mut children);
                 }
             }
+            Ok(Cmd::Kill { stage_id, reason }) => {
+                // A stage being stopped is left to the stop's deadline.
+                if deadline.is_none() {
+                    for w in children.iter_mut().filter(|w| w.stage_id == stage_id) {
+                        tracing::error!(target: "omni::runtime", stage_id, "{reason}; killing it");
+                        w.killed_for = Some(reason.clone());
+                        let _ = w.child.kill();
+                    }
+                }
+            }
             Err(std_mpsc::RecvTimeoutError::Timeout) => {}
             Err(std_mpsc::RecvTimeoutError::Disconnected) => {
                 if deadline.is_none() {
@@ -211,7 +248,10 @@ fn supervise(
                 Ok(Some(status)) => {
                     let w = children.swap_remove(i);
                     let expected = deadline.is_some();
-                    let status = describe(status);
+                    let status = match &w.killed_for {
+                        Some(reason) => format!("{reason}; killed ({})", describe(status)),
+                        None => describe(status),
+                    };
                     if expected {
                         tracing::debug!(target: "omni::runtime", stage_id = w.stage_id, %status, "stage exited");
                     } else {
@@ -321,6 +361,7 @@ fn spawn_child(
         stage_id,
         child,
         terminated: false,
+        killed_for: None,
     });
     Ok((pid, tail))
 }

@@ -259,6 +259,12 @@ pub struct HealthMsg {
     pub rejected_messages: u64,
     /// Whether a profiler window is open.
     pub profiling: bool,
+    /// How long the stage's model thread has been on its current round
+    /// (commands, one engine step, sending outputs); 0 while it waits for
+    /// work. The socket thread answers health even when the model thread is
+    /// stuck: this says whether it is.
+    #[serde(default)]
+    pub model_busy_ms: u64,
 }
 
 /// Every message of the protocol. New variants may come in later versions.

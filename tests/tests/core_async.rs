@@ -209,6 +209,32 @@ async fn abort_stops_a_request_in_every_stage() -> Result {
         finished += usize::from(out?.finished);
     }
     assert_eq!(finished, 2);
+
+    // The id reused the moment its stream is dropped: the abort of the old
+    // request must not reach the new one (it went out by the caller's id
+    // after the id was free; found when tried). Both stages finish it.
+    for round in 0..3 {
+        let mut old = omni
+            .generate(chat("Count."), vec![long(LONG), long(8)], "d")
+            .await?;
+        old.next().await.ok_or_else(|| err("no output"))??;
+        drop(old);
+        let mut new = omni
+            .generate(chat("Hi."), vec![tiny_params(3), tiny_params(3)], "d")
+            .await?;
+        let mut finished = Vec::new();
+        while let Some(out) = new.next().await {
+            let out = out?;
+            if out.finished {
+                finished.push(out.stage_id);
+            }
+        }
+        assert_eq!(
+            finished,
+            [0, 1],
+            "round {round}: the new \"d\" was cut short"
+        );
+    }
     omni.shutdown().await?;
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! Supervision with real processes: a stage SIGKILLed (either one) or
 //! exiting with a failure status mid-request fails the request with an
 //! error naming the stage and how it ended, the other stage exits and the
-//! run directory goes; a stopped stage times out control calls and is
+//! run directory goes; so does a stage stopped (SIGSTOP) mid-request, caught
+//! by the health watchdog, and one whose model thread outlives the step
+//! timeout; a stopped stage times out control calls and is
 //! SIGKILLed after the shutdown grace; an orchestrator SIGKILLed leaves no worker
 //! behind; when every process is SIGKILLed at once, the next pipeline removes
 //! what they left; start-up failures name the stage and clean up.
@@ -24,8 +26,19 @@ async fn a_stage_death_fails_the_request_and_cleans_up(
     signal: libc::c_int,
     status_says: &str,
 ) -> TestResult {
+    a_stage_failure_fails_the_request_and_cleans_up(victim, Some(signal), status_says, options())
+        .await
+}
+
+/// As above, with `signal` (none: the stage is left alone) and options.
+async fn a_stage_failure_fails_the_request_and_cleans_up(
+    victim: usize,
+    signal: Option<libc::c_int>,
+    status_says: &str,
+    opts: OrchestratorOptions,
+) -> TestResult {
     let config = PipelineConfig::builtin("default")?;
-    let orch = Orchestrator::start(config, options()).await?;
+    let orch = Orchestrator::start(config, opts).await?;
     let pids: Vec<u32> = orch.stages().iter().map(|s| s.pid).collect();
     let run_dir = orch.run_dir().to_path_buf();
     // Stage 0 streams long enough (EOS ignored) that the request is surely
@@ -42,26 +55,34 @@ async fn a_stage_death_fails_the_request_and_cleans_up(
     let first = tokio::time::timeout(Duration::from_secs(120), rx.recv())
         .await?
         .ok_or("no output")?;
-    assert!(
-        matches!(first, StageEvent::Output { stage_id: 0, .. }),
-        "{first:?}"
-    );
-    // SAFETY: plain kill(2) of a child process we own.
-    assert_eq!(
-        unsafe { libc::kill(pids[victim] as libc::pid_t, signal) },
-        0
-    );
+    // Without a signal the failure may come before any output (a step
+    // timeout can strike in the prefill).
+    let early = match first {
+        StageEvent::Output { stage_id: 0, .. } => None,
+        StageEvent::Error(e) if signal.is_none() => Some(e),
+        other => return Err(format!("expected an output of stage 0, got {other:?}").into()),
+    };
+    if let Some(signal) = signal {
+        // SAFETY: plain kill(2) of a child process we own.
+        assert_eq!(
+            unsafe { libc::kill(pids[victim] as libc::pid_t, signal) },
+            0
+        );
+    }
 
-    let err = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(ev) = rx.recv().await {
-            if let StageEvent::Error(e) = ev {
-                return Some(e);
+    let err = match early {
+        Some(e) => e,
+        None => tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(ev) = rx.recv().await {
+                if let StageEvent::Error(e) = ev {
+                    return Some(e);
+                }
             }
-        }
-        None
-    })
-    .await?
-    .ok_or("stream ended without an error")?;
+            None
+        })
+        .await?
+        .ok_or("stream ended without an error")?,
+    };
     match &err {
         Error::StageDied { stage_id, status } if *stage_id == victim => {
             assert!(status.contains(status_says), "{status}")
@@ -121,6 +142,83 @@ async fn sigkill_of_stage_0_fails_the_request_and_cleans_up() -> TestResult {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_exiting_with_status_3_fails_the_request_and_cleans_up() -> TestResult {
     a_stage_death_fails_the_request_and_cleans_up(1, libc::SIGUSR1, "exit status 3").await
+}
+
+/// Shutdown with a request in flight ends its channel with an error (the
+/// channel used to stay open forever: its pump held the orchestrator).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_fails_the_requests_in_flight() -> TestResult {
+    let config = PipelineConfig::builtin("smollm2")?;
+    let orch = Orchestrator::start(config, options()).await?;
+    let mut params = greedy(orch.config(), &[2000]);
+    params[0].ignore_eos = true;
+    let mut rx = orch
+        .submit(
+            "inflight".into(),
+            Prompt::Text("Tell a story.".into()),
+            params,
+        )
+        .await?;
+    tokio::time::timeout(Duration::from_secs(120), rx.recv())
+        .await?
+        .ok_or("no output")?;
+    let shutdown = tokio::spawn(orch.shutdown());
+    let ended = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut error = None;
+        while let Some(ev) = rx.recv().await {
+            if let StageEvent::Error(e) = ev {
+                error = Some(e);
+            }
+        }
+        error
+    })
+    .await?;
+    assert!(
+        matches!(&ended, Some(Error::ShutDown(m)) if m.contains("in flight")),
+        "{ended:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(60), shutdown).await???;
+    Ok(())
+}
+
+/// A stage stopped mid-request (SIGSTOP: the whole process, its socket
+/// thread included) answers no health check: the watchdog kills it after
+/// `health_timeout` and the request fails naming why, instead of waiting
+/// forever (found when tried: `omni generate` still ran after 91 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_stage_fails_the_request_within_the_health_timeout() -> TestResult {
+    let opts = OrchestratorOptions {
+        health_interval: Duration::from_millis(500),
+        health_timeout: Duration::from_secs(2),
+        ..options()
+    };
+    a_stage_failure_fails_the_request_and_cleans_up(
+        1,
+        Some(libc::SIGSTOP),
+        "stage 1 did not answer a health check within 2s (stopped or hung); killed",
+        opts,
+    )
+    .await
+}
+
+/// A model thread that stays on one round longer than `step_timeout` (its
+/// socket thread still answering) is killed the same way. Each step of the
+/// streaming stage takes milliseconds at least, so a step timeout of 1 ms
+/// is exceeded by a working stage: what a stuck one looks like.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_thread_past_the_step_timeout_fails_the_request() -> TestResult {
+    let opts = OrchestratorOptions {
+        health_interval: Duration::from_millis(200),
+        step_timeout: Duration::from_millis(1),
+        ..options()
+    };
+    a_stage_failure_fails_the_request_and_cleans_up(
+        0,
+        None,
+        "stage 0's model thread has been on one step for",
+        opts,
+    )
+    .await
 }
 
 /// A stopped stage (SIGSTOP) answers no control message: the call fails

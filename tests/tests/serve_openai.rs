@@ -119,7 +119,10 @@ fn raw_http_errors_health_and_metrics() -> Result {
         ),
         (
             "/v1/chat/completions",
-            &chat_body("default", r#","tools":[]"#),
+            &chat_body(
+                "default",
+                r#","tools":[{"type":"function","function":{"name":"f"}}]"#,
+            ),
             "tools",
         ),
         (

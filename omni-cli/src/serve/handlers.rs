@@ -73,6 +73,11 @@ const STAGE_SERIES: [StageSeries; 4] = [
     ),
 ];
 
+/// How long `/metrics` waits for a stage's health answer: the stages are
+/// asked at once, so a scrape answers within this (a scraper gives up after
+/// 10 s) even when a stage is stuck; such a stage shows as down.
+const STAGE_HEALTH_WAIT: Duration = Duration::from_secs(3);
+
 /// `GET /metrics`: the server's own series, plus what each stage reports
 /// about itself right now (alive, requests it holds, tokens, aborts).
 pub async fn metrics(State(st): St) -> Response {
@@ -84,9 +89,25 @@ pub async fn metrics(State(st): St) -> Response {
         .iter()
         .map(|(name, help, kind, _)| format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"))
         .collect();
-    for stage in st.omni.stages() {
+    let asks = st.omni.stages().iter().map(|stage| {
         let id = stage.stage_id;
-        match st.omni.stage_health(id).await {
+        let omni = &st.omni;
+        async move {
+            // A dropped call leaves nothing behind in the orchestrator.
+            let answer = tokio::time::timeout(STAGE_HEALTH_WAIT, omni.stage_health(id))
+                .await
+                .unwrap_or(Err(omni_core::Error::Runtime(
+                    omni_core::runtime::Error::Timeout {
+                        stage_id: id,
+                        what: "health",
+                        timeout: STAGE_HEALTH_WAIT,
+                    },
+                )));
+            (id, answer)
+        }
+    });
+    for (id, answer) in futures::future::join_all(asks).await {
+        match answer {
             Ok(h) => {
                 up.push_str(&format!("omni_stage_up{{stage=\"{id}\"}} 1\n"));
                 for ((name, _, _, value), out) in STAGE_SERIES.iter().zip(&mut series) {

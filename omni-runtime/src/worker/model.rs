@@ -115,6 +115,9 @@ pub(crate) struct StageCounters {
     pub generated_tokens: AtomicU64,
     /// Aborts that found the request still in this stage.
     pub aborted_requests: AtomicU64,
+    /// When (UNIX µs) the model thread began its current round; 0 while it
+    /// waits for work.
+    pub busy_since_us: AtomicU64,
 }
 
 struct Loop {
@@ -175,11 +178,15 @@ impl ModelThread {
                     Err(mpsc::error::TryRecvError::Disconnected) => break 'serve,
                 }
             } else {
+                l.t.counters.busy_since_us.store(0, Ordering::Relaxed);
                 match rx.blocking_recv() {
                     Some(c) => Some(c),
                     None => break 'serve,
                 }
             };
+            l.t.counters
+                .busy_since_us
+                .store(now_us().max(1), Ordering::Relaxed);
             if let Some(c) = first {
                 if !l.handle(&mut engine, c) {
                     break 'serve;
@@ -193,7 +200,13 @@ impl ModelThread {
             }
             if engine.has_unfinished() {
                 match engine.step() {
-                    Ok(outs) => l.emit(outs),
+                    Ok(outs) => {
+                        // Requests whose output could not be sent were
+                        // failed to their caller: nothing more for them.
+                        for id in l.emit(outs) {
+                            engine.abort(&id);
+                        }
+                    }
                     Err(e) => l.fail_all(&mut engine, &format!("engine step failed: {e}")),
                 }
             }
@@ -574,11 +587,7 @@ impl Loop {
             // The caller's input at an entry stage, and the caller's
             // sampling params anywhere; downstream, the prompt is what an
             // upstream stage made.
-            let callers = matches!(
-                e,
-                omni_engine::Error::InvalidSamplingParams { .. }
-                    | omni_engine::Error::ContextLengthExceeded { .. }
-            );
+            let callers = matches!(e, omni_engine::Error::InvalidSamplingParams { .. });
             return if self.t.sources.is_empty() || callers {
                 self.request_rejected(&id, e.to_string())
             } else {
@@ -601,7 +610,11 @@ impl Loop {
         );
     }
 
-    fn emit(&mut self, outs: Vec<RequestOutput>) {
+    /// Sends each output on (to the caller, to downstream stages). Returns
+    /// the requests that failed here (reported to the caller as errors),
+    /// for the engine to drop.
+    fn emit(&mut self, outs: Vec<RequestOutput>) -> Vec<String> {
+        let mut failed = Vec::new();
         for o in outs {
             let Some(req) = self.reqs.get_mut(&o.request_id) else {
                 continue;
@@ -704,8 +717,18 @@ impl Loop {
                     env.tensors.push(("hidden_states".to_string(), h.clone()));
                 }
                 env.tensors.extend(audio.iter().flatten().cloned());
-                if let Some(f) = self.encode_or_log(&env) {
-                    self.send(FromModel::ToOrchestrator(f));
+                match self.encode_or_log(&env) {
+                    Some(f) => self.send(FromModel::ToOrchestrator(f)),
+                    None => {
+                        // The caller would otherwise wait for an output
+                        // that never comes.
+                        self.request_error(&o.request_id, "cannot encode its output".into());
+                        self.reqs.remove(&o.request_id);
+                        if !o.finished {
+                            failed.push(o.request_id.clone());
+                        }
+                        continue;
+                    }
                 }
             }
             if o.finished {
@@ -720,6 +743,7 @@ impl Loop {
                 }
             }
         }
+        failed
     }
 
     /// Sends a finished output straight to every downstream stage.
