@@ -48,6 +48,15 @@ pub struct ServeArgs {
     /// for completions and the rest of the context for chat).
     #[arg(long, value_enum, default_value_t = serve::GenerationConfig::Pipeline)]
     pub generation_config: serve::GenerationConfig,
+    /// Require `Authorization: Bearer <KEY>` on /v1/* and the profile
+    /// endpoints (/health and /metrics stay open), as vLLM's --api-key.
+    #[arg(long, env = "OMNI_API_KEY", value_name = "KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Requests in flight at most (a request with n samples or several
+    /// prompts counts each); past it the server answers 429 with
+    /// Retry-After instead of queueing without bound.
+    #[arg(long, default_value_t = 256)]
+    pub max_pending_requests: usize,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -87,8 +96,12 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         "starting pipeline {:?}: spawning stages, loading models",
         args.pipeline
     ));
+    if args.max_pending_requests == 0 {
+        return Err(crate::BadInput("--max-pending-requests must be at least 1".into()).into());
+    }
     let omni = AsyncOmni::from_engine_args(OmniEngineArgs {
         model_path: args.model_path.clone(),
+        max_pending_requests: Some(args.max_pending_requests),
         ..OmniEngineArgs::new(&args.pipeline)
     })
     .await;
@@ -98,7 +111,10 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         .served_model_name
         .clone()
         .unwrap_or_else(|| args.pipeline.clone());
-    let state = Arc::new(serve::AppState::new(omni, &served, args.generation_config));
+    let state = Arc::new(
+        serve::AppState::new(omni, &served, args.generation_config)
+            .with_api_key(args.api_key.clone()),
+    );
     tracing::info!(
         model = %served,
         profiling = state.profiling_enabled,

@@ -59,6 +59,8 @@ struct Inner {
     final_stages: Vec<usize>,
     /// Request ids whose stream is alive and unfinished.
     running: Mutex<HashSet<String>>,
+    /// `OmniEngineArgs::max_pending_requests`.
+    max_pending: Option<usize>,
     /// Running request ids that [`AsyncOmni::abort`] was called for: their
     /// streams end quietly instead of reporting an incomplete request.
     aborted: Mutex<HashSet<String>>,
@@ -141,6 +143,7 @@ impl AsyncOmni {
                 max_model_lens,
                 final_stages,
                 running: Mutex::default(),
+                max_pending: args.max_pending_requests,
                 aborted: Mutex::default(),
                 handle: tokio::runtime::Handle::current(),
                 name,
@@ -225,8 +228,18 @@ impl AsyncOmni {
         }
         let sampling_params: StageSamplingParams = sampling_params.into();
         let params = sampling_params.resolve(&self.inner.defaults)?;
-        if !self.inner.running().insert(request_id.clone()) {
-            return Err(Error::DuplicateRequestId(request_id));
+        {
+            let mut running = self.inner.running();
+            if running.contains(&request_id) {
+                return Err(Error::DuplicateRequestId(request_id));
+            }
+            if let Some(limit) = self.inner.max_pending.filter(|&l| running.len() >= l) {
+                return Err(Error::Overloaded {
+                    running: running.len(),
+                    limit,
+                });
+            }
+            running.insert(request_id.clone());
         }
         // From here the stream owns the id: dropping it releases the id.
         let start = Instant::now();

@@ -33,6 +33,10 @@ pub struct OmniEngineArgs {
     /// `engine_args.model` (a pipeline written for one model family run on
     /// your copy of it, e.g. `qwen2_5_omni` on a Qwen2.5-Omni folder).
     pub model_path: Option<String>,
+    /// At most this many requests in flight (streams alive and unfinished);
+    /// past it `AsyncOmni::generate` refuses with `Error::Overloaded`
+    /// instead of queueing without bound. `None`: no bound.
+    pub max_pending_requests: Option<usize>,
 }
 
 impl Default for OmniEngineArgs {
@@ -43,6 +47,7 @@ impl Default for OmniEngineArgs {
             init_timeout: None,
             stage_binary: None,
             model_path: None,
+            max_pending_requests: None,
         }
     }
 }

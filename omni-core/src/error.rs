@@ -36,6 +36,9 @@ pub enum ErrorKind {
     /// The pipeline cannot serve: a stage process is gone or did not start,
     /// or the pipeline is shutting down.
     Unavailable,
+    /// The pipeline holds as many requests as it was told to: retry later
+    /// (a server answers 429).
+    Overloaded,
     /// Anything else (I/O, the runtime itself).
     Internal,
 }
@@ -89,6 +92,17 @@ pub enum Error {
     /// An empty request id.
     #[error("empty request id: give every request a non-empty id")]
     EmptyRequestId,
+    /// `AsyncOmni::generate` past `max_pending_requests`.
+    #[error(
+        "overloaded: {running} requests in flight, the limit (max_pending_requests) is \
+         {limit}; retry later"
+    )]
+    Overloaded {
+        /// Requests in flight.
+        running: usize,
+        /// The bound.
+        limit: usize,
+    },
     /// A request whose outputs stopped before every final stage finished,
     /// without an abort.
     #[error("request {request_id:?} ended before stage {stage_id} produced its final output")]
@@ -133,6 +147,7 @@ impl Error {
             return ErrorKind::InvalidInput;
         }
         match self {
+            Error::Overloaded { .. } => ErrorKind::Overloaded,
             Error::Incomplete { .. } => ErrorKind::StageFailed,
             Error::Runtime(R::Stage { .. } | R::Timeout { .. } | R::InputProcessor { .. }) => {
                 ErrorKind::StageFailed

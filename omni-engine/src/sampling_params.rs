@@ -17,6 +17,12 @@ pub(crate) const SAMPLING_EPS: f32 = 1e-5;
 /// The most top log-probabilities a request may ask for per token.
 pub const MAX_LOGPROBS: usize = 20;
 
+/// The most stop strings a request may give, and the longest: each is
+/// searched for after every token.
+pub const MAX_STOP_STRINGS: usize = 64;
+/// See [`MAX_STOP_STRINGS`]; in bytes.
+pub const MAX_STOP_STRING_BYTES: usize = 1024;
+
 /// Sampling parameters of one request (vLLM's names and defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -244,6 +250,24 @@ impl SamplingParams {
                 "biases must be finite",
             );
         }
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return bad(
+                "stop",
+                format!("{} strings", self.stop.len()),
+                &format!("at most {MAX_STOP_STRINGS} stop strings"),
+            );
+        }
+        if let Some(i) = self
+            .stop
+            .iter()
+            .position(|s| s.len() > MAX_STOP_STRING_BYTES)
+        {
+            return bad(
+                "stop",
+                format!("[{i}] of {} bytes", self.stop[i].len()),
+                &format!("stop strings must be at most {MAX_STOP_STRING_BYTES} bytes"),
+            );
+        }
         if let Some(i) = self.stop.iter().position(String::is_empty) {
             return bad(
                 "stop",
@@ -410,6 +434,22 @@ mod tests {
                 },
                 "logprobs",
                 "100",
+            ),
+            (
+                SamplingParams {
+                    stop: vec!["x".into(); 65],
+                    ..Default::default()
+                },
+                "stop",
+                "65 strings",
+            ),
+            (
+                SamplingParams {
+                    stop: vec!["y".repeat(1025)],
+                    ..Default::default()
+                },
+                "stop",
+                "[0] of 1025 bytes",
             ),
         ];
         for (p, field, value) in cases {

@@ -406,7 +406,18 @@ impl HttpResponse {
 
 /// One HTTP/1.1 request with `Connection: close`; reads the whole answer.
 pub fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<HttpResponse> {
-    let mut conn = HttpConn::open(addr, method, path, body)?;
+    http_with(addr, method, path, body, &[])
+}
+
+/// [`http`] with extra header lines (`("Authorization", "Bearer k")`).
+pub fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Result<HttpResponse> {
+    let mut conn = HttpConn::open_with(addr, method, path, body, headers)?;
     let mut body = String::new();
     while let Some(line) = conn.next_line()? {
         body.push_str(&line);
@@ -435,13 +446,25 @@ pub struct HttpConn {
 impl HttpConn {
     /// Sends the request and reads the status line and headers.
     pub fn open(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<Self> {
+        Self::open_with(addr, method, path, body, &[])
+    }
+
+    /// [`HttpConn::open`] with extra header lines.
+    pub fn open_with(
+        addr: &str,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Result<Self> {
         let stream = TcpStream::connect(addr)?;
         stream.set_read_timeout(Some(START_TIMEOUT))?;
         let mut w = stream.try_clone()?;
         let body = body.unwrap_or("");
+        let extra: String = extra.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
         write!(
             w,
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
             body.len()
         )?;
         w.flush()?;

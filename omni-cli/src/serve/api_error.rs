@@ -76,6 +76,26 @@ impl ApiError {
         }
     }
 
+    /// 429: the pipeline holds as many requests as it may; answered with
+    /// `Retry-After`.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    /// 401: no or a wrong API key.
+    pub fn unauthorized() -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            message: "Unauthorized: send the server's API key as `Authorization: Bearer <key>`"
+                .to_owned(),
+            param: None,
+        }
+    }
+
     /// 503: the server is shutting down.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self {
@@ -90,6 +110,8 @@ impl ApiError {
         match self.status {
             // vLLM's spelling (OpenAI's own is `not_found_error`).
             StatusCode::NOT_FOUND => "NotFoundError",
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             s if s.is_client_error() => "invalid_request_error",
             _ => "server_error",
         }
@@ -116,7 +138,15 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = %self.status, message = %self.message, "request refused");
         }
-        (self.status, Json(self.body())).into_response()
+        let mut response = (self.status, Json(self.body())).into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            // Requests in flight finish in seconds; a client retries then.
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        response
     }
 }
 
@@ -138,6 +168,7 @@ impl From<omni_core::Error> for ApiError {
         match e.kind() {
             ErrorKind::InvalidInput => Self::bad_request(message),
             ErrorKind::Unavailable => Self::unavailable(named(message)),
+            ErrorKind::Overloaded => Self::overloaded(message),
             _ => Self::internal(named(message)),
         }
     }

@@ -56,6 +56,9 @@ pub struct AppState {
     pub created: u64,
     /// What `/v1/models` reports as `root` (the first stage's model).
     pub root: String,
+    /// When set, `/v1/*` and the profile endpoints need
+    /// `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
 }
 
 impl AppState {
@@ -103,7 +106,53 @@ impl AppState {
             next_id: AtomicU64::new(0),
             created: handlers::unix_now(),
             root,
+            api_key: None,
         }
+    }
+
+    /// Guards `/v1/*` and the profile endpoints with `key` (vLLM's
+    /// `--api-key`); `/health` and `/metrics` stay open.
+    pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        self.api_key = key.filter(|k| !k.is_empty());
+        self
+    }
+}
+
+/// Compares in time that depends on the lengths only, not on where the
+/// bytes differ: a guess cannot be refined from response times.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(a.len() ^ b.len(), |acc, (x, y)| acc | usize::from(x ^ y));
+    diff == 0
+}
+
+/// Refuses a guarded route without the API key.
+async fn require_api_key(
+    axum::extract::State(st): axum::extract::State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let Some(key) = st.api_key.as_deref() else {
+        return next.run(request).await;
+    };
+    let path = request.uri().path();
+    let guarded = path.starts_with("/v1/") || path == "/start_profile" || path == "/stop_profile";
+    if !guarded {
+        return next.run(request).await;
+    }
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if same_secret(given.trim().as_bytes(), key.as_bytes()) {
+        next.run(request).await
+    } else {
+        ApiError::unauthorized().into_response()
     }
 }
 
@@ -123,6 +172,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/start_profile", post(handlers::start_profile))
         .route("/stop_profile", post(handlers::stop_profile))
         .fallback(handlers::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            require_api_key,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(state)
 }
