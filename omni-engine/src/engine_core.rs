@@ -35,6 +35,9 @@ pub struct EngineLoad {
     pub unfinished_requests: usize,
     /// Tokens sampled since the engine started, over all requests.
     pub generated_tokens: u64,
+    /// Prompt tokens looked up in the prefix cache since start, and of
+    /// those, the tokens whose K/V it held (samples of one prompt share it).
+    pub prefix_cache: PrefixCacheStats,
 }
 
 /// Sizes of the core.
@@ -130,6 +133,7 @@ impl EngineCore {
         EngineLoad {
             unfinished_requests: self.scheduler.num_unfinished(),
             generated_tokens: self.generated_tokens,
+            prefix_cache: self.scheduler.pool.stats(),
         }
     }
 

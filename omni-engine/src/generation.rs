@@ -319,7 +319,7 @@ impl GenerationEngine {
     pub fn load(&self) -> EngineLoad {
         EngineLoad {
             unfinished_requests: self.waiting.len(),
-            generated_tokens: 0,
+            ..EngineLoad::default()
         }
     }
 

@@ -265,6 +265,12 @@ pub struct HealthMsg {
     /// stuck: this says whether it is.
     #[serde(default)]
     pub model_busy_ms: u64,
+    /// Prompt tokens the engine looked up in its prefix cache since start.
+    #[serde(default)]
+    pub prefix_cache_queried_tokens: u64,
+    /// Of those, tokens whose K/V the cache held.
+    #[serde(default)]
+    pub prefix_cache_hit_tokens: u64,
 }
 
 /// Every message of the protocol. New variants may come in later versions.

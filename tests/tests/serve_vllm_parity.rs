@@ -7,7 +7,7 @@
 //! And `--generation-config` picks where omitted fields come from.
 use std::path::Path;
 
-use omni_tests::{err, http, repo_root, run_python, Result, Server};
+use omni_tests::{err, http, metric, repo_root, run_python, Result, Server};
 
 /// SmolLM2 alone at fp32, answering 5 tokens unless told otherwise.
 const PIPELINE: &str = "name: smollm2-fp32
@@ -86,6 +86,38 @@ fn every_row_behaves_as_vllm_s_server() -> Result {
         .as_array()
         .ok_or_else(|| err("no failures list"))?;
     assert!(failures.is_empty(), "{:#}", r["failures"]);
+    n_samples_share_the_prompt_s_blocks(&server)?;
+    Ok(())
+}
+
+/// `n` samples run as sequences of one batch: all but the first take the
+/// prompt's full blocks from the prefix cache instead of computing them.
+fn n_samples_share_the_prompt_s_blocks(server: &Server) -> Result {
+    let hits = || -> Result<f64> {
+        let m = http(&server.addr, "GET", "/metrics", None)?;
+        metric(
+            &m.body,
+            "omni_stage_prefix_cache_hit_tokens_total{stage=\"0\"}",
+        )
+        .ok_or_else(|| err(format!("no prefix-cache series in\n{}", m.body)))
+    };
+    // A prompt never sent before, of more than four 16-token blocks.
+    let prompt = "Seven lighthouse keepers counted the ships that passed their rocks each \
+                  night, wrote the numbers in a ledger, and argued about the totals over \
+                  breakfast until the winter storms ended the season. "
+        .repeat(3);
+    let before = hits()?;
+    let body = format!(
+        r#"{{"model":"smollm2","prompt":"{prompt}","max_tokens":2,"n":4,"temperature":1,"seed":3}}"#
+    );
+    let r = http(&server.addr, "POST", "/v1/completions", Some(&body))?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json()?;
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_f64().unwrap_or(0.0);
+    assert!(prompt_tokens > 64.0, "{v}");
+    let shared = hits()? - before;
+    // Three samples each reuse at least the first four blocks.
+    assert!(shared >= 3.0 * 64.0, "{shared} prompt tokens shared: {v}");
     Ok(())
 }
 

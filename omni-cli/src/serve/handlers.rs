@@ -46,7 +46,7 @@ type StageSeries = (
     fn(&StageHealth) -> u64,
 );
 
-const STAGE_SERIES: [StageSeries; 4] = [
+const STAGE_SERIES: [StageSeries; 6] = [
     (
         "omni_stage_running_requests",
         "Requests a stage holds (in its engine or waiting for input).",
@@ -64,6 +64,18 @@ const STAGE_SERIES: [StageSeries; 4] = [
         "Tokens a stage's engine has sampled since it started, aborted requests included.",
         "counter",
         |h| h.generated_tokens,
+    ),
+    (
+        "omni_stage_prefix_cache_queried_tokens_total",
+        "Prompt tokens a stage looked up in its prefix cache.",
+        "counter",
+        |h| h.prefix_cache_queried_tokens,
+    ),
+    (
+        "omni_stage_prefix_cache_hit_tokens_total",
+        "Prompt tokens whose K/V a stage's prefix cache held (shared, not computed).",
+        "counter",
+        |h| h.prefix_cache_hit_tokens,
     ),
     (
         "omni_stage_aborted_requests_total",

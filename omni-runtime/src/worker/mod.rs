@@ -438,6 +438,14 @@ impl Io {
             aborted_requests: self.counters.aborted_requests.load(Ordering::Relaxed),
             rejected_messages: self.rejected.load(Ordering::Relaxed),
             profiling: self.profiling.load(Ordering::Relaxed),
+            prefix_cache_queried_tokens: self
+                .counters
+                .prefix_cache_queried_tokens
+                .load(Ordering::Relaxed),
+            prefix_cache_hit_tokens: self
+                .counters
+                .prefix_cache_hit_tokens
+                .load(Ordering::Relaxed),
             model_busy_ms: match self.counters.busy_since_us.load(Ordering::Relaxed) {
                 0 => 0,
                 since => now_us().saturating_sub(since) / 1000,

@@ -118,6 +118,9 @@ pub(crate) struct StageCounters {
     /// When (UNIX µs) the model thread began its current round; 0 while it
     /// waits for work.
     pub busy_since_us: AtomicU64,
+    /// The engine's prefix-cache counters.
+    pub prefix_cache_queried_tokens: AtomicU64,
+    pub prefix_cache_hit_tokens: AtomicU64,
 }
 
 struct Loop {
@@ -218,6 +221,10 @@ impl ModelThread {
                 .store(load.unfinished_requests, Ordering::Relaxed);
             c.generated_tokens
                 .store(load.generated_tokens, Ordering::Relaxed);
+            c.prefix_cache_queried_tokens
+                .store(load.prefix_cache.queried_tokens, Ordering::Relaxed);
+            c.prefix_cache_hit_tokens
+                .store(load.prefix_cache.hit_tokens, Ordering::Relaxed);
         }
         // Shutting down: a window still open is closed so its trace is not lost.
         if l.t.profiler.is_active() {
