@@ -39,6 +39,12 @@ pub struct LaunchSpec {
     pub connect_timeout_ms: u64,
     /// The profiler backend (`torch`, `chrome`, `noop`).
     pub profiler_backend: String,
+    /// How long the worker gives its model thread to stop (closing an open
+    /// trace included), in milliseconds: within the orchestrator's own
+    /// shutdown grace, after which it kills the worker. 0: the worker's
+    /// default.
+    #[serde(default)]
+    pub stop_grace_ms: u64,
 }
 
 impl LaunchSpec {

@@ -336,6 +336,9 @@ impl Orchestrator {
                 run_dir: run_path.clone(),
                 connect_timeout_ms: opts.init_timeout.as_millis() as u64,
                 profiler_backend: config.profiler_backend(s.stage_id),
+                // Three quarters of ours: the worker gives up on its model
+                // thread (and says so) before we kill it.
+                stop_grace_ms: (opts.shutdown_grace.as_millis() as u64 * 3 / 4).max(1),
             };
             let spec_path = run_path.join(format!("stage-{}.json", s.stage_id));
             spec.write(&spec_path)?;

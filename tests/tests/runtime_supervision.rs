@@ -355,6 +355,56 @@ fn sigkill_of_the_orchestrator_takes_its_workers_down() -> TestResult {
     Ok(())
 }
 
+/// The orchestrator SIGKILLed while its stages still load their models:
+/// the workers, told by their parent-death signal, leave and remove the run
+/// directory (they used to die of that signal before watching it, leaving
+/// the directory behind).
+#[test]
+fn sigkill_of_the_orchestrator_while_stages_load_leaves_nothing() -> TestResult {
+    let parent = tempfile::tempdir()?;
+    let mut host = std::process::Command::new(env!("CARGO_BIN_EXE_runtime-orchestrator-host"))
+        .arg("smollm2")
+        .arg(parent.path())
+        .env("OMNI_STAGE_BIN", runtime_support::stage_binary())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let host_pid = host.id();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let workers = loop {
+        let w = omni_tests::child_pids(host_pid);
+        if !w.is_empty() {
+            break w;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = host.kill();
+            return Err("the host spawned no worker".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Loading SmolLM2 takes seconds: this lands in the load.
+    std::thread::sleep(Duration::from_millis(300));
+    let run_dirs = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(parent.path())
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(run_dirs().len(), 1, "one run directory while loading");
+    host.kill()?;
+    host.wait()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let gone = rt.block_on(eventually(Duration::from_secs(30), || {
+        workers.iter().all(|&p| !pid_alive(p))
+    }));
+    assert!(gone, "workers {workers:?} outlived their orchestrator");
+    let cleaned = rt.block_on(eventually(Duration::from_secs(10), || {
+        run_dirs().is_empty()
+    }));
+    assert!(cleaned, "left behind: {:?}", run_dirs());
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_killed_outright_is_cleaned_up_by_the_next_one() -> TestResult {
     let parent = tempfile::tempdir()?;

@@ -43,7 +43,9 @@ use model::{now_us, FromModel, ModelThread, StageCounters, ToModel};
 /// How often the worker checks that its orchestrator is still its parent.
 const PARENT_CHECK: Duration = Duration::from_millis(250);
 
-/// How long the model thread gets to wind down (and flush a trace) at exit.
+/// How long the model thread gets to wind down (and flush a trace) at exit,
+/// unless the launch file says (the orchestrator's grace, which must not run
+/// out first).
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
 /// Installs the worker's `tracing` subscriber: logs to stderr (filtered by
@@ -157,6 +159,13 @@ struct Io {
 
 async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Handle) -> Result<()> {
     let stage_id = stage.stage_id;
+    // Watch SIGTERM from the start, the model's load included: the death
+    // signal of an orchestrator killed meanwhile would otherwise end this
+    // process before it removes the run directory nobody else will.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::io("cannot watch SIGTERM", "omni-stage", e))?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| Error::io("cannot watch SIGINT", "omni-stage", e))?;
     // Before this process opens anything else: the input socket it inherited.
     let inherited = spec
         .input_listener_fd
@@ -289,7 +298,22 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
         ..Default::default()
     };
 
-    let (model_name, device, max_model_len) = match from_model.recv().await {
+    // `None`: a signal came first.
+    let loaded = tokio::select! {
+        m = from_model.recv() => Some(m),
+        _ = sigterm.recv() => None,
+        _ = sigint.recv() => None,
+    };
+    let Some(loaded) = loaded else {
+        // Stopped while loading: leave (the model thread goes with the
+        // process), cleaning up after an orchestrator that is gone.
+        tracing::info!(target: "omni::runtime", stage_id, "signal while loading: stopping");
+        if orphaned_after_signal(spec.parent_pid).await {
+            let _ = std::fs::remove_dir_all(&spec.run_dir);
+        }
+        return Ok(());
+    };
+    let (model_name, device, max_model_len) = match loaded {
         Some(FromModel::Loaded {
             model_name,
             device,
@@ -310,13 +334,6 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
             })
         }
     };
-    // Watch for SIGTERM before saying ready: an orchestrator killed right
-    // after it heard us sends its death signal at once, and unwatched that
-    // signal would end this process before it cleans up the run directory.
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| Error::io("cannot watch SIGTERM", "omni-stage", e))?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| Error::io("cannot watch SIGINT", "omni-stage", e))?;
     let ready = Message::Ready(ReadyMsg {
         stage_id,
         model_name: model_name.clone(),
@@ -332,6 +349,10 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     let mut stopping: Option<tokio::time::Instant> = None;
     let mut orphaned = false;
     let mut by_signal = false;
+    let stop_grace = match spec.stop_grace_ms {
+        0 => STOP_GRACE,
+        ms => Duration::from_millis(ms),
+    };
     loop {
         let stop_deadline =
             stopping.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400));
@@ -340,10 +361,10 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
                 match inc {
                     Some(inc) => {
                         if io.incoming(inc, &ctx).await {
-                            stopping = Some(begin_stop(&io).await);
+                            stopping = Some(begin_stop(&io, stop_grace).await);
                         }
                     }
-                    None => stopping = Some(begin_stop(&io).await),
+                    None => stopping = Some(begin_stop(&io, stop_grace).await),
                 }
             }
             out = from_model.recv() => match out {
@@ -360,18 +381,18 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
                 tracing::info!(target: "omni::runtime", stage_id, "SIGTERM: shutting down");
                 orphaned = parent_gone(spec.parent_pid);
                 by_signal = true;
-                stopping = Some(begin_stop(&io).await);
+                stopping = Some(begin_stop(&io, stop_grace).await);
             }
             _ = sigint.recv(), if stopping.is_none() => {
                 orphaned = parent_gone(spec.parent_pid);
                 by_signal = true;
-                stopping = Some(begin_stop(&io).await);
+                stopping = Some(begin_stop(&io, stop_grace).await);
             }
             _ = parent_check.tick() => {
                 if stopping.is_none() && parent_gone(spec.parent_pid) {
                     tracing::warn!(target: "omni::runtime", stage_id, parent = spec.parent_pid, "orchestrator is gone; exiting");
                     orphaned = true;
-                    stopping = Some(begin_stop(&io).await);
+                    stopping = Some(begin_stop(&io, stop_grace).await);
                 }
             }
             _ = tokio::time::sleep_until(stop_deadline), if stopping.is_some() => {
@@ -381,15 +402,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
         }
     }
     if by_signal && !orphaned {
-        // PR_SET_PDEATHSIG fires when the orchestrator's spawning *thread*
-        // dies, which may be a moment before its whole process is gone (we
-        // are then reparented to a sibling thread, same pid). Give a killed
-        // orchestrator that moment before deciding nobody will clean up.
-        let until = tokio::time::Instant::now() + Duration::from_millis(500);
-        while !orphaned && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            orphaned = parent_gone(spec.parent_pid);
-        }
+        orphaned = orphaned_after_signal(spec.parent_pid).await;
     }
     if orphaned {
         // Nobody else is left to clean up after the pipeline.
@@ -399,10 +412,31 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     Ok(())
 }
 
-async fn begin_stop(io: &Io) -> tokio::time::Instant {
+/// Whether the orchestrator is gone, given a moment after a signal:
+/// PR_SET_PDEATHSIG fires when its spawning *thread* dies, which may be a
+/// moment before its whole process is gone (we are then reparented to a
+/// sibling thread, same pid).
+async fn orphaned_after_signal(parent: u32) -> bool {
+    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+    loop {
+        if parent_gone(parent) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn begin_stop(io: &Io, grace: Duration) -> tokio::time::Instant {
     // A full queue must not keep us from stopping: the deadline still holds.
-    let _ = tokio::time::timeout(Duration::from_secs(5), io.to_model.send(ToModel::Shutdown)).await;
-    tokio::time::Instant::now() + STOP_GRACE
+    let _ = tokio::time::timeout(
+        grace.min(Duration::from_secs(5)),
+        io.to_model.send(ToModel::Shutdown),
+    )
+    .await;
+    tokio::time::Instant::now() + grace
 }
 
 impl Io {
