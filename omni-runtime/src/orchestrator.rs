@@ -746,7 +746,12 @@ impl Orchestrator {
         let mut files = BTreeMap::new();
         let mut first_err = None;
         for (stage_id, r) in results {
-            lock(&self.inner.state).profiling.remove(&stage_id);
+            // A stage that answered is done with its window (or had none);
+            // one that did not may still record: it stays marked, so a
+            // later stop_profile asks it again.
+            if matches!(r, Ok(Reply::Ack(_))) {
+                lock(&self.inner.state).profiling.remove(&stage_id);
+            }
             match r {
                 Ok(Reply::Ack(AckMsg {
                     error: None,
