@@ -25,6 +25,7 @@
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -200,12 +201,20 @@ impl ShmWriter {
             .mode(0o600)
             .open(&path)
             .map_err(|e| err(format!("cannot create: {e}")))?;
-        file.set_len((SLOT_HEADER + capacity) as u64).map_err(|e| {
-            err(format!(
-                "cannot size to {} bytes: {e}",
-                SLOT_HEADER + capacity
-            ))
-        })?;
+        let len = SLOT_HEADER + capacity;
+        // Reserve the pages now: on a full tmpfs, writing through the
+        // mapping of a merely sized file raises SIGBUS and kills the stage;
+        // fallocate says ENOSPC instead (the caller then sends inline).
+        // SAFETY: a valid descriptor and a non-negative range.
+        let r = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+        if r != 0 {
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            return Err(err(format!(
+                "cannot reserve {len} bytes: {}",
+                std::io::Error::from_raw_os_error(r)
+            )));
+        }
         let map = MmapOptions::new()
             .map_raw(&file)
             .map_err(|e| err(format!("cannot map: {e}")))?;

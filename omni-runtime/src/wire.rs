@@ -412,7 +412,15 @@ pub fn encode(envelope: &Envelope, shm: Option<&ShmWriter>) -> Result<Vec<Bytes>
     let mut metas = Vec::with_capacity(envelope.tensors.len());
     for (name, t) in &envelope.tensors {
         let handle = match shm {
-            Some(w) if w.wants(t.data.len()) => Some(w.write(&t.data)?),
+            // A full /dev/shm (Docker gives 64 MiB) is no reason to fail:
+            // the tensor travels in the frames instead.
+            Some(w) if w.wants(t.data.len()) => match w.write(&t.data) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(target: "omni::runtime", tensor = %name, "shared memory refused {} bytes, sending them inline: {e}", t.data.len());
+                    None
+                }
+            },
             _ => {
                 frames.push(t.data.clone());
                 None

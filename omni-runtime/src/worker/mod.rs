@@ -183,7 +183,11 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
         _ => None,
     };
     let (to_model, to_model_rx) = mpsc::channel(1024);
-    let (from_model_tx, mut from_model) = mpsc::channel(1024);
+    // Unbounded by design: the model thread never blocks handing its
+    // outputs over, so it cannot wait on a socket loop that waits on it
+    // (the socket loop awaits room in `to_model`). What it holds is at most
+    // a few steps' outputs; the socket loop drains it between receives.
+    let (from_model_tx, mut from_model) = mpsc::unbounded_channel();
     let counters = Arc::new(StageCounters::default());
     let profiling = Arc::new(AtomicBool::new(false));
     let mut args = stage.engine_args.clone();

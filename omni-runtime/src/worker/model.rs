@@ -94,7 +94,7 @@ pub(crate) struct ModelThread {
     pub downstream: Vec<usize>,
     pub processor: (String, InputProcessor),
     pub shm: Option<Arc<ShmWriter>>,
-    pub out: mpsc::Sender<FromModel>,
+    pub out: mpsc::UnboundedSender<FromModel>,
     pub profiler: Arc<dyn Profiler>,
     pub runtime: tokio::runtime::Handle,
     pub counters: Arc<StageCounters>,
@@ -154,14 +154,14 @@ impl ModelThread {
         let mut engine = match StageEngine::new(&args, self.model_stage.as_deref()) {
             Ok(e) => e,
             Err(e) => {
-                let _ = out.blocking_send(FromModel::LoadFailed(format!(
+                let _ = out.send(FromModel::LoadFailed(format!(
                     "cannot load model {:?}: {e}",
                     args.model
                 )));
                 return;
             }
         };
-        let _ = out.blocking_send(FromModel::Loaded {
+        let _ = out.send(FromModel::Loaded {
             model_name: engine.model_name().to_string(),
             device: device_name(engine.device()),
             max_model_len: engine.max_model_len(),
@@ -243,14 +243,14 @@ impl ModelThread {
         for id in ids {
             engine.abort(&id);
         }
-        let _ = out.blocking_send(FromModel::Stopped);
+        let _ = out.send(FromModel::Stopped);
     }
 }
 
 impl Loop {
     fn send(&self, m: FromModel) {
         // The socket thread only goes away at exit; nothing to do then.
-        let _ = self.t.out.blocking_send(m);
+        let _ = self.t.out.send(m);
     }
 
     fn encode_or_log(&self, env: &Envelope) -> Option<Vec<Bytes>> {
@@ -372,7 +372,7 @@ impl Loop {
                     let r = fut.await;
                     profiling.store(starting && r.is_ok(), Ordering::Relaxed);
                     if let Some(f) = ack_frames(stage_id, seq, r) {
-                        let _ = out.send(FromModel::ToOrchestrator(f)).await;
+                        let _ = out.send(FromModel::ToOrchestrator(f));
                     }
                 });
             }
