@@ -202,6 +202,12 @@ impl AsyncOmni {
         Ok(self.inner.orchestrator.check_serving()?)
     }
 
+    /// `OmniEngineArgs::max_pending_requests`: the most requests in
+    /// flight at once, when bounded.
+    pub fn max_pending_requests(&self) -> Option<usize> {
+        self.inner.max_pending
+    }
+
     /// Number of requests streaming now.
     pub fn num_running(&self) -> usize {
         self.inner.running().len()

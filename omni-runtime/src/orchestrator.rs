@@ -884,14 +884,23 @@ impl Inner {
         let frames = wire::encode_message(Message::Abort {
             request_ids: vec![wire_id.to_string()],
         })?;
-        // Every stage, even when one cannot be reached.
-        let mut first_err = None;
-        for s in 0..self.stages.len() {
-            if let Err(e) = self.send(s, frames.clone()).await {
-                first_err.get_or_insert(e);
+        // Every stage at once, each bounded: one that cannot be reached (or
+        // is stopped) holds up neither the others nor the caller.
+        let sends = (0..self.stages.len()).map(|s| {
+            let frames = frames.clone();
+            async move {
+                match tokio::time::timeout(self.opts.health_timeout, self.send(s, frames)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::Timeout {
+                        stage_id: s,
+                        what: "abort",
+                        timeout: self.opts.health_timeout,
+                    }),
+                }
             }
-        }
-        first_err.map_or(Ok(()), Err)
+        });
+        let results = futures::future::join_all(sends).await;
+        results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
     }
 
     async fn call(
@@ -928,10 +937,14 @@ impl Inner {
         }
         let _forget = Forget(self, seq);
         let frames = wire::encode_message(build(seq))?;
-        self.send(stage_id, frames).await?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Error::ShutDown(String::new())),
+        // The send counts too: a stopped stage's full socket would hold it.
+        let exchange = async {
+            self.send(stage_id, frames).await?;
+            rx.await
+                .unwrap_or_else(|_| Err(Error::ShutDown(String::new())))
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(r) => r,
             Err(_) => Err(Error::Timeout {
                 stage_id,
                 what,
@@ -1108,6 +1121,10 @@ async fn watchdog(inner: Arc<Inner>, killer: crate::supervisor::StageKiller) {
                 ),
                 _ => continue,
             };
+            // Not while the pipeline is stopping: its grace decides then.
+            if inner.check_alive(&lock(&inner.state)).is_err() {
+                return;
+            }
             killer.kill(stage_id, reason);
         }
     }

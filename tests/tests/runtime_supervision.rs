@@ -235,6 +235,9 @@ async fn a_stopped_stage_times_out_control_calls_and_is_killed_after_the_grace()
         OrchestratorOptions {
             control_timeout: Duration::from_secs(2),
             shutdown_grace: grace,
+            // The watchdog would kill the stopped stage, and its checks
+            // would take sequence numbers this test counts.
+            health_interval: Duration::from_secs(3600),
             ..options()
         },
     )
@@ -367,22 +370,30 @@ fn sigkill_of_the_orchestrator_while_stages_load_leaves_nothing() -> TestResult 
         .arg(parent.path())
         .env("OMNI_STAGE_BIN", runtime_support::stage_binary())
         .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()?;
     let host_pid = host.id();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let workers = loop {
-        let w = omni_tests::child_pids(host_pid);
-        if !w.is_empty() {
-            break w;
+    // The workers' logs come through the host's stderr: kill once the
+    // stage says it loads its model (its process is up and watching; before
+    // exec, a signal simply ends it, with nothing to clean up yet).
+    let stderr = host.stderr.take().ok_or("no stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(|l| l.ok())
+        {
+            if line.contains("loading model") {
+                let _ = tx.send(());
+            }
         }
-        if std::time::Instant::now() > deadline {
-            let _ = host.kill();
-            return Err("the host spawned no worker".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // Loading SmolLM2 takes seconds: this lands in the load.
-    std::thread::sleep(Duration::from_millis(300));
+    });
+    if rx.recv_timeout(Duration::from_secs(120)).is_err() {
+        let _ = host.kill();
+        return Err("no stage started loading".into());
+    }
+    let workers = omni_tests::child_pids(host_pid);
+    assert!(!workers.is_empty(), "no worker under the host");
     let run_dirs = || -> Vec<std::path::PathBuf> {
         std::fs::read_dir(parent.path())
             .map(|d| d.flatten().map(|e| e.path()).collect())

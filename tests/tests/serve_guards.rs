@@ -1,7 +1,7 @@
 //! What guards `omni serve` in production: `--api-key` on `/v1/*` and the
 //! profile endpoints (health and metrics open), and `--max-pending-requests`,
 //! past which a request is answered 429 with `Retry-After` instead of
-//! queueing without bound.
+//! queueing without bound (one that could never fit is a 400).
 use omni_tests::{http, http_with, HttpConn, Result, Server};
 
 const KEY: &str = "s3cret-key";
@@ -55,7 +55,8 @@ fn api_key_and_pending_bound() -> Result {
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(r.json()?["error"]["type"], "rate_limit_error");
     assert!(r.body.contains("max_pending_requests"), "{}", r.body);
-    // A request of n = 2 needs two slots even when none is held.
+    // A request of n = 2 could never run with one slot: a 400, not a 429
+    // to retry forever.
     drop(held);
     let mut freed = false;
     for _ in 0..100 {
@@ -70,6 +71,11 @@ fn api_key_and_pending_bound() -> Result {
     assert!(freed, "the slot was not freed after the client went away");
     let two = r#"{"model":"smollm2","prompt":"The sky is","max_tokens":2,"n":2}"#;
     let r = http_with(a, "POST", "/v1/completions", Some(two), &with_key)?;
-    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("--max-pending-requests 1"), "{}", r.body);
+    // The scheme's case does not matter.
+    let lower = format!("bearer {KEY}");
+    let r = http_with(a, "GET", "/v1/models", None, &[("Authorization", &lower)])?;
+    assert_eq!(r.status, 200, "{}", r.body);
     Ok(())
 }

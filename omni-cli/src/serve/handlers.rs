@@ -289,6 +289,16 @@ async fn run(
     // KV blocks through the prefix cache (vLLM's parallel sampling). Ids as
     // vLLM's: `<id>-<prompt>`, `<sample>_<id>-<prompt>`.
     let sequences = plan.prompts.len() * plan.n;
+    if let Some(limit) = st.omni.max_pending_requests().filter(|&l| sequences > l) {
+        // Could never be served: not a matter of retrying later.
+        return Err(ApiError::bad_param(
+            "n",
+            format!(
+                "{sequences} sequences (prompts × n) in one request, more than this server \
+                 runs at once (--max-pending-requests {limit})"
+            ),
+        ));
+    }
     let mut streams = Vec::with_capacity(sequences);
     for (p, prompt) in plan.prompts.into_iter().enumerate() {
         for i in 0..plan.n {

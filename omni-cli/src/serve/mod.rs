@@ -113,6 +113,9 @@ impl AppState {
     /// Guards `/v1/*` and the profile endpoints with `key` (vLLM's
     /// `--api-key`); `/health` and `/metrics` stay open.
     pub fn with_api_key(mut self, key: Option<String>) -> Self {
+        if key.as_deref() == Some("") {
+            tracing::warn!("the API key is empty: /v1/* is open to anyone who reaches the port");
+        }
         self.api_key = key.filter(|k| !k.is_empty());
         self
     }
@@ -147,7 +150,11 @@ async fn require_api_key(
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            // The scheme is case-insensitive (RFC 7235).
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        })
         .unwrap_or_default();
     if same_secret(given.trim().as_bytes(), key.as_bytes()) {
         next.run(request).await

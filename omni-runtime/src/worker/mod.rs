@@ -38,7 +38,7 @@ use crate::wire::{
     self, DecodeContext, Envelope, HealthMsg, Message, ReadyMsg, Rejected, PROTOCOL_VERSION,
 };
 
-use model::{now_us, FromModel, ModelThread, StageCounters, ToModel};
+use model::{mono_us, now_us, FromModel, ModelThread, StageCounters, ToModel};
 
 /// How often the worker checks that its orchestrator is still its parent.
 const PARENT_CHECK: Duration = Duration::from_millis(250);
@@ -159,13 +159,39 @@ struct Io {
 
 async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Handle) -> Result<()> {
     let stage_id = stage.stage_id;
-    // Watch SIGTERM from the start, the model's load included: the death
-    // signal of an orchestrator killed meanwhile would otherwise end this
-    // process before it removes the run directory nobody else will.
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| Error::io("cannot watch SIGTERM", "omni-stage", e))?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| Error::io("cannot watch SIGINT", "omni-stage", e))?;
+    // Watch SIGTERM from the start, connects and the model's load
+    // included: the death signal of an orchestrator killed meanwhile would
+    // otherwise end this process before it removes the run directory nobody
+    // else will. Until the stage is ready a signal ends the process here.
+    let setup_guard = {
+        let mut term = watch(
+            tokio::signal::unix::SignalKind::terminate(),
+            "cannot watch SIGTERM",
+        )?;
+        let mut int = watch(
+            tokio::signal::unix::SignalKind::interrupt(),
+            "cannot watch SIGINT",
+        )?;
+        let (parent, run_dir) = (spec.parent_pid, spec.run_dir.clone());
+        tokio::spawn(async move {
+            // Also an orchestrator gone without a signal reaching us.
+            let orphaned = async {
+                while !parent_gone(parent) {
+                    tokio::time::sleep(PARENT_CHECK).await;
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+                () = orphaned => {}
+            }
+            tracing::info!(target: "omni::runtime", stage_id, "signal before ready: stopping");
+            if orphaned_after_signal(parent).await {
+                let _ = std::fs::remove_dir_all(&run_dir);
+            }
+            std::process::exit(0);
+        })
+    };
     // Before this process opens anything else: the input socket it inherited.
     let inherited = spec
         .input_listener_fd
@@ -185,8 +211,9 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     let (to_model, to_model_rx) = mpsc::channel(1024);
     // Unbounded by design: the model thread never blocks handing its
     // outputs over, so it cannot wait on a socket loop that waits on it
-    // (the socket loop awaits room in `to_model`). What it holds is at most
-    // a few steps' outputs; the socket loop drains it between receives.
+    // (the socket loop awaits room in `to_model`). It grows only while the
+    // sockets cannot take what the engine makes (a peer that stopped
+    // reading); the requests in flight, which the server bounds, bound it.
     let (from_model_tx, mut from_model) = mpsc::unbounded_channel();
     let counters = Arc::new(StageCounters::default());
     let profiling = Arc::new(AtomicBool::new(false));
@@ -302,22 +329,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
         ..Default::default()
     };
 
-    // `None`: a signal came first.
-    let loaded = tokio::select! {
-        m = from_model.recv() => Some(m),
-        _ = sigterm.recv() => None,
-        _ = sigint.recv() => None,
-    };
-    let Some(loaded) = loaded else {
-        // Stopped while loading: leave (the model thread goes with the
-        // process), cleaning up after an orchestrator that is gone.
-        tracing::info!(target: "omni::runtime", stage_id, "signal while loading: stopping");
-        if orphaned_after_signal(spec.parent_pid).await {
-            let _ = std::fs::remove_dir_all(&spec.run_dir);
-        }
-        return Ok(());
-    };
-    let (model_name, device, max_model_len) = match loaded {
+    let (model_name, device, max_model_len) = match from_model.recv().await {
         Some(FromModel::Loaded {
             model_name,
             device,
@@ -338,6 +350,17 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
             })
         }
     };
+    // The serving loop watches the signals from here on (watched before the
+    // guard goes, so none falls between the two).
+    let mut sigterm = watch(
+        tokio::signal::unix::SignalKind::terminate(),
+        "cannot watch SIGTERM",
+    )?;
+    let mut sigint = watch(
+        tokio::signal::unix::SignalKind::interrupt(),
+        "cannot watch SIGINT",
+    )?;
+    setup_guard.abort();
     let ready = Message::Ready(ReadyMsg {
         stage_id,
         model_name: model_name.clone(),
@@ -416,6 +439,13 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     Ok(())
 }
 
+fn watch(
+    kind: tokio::signal::unix::SignalKind,
+    what: &'static str,
+) -> Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(kind).map_err(|e| Error::io(what, "omni-stage", e))
+}
+
 /// Whether the orchestrator is gone, given a moment after a signal:
 /// PR_SET_PDEATHSIG fires when its spawning *thread* dies, which may be a
 /// moment before its whole process is gone (we are then reparented to a
@@ -434,13 +464,11 @@ async fn orphaned_after_signal(parent: u32) -> bool {
 }
 
 async fn begin_stop(io: &Io, grace: Duration) -> tokio::time::Instant {
-    // A full queue must not keep us from stopping: the deadline still holds.
-    let _ = tokio::time::timeout(
-        grace.min(Duration::from_secs(5)),
-        io.to_model.send(ToModel::Shutdown),
-    )
-    .await;
-    tokio::time::Instant::now() + grace
+    // The deadline counts from now: a full queue must not stretch it past
+    // the orchestrator's own.
+    let deadline = tokio::time::Instant::now() + grace;
+    let _ = tokio::time::timeout_at(deadline, io.to_model.send(ToModel::Shutdown)).await;
+    deadline
 }
 
 impl Io {
@@ -486,7 +514,7 @@ impl Io {
                 .load(Ordering::Relaxed),
             model_busy_ms: match self.counters.busy_since_us.load(Ordering::Relaxed) {
                 0 => 0,
-                since => now_us().saturating_sub(since) / 1000,
+                since => mono_us().saturating_sub(since) / 1000,
             },
         })
     }

@@ -115,8 +115,8 @@ pub(crate) struct StageCounters {
     pub generated_tokens: AtomicU64,
     /// Aborts that found the request still in this stage.
     pub aborted_requests: AtomicU64,
-    /// When (UNIX µs) the model thread began its current round; 0 while it
-    /// waits for work.
+    /// When ([`mono_us`]) the model thread began its current round; 0 while
+    /// it waits for work.
     pub busy_since_us: AtomicU64,
     /// The engine's prefix-cache counters.
     pub prefix_cache_queried_tokens: AtomicU64,
@@ -129,6 +129,14 @@ struct Loop {
     gather: HashMap<String, Gather>,
     aborted: HashSet<String>,
     aborted_order: VecDeque<String>,
+}
+
+/// Microseconds on a monotonic clock since the first call (never 0): for
+/// durations that a wall-clock step (NTP, a resumed VM) must not bend.
+pub(crate) fn mono_us() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    start.elapsed().as_micros() as u64 + 1
 }
 
 pub(crate) fn now_us() -> u64 {
@@ -189,7 +197,7 @@ impl ModelThread {
             };
             l.t.counters
                 .busy_since_us
-                .store(now_us().max(1), Ordering::Relaxed);
+                .store(mono_us(), Ordering::Relaxed);
             if let Some(c) = first {
                 if !l.handle(&mut engine, c) {
                     break 'serve;
