@@ -579,6 +579,11 @@ mod tests {
         ChunkBuilder::new(flavor, "id-1".into(), 7, "m".into(), &plan)
     }
 
+    /// Log-probabilities, shared as an output carries them.
+    fn lps(entries: Vec<TokenLogprobs>) -> Option<std::sync::Arc<Vec<TokenLogprobs>>> {
+        Some(std::sync::Arc::new(entries))
+    }
+
     fn lp(token_id: u32, logprob: f32, text: &str, top: &[(u32, f32, &str)]) -> TokenLogprobs {
         TokenLogprobs {
             token_id,
@@ -600,12 +605,7 @@ mod tests {
         };
         let mut b = builder(Flavor::Completion, &[0], 2, opts);
         let mut o = output(0, " A", " A", 1, false);
-        o.logprobs = Some(std::sync::Arc::new(vec![lp(
-            9,
-            -0.5,
-            " A",
-            &[(9, -0.5, " A")],
-        )]));
+        o.logprobs = lps(vec![lp(9, -0.5, " A", &[(9, -0.5, " A")])]);
         o.prompt_logprobs = Some(omni_core::PromptLogprobs {
             first_token_id: 3,
             first_token: "Hi".into(),
@@ -629,10 +629,10 @@ mod tests {
         );
         // The next output adds its token only; the echo is not repeated.
         let mut o2 = output(0, " B", " A B", 2, true);
-        o2.logprobs = Some(std::sync::Arc::new(vec![
+        o2.logprobs = lps(vec![
             lp(9, -0.5, " A", &[(9, -0.5, " A")]),
             lp(8, -0.25, " B", &[(8, -0.25, " B")]),
-        ]));
+        ]);
         o2.stop_reason = Some(StopReason::Text("C".into()));
         let c = parse(&b.on_output(1, &o2));
         assert_eq!(c[0]["choices"][0]["text"], " B");
@@ -661,12 +661,7 @@ mod tests {
         };
         let mut b = builder(Flavor::Chat, &[0], 1, opts);
         let mut o = output(0, "é", "é", 1, true);
-        o.logprobs = Some(std::sync::Arc::new(vec![lp(
-            7,
-            -0.1,
-            "é",
-            &[(7, -0.1, "é"), (2, -3.0, "x")],
-        )]));
+        o.logprobs = lps(vec![lp(7, -0.1, "é", &[(7, -0.1, "é"), (2, -3.0, "x")])]);
         let c = parse(&b.on_output(0, &o));
         let content = &c[1]["choices"][0]["logprobs"]["content"][0];
         assert_eq!(content["token"], "é");

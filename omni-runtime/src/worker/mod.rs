@@ -164,14 +164,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     // otherwise end this process before it removes the run directory nobody
     // else will. Until the stage is ready a signal ends the process here.
     let setup_guard = {
-        let mut term = watch(
-            tokio::signal::unix::SignalKind::terminate(),
-            "cannot watch SIGTERM",
-        )?;
-        let mut int = watch(
-            tokio::signal::unix::SignalKind::interrupt(),
-            "cannot watch SIGINT",
-        )?;
+        let (mut term, mut int) = watch_stop_signals()?;
         let (parent, run_dir) = (spec.parent_pid, spec.run_dir.clone());
         tokio::spawn(async move {
             // Also an orchestrator gone without a signal reaching us.
@@ -352,14 +345,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     };
     // The serving loop watches the signals from here on (watched before the
     // guard goes, so none falls between the two).
-    let mut sigterm = watch(
-        tokio::signal::unix::SignalKind::terminate(),
-        "cannot watch SIGTERM",
-    )?;
-    let mut sigint = watch(
-        tokio::signal::unix::SignalKind::interrupt(),
-        "cannot watch SIGINT",
-    )?;
+    let (mut sigterm, mut sigint) = watch_stop_signals()?;
     setup_guard.abort();
     let ready = Message::Ready(ReadyMsg {
         stage_id,
@@ -439,11 +425,14 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     Ok(())
 }
 
-fn watch(
-    kind: tokio::signal::unix::SignalKind,
-    what: &'static str,
-) -> Result<tokio::signal::unix::Signal> {
-    tokio::signal::unix::signal(kind).map_err(|e| Error::io(what, "omni-stage", e))
+/// SIGTERM and SIGINT, watched from now on.
+fn watch_stop_signals() -> Result<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate())
+        .map_err(|e| Error::io("cannot watch SIGTERM", "omni-stage", e))?;
+    let int = signal(SignalKind::interrupt())
+        .map_err(|e| Error::io("cannot watch SIGINT", "omni-stage", e))?;
+    Ok((term, int))
 }
 
 /// Whether the orchestrator is gone, given a moment after a signal:
