@@ -179,7 +179,9 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
                 () = orphaned => {}
             }
             tracing::info!(target: "omni::runtime", stage_id, "signal before ready: stopping");
-            if orphaned_after_signal(parent).await {
+            // A killed orchestrator's exit (unmapping a loaded libtorch) can
+            // take seconds on a busy machine; nobody waits on this stage yet.
+            if orphaned_after_signal(parent, Duration::from_secs(3)).await {
                 let _ = std::fs::remove_dir_all(&run_dir);
             }
             std::process::exit(0);
@@ -415,7 +417,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
         }
     }
     if by_signal && !orphaned {
-        orphaned = orphaned_after_signal(spec.parent_pid).await;
+        orphaned = orphaned_after_signal(spec.parent_pid, Duration::from_millis(500)).await;
     }
     if orphaned {
         // Nobody else is left to clean up after the pipeline.
@@ -439,8 +441,8 @@ fn watch_stop_signals() -> Result<(tokio::signal::unix::Signal, tokio::signal::u
 /// PR_SET_PDEATHSIG fires when its spawning *thread* dies, which may be a
 /// moment before its whole process is gone (we are then reparented to a
 /// sibling thread, same pid).
-async fn orphaned_after_signal(parent: u32) -> bool {
-    let until = tokio::time::Instant::now() + Duration::from_millis(500);
+async fn orphaned_after_signal(parent: u32, within: Duration) -> bool {
+    let until = tokio::time::Instant::now() + within;
     loop {
         if parent_gone(parent) {
             return true;
