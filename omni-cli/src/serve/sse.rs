@@ -107,6 +107,9 @@ pub struct ChunkBuilder {
     stage_pos: BTreeMap<usize, usize>,
     n: usize,
     opts: OutputOptions,
+    /// A stream makes payloads and keeps nothing; a whole answer keeps
+    /// each choice and makes no payload (nobody would read them).
+    stream: bool,
     /// Per prompt, the text an echo shows (`None`: the stage's reading of
     /// the token ids).
     echo_text: Vec<Option<String>>,
@@ -136,6 +139,7 @@ impl ChunkBuilder {
             stage_pos: stages.iter().enumerate().map(|(i, &s)| (s, i)).collect(),
             n,
             opts,
+            stream: plan.stream,
             echo_text: prompts
                 .iter()
                 .map(|p| match p {
@@ -184,7 +188,8 @@ impl ChunkBuilder {
     }
 
     /// Takes output `out` of sequence `seq`; returns the stream payloads it
-    /// adds (none for stages not chosen).
+    /// adds (none for stages not chosen, nor for a whole answer, whose
+    /// choices it keeps instead).
     pub fn on_output(&mut self, seq: usize, out: &OmniRequestOutput) -> Vec<String> {
         // Prompt tokens arrive with a stage's last output; the earliest
         // stage's count is the sequence's prompt.
@@ -206,13 +211,18 @@ impl ChunkBuilder {
             return Vec::new();
         };
         c.seen = true;
-        c.modality.clone_from(&out.final_output_type);
         c.completion_tokens = out.token_ids.len();
+        if self.stream {
+            let role_sent = std::mem::replace(&mut c.role_sent, true);
+            let stage_id = c.stage_id;
+            return self.payloads(index, stage_id, role_sent, delta);
+        }
+        c.modality.clone_from(&out.final_output_type);
         c.text.push_str(&delta.text);
-        extend_completion_lp(&mut c.completion_lp, &delta.completion_lp);
-        c.chat_lp.extend(delta.chat_lp.iter().cloned());
+        extend_completion_lp(&mut c.completion_lp, delta.completion_lp);
+        c.chat_lp.extend(delta.chat_lp);
         if delta.audio.is_some() {
-            c.audio.clone_from(&delta.audio);
+            c.audio = delta.audio;
         }
         if let Some(p) = out
             .prompt_logprobs
@@ -222,12 +232,10 @@ impl ChunkBuilder {
             c.prompt_logprobs = Some(vllm_prompt_logprobs(p, self.opts));
         }
         if delta.finish_reason.is_some() {
-            c.finish_reason.clone_from(&delta.finish_reason);
-            c.stop_reason.clone_from(&delta.stop_reason);
+            c.finish_reason = delta.finish_reason;
+            c.stop_reason = delta.stop_reason;
         }
-        let role_sent = std::mem::replace(&mut c.role_sent, true);
-        let stage_id = c.stage_id;
-        self.payloads(index, stage_id, role_sent, delta)
+        Vec::new()
     }
 
     /// What `out` adds to choice `index`, and the choice's bookkeeping.
@@ -533,11 +541,11 @@ fn vllm_prompt_logprobs(p: &PromptLogprobs, opts: OutputOptions) -> PromptLogpro
         .collect()
 }
 
-fn extend_completion_lp(into: &mut CompletionLogprobs, more: &CompletionLogprobs) {
-    into.text_offset.extend_from_slice(&more.text_offset);
-    into.token_logprobs.extend_from_slice(&more.token_logprobs);
-    into.tokens.extend(more.tokens.iter().cloned());
-    into.top_logprobs.extend(more.top_logprobs.iter().cloned());
+fn extend_completion_lp(into: &mut CompletionLogprobs, more: CompletionLogprobs) {
+    into.text_offset.extend(more.text_offset);
+    into.token_logprobs.extend(more.token_logprobs);
+    into.tokens.extend(more.tokens);
+    into.top_logprobs.extend(more.top_logprobs);
 }
 
 #[cfg(test)]
@@ -566,12 +574,28 @@ mod tests {
         o
     }
 
+    /// A streaming request's builder.
     fn builder(flavor: Flavor, stages: &[usize], n: usize, output: OutputOptions) -> ChunkBuilder {
+        builder_for(true, flavor, stages, n, output)
+    }
+
+    /// A whole answer's builder: it keeps the choices.
+    fn whole(flavor: Flavor, stages: &[usize], n: usize, output: OutputOptions) -> ChunkBuilder {
+        builder_for(false, flavor, stages, n, output)
+    }
+
+    fn builder_for(
+        stream: bool,
+        flavor: Flavor,
+        stages: &[usize],
+        n: usize,
+        output: OutputOptions,
+    ) -> ChunkBuilder {
         let plan = Plan {
             prompts: vec![Prompt::Text("Hi there".into())],
             params: Vec::new(),
             n,
-            stream: true,
+            stream,
             include_usage: false,
             choices: stages.to_vec(),
             output,
@@ -641,7 +665,10 @@ mod tests {
             serde_json::json!([10])
         );
         assert_eq!(c[0]["choices"][0]["stop_reason"], "C");
-        let all = b.completion_choices();
+        // The same outputs, answered whole.
+        let mut w = whole(Flavor::Completion, &[0], 2, opts);
+        assert!(w.on_output(1, &o).is_empty() && w.on_output(1, &o2).is_empty());
+        let all = w.completion_choices();
         assert_eq!(all.len(), 1, "only the sample that answered");
         assert_eq!(all[0].text, "Hi there A B");
         assert_eq!(all[0].logprobs.as_ref().map(|l| l.tokens.len()), Some(4));
@@ -667,7 +694,9 @@ mod tests {
         assert_eq!(content["token"], "é");
         assert_eq!(content["bytes"], serde_json::json!([195, 169]));
         assert_eq!(content["top_logprobs"].as_array().map(Vec::len), Some(1));
-        let choices = b.chat_choices();
+        let mut w = whole(Flavor::Chat, &[0], 1, opts);
+        w.on_output(0, &o);
+        let choices = w.chat_choices();
         assert_eq!(
             choices[0].logprobs.as_ref().map(|l| l.content.len()),
             Some(1)
