@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::WeightPrecision;
 use crate::model::{Model, ModelOptions};
-use crate::request::{Prompt, RequestOutput, Sequence, TokenLogprobs};
+use crate::request::{Prompt, ReplyStream, RequestOutput, Sequence, TokenLogprobs};
 use crate::sampling_params::SamplingParams;
 use crate::scheduler::SchedulerConfig;
 use crate::{Detokenizer, Tokenizer};
@@ -570,7 +570,91 @@ impl LLMEngine {
         positions: Option<&Tensor>,
         params: SamplingParams,
     ) -> Result<()> {
-        let request_id = request_id.into();
+        let input = TalkerInput {
+            states,
+            prompt_len,
+            positions,
+            complete: true,
+        };
+        self.add_talker(request_id.into(), input, params)
+    }
+
+    /// [`LLMEngine::add_talker_request_with_positions`] while the thinker
+    /// is still writing: `states` are its states so far (the prompt's and
+    /// at least its first generated token's), and the talker runs ahead on
+    /// them, waiting (without holding up other requests) whenever it needs
+    /// a reply row that has not come yet. Later rows come through
+    /// [`LLMEngine::extend_talker_request`]; given all at once, the talker
+    /// generates what [`LLMEngine::add_talker_request_with_positions`]
+    /// would.
+    pub fn start_talker_request(
+        &mut self,
+        request_id: impl Into<String>,
+        states: &Tensor,
+        prompt_len: usize,
+        positions: Option<&Tensor>,
+        params: SamplingParams,
+    ) -> Result<()> {
+        let input = TalkerInput {
+            states,
+            prompt_len,
+            positions,
+            complete: false,
+        };
+        self.add_talker(request_id.into(), input, params)
+    }
+
+    /// More of the thinker's states for a request started with
+    /// [`LLMEngine::start_talker_request`] (`[n, hidden]`, may be empty);
+    /// `thinker_finished` ends its reply (the text end and pad rows
+    /// follow). `false` when the request is no longer here (the talker
+    /// finished first, or it was aborted).
+    pub fn extend_talker_request(
+        &mut self,
+        request_id: &str,
+        states: &Tensor,
+        thinker_finished: bool,
+    ) -> Result<bool> {
+        let Some(t) = &self.talker else {
+            return Err(Error::InvalidPrompt {
+                request_id: request_id.to_owned(),
+                reason: format!("{} is not Qwen2.5-Omni's talker", self.model_name),
+            });
+        };
+        let mut rows = Vec::with_capacity(3);
+        if states.numel() > 0 {
+            rows.push(
+                states
+                    .f_to_device(t.thinker_embed.device())?
+                    .f_to_kind(t.thinker_embed.kind())?,
+            );
+        }
+        if thinker_finished {
+            rows.push(t.thinker_row(t.ids.tts_text_end_token_id)?);
+            rows.push(t.thinker_row(t.ids.tts_text_pad_token_id)?);
+        }
+        let rows = match rows.len() {
+            0 => Tensor::zeros(
+                [0, t.thinker_embed.size()[1]],
+                (t.thinker_embed.kind(), t.thinker_embed.device()),
+            ),
+            _ => Tensor::f_cat(&rows, 0)?,
+        };
+        self.core.extend_stream(request_id, rows, thinker_finished)
+    }
+
+    fn add_talker(
+        &mut self,
+        request_id: String,
+        input: TalkerInput<'_>,
+        params: SamplingParams,
+    ) -> Result<()> {
+        let TalkerInput {
+            states,
+            prompt_len,
+            positions,
+            complete,
+        } = input;
         let Some(t) = &self.talker else {
             return Err(Error::InvalidPrompt {
                 request_id,
@@ -598,17 +682,7 @@ impl LLMEngine {
         let device = t.thinker_embed.device();
         let kind = t.thinker_embed.kind();
         let states = states.f_to_device(device)?.f_to_kind(kind)?;
-        let thinker = |id: i64| -> Result<Tensor> {
-            let vocab = t.thinker_embed.size()[0];
-            if !(0..vocab).contains(&id) {
-                return Err(Error::InvalidConfig {
-                    field: "talker token".to_owned(),
-                    value: id.to_string(),
-                    reason: format!("outside the thinker's embedding of {vocab} rows"),
-                });
-            }
-            Ok(t.thinker_embed.f_get(id)?.f_unsqueeze(0)?)
-        };
+        let thinker = |id: i64| t.thinker_row(id);
         let codec = |id: i64| -> Result<Tensor> {
             let ids = Tensor::from_slice(&[id]).f_to_device(device)?;
             self.core.model().embed(&ids)
@@ -625,14 +699,12 @@ impl LLMEngine {
             ],
             0,
         )?;
-        let stream = Tensor::f_cat(
-            &[
-                states.f_narrow(0, p + 1, replies - 1)?,
-                thinker(t.ids.tts_text_end_token_id)?,
-                thinker(t.ids.tts_text_pad_token_id)?,
-            ],
-            0,
-        )?;
+        let mut stream = vec![states.f_narrow(0, p + 1, replies - 1)?];
+        if complete {
+            stream.push(thinker(t.ids.tts_text_end_token_id)?);
+            stream.push(thinker(t.ids.tts_text_pad_token_id)?);
+        }
+        let stream = ReplyStream::new(Tensor::f_cat(&stream, 0)?, complete);
         let (mrope, mrope_delta) = match positions {
             None => (Vec::new(), 0),
             Some(p) => {
@@ -737,6 +809,12 @@ impl LLMEngine {
         self.core.has_unfinished()
     }
 
+    /// Whether a step would do anything now: false while every request
+    /// held waits for more input ([`LLMEngine::extend_talker_request`]).
+    pub fn has_runnable(&self) -> bool {
+        self.core.has_runnable()
+    }
+
     /// Requests held and tokens generated so far.
     pub fn load(&self) -> EngineLoad {
         self.core.load()
@@ -776,7 +854,29 @@ impl Drop for LoadHeap {
     }
 }
 
+/// The thinker's states a talker request starts from.
+struct TalkerInput<'a> {
+    states: &'a Tensor,
+    prompt_len: usize,
+    positions: Option<&'a Tensor>,
+    /// The thinker has finished: the reply is whole.
+    complete: bool,
+}
+
 impl Talker {
+    /// The thinker's embedding of `id`, `[1, embedding]`.
+    fn thinker_row(&self, id: i64) -> Result<Tensor> {
+        let vocab = self.thinker_embed.size()[0];
+        if !(0..vocab).contains(&id) {
+            return Err(Error::InvalidConfig {
+                field: "talker token".to_owned(),
+                value: id.to_string(),
+                reason: format!("outside the thinker's embedding of {vocab} rows"),
+            });
+        }
+        Ok(self.thinker_embed.f_get(id)?.f_unsqueeze(0)?)
+    }
+
     fn load(dir: &std::path::Path, kind: Kind, device: Device) -> Result<Self> {
         let config = crate::qwen2_5_omni::OmniConfig::read(dir)?;
         let dit = &config.token2wav_config.dit_config;

@@ -129,6 +129,47 @@ impl EngineCore {
         self.scheduler.has_unfinished()
     }
 
+    /// Whether [`EngineCore::step`] would do anything now (see
+    /// [`crate::scheduler::Scheduler::has_runnable`]): a caller with nothing
+    /// runnable waits for new input instead of stepping in a loop.
+    pub fn has_runnable(&self) -> bool {
+        self.scheduler.has_runnable()
+    }
+
+    /// Appends `rows` (`[n, embedding]`, may be empty) to the reply stream
+    /// of a request added with an open one, closing it when `close`; a
+    /// request waiting for them becomes runnable. `false` when the request
+    /// is not here (finished, aborted): nothing more is needed for it.
+    pub fn extend_stream(&mut self, request_id: &str, rows: Tensor, close: bool) -> Result<bool> {
+        let Some(seq) = self.scheduler.get_mut(request_id) else {
+            return Ok(false);
+        };
+        let bad = |reason: String| Error::InvalidPrompt {
+            request_id: request_id.to_owned(),
+            reason,
+        };
+        let width = seq.inputs.as_ref().map(|i| i.prompt.size()[1]);
+        let Some(stream) = seq.inputs.as_mut().and_then(|i| i.stream.as_mut()) else {
+            return Err(bad("it was not added with a reply stream".to_owned()));
+        };
+        if stream.is_closed() {
+            return Err(bad("its reply stream is already closed".to_owned()));
+        }
+        let n = rows.size().first().copied().unwrap_or(0);
+        if n > 0 && (rows.dim() != 2 || Some(rows.size()[1]) != width) {
+            return Err(bad(format!(
+                "reply rows of shape {:?}: expected [n, {}]",
+                rows.size(),
+                width.unwrap_or(0)
+            )));
+        }
+        if close && n == 0 && stream.len() == 0 {
+            return Err(bad("its reply stream closes without a row".to_owned()));
+        }
+        stream.push(rows, close);
+        Ok(true)
+    }
+
     pub fn load(&self) -> EngineLoad {
         EngineLoad {
             unfinished_requests: self.scheduler.num_unfinished(),
@@ -230,10 +271,12 @@ impl EngineCore {
                     prompt.len()
                 )));
             }
-            let stream_rows = i.stream.as_ref().map(|s| s.size()[0]);
-            if i.prompt.size().first().copied() != Some(prompt.len() as i64)
-                || stream_rows == Some(0)
-            {
+            let stream_rows = i.stream.as_ref().map(|s| s.len());
+            let closed_empty = i
+                .stream
+                .as_ref()
+                .is_some_and(|s| s.is_closed() && s.len() == 0);
+            if i.prompt.size().first().copied() != Some(prompt.len() as i64) || closed_empty {
                 return Err(bad(format!(
                     "{} prompt embeddings and {stream_rows:?} stream rows for {} prompt tokens",
                     i.prompt.size()[0],
@@ -658,6 +701,13 @@ fn make_output(seq: &mut Sequence, finished: bool) -> Result<RequestOutput> {
         } else {
             None
         },
+        new_states: if seq.params.output_states && seq.states.len() > seq.states_sent {
+            let rows = Tensor::f_stack(&seq.states[seq.states_sent..], 0)?;
+            seq.states_sent = seq.states.len();
+            Some(rows)
+        } else {
+            None
+        },
         mrope_positions: match &seq.inputs {
             Some(i) if finished && seq.params.output_states && !i.mrope.is_empty() => {
                 let rows: Vec<i64> = (0..3)
@@ -699,10 +749,7 @@ fn input_embeds(model: &Model, seq: &Sequence, count: usize) -> Result<Option<Te
         let own = model.embed(&Tensor::from_slice(&ids).f_to_device(model.device())?)?;
         match &inputs.stream {
             Some(stream) => {
-                let last = stream.size()[0] - 1;
-                let rows: Vec<i64> = (from - p..end - p).map(|j| (j as i64).min(last)).collect();
-                let rows = stream
-                    .f_index_select(0, &Tensor::from_slice(&rows).f_to_device(stream.device())?)?;
+                let rows = stream.rows(from - p..end - p)?;
                 parts.push(own.f_add(&rows.f_to_device(model.device())?.f_to_kind(own.kind())?)?);
             }
             None => parts.push(own),

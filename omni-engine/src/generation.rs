@@ -378,6 +378,7 @@ impl GenerationEngine {
                 stop_reason: None,
                 prompt_logprobs: None,
                 hidden_states: None,
+                new_states: None,
                 states: None,
                 mrope_positions: None,
                 audio: Some(Waveform {
@@ -476,12 +477,41 @@ impl StageEngine {
         positions: Option<&tch::Tensor>,
         params: SamplingParams,
     ) -> Result<()> {
+        let request_id = request_id.into();
+        self.talker(&request_id)?
+            .add_talker_request_with_positions(request_id, states, prompt_len, positions, params)
+    }
+
+    /// See [`LLMEngine::start_talker_request`].
+    pub fn start_talker_request(
+        &mut self,
+        request_id: impl Into<String>,
+        states: &tch::Tensor,
+        prompt_len: usize,
+        positions: Option<&tch::Tensor>,
+        params: SamplingParams,
+    ) -> Result<()> {
+        let request_id = request_id.into();
+        self.talker(&request_id)?
+            .start_talker_request(request_id, states, prompt_len, positions, params)
+    }
+
+    /// See [`LLMEngine::extend_talker_request`].
+    pub fn extend_talker_request(
+        &mut self,
+        request_id: &str,
+        states: &tch::Tensor,
+        thinker_finished: bool,
+    ) -> Result<bool> {
+        self.talker(request_id)?
+            .extend_talker_request(request_id, states, thinker_finished)
+    }
+
+    fn talker(&mut self, request_id: &str) -> Result<&mut LLMEngine> {
         match self {
-            StageEngine::Llm(e) => e.add_talker_request_with_positions(
-                request_id, states, prompt_len, positions, params,
-            ),
+            StageEngine::Llm(e) => Ok(e),
             StageEngine::Generation(e) => Err(Error::InvalidPrompt {
-                request_id: request_id.into(),
+                request_id: request_id.to_owned(),
                 reason: format!("{} is not Qwen2.5-Omni's talker", e.model_name()),
             }),
         }
@@ -523,6 +553,14 @@ impl StageEngine {
     pub fn has_unfinished(&self) -> bool {
         match self {
             StageEngine::Llm(e) => e.has_unfinished(),
+            StageEngine::Generation(e) => e.has_unfinished(),
+        }
+    }
+
+    /// See [`LLMEngine::has_runnable`].
+    pub fn has_runnable(&self) -> bool {
+        match self {
+            StageEngine::Llm(e) => e.has_runnable(),
             StageEngine::Generation(e) => e.has_unfinished(),
         }
     }

@@ -358,6 +358,10 @@ pub struct RequestOutput {
     /// per generated token fed back (all but the last), its input embedding
     /// plus its final-norm hidden state (what Qwen2.5-Omni's talker reads).
     pub states: Option<Tensor>,
+    /// The rows of `states` added since the previous output (every output,
+    /// finished or not, with `output_states`): what a stage streams to the
+    /// next while it is still generating.
+    pub new_states: Option<Tensor>,
     /// `[3, prompt tokens]` int64 on the CPU, on finish, with `states`,
     /// when the prompt had multimodal RoPE positions (an image): what
     /// Qwen2.5-Omni's talker continues its own positions from.
@@ -376,9 +380,9 @@ pub(crate) struct SequenceInputs {
     /// `[prompt_len, embedding]`: the prompt positions' embeddings, used in
     /// place of their (placeholder) ids' embeddings.
     pub prompt: Tensor,
-    /// `[n, embedding]`: added to the embedding of the j-th generated token
-    /// when it is fed back (row `min(j, n - 1)`); none for a thinker.
-    pub stream: Option<Tensor>,
+    /// Rows added to the embeddings of fed-back generated tokens; none for
+    /// a thinker.
+    pub stream: Option<ReplyStream>,
     /// Prompt positions that hold media rows (encoder outputs): their
     /// states leave the embedding out (see [`crate::BatchEntry::bare_states`]).
     pub media: Vec<std::ops::Range<usize>>,
@@ -387,6 +391,89 @@ pub(crate) struct SequenceInputs {
     pub mrope: Vec<[i64; 3]>,
     /// See [`crate::MropePositions::delta`].
     pub mrope_delta: i64,
+}
+
+/// Rows added to the embedding of each generated token when it is fed
+/// back: the j-th token gets row `j`, and once the stream is closed, tokens
+/// past its end get its last row (Qwen2.5-Omni's talker reads the thinker's
+/// reply so, then the text pad for as long as it goes on).
+///
+/// An open stream may still grow while its sequence runs (the thinker is
+/// still writing): a token whose row has not arrived waits, and the
+/// sequence is not scheduled until it does. Rows are kept in the chunks they
+/// came in, so growing never copies what is there.
+#[derive(Debug)]
+pub(crate) struct ReplyStream {
+    chunks: Vec<Tensor>,
+    /// First row of each chunk.
+    starts: Vec<usize>,
+    len: usize,
+    closed: bool,
+}
+
+impl ReplyStream {
+    /// A stream of `rows` (`[n, embedding]`); a closed one needs a row.
+    pub fn new(rows: Tensor, closed: bool) -> Self {
+        let mut s = ReplyStream {
+            chunks: Vec::new(),
+            starts: Vec::new(),
+            len: 0,
+            closed: false,
+        };
+        s.push(rows, closed);
+        s
+    }
+
+    /// Appends `rows` (may be empty), closing the stream when `close`.
+    pub fn push(&mut self, rows: Tensor, close: bool) {
+        let n = rows.size().first().copied().unwrap_or(0).max(0) as usize;
+        if n > 0 {
+            self.starts.push(self.len);
+            self.chunks.push(rows);
+            self.len += n;
+        }
+        self.closed |= close;
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// How many generated tokens can be fed back now: all of them once the
+    /// stream is closed (`None`), else one per row.
+    pub fn ready_tokens(&self) -> Option<usize> {
+        (!self.closed).then_some(self.len)
+    }
+
+    /// The rows of generated tokens `tokens` (`[tokens.len(), embedding]`),
+    /// each run of rows from one chunk taken as one slice.
+    pub fn rows(&self, tokens: std::ops::Range<usize>) -> Result<Tensor, tch::TchError> {
+        let last = self.len.saturating_sub(1);
+        let mut parts: Vec<Tensor> = Vec::new();
+        let mut j = tokens.start;
+        while j < tokens.end {
+            let row = j.min(last);
+            let c = self.starts.partition_point(|&s| s <= row) - 1;
+            let offset = row - self.starts[c];
+            // Past the end, every token takes the last row.
+            let run = if j >= last {
+                1
+            } else {
+                (tokens.end - j).min(self.starts[c] + chunk_rows(&self.chunks[c]) - row)
+            };
+            parts.push(self.chunks[c].f_narrow(0, offset as i64, run as i64)?);
+            j += run;
+        }
+        Tensor::f_cat(&parts, 0)
+    }
+}
+
+fn chunk_rows(t: &Tensor) -> usize {
+    t.size()[0] as usize
 }
 
 /// Where a sequence is in its life.
@@ -433,6 +520,8 @@ pub(crate) struct Sequence {
     /// With `params.output_states`: per position the model read, in order,
     /// its input embedding plus its final-norm hidden state.
     pub states: Vec<Tensor>,
+    /// Rows of `states` already given out as `new_states`.
+    pub states_sent: usize,
     pub metrics: RequestMetrics,
     /// Output text so far (kept by the engine's detokenizing hook).
     pub text: String,
@@ -468,6 +557,7 @@ impl Sequence {
             hidden_states: Vec::new(),
             inputs: None,
             states: Vec::new(),
+            states_sent: 0,
             metrics: RequestMetrics::new(prompt_len),
             text: String::new(),
             emitted_len: 0,
@@ -490,6 +580,21 @@ impl Sequence {
     /// Tokens that still need a forward pass before the next sample.
     pub(crate) fn num_uncomputed(&self) -> usize {
         self.tokens.len() - self.num_computed_tokens
+    }
+
+    /// Of those, the ones a step can compute now: a token whose reply row
+    /// has not arrived yet waits (see [`ReplyStream`]).
+    pub(crate) fn num_schedulable(&self) -> usize {
+        let n = self.num_uncomputed();
+        match self
+            .inputs
+            .as_ref()
+            .and_then(|i| i.stream.as_ref())
+            .and_then(ReplyStream::ready_tokens)
+        {
+            Some(rows) => n.min((self.prompt_len + rows).saturating_sub(self.num_computed_tokens)),
+            None => n,
+        }
     }
 
     pub(crate) fn is_finished(&self) -> bool {

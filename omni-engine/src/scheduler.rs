@@ -84,6 +84,26 @@ impl Scheduler {
         self.num_unfinished() > 0
     }
 
+    /// Whether a step would do anything: a sequence waits for admission or
+    /// can compute, or a finish is to be reported. Sequences waiting only
+    /// for their reply stream to grow are unfinished but not runnable.
+    pub fn has_runnable(&self) -> bool {
+        !self.waiting.is_empty()
+            || !self.finished_early.is_empty()
+            || self
+                .running
+                .iter()
+                .any(|s| s.is_finished() || s.num_schedulable() > 0)
+    }
+
+    /// A waiting or running sequence.
+    pub fn get_mut(&mut self, request_id: &str) -> Option<&mut Sequence> {
+        self.waiting
+            .iter_mut()
+            .chain(self.running.iter_mut())
+            .find(|s| s.request_id == request_id)
+    }
+
     /// Requests waiting, running or finished but not yet taken out.
     pub fn num_unfinished(&self) -> usize {
         self.waiting.len() + self.running.len() + self.finished_early.len()
@@ -165,7 +185,12 @@ impl Scheduler {
 
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            let n = self.running[i].num_uncomputed().min(budget);
+            let n = self.running[i].num_schedulable().min(budget);
+            if n == 0 {
+                // Waiting for its reply stream; it keeps its blocks.
+                i += 1;
+                continue;
+            }
             let need = self.running[i].num_computed_tokens + n;
             if !self.fits_alone(need) {
                 let seq = self.running.remove(i);
@@ -251,7 +276,11 @@ impl Scheduler {
                 self.pool
                     .take_cached_prefix(&seq.tokens, &seq.block_hashes, &mut table)
             };
-            let n = (seq.tokens.len() - hit).min(*budget);
+            let n = seq.num_schedulable().saturating_sub(hit).min(*budget);
+            if n == 0 {
+                j += 1;
+                continue;
+            }
             if !self.pool.grow(&mut table, hit + n) {
                 self.pool.release(&mut table);
                 break;

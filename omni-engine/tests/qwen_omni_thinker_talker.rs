@@ -4,6 +4,8 @@
 //! codes given those states.
 mod qwen_omni_support;
 
+use std::collections::HashMap;
+
 use omni_engine::{EngineArgs, LLMEngine, SamplingParams};
 use qwen_omni_support::{engine, fixtures, ids, json, max_abs, run, sidecar, Result};
 use tch::Tensor;
@@ -134,5 +136,120 @@ fn a_part_the_folder_lacks_is_named() -> Result {
         .err()
         .ok_or("the talker took a prompt")?;
     assert!(e.to_string().contains("thinker2talker"), "{e}");
+    Ok(())
+}
+
+/// The talker started on the thinker's first states and fed the rest as the
+/// thinker writes them (one thinker step, then one talker step) generates
+/// the codes it generates from the whole reply; it starts before the
+/// thinker is done and waits, without stepping, when it gets ahead.
+#[test]
+fn a_talker_fed_as_the_thinker_writes_gives_the_same_codes() -> Result {
+    let refs = json("references.json")?;
+    let cases = refs["thinker"]["cases"]
+        .as_array()
+        .ok_or("no thinker cases")?;
+    let n = refs["thinker"]["max_new_tokens"]
+        .as_u64()
+        .ok_or("max_new_tokens")? as usize;
+    let talker_refs = &refs["talker"];
+    let m = talker_refs["max_new_tokens"]
+        .as_u64()
+        .ok_or("talker max_new_tokens")? as usize;
+    let talker_cases = talker_refs["cases"].as_array().ok_or("no talker cases")?;
+
+    let mut thinker = engine("thinker")?;
+    let mut talker = engine("talker")?;
+    let params = SamplingParams {
+        max_tokens: Some(n),
+        min_tokens: n,
+        output_states: true,
+        ..SamplingParams::greedy()
+    };
+    for (i, c) in cases.iter().enumerate() {
+        thinker.add_request(
+            i.to_string(),
+            omni_engine::Prompt::TokenIds(ids(&c["prompt_ids"])),
+            params.clone(),
+        )?;
+    }
+    // Per thinker request: the states so far, until its talkers start.
+    let mut pending: HashMap<String, Vec<Tensor>> = HashMap::new();
+    let mut started: HashMap<String, usize> = HashMap::new();
+    let mut codes = HashMap::new();
+    let mut first_code_before_thinker_done = 0;
+    let mut waited = false;
+    while thinker.has_unfinished() || talker.has_unfinished() {
+        for o in thinker.step()? {
+            let fresh = o
+                .new_states
+                .unwrap_or_else(|| Tensor::zeros([0, 1], tch::kind::FLOAT_CPU));
+            let generated = o.token_ids.len();
+            let mine: Vec<_> = talker_cases
+                .iter()
+                .filter(|c| {
+                    c["prompt_index"].as_u64().map(|p| p.to_string()) == Some(o.request_id.clone())
+                })
+                .collect();
+            if started.contains_key(&o.request_id) {
+                for c in &mine {
+                    let name = c["name"].as_str().ok_or("name")?;
+                    talker.extend_talker_request(name, &fresh, o.finished)?;
+                }
+                continue;
+            }
+            pending.entry(o.request_id.clone()).or_default().push(fresh);
+            if generated < 2 {
+                continue;
+            }
+            let states = Tensor::cat(&pending.remove(&o.request_id).unwrap_or_default(), 0);
+            let prompt_len = states.size()[0] as usize - (generated - 1);
+            for c in &mine {
+                let name = c["name"].as_str().ok_or("name")?;
+                let p = SamplingParams {
+                    max_tokens: Some(m),
+                    min_tokens: m,
+                    speaker: c["speaker"].as_str().map(str::to_owned),
+                    ..SamplingParams::greedy()
+                };
+                if o.finished {
+                    talker.add_talker_request(name, &states, prompt_len, p)?;
+                } else {
+                    talker.start_talker_request(name, &states, prompt_len, None, p)?;
+                }
+            }
+            started.insert(o.request_id.clone(), prompt_len);
+        }
+        // Two talker steps per thinker step: the talker gets ahead.
+        for _ in 0..2 {
+            if talker.has_unfinished() && !talker.has_runnable() {
+                waited = true;
+                break;
+            }
+            for o in talker.step()? {
+                if o.token_ids.len() == 1 && thinker.has_unfinished() {
+                    first_code_before_thinker_done += 1;
+                }
+                if o.finished {
+                    codes.insert(o.request_id.clone(), o.token_ids);
+                }
+            }
+        }
+    }
+    for case in talker_cases {
+        let name = case["name"].as_str().unwrap_or("?");
+        let want = ids(&case["with_codec_prefix"]["codes"]);
+        assert_eq!(
+            codes.get(name),
+            Some(&want),
+            "streamed talker codes of {name}"
+        );
+    }
+    assert_eq!(
+        first_code_before_thinker_done,
+        talker_cases.len(),
+        "every talker began before its thinker finished"
+    );
+    assert!(waited, "the talker never got ahead of the thinker");
     Ok(())
 }

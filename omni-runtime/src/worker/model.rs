@@ -533,6 +533,7 @@ impl Loop {
             stop_reason: None,
             prompt_logprobs: None,
             hidden_states: None,
+            new_states: None,
             states: None,
             mrope_positions: None,
             // A speech stage answers nothing with no audio, at its rate.
