@@ -709,7 +709,12 @@ fn make_output(seq: &mut Sequence, finished: bool) -> Result<RequestOutput> {
             None
         },
         mrope_positions: match &seq.inputs {
-            Some(i) if finished && seq.params.output_states && !i.mrope.is_empty() => {
+            // On the first output too: a streamed talker starts on it.
+            Some(i)
+                if (finished || seq.num_output_tokens() <= 1)
+                    && seq.params.output_states
+                    && !i.mrope.is_empty() =>
+            {
                 let rows: Vec<i64> = (0..3)
                     .flat_map(|r| i.mrope.iter().map(move |p| p[r]))
                     .collect();

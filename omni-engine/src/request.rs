@@ -362,7 +362,8 @@ pub struct RequestOutput {
     /// finished or not, with `output_states`): what a stage streams to the
     /// next while it is still generating.
     pub new_states: Option<Tensor>,
-    /// `[3, prompt tokens]` int64 on the CPU, on finish, with `states`,
+    /// `[3, prompt tokens]` int64 on the CPU, on the first output and on
+    /// finish, with `output_states`,
     /// when the prompt had multimodal RoPE positions (an image): what
     /// Qwen2.5-Omni's talker continues its own positions from.
     pub mrope_positions: Option<Tensor>,

@@ -92,6 +92,36 @@ pub struct RuntimeConfig {
     /// Tensors at least this large travel through shared memory between
     /// stages on one host; `null` turns shared memory off.
     pub shm_threshold_bytes: Option<usize>,
+    /// Edges that stream (as vLLM-Omni's `runtime.edges`): the upstream
+    /// stage sends its output every `window_size` new tokens while it is
+    /// still generating, and the downstream stage starts on the first
+    /// pieces. An edge not listed, or with `window_size: -1`, sends the
+    /// whole output once it is finished.
+    pub edges: Vec<EdgeConfig>,
+}
+
+/// One pipeline edge's streaming (`runtime.edges[]`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// The upstream stage.
+    pub from: usize,
+    /// The downstream stage (it lists `from` in its `engine_input_source`).
+    pub to: usize,
+    /// New tokens per piece; -1: the whole output, once finished.
+    #[serde(default = "whole_output")]
+    pub window_size: i64,
+}
+
+fn whole_output() -> i64 {
+    -1
+}
+
+impl EdgeConfig {
+    /// Tokens per piece when the edge streams.
+    pub fn window(&self) -> Option<usize> {
+        usize::try_from(self.window_size).ok().filter(|&w| w > 0)
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -100,6 +130,7 @@ impl Default for RuntimeConfig {
             transport: TransportKind::Ipc,
             host: "127.0.0.1".to_string(),
             shm_threshold_bytes: Some(DEFAULT_SHM_THRESHOLD_BYTES),
+            edges: Vec::new(),
         }
     }
 }
@@ -372,6 +403,64 @@ impl PipelineConfig {
             .collect()
     }
 
+    fn validate_edges(&self, file: &str) -> Result<()> {
+        let mut seen = BTreeSet::new();
+        for (k, e) in self.runtime.edges.iter().enumerate() {
+            let field = format!("runtime.edges[{k}]");
+            let value = serde_json::to_value(e).unwrap_or(Value::Null);
+            let fail = |reason: &str| Err(config_err(file, &field, &value, reason));
+            let Some(to) = self.stages.get(e.to) else {
+                return fail(&format!(
+                    "unknown stage {} (this pipeline has stages {})",
+                    e.to,
+                    self.stage_ids()
+                ));
+            };
+            if !to.engine_input_source.contains(&e.from) {
+                return fail(&format!(
+                    "stage {} does not take input from stage {} (its engine_input_source is {:?})",
+                    e.to, e.from, to.engine_input_source
+                ));
+            }
+            if !seen.insert((e.from, e.to)) {
+                return fail("edge listed twice");
+            }
+            if e.window_size != -1 && e.window_size < 1 {
+                return fail("window_size must be -1 (whole output) or at least 1 token");
+            }
+            if e.window().is_none() {
+                continue;
+            }
+            if to.engine_input_source.len() != 1 {
+                return fail("only a stage with one source can take a streamed input");
+            }
+            let processor = to
+                .custom_process_input_func
+                .as_deref()
+                .unwrap_or("token_ids");
+            if !processor::streams(processor) {
+                return fail(&format!(
+                    "stage {}'s input processor {processor:?} takes whole outputs only \
+                     (processors that stream: {})",
+                    e.to,
+                    processor::streaming_names().join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The streaming edges out of `stage_id`: `(downstream stage, tokens
+    /// per piece)`.
+    pub fn streamed_edges_from(&self, stage_id: usize) -> Vec<(usize, usize)> {
+        self.runtime
+            .edges
+            .iter()
+            .filter(|e| e.from == stage_id)
+            .filter_map(|e| e.window().map(|w| (e.to, w)))
+            .collect()
+    }
+
     /// Stages that receive the user's prompt (no `engine_input_source`).
     pub fn entry_stages(&self) -> Vec<usize> {
         self.stages
@@ -530,6 +619,7 @@ impl PipelineConfig {
         if let Some(p) = &self.profiler {
             check_backend(file, "profiler", p)?;
         }
+        self.validate_edges(file)?;
         if let Some(cycle) = find_cycle(&self.stages) {
             let path: Vec<String> = cycle.iter().map(|s| s.to_string()).collect();
             return Err(config_err(

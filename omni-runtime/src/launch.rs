@@ -27,6 +27,10 @@ pub struct LaunchSpec {
     pub input_listener_fd: Option<i32>,
     /// Stages that take this stage's output: `(stage_id, input address)`.
     pub downstream: Vec<(usize, String)>,
+    /// Downstream stages this stage streams to: `(stage_id, tokens per
+    /// piece)` (`runtime.edges`).
+    #[serde(default)]
+    pub streams: Vec<(usize, usize)>,
     /// Shared-memory directory for large tensors, when stages share a host.
     pub shm_dir: Option<PathBuf>,
     /// Tensors of at least this many bytes go through shared memory.

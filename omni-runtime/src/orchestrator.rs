@@ -329,6 +329,7 @@ impl Orchestrator {
                     .into_iter()
                     .map(|d| (d, inputs[d].clone()))
                     .collect(),
+                streams: config.streamed_edges_from(s.stage_id),
                 // Every stage this orchestrator spawns runs on this host.
                 shm_dir: shm_enabled.then(|| shm_dir.clone()),
                 shm_threshold_bytes: config.runtime.shm_threshold_bytes,

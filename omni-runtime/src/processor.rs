@@ -41,6 +41,9 @@ pub struct ProcessorInput<'a> {
     pub prompt: &'a Prompt,
     /// The sources' outputs, in `engine_input_source` order.
     pub sources: &'a [SourceOutput],
+    /// Whether the sources have finished; `false` while a streamed source
+    /// is still generating (its output so far is what `sources` hold).
+    pub complete: bool,
 }
 
 /// What a processor makes of the sources' outputs for its stage.
@@ -58,6 +61,8 @@ pub enum StageInput {
         prompt_len: usize,
         /// The prompt's 3-D RoPE positions, when it had an image.
         positions: Option<HostTensor>,
+        /// The thinker has finished (else the rest of its states follow).
+        complete: bool,
     },
 }
 
@@ -80,6 +85,22 @@ const REGISTRY: &[(&str, InputProcessor)] = &[
     ("thinker2talker", thinker2talker),
     ("token_ids", token_ids),
 ];
+
+/// Processors that can start their stage on a source's output so far
+/// (a streamed edge, `runtime.edges`): they answer `None` until the piece
+/// they need has come.
+const STREAMING: &[&str] = &["thinker2talker"];
+
+/// Whether the processor called `name` takes streamed input.
+pub fn streams(name: &str) -> bool {
+    let short = name.rsplit('.').next().unwrap_or(name);
+    STREAMING.contains(&short)
+}
+
+/// Names of the processors that take streamed input.
+pub fn streaming_names() -> Vec<&'static str> {
+    STREAMING.to_vec()
+}
 
 /// Names of the registered input processors.
 pub fn names() -> Vec<&'static str> {
@@ -289,7 +310,8 @@ fn is_pictograph(c: char) -> bool {
 /// Qwen2.5-Omni's thinker to talker (vLLM-Omni's `thinker2talker`): the
 /// thinker's states, which the talker's engine turns into its input as
 /// transformers does. A thinker that generated fewer than two tokens gave
-/// the talker nothing to say: no codes (and so no audio).
+/// the talker nothing to say: no codes (and so no audio). Streamed, it
+/// starts the talker once the thinker has written two tokens.
 fn thinker2talker(input: &ProcessorInput<'_>) -> Result<Option<StageInput>> {
     let src = single("thinker2talker", input)?;
     let generated = src.output.token_ids.len();
@@ -339,6 +361,7 @@ fn thinker2talker(input: &ProcessorInput<'_>) -> Result<Option<StageInput>> {
         states: states.clone(),
         prompt_len,
         positions,
+        complete: input.complete,
     }))
 }
 

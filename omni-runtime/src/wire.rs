@@ -159,8 +159,23 @@ pub struct StageInputMsg {
     pub prompt: Prompt,
     /// One per stage, indexed by stage id.
     pub sampling_params: Vec<SamplingParams>,
-    /// What the upstream stage produced.
+    /// What the upstream stage produced: all of it, or on a streamed edge
+    /// what it produced since the previous piece (its new token ids, text
+    /// and state rows).
     pub output: UpstreamOutput,
+    /// Which piece this is, on a streamed edge (`runtime.edges`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub piece: Option<StreamPiece>,
+}
+
+/// A piece of a streamed stage input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StreamPiece {
+    /// 0, 1, 2, ... per request and edge: a piece out of order is a
+    /// protocol error.
+    pub index: u64,
+    /// The upstream stage has finished the request: nothing follows.
+    pub last: bool,
 }
 
 /// Start profiling in a stage.

@@ -316,3 +316,69 @@ fn files_load_from_disk() -> Result<(), Box<dyn std::error::Error>> {
     }
     Ok(())
 }
+
+#[test]
+fn streamed_edges_are_checked() -> Result<(), String> {
+    let two = "stage_args:\n  - {stage_id: 0}\n  - {stage_id: 1, engine_input_source: [0], final_output: true, custom_process_input_func: thinker2talker}\n";
+    let ok = yaml(&format!(
+        "{two}runtime:\n  edges:\n    - {{from: 0, to: 1, window_size: 4}}\n"
+    ))
+    .map_err(|e| e.to_string())?;
+    assert_eq!(ok.streamed_edges_from(0), vec![(1, 4)]);
+    assert!(ok.streamed_edges_from(1).is_empty());
+    // -1 (and an edge not listed) is the whole output.
+    let whole = yaml(&format!(
+        "{two}runtime:\n  edges:\n    - {{from: 0, to: 1}}\n"
+    ))
+    .map_err(|e| e.to_string())?;
+    assert!(whole.streamed_edges_from(0).is_empty());
+    for (edges, want_value, want_reason) in [
+        (
+            "{from: 1, to: 0, window_size: 1}",
+            "\"from\":1",
+            "does not take input from stage 1",
+        ),
+        (
+            "{from: 0, to: 7, window_size: 1}",
+            "\"to\":7",
+            "unknown stage 7",
+        ),
+        (
+            "{from: 0, to: 1, window_size: 0}",
+            "\"window_size\":0",
+            "window_size must be -1",
+        ),
+        (
+            "{from: 0, to: 1, window_size: -3}",
+            "\"window_size\":-3",
+            "window_size must be -1",
+        ),
+    ] {
+        let (field, value, reason) =
+            field_error(yaml(&format!("{two}runtime:\n  edges:\n    - {edges}\n")))?;
+        assert_eq!(field, "runtime.edges[0]");
+        assert!(value.contains(want_value), "{value}");
+        assert!(reason.contains(want_reason), "{reason}");
+    }
+    let (field, _, reason) = field_error(yaml(&format!(
+        "{two}runtime:\n  edges:\n    - {{from: 0, to: 1, window_size: 1}}\n    - {{from: 0, to: 1, window_size: 2}}\n"
+    )))?;
+    assert_eq!(field, "runtime.edges[1]");
+    assert!(reason.contains("twice"), "{reason}");
+    // A processor that needs the whole output cannot take pieces.
+    let (_, _, reason) = field_error(yaml(
+        "stage_args:\n  - {stage_id: 0}\n  - {stage_id: 1, engine_input_source: [0], final_output: true, custom_process_input_func: summarize}\nruntime:\n  edges:\n    - {from: 0, to: 1, window_size: 1}\n",
+    ))?;
+    assert!(
+        reason.contains("\"summarize\"") && reason.contains("thinker2talker"),
+        "{reason}"
+    );
+    // Unknown keys of an edge are named.
+    let e = yaml(&format!(
+        "{two}runtime:\n  edges:\n    - {{from: 0, to: 1, window: 2}}\n"
+    ))
+    .err()
+    .ok_or("an unknown edge key was accepted")?;
+    assert!(e.to_string().contains("window"), "{e}");
+    Ok(())
+}

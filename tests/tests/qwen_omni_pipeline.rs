@@ -35,6 +35,26 @@ fn start_through_shared_memory() -> Result<OmniLLM> {
     )?)
 }
 
+/// The pipeline with its thinker -> talker edge sending the whole output
+/// once the thinker is done (`window_size: -1`) instead of streaming it.
+fn start_unstreamed() -> Result<OmniLLM> {
+    let mut config = omni_core::PipelineConfig::builtin("qwen2_5_omni")?;
+    for stage in &mut config.stages {
+        stage.engine_args.model = fixture().join("tiny").to_string_lossy().into_owned();
+    }
+    assert!(
+        !config.streamed_edges_from(0).is_empty(),
+        "qwen2_5_omni streams thinker -> talker by default"
+    );
+    for edge in &mut config.runtime.edges {
+        edge.window_size = -1;
+    }
+    Ok(OmniLLM::from_config(
+        config,
+        &OmniEngineArgs::new("qwen2_5_omni"),
+    )?)
+}
+
 /// Greedy thinker and talker of fixed lengths (transformers' min = max new
 /// tokens), code2wav seeded: what the fixture script ran.
 fn params(refs: &Value, speaker: &str, seed: u64) -> Result<StageSamplingParams> {
@@ -70,6 +90,59 @@ fn text_and_speech_equal_transformers() -> Result {
 #[test]
 fn text_and_speech_equal_transformers_with_tensors_in_shared_memory() -> Result {
     speech_equals_transformers(start_through_shared_memory()?)
+}
+
+#[test]
+fn text_and_speech_equal_transformers_unstreamed() -> Result {
+    speech_equals_transformers(start_unstreamed()?)
+}
+
+/// With the pipeline's own (sampled, seeded) parameters and a few prompts
+/// at once, the talker streamed from the thinker gives the same answer as
+/// the talker given the whole reply: the same text, the same waveform
+/// sample for sample (the talker's draws are its request's own).
+#[test]
+fn a_streamed_talker_answers_as_an_unstreamed_one() -> Result {
+    let prompts: Vec<Prompt> = ["Hi.", "Tell me a story about a cat.", "Why?"]
+        .into_iter()
+        .map(|t| Prompt::Text(t.to_owned()))
+        .collect();
+    // The pipeline's defaults, shorter.
+    let mut params: Vec<SamplingParams> = omni_core::PipelineConfig::builtin("qwen2_5_omni")?
+        .stages
+        .iter()
+        .map(|s| s.default_sampling_params.clone())
+        .collect();
+    params[0].max_tokens = Some(20);
+    params[1].max_tokens = Some(40);
+    let run = |omni: OmniLLM| -> Result<Vec<(Vec<u32>, Vec<f32>)>> {
+        let outs = omni.generate(
+            prompts.clone(),
+            StageSamplingParams::PerStage(params.clone()),
+        )?;
+        omni.shutdown()?;
+        let mut answers = Vec::new();
+        for i in 0..prompts.len() {
+            let of = |stage: usize| {
+                outs.iter()
+                    .filter(|o| o.stage_id == stage)
+                    .nth(i)
+                    .ok_or_else(|| err(format!("no output of stage {stage} for prompt {i}")))
+            };
+            let audio = of(2)?.audio.as_ref().ok_or("no audio")?;
+            answers.push((of(0)?.token_ids.clone(), audio.samples.clone()));
+        }
+        Ok(answers)
+    };
+    let streamed = run(start()?)?;
+    let whole = run(start_unstreamed()?)?;
+    for (i, (s, w)) in streamed.iter().zip(&whole).enumerate() {
+        assert_eq!(s.0, w.0, "prompt {i}: thinker tokens");
+        assert!(!s.1.is_empty(), "prompt {i}: no audio");
+        assert_eq!(s.1.len(), w.1.len(), "prompt {i}: audio length");
+        omni_tests::assert_waveform(&format!("prompt {i}"), &s.1, &w.1, 1e-6)?;
+    }
+    Ok(())
 }
 
 fn speech_equals_transformers(omni: OmniLLM) -> Result {

@@ -222,6 +222,7 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
         final_output: stage.final_output,
         sources: stage.engine_input_source.clone(),
         downstream: spec.downstream.iter().map(|(d, _)| *d).collect(),
+        streams: spec.streams.clone(),
         processor: processor::for_stage(stage.custom_process_input_func.as_deref())?,
         shm: shm.clone(),
         out: from_model_tx,

@@ -75,6 +75,42 @@ struct Req {
     sent_tokens: usize,
     prompt: Prompt,
     all_params: Vec<SamplingParams>,
+    /// One per streamed downstream edge.
+    pieces: Vec<OutStream>,
+}
+
+/// What a request has sent, and holds for the next piece, on a streamed
+/// edge.
+struct OutStream {
+    to: usize,
+    window: usize,
+    next_index: u64,
+    sent_tokens: usize,
+    text: String,
+    states: Vec<tch::Tensor>,
+    /// The prompt's 3-D positions, until piece 0 takes them.
+    positions: Option<tch::Tensor>,
+}
+
+/// The pieces of a streamed input that came before the request started.
+struct Partial {
+    arrival: u64,
+    prompt: Prompt,
+    params: Vec<SamplingParams>,
+    output: UpstreamOutput,
+    states: Vec<tch::Tensor>,
+    positions: Option<HostTensor>,
+}
+
+/// A request whose input comes piece by piece.
+enum Inbound {
+    /// Not enough for the input processor yet: the pieces so far, merged.
+    Gathering {
+        next_index: u64,
+        so_far: Box<Partial>,
+    },
+    /// Running in the engine, which takes each later piece's rows.
+    Admitted { next_index: u64 },
 }
 
 struct Gather {
@@ -92,6 +128,8 @@ pub(crate) struct ModelThread {
     pub final_output: bool,
     pub sources: Vec<usize>,
     pub downstream: Vec<usize>,
+    /// Downstream stages fed piece by piece: `(stage, tokens per piece)`.
+    pub streams: Vec<(usize, usize)>,
     pub processor: (String, InputProcessor),
     pub shm: Option<Arc<ShmWriter>>,
     pub out: mpsc::UnboundedSender<FromModel>,
@@ -127,6 +165,7 @@ struct Loop {
     t: ModelThread,
     reqs: HashMap<String, Req>,
     gather: HashMap<String, Gather>,
+    inbound: HashMap<String, Inbound>,
     aborted: HashSet<String>,
     aborted_order: VecDeque<String>,
 }
@@ -178,11 +217,14 @@ impl ModelThread {
             t: self,
             reqs: HashMap::new(),
             gather: HashMap::new(),
+            inbound: HashMap::new(),
             aborted: HashSet::new(),
             aborted_order: VecDeque::new(),
         };
         'serve: loop {
-            let first = if engine.has_unfinished() {
+            // A request waiting for its next streamed piece is unfinished
+            // but gives a step nothing to do: wait for the piece then.
+            let first = if engine.has_runnable() {
                 match rx.try_recv() {
                     Ok(c) => Some(c),
                     Err(mpsc::error::TryRecvError::Empty) => None,
@@ -209,7 +251,7 @@ impl ModelThread {
                     }
                 }
             }
-            if engine.has_unfinished() {
+            if engine.has_runnable() {
                 match engine.step() {
                     Ok(outs) => {
                         // Requests whose output could not be sent were
@@ -311,7 +353,8 @@ impl Loop {
                     // earlier one held it.
                     let in_engine = engine.abort(&id);
                     let in_stage = self.reqs.remove(&id).is_some();
-                    let gathering = self.gather.remove(&id).is_some();
+                    let gathering =
+                        self.gather.remove(&id).is_some() | self.inbound.remove(&id).is_some();
                     if in_engine || in_stage || gathering {
                         self.t
                             .counters
@@ -434,6 +477,9 @@ impl Loop {
                 ),
             );
         }
+        if let Some(piece) = m.piece {
+            return self.piece(engine, m, piece, tensors, arrival);
+        }
         let g = self.gather.entry(id.clone()).or_insert_with(|| Gather {
             arrival,
             prompt: m.prompt.clone(),
@@ -463,6 +509,7 @@ impl Loop {
             request_id: &id,
             prompt: &g.prompt,
             sources: &sources,
+            complete: true,
         };
         // What upstream made of the request is not the caller's input: a
         // processor failure is the pipeline's (a server error), not a
@@ -472,6 +519,156 @@ impl Loop {
                 self.admit(engine, id, stage_input, g.prompt, g.params, g.arrival)
             }
             Ok(None) => self.finish_empty(engine, id, g.prompt, g.params, g.arrival),
+            Err(e) => self.request_error(&id, e.to_string()),
+        }
+    }
+
+    /// A piece of a streamed input: merged into what came before until the
+    /// input processor can start the request, then handed to the engine.
+    fn piece(
+        &mut self,
+        engine: &mut StageEngine,
+        m: StageInputMsg,
+        piece: wire::StreamPiece,
+        tensors: Vec<(String, HostTensor)>,
+        arrival: u64,
+    ) {
+        let id = m.request_id.clone();
+        let rows = match tensors
+            .iter()
+            .find(|(n, _)| n == THINKER_STATES)
+            .map(|(_, t)| t.to_tch())
+            .transpose()
+        {
+            Ok(r) => r,
+            Err(e) => return self.request_error(&id, format!("cannot read a streamed piece: {e}")),
+        };
+        let expected = match self.inbound.get(&id) {
+            None => 0,
+            Some(Inbound::Gathering { next_index, .. } | Inbound::Admitted { next_index }) => {
+                *next_index
+            }
+        };
+        if piece.index != expected {
+            self.inbound.remove(&id);
+            engine.abort(&id);
+            self.reqs.remove(&id);
+            return self.request_error(
+                &id,
+                format!(
+                    "streamed piece {} from stage {} out of order (expected {expected})",
+                    piece.index, m.output.stage_id
+                ),
+            );
+        }
+        if let Some(Inbound::Admitted { next_index }) = self.inbound.get_mut(&id) {
+            *next_index += 1;
+            if piece.last {
+                self.inbound.remove(&id);
+            }
+            let rows = rows.unwrap_or_else(|| tch::Tensor::zeros([0], tch::kind::FLOAT_CPU));
+            // `false`: the request already finished here; nothing to feed.
+            if let Err(e) = engine.extend_talker_request(&id, &rows, piece.last) {
+                engine.abort(&id);
+                self.reqs.remove(&id);
+                self.inbound.remove(&id);
+                self.request_error(&id, e.to_string());
+            }
+            return;
+        }
+        let entry = self
+            .inbound
+            .entry(id.clone())
+            .or_insert_with(|| Inbound::Gathering {
+                next_index: 0,
+                so_far: Box::new(Partial {
+                    arrival,
+                    prompt: m.prompt.clone(),
+                    params: m.sampling_params.clone(),
+                    output: UpstreamOutput {
+                        stage_id: m.output.stage_id,
+                        ..UpstreamOutput::default()
+                    },
+                    states: Vec::new(),
+                    positions: None,
+                }),
+            });
+        let Inbound::Gathering { next_index, so_far } = entry else {
+            return;
+        };
+        *next_index += 1;
+        let Partial {
+            output,
+            states,
+            positions,
+            ..
+        } = &mut **so_far;
+        output.token_ids.extend_from_slice(&m.output.token_ids);
+        output.text.push_str(&m.output.text);
+        output.finish_reason = m.output.finish_reason;
+        states.extend(rows);
+        if let Some((_, p)) = tensors.into_iter().find(|(n, _)| n == THINKER_POSITIONS) {
+            *positions = Some(p);
+        }
+        let source = {
+            let mut tensors = Vec::new();
+            if !states.is_empty() {
+                match tch::Tensor::f_cat(states, 0)
+                    .map_err(|e| crate::error::Error::from(omni_engine::Error::from(e)))
+                    .and_then(|t| HostTensor::from_tch(&t))
+                {
+                    Ok(t) => tensors.push((THINKER_STATES.to_string(), t)),
+                    Err(e) => {
+                        self.inbound.remove(&id);
+                        return self
+                            .request_error(&id, format!("cannot merge streamed states: {e}"));
+                    }
+                }
+            }
+            tensors.extend(
+                positions
+                    .clone()
+                    .map(|p| (THINKER_POSITIONS.to_string(), p)),
+            );
+            SourceOutput {
+                output: output.clone(),
+                tensors,
+            }
+        };
+        let input = ProcessorInput {
+            request_id: &id,
+            prompt: &m.prompt,
+            sources: std::slice::from_ref(&source),
+            complete: piece.last,
+        };
+        let decided = (self.t.processor.1)(&input);
+        let ready = !matches!(decided, Ok(None)) || piece.last;
+        if !ready {
+            return;
+        }
+        let Some(Inbound::Gathering { next_index, so_far }) = self.inbound.remove(&id) else {
+            return;
+        };
+        let Partial {
+            arrival,
+            prompt,
+            params,
+            ..
+        } = *so_far;
+        match decided {
+            Ok(Some(stage_input)) => {
+                if !piece.last {
+                    self.inbound
+                        .insert(id.clone(), Inbound::Admitted { next_index });
+                }
+                self.admit(engine, id.clone(), stage_input, prompt, params, arrival);
+                if !self.reqs.contains_key(&id) {
+                    // Not admitted (an error was reported): later pieces
+                    // have nothing to feed.
+                    self.inbound.remove(&id);
+                }
+            }
+            Ok(None) => self.finish_empty(engine, id, prompt, params, arrival),
             Err(e) => self.request_error(&id, e.to_string()),
         }
     }
@@ -511,15 +708,8 @@ impl Loop {
             admitted_unix_us: now,
             ..Default::default()
         };
-        self.reqs.insert(
-            id.clone(),
-            Req {
-                metrics,
-                sent_tokens: 0,
-                prompt: original,
-                all_params,
-            },
-        );
+        let req = self.new_req(metrics, original, all_params);
+        self.reqs.insert(id.clone(), req);
         let instant = std::time::Instant::now();
         self.emit(vec![RequestOutput {
             request_id: id,
@@ -585,11 +775,20 @@ impl Loop {
                 states,
                 prompt_len,
                 positions,
+                complete,
             } => match (
                 states.to_tch(),
                 positions.as_ref().map(HostTensor::to_tch).transpose(),
             ) {
-                (Ok(states), Ok(positions)) => engine.add_talker_request_with_positions(
+                (Ok(states), Ok(positions)) if complete => engine
+                    .add_talker_request_with_positions(
+                        id.clone(),
+                        &states,
+                        prompt_len,
+                        positions.as_ref(),
+                        params,
+                    ),
+                (Ok(states), Ok(positions)) => engine.start_talker_request(
                     id.clone(),
                     &states,
                     prompt_len,
@@ -615,15 +814,103 @@ impl Loop {
             admitted_unix_us: now_us(),
             ..Default::default()
         };
-        self.reqs.insert(
-            id,
-            Req {
-                metrics,
-                sent_tokens: 0,
-                prompt: original,
-                all_params,
-            },
-        );
+        let req = self.new_req(metrics, original, all_params);
+        self.reqs.insert(id, req);
+    }
+
+    fn new_req(
+        &self,
+        metrics: StageMetrics,
+        prompt: Prompt,
+        all_params: Vec<SamplingParams>,
+    ) -> Req {
+        Req {
+            metrics,
+            sent_tokens: 0,
+            prompt,
+            all_params,
+            pieces: self
+                .t
+                .streams
+                .iter()
+                .map(|&(to, window)| OutStream {
+                    to,
+                    window,
+                    next_index: 0,
+                    sent_tokens: 0,
+                    text: String::new(),
+                    states: Vec::new(),
+                    positions: None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Sends each streamed edge of `req` its next piece when `o` completes
+    /// one (a window of new tokens, or the end).
+    fn send_pieces(&self, o: &RequestOutput, req: &mut Req) {
+        if o.finish_reason == Some(FinishReason::Abort) {
+            return;
+        }
+        for edge in &mut req.pieces {
+            if let Some(rows) = &o.new_states {
+                edge.states.push(rows.shallow_clone());
+            }
+            if edge.positions.is_none() && edge.next_index == 0 {
+                edge.positions = o.mrope_positions.as_ref().map(tch::Tensor::shallow_clone);
+            }
+            edge.text.push_str(&o.delta_text);
+            let fresh = o.token_ids.len().saturating_sub(edge.sent_tokens);
+            if !o.finished && fresh < edge.window {
+                continue;
+            }
+            let _span = tracing::info_span!(target: "omni::runtime", "stage_send", request_ids = %o.request_id, stage = self.t.stage_id, to_stages = ?[edge.to], piece = edge.next_index).entered();
+            let mut env = Envelope::new(Message::StageInput(StageInputMsg {
+                request_id: o.request_id.clone(),
+                prompt: req.prompt.without_media().clone(),
+                sampling_params: req.all_params.clone(),
+                output: UpstreamOutput {
+                    stage_id: self.t.stage_id,
+                    text: std::mem::take(&mut edge.text),
+                    token_ids: o.token_ids[edge.sent_tokens.min(o.token_ids.len())..].to_vec(),
+                    finish_reason: o.finish_reason,
+                },
+                piece: Some(wire::StreamPiece {
+                    index: edge.next_index,
+                    last: o.finished,
+                }),
+            }));
+            let states = std::mem::take(&mut edge.states);
+            let tensors = (|| -> Result<Vec<(String, HostTensor)>> {
+                let mut t = Vec::new();
+                if !states.is_empty() {
+                    let rows = tch::Tensor::f_cat(&states, 0).map_err(omni_engine::Error::from)?;
+                    t.push((THINKER_STATES.to_string(), HostTensor::from_tch(&rows)?));
+                }
+                if let Some(p) = edge.positions.take() {
+                    t.push((THINKER_POSITIONS.to_string(), HostTensor::from_tch(&p)?));
+                }
+                Ok(t)
+            })();
+            edge.next_index += 1;
+            edge.sent_tokens = o.token_ids.len();
+            let sent = tensors.map_err(|e| e.to_string()).and_then(|t| {
+                env.tensors = t;
+                self.encode_or_log(&env)
+                    .ok_or_else(|| "cannot encode it".to_string())
+            });
+            match sent {
+                Ok(f) => self.send(FromModel::ToStage(edge.to, f)),
+                Err(e) => self.request_error(
+                    &o.request_id,
+                    format!(
+                        "cannot send piece {} to stage {}: {e}",
+                        edge.next_index - 1,
+                        edge.to
+                    ),
+                ),
+            }
+        }
     }
 
     /// Sends each output on (to the caller, to downstream stages). Returns
@@ -747,11 +1034,16 @@ impl Loop {
                     }
                 }
             }
-            if o.finished {
-                let Some(req) = self.reqs.remove(&o.request_id) else {
+            if let Some(mut req) = self.reqs.remove(&o.request_id) {
+                if !req.pieces.is_empty() {
+                    self.send_pieces(&o, &mut req);
+                }
+                if !o.finished {
+                    self.reqs.insert(o.request_id.clone(), req);
                     continue;
-                };
-                if !self.t.downstream.is_empty() && o.finish_reason != Some(FinishReason::Abort) {
+                }
+                let whole = self.t.downstream.len() > self.t.streams.len();
+                if whole && o.finish_reason != Some(FinishReason::Abort) {
                     let mut tensors = audio.unwrap_or_default();
                     tensors.extend(states.map(|s| (THINKER_STATES.to_string(), s)));
                     tensors.extend(positions.map(|p| (THINKER_POSITIONS.to_string(), p)));
@@ -782,6 +1074,7 @@ impl Loop {
                 token_ids: o.token_ids.clone(),
                 finish_reason: o.finish_reason,
             },
+            piece: None,
         });
         let mut env = Envelope::new(msg);
         if let Some(h) = hidden {
@@ -790,7 +1083,8 @@ impl Loop {
         env.tensors.extend(tensors);
         // One encoding per receiver: a shared-memory segment is consumed
         // (unlinked) by the stage that reads it.
-        for &d in &self.t.downstream {
+        let streamed: Vec<usize> = self.t.streams.iter().map(|&(d, _)| d).collect();
+        for &d in self.t.downstream.iter().filter(|d| !streamed.contains(d)) {
             match self.encode_or_log(&env) {
                 Some(f) => self.send(FromModel::ToStage(d, f)),
                 None => self.request_error(
