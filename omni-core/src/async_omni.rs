@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 
 use crate::convert;
 use crate::{
-    Error, OmniEngineArgs, OmniMetrics, OmniRequestOutput, Result, StageMetrics,
+    Audio, Error, OmniEngineArgs, OmniMetrics, OmniRequestOutput, Result, StageMetrics,
     StageSamplingParams,
 };
 
@@ -257,6 +257,7 @@ impl AsyncOmni {
             first_output: None,
             pending: self.inner.final_stages.clone(),
             stage_metrics: Vec::new(),
+            audio: Vec::new(),
             done: false,
         };
         match self
@@ -338,6 +339,8 @@ pub struct OmniStream {
     pending: Vec<usize>,
     /// Metrics of every stage that reported, in stage order.
     stage_metrics: Vec<StageMetrics>,
+    /// Per audio stage, the pieces so far (the whole goes out at its end).
+    audio: Vec<(usize, Audio)>,
     done: bool,
 }
 
@@ -351,6 +354,31 @@ impl OmniStream {
         self.done = true;
         self.inner.running().remove(&self.request_id);
         self.inner.aborted().remove(&self.request_id);
+    }
+
+    /// Adds `out`'s piece of audio to its stage's, and on the stage's last
+    /// output hands over the whole (the one piece as it is, when there was
+    /// only one).
+    fn gather_audio(&mut self, out: &mut OmniRequestOutput) {
+        let Some(piece) = &out.delta_audio else {
+            return;
+        };
+        let at = self.audio.iter().position(|(s, _)| *s == out.stage_id);
+        if !out.finished {
+            match at {
+                Some(i) => self.audio[i].1.samples.extend_from_slice(&piece.samples),
+                None => self.audio.push((out.stage_id, piece.clone())),
+            }
+            return;
+        }
+        out.audio = Some(match at {
+            Some(i) => {
+                let (_, mut whole) = self.audio.swap_remove(i);
+                whole.samples.extend_from_slice(&piece.samples);
+                whole
+            }
+            None => piece.clone(),
+        });
     }
 
     fn on_event(&mut self, event: StageEvent) -> Option<Result<OmniRequestOutput>> {
@@ -377,7 +405,7 @@ impl OmniStream {
                         self.stage_metrics.insert(i, m);
                     }
                 }
-                let out = convert::request_output(
+                let mut out = convert::request_output(
                     &self.request_id,
                     stage_id,
                     output,
@@ -387,6 +415,7 @@ impl OmniStream {
                         stages: self.stage_metrics.clone(),
                     },
                 );
+                self.gather_audio(&mut out);
                 if out.finished {
                     self.pending.retain(|&s| s != stage_id);
                     if self.pending.is_empty() {

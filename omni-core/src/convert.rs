@@ -149,8 +149,8 @@ pub(crate) fn request_output(
     output: StageOutput,
     metrics: OmniMetrics,
 ) -> OmniRequestOutput {
-    let audio = match output.final_output_type {
-        FinalOutputType::Audio if output.finished => audio(&output),
+    let delta_audio = match output.final_output_type {
+        FinalOutputType::Audio => audio(&output),
         _ => None,
     };
     let num_prompt_tokens = metrics.stage(stage_id).map_or(0, |m| m.num_prompt_tokens);
@@ -167,7 +167,9 @@ pub(crate) fn request_output(
         text: output.text,
         delta_text: output.delta_text,
         token_ids: output.token_ids,
-        audio,
+        // The caller's stream puts the pieces together.
+        audio: None,
+        delta_audio,
         metrics,
     }
 }

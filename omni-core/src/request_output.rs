@@ -42,8 +42,13 @@ pub struct OmniRequestOutput {
     /// `SamplingParams::prompt_logprobs` asked for them; on the stage's
     /// first output.
     pub prompt_logprobs: Option<PromptLogprobs>,
-    /// Audio, for stages whose `final_output_type` is `audio`.
+    /// The whole audio, on the last output of a stage whose
+    /// `final_output_type` is `audio`.
     pub audio: Option<Audio>,
+    /// The audio this output added: on every output of an audio stage; a
+    /// stage fed by a streamed edge (`runtime.edges`) speaks piece by
+    /// piece, and the pieces, in order, are `audio`.
+    pub delta_audio: Option<Audio>,
     /// Timings and token counts.
     pub metrics: OmniMetrics,
 }
@@ -66,6 +71,7 @@ impl OmniRequestOutput {
             logprobs: None,
             prompt_logprobs: None,
             audio: None,
+            delta_audio: None,
             metrics: OmniMetrics::default(),
         }
     }

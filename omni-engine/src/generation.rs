@@ -25,7 +25,7 @@ use tch::Device;
 use crate::engine::{EngineArgs, LLMEngine};
 use crate::engine_core::EngineLoad;
 use crate::error::{Error, Result};
-use crate::model::qwen2_5_omni::Token2Wav;
+use crate::model::qwen2_5_omni::{CodeStream, Token2Wav};
 use crate::model::VitsScales;
 use crate::phonemize::PhonemizedSentence;
 use crate::request::{FinishReason, Prompt, RequestMetrics, RequestOutput, Waveform};
@@ -62,6 +62,8 @@ enum Job {
         speaker: Option<String>,
     },
     Mel(tch::Tensor),
+    /// Codes that come while the talker generates, spoken chunk by chunk.
+    CodeStream(Box<CodeStream>),
 }
 
 /// One request, prepared.
@@ -83,7 +85,7 @@ impl Job {
                 .flat_map(|s| s.ids.iter().map(|&i| i as u32))
                 .collect(),
             Job::Codes { codes, .. } => codes.iter().map(|&c| c as u32).collect(),
-            Job::Mel(_) => Vec::new(),
+            Job::Mel(_) | Job::CodeStream(_) => Vec::new(),
         }
     }
 }
@@ -303,6 +305,100 @@ impl GenerationEngine {
         Ok(())
     }
 
+    /// Starts a request whose codes come while the talker generates them
+    /// (a streamed edge): `prompt` holds the codes so far (token ids),
+    /// `complete` that no more follow. Its audio comes out piece by piece
+    /// as chunks of codes are ready (see [`crate::qwen2_5_omni::ChunkPlan`]);
+    /// only code2wav takes one.
+    pub fn start_streamed_request(
+        &mut self,
+        request_id: impl Into<String>,
+        prompt: Prompt,
+        params: SamplingParams,
+        complete: bool,
+    ) -> Result<()> {
+        let request_id = request_id.into();
+        if self.waiting.iter().any(|p| p.request_id == request_id) {
+            return Err(Error::DuplicateRequest(request_id));
+        }
+        params.validate()?;
+        let GenerationModel::Code2Wav(t2w) = &self.model else {
+            return Err(Error::InvalidPrompt {
+                request_id,
+                reason: format!(
+                    "{} takes whole inputs only; stream its input edge with window_size: -1",
+                    self.model_name()
+                ),
+            });
+        };
+        let Prompt::TokenIds(ids) = prompt else {
+            return Err(Error::InvalidPrompt {
+                request_id,
+                reason: "code2wav speaks codec ids, not text".to_owned(),
+            });
+        };
+        let seed = params.seed.unwrap_or_else(|| rand::rng().random());
+        let mut stream = t2w.start_stream(params.speaker.as_deref(), seed)?;
+        let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+        t2w.push_codes(&mut stream, &ids, complete)
+            .map_err(|e| Error::InvalidPrompt {
+                request_id: request_id.clone(),
+                reason: e.to_string(),
+            })?;
+        self.waiting.push_back(Pending {
+            request_id,
+            text: String::new(),
+            job: Job::CodeStream(Box::new(stream)),
+            seed,
+            metrics: RequestMetrics::new(0),
+        });
+        Ok(())
+    }
+
+    /// More codes for a request of [`GenerationEngine::start_streamed_request`];
+    /// `last`: no more follow. `false` when the request is not here.
+    pub fn extend_streamed_request(
+        &mut self,
+        request_id: &str,
+        token_ids: &[u32],
+        last: bool,
+    ) -> Result<bool> {
+        let GenerationModel::Code2Wav(t2w) = &self.model else {
+            return Ok(false);
+        };
+        let Some(p) = self.waiting.iter_mut().find(|p| p.request_id == request_id) else {
+            return Ok(false);
+        };
+        let Job::CodeStream(stream) = &mut p.job else {
+            return Err(Error::InvalidPrompt {
+                request_id: request_id.to_owned(),
+                reason: "it was not started as a streamed request".to_owned(),
+            });
+        };
+        let ids: Vec<i64> = token_ids.iter().map(|&i| i64::from(i)).collect();
+        t2w.push_codes(stream, &ids, last)
+            .map_err(|e| Error::InvalidPrompt {
+                request_id: request_id.to_owned(),
+                reason: e.to_string(),
+            })?;
+        Ok(true)
+    }
+
+    /// Whether a request can run now: a whole one, or a streamed one with a
+    /// chunk of codes ready.
+    fn runnable(&self, p: &Pending) -> bool {
+        match (&self.model, &p.job) {
+            (GenerationModel::Code2Wav(t2w), Job::CodeStream(s)) => t2w.piece_ready(s),
+            _ => true,
+        }
+    }
+
+    /// Whether a step would do anything now (a streamed request waiting
+    /// for codes is unfinished but not runnable).
+    pub fn has_runnable(&self) -> bool {
+        self.waiting.iter().any(|p| self.runnable(p))
+    }
+
     /// Drops a waiting request; `false` if it is unknown or done.
     pub fn abort(&mut self, request_id: &str) -> bool {
         let before = self.waiting.len();
@@ -332,8 +428,11 @@ impl GenerationEngine {
     /// spoken (the main job's first answer waited 2.8 s for the other two).
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
         self.steps += 1;
-        let n = self.waiting.len().min(1);
-        let batch: Vec<Pending> = self.waiting.drain(..n).collect();
+        let next = self.waiting.iter().position(|p| self.runnable(p));
+        let batch: Vec<Pending> = next
+            .and_then(|i| self.waiting.remove(i))
+            .into_iter()
+            .collect();
         let ids: Vec<&str> = batch.iter().map(|p| p.request_id.as_str()).collect();
         let _step = tracing::info_span!(target: "omni::engine", "step", step = self.steps,
             request_ids = ids.join(",").as_str(), batch_size = batch.len())
@@ -342,7 +441,13 @@ impl GenerationEngine {
         let mut outputs = Vec::with_capacity(batch.len());
         for mut p in batch {
             let now = Instant::now();
-            p.metrics.first_scheduled_time = Some(now);
+            p.metrics.first_scheduled_time.get_or_insert(now);
+            if let Job::CodeStream(_) = p.job {
+                if let Some(o) = self.stream_piece(p, sample_rate)? {
+                    outputs.push(o);
+                }
+                continue;
+            }
             let prompt_token_ids = p.job.input_ids();
             let num_ids = prompt_token_ids.len();
             let samples = {
@@ -357,6 +462,7 @@ impl GenerationEngine {
                         t2w.synthesize(codes, speaker.as_deref(), p.seed)?
                     }
                     (GenerationModel::Vocoder(v), Job::Mel(mel)) => v.synthesize(mel)?,
+                    (_, Job::CodeStream(_)) => unreachable!("streams run in stream_piece"),
                     _ => unreachable!("add_request prepares the job its model runs"),
                 }
             };
@@ -389,6 +495,66 @@ impl GenerationEngine {
             });
         }
         Ok(outputs)
+    }
+}
+
+impl GenerationEngine {
+    /// Runs the next chunk of a streamed request: its piece of audio, as an
+    /// unfinished output (none while the vocoder holds the chunk back), or
+    /// the last piece as the finished one. An unfinished request goes to
+    /// the back of the queue, so streams take turns.
+    fn stream_piece(&mut self, mut p: Pending, sample_rate: u32) -> Result<Option<RequestOutput>> {
+        let (GenerationModel::Code2Wav(t2w), Job::CodeStream(stream)) = (&self.model, &mut p.job)
+        else {
+            return Ok(None);
+        };
+        let piece = {
+            let _f = tracing::info_span!(target: "omni::engine", "forward",
+                phase = "generate", request_ids = p.request_id.as_str(),
+                num_tokens = stream.num_codes())
+            .entered();
+            t2w.next_piece(stream)?
+        };
+        let finished = stream.is_finished();
+        let num_codes = stream.num_codes();
+        let samples = match piece {
+            Some(s) if s.numel() > 0 || finished => s,
+            _ => {
+                self.waiting.push_back(p);
+                return Ok(None);
+            }
+        };
+        let now = Instant::now();
+        p.metrics.first_token_time.get_or_insert(now);
+        p.metrics.num_prompt_tokens = num_codes;
+        if finished {
+            p.metrics.finished_time = Some(now);
+        }
+        let output = RequestOutput {
+            request_id: p.request_id.clone(),
+            prompt_token_ids: Vec::new(),
+            token_ids: Vec::new(),
+            delta_text: String::new(),
+            text: String::new(),
+            finished,
+            finish_reason: finished.then_some(FinishReason::Stop),
+            logprobs: None,
+            stop_reason: None,
+            prompt_logprobs: None,
+            hidden_states: None,
+            new_states: None,
+            states: None,
+            mrope_positions: None,
+            audio: Some(Waveform {
+                samples,
+                sample_rate,
+            }),
+            metrics: p.metrics,
+        };
+        if !finished {
+            self.waiting.push_back(p);
+        }
+        Ok(Some(output))
     }
 }
 
@@ -561,7 +727,50 @@ impl StageEngine {
     pub fn has_runnable(&self) -> bool {
         match self {
             StageEngine::Llm(e) => e.has_runnable(),
-            StageEngine::Generation(e) => e.has_unfinished(),
+            StageEngine::Generation(e) => e.has_runnable(),
+        }
+    }
+
+    /// See [`GenerationEngine::start_streamed_request`] (only code2wav
+    /// takes a streamed prompt; a talker starts on states).
+    pub fn start_streamed_request(
+        &mut self,
+        request_id: impl Into<String>,
+        prompt: Prompt,
+        params: SamplingParams,
+        complete: bool,
+    ) -> Result<()> {
+        match self {
+            StageEngine::Generation(e) => {
+                e.start_streamed_request(request_id, prompt, params, complete)
+            }
+            StageEngine::Llm(e) => Err(Error::InvalidPrompt {
+                request_id: request_id.into(),
+                reason: format!(
+                    "{} takes whole prompts only; stream its input edge with window_size: -1",
+                    e.model_name()
+                ),
+            }),
+        }
+    }
+
+    /// More input for a request started on a streamed edge: a talker's
+    /// thinker `states` rows ([`LLMEngine::extend_talker_request`]), or
+    /// code2wav's codes ([`GenerationEngine::extend_streamed_request`]);
+    /// `last`: nothing follows. `false` when the request is no longer here.
+    pub fn extend_streamed_request(
+        &mut self,
+        request_id: &str,
+        token_ids: &[u32],
+        states: Option<&tch::Tensor>,
+        last: bool,
+    ) -> Result<bool> {
+        match self {
+            StageEngine::Llm(e) => {
+                let none = tch::Tensor::zeros([0], tch::kind::FLOAT_CPU);
+                e.extend_talker_request(request_id, states.unwrap_or(&none), last)
+            }
+            StageEngine::Generation(e) => e.extend_streamed_request(request_id, token_ids, last),
         }
     }
 

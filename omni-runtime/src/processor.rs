@@ -39,11 +39,9 @@ pub struct ProcessorInput<'a> {
     pub request_id: &'a str,
     /// The user's original prompt.
     pub prompt: &'a Prompt,
-    /// The sources' outputs, in `engine_input_source` order.
+    /// The sources' outputs, in `engine_input_source` order: on a streamed
+    /// edge, the source's output so far.
     pub sources: &'a [SourceOutput],
-    /// Whether the sources have finished; `false` while a streamed source
-    /// is still generating (its output so far is what `sources` hold).
-    pub complete: bool,
 }
 
 /// What a processor makes of the sources' outputs for its stage.
@@ -61,8 +59,6 @@ pub enum StageInput {
         prompt_len: usize,
         /// The prompt's 3-D RoPE positions, when it had an image.
         positions: Option<HostTensor>,
-        /// The thinker has finished (else the rest of its states follow).
-        complete: bool,
     },
 }
 
@@ -89,7 +85,7 @@ const REGISTRY: &[(&str, InputProcessor)] = &[
 /// Processors that can start their stage on a source's output so far
 /// (a streamed edge, `runtime.edges`): they answer `None` until the piece
 /// they need has come.
-const STREAMING: &[&str] = &["thinker2talker"];
+const STREAMING: &[&str] = &["thinker2talker", "token_ids"];
 
 /// Whether the processor called `name` takes streamed input.
 pub fn streams(name: &str) -> bool {
@@ -361,11 +357,11 @@ fn thinker2talker(input: &ProcessorInput<'_>) -> Result<Option<StageInput>> {
         states: states.clone(),
         prompt_len,
         positions,
-        complete: input.complete,
     }))
 }
 
-/// The source's generated token ids as the prompt.
+/// The source's generated token ids as the prompt. Streamed (the talker's
+/// codes to code2wav), it starts the stage on the first ids.
 fn token_ids(input: &ProcessorInput<'_>) -> Result<Option<StageInput>> {
     let src = single("token_ids", input)?;
     Ok((!src.output.token_ids.is_empty())

@@ -446,7 +446,7 @@ impl Loop {
         self.admit(
             engine,
             g.request_id,
-            StageInput::Prompt(g.prompt.clone()),
+            (StageInput::Prompt(g.prompt.clone()), true),
             g.prompt,
             g.sampling_params,
             arrival,
@@ -509,15 +509,19 @@ impl Loop {
             request_id: &id,
             prompt: &g.prompt,
             sources: &sources,
-            complete: true,
         };
         // What upstream made of the request is not the caller's input: a
         // processor failure is the pipeline's (a server error), not a
         // rejection.
         match (self.t.processor.1)(&input) {
-            Ok(Some(stage_input)) => {
-                self.admit(engine, id, stage_input, g.prompt, g.params, g.arrival)
-            }
+            Ok(Some(stage_input)) => self.admit(
+                engine,
+                id,
+                (stage_input, true),
+                g.prompt,
+                g.params,
+                g.arrival,
+            ),
             Ok(None) => self.finish_empty(engine, id, g.prompt, g.params, g.arrival),
             Err(e) => self.request_error(&id, e.to_string()),
         }
@@ -566,9 +570,10 @@ impl Loop {
             if piece.last {
                 self.inbound.remove(&id);
             }
-            let rows = rows.unwrap_or_else(|| tch::Tensor::zeros([0], tch::kind::FLOAT_CPU));
             // `false`: the request already finished here; nothing to feed.
-            if let Err(e) = engine.extend_talker_request(&id, &rows, piece.last) {
+            let fed =
+                engine.extend_streamed_request(&id, &m.output.token_ids, rows.as_ref(), piece.last);
+            if let Err(e) = fed {
                 engine.abort(&id);
                 self.reqs.remove(&id);
                 self.inbound.remove(&id);
@@ -639,7 +644,6 @@ impl Loop {
             request_id: &id,
             prompt: &m.prompt,
             sources: std::slice::from_ref(&source),
-            complete: piece.last,
         };
         let decided = (self.t.processor.1)(&input);
         let ready = !matches!(decided, Ok(None)) || piece.last;
@@ -661,7 +665,8 @@ impl Loop {
                     self.inbound
                         .insert(id.clone(), Inbound::Admitted { next_index });
                 }
-                self.admit(engine, id.clone(), stage_input, prompt, params, arrival);
+                let input = (stage_input, piece.last);
+                self.admit(engine, id.clone(), input, prompt, params, arrival);
                 if !self.reqs.contains_key(&id) {
                     // Not admitted (an error was reported): later pieces
                     // have nothing to feed.
@@ -746,11 +751,13 @@ impl Loop {
         }]);
     }
 
+    /// Starts `id` in the engine with its input and whether that input is
+    /// complete (else more comes on a streamed edge).
     fn admit(
         &mut self,
         engine: &mut StageEngine,
         id: String,
-        input: StageInput,
+        (input, complete): (StageInput, bool),
         original: Prompt,
         all_params: Vec<SamplingParams>,
         arrival: u64,
@@ -770,12 +777,16 @@ impl Loop {
             );
         };
         let added: omni_engine::Result<()> = match input {
-            StageInput::Prompt(prompt) => engine.add_request(id.clone(), prompt, params),
+            StageInput::Prompt(prompt) if complete => {
+                engine.add_request(id.clone(), prompt, params)
+            }
+            StageInput::Prompt(prompt) => {
+                engine.start_streamed_request(id.clone(), prompt, params, false)
+            }
             StageInput::ThinkerStates {
                 states,
                 prompt_len,
                 positions,
-                complete,
             } => match (
                 states.to_tch(),
                 positions.as_ref().map(HostTensor::to_tch).transpose(),

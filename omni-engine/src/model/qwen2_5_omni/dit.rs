@@ -317,6 +317,11 @@ impl Dit {
         self.cfg.num_embeds + 1
     }
 
+    /// Mel frames per attention block.
+    pub fn block_size(&self) -> i64 {
+        self.cfg.block_size
+    }
+
     /// Mel frames per code.
     pub fn repeats(&self) -> i64 {
         self.cfg.repeats

@@ -10,6 +10,7 @@
 //! Reference: transformers' `models/qwen2_5_omni/modeling_qwen2_5_omni.py`.
 mod audio_encoder;
 mod bigvgan;
+mod chunked;
 mod config;
 mod dit;
 mod layers;
@@ -23,6 +24,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use audio_encoder::{AudioEncoder, AudioEncoderConfig};
 pub use bigvgan::BigVgan;
+pub use chunked::{ChunkPlan, CodeStream, VOCODER_CONTEXT};
 pub use config::{BigVganConfig, DitConfig, OmniConfig, TalkerConfig, Token2WavConfig};
 pub use dit::{Dit, SampleOptions};
 pub use speakers::{Speaker, Speakers, DEFAULT_SPEAKER};
@@ -162,15 +164,7 @@ impl Token2Wav {
             return Ok(Tensor::zeros([0], (Kind::Float, Device::Cpu)));
         }
         let frames = codes.len() as i64 * self.dit.repeats();
-        let noise = {
-            // libtorch's global generator, as transformers draws its noise:
-            // seeding and drawing under one lock, so another thread of this
-            // process cannot draw in between.
-            static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-            let _lock = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
-            tch::manual_seed(seed as i64);
-            Tensor::randn([1, frames, self.dit.mel_dim()], (Kind::Float, Device::Cpu))
-        };
+        let noise = seeded_noise(seed, frames, self.dit.mel_dim());
         let mel = self.dit.sample(
             &Tensor::from_slice(codes),
             &voice.cond,
@@ -180,4 +174,15 @@ impl Token2Wav {
         )?;
         Ok(self.bigvgan.forward(&mel).to_device(Device::Cpu))
     }
+}
+
+/// `[1, frames, mel_dim]` standard normal noise from libtorch's CPU
+/// generator seeded with `seed`, as transformers draws it
+/// (`torch.manual_seed(seed); torch.randn(...)`): seeding and drawing under
+/// one lock, so another thread of this process cannot draw in between.
+fn seeded_noise(seed: u64, frames: i64, mel_dim: i64) -> Tensor {
+    static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _lock = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(seed as i64);
+    Tensor::randn([1, frames, mel_dim], (Kind::Float, Device::Cpu))
 }
