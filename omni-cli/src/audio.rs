@@ -26,12 +26,25 @@ pub fn to_wav(audio: &Audio) -> Vec<u8> {
     out.extend_from_slice(&16u16.to_le_bytes()); // bits per sample
     out.extend_from_slice(b"data");
     out.extend_from_slice(&data_len.to_le_bytes());
-    for &s in &audio.samples {
+    push_pcm16(&mut out, &audio.samples);
+    out
+}
+
+/// Samples as 16-bit little-endian PCM.
+fn push_pcm16(out: &mut Vec<u8>, samples: &[f32]) {
+    for &s in samples {
         // NaN maps to 0 (`as` saturates and sends NaN to 0).
         let v = (s.clamp(-1.0, 1.0) * 32767.0).round() as i16;
         out.extend_from_slice(&v.to_le_bytes());
     }
-    out
+}
+
+/// Samples as 16-bit little-endian PCM in standard base64: a streamed
+/// audio delta (OpenAI's `pcm16`).
+pub fn to_base64_pcm16(samples: &[f32]) -> String {
+    let mut pcm = Vec::with_capacity(samples.len() * 2);
+    push_pcm16(&mut pcm, samples);
+    base64::engine::general_purpose::STANDARD.encode(pcm)
 }
 
 /// [`to_wav`] in standard base64.

@@ -282,8 +282,15 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 )
             })
             .collect();
+        let first_audio = out
+            .metrics
+            .time_to_first_audio
+            .filter(|_| out.audio.is_some())
+            .map_or(String::new(), |t| {
+                format!(", first audio after {:.3}s", t.as_secs_f64())
+            });
         println!(
-            "--- {:.3}s end to end; {}",
+            "--- {:.3}s end to end{first_audio}; {}",
             out.metrics.e2e_latency.as_secs_f64(),
             m.join("; ")
         );

@@ -258,6 +258,7 @@ impl AsyncOmni {
             pending: self.inner.final_stages.clone(),
             stage_metrics: Vec::new(),
             audio: Vec::new(),
+            first_audio: None,
             done: false,
         };
         match self
@@ -335,6 +336,7 @@ pub struct OmniStream {
     rx: Option<mpsc::Receiver<StageEvent>>,
     start: Instant,
     first_output: Option<Duration>,
+    first_audio: Option<Duration>,
     /// Final stages that have not finished yet.
     pending: Vec<usize>,
     /// Metrics of every stage that reported, in stage order.
@@ -391,6 +393,9 @@ impl OmniStream {
                 let (stage_id, output) = convert::stage_output(event)?;
                 let now = self.start.elapsed();
                 let first = *self.first_output.get_or_insert(now);
+                if self.first_audio.is_none() && convert::has_audio(&output) {
+                    self.first_audio = Some(now);
+                }
                 match self
                     .stage_metrics
                     .binary_search_by_key(&stage_id, |m| m.stage_id)
@@ -412,6 +417,7 @@ impl OmniStream {
                     OmniMetrics {
                         e2e_latency: now,
                         time_to_first_output: Some(first),
+                        time_to_first_audio: self.first_audio,
                         stages: self.stage_metrics.clone(),
                     },
                 );

@@ -108,6 +108,15 @@ pub(crate) fn stage_metrics(
     }
 }
 
+/// Whether an output of an audio stage carries samples.
+pub(crate) fn has_audio(output: &StageOutput) -> bool {
+    output.final_output_type == FinalOutputType::Audio
+        && output
+            .tensors
+            .iter()
+            .any(|(name, t)| (name == "audio" || name == "waveform") && t.numel() > 0)
+}
+
 /// Audio samples from an output's tensors (`audio`, else the first one).
 fn audio(output: &StageOutput) -> Option<Audio> {
     let tensor = output

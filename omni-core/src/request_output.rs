@@ -104,6 +104,10 @@ pub struct OmniMetrics {
     /// From `generate` to the first output of any final stage.
     #[serde(serialize_with = "opt_secs")]
     pub time_to_first_output: Option<Duration>,
+    /// From `generate` to the first audio sample of any final stage (a
+    /// streamed pipeline's first spoken piece), once there was one.
+    #[serde(serialize_with = "opt_secs")]
+    pub time_to_first_audio: Option<Duration>,
     /// Per stage, in stage order: every stage that reported to the caller
     /// for this request so far.
     pub stages: Vec<StageMetrics>,

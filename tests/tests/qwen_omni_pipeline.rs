@@ -240,6 +240,12 @@ fn cli_and_server_speak() -> Result {
         .find(|l| l["stage_id"] == 2)
         .ok_or("no audio line")?;
     assert_eq!(audio["audio"]["sample_rate"], 24_000, "{audio}");
+    // The time to first audio is reported, within the request's time.
+    let ttfa = audio["metrics"]["time_to_first_audio"]
+        .as_f64()
+        .ok_or("no time to first audio")?;
+    let e2e = audio["metrics"]["e2e_latency"].as_f64().ok_or("no e2e")?;
+    assert!(ttfa > 0.0 && ttfa <= e2e, "{audio}");
     let path = audio["audio"]["path"].as_str().ok_or("no path")?;
     assert!(std::path::Path::new(path).is_file(), "{audio}");
 
@@ -263,6 +269,25 @@ fn cli_and_server_speak() -> Result {
     assert_eq!(spoken["wav"]["sample_rate"], 24_000, "{r}");
     assert_eq!(spoken["wav"]["channels"], 1, "{r}");
     assert!(spoken["wav"]["frames"].as_u64().unwrap_or(0) > 0, "{r}");
+
+    // Streamed, the audio comes as PCM pieces (`delta.audio.data`) as it is
+    // spoken; put together they are the whole answer's samples.
+    let r: Value = serde_json::from_str(
+        omni_tests::run_python(
+            "openai_audio_stream.py",
+            &[
+                &format!("http://{}/v1", server.addr),
+                "qwen2_5_omni",
+                "Ethan",
+            ],
+        )?
+        .trim(),
+    )?;
+    assert!(r["pieces"].as_u64().unwrap_or(0) > 1, "{r}");
+    assert_eq!(r["rates"], serde_json::json!([24_000]), "{r}");
+    assert_eq!(r["equal"], true, "{r}");
+    let order = r["order"].as_array().ok_or("no order")?;
+    assert!(order.contains(&"text".into()), "{r}");
     Ok(())
 }
 

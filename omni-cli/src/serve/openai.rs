@@ -289,14 +289,20 @@ pub struct CompletionResponse {
     pub usage: Usage,
 }
 
-/// `message.audio` of a chat answer from an audio stage.
+/// `message.audio` of a chat answer from an audio stage, or `delta.audio`
+/// of a streamed one.
 #[derive(Debug, Clone, Serialize)]
 pub struct AudioOut {
     pub id: String,
-    /// Base64 of a WAV file.
+    /// Base64 of a WAV file (a whole answer), or of a piece of 16-bit
+    /// little-endian mono PCM (a stream's delta, OpenAI's `pcm16`).
     pub data: String,
     pub expires_at: u64,
     pub transcript: String,
+    /// A stream's PCM sample rate (OpenAI's `pcm16` is 24 kHz, as
+    /// Qwen2.5-Omni's; other voices differ), on streamed deltas only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_rate: Option<u32>,
 }
 
 /// The assistant's message.

@@ -290,14 +290,29 @@ impl ChunkBuilder {
             d.finish_reason =
                 finish_reason(out.finish_reason.as_ref()).or(Some("stop".to_string()));
             d.stop_reason = stop_reason(out.stop_reason.as_ref());
-            if let Some(a) = &out.audio {
+            if let Some(a) = out.audio.as_ref().filter(|_| !self.stream) {
                 d.audio = Some(AudioOut {
                     id: format!("audio-{}-{}-{}", self.id, index, out.stage_id),
                     data: audio::to_base64_wav(a),
                     expires_at: self.created + 3600,
                     transcript: out.text.clone(),
+                    sample_rate: None,
                 });
             }
+        }
+        // A stream sends each piece as it is spoken.
+        if let Some(a) = out
+            .delta_audio
+            .as_ref()
+            .filter(|a| self.stream && !a.samples.is_empty())
+        {
+            d.audio = Some(AudioOut {
+                id: format!("audio-{}-{}-{}", self.id, index, out.stage_id),
+                data: audio::to_base64_pcm16(&a.samples),
+                expires_at: self.created + 3600,
+                transcript: String::new(),
+                sample_rate: Some(a.sample_rate),
+            });
         }
         d
     }
