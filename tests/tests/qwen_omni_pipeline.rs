@@ -431,6 +431,129 @@ async fn the_first_audio_comes_before_the_thinker_is_done() -> Result {
     Ok(())
 }
 
+/// A long spoken answer: the thinker writes `n` tokens, the talker `m`
+/// codes.
+fn long_answer(n: usize, m: usize) -> StageSamplingParams {
+    StageSamplingParams::PerStage(vec![
+        SamplingParams {
+            max_tokens: Some(n),
+            min_tokens: n,
+            output_states: true,
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            max_tokens: Some(m),
+            min_tokens: m,
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            seed: Some(3),
+            ..SamplingParams::default()
+        },
+    ])
+}
+
+async fn tiny_async_omni() -> Result<omni_core::AsyncOmni> {
+    omni_tests::ensure_binaries()?;
+    Ok(omni_core::AsyncOmni::from_engine_args(OmniEngineArgs {
+        model_path: Some(fixture().join("tiny").to_string_lossy().into_owned()),
+        ..OmniEngineArgs::new("qwen2_5_omni")
+    })
+    .await?)
+}
+
+/// Reads `stream` until its first piece of audio.
+async fn until_first_audio(stream: &mut omni_core::OmniStream) -> Result {
+    use futures::StreamExt;
+    while let Some(out) = stream.next().await {
+        if out?.delta_audio.is_some_and(|a| !a.samples.is_empty()) {
+            return Ok(());
+        }
+    }
+    Err(err("the stream ended before any audio"))
+}
+
+/// Dropping a stream while its audio is coming stops the request in every
+/// stage (the talker waiting for the thinker's next states, code2wav
+/// between chunks): each stage soon holds no request, and the pipeline
+/// answers the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cancelled_mid_speech_stops_in_every_stage() -> Result {
+    use futures::StreamExt;
+    let omni = tiny_async_omni().await?;
+    let mut stream = omni
+        .generate(
+            Prompt::Text("Hello.".into()),
+            long_answer(2000, 400),
+            "gone".to_owned(),
+        )
+        .await?;
+    until_first_audio(&mut stream).await?;
+    drop(stream);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let mut held = Vec::new();
+        for s in 0..3 {
+            held.push(omni.stage_health(s).await?.running_requests);
+        }
+        if held.iter().all(|&n| n == 0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stages still hold the cancelled request after 20 s: {held:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut next = omni
+        .generate(
+            Prompt::Text("Hi.".into()),
+            long_answer(8, 16),
+            "next".to_owned(),
+        )
+        .await?;
+    let mut spoke = false;
+    while let Some(out) = next.next().await {
+        spoke |= out?.audio.is_some();
+    }
+    assert!(spoke, "the next request got no audio");
+    omni.shutdown().await?;
+    Ok(())
+}
+
+/// code2wav killed while it speaks: the stream ends with an error naming
+/// the stage, within seconds, never a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code2wav_dying_mid_speech_ends_the_stream_with_an_error() -> Result {
+    use futures::StreamExt;
+    let omni = tiny_async_omni().await?;
+    let pid = omni.stages()[2].pid;
+    let mut stream = omni
+        .generate(
+            Prompt::Text("Hello.".into()),
+            long_answer(2000, 400),
+            "dies".to_owned(),
+        )
+        .await?;
+    until_first_audio(&mut stream).await?;
+    // SAFETY: plain kill(2) of a stage process this test started.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(out) = stream.next().await {
+            if let Err(e) = out {
+                return Some(e.to_string());
+            }
+        }
+        None
+    })
+    .await
+    .map_err(|_| err("the stream hung after code2wav died"))?;
+    let e = ended.ok_or("the stream ended without an error")?;
+    assert!(e.contains("stage 2"), "{e}");
+    let _ = omni.shutdown().await;
+    Ok(())
+}
+
 /// The profile tools on the three-stage speech pipeline: `summarize` names
 /// code2wav (the only stage with real work on the tiny checkpoint) as the
 /// bottleneck and reports each request's time to first audio.

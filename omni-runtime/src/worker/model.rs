@@ -264,8 +264,13 @@ impl ModelThread {
                 }
             }
             let c = &l.t.counters;
+            let gathering = l
+                .inbound
+                .values()
+                .filter(|i| matches!(i, Inbound::Gathering { .. }))
+                .count();
             c.running
-                .store(l.reqs.len() + l.gather.len(), Ordering::Relaxed);
+                .store(l.reqs.len() + l.gather.len() + gathering, Ordering::Relaxed);
             let load = engine.load();
             c.engine_requests
                 .store(load.unfinished_requests, Ordering::Relaxed);
