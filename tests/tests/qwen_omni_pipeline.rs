@@ -572,7 +572,9 @@ fn profile_analysis_reports_time_to_first_audio() -> Result {
             "--prompt",
             "Hello",
             "--max-tokens",
-            "8",
+            "48",
+            "--min-tokens",
+            "48",
             "--profile",
             "--profile-dir",
             &traces,
@@ -598,6 +600,66 @@ fn profile_analysis_reports_time_to_first_audio() -> Result {
         r.first_audio_us
             .is_some_and(|t| t > 0.0 && t <= r.total_us + 1.0),
         "{analysis}"
+    );
+
+    // The merged timeline shows the streaming: an arrow per piece from the
+    // thinker to the talker and from the talker to code2wav, and the
+    // talker at work on the request before the thinker's last step for it.
+    let merged = dir.path().join("merged.json");
+    omni_core::profile_tools::merge(std::path::Path::new(&traces), &merged)?;
+    let trace: Value = serde_json::from_str(&std::fs::read_to_string(&merged)?)?;
+    let events = trace["traceEvents"].as_array().ok_or("no events")?;
+    let process_of = |name: &str| -> Option<u64> {
+        events.iter().find_map(|e| {
+            (e["ph"] == "M"
+                && e["name"] == "process_name"
+                && e["args"]["name"].as_str().is_some_and(|n| n.contains(name)))
+            .then(|| e["pid"].as_u64())
+            .flatten()
+        })
+    };
+    let (thinker, talker) = (
+        process_of("thinker").ok_or("no thinker process")?,
+        process_of("talker").ok_or("no talker process")?,
+    );
+    let arrows_into = |pid: u64| {
+        events
+            .iter()
+            .filter(|e| e["ph"] == "f" && e["cat"] == "request" && e["pid"] == pid)
+            .count()
+    };
+    assert!(
+        arrows_into(talker) >= 24,
+        "{} arrows into the talker",
+        arrows_into(talker)
+    );
+    let code2wav = process_of("code2wav").ok_or("no code2wav process")?;
+    assert!(
+        arrows_into(code2wav) >= 6,
+        "{} arrows into code2wav",
+        arrows_into(code2wav)
+    );
+    let steps = |pid: u64| -> Vec<(f64, f64)> {
+        events
+            .iter()
+            .filter(|e| {
+                e["pid"] == pid
+                    && e["ph"] == "X"
+                    && e["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("ProfilerStep#"))
+            })
+            .filter_map(|e| Some((e["ts"].as_f64()?, e["ts"].as_f64()? + e["dur"].as_f64()?)))
+            .collect()
+    };
+    let talker_first = steps(talker)
+        .iter()
+        .map(|s| s.0)
+        .fold(f64::INFINITY, f64::min);
+    let thinker_last = steps(thinker).iter().map(|s| s.1).fold(0.0, f64::max);
+    assert!(
+        talker_first < thinker_last,
+        "the talker's first step ({talker_first}) came after the thinker's last ({thinker_last})"
     );
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! `merge(dir, out)`: one Chrome trace of all stages, each stage its own
 //! process, with flow arrows from each `stage_send` of a request to the
-//! `stage_recv` that took it in the next stage.
+//! `stage_recv` that took it in the next stage (one per piece on a streamed
+//! edge).
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,8 @@ struct Endpoint {
     end: f64,
     pid: u64,
     tid: Value,
+    /// The piece of a streamed input (`piece` arg), when the span has one.
+    piece: Option<u64>,
 }
 
 /// Merges every trace under `dir` into one Chrome trace at `out` (gzip when
@@ -32,7 +35,8 @@ struct Endpoint {
 /// line up. For each request, a flow arrow (`ph` `s`/`f`, category
 /// `request`) goes from the latest `stage_send` naming it in one stage to
 /// each `stage_recv` naming it in another stage that ended after the send
-/// began.
+/// began; on a streamed edge, from the send of the same piece (`piece`
+/// arg), so each piece has its arrow.
 pub fn merge(dir: &Path, out: &Path) -> Result<PathBuf> {
     let traces = load(dir)?;
     let mut pid_map: BTreeMap<(String, String), u64> = BTreeMap::new();
@@ -119,6 +123,7 @@ pub fn merge(dir: &Path, out: &Path) -> Result<PathBuf> {
                                 end: ts + dur,
                                 pid,
                                 tid: e.get("tid").cloned().unwrap_or(Value::Null),
+                                piece: args.get("piece").and_then(Value::as_u64),
                             });
                         }
                     }
@@ -139,7 +144,7 @@ pub fn merge(dir: &Path, out: &Path) -> Result<PathBuf> {
         for recv in recv_list {
             let send = send_list
                 .iter()
-                .filter(|s| s.stage != recv.stage && s.ts <= recv.end)
+                .filter(|s| s.stage != recv.stage && s.ts <= recv.end && s.piece == recv.piece)
                 .max_by(|a, b| a.ts.total_cmp(&b.ts));
             let Some(send) = send else { continue };
             flow_id += 1;

@@ -467,7 +467,12 @@ impl Loop {
     ) {
         // `received_us`: when the socket thread took it in; the span starts
         // when this thread gets to it, after the step then running.
-        let _span = tracing::info_span!(target: "omni::runtime", "stage_recv", request_ids = %m.request_id, from_stage = m.output.stage_id, stage = self.t.stage_id, received_us = arrival).entered();
+        let span = tracing::info_span!(target: "omni::runtime", "stage_recv", request_ids = %m.request_id, from_stage = m.output.stage_id, stage = self.t.stage_id, received_us = arrival, piece = tracing::field::Empty);
+        if let Some(p) = m.piece {
+            // Pairs this receive with its send in a merged trace.
+            span.record("piece", p.index);
+        }
+        let _span = span.entered();
         let id = m.request_id.clone();
         if self.aborted.contains(&id) {
             return;
