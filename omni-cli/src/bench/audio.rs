@@ -1,15 +1,18 @@
 //! `omni bench audio`: the `qwen2_5_omni` pipeline (thinker, talker and
 //! code2wav, three processes) on a Qwen2.5-Omni folder, at several numbers
-//! of concurrent requests, side by side in the same invocation with
-//! transformers running the same folder stage after stage; and the HiFi-GAN
-//! TorchScript vocoder stage against the same TorchScript file in PyTorch.
+//! of concurrent requests, streamed between stages (its default) and not,
+//! side by side in the same invocation with transformers running the same
+//! folder stage after stage: throughput, time to first audio and total
+//! time per request; and the HiFi-GAN TorchScript vocoder stage against the
+//! same TorchScript file in PyTorch.
 use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use clap::Args;
 use omni_core::engine::{tch, GenerationEngine, ModelSource};
 use omni_core::{
-    ChatMessage, OmniEngineArgs, OmniLLM, Prompt, SamplingParams, StageSamplingParams,
+    ChatMessage, OmniEngineArgs, OmniLLM, PipelineConfig, Prompt, SamplingParams,
+    StageSamplingParams,
 };
 use serde::Deserialize;
 
@@ -60,6 +63,12 @@ struct Round {
     concurrency: usize,
     wall_s: f64,
     audio_s: f64,
+    /// Per request: seconds to its first audio and to its end (the
+    /// reference makes all audio at the end: both are the round's wall).
+    #[serde(default)]
+    first_audio_s: Vec<f64>,
+    #[serde(default)]
+    total_s: Vec<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -109,51 +118,73 @@ pub(super) fn run(b: AudioBench) -> anyhow::Result<()> {
             ..SamplingParams::default()
         },
     ]);
-    let omni = crate::progress::with_spinner(
-        "starting qwen2_5_omni".to_owned(),
-        |_: &OmniLLM| "qwen2_5_omni ready".to_owned(),
-        || {
-            OmniLLM::from_engine_args(OmniEngineArgs {
-                model_path: Some(b.model_path.clone()),
-                ..OmniEngineArgs::new("qwen2_5_omni")
-            })
-        },
-    )?;
     let batch = |c: usize| -> Vec<Prompt> {
         (0..c)
             .map(|i| Prompt::TokenIds(ids[i % ids.len()].clone()))
             .collect()
     };
-    omni.generate(batch(1), params.clone()).context("warm-up")?;
     let mut rounds = Vec::new();
     // Per concurrency: per stage, median compute seconds per request.
     let mut stage_times: Vec<(usize, [f64; 3])> = Vec::new();
-    // (Stage 1, the talker, stays NaN: see the table below.)
-    for &c in &b.concurrency {
-        let mut per_stage: [Vec<f64>; 3] = Default::default();
-        for _ in 0..b.rounds {
-            let t = Instant::now();
-            let outs = omni.generate(batch(c), params.clone())?;
-            let wall_s = t.elapsed().as_secs_f64();
-            let audio: Vec<_> = outs.iter().filter_map(|o| o.audio.as_ref()).collect();
-            if let Some(o) = outs.iter().find(|o| o.audio.is_some()) {
-                for (s, times) in per_stage.iter_mut().enumerate() {
-                    if let Some(m) = o.metrics.stage(s) {
-                        times.push(m.compute_time.as_secs_f64());
+    for (system, streamed) in [("omni", true), ("omni-unstreamed", false)] {
+        let mut config = PipelineConfig::builtin("qwen2_5_omni")?;
+        if !streamed {
+            for edge in &mut config.runtime.edges {
+                edge.window_size = -1;
+            }
+        }
+        let args = OmniEngineArgs {
+            model_path: Some(b.model_path.clone()),
+            ..OmniEngineArgs::new("qwen2_5_omni")
+        };
+        let label = format!("starting qwen2_5_omni ({system})");
+        let omni = crate::progress::with_spinner(
+            label,
+            |_: &OmniLLM| "qwen2_5_omni ready".to_owned(),
+            || OmniLLM::from_config(config, &args),
+        )?;
+        omni.generate(batch(1), params.clone()).context("warm-up")?;
+        for &c in &b.concurrency {
+            let mut per_stage: [Vec<f64>; 3] = Default::default();
+            for _ in 0..b.rounds {
+                let t = Instant::now();
+                let outs = omni.generate(batch(c), params.clone())?;
+                let wall_s = t.elapsed().as_secs_f64();
+                let spoken: Vec<_> = outs.iter().filter(|o| o.audio.is_some()).collect();
+                if let Some(o) = spoken.first() {
+                    for (s, times) in per_stage.iter_mut().enumerate() {
+                        if let Some(m) = o.metrics.stage(s) {
+                            times.push(m.compute_time.as_secs_f64());
+                        }
                     }
                 }
+                rounds.push(Round {
+                    system: system.into(),
+                    part: "pipeline".into(),
+                    concurrency: c,
+                    wall_s,
+                    audio_s: spoken
+                        .iter()
+                        .filter_map(|o| o.audio.as_ref())
+                        .map(|a| a.duration().as_secs_f64())
+                        .sum(),
+                    first_audio_s: spoken
+                        .iter()
+                        .filter_map(|o| o.metrics.time_to_first_audio)
+                        .map(|t| t.as_secs_f64())
+                        .collect(),
+                    total_s: spoken
+                        .iter()
+                        .map(|o| o.metrics.e2e_latency.as_secs_f64())
+                        .collect(),
+                });
             }
-            rounds.push(Round {
-                system: "omni".into(),
-                part: "pipeline".into(),
-                concurrency: c,
-                wall_s,
-                audio_s: audio.iter().map(|a| a.duration().as_secs_f64()).sum(),
-            });
+            if streamed {
+                stage_times.push((c, per_stage.map(median)));
+            }
         }
-        stage_times.push((c, per_stage.map(median)));
+        omni.shutdown()?;
     }
-    omni.shutdown()?;
 
     // The HiFi-GAN stage's engine, in this process.
     let mut voc = GenerationEngine::new(&omni_core::EngineArgs::new("hifigan"), "vocoder")?;
@@ -173,6 +204,8 @@ pub(super) fn run(b: AudioBench) -> anyhow::Result<()> {
                 concurrency: 1,
                 wall_s,
                 audio_s: samples as f64 / 16_000.0,
+                first_audio_s: Vec::new(),
+                total_s: Vec::new(),
             });
         }
     }
@@ -211,6 +244,35 @@ pub(super) fn run(b: AudioBench) -> anyhow::Result<()> {
             "| {c} | {w:.3} | {a:.2} | {:.2} | {rw} | {ra} | {rs} | {x} |",
             a / w
         );
+    }
+    println!();
+    // Time to first audio and to the end, per request: medians over every
+    // request of every round.
+    let latency = |system: &str, c: usize, pick: fn(&Round) -> Vec<f64>| -> Option<f64> {
+        let v: Vec<f64> = rounds
+            .iter()
+            .filter(|r| r.system == system && r.part == "pipeline" && r.concurrency == c)
+            .flat_map(pick)
+            .collect();
+        (!v.is_empty()).then(|| median(v))
+    };
+    println!("| concurrent | system | time to first audio s | total s | audio s / wall s |");
+    println!("|---:|---|---:|---:|---:|");
+    for &c in &b.concurrency {
+        for (system, label) in [
+            ("omni", "omni, streamed (default)"),
+            ("omni-unstreamed", "omni, whole outputs between stages"),
+            ("transformers", "transformers"),
+        ] {
+            let (Some((w, a)), Some(first), Some(total)) = (
+                summary(system, "pipeline", c),
+                latency(system, c, |r| r.first_audio_s.clone()),
+                latency(system, c, |r| r.total_s.clone()),
+            ) else {
+                continue;
+            };
+            println!("| {c} | {label} | {first:.3} | {total:.3} | {:.2} |", a / w);
+        }
     }
     println!();
     // The talker is no final stage, so it reports no metrics of its own to
