@@ -168,7 +168,9 @@ pub struct StageInputMsg {
     pub piece: Option<StreamPiece>,
 }
 
-/// A piece of a streamed stage input.
+/// A piece of a streamed stage input. Pieces after the first carry no
+/// prompt (an empty token-id list) and no sampling params: the receiver
+/// keeps the first piece's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StreamPiece {
     /// 0, 1, 2, ... per request and edge: a piece out of order is a

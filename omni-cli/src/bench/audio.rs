@@ -128,15 +128,15 @@ pub(super) fn run(b: AudioBench) -> anyhow::Result<()> {
     let mut stage_times: Vec<(usize, [f64; 3])> = Vec::new();
     for (system, streamed) in [("omni", true), ("omni-unstreamed", false)] {
         let mut config = PipelineConfig::builtin("qwen2_5_omni")?;
+        for stage in &mut config.stages {
+            stage.engine_args.model.clone_from(&b.model_path);
+        }
         if !streamed {
             for edge in &mut config.runtime.edges {
                 edge.window_size = -1;
             }
         }
-        let args = OmniEngineArgs {
-            model_path: Some(b.model_path.clone()),
-            ..OmniEngineArgs::new("qwen2_5_omni")
-        };
+        let args = OmniEngineArgs::new("qwen2_5_omni");
         let label = format!("starting qwen2_5_omni ({system})");
         let omni = crate::progress::with_spinner(
             label,

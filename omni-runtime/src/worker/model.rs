@@ -616,8 +616,11 @@ impl Loop {
             output,
             states,
             positions,
+            prompt,
             ..
         } = &mut **so_far;
+        // Later pieces carry no prompt: the first piece's is the request's.
+        let prompt = prompt.clone();
         output.token_ids.extend_from_slice(&m.output.token_ids);
         output.text.push_str(&m.output.text);
         output.finish_reason = m.output.finish_reason;
@@ -652,7 +655,7 @@ impl Loop {
         };
         let input = ProcessorInput {
             request_id: &id,
-            prompt: &m.prompt,
+            prompt: &prompt,
             sources: std::slice::from_ref(&source),
         };
         let decided = (self.t.processor.1)(&input);
@@ -886,10 +889,22 @@ impl Loop {
                 continue;
             }
             let _span = tracing::info_span!(target: "omni::runtime", "stage_send", request_ids = %o.request_id, stage = self.t.stage_id, to_stages = ?[edge.to], piece = edge.next_index).entered();
+            // The prompt and params travel with the first piece only: the
+            // receiver keeps them, and a long prompt sent with every token
+            // would cost its length per token.
+            let first = edge.next_index == 0;
             let mut env = Envelope::new(Message::StageInput(StageInputMsg {
                 request_id: o.request_id.clone(),
-                prompt: req.prompt.without_media().clone(),
-                sampling_params: req.all_params.clone(),
+                prompt: if first {
+                    req.prompt.without_media().clone()
+                } else {
+                    Prompt::TokenIds(Vec::new())
+                },
+                sampling_params: if first {
+                    req.all_params.clone()
+                } else {
+                    Vec::new()
+                },
                 output: UpstreamOutput {
                     stage_id: self.t.stage_id,
                     text: std::mem::take(&mut edge.text),
