@@ -66,6 +66,9 @@ enum Job {
     CodeStream(Box<CodeStream>),
 }
 
+/// Streamed requests whose chunks one step runs together at most.
+const MAX_STREAM_BATCH: usize = 16;
+
 /// One request, prepared.
 #[derive(Debug)]
 struct Pending {
@@ -429,25 +432,38 @@ impl GenerationEngine {
     pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
         self.steps += 1;
         let next = self.waiting.iter().position(|p| self.runnable(p));
-        let batch: Vec<Pending> = next
-            .and_then(|i| self.waiting.remove(i))
-            .into_iter()
-            .collect();
+        let streams = next.is_some_and(|i| matches!(self.waiting[i].job, Job::CodeStream(_)));
+        // Streams' chunks run together (one DiT batch per window length);
+        // a whole request runs alone (see the module's notes).
+        let batch: Vec<Pending> = if streams {
+            let mut taken = Vec::new();
+            let mut i = 0;
+            while i < self.waiting.len() && taken.len() < MAX_STREAM_BATCH {
+                let ready = matches!(self.waiting[i].job, Job::CodeStream(_))
+                    && self.runnable(&self.waiting[i]);
+                match ready.then(|| self.waiting.remove(i)).flatten() {
+                    Some(p) => taken.push(p),
+                    None => i += 1,
+                }
+            }
+            taken
+        } else {
+            next.and_then(|i| self.waiting.remove(i))
+                .into_iter()
+                .collect()
+        };
         let ids: Vec<&str> = batch.iter().map(|p| p.request_id.as_str()).collect();
         let _step = tracing::info_span!(target: "omni::engine", "step", step = self.steps,
             request_ids = ids.join(",").as_str(), batch_size = batch.len())
         .entered();
         let sample_rate = self.sample_rate();
+        if streams {
+            return self.stream_pieces(batch, sample_rate);
+        }
         let mut outputs = Vec::with_capacity(batch.len());
         for mut p in batch {
             let now = Instant::now();
             p.metrics.first_scheduled_time.get_or_insert(now);
-            if let Job::CodeStream(_) = p.job {
-                if let Some(o) = self.stream_piece(p, sample_rate)? {
-                    outputs.push(o);
-                }
-                continue;
-            }
             let prompt_token_ids = p.job.input_ids();
             let num_ids = prompt_token_ids.len();
             let samples = {
@@ -462,7 +478,7 @@ impl GenerationEngine {
                         t2w.synthesize(codes, speaker.as_deref(), p.seed)?
                     }
                     (GenerationModel::Vocoder(v), Job::Mel(mel)) => v.synthesize(mel)?,
-                    (_, Job::CodeStream(_)) => unreachable!("streams run in stream_piece"),
+                    (_, Job::CodeStream(_)) => unreachable!("streams run in stream_pieces"),
                     _ => unreachable!("add_request prepares the job its model runs"),
                 }
             };
@@ -499,62 +515,81 @@ impl GenerationEngine {
 }
 
 impl GenerationEngine {
-    /// Runs the next chunk of a streamed request: its piece of audio, as an
-    /// unfinished output (none while the vocoder holds the chunk back), or
-    /// the last piece as the finished one. An unfinished request goes to
-    /// the back of the queue, so streams take turns.
-    fn stream_piece(&mut self, mut p: Pending, sample_rate: u32) -> Result<Option<RequestOutput>> {
-        let (GenerationModel::Code2Wav(t2w), Job::CodeStream(stream)) = (&self.model, &mut p.job)
-        else {
-            return Ok(None);
-        };
-        let piece = {
-            let _f = tracing::info_span!(target: "omni::engine", "forward",
-                phase = "generate", request_ids = p.request_id.as_str(),
-                num_tokens = stream.num_codes())
-            .entered();
-            t2w.next_piece(stream)?
-        };
-        let finished = stream.is_finished();
-        let num_codes = stream.num_codes();
-        let samples = match piece {
-            Some(s) if s.numel() > 0 || finished => s,
-            _ => {
-                self.waiting.push_back(p);
-                return Ok(None);
-            }
+    /// Runs the next chunk of each streamed request: its piece of audio, as
+    /// an unfinished output (none while the vocoder holds the chunk back),
+    /// or the last piece as the finished one. Unfinished requests go to the
+    /// back of the queue, so streams take turns with whole requests.
+    fn stream_pieces(
+        &mut self,
+        mut batch: Vec<Pending>,
+        sample_rate: u32,
+    ) -> Result<Vec<RequestOutput>> {
+        let GenerationModel::Code2Wav(t2w) = &self.model else {
+            return Ok(Vec::new());
         };
         let now = Instant::now();
-        p.metrics.first_token_time.get_or_insert(now);
-        p.metrics.num_prompt_tokens = num_codes;
-        if finished {
-            p.metrics.finished_time = Some(now);
-        }
-        let output = RequestOutput {
-            request_id: p.request_id.clone(),
-            prompt_token_ids: Vec::new(),
-            token_ids: Vec::new(),
-            delta_text: String::new(),
-            text: String::new(),
-            finished,
-            finish_reason: finished.then_some(FinishReason::Stop),
-            logprobs: None,
-            stop_reason: None,
-            prompt_logprobs: None,
-            hidden_states: None,
-            new_states: None,
-            states: None,
-            mrope_positions: None,
-            audio: Some(Waveform {
-                samples,
-                sample_rate,
-            }),
-            metrics: p.metrics,
+        let pieces = {
+            let ids: Vec<String> = batch.iter().map(|p| p.request_id.clone()).collect();
+            let mut streams: Vec<&mut CodeStream> = batch
+                .iter_mut()
+                .filter_map(|p| match &mut p.job {
+                    Job::CodeStream(s) => Some(&mut **s),
+                    _ => None,
+                })
+                .collect();
+            let codes: usize = streams.iter().map(|s| s.num_codes()).sum();
+            let _f = tracing::info_span!(target: "omni::engine", "forward",
+                phase = "generate", request_ids = ids.join(",").as_str(), num_tokens = codes)
+            .entered();
+            t2w.next_pieces(&mut streams)?
         };
-        if !finished {
-            self.waiting.push_back(p);
+        let done = Instant::now();
+        let mut outputs = Vec::new();
+        for (mut p, piece) in batch.into_iter().zip(pieces) {
+            p.metrics.first_scheduled_time.get_or_insert(now);
+            let Job::CodeStream(stream) = &p.job else {
+                continue;
+            };
+            let finished = stream.is_finished();
+            let num_codes = stream.num_codes();
+            let samples = match piece {
+                Some(s) if s.numel() > 0 || finished => s,
+                _ => {
+                    self.waiting.push_back(p);
+                    continue;
+                }
+            };
+            p.metrics.first_token_time.get_or_insert(done);
+            p.metrics.num_prompt_tokens = num_codes;
+            if finished {
+                p.metrics.finished_time = Some(done);
+            }
+            outputs.push(RequestOutput {
+                request_id: p.request_id.clone(),
+                prompt_token_ids: Vec::new(),
+                token_ids: Vec::new(),
+                delta_text: String::new(),
+                text: String::new(),
+                finished,
+                finish_reason: finished.then_some(FinishReason::Stop),
+                logprobs: None,
+                stop_reason: None,
+                prompt_logprobs: None,
+                hidden_states: None,
+                new_states: None,
+                states: None,
+                mrope_positions: None,
+                audio: Some(Waveform {
+                    samples,
+                    sample_rate,
+                }),
+                metrics: p.metrics,
+            });
+            if !finished {
+                self.waiting.push_back(p);
+            }
         }
-        Ok(Some(output))
+        Ok(outputs)
     }
 }
 

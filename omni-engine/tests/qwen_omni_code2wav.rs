@@ -184,6 +184,39 @@ fn chunked_waveforms_match_the_whole_within_tolerance() -> Result {
         err <= 0.005 * peak && snr > 40.0,
         "chunked waveform off by {err:.3e} (peak {peak:.3}), SNR {snr:.1} dB against the whole"
     );
+    // Streams batched together (one DiT batch per window length, two
+    // voices) give their pieces alone, up to the rounding of larger
+    // products.
+    let other: Vec<i64> = (0..90).map(|i| (i * 13 + 5) % 64).collect();
+    let mut a = t2w.start_stream(Some("Ethan"), 7)?;
+    let mut b = t2w.start_stream(Some("Chelsie"), 9)?;
+    t2w.push_codes(&mut a, &codes, true)?;
+    t2w.push_codes(&mut b, &other, true)?;
+    let (mut wa, mut wb) = (Vec::new(), Vec::new());
+    while !(a.is_finished() && b.is_finished()) {
+        let mut both = [&mut a, &mut b];
+        let pieces = t2w.next_pieces(&mut both)?;
+        let mut pieces = pieces.into_iter();
+        wa.extend(pieces.next().flatten());
+        wb.extend(pieces.next().flatten());
+    }
+    let (alone_b, _) = {
+        let mut s = t2w.start_stream(Some("Chelsie"), 9)?;
+        t2w.push_codes(&mut s, &other, true)?;
+        let mut v = Vec::new();
+        while let Some(p) = t2w.next_piece(&mut s)? {
+            v.push(p);
+        }
+        (Tensor::cat(&v, 0), ())
+    };
+    for (name, batched, alone) in [
+        ("Ethan", Tensor::cat(&wa, 0), &at_once),
+        ("Chelsie", Tensor::cat(&wb, 0), &alone_b),
+    ] {
+        assert_eq!(batched.size(), alone.size(), "{name}: sample count");
+        let err = max_abs(&(&batched - alone));
+        assert!(err < 1e-4 * max_abs(alone), "{name}: batched off by {err}");
+    }
     // A short answer is one piece, equal to the whole.
     let short = &codes[..6];
     let (one, n) = chunked(&t2w, short, usize::MAX, 7)?;

@@ -24,7 +24,7 @@
 //! the codes, never on when they arrived.
 use tch::{Device, Kind, Tensor};
 
-use super::{SampleOptions, Token2Wav};
+use super::{DitInput, SampleOptions, Token2Wav};
 use crate::error::{Error, Result};
 
 /// Mel frames of vocoder context on each side of a piece (Qwen's
@@ -198,40 +198,107 @@ impl Token2Wav {
     /// f32, CPU; possibly empty while the vocoder holds the chunk back for
     /// its context). After the last piece the stream is finished.
     pub fn next_piece(&self, s: &mut CodeStream) -> Result<Option<Tensor>> {
+        Ok(self.next_pieces(&mut [s])?.pop().flatten())
+    }
+
+    /// [`Token2Wav::next_piece`] for several streams at once: the DiT
+    /// windows of one length (every middle chunk's) run as one batch. A
+    /// stream's piece does not depend on what it was batched with, up to
+    /// the float rounding of the larger matrix products.
+    pub fn next_pieces(&self, streams: &mut [&mut CodeStream]) -> Result<Vec<Option<Tensor>>> {
+        let jobs: Vec<Option<ChunkJob>> = streams.iter().map(|s| self.plan_chunk(s)).collect();
+        // The kept mel of each job, `[mel_dim, frames]`.
+        let mut mels: Vec<Option<Tensor>> = (0..streams.len()).map(|_| None).collect();
+        let mut lengths: Vec<i64> = jobs
+            .iter()
+            .flatten()
+            .filter(|j| j.keep_end > j.keep_start)
+            .map(|j| j.window_end - j.start)
+            .collect();
+        lengths.sort_unstable();
+        lengths.dedup();
+        for len in lengths {
+            let members: Vec<usize> = (0..streams.len())
+                .filter(|&k| {
+                    jobs[k]
+                        .as_ref()
+                        .is_some_and(|j| j.keep_end > j.keep_start && j.window_end - j.start == len)
+                })
+                .collect();
+            let mut inputs = Vec::with_capacity(members.len());
+            let mut held = Vec::with_capacity(members.len());
+            for &k in &members {
+                let (s, j) = (
+                    &mut *streams[k],
+                    jobs[k].as_ref().expect("a member has a job"),
+                );
+                let voice = self.speakers.get(s.speaker.as_deref())?;
+                let repeats = self.dit.repeats();
+                let codes = Tensor::from_slice(
+                    &s.codes[(j.start / repeats) as usize..(j.window_end / repeats) as usize],
+                );
+                let noise = s.noise.frames(j.start, j.window_end);
+                held.push((codes, voice, noise));
+            }
+            for (codes, voice, noise) in &held {
+                inputs.push(DitInput {
+                    codes,
+                    cond: &voice.cond,
+                    ref_mel: &voice.ref_mel,
+                    noise,
+                });
+            }
+            let mel = self.dit.sample_batch(&inputs, SampleOptions::default())?;
+            for (row, &k) in members.iter().enumerate() {
+                let j = jobs[k].as_ref().expect("a member has a job");
+                mels[k] = Some(
+                    mel.get(row as i64)
+                        .narrow(1, j.keep_start - j.start, j.keep_end - j.keep_start)
+                        .to_device(Device::Cpu),
+                );
+            }
+        }
+        let mut pieces = Vec::with_capacity(streams.len());
+        for (k, s) in streams.iter_mut().enumerate() {
+            pieces.push(
+                jobs[k]
+                    .as_ref()
+                    .map(|j| self.finish_chunk(s, j, mels[k].take())),
+            );
+        }
+        Ok(pieces)
+    }
+
+    /// The window of a stream's next chunk, if one is ready.
+    fn plan_chunk(&self, s: &CodeStream) -> Option<ChunkJob> {
         if !self.piece_ready(s) {
-            return Ok(None);
+            return None;
         }
         let plan = self.chunk_plan();
-        let repeats = self.dit.repeats();
-        let total = s.codes.len() as i64 * repeats;
-        let start = (s.mel_done - plan.past).max(0);
-        let window_end = (s.mel_done + plan.chunk + plan.future).min(total);
+        let total = s.codes.len() as i64 * self.dit.repeats();
         let keep_end = if s.complete && s.mel_done + plan.chunk + plan.future >= total {
             // The last chunk keeps everything to the end.
             total
         } else {
             s.mel_done + plan.chunk
         };
-        if keep_end > s.mel_done {
-            let voice = self.speakers.get(s.speaker.as_deref())?;
-            let codes = Tensor::from_slice(
-                &s.codes[(start / repeats) as usize..(window_end / repeats) as usize],
-            );
-            let noise = s.noise.frames(start, window_end);
-            let mel = self.dit.sample(
-                &codes,
-                &voice.cond,
-                &voice.ref_mel,
-                &noise,
-                SampleOptions::default(),
-            )?;
-            let kept = mel
-                .narrow(1, s.mel_done - start, keep_end - s.mel_done)
-                .to_device(Device::Cpu);
+        Some(ChunkJob {
+            start: (s.mel_done - plan.past).max(0),
+            window_end: (s.mel_done + plan.chunk + plan.future).min(total),
+            keep_start: s.mel_done,
+            keep_end,
+            total,
+        })
+    }
+
+    /// Takes a chunk's kept mel (none for an empty last chunk) and returns
+    /// the samples that are final now.
+    fn finish_chunk(&self, s: &mut CodeStream, j: &ChunkJob, kept: Option<Tensor>) -> Tensor {
+        if let Some(kept) = kept {
             s.mel = Tensor::cat(&[&s.mel, &kept], 1);
-            s.mel_done = keep_end;
+            s.mel_done = j.keep_end;
         }
-        let end_of_speech = s.mel_done == total && s.complete;
+        let end_of_speech = s.mel_done == j.total && s.complete;
         // Samples of frames up to `upto` are final once the vocoder has
         // seen VOCODER_CONTEXT frames past them.
         let upto = if end_of_speech {
@@ -263,6 +330,17 @@ impl Token2Wav {
             Tensor::zeros([0], (Kind::Float, Device::Cpu))
         };
         s.finished = end_of_speech;
-        Ok(Some(piece))
+        piece
     }
+}
+
+/// The frames of one chunk: its DiT window and the part of it kept.
+#[derive(Debug, Clone, Copy)]
+struct ChunkJob {
+    start: i64,
+    window_end: i64,
+    keep_start: i64,
+    keep_end: i64,
+    /// Frames of all the codes so far.
+    total: i64,
 }

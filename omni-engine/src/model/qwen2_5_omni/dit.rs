@@ -253,9 +253,25 @@ impl std::fmt::Debug for Dit {
     }
 }
 
-/// What does not change across the ODE's evaluations of one request.
+/// One sequence to sample: its codes and voice, and its initial noise.
+#[derive(Debug)]
+pub struct DitInput<'a> {
+    /// `[n]` i64.
+    pub codes: &'a Tensor,
+    /// `[1, enc_emb_dim]`.
+    pub cond: &'a Tensor,
+    /// `[1, frames, mel_dim]`.
+    pub ref_mel: &'a Tensor,
+    /// `[1, n * repeats, mel_dim]`, standard normal.
+    pub noise: &'a Tensor,
+}
+
+/// What does not change across the ODE's evaluations of one batch.
 struct Conditioning {
-    /// `[2, frames, hidden]`: the input projection of everything but the
+    /// Sequences in the batch.
+    batch: i64,
+    /// `[2 batch, frames, hidden]` (the guided rows, then the unguided
+    /// ones): the input projection of everything but the
     /// noisy mel (ECAPA of the voice and of zeros; the codes' embeddings
     /// and code 0's; the voice's cond and zeros), with its bias. The same
     /// at each of the ODE's evaluations, so projected once: each
@@ -337,28 +353,43 @@ impl Dit {
         self.cfg.mel_dim
     }
 
-    fn conditioning(&self, codes: &Tensor, cond: &Tensor, ref_mel: &Tensor) -> Conditioning {
+    /// `codes` is `[batch, n]`; `conds` and `ref_mels` one per sequence.
+    fn conditioning(
+        &self,
+        codes: &Tensor,
+        conds: &[&Tensor],
+        ref_mels: &[&Tensor],
+    ) -> Conditioning {
         let cfg = &self.cfg;
         let dev = self.device;
-        let frames = codes.size()[0] * cfg.repeats;
+        let batch = codes.size()[0];
+        let frames = codes.size()[1] * cfg.repeats;
         let embed =
             |ids: &Tensor| {
                 Tensor::embedding(&self.codec_embed, ids, -1, false, false)
-                    .repeat_interleave_self_int(cfg.repeats, Some(0), None::<i64>)
+                    .repeat_interleave_self_int(cfg.repeats, Some(1), None::<i64>)
             };
         let code_emb = embed(codes);
         let null_emb = embed(&codes.zeros_like());
-        let ref_mel = ref_mel.to_device(dev);
-        let mels = Tensor::cat(&[ref_mel.shallow_clone(), ref_mel.zeros_like()], 0);
-        let ecapa = self
-            .ecapa
-            .forward(&mels)
-            .unsqueeze(1)
-            .repeat([1, frames, 1]);
-        let cond = cond
-            .to_device(dev)
-            .reshape([1, 1, -1])
-            .repeat([1, frames, 1]);
+        // Voices' reference mels may differ in length: one ECAPA pass each.
+        let (mut voiced, mut silent) = (Vec::new(), Vec::new());
+        for ref_mel in ref_mels {
+            let ref_mel = ref_mel.to_device(dev);
+            let mels = Tensor::cat(&[ref_mel.shallow_clone(), ref_mel.zeros_like()], 0);
+            let e = self.ecapa.forward(&mels);
+            voiced.push(e.narrow(0, 0, 1));
+            silent.push(e.narrow(0, 1, 1));
+        }
+        voiced.extend(silent);
+        let ecapa = Tensor::cat(&voiced, 0).unsqueeze(1).repeat([1, frames, 1]);
+        let cond = Tensor::cat(
+            &conds
+                .iter()
+                .map(|c| c.to_device(dev).reshape([1, 1, -1]))
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .repeat([1, frames, 1]);
         let cond = Tensor::cat(&[cond.shallow_clone(), cond.zeros_like()], 0);
         let block =
             Tensor::arange(frames, (Kind::Int64, dev)).divide_scalar_mode(cfg.block_size, "floor");
@@ -378,13 +409,14 @@ impl Dit {
         let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0);
         let emb = Tensor::cat(&[freqs.shallow_clone(), freqs], 1);
         debug_assert_eq!(emb.size()[1], 2 * half);
-        let codes = Tensor::cat(&[code_emb.unsqueeze(0), null_emb.unsqueeze(0)], 0);
+        let codes = Tensor::cat(&[code_emb, null_emb], 0);
         let rest = Tensor::cat(&[ecapa, codes, cond], 2);
         let mel_dim = cfg.mel_dim;
         let w = &self.input_proj.w;
         let w_rest = w.narrow(1, mel_dim, w.size()[1] - mel_dim);
         let constant = rest.linear(&w_rest, self.input_proj.b.as_ref());
         Conditioning {
+            batch,
             constant,
             masks,
             cos: emb.cos(),
@@ -393,14 +425,15 @@ impl Dit {
     }
 
     /// One evaluation of the guided velocity at time `t` for `x`
-    /// (`[1, frames, mel_dim]`).
+    /// (`[batch, frames, mel_dim]`).
     fn velocity(&self, c: &Conditioning, x: &Tensor, t: f32, guidance: f64) -> Tensor {
         let cfg = &self.cfg;
         // Time embedding: sinusoids of 1000 t (sin first), then an MLP.
         let half = TIME_FREQ_DIM / 2;
         let step = (10000f64).ln() / (half - 1) as f64;
         let freqs = (Tensor::arange(half, (Kind::Float, self.device)) * -step).exp();
-        let t = Tensor::from_slice(&[t, t]).to_device(self.device);
+        // One time for every row: its embedding broadcasts over the batch.
+        let t = Tensor::from_slice(&[t]).to_device(self.device);
         let arg = t.unsqueeze(1) * 1000.0 * freqs.unsqueeze(0);
         let te = Tensor::cat(&[arg.sin(), arg.cos()], 1);
         let temb = self.time_out.forward(&self.time_in.forward(&te).silu());
@@ -408,7 +441,7 @@ impl Dit {
 
         // proj(cat[x, rest]) = x W_x^T + (rest W_rest^T + b).
         let w_x = self.input_proj.w.narrow(1, 0, cfg.mel_dim);
-        let mut h = x.linear(&w_x, None::<&Tensor>) + &c.constant;
+        let mut h = x.linear(&w_x, None::<&Tensor>).repeat([2, 1, 1]) + &c.constant;
         let (b, n) = (h.size()[0], h.size()[1]);
         let d = cfg.hidden_size;
         let norm =
@@ -446,8 +479,8 @@ impl Dit {
         let (scale, shift) = (&m[0], &m[1]);
         let h = norm(&h) * (scale.unsqueeze(1) + 1.0) + shift.unsqueeze(1);
         let out = self.proj_out.forward(&h);
-        let guided = out.narrow(0, 0, 1);
-        let null = out.narrow(0, 1, 1);
+        let guided = out.narrow(0, 0, c.batch);
+        let null = out.narrow(0, c.batch, c.batch);
         &guided + (&guided - null) * guidance
     }
 
@@ -480,16 +513,38 @@ impl Dit {
         noise: &Tensor,
         options: SampleOptions,
     ) -> Result<Tensor> {
+        let input = DitInput {
+            codes,
+            cond,
+            ref_mel,
+            noise,
+        };
+        Ok(self.sample_batch(&[input], options)?.squeeze_dim(0))
+    }
+
+    /// [`Dit::sample`] for several sequences of one length at once (the
+    /// chunks of several streams): `[batch, mel_dim, frames]`. Each row
+    /// equals its sequence sampled alone, up to the float rounding of the
+    /// larger matrix products.
+    pub fn sample_batch(&self, inputs: &[DitInput<'_>], options: SampleOptions) -> Result<Tensor> {
         let SampleOptions {
             num_steps,
             guidance_scale,
             sway_coefficient: sway,
         } = options;
-        let frames = codes.size()[0] * self.cfg.repeats;
+        let n = inputs.first().map_or(0, |i| i.codes.size()[0]);
+        if let Some(other) = inputs.iter().find(|i| i.codes.size()[0] != n) {
+            return Err(Error::InvalidConfig {
+                field: "codes".to_owned(),
+                value: format!("{} codes", other.codes.size()[0]),
+                reason: format!("a batch of the DiT takes sequences of one length ({n} codes)"),
+            });
+        }
+        let frames = n * self.cfg.repeats;
         if frames > self.cfg.max_position_embeddings {
             return Err(Error::InvalidConfig {
                 field: "codes".to_owned(),
-                value: format!("{} codes", codes.size()[0]),
+                value: format!("{n} codes"),
                 reason: format!(
                     "{frames} mel frames exceed dit_config.max_position_embeddings = {}",
                     self.cfg.max_position_embeddings
@@ -497,8 +552,24 @@ impl Dit {
             });
         }
         let _guard = tch::no_grad_guard();
-        let codes = codes.to_device(self.device);
-        let c = self.conditioning(&codes, cond, ref_mel);
+        let codes = Tensor::stack(
+            &inputs
+                .iter()
+                .map(|i| i.codes.shallow_clone())
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .to_device(self.device);
+        let conds: Vec<&Tensor> = inputs.iter().map(|i| i.cond).collect();
+        let ref_mels: Vec<&Tensor> = inputs.iter().map(|i| i.ref_mel).collect();
+        let c = self.conditioning(&codes, &conds, &ref_mels);
+        let noise = Tensor::cat(
+            &inputs
+                .iter()
+                .map(|i| i.noise.shallow_clone())
+                .collect::<Vec<_>>(),
+            0,
+        );
         // The time points as transformers computes them, in f32.
         let steps = num_steps.max(2);
         let times: Vec<f32> = (0..steps)
@@ -522,6 +593,6 @@ impl Dit {
             let k4 = f(t1, &(&y + (&k1 - &k2 + &k3) * f64::from(dt)));
             y = &y + (k1 + (k2 + k3) * 3.0 + k4) * f64::from(dt) / 8.0;
         }
-        Ok(y.squeeze_dim(0).transpose(0, 1))
+        Ok(y.transpose(1, 2))
     }
 }

@@ -26,7 +26,7 @@ pub use audio_encoder::{AudioEncoder, AudioEncoderConfig};
 pub use bigvgan::BigVgan;
 pub use chunked::{ChunkPlan, CodeStream, VOCODER_CONTEXT};
 pub use config::{BigVganConfig, DitConfig, OmniConfig, TalkerConfig, Token2WavConfig};
-pub use dit::{Dit, SampleOptions};
+pub use dit::{Dit, DitInput, SampleOptions};
 pub use speakers::{Speaker, Speakers, DEFAULT_SPEAKER};
 pub use thinker_media::{ExpandedPrompt, ThinkerMedia};
 pub use vision_encoder::{VisionEncoder, VisionEncoderConfig};
