@@ -155,7 +155,7 @@ fn chunked(t2w: &Token2Wav, codes: &[i64], per_push: usize, seed: u64) -> Result
 }
 
 /// Chunked code2wav (codes arriving as the talker makes them) gives the
-/// same samples however the codes arrive, as many samples as the whole
+/// same samples however the codes arrive (up to float rounding), as many samples as the whole
 /// sequence, within a stated distance of it: its DiT sees each chunk with
 /// two blocks of left context and one of look-ahead, not the whole.
 #[test]
@@ -167,11 +167,14 @@ fn chunked_waveforms_match_the_whole_within_tolerance() -> Result {
     // Codes below the talker's special ids (64..): a codec end would stop them.
     let codes: Vec<i64> = (0..120).map(|i| (i * 37 + 11) % 64).collect();
     let whole = t2w.synthesize(&codes, Some("Ethan"), 7)?;
-    let (at_once, pieces) = chunked(&t2w, &codes, usize::MAX, 7)?;
-    let (trickled, _) = chunked(&t2w, &codes, 3, 7)?;
+    let (at_once, _) = chunked(&t2w, &codes, usize::MAX, 7)?;
+    let (trickled, pieces) = chunked(&t2w, &codes, 3, 7)?;
     assert!(pieces >= 10, "{pieces} pieces");
     assert_eq!(at_once.size(), whole.size(), "sample count");
-    assert!(at_once.equal(&trickled), "pieces depend on when codes came");
+    // Codes given at once run up to 8 chunks per DiT batch; trickled, one:
+    // the same samples up to the rounding of the batched products.
+    let drift = max_abs(&(&at_once - &trickled));
+    assert!(drift < 1e-5, "pieces depend on when codes came: {drift}");
     let peak = max_abs(&whole);
     let err = max_abs(&(&at_once - &whole));
     let rms = |t: &Tensor| t.square().mean(Kind::Float).sqrt().double_value(&[]);

@@ -347,8 +347,8 @@ async fn async_omni_streams_the_text_then_the_audio() -> Result {
 /// speaks each chunk of codes as it comes. Asserted from the order of the
 /// outputs: a long answer (2000 thinker tokens against 80 codes, which the
 /// talker makes by the thinker's 82nd token) leaves a wide margin: the
-/// first audio came after 44 and 383 of 1000 thinker tokens in two runs
-/// here (2 cores shared by three stage processes). The pieces, in order, are the
+/// first audio came after 193 of 2000 thinker tokens here (2 cores shared
+/// by three stage processes). The pieces, in order, are the
 /// whole waveform the last output carries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_audio_comes_before_the_thinker_is_done() -> Result {
@@ -419,9 +419,10 @@ async fn the_first_audio_comes_before_the_thinker_is_done() -> Result {
         first_audio.is_some() && first_audio < thinker_done,
         "the first audio did not come before the thinker finished: {events:?}"
     );
+    // The first piece, then the rest (a step makes up to 8 chunks).
     assert!(
-        events.iter().filter(|&&e| e == "audio").count() > 3,
-        "the audio came in too few pieces: {events:?}"
+        events.iter().filter(|&&e| e == "audio").count() >= 2,
+        "the audio came in one piece: {events:?}"
     );
     let whole = whole.ok_or("no whole audio on the last output")?;
     assert_eq!(whole.sample_rate, 24_000);

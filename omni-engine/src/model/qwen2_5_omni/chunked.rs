@@ -17,7 +17,11 @@
 //!   [`VOCODER_CONTEXT`] frames of left context, and holds back the last
 //!   [`VOCODER_CONTEXT`] frames (whose samples depend on mel not made yet)
 //!   until the next chunk or the end; the pieces are cut on frame
-//!   boundaries and simply concatenated.
+//!   boundaries and simply concatenated. (With half a chunk of context on
+//!   the tiny test model, whose chunks are 16 frames, its first chunk would
+//!   speak, but the pieces drifted to 2.2% of the peak from the whole
+//!   waveform, against 0.04% with 20 frames: the vocoder's receptive field
+//!   is what sets the context, not the chunk.)
 //!
 //! A chunk is ready once the codes cover its window (`(i + 1) chunk +
 //! future` frames) or the codes are complete, so the pieces depend only on
@@ -26,6 +30,10 @@ use tch::{Device, Kind, Tensor};
 
 use super::{DitInput, SampleOptions, Token2Wav};
 use crate::error::{Error, Result};
+
+/// Chunks of one stream that one step makes at most (when its codes ran
+/// ahead of code2wav, or came whole).
+pub const MAX_CHUNKS_PER_STEP: usize = 8;
 
 /// Mel frames of vocoder context on each side of a piece (Qwen's
 /// `future_size`: 200 ms at the released model's 100 frames a second).
@@ -40,6 +48,8 @@ pub struct ChunkPlan {
     pub past: i64,
     /// Look-ahead of a chunk's window (1 block).
     pub future: i64,
+    /// Vocoder context on each side of a piece ([`VOCODER_CONTEXT`]).
+    pub vocoder_context: i64,
 }
 
 impl ChunkPlan {
@@ -48,10 +58,12 @@ impl ChunkPlan {
         let block = block.max(1);
         let r = repeats.max(1);
         let whole = |frames: i64| (frames + r - 1) / r * r;
+        let chunk = whole(2 * block);
         ChunkPlan {
-            chunk: whole(2 * block),
+            chunk,
             past: whole(2 * block),
             future: whole(block),
+            vocoder_context: VOCODER_CONTEXT,
         }
     }
 }
@@ -206,108 +218,138 @@ impl Token2Wav {
     /// stream's piece does not depend on what it was batched with, up to
     /// the float rounding of the larger matrix products.
     pub fn next_pieces(&self, streams: &mut [&mut CodeStream]) -> Result<Vec<Option<Tensor>>> {
-        let jobs: Vec<Option<ChunkJob>> = streams.iter().map(|s| self.plan_chunk(s)).collect();
+        let jobs: Vec<Vec<ChunkJob>> = streams.iter().map(|s| self.plan_chunks(s)).collect();
         // The kept mel of each job, `[mel_dim, frames]`.
-        let mut mels: Vec<Option<Tensor>> = (0..streams.len()).map(|_| None).collect();
-        let mut lengths: Vec<i64> = jobs
+        let mut mels: Vec<Vec<Option<Tensor>>> = jobs
             .iter()
-            .flatten()
-            .filter(|j| j.keep_end > j.keep_start)
-            .map(|j| j.window_end - j.start)
+            .map(|js| js.iter().map(|_| None).collect())
             .collect();
+        let work: Vec<(usize, usize)> = jobs
+            .iter()
+            .enumerate()
+            .flat_map(|(k, js)| {
+                js.iter()
+                    .enumerate()
+                    .filter(|(_, j)| j.keep_end > j.keep_start)
+                    .map(move |(n, _)| (k, n))
+            })
+            .collect();
+        let len = |&(k, n): &(usize, usize)| jobs[k][n].window_end - jobs[k][n].start;
+        let mut lengths: Vec<i64> = work.iter().map(len).collect();
         lengths.sort_unstable();
         lengths.dedup();
-        for len in lengths {
-            let members: Vec<usize> = (0..streams.len())
-                .filter(|&k| {
-                    jobs[k]
-                        .as_ref()
-                        .is_some_and(|j| j.keep_end > j.keep_start && j.window_end - j.start == len)
-                })
-                .collect();
-            let mut inputs = Vec::with_capacity(members.len());
+        let repeats = self.dit.repeats();
+        for l in lengths {
+            let members: Vec<(usize, usize)> =
+                work.iter().copied().filter(|w| len(w) == l).collect();
             let mut held = Vec::with_capacity(members.len());
-            for &k in &members {
-                let (s, j) = (
-                    &mut *streams[k],
-                    jobs[k].as_ref().expect("a member has a job"),
-                );
+            for &(k, n) in &members {
+                let (s, j) = (&mut *streams[k], &jobs[k][n]);
                 let voice = self.speakers.get(s.speaker.as_deref())?;
-                let repeats = self.dit.repeats();
                 let codes = Tensor::from_slice(
                     &s.codes[(j.start / repeats) as usize..(j.window_end / repeats) as usize],
                 );
                 let noise = s.noise.frames(j.start, j.window_end);
                 held.push((codes, voice, noise));
             }
-            for (codes, voice, noise) in &held {
-                inputs.push(DitInput {
+            let inputs: Vec<DitInput<'_>> = held
+                .iter()
+                .map(|(codes, voice, noise)| DitInput {
                     codes,
                     cond: &voice.cond,
                     ref_mel: &voice.ref_mel,
                     noise,
-                });
-            }
+                })
+                .collect();
             let mel = self.dit.sample_batch(&inputs, SampleOptions::default())?;
-            for (row, &k) in members.iter().enumerate() {
-                let j = jobs[k].as_ref().expect("a member has a job");
-                mels[k] = Some(
+            for (row, &(k, n)) in members.iter().enumerate() {
+                let j = &jobs[k][n];
+                mels[k][n] = Some(
                     mel.get(row as i64)
                         .narrow(1, j.keep_start - j.start, j.keep_end - j.keep_start)
                         .to_device(Device::Cpu),
                 );
             }
         }
+        // The vocoder runs chunk by chunk, in order: its pieces are the
+        // same however many chunks a step made.
         let mut pieces = Vec::with_capacity(streams.len());
         for (k, s) in streams.iter_mut().enumerate() {
-            pieces.push(
-                jobs[k]
-                    .as_ref()
-                    .map(|j| self.finish_chunk(s, j, mels[k].take())),
-            );
+            if jobs[k].is_empty() {
+                pieces.push(None);
+                continue;
+            }
+            let made: Vec<Tensor> = jobs[k]
+                .iter()
+                .zip(mels[k].iter_mut())
+                .map(|(j, mel)| self.finish_chunk(s, j, mel.take()))
+                .collect();
+            pieces.push(Some(Tensor::cat(&made, 0)));
         }
         Ok(pieces)
     }
 
-    /// The window of a stream's next chunk, if one is ready.
-    fn plan_chunk(&self, s: &CodeStream) -> Option<ChunkJob> {
-        if !self.piece_ready(s) {
-            return None;
+    /// The windows of a stream's ready chunks, in order: up to
+    /// [`MAX_CHUNKS_PER_STEP`] (before its first audio, only the chunks that
+    /// audio needs), as far as its codes go. A chunk's DiT window depends on
+    /// the codes alone, so chunks that are ready together run together.
+    fn plan_chunks(&self, s: &CodeStream) -> Vec<ChunkJob> {
+        let mut jobs = Vec::new();
+        if s.finished {
+            return jobs;
         }
         let plan = self.chunk_plan();
         let total = s.codes.len() as i64 * self.dit.repeats();
-        let keep_end = if s.complete && s.mel_done + plan.chunk + plan.future >= total {
-            // The last chunk keeps everything to the end.
-            total
+        let mut done = s.mel_done;
+        // Until the first audio is out, no more chunks than it needs: the
+        // first piece should not wait for a batch.
+        let limit = if s.audio_done == 0 {
+            let needed = (plan.vocoder_context + 1 - s.mel_done).max(1);
+            ((needed + plan.chunk - 1) / plan.chunk) as usize
         } else {
-            s.mel_done + plan.chunk
+            MAX_CHUNKS_PER_STEP
         };
-        Some(ChunkJob {
-            start: (s.mel_done - plan.past).max(0),
-            window_end: (s.mel_done + plan.chunk + plan.future).min(total),
-            keep_start: s.mel_done,
-            keep_end,
-            total,
-        })
+        while jobs.len() < limit.min(MAX_CHUNKS_PER_STEP) {
+            let reach = done + plan.chunk + plan.future;
+            if !(s.complete || total >= reach) {
+                break;
+            }
+            let last = s.complete && reach >= total;
+            // The last chunk keeps everything to the end.
+            let keep_end = if last { total } else { done + plan.chunk };
+            jobs.push(ChunkJob {
+                start: (done - plan.past).max(0),
+                window_end: reach.min(total),
+                keep_start: done,
+                keep_end,
+                total,
+            });
+            if last {
+                break;
+            }
+            done = keep_end;
+        }
+        jobs
     }
 
     /// Takes a chunk's kept mel (none for an empty last chunk) and returns
     /// the samples that are final now.
     fn finish_chunk(&self, s: &mut CodeStream, j: &ChunkJob, kept: Option<Tensor>) -> Tensor {
+        let context = self.chunk_plan().vocoder_context;
         if let Some(kept) = kept {
             s.mel = Tensor::cat(&[&s.mel, &kept], 1);
             s.mel_done = j.keep_end;
         }
         let end_of_speech = s.mel_done == j.total && s.complete;
         // Samples of frames up to `upto` are final once the vocoder has
-        // seen VOCODER_CONTEXT frames past them.
+        // seen `context` frames past them.
         let upto = if end_of_speech {
             s.mel_done
         } else {
-            s.mel_done - VOCODER_CONTEXT
+            s.mel_done - context
         };
         let piece = if upto > s.audio_done {
-            let from = (s.audio_done - VOCODER_CONTEXT).max(0);
+            let from = (s.audio_done - context).max(0);
             let mel = s.mel.narrow(1, from - s.mel_from, s.mel_done - from);
             let wav = self
                 .bigvgan
@@ -317,7 +359,7 @@ impl Token2Wav {
             let piece = wav.narrow(0, (s.audio_done - from) * hop, (upto - s.audio_done) * hop);
             s.audio_done = upto;
             // Keep only the context the next piece needs.
-            let keep_from = (s.audio_done - VOCODER_CONTEXT).max(0);
+            let keep_from = (s.audio_done - context).max(0);
             if keep_from > s.mel_from {
                 s.mel = s
                     .mel
