@@ -39,10 +39,6 @@ use crate::wire::{
     StartProfileMsg, PROTOCOL_VERSION,
 };
 
-/// OpenMP's wait policy variable, which stage processes get as `PASSIVE`
-/// unless it is set.
-const OMP_WAIT_POLICY: &str = "OMP_WAIT_POLICY";
-
 /// How the orchestrator starts and supervises its stages.
 #[derive(Debug, Clone)]
 pub struct OrchestratorOptions {
@@ -349,16 +345,6 @@ impl Orchestrator {
             spec.write(&spec_path)?;
             let mut cmd = Command::new(&binary);
             cmd.arg("--launch").arg(&spec_path);
-            // Stages share the cores: OpenMP threads that spin while they
-            // wait take them from the other stages' threads. Measured on 2
-            // cores with qwen2_5_omni's three stages: 36 s with libgomp's
-            // default (spin, then sleep) against 3.2 s passive for the same
-            // request. A value the user set wins.
-            if std::env::var_os(OMP_WAIT_POLICY).is_none()
-                && !opts.worker_env.iter().any(|(k, _)| k == OMP_WAIT_POLICY)
-            {
-                cmd.env(OMP_WAIT_POLICY, "PASSIVE");
-            }
             for (k, v) in &opts.worker_env {
                 cmd.env(k, v);
             }
