@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::model::qwen2_5_omni::{CodeStream, Token2Wav};
 use crate::model::VitsScales;
 use crate::phonemize::PhonemizedSentence;
-use crate::request::{FinishReason, Prompt, RequestMetrics, RequestOutput, Waveform};
+use crate::request::{Prompt, RequestMetrics, RequestOutput, Waveform};
 use crate::sampling_params::SamplingParams;
 use crate::vocoder::Vocoder;
 use crate::voice::PiperVoice;
@@ -488,26 +488,15 @@ impl GenerationEngine {
             p.metrics.num_prompt_tokens = num_ids;
             // The phoneme or codec ids stand for the prompt's tokens; the
             // text is the transcript of what was spoken (for a voice).
+            let audio = Waveform {
+                samples,
+                sample_rate,
+            };
             outputs.push(RequestOutput {
-                request_id: p.request_id,
                 prompt_token_ids,
-                token_ids: Vec::new(),
                 delta_text: p.text.clone(),
                 text: p.text,
-                finished: true,
-                finish_reason: Some(FinishReason::Stop),
-                logprobs: None,
-                stop_reason: None,
-                prompt_logprobs: None,
-                hidden_states: None,
-                new_states: None,
-                states: None,
-                mrope_positions: None,
-                audio: Some(Waveform {
-                    samples,
-                    sample_rate,
-                }),
-                metrics: p.metrics,
+                ..RequestOutput::without_tokens(p.request_id, Some(audio), true, p.metrics)
             });
         }
         Ok(outputs)
@@ -564,27 +553,16 @@ impl GenerationEngine {
             if finished {
                 p.metrics.finished_time = Some(done);
             }
-            outputs.push(RequestOutput {
-                request_id: p.request_id.clone(),
-                prompt_token_ids: Vec::new(),
-                token_ids: Vec::new(),
-                delta_text: String::new(),
-                text: String::new(),
+            let audio = Waveform {
+                samples,
+                sample_rate,
+            };
+            outputs.push(RequestOutput::without_tokens(
+                p.request_id.clone(),
+                Some(audio),
                 finished,
-                finish_reason: finished.then_some(FinishReason::Stop),
-                logprobs: None,
-                stop_reason: None,
-                prompt_logprobs: None,
-                hidden_states: None,
-                new_states: None,
-                states: None,
-                mrope_positions: None,
-                audio: Some(Waveform {
-                    samples,
-                    sample_rate,
-                }),
-                metrics: p.metrics,
-            });
+                p.metrics,
+            ));
             if !finished {
                 self.waiting.push_back(p);
             }

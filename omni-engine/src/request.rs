@@ -373,6 +373,37 @@ pub struct RequestOutput {
     pub metrics: RequestMetrics,
 }
 
+impl RequestOutput {
+    /// An output with no tokens or text: a speech stage's `audio` (all of
+    /// it, or a streamed piece), or nothing at all (a stage that had
+    /// nothing to do); finished with reason `stop` when `finished`.
+    pub fn without_tokens(
+        request_id: String,
+        audio: Option<Waveform>,
+        finished: bool,
+        metrics: RequestMetrics,
+    ) -> Self {
+        RequestOutput {
+            request_id,
+            prompt_token_ids: Vec::new(),
+            token_ids: Vec::new(),
+            text: String::new(),
+            delta_text: String::new(),
+            finished,
+            finish_reason: finished.then_some(FinishReason::Stop),
+            logprobs: None,
+            stop_reason: None,
+            prompt_logprobs: None,
+            hidden_states: None,
+            states: None,
+            new_states: None,
+            mrope_positions: None,
+            audio,
+            metrics,
+        }
+    }
+}
+
 /// Input embeddings of a sequence whose tokens are not (only) ids of the
 /// model's vocabulary: Qwen2.5-Omni's talker reads the thinker's states, its
 /// thinker reads media through placeholders.
@@ -453,7 +484,13 @@ impl ReplyStream {
     /// The rows of generated tokens `tokens` (`[tokens.len(), embedding]`),
     /// each run of rows from one chunk taken as one slice.
     pub fn rows(&self, tokens: std::ops::Range<usize>) -> Result<Tensor, tch::TchError> {
-        let last = self.len.saturating_sub(1);
+        if self.len == 0 {
+            // The scheduler never feeds a token without its row.
+            return Err(tch::TchError::Shape(
+                "a reply stream with no rows was asked for one".to_owned(),
+            ));
+        }
+        let last = self.len - 1;
         let mut parts: Vec<Tensor> = Vec::new();
         let mut j = tokens.start;
         while j < tokens.end {

@@ -88,12 +88,19 @@ impl Scheduler {
     /// can compute, or a finish is to be reported. Sequences waiting only
     /// for their reply stream to grow are unfinished but not runnable.
     pub fn has_runnable(&self) -> bool {
-        !self.waiting.is_empty()
-            || !self.finished_early.is_empty()
-            || self
-                .running
-                .iter()
-                .any(|s| s.is_finished() || s.num_schedulable() > 0)
+        let running = self
+            .running
+            .iter()
+            .any(|s| s.is_finished() || s.num_schedulable() > 0);
+        // A waiting head that finds no room (every slot, or every block,
+        // held by sequences waiting for their streams) waits for those
+        // streams too: admission never preempts. (With a few blocks free it
+        // counts as runnable: a first prefill chunk may fit.)
+        let admittable = self.waiting.front().is_some_and(|head| {
+            self.running.len() < self.config.max_num_seqs
+                && (self.pool.num_free_blocks() > 0 || !self.fits_alone(head.tokens.len() + 1))
+        });
+        running || admittable || !self.finished_early.is_empty()
     }
 
     /// A waiting or running sequence.
@@ -278,6 +285,7 @@ impl Scheduler {
             };
             let n = seq.num_schedulable().saturating_sub(hit).min(*budget);
             if n == 0 {
+                self.pool.release(&mut table);
                 j += 1;
                 continue;
             }

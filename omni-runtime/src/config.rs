@@ -438,12 +438,21 @@ impl PipelineConfig {
                 .custom_process_input_func
                 .as_deref()
                 .unwrap_or("token_ids");
-            if !processor::streams(processor) {
+            let Some(stages) = processor::streams_into(processor) else {
                 return fail(&format!(
                     "stage {}'s input processor {processor:?} takes whole outputs only \
                      (processors that stream: {})",
                     e.to,
                     processor::streaming_names().join(", ")
+                ));
+            };
+            let model_stage = to.model_stage.as_deref().unwrap_or("-");
+            if !stages.contains(&model_stage) {
+                return fail(&format!(
+                    "stage {} (model_stage {model_stage}) cannot take its input piece by piece \
+                     through {processor:?}, which feeds {} stages only",
+                    e.to,
+                    stages.join(", ")
                 ));
             }
         }

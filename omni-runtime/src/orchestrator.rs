@@ -1007,6 +1007,13 @@ impl Inner {
                 }
                 if finished {
                     st.remove(&o.request_id);
+                    // With streamed edges a final stage can finish while a
+                    // stage before it still works on the request (code2wav
+                    // done at a codec pad, the talker not yet stopped):
+                    // nothing it makes is wanted any more.
+                    if !self.config.runtime.edges.is_empty() {
+                        pending_aborts.push(o.request_id.clone());
+                    }
                 }
             }
             Message::RequestError {

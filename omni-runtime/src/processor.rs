@@ -83,19 +83,31 @@ const REGISTRY: &[(&str, InputProcessor)] = &[
 ];
 
 /// Processors that can start their stage on a source's output so far
-/// (a streamed edge, `runtime.edges`): they answer `None` until the piece
+/// (a streamed edge, `runtime.edges`), with the `model_stage`s whose
+/// engines take the rest as it comes: they answer `None` until the piece
 /// they need has come.
-const STREAMING: &[&str] = &["thinker2talker", "token_ids"];
+const STREAMING: &[(&str, &[&str])] = &[
+    ("thinker2talker", &["talker"]),
+    ("token_ids", &["code2wav"]),
+];
 
-/// Whether the processor called `name` takes streamed input.
-pub fn streams(name: &str) -> bool {
+/// The `model_stage`s a processor can feed from a streamed edge; `None`
+/// when it takes whole outputs only.
+pub fn streams_into(name: &str) -> Option<&'static [&'static str]> {
     let short = name.rsplit('.').next().unwrap_or(name);
-    STREAMING.contains(&short)
+    STREAMING
+        .iter()
+        .find(|(n, _)| *n == short)
+        .map(|(_, stages)| *stages)
 }
 
-/// Names of the processors that take streamed input.
-pub fn streaming_names() -> Vec<&'static str> {
-    STREAMING.to_vec()
+/// The processors that take streamed input, with their stages (`name
+/// (stage, ...)`), for messages.
+pub fn streaming_names() -> Vec<String> {
+    STREAMING
+        .iter()
+        .map(|(n, stages)| format!("{n} (into {})", stages.join(", ")))
+        .collect()
 }
 
 /// Names of the registered input processors.

@@ -319,7 +319,7 @@ fn files_load_from_disk() -> Result<(), Box<dyn std::error::Error>> {
 
 #[test]
 fn streamed_edges_are_checked() -> Result<(), String> {
-    let two = "stage_args:\n  - {stage_id: 0}\n  - {stage_id: 1, engine_input_source: [0], final_output: true, custom_process_input_func: thinker2talker}\n";
+    let two = "stage_args:\n  - {stage_id: 0}\n  - {stage_id: 1, engine_input_source: [0], final_output: true, custom_process_input_func: thinker2talker, engine_args: {model_stage: talker}}\n";
     let ok = yaml(&format!(
         "{two}runtime:\n  edges:\n    - {{from: 0, to: 1, window_size: 4}}\n"
     ))
@@ -371,6 +371,15 @@ fn streamed_edges_are_checked() -> Result<(), String> {
     ))?;
     assert!(
         reason.contains("\"summarize\"") && reason.contains("thinker2talker"),
+        "{reason}"
+    );
+    // A processor that streams feeds only the engines that take pieces:
+    // the talker's states, code2wav's codes.
+    let (_, _, reason) = field_error(yaml(
+        "stage_args:\n  - {stage_id: 0}\n  - {stage_id: 1, engine_input_source: [0], final_output: true}\nruntime:\n  edges:\n    - {from: 0, to: 1, window_size: 4}\n",
+    ))?;
+    assert!(
+        reason.contains("model_stage -") && reason.contains("code2wav"),
         "{reason}"
     );
     // Unknown keys of an edge are named.

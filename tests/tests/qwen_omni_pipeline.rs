@@ -353,30 +353,9 @@ async fn async_omni_streams_the_text_then_the_audio() -> Result {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_audio_comes_before_the_thinker_is_done() -> Result {
     use futures::StreamExt;
-    omni_tests::ensure_binaries()?;
-    let omni = omni_core::AsyncOmni::from_engine_args(OmniEngineArgs {
-        model_path: Some(fixture().join("tiny").to_string_lossy().into_owned()),
-        ..OmniEngineArgs::new("qwen2_5_omni")
-    })
-    .await?;
+    let omni = tiny_async_omni().await?;
     let (n, m) = (2000, 80);
-    let params = StageSamplingParams::PerStage(vec![
-        SamplingParams {
-            max_tokens: Some(n),
-            min_tokens: n,
-            output_states: true,
-            ..SamplingParams::greedy()
-        },
-        SamplingParams {
-            max_tokens: Some(m),
-            min_tokens: m,
-            ..SamplingParams::greedy()
-        },
-        SamplingParams {
-            seed: Some(3),
-            ..SamplingParams::default()
-        },
-    ]);
+    let params = long_answer(n, m);
     let mut stream = omni
         .generate(
             Prompt::Text("Hello there.".into()),

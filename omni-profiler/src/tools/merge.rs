@@ -23,6 +23,9 @@ struct Endpoint {
     tid: Value,
     /// The piece of a streamed input (`piece` arg), when the span has one.
     piece: Option<u64>,
+    /// The sending stage's id: a send's `stage` arg, a receive's
+    /// `from_stage`, when the span has it.
+    sender: Option<u64>,
 }
 
 /// Merges every trace under `dir` into one Chrome trace at `out` (gzip when
@@ -124,6 +127,13 @@ pub fn merge(dir: &Path, out: &Path) -> Result<PathBuf> {
                                 pid,
                                 tid: e.get("tid").cloned().unwrap_or(Value::Null),
                                 piece: args.get("piece").and_then(Value::as_u64),
+                                sender: args
+                                    .get(if name == "stage_send" {
+                                        "stage"
+                                    } else {
+                                        "from_stage"
+                                    })
+                                    .and_then(Value::as_u64),
                             });
                         }
                     }
@@ -144,7 +154,12 @@ pub fn merge(dir: &Path, out: &Path) -> Result<PathBuf> {
         for recv in recv_list {
             let send = send_list
                 .iter()
-                .filter(|s| s.stage != recv.stage && s.ts <= recv.end && s.piece == recv.piece)
+                .filter(|s| {
+                    s.stage != recv.stage
+                        && s.ts <= recv.end
+                        && s.piece == recv.piece
+                        && (s.sender.is_none() || recv.sender.is_none() || s.sender == recv.sender)
+                })
                 .max_by(|a, b| a.ts.total_cmp(&b.ts));
             let Some(send) = send else { continue };
             flow_id += 1;

@@ -109,6 +109,8 @@ pub fn run_stage_worker(launch_file: &Path) -> Result<()> {
     // The orchestrator may have died before we got here; PR_SET_PDEATHSIG
     // would then never fire.
     if parent_gone(spec.parent_pid) {
+        // Nobody else is left to remove the run directory.
+        let _ = std::fs::remove_dir_all(&spec.run_dir);
         return Err(Error::ShutDown(format!(
             ": orchestrator (pid {}) is gone",
             spec.parent_pid
@@ -128,7 +130,17 @@ pub fn run_stage_worker(launch_file: &Path) -> Result<()> {
         .build()
         .map_err(|e| Error::io("cannot start the tokio runtime", launch_file, e))?;
     let handle = runtime.handle().clone();
-    let r = runtime.block_on(serve(spec, stage, handle));
+    let (parent, run_dir) = (spec.parent_pid, spec.run_dir.clone());
+    let r = runtime.block_on(async {
+        let r = serve(spec, stage, handle).await;
+        // Set-up can also fail *because* the orchestrator died (its socket
+        // refused a connect) before its death signal reached the guard in
+        // `serve`: the directory is then ours to remove, as the guard's.
+        if r.is_err() && orphaned_after_signal(parent, Duration::from_secs(3)).await {
+            let _ = std::fs::remove_dir_all(&run_dir);
+        }
+        r
+    });
     runtime.shutdown_timeout(Duration::from_secs(1));
     r
 }

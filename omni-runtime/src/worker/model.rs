@@ -591,6 +591,17 @@ impl Loop {
             }
             return;
         }
+        if !self.inbound.contains_key(&id) && self.reqs.contains_key(&id) {
+            // A first piece for a request this stage already runs (a peer
+            // that repeats itself): the running one keeps its input.
+            return self.request_error(
+                &id,
+                format!(
+                    "streamed piece {} from stage {} for a request already running in stage {}",
+                    piece.index, m.output.stage_id, self.t.stage_id
+                ),
+            );
+        }
         let entry = self
             .inbound
             .entry(id.clone())
@@ -729,39 +740,26 @@ impl Loop {
         let req = self.new_req(metrics, original, all_params);
         self.reqs.insert(id.clone(), req);
         let instant = std::time::Instant::now();
-        self.emit(vec![RequestOutput {
-            request_id: id,
-            prompt_token_ids: Vec::new(),
-            token_ids: Vec::new(),
-            text: String::new(),
-            delta_text: String::new(),
-            finished: true,
-            finish_reason: Some(FinishReason::Stop),
-            logprobs: None,
-            stop_reason: None,
-            prompt_logprobs: None,
-            hidden_states: None,
-            new_states: None,
-            states: None,
-            mrope_positions: None,
-            // A speech stage answers nothing with no audio, at its rate.
-            audio: engine
-                .sample_rate()
-                .map(|sample_rate| omni_engine::Waveform {
-                    samples: tch::Tensor::zeros([0], (tch::Kind::Float, tch::Device::Cpu)),
-                    sample_rate,
-                }),
-            metrics: omni_engine::RequestMetrics {
-                arrival_time: instant,
-                first_scheduled_time: Some(instant),
-                first_token_time: None,
-                finished_time: Some(instant),
-                num_prompt_tokens: 0,
-                num_generated_tokens: 0,
-                num_preemptions: 0,
-                num_cached_tokens: 0,
-            },
-        }]);
+        // A speech stage answers nothing with no audio, at its rate.
+        let audio = engine
+            .sample_rate()
+            .map(|sample_rate| omni_engine::Waveform {
+                samples: tch::Tensor::zeros([0], (tch::Kind::Float, tch::Device::Cpu)),
+                sample_rate,
+            });
+        let metrics = omni_engine::RequestMetrics {
+            arrival_time: instant,
+            first_scheduled_time: Some(instant),
+            first_token_time: None,
+            finished_time: Some(instant),
+            num_prompt_tokens: 0,
+            num_generated_tokens: 0,
+            num_preemptions: 0,
+            num_cached_tokens: 0,
+        };
+        self.emit(vec![RequestOutput::without_tokens(
+            id, audio, true, metrics,
+        )]);
     }
 
     /// Starts `id` in the engine with its input and whether that input is
@@ -1078,7 +1076,11 @@ impl Loop {
                     self.reqs.insert(o.request_id.clone(), req);
                     continue;
                 }
-                let whole = self.t.downstream.len() > self.t.streams.len();
+                let whole = self
+                    .t
+                    .downstream
+                    .iter()
+                    .any(|d| !self.t.streams.iter().any(|&(s, _)| s == *d));
                 if whole && o.finish_reason != Some(FinishReason::Abort) {
                     let mut tensors = audio.unwrap_or_default();
                     tensors.extend(states.map(|s| (THINKER_STATES.to_string(), s)));
