@@ -952,6 +952,7 @@ impl Loop {
     /// for the engine to drop.
     fn emit(&mut self, outs: Vec<RequestOutput>) -> Vec<String> {
         let mut failed = Vec::new();
+        let whole = self.sends_whole();
         for o in outs {
             let Some(req) = self.reqs.get_mut(&o.request_id) else {
                 continue;
@@ -1016,7 +1017,15 @@ impl Loop {
                     continue;
                 }
             };
-            let states = match o.states.as_ref().map(HostTensor::from_tch).transpose() {
+            // The whole states go only to stages fed whole outputs; a
+            // streamed edge had them row by row.
+            let states = match o
+                .states
+                .as_ref()
+                .filter(|_| whole)
+                .map(HostTensor::from_tch)
+                .transpose()
+            {
                 Ok(s) => s,
                 Err(e) => {
                     self.request_error(
@@ -1076,11 +1085,6 @@ impl Loop {
                     self.reqs.insert(o.request_id.clone(), req);
                     continue;
                 }
-                let whole = self
-                    .t
-                    .downstream
-                    .iter()
-                    .any(|d| !self.t.streams.iter().any(|&(s, _)| s == *d));
                 if whole && o.finish_reason != Some(FinishReason::Abort) {
                     let mut tensors = audio.unwrap_or_default();
                     tensors.extend(states.map(|s| (THINKER_STATES.to_string(), s)));
@@ -1090,6 +1094,15 @@ impl Loop {
             }
         }
         failed
+    }
+
+    /// Whether a downstream stage takes this stage's whole outputs (an
+    /// edge that does not stream).
+    fn sends_whole(&self) -> bool {
+        self.t
+            .downstream
+            .iter()
+            .any(|d| !self.t.streams.iter().any(|&(s, _)| s == *d))
     }
 
     /// Sends a finished output straight to every downstream stage.
