@@ -49,6 +49,12 @@ pub struct LaunchSpec {
     /// default.
     #[serde(default)]
     pub stop_grace_ms: u64,
+    /// Intra-op threads for this stage when it runs on the CPU and its
+    /// `engine_args.num_threads` names none: this host's cores split among
+    /// the stages that may run on them, so that several busy stages do not
+    /// each spin a pool as wide as the machine. Absent: libtorch's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_threads: Option<usize>,
 }
 
 impl LaunchSpec {

@@ -46,8 +46,9 @@ pub mod wire;
 mod worker;
 
 pub use config::{
-    FinalOutputType, PipelineConfig, RuntimeConfig, StageConfig, StageRuntime, TransportKind,
-    DEFAULT_PROFILER_BACKEND, DEFAULT_SHM_THRESHOLD_BYTES, PROFILER_BACKENDS, PROFILER_BACKEND_ENV,
+    CpuThreads, FinalOutputType, PipelineConfig, RuntimeConfig, StageConfig, StageRuntime,
+    TransportKind, DEFAULT_PROFILER_BACKEND, DEFAULT_SHM_THRESHOLD_BYTES, PROFILER_BACKENDS,
+    PROFILER_BACKEND_ENV,
 };
 pub use error::{Error, Result};
 pub use launch::LaunchSpec;

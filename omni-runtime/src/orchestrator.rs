@@ -26,7 +26,7 @@ use omni_engine::{
     FinishReason, Prompt, PromptLogprobs, SamplingParams, StopReason, TokenLogprobs,
 };
 
-use crate::config::{FinalOutputType, PipelineConfig, TransportKind};
+use crate::config::{CpuThreads, FinalOutputType, PipelineConfig, TransportKind};
 use crate::error::{Error, Result};
 use crate::launch::LaunchSpec;
 use crate::locate::locate_stage_binary;
@@ -263,6 +263,34 @@ impl State {
     }
 }
 
+/// Each CPU stage's share of this host's cores with
+/// `runtime.cpu_threads: split` (see [`LaunchSpec::cpu_threads`]): the cores
+/// divided among the stages not placed on a CUDA device, at least one each.
+/// None with `all`, or when the user sets `OMP_NUM_THREADS` (for us or for
+/// the workers): theirs wins.
+fn cpu_thread_share(config: &PipelineConfig, worker_env: &[(String, String)]) -> Option<usize> {
+    if config.runtime.cpu_threads != CpuThreads::Split
+        || std::env::var_os("OMP_NUM_THREADS").is_some()
+        || worker_env.iter().any(|(k, _)| k == "OMP_NUM_THREADS")
+    {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let on_cpu = config
+        .stages
+        .iter()
+        .filter(|s| {
+            let device = s
+                .runtime
+                .devices
+                .as_deref()
+                .or(s.engine_args.device.as_deref());
+            !device.is_some_and(|d| d.starts_with("cuda"))
+        })
+        .count();
+    Some((cores / on_cpu.max(1)).max(1))
+}
+
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     // A panic while holding the lock leaves plain data behind; keep going.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -312,6 +340,7 @@ impl Orchestrator {
             listeners.push(listener);
         }
 
+        let cpu_threads = cpu_thread_share(&config, &opts.worker_env);
         let mut tails: Vec<Arc<LogTail>> = Vec::new();
         let mut pids = Vec::new();
         for s in &config.stages {
@@ -340,6 +369,7 @@ impl Orchestrator {
                 // Three quarters of ours: the worker gives up on its model
                 // thread (and says so) before we kill it.
                 stop_grace_ms: (opts.shutdown_grace.as_millis() as u64 * 3 / 4).max(1),
+                cpu_threads,
             };
             let spec_path = run_path.join(format!("stage-{}.json", s.stage_id));
             spec.write(&spec_path)?;
@@ -1191,5 +1221,36 @@ async fn event_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn three_stages(cpu_threads: CpuThreads, devices: [Option<&str>; 3]) -> PipelineConfig {
+        let mut config = PipelineConfig::builtin("qwen2_5_omni").expect("built-in pipeline");
+        config.runtime.cpu_threads = cpu_threads;
+        for (s, d) in config.stages.iter_mut().zip(devices) {
+            s.runtime.devices = d.map(str::to_owned);
+        }
+        config
+    }
+
+    #[test]
+    fn split_divides_the_cores_among_the_cpu_stages() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let user_set = std::env::var_os("OMP_NUM_THREADS").is_some();
+        let expect = |n: usize| (!user_set).then_some(n);
+        let all_cpu = three_stages(CpuThreads::Split, [None, Some("cpu"), None]);
+        assert_eq!(cpu_thread_share(&all_cpu, &[]), expect((cores / 3).max(1)));
+        // Stages on a GPU do not take a share of the host's cores.
+        let one_cpu = three_stages(CpuThreads::Split, [Some("cuda:0"), Some("cuda:1"), None]);
+        assert_eq!(cpu_thread_share(&one_cpu, &[]), expect(cores));
+        // `all`, or the user's OMP_NUM_THREADS, leave libtorch its default.
+        let all = three_stages(CpuThreads::All, [None, None, None]);
+        assert_eq!(cpu_thread_share(&all, &[]), None);
+        let env = [("OMP_NUM_THREADS".to_owned(), "4".to_owned())];
+        assert_eq!(cpu_thread_share(&all_cpu, &env), None);
     }
 }

@@ -1,7 +1,7 @@
 //! Pipeline configs: the built-ins load, vLLM-Omni's layout parses, and
 //! every kind of bad config is an error that names file, field and value.
 
-use omni_runtime::{Error, FinalOutputType, PipelineConfig, TransportKind};
+use omni_runtime::{CpuThreads, Error, FinalOutputType, PipelineConfig, TransportKind};
 
 fn yaml(text: &str) -> Result<PipelineConfig, Error> {
     PipelineConfig::from_yaml_str(text, "test.yaml", "test")
@@ -389,5 +389,24 @@ fn streamed_edges_are_checked() -> Result<(), String> {
     .err()
     .ok_or("an unknown edge key was accepted")?;
     assert!(e.to_string().contains("window"), "{e}");
+    Ok(())
+}
+
+/// `runtime.cpu_threads` takes `all` (the default) or `split`; anything
+/// else is named.
+#[test]
+fn cpu_threads_is_all_or_split() -> Result<(), String> {
+    let one = "stage_args:\n  - {stage_id: 0, final_output: true}\n";
+    let default = yaml(one).map_err(|e| e.to_string())?;
+    assert_eq!(default.runtime.cpu_threads, CpuThreads::All);
+    let split =
+        yaml(&format!("{one}runtime:\n  cpu_threads: split\n")).map_err(|e| e.to_string())?;
+    assert_eq!(split.runtime.cpu_threads, CpuThreads::Split);
+    let e = yaml(&format!("{one}runtime:\n  cpu_threads: half\n"))
+        .err()
+        .ok_or("cpu_threads: half was accepted")?;
+    assert!(e.to_string().contains("half"), "{e}");
+    let builtin = PipelineConfig::builtin("qwen2_5_omni").map_err(|e| e.to_string())?;
+    assert_eq!(builtin.runtime.cpu_threads, CpuThreads::Split);
     Ok(())
 }

@@ -228,6 +228,10 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     if let Some(d) = &stage.runtime.devices {
         args.device = Some(d.clone());
     }
+    if args.num_threads.is_none() && matches!(args.resolve_device(), Ok(tch::Device::Cpu)) {
+        args.num_threads = spec.cpu_threads;
+    }
+    tracing::info!(target: "omni::runtime", stage_id, threads = ?args.num_threads, "intra-op threads (none: libtorch's default)");
     let model = ModelThread {
         stage_id,
         model_stage: stage.model_stage.clone(),
