@@ -1,6 +1,6 @@
-//! A minimal HTTP/1.1 client over loopback TCP for `omni bench serve`:
-//! one request per connection, `Content-Length` or chunked bodies, and
-//! server-sent events read as they arrive. Enough to drive our own server
+//! A minimal HTTP/1.1 client over loopback TCP for `omni bench serve` and
+//! `omni bench load`: one request per connection, `Content-Length` or
+//! chunked bodies, and server-sent events read as they arrive. Enough to drive our own server
 //! without pulling in a client stack.
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,103 @@ pub struct StreamTiming {
     pub total: Duration,
 }
 
+/// A response whose status line and headers have been read.
+struct Response {
+    status: u16,
+    /// Header names lowercased, values trimmed.
+    headers: Vec<(String, String)>,
+    body: BodyReader,
+    /// Held open until the response is dropped: dropping it half-closes
+    /// the connection, which the server takes for a client that left.
+    _write: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The whole body (for error messages and whole answers).
+    async fn text(mut self) -> anyhow::Result<String> {
+        let mut out = String::new();
+        while let Some(line) = self.body.line().await? {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        Ok(out)
+    }
+}
+
+/// POSTs `body` (JSON) to `path` on a fresh connection and reads the
+/// response head.
+async fn post(addr: &str, path: &str, body: &serde_json::Value) -> anyhow::Result<Response> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let (read, mut write) = stream.into_split();
+    let body = body.to_string();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: text/event-stream, application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    write.write_all(head.as_bytes()).await?;
+    write.write_all(body.as_bytes()).await?;
+    let mut reader = BufReader::new(read);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).await?;
+    let status = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await? == 0 {
+            bail!("connection closed in the headers");
+        }
+        let line = line.trim();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    Ok(Response {
+        status,
+        headers,
+        _write: write,
+        body: BodyReader {
+            reader,
+            chunked,
+            buf: Vec::new(),
+            pos: 0,
+        },
+    })
+}
+
+/// Whether an SSE event or a whole answer carries text.
+fn has_text(v: &serde_json::Value) -> bool {
+    v["choices"].as_array().is_some_and(|cs| {
+        cs.iter().any(|c| {
+            c["delta"]["content"]
+                .as_str()
+                .is_some_and(|s| !s.is_empty())
+                || c["text"].as_str().is_some_and(|s| !s.is_empty())
+                || c["message"]["content"]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty())
+        })
+    })
+}
+
 /// POSTs `body` to `path` with `stream: true` and reads the SSE answer to
 /// `data: [DONE]`.
 pub async fn post_stream(
@@ -25,47 +122,13 @@ pub async fn post_stream(
     body: &serde_json::Value,
 ) -> anyhow::Result<StreamTiming> {
     let start = Instant::now();
-    let stream = TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    let (read, mut write) = stream.into_split();
-    let body = body.to_string();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    write.write_all(head.as_bytes()).await?;
-    write.write_all(body.as_bytes()).await?;
-    let mut reader = BufReader::new(read);
-    let mut status = String::new();
-    reader.read_line(&mut status).await?;
-    if !status.starts_with("HTTP/1.1 200") {
-        let mut rest = String::new();
-        let _ = reader.read_to_string(&mut rest).await;
-        bail!("{path} answered {}: {rest}", status.trim());
+    let mut response = post(addr, path, body).await?;
+    if response.status != 200 {
+        let status = response.status;
+        bail!("{path} answered {status}: {}", response.text().await?);
     }
-    let mut chunked = false;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).await? == 0 {
-            bail!("connection closed in the headers");
-        }
-        let l = line.trim().to_ascii_lowercase();
-        if l.is_empty() {
-            break;
-        }
-        if l == "transfer-encoding: chunked" {
-            chunked = true;
-        }
-    }
-    let mut body_reader = BodyReader {
-        reader,
-        chunked,
-        buf: Vec::new(),
-        pos: 0,
-    };
     let mut ttft = None;
-    while let Some(line) = body_reader.line().await? {
+    while let Some(line) = response.body.line().await? {
         let Some(data) = line.strip_prefix("data: ") else {
             continue;
         };
@@ -80,16 +143,88 @@ pub async fn post_stream(
         if v.get("error").is_some() {
             bail!("stream error: {data}");
         }
-        let has_text = v["choices"].as_array().is_some_and(|cs| {
-            cs.iter().any(|c| {
-                c["delta"]["content"]
-                    .as_str()
-                    .is_some_and(|s| !s.is_empty())
-                    || c["text"].as_str().is_some_and(|s| !s.is_empty())
-            })
-        });
-        if has_text {
+        if has_text(&v) {
             ttft.get_or_insert_with(|| start.elapsed());
+        }
+    }
+    bail!("stream ended without [DONE]")
+}
+
+/// How a load-test request ended, short of an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The whole answer came, with text.
+    Answered,
+    /// 429 with a `Retry-After` header: the server's bound, as promised.
+    Overloaded,
+    /// The client hung up after the first event, as it was told to.
+    LeftMidStream,
+}
+
+/// What a load-test client does with its request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientKind {
+    /// `stream: false`: one JSON answer.
+    Whole,
+    /// `stream: true`, read to `[DONE]`.
+    Stream,
+    /// `stream: true`, hang up after the first event.
+    Leave,
+}
+
+/// POSTs `body` (its `stream` set by `kind`) and reads the answer as `kind`
+/// says. Any status other than 200 and a well-formed 429, any error event
+/// and any answer without text is an error.
+pub async fn post_as(
+    addr: &str,
+    path: &str,
+    body: &serde_json::Value,
+    kind: ClientKind,
+) -> anyhow::Result<Outcome> {
+    let mut body = body.clone();
+    body["stream"] = serde_json::Value::Bool(kind != ClientKind::Whole);
+    let mut response = post(addr, path, &body).await?;
+    match response.status {
+        200 => {}
+        429 => {
+            let retry = response.header("retry-after").map(str::to_owned);
+            let text = response.text().await?;
+            return match retry.as_deref().map(str::parse::<u64>) {
+                Some(Ok(_)) => Ok(Outcome::Overloaded),
+                _ => bail!("429 without a Retry-After of whole seconds ({retry:?}): {text}"),
+            };
+        }
+        status => bail!("{path} answered {status}: {}", response.text().await?),
+    }
+    if kind == ClientKind::Whole {
+        let text = response.text().await?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("bad answer {text:?}"))?;
+        if v.get("error").is_some() || !has_text(&v) {
+            bail!("answer without text: {text}");
+        }
+        return Ok(Outcome::Answered);
+    }
+    let mut text = false;
+    while let Some(line) = response.body.line().await? {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            if !text {
+                bail!("a stream without text");
+            }
+            return Ok(Outcome::Answered);
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(data).with_context(|| format!("bad SSE data {data:?}"))?;
+        if v.get("error").is_some() {
+            bail!("stream error: {data}");
+        }
+        text |= has_text(&v);
+        if kind == ClientKind::Leave {
+            // Dropping the response closes the connection mid-stream.
+            return Ok(Outcome::LeftMidStream);
         }
     }
     bail!("stream ended without [DONE]")
@@ -142,6 +277,12 @@ impl BodyReader {
                 return Ok(Some(line));
             }
             if !self.fill().await? {
+                // The body may end without a newline (a JSON answer).
+                if self.pos < self.buf.len() {
+                    let rest = String::from_utf8_lossy(&self.buf[self.pos..]).into_owned();
+                    self.pos = self.buf.len();
+                    return Ok(Some(rest));
+                }
                 return Ok(None);
             }
         }

@@ -29,3 +29,13 @@ pub fn with_spinner<T, E>(
     }
     result
 }
+
+/// A bar of `len` steps with `message`, for long work of known length.
+pub fn bar(len: u64, message: String) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}]") {
+        bar.set_style(style);
+    }
+    bar.set_message(message);
+    bar
+}

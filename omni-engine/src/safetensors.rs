@@ -171,10 +171,26 @@ fn load_file(
                 })
             }
         };
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let t = crate::gguf::tensor_from_bytes(view.data(), &shape, src)?
-            .f_to_device(device)?
-            .f_to_kind(kind)?;
+        // Every failure names the file and tensor: a header the
+        // safetensors crate accepts may still declare what no tensor can
+        // be (a dimension past i64, a zero-size shape whose product
+        // overflows).
+        let bad = |reason: String| Error::Format {
+            path: path.to_owned(),
+            format: "safetensors",
+            reason: format!("tensor {name:?}: {reason}"),
+        };
+        let shape = view
+            .shape()
+            .iter()
+            .map(|&d| i64::try_from(d))
+            .collect::<std::result::Result<Vec<i64>, _>>()
+            .map_err(|_| bad(format!("dimension out of range in {:?}", view.shape())))?;
+        let t = crate::gguf::tensor_from_bytes(view.data(), &shape, src)
+            .map_err(|e| bad(e.to_string()))?
+            .f_to_device(device)
+            .and_then(|t| t.f_to_kind(kind))
+            .map_err(|e| bad(e.to_string()))?;
         weights.insert(name, t);
     }
     Ok(())

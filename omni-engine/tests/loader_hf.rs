@@ -234,6 +234,26 @@ fn missing_shard_and_truncated_weights_are_errors() -> TestResult {
         src.load_weights(Kind::Float, Device::Cpu),
         Err(Error::Format { .. })
     ));
+    // Shapes no tensor can take: one the safetensors crate refuses itself
+    // (its size overflows), one it accepts (0 elements, so 0 bytes) with a
+    // dimension past i64. Both are errors naming the file; the second
+    // names the tensor too.
+    for (shape, names_tensor) in [
+        ("[1099511627776,1099511627776,1099511627776]", false),
+        ("[9223372036854775808,0]", true),
+    ] {
+        let header = format!(r#"{{"w":{{"dtype":"F32","shape":{shape},"data_offsets":[0,0]}}}}"#);
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(header.as_bytes());
+        std::fs::write(&st, &file)?;
+        match src.load_weights(Kind::Float, Device::Cpu) {
+            Err(Error::Format { path, reason, .. }) => {
+                assert_eq!(path, st);
+                assert!(!names_tensor || reason.contains("\"w\""), "{reason}");
+            }
+            other => panic!("expected a safetensors format error for {shape}, got {other:?}"),
+        }
+    }
     Ok(())
 }
 

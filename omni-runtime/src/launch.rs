@@ -19,6 +19,9 @@ pub struct LaunchSpec {
     pub num_stages: usize,
     /// The orchestrator's ROUTER; the worker connects a DEALER to it.
     pub orchestrator_address: String,
+    /// The run's secret, which every socket of the run presents in its
+    /// peer identity (see `transport`): 32 hex digits.
+    pub token: String,
     /// The address this stage's input ROUTER binds.
     pub input_address: String,
     /// A socket already listening on `input_address` that the stage
@@ -63,7 +66,19 @@ impl LaunchSpec {
         let text = serde_json::to_vec_pretty(self)
             .map_err(|e| Error::Wire(format!("cannot encode launch spec: {e}")))?;
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text).map_err(|e| Error::io("cannot write launch spec", &tmp, e))?;
+        // Only the owner reads it: it holds the run's token.
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&text)
+        };
+        write().map_err(|e| Error::io("cannot write launch spec", &tmp, e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io("cannot write launch spec", path, e))
     }
 

@@ -33,7 +33,7 @@ use crate::locate::locate_stage_binary;
 use crate::run_dir::RunDir;
 use crate::supervisor::{LogTail, Supervisor, SupervisorEvent};
 use crate::tensor::HostTensor;
-use crate::transport;
+use crate::transport::{self, RunToken};
 use crate::wire::{
     self, AckMsg, DecodeContext, Envelope, GenerateMsg, HealthMsg, Message, ReadyMsg, StageMetrics,
     StartProfileMsg, PROTOCOL_VERSION,
@@ -218,6 +218,8 @@ struct Inner {
     final_stages: BTreeSet<usize>,
     /// Where final-output tensors in shared memory are found.
     shm_dir: Option<PathBuf>,
+    /// The run's secret: stages present it, foreign peers are dropped.
+    token: RunToken,
 }
 
 /// Owns the stage processes of one pipeline. Dropping it shuts the stages
@@ -341,6 +343,7 @@ impl Orchestrator {
         }
 
         let cpu_threads = cpu_thread_share(&config, &opts.worker_env);
+        let token = RunToken::generate()?;
         let mut tails: Vec<Arc<LogTail>> = Vec::new();
         let mut pids = Vec::new();
         for s in &config.stages {
@@ -349,6 +352,7 @@ impl Orchestrator {
                 pipeline: config.name.clone(),
                 num_stages: config.stages.len(),
                 orchestrator_address: endpoint.clone(),
+                token: token.as_str().to_owned(),
                 input_address: inputs[s.stage_id].clone(),
                 input_listener_fd: listeners[s.stage_id]
                     .as_ref()
@@ -392,7 +396,9 @@ impl Orchestrator {
         let (sender, mut receiver) = router.split();
         let (msg_tx, mut msg_rx) = mpsc::channel::<(Bytes, Vec<Bytes>)>(1024);
         let recv_endpoint = endpoint.clone();
+        let recv_token = token.clone();
         let recv_task = tokio::spawn(async move {
+            let refusals = transport::Refusals::default();
             loop {
                 match receiver.recv().await {
                     Ok(m) => {
@@ -401,7 +407,12 @@ impl Orchestrator {
                             continue;
                         }
                         let identity = frames.remove(0);
-                        if msg_tx.send((identity, frames)).await.is_err() {
+                        let Some(role) = recv_token.role_of(&identity) else {
+                            refusals.refuse(&recv_endpoint, &identity);
+                            continue;
+                        };
+                        let role = identity.slice_ref(role);
+                        if msg_tx.send((role, frames)).await.is_err() {
                             break;
                         }
                     }
@@ -498,6 +509,7 @@ impl Orchestrator {
             stages,
             final_stages,
             shm_dir: shm_enabled.then_some(shm_dir),
+            token,
         });
         let event_task = tokio::spawn(event_loop(inner.clone(), msg_rx, sup_rx));
         let watchdog_task = tokio::spawn(watchdog(inner.clone(), supervisor.killer()));
@@ -514,6 +526,16 @@ impl Orchestrator {
     /// The stages, in stage order.
     pub fn stages(&self) -> &[StageInfo] {
         &self.inner.stages
+    }
+
+    /// A ZMTP peer identity this run's sockets admit (they drop messages
+    /// from any other peer), for a tool of the process that started the
+    /// pipeline, such as a test, to talk to a stage's input socket as a
+    /// peer of the run would. `role` names the peer in logs.
+    pub fn peer_identity(&self, role: &str) -> String {
+        // Never a stage's own identity: the ROUTER would route that
+        // stage's traffic to the newcomer.
+        self.inner.token.identity(&format!("tool-{role}"))
     }
 
     /// The pipeline this orchestrator runs.
@@ -892,7 +914,7 @@ impl Inner {
     }
 
     async fn send(&self, stage_id: usize, frames: Vec<Bytes>) -> Result<()> {
-        let identity = Bytes::from(transport::stage_identity(stage_id));
+        let identity = Bytes::from(self.token.identity(&transport::stage_role(stage_id)));
         let mut sender = self.sender.clone();
         transport::send_frames(&mut sender, Some(identity), frames, &self.endpoint).await
     }

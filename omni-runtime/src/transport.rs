@@ -9,9 +9,21 @@
 //! can reach them; the run directory still holds the launch files.
 //!
 //! Socket roles: the orchestrator binds a ROUTER that every worker's DEALER
-//! connects to (control in, events out, identities `stage-<id>`); each
-//! worker binds a ROUTER for its input that upstream stages' DEALERs
-//! connect to, so that a malformed message can be answered to its sender.
+//! connects to (control in, events out); each worker binds a ROUTER for its
+//! input that upstream stages' DEALERs connect to, so that a malformed
+//! message can be answered to its sender.
+//!
+//! Who may talk: every process of one pipeline run shares a secret
+//! [`RunToken`], handed to the workers in their launch files (mode 0600 in
+//! the private run directory), and presents it as the first part of its
+//! ZMTP peer identity (`<token>.<role>`, sent in the handshake's READY
+//! command). Both kinds of ROUTER drop every message whose sender's
+//! identity does not carry the token, unanswered: with `tcp://` anyone who
+//! reaches a port can connect, but nobody without the token can feed a
+//! stage, answer for one, or learn anything from its replies. The token
+//! travels in the clear (ZMTP's NULL mechanism): it keeps out whoever can
+//! reach a port, not whoever can watch the traffic, so stages on several
+//! hosts belong on a private network.
 
 use std::path::Path;
 
@@ -171,7 +183,111 @@ pub(crate) async fn send_frames<S: SocketSend + ?Sized>(
         .map_err(|e| Error::socket(endpoint, e))
 }
 
-/// The identity a stage's DEALER presents to the orchestrator's ROUTER.
-pub(crate) fn stage_identity(stage_id: usize) -> String {
+/// The secret of one pipeline run (see the module docs): 128 random bits,
+/// as 32 lowercase hex digits.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct RunToken(String);
+
+impl std::fmt::Debug for RunToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RunToken(..)")
+    }
+}
+
+/// Hex digits in a token.
+const TOKEN_HEX: usize = 32;
+
+impl RunToken {
+    /// A fresh token from the kernel's random source.
+    pub(crate) fn generate() -> Result<Self> {
+        use std::io::Read;
+        let mut raw = [0u8; TOKEN_HEX / 2];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut raw))
+            .map_err(|e| Error::io("cannot draw the run token", "/dev/urandom", e))?;
+        Ok(Self(raw.iter().map(|b| format!("{b:02x}")).collect()))
+    }
+
+    /// A token read from a launch file.
+    pub(crate) fn parse(text: &str) -> Result<Self> {
+        if text.len() == TOKEN_HEX && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(Error::Wire(format!(
+                "the launch file's run token is not {TOKEN_HEX} lowercase hex digits"
+            )))
+        }
+    }
+
+    /// The token's text, for a launch file.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The peer identity of a socket playing `role` in this run.
+    pub(crate) fn identity(&self, role: &str) -> String {
+        format!("{}.{role}", self.0)
+    }
+
+    /// The role `identity` names when it carries this run's token; None
+    /// for any other peer. The token is compared in constant time.
+    pub(crate) fn role_of<'a>(&self, identity: &'a [u8]) -> Option<&'a [u8]> {
+        let (token, rest) = identity.split_at_checked(TOKEN_HEX)?;
+        let diff = token
+            .iter()
+            .zip(self.0.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        (diff == 0).then_some(rest.strip_prefix(b".")?)
+    }
+}
+
+/// The role a stage's DEALER plays towards the orchestrator's ROUTER.
+pub(crate) fn stage_role(stage_id: usize) -> String {
     format!("stage-{stage_id}")
+}
+
+/// Counts the messages dropped for lacking the run token and says so in
+/// the log at the 1st, 2nd, 4th, 8th... (a flood must not flood the log).
+#[derive(Debug, Default)]
+pub(crate) struct Refusals(std::sync::atomic::AtomicU64);
+
+impl Refusals {
+    pub(crate) fn refuse(&self, endpoint: &str, identity: &[u8]) {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(
+                target: "omni::runtime",
+                %endpoint,
+                refused = n,
+                identity_bytes = identity.len(),
+                "dropped a message from a peer without this run's token"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_identities_with_the_token_are_admitted() {
+        let token = RunToken::generate().expect("urandom");
+        let other = RunToken::generate().expect("urandom");
+        assert_ne!(token, other);
+        let id = token.identity("stage-1");
+        assert_eq!(token.role_of(id.as_bytes()), Some(&b"stage-1"[..]));
+        assert_eq!(other.role_of(id.as_bytes()), None);
+        assert_eq!(token.role_of(b"stage-1"), None);
+        assert_eq!(token.role_of(token.as_str().as_bytes()), None);
+        assert_eq!(token.role_of(&[]), None);
+        let mut flipped = id.into_bytes();
+        flipped[31] ^= 1;
+        assert_eq!(token.role_of(&flipped), None);
+        assert!(RunToken::parse(token.as_str()).is_ok());
+        for bad in ["", "xyz", &"A".repeat(32), &"0".repeat(31)] {
+            assert!(RunToken::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(format!("{token:?}"), "RunToken(..)");
+    }
 }

@@ -109,6 +109,49 @@ fn bench_serve() -> Result {
     Ok(())
 }
 
+/// The load test's short form: 64 clients against a bound of 16 in
+/// flight, then a 10 s soak. It exits 0 only if every request was answered
+/// or refused with 429 + Retry-After, no stage held a request afterwards,
+/// and memory stayed within its margin; the bound must have refused some.
+#[test]
+fn bench_load() -> Result {
+    let out = bench(&[
+        "load",
+        "--clients",
+        "64",
+        "--max-pending-requests",
+        "16",
+        "--max-tokens",
+        "4",
+        "--soak-seconds",
+        "10",
+        "--warmup-seconds",
+        "3",
+        "--soak-clients",
+        "4",
+        // Debug builds settle slowly on two cores; the margin is for
+        // release runs (RELIABILITY.md).
+        "--rss-margin-pct",
+        "25",
+    ])?;
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("| 64 |"))
+        .ok_or_else(|| err(format!("no row for 64 clients:\n{out}")))?;
+    let cols: Vec<&str> = row.split('|').map(str::trim).collect();
+    // | clients | requests | answered | 429 | left | errors | ...
+    let n = |i: usize| cols[i].parse::<usize>().unwrap_or(usize::MAX);
+    assert_eq!(n(2), 64, "{row}");
+    assert_eq!(n(3) + n(4) + n(5), 64, "{row}");
+    assert_eq!(n(6), 0, "{row}");
+    assert!(
+        n(4) > 0,
+        "64 clients against a bound of 16 got no 429: {row}"
+    );
+    assert!(out.contains("soak: 4 clients"), "{out}");
+    Ok(())
+}
+
 #[test]
 fn bench_voice() -> Result {
     let out = bench(&["voice", "--concurrency", "1", "--rounds", "1", "--json"])?;

@@ -519,3 +519,139 @@ async fn start_up_failures_name_the_stage_and_clean_up() -> TestResult {
     assert!(empty, "leftovers in {}", parent.path().display());
     Ok(())
 }
+
+/// Starts `config` (with `worker_env` and `init_timeout`) expecting it to
+/// fail; returns the error and checks nothing is left in the run directory
+/// parent.
+async fn start_fails(
+    config: PipelineConfig,
+    worker_env: Vec<(String, String)>,
+    init_timeout: Duration,
+) -> Result<Error, Box<dyn std::error::Error + Send + Sync>> {
+    let parent = tempfile::tempdir()?;
+    let opts = OrchestratorOptions {
+        run_dir_parent: Some(parent.path().to_path_buf()),
+        worker_env,
+        init_timeout,
+        ..options()
+    };
+    let started = std::time::Instant::now();
+    let e = match Orchestrator::start(config, opts).await {
+        Ok(orch) => {
+            orch.shutdown().await?;
+            return Err("the pipeline started".into());
+        }
+        Err(e) => e,
+    };
+    assert!(
+        started.elapsed() < init_timeout + Duration::from_secs(30),
+        "the failure took {:?}, past the init timeout",
+        started.elapsed()
+    );
+    let empty = eventually(Duration::from_secs(20), || {
+        std::fs::read_dir(parent.path())
+            .map(|d| d.count() == 0)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(empty, "leftovers in {}", parent.path().display());
+    Ok(e)
+}
+
+/// The log of a stage that failed to start, or what the error was instead.
+fn failed_stage_log(e: &Error, stage: usize) -> Result<String, String> {
+    match e {
+        Error::StageFailedToStart { stage_id, log, .. } if *stage_id == stage => Ok(log.clone()),
+        other => Err(format!(
+            "expected StageFailedToStart for stage {stage}, got {other}"
+        )),
+    }
+}
+
+/// Weights that are cut short or not the file they claim to be, and a load
+/// that never ends: each fails the start with an error naming the stage
+/// and the file, within the init timeout, and leaves no process or run
+/// directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_or_hanging_weights_fail_the_start_naming_the_stage() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let smollm2 = omni_engine::resolve_model_path("smollm2")?;
+    let patient = Duration::from_secs(300);
+
+    // A GGUF cut in half, as an interrupted download leaves it (the header
+    // and tensor table whole, the data short).
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::copy(&smollm2, &truncated)?;
+    let len = std::fs::metadata(&truncated)?.len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&truncated)?
+        .set_len(len / 2)?;
+    let mut config = PipelineConfig::builtin("smollm2")?;
+    config.stages[0].engine_args.model = truncated.display().to_string();
+    let e = start_fails(config, Vec::new(), patient).await?;
+    let log = failed_stage_log(&e, 0)?;
+    assert!(
+        log.contains("truncated.gguf") && log.contains("the file is truncated"),
+        "{log}"
+    );
+
+    // The known default model with the right size and the wrong bytes.
+    let models = dir.path().join("models");
+    std::fs::create_dir(&models)?;
+    let fake = std::fs::File::create(models.join(omni_engine::SMOLLM2.file_name))?;
+    fake.set_len(omni_engine::SMOLLM2.size)?;
+    drop(fake);
+    let env = vec![("OMNI_MODEL_DIR".to_owned(), models.display().to_string())];
+    let e = start_fails(PipelineConfig::builtin("smollm2")?, env, patient).await?;
+    let log = failed_stage_log(&e, 0)?;
+    assert!(
+        log.contains("sha256") && log.contains(omni_engine::SMOLLM2.sha256),
+        "{log}"
+    );
+
+    // A Hugging Face folder with one safetensors shard cut in half.
+    let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../omni-engine/tests/fixtures/qwen2_5_omni/tiny");
+    let copy = dir.path().join("qwen-cut");
+    std::fs::create_dir(&copy)?;
+    for f in std::fs::read_dir(&tiny)? {
+        let f = f?;
+        std::fs::copy(f.path(), copy.join(f.file_name()))?;
+    }
+    let shard = copy.join("model-00001-of-00003.safetensors");
+    let len = std::fs::metadata(&shard)?.len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)?
+        .set_len(len / 2)?;
+    let mut config = PipelineConfig::builtin("qwen2_5_omni")?;
+    for s in &mut config.stages {
+        s.engine_args.model = copy.display().to_string();
+    }
+    let e = start_fails(config, Vec::new(), patient).await?;
+    match &e {
+        Error::StageFailedToStart { log, .. } => assert!(
+            log.contains("model-00001-of-00003.safetensors") && log.contains("safetensors"),
+            "{log}"
+        ),
+        other => return Err(format!("expected StageFailedToStart, got {other}").into()),
+    }
+
+    // A model file whose read never ends (a FIFO nobody writes, as a hung
+    // network mount): the init timeout ends the start, naming the stage.
+    let fifo = dir.path().join("hang.gguf");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())?;
+    // SAFETY: mkfifo reads a NUL-terminated path.
+    if unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } != 0 {
+        return Err(format!("mkfifo: {}", std::io::Error::last_os_error()).into());
+    }
+    let mut config = PipelineConfig::builtin("smollm2")?;
+    config.stages[0].engine_args.model = fifo.display().to_string();
+    let e = start_fails(config, Vec::new(), Duration::from_secs(10)).await?;
+    assert!(
+        matches!(e, Error::StageInitTimeout { stage_id: 0, .. }),
+        "{e}"
+    );
+    Ok(())
+}

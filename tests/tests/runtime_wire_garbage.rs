@@ -1,5 +1,6 @@
 //! A real worker fed garbage on its input socket answers every message with
-//! a protocol error, counts them, and still serves the next valid request.
+//! a protocol error, counts them, and still serves the next valid request;
+//! a peer without the run's token is not heard at all.
 
 mod runtime_support;
 
@@ -65,7 +66,7 @@ async fn garbage_gets_error_replies_and_the_worker_keeps_serving() -> TestResult
     let config = PipelineConfig::builtin("smollm2")?;
     let orch = Orchestrator::start(config, options()).await?;
     let address = orch.stages()[0].input_address.clone();
-    let mut sock = DealerSocket::new();
+    let mut sock = peer(Some(orch.peer_identity("garbage-test")))?;
     sock.connect(&address).await?;
     let ctx = DecodeContext::default();
     let bad = garbage();
@@ -107,6 +108,131 @@ async fn garbage_gets_error_replies_and_the_worker_keeps_serving() -> TestResult
     serves_a_request(&orch, "after-garbage", 6).await?;
     let pid = orch.stages()[0].pid;
     assert!(runtime_support::pid_alive(pid));
+    tokio::time::timeout(Duration::from_secs(60), orch.shutdown()).await??;
+    Ok(())
+}
+
+/// A DEALER presenting `identity` (none: the socket's random one).
+fn peer(
+    identity: Option<String>,
+) -> Result<DealerSocket, Box<dyn std::error::Error + Send + Sync>> {
+    let mut o = zeromq::SocketOptions::default();
+    if let Some(id) = identity {
+        o.peer_identity(id.parse()?);
+    }
+    Ok(DealerSocket::with_options(o))
+}
+
+/// Whether a health request sent on `sock` is answered within `wait`.
+async fn answers_health(
+    sock: &mut DealerSocket,
+    seq: u64,
+    wait: Duration,
+) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+    sock.send(msg(wire::encode_message(Message::Health { seq })?)?)
+        .await?;
+    match tokio::time::timeout(wait, sock.recv()).await {
+        Err(_) => Ok(false),
+        Ok(reply) => {
+            let env =
+                wire::decode(reply?.into_vec(), &DecodeContext::default()).map_err(|r| r.error)?;
+            match env.message {
+                Message::HealthReply(h) if h.seq == seq => Ok(true),
+                other => Err(format!("health answered with {}", other.type_name()).into()),
+            }
+        }
+    }
+}
+
+/// Over `tcp://`, where anyone who reaches a port can connect: peers that
+/// do not present the run's token are not heard, by a stage's input socket
+/// (no answer, nothing counted) nor by the orchestrator (a forged error
+/// for a request in flight changes nothing), while a peer with the token
+/// is answered and obeyed, so the refusals are the token's doing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_without_the_run_token_are_not_heard() -> TestResult {
+    let mut config = PipelineConfig::builtin("smollm2")?;
+    config.runtime.transport = omni_runtime::TransportKind::Tcp;
+    let orch = Orchestrator::start(config, options()).await?;
+    let input = orch.stages()[0].input_address.clone();
+    let quiet = Duration::from_secs(2);
+    for (who, identity) in [
+        ("no identity", None),
+        (
+            "the identity stages had before tokens",
+            Some("stage-0".to_owned()),
+        ),
+        ("a wrong token", Some(format!("{}.x", "0".repeat(32)))),
+    ] {
+        let mut sock = peer(identity)?;
+        sock.connect(&input).await?;
+        sock.send(msg(garbage()[0].clone())?).await?;
+        assert!(
+            !answers_health(&mut sock, 1, quiet).await?,
+            "a peer with {who} was answered"
+        );
+    }
+    let mut trusted = peer(Some(orch.peer_identity("token-test")))?;
+    trusted.connect(&input).await?;
+    assert!(answers_health(&mut trusted, 2, Duration::from_secs(30)).await?);
+    let h = orch.health(0).await?;
+    assert_eq!(h.rejected_messages, 0, "a foreign peer's garbage was read");
+
+    // The orchestrator's socket: a forged error for each request in flight.
+    let spec = omni_runtime::LaunchSpec::read(&orch.run_dir().join("stage-0.json"))?;
+    let forge = |request_id: String| {
+        wire::encode_message(Message::RequestError {
+            request_id,
+            stage_id: 0,
+            message: "forged".into(),
+            rejected: false,
+        })
+    };
+    let victim = |id: &'static str| {
+        orch.submit(
+            id.into(),
+            omni_engine::Prompt::Text("One plus one is".into()),
+            greedy(orch.config(), &[64]),
+        )
+    };
+    let mut foreign = peer(Some("stage-0".to_owned()))?;
+    foreign.connect(&spec.orchestrator_address).await?;
+    let mut rx = victim("victim").await?;
+    for n in 0..4 {
+        foreign.send(msg(forge(format!("victim#{n}"))?)?).await?;
+    }
+    let mut finished = false;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                StageEvent::Output { output, .. } => finished |= output.finished,
+                StageEvent::Error(e) => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    })
+    .await??;
+    assert!(finished, "the request did not finish");
+    let mut forger = peer(Some(orch.peer_identity("forger")))?;
+    forger.connect(&spec.orchestrator_address).await?;
+    let mut rx = victim("victim-2").await?;
+    for n in 0..8 {
+        forger.send(msg(forge(format!("victim-2#{n}"))?)?).await?;
+    }
+    let mut forged = false;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(ev) = rx.recv().await {
+            if let StageEvent::Error(e) = ev {
+                forged = e.to_string().contains("forged");
+            }
+        }
+    })
+    .await?;
+    assert!(
+        forged,
+        "a peer with the token was not heard: the test proves nothing"
+    );
     tokio::time::timeout(Duration::from_secs(60), orch.shutdown()).await??;
     Ok(())
 }

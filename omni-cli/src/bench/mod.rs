@@ -4,6 +4,7 @@
 //! BENCHMARKS.md.
 mod audio;
 mod encoder;
+mod load;
 mod pipeline;
 mod profile;
 mod serve;
@@ -43,6 +44,16 @@ pub enum BenchCommand {
         after_help = "Example:\n  omni bench serve --pipeline default --concurrency 1,8,32 --max-tokens 16"
     )]
     Serve(serve::ServeBench),
+    /// Reliability under load: `omni serve` (in process, loopback) flooded
+    /// by 64, 256 and 1024 concurrent clients (streaming, whole answers,
+    /// and streams hung up mid-way), then an optional steady soak that
+    /// watches every process's memory. Fails unless every request was
+    /// answered or refused with 429 + Retry-After, no stage holds a request
+    /// afterwards, and memory stayed within the margin.
+    #[command(
+        after_help = "Examples:\n  omni bench load --clients 64,256,1024\n  omni bench load --clients 64 --soak-seconds 600 --soak-clients 16"
+    )]
+    Load(load::LoadBench),
     /// Speech: the Piper VITS stage's speed (audio seconds per wall second)
     /// at 1 and 8 concurrent requests, side by side in the same run with
     /// Piper's own Python path (piper-phonemize + onnxruntime) on the same
@@ -176,14 +187,16 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Voice(b) => voice::run(b),
         BenchCommand::Audio(b) => audio::run(b),
         BenchCommand::Encoder(b) => encoder::run(b),
-        BenchCommand::Serve(b) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the tokio runtime")?;
-            rt.block_on(serve::run(b))
-        }
+        BenchCommand::Serve(b) => tokio_runtime()?.block_on(serve::run(b)),
+        BenchCommand::Load(b) => tokio_runtime()?.block_on(load::run(b)),
     }
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
 }
 
 /// Varied questions, so batches are not one prompt repeated.

@@ -16,11 +16,10 @@ use omni_core::{OmniRequestOutput, StageHealth, StageSamplingParams};
 
 use super::api_error::ApiError;
 use super::openai::{
-    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-    ModelCard, ModelList, ProfileRequest,
+    ChatCompletionResponse, CompletionResponse, ModelCard, ModelList, ProfileRequest,
 };
 use super::sse::{ChunkBuilder, Flavor, DONE};
-use super::validate::{parse_body, Plan};
+use super::validate::Plan;
 use super::AppState;
 
 type St = State<Arc<AppState>>;
@@ -170,10 +169,7 @@ pub async fn models(State(st): St) -> Json<ModelList> {
 /// `POST /v1/completions`.
 pub async fn completions(State(st): St, body: Bytes) -> Response {
     const EP: &str = "/v1/completions";
-    let plan = parse_body::<CompletionRequest>(&body, false).and_then(|(req, sampling)| {
-        let model = req.model.clone();
-        st.view.completion(req, &sampling).map(|p| (p, model))
-    });
+    let plan = st.view.plan_completion(&body);
     respond(&st, EP, Flavor::Completion, plan).await
 }
 
@@ -183,18 +179,13 @@ pub async fn chat_completions(State(st): St, body: Bytes) -> Response {
     // Media parts are decoded here (megabytes of audio or pixels): off the
     // async workers, so other connections keep being served meanwhile.
     let state = Arc::clone(&st);
-    let plan = tokio::task::spawn_blocking(move || {
-        parse_body::<ChatCompletionRequest>(&body, true).and_then(|(req, sampling)| {
-            let model = req.model.clone();
-            state.view.chat(req, &sampling).map(|p| (p, model))
-        })
-    })
-    .await
-    .unwrap_or_else(|e| {
-        Err(ApiError::internal(format!(
-            "reading the request failed: {e}"
-        )))
-    });
+    let plan = tokio::task::spawn_blocking(move || state.view.plan_chat(&body))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ApiError::internal(format!(
+                "reading the request failed: {e}"
+            )))
+        });
     respond(&st, EP, Flavor::Chat, plan).await
 }
 

@@ -379,6 +379,21 @@ impl PipelineView {
         }
     }
 
+    /// A `/v1/completions` body as pipeline inputs, with the model it names.
+    pub fn plan_completion(&self, body: &[u8]) -> Result<(Plan, String), ApiError> {
+        let (req, sampling) = parse_body::<CompletionRequest>(body, false)?;
+        let model = req.model.clone();
+        self.completion(req, &sampling).map(|p| (p, model))
+    }
+
+    /// A `/v1/chat/completions` body as pipeline inputs, with the model it
+    /// names. Decodes the media it carries: call it off the async workers.
+    pub fn plan_chat(&self, body: &[u8]) -> Result<(Plan, String), ApiError> {
+        let (req, sampling) = parse_body::<ChatCompletionRequest>(body, true)?;
+        let model = req.model.clone();
+        self.chat(req, &sampling).map(|p| (p, model))
+    }
+
     /// A completion request as pipeline inputs.
     pub fn completion(
         &self,

@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 use crate::launch::LaunchSpec;
 use crate::processor;
 use crate::shm::ShmWriter;
-use crate::transport::{self, send_frames};
+use crate::transport::{self, send_frames, RunToken};
 use crate::wire::{
     self, DecodeContext, Envelope, HealthMsg, Message, ReadyMsg, Rejected, PROTOCOL_VERSION,
 };
@@ -256,7 +256,9 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     let connect_timeout = Duration::from_millis(spec.connect_timeout_ms.max(1000));
     let (incoming_tx, mut incoming) = mpsc::channel::<Incoming>(1024);
     let mut opts = transport::socket_options();
-    let identity = transport::stage_identity(stage_id)
+    let token = RunToken::parse(&spec.token)?;
+    let identity = token
+        .identity(&transport::stage_role(stage_id))
         .parse()
         .map_err(|e| Error::socket(&spec.orchestrator_address, e))?;
     opts.peer_identity(identity)
@@ -285,13 +287,19 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
         .to_string();
     let (input_tx, mut input_rx) = input.split();
     let tx = incoming_tx.clone();
+    let (input_token, refused_at) = (token.clone(), input_endpoint.clone());
     tokio::spawn(async move {
+        let refusals = transport::Refusals::default();
         while let Ok(m) = input_rx.recv().await {
             let mut frames = m.into_vec();
             if frames.is_empty() {
                 continue;
             }
             let id = frames.remove(0);
+            if input_token.role_of(&id).is_none() {
+                refusals.refuse(&refused_at, &id);
+                continue;
+            }
             if tx.send(Incoming::Input(id, frames)).await.is_err() {
                 break;
             }
@@ -301,7 +309,11 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
     let mut downstream = HashMap::new();
     for (d, addr) in &spec.downstream {
         let mut o = transport::socket_options();
-        o.connect_timeout(connect_timeout);
+        let upstream = token
+            .identity(&format!("stage-{stage_id}-to-{d}"))
+            .parse()
+            .map_err(|e| Error::socket(addr, e))?;
+        o.connect_timeout(connect_timeout).peer_identity(upstream);
         let mut s = DealerSocket::with_options(o);
         s.connect(addr)
             .await
