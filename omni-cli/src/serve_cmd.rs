@@ -88,9 +88,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         .into());
     }
     // Bind first: a busy port should fail before models load for seconds.
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
+    let listener = serve::bind(addr).with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr().context("reading the bound address")?;
     let bar = progress::spinner(format!(
         "starting pipeline {:?}: spawning stages, loading models",

@@ -1,29 +1,34 @@
-//! Fault injection: a random stage of the `default` pipeline is SIGKILLed or
-//! SIGSTOPped at a random moment while 16 requests run through it (and
-//! while `stop_profile` writes the traces, in every other trial). Fixed
-//! seed, bounded time. Each trial checks that
+//! Fault injection: a random stage of the `default` pipeline, and of
+//! `qwen2_5_omni` (the tiny checkpoint; thinker -> talker -> code2wav,
+//! streaming between stages), is SIGKILLed or SIGSTOPped at a random moment
+//! while 16 requests run through it (and while `stop_profile` writes the
+//! traces, in every other trial). Fixed seed, bounded time. Each trial
+//! checks that
 //!
 //! - every request's channel ends (its outputs or an error naming the
 //!   stage) within a stated bound: a stopped stage is caught by the health
 //!   watchdog, never waited on;
-//! - what was delivered is intact: a request that finished has both
-//!   stages' final outputs, each stage's text the concatenation of its
-//!   deltas;
+//! - what was delivered is intact: a request that finished has every
+//!   final stage's last output, each text stage's text the concatenation of
+//!   its deltas, each audio stage's pieces real audio;
 //! - every worker is gone and the run directory removed;
 //! - no trace file is half written (each is whole JSON);
 //! - a pipeline started afterwards serves a request.
 //!
-//! `OMNI_FAULT_TRIALS` (default 2, the README's test command) sets the
-//! number of trials and `OMNI_FAULT_SEED` the seed; RELIABILITY.md has the
-//! 50-trial run.
+//! `OMNI_FAULT_TRIALS` (default 2 per pipeline, the README's test command)
+//! sets the number of trials, `OMNI_FAULT_SEED` the seed and
+//! `OMNI_FAULT_PIPELINES` the pipelines (default `default,qwen2_5_omni`);
+//! RELIABILITY.md has the 50-trial runs.
 
 mod runtime_support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use omni_engine::Prompt;
-use omni_runtime::{Error, Orchestrator, OrchestratorOptions, PipelineConfig, StageEvent};
+use omni_engine::{Prompt, SamplingParams};
+use omni_runtime::{
+    Error, FinalOutputType, Orchestrator, OrchestratorOptions, PipelineConfig, StageEvent,
+};
 use runtime_support::{eventually, greedy, options, pid_alive, TestResult};
 
 /// Every request of a trial ends within this after the fault.
@@ -68,7 +73,54 @@ fn opts() -> OrchestratorOptions {
 struct Seen {
     deltas: HashMap<usize, String>,
     finals: HashMap<usize, String>,
+    /// Samples of audio per stage, over all its outputs.
+    audio: HashMap<usize, usize>,
+    /// Whether every audio sample was finite.
+    audio_finite: bool,
     error: Option<Error>,
+}
+
+/// The pipeline a trial runs, ready to start.
+fn pipeline(name: &str) -> Result<PipelineConfig, Box<dyn std::error::Error + Send + Sync>> {
+    let mut config = PipelineConfig::builtin(name)?;
+    if name == "qwen2_5_omni" {
+        let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../omni-engine/tests/fixtures/qwen2_5_omni/tiny");
+        for s in &mut config.stages {
+            s.engine_args.model = tiny.display().to_string();
+        }
+    }
+    Ok(config)
+}
+
+/// Request `i`'s params: lengths vary, so some requests finish before the
+/// fault; the last is long, so the fault always finds one in flight.
+fn request_params(config: &PipelineConfig, i: usize) -> Vec<SamplingParams> {
+    let long = i == 15;
+    let first = if long { 400 } else { 4 + 6 * (i % 5) };
+    if config.name == "qwen2_5_omni" {
+        // Thinker (exactly `first` tokens, its states to the talker),
+        // talker (exactly 24 codes), code2wav (its seeded default). The
+        // tiny thinker writes 400 tokens in well under a second: the long
+        // request keeps every stage busy for seconds instead.
+        let (first, codes) = if long { (2000, 400) } else { (first, 24) };
+        let exactly = |n: usize| SamplingParams {
+            max_tokens: Some(n),
+            min_tokens: n,
+            ..SamplingParams::greedy()
+        };
+        return vec![
+            SamplingParams {
+                output_states: true,
+                ..exactly(first)
+            },
+            exactly(codes),
+            config.stages[2].default_sampling_params.clone(),
+        ];
+    }
+    let mut params = greedy(config, &[first, 6]);
+    params[0].ignore_eos = long;
+    params
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,8 +131,14 @@ async fn random_stage_faults_never_hang_lose_or_leave_anything() -> TestResult {
     let traces = tempfile::tempdir()?;
     // The stages read it when a window opens; nothing else here profiles.
     std::env::set_var("VLLM_TORCH_PROFILER_DIR", traces.path());
-    for trial in 0..trials {
-        let victim = rng.below(2) as usize;
+    let pipelines =
+        std::env::var("OMNI_FAULT_PIPELINES").unwrap_or_else(|_| "default,qwen2_5_omni".into());
+    for (name, trial) in pipelines
+        .split(',')
+        .flat_map(|p| (0..trials).map(move |t| (p.trim().to_owned(), t)))
+    {
+        let config = pipeline(&name)?;
+        let victim = rng.below(config.stages.len() as u64) as usize;
         let signal = if rng.below(2) == 0 {
             libc::SIGKILL
         } else {
@@ -89,7 +147,7 @@ async fn random_stage_faults_never_hang_lose_or_leave_anything() -> TestResult {
         let delay = Duration::from_millis(rng.below(2500));
         let profiled = trial % 2 == 1;
         let what = format!(
-            "trial {trial} (seed {seed}): {} of stage {victim} after {delay:?}{}",
+            "{name} trial {trial} (seed {seed}): {} of stage {victim} after {delay:?}{}",
             if signal == libc::SIGKILL {
                 "SIGKILL"
             } else {
@@ -102,7 +160,12 @@ async fn random_stage_faults_never_hang_lose_or_leave_anything() -> TestResult {
             }
         );
         eprintln!("fault injection: {what}");
-        let config = PipelineConfig::builtin("default")?;
+        let final_types: HashMap<usize, FinalOutputType> = config
+            .stages
+            .iter()
+            .filter(|s| s.final_output)
+            .map(|s| (s.stage_id, s.final_output_type))
+            .collect();
         let orch = Orchestrator::start(config, opts()).await?;
         let pids: Vec<u32> = orch.stages().iter().map(|s| s.pid).collect();
         let run_dir = orch.run_dir().to_path_buf();
@@ -111,11 +174,7 @@ async fn random_stage_faults_never_hang_lose_or_leave_anything() -> TestResult {
         }
         let mut receivers = Vec::new();
         for i in 0..16 {
-            // Lengths vary, so some requests finish before the fault; the
-            // last is long, so the fault always finds one in flight.
-            let first = if i == 15 { 400 } else { 4 + 6 * (i % 5) };
-            let mut params = greedy(orch.config(), &[first, 6]);
-            params[0].ignore_eos = i == 15;
+            let params = request_params(orch.config(), i);
             let rx = orch
                 .submit(
                     format!("r{i}"),
@@ -126,7 +185,10 @@ async fn random_stage_faults_never_hang_lose_or_leave_anything() -> TestResult {
             receivers.push(rx);
         }
         let collect = receivers.into_iter().map(|mut rx| async move {
-            let mut seen = Seen::default();
+            let mut seen = Seen {
+                audio_finite: true,
+                ..Seen::default()
+            };
             while let Some(ev) = rx.recv().await {
                 match ev {
                     StageEvent::Output { stage_id, output } => {
@@ -134,6 +196,13 @@ async fn random_stage_faults_never_hang_lose_or_leave_anything() -> TestResult {
                             .entry(stage_id)
                             .or_default()
                             .push_str(&output.delta_text);
+                        for (_, t) in output.tensors.iter().filter(|(n, _)| n == "audio") {
+                            *seen.audio.entry(stage_id).or_default() += t.numel();
+                            seen.audio_finite &= t
+                                .to_tch()
+                                .map(|t| t.isfinite().all().int64_value(&[]) == 1)
+                                .unwrap_or(false);
+                        }
                         if output.finished {
                             seen.finals.insert(stage_id, output.text.clone());
                         }
@@ -186,13 +255,23 @@ async fn random_stage_faults_never_hang_lose_or_leave_anything() -> TestResult {
             match &s.error {
                 None => {
                     // Finished before the fault reached it: whole.
-                    assert_eq!(s.finals.len(), 2, "{what}: r{i} lacks a final output");
+                    assert_eq!(
+                        s.finals.len(),
+                        final_types.len(),
+                        "{what}: r{i} lacks a final output"
+                    );
                     for (stage, text) in &s.finals {
-                        assert_eq!(
-                            s.deltas.get(stage),
-                            Some(text),
-                            "{what}: r{i} stage {stage}: deltas and text differ"
-                        );
+                        match final_types.get(stage) {
+                            Some(FinalOutputType::Audio) => assert!(
+                                s.audio.get(stage).is_some_and(|&n| n > 0) && s.audio_finite,
+                                "{what}: r{i} stage {stage}: no audio, or not finite"
+                            ),
+                            _ => assert_eq!(
+                                s.deltas.get(stage),
+                                Some(text),
+                                "{what}: r{i} stage {stage}: deltas and text differ"
+                            ),
+                        }
                     }
                 }
                 Some(e) => assert!(

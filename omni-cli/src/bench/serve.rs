@@ -31,9 +31,8 @@ pub struct ServeBench {
 }
 
 pub(super) async fn run(b: ServeBench) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding loopback")?;
+    let listener =
+        serve::bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).context("binding loopback")?;
     let addr = listener.local_addr()?.to_string();
     let bar = progress::spinner(format!("starting pipeline {:?}", b.pipeline));
     let omni = AsyncOmni::from_engine_args(OmniEngineArgs::new(&b.pipeline)).await;

@@ -187,6 +187,25 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Connections the kernel queues for the server before it accepts them
+/// (clamped by `net.core.somaxconn`). tokio's default, 1024, was too few
+/// for 1024 clients connecting at once: found by `omni bench load`, the
+/// connections past the queue were reset.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the server's listening socket (address reuse on, as tokio's
+/// `TcpListener::bind`, with [`LISTEN_BACKLOG`]).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serves until `shutdown` resolves, drains for at most `drain_timeout`,
 /// then stops the pipeline.
 pub async fn serve(
