@@ -510,14 +510,19 @@ async fn start_up_failures_name_the_stage_and_clean_up() -> TestResult {
     );
 
     // Every failed start removed its run directory.
+    nothing_left_in(parent.path()).await;
+    Ok(())
+}
+
+/// Waits (up to 20 s) until `parent` holds no run directory.
+async fn nothing_left_in(parent: &std::path::Path) {
     let empty = eventually(Duration::from_secs(20), || {
-        std::fs::read_dir(parent.path())
+        std::fs::read_dir(parent)
             .map(|d| d.count() == 0)
             .unwrap_or(false)
     })
     .await;
-    assert!(empty, "leftovers in {}", parent.path().display());
-    Ok(())
+    assert!(empty, "leftovers in {}", parent.display());
 }
 
 /// Starts `config` (with `worker_env` and `init_timeout`) expecting it to
@@ -548,13 +553,7 @@ async fn start_fails(
         "the failure took {:?}, past the init timeout",
         started.elapsed()
     );
-    let empty = eventually(Duration::from_secs(20), || {
-        std::fs::read_dir(parent.path())
-            .map(|d| d.count() == 0)
-            .unwrap_or(false)
-    })
-    .await;
-    assert!(empty, "leftovers in {}", parent.path().display());
+    nothing_left_in(parent.path()).await;
     Ok(e)
 }
 

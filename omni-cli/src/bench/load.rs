@@ -6,14 +6,13 @@
 //! a stated margin of what it held after warm-up. Any other outcome makes
 //! the command fail, so a script can run it as a check.
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Args;
 use omni_core::{AsyncOmni, OmniEngineArgs};
 
-use super::bench_prompt;
+use super::{bench_prompt, LocalServer};
 use crate::http_client::{self, ClientKind, Outcome};
 use crate::{progress, serve};
 
@@ -192,38 +191,14 @@ pub(super) async fn run(b: LoadBench) -> anyhow::Result<()> {
         return Err(crate::BadInput("client counts must be at least 1".into()).into());
     }
     raise_open_file_limit();
-    let listener =
-        serve::bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).context("binding loopback")?;
-    let addr = listener.local_addr()?.to_string();
-    let bar = progress::spinner(format!("starting pipeline {:?}", b.pipeline));
-    let omni = AsyncOmni::from_engine_args(OmniEngineArgs {
+    let server = LocalServer::start(OmniEngineArgs {
         max_pending_requests: Some(b.max_pending_requests),
         ..OmniEngineArgs::new(&b.pipeline)
     })
-    .await;
-    bar.finish_and_clear();
-    let omni = omni.context("cannot start the pipeline")?;
-    let procs = watched(&omni);
-    let state = Arc::new(serve::AppState::new(
-        omni,
-        &b.pipeline,
-        serve::GenerationConfig::Pipeline,
-    ));
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve::serve(
-        listener,
-        Arc::clone(&state),
-        async move {
-            let _ = stop_rx.await;
-        },
-        Duration::from_secs(30),
-    ));
-    let result = drive(&b, &addr, &state, procs).await;
-    // The server shuts the pipeline down once it holds the last handle.
-    drop(state);
-    let _ = stop_tx.send(());
-    let served = server.await.context("server task").and_then(|r| r);
-    result.and(served)
+    .await?;
+    let procs = watched(&server.state.omni);
+    let result = drive(&b, &server.addr, &server.state, procs).await;
+    result.and(server.stop().await)
 }
 
 /// The request body of client `i`.

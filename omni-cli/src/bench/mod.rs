@@ -192,6 +192,58 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     }
 }
 
+/// `omni serve` running in this process on a loopback port, for the
+/// benchmarks that drive it over HTTP.
+struct LocalServer {
+    addr: String,
+    state: std::sync::Arc<crate::serve::AppState>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl LocalServer {
+    /// Starts the pipeline `args` names (under a spinner) and serves it.
+    async fn start(args: omni_core::OmniEngineArgs) -> anyhow::Result<Self> {
+        use std::sync::Arc;
+        let listener = crate::serve::bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+            .context("binding loopback")?;
+        let addr = listener.local_addr()?.to_string();
+        let name = args.model.clone();
+        let bar = progress::spinner(format!("starting pipeline {name:?}"));
+        let omni = omni_core::AsyncOmni::from_engine_args(args).await;
+        bar.finish_and_clear();
+        let omni = omni.context("cannot start the pipeline")?;
+        let state = Arc::new(crate::serve::AppState::new(
+            omni,
+            &name,
+            crate::serve::GenerationConfig::Pipeline,
+        ));
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(crate::serve::serve(
+            listener,
+            Arc::clone(&state),
+            async move {
+                let _ = stop_rx.await;
+            },
+            std::time::Duration::from_secs(30),
+        ));
+        Ok(Self {
+            addr,
+            state,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops serving and shuts the pipeline down.
+    async fn stop(self) -> anyhow::Result<()> {
+        // The server stops the pipeline once it holds the last handle.
+        drop(self.state);
+        let _ = self.stop.send(());
+        self.task.await.context("server task")?
+    }
+}
+
 fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,14 +1,13 @@
 //! `omni bench serve`: requests/s and time to first token of the HTTP
 //! server at several numbers of concurrent streaming clients.
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
-use omni_core::{AsyncOmni, OmniEngineArgs};
+use omni_core::OmniEngineArgs;
 
-use super::bench_prompt;
-use crate::{http_client, progress, serve};
+use super::{bench_prompt, LocalServer};
+use crate::http_client;
 
 /// Flags of `omni bench serve`.
 #[derive(Args, Debug)]
@@ -31,27 +30,8 @@ pub struct ServeBench {
 }
 
 pub(super) async fn run(b: ServeBench) -> anyhow::Result<()> {
-    let listener =
-        serve::bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0))).context("binding loopback")?;
-    let addr = listener.local_addr()?.to_string();
-    let bar = progress::spinner(format!("starting pipeline {:?}", b.pipeline));
-    let omni = AsyncOmni::from_engine_args(OmniEngineArgs::new(&b.pipeline)).await;
-    bar.finish_and_clear();
-    let omni = omni.context("cannot start the pipeline")?;
-    let state = Arc::new(serve::AppState::new(
-        omni,
-        &b.pipeline,
-        serve::GenerationConfig::Pipeline,
-    ));
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve::serve(
-        listener,
-        state,
-        async move {
-            let _ = stop_rx.await;
-        },
-        Duration::from_secs(30),
-    ));
+    let server = LocalServer::start(OmniEngineArgs::new(&b.pipeline)).await?;
+    let addr = server.addr.clone();
     let body = |i: usize| {
         serde_json::json!({
             "model": b.pipeline,
@@ -108,7 +88,5 @@ pub(super) async fn run(b: ServeBench) -> anyhow::Result<()> {
             );
         }
     }
-    let _ = stop_tx.send(());
-    server.await.context("server task")??;
-    Ok(())
+    server.stop().await
 }
