@@ -142,7 +142,8 @@ pub struct StageOutput {
     pub prompt_logprobs: Option<Box<PromptLogprobs>>,
     /// Timing and token counts, on the last output.
     pub metrics: Option<StageMetrics>,
-    /// Tensors the stage returned (hidden states, audio, ...), on the last output.
+    /// Tensors the stage returned with this output (hidden states, audio, ...):
+    /// on the last output, or each streamed piece's own on every output.
     pub tensors: Vec<(String, HostTensor)>,
 }
 
