@@ -4,7 +4,8 @@
 //!
 //! Also compiles the C++ shim in `csrc/`: the two fbgemm operators tch's
 //! generated bindings leave out (fp16-weight linear layers on CPU) and the
-//! CPU paged decode attention kernel.
+//! CPU paged decode attention kernel, and the kernels over GGUF's quantized
+//! blocks.
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -49,6 +50,7 @@ fn main() {
         .file("csrc/fused.cpp")
         .file("csrc/paged_attention.cpp")
         .file("csrc/pickle.cpp")
+        .file("csrc/quant.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         // fbgemm's headers name asmjit's types; wheels ship no asmjit.

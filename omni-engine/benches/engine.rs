@@ -6,14 +6,19 @@
 //! Each engine configuration runs in its own child process, so peak RSS
 //! (VmHWM) is its own. Prints a Markdown table (paste it into BENCHMARKS.md).
 //!
+//! Each row also says how many bytes of weights a decode step reads per
+//! token and what share of the read-bandwidth limit (measured in the same
+//! run: summing a 1 GiB buffer on the same threads) its single-request rate
+//! is.
+//!
 //! Environment: `OMNI_BENCH_THREADS` (default 2), `OMNI_BENCH_SKIP`
-//! (comma list of `hf`, `llamacpp`, `native`, `fp16`), `OMNI_MODEL_DIR`.
+//! (comma list of `hf`, `llamacpp`, `native`, `fp16`, `q4`), `OMNI_MODEL_DIR`.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use omni_engine::{ChatMessage, EngineArgs, LLMEngine, Prompt, SamplingParams};
+use omni_engine::{ChatMessage, EngineArgs, GgufFile, LLMEngine, Prompt, SamplingParams};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -73,6 +78,38 @@ fn peak_rss_mb() -> f64 {
         .and_then(|kb| kb.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
+}
+
+/// Read bandwidth in GB/s: the best of 5 sums of a 1 GiB fp32 buffer on
+/// the bench's threads (what a decode step does with its weights).
+fn read_bandwidth_gbs() -> f64 {
+    tch::set_num_threads(threads() as i32);
+    let n = 1i64 << 28;
+    let buf = tch::Tensor::ones([n], (tch::Kind::Float, tch::Device::Cpu));
+    let _ = buf.sum(tch::Kind::Float);
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            let _ = f64::try_from(buf.sum(tch::Kind::Float));
+            (n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Bytes of weights one decode step reads, per precision: every matrix
+/// once (the tied head reads the whole embedding table; a lookup reads a
+/// row, left out). `q4` and llama.cpp read the blocks as stored, `fp16`
+/// two bytes a weight, `native` four.
+fn weight_bytes_per_token(gguf: &GgufFile, precision: &str) -> u64 {
+    gguf.tensors()
+        .iter()
+        .filter(|t| t.dims.len() == 2)
+        .map(|t| match precision {
+            "q4" => t.byte_len.unwrap_or(0),
+            "fp16" => 2 * t.num_elements(),
+            _ => 4 * t.num_elements(),
+        })
+        .sum()
 }
 
 /// Prompts as token ids, so every engine sees exactly the same input.
@@ -294,7 +331,7 @@ fn main() -> Res<()> {
         .unwrap_or_else(|_| "python3".into());
 
     let mut rows: Vec<(String, Value)> = Vec::new();
-    for p in ["native", "fp16"] {
+    for p in ["native", "fp16", "q4"] {
         if !skip.contains(&p) {
             rows.push((
                 format!("omni {p}"),
@@ -331,6 +368,8 @@ fn main() -> Res<()> {
         .iter()
         .find(|(n, _)| n == "omni native")
         .map(|(_, v)| v.clone());
+    let bandwidth = read_bandwidth_gbs();
+    let file = GgufFile::open(&gguf)?;
     let f = |v: &Value, k: &str, digits: usize| {
         v[k].as_f64()
             .map(|x| format!("{x:.digits$}"))
@@ -340,8 +379,9 @@ fn main() -> Res<()> {
         "threads: {t}; single = 1 chat prompt x {SINGLE_TOKENS} tokens; batch = {BATCH_PROMPTS} prompts x {BATCH_TOKENS} tokens; mixed = {} requests, output 16..=256 tokens (seed 2024)\n",
         mixed_requests()
     );
-    println!("| engine | single decode tok/s | TTFT ms | 16x64 tok/s | mixed 64 tok/s | mixed wall s | peak RSS MB | greedy agreement vs omni fp32 |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("read bandwidth: {bandwidth:.1} GB/s (sum of a 1 GiB buffer on {t} threads)\n");
+    println!("| engine | single decode tok/s | weights MB/token | share of bandwidth limit | TTFT ms | 16x64 tok/s | mixed 64 tok/s | mixed wall s | peak RSS MB | greedy agreement vs omni fp32 |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (name, v) in &rows {
         let agree = match (&reference, name.starts_with("omni")) {
             (Some(r), true) => format!(
@@ -355,11 +395,27 @@ fn main() -> Res<()> {
             _ => "–".into(),
         };
         if let Some(e) = v["error"].as_str() {
-            println!("| {name} | error: {e} |||||||");
+            println!("| {name} | error: {e} |||||||||");
             continue;
         }
+        let precision = match name.as_str() {
+            "omni native" => Some("native"),
+            "omni fp16" => Some("fp16"),
+            "omni q4" | "llama.cpp Q4_1" => Some("q4"),
+            _ => None,
+        };
+        let (mb, share) = match (precision, v["single_decode_tok_s"].as_f64()) {
+            (Some(p), Some(rate)) => {
+                let bytes = weight_bytes_per_token(&file, p) as f64;
+                (
+                    format!("{:.0}", bytes / 1e6),
+                    format!("{:.0}%", 100.0 * rate * bytes / (bandwidth * 1e9)),
+                )
+            }
+            _ => ("–".into(), "–".into()),
+        };
         println!(
-            "| {name} | {} | {} | {} | {} | {} | {} | {agree} |",
+            "| {name} | {} | {mb} | {share} | {} | {} | {} | {} | {} | {agree} |",
             f(v, "single_decode_tok_s", 1),
             f(v, "single_ttft_ms", 0),
             f(v, "batch16_tok_s", 1),

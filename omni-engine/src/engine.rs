@@ -52,8 +52,14 @@ pub struct EngineArgs {
     /// `auto`, `cpu`, `cuda`, `cuda:N`.
     pub device: Option<String>,
     /// Linear-layer weights: `auto` (fp16 on CPU when fbgemm works, else
-    /// native), `native`/`fp32`, `fp16`. See [`WeightPrecision`].
+    /// native), `native`/`fp32`, `fp16`, `q4` (GGUF's quantized blocks for
+    /// calls of up to `quant_max_rows` rows, fp16 above). See
+    /// [`WeightPrecision`].
     pub weight_precision: Option<String>,
+    /// With `weight_precision: q4`: the most rows (tokens in a step) a layer
+    /// multiplies with the quantized blocks; default
+    /// [`crate::linear::QUANT_MAX_ROWS`].
+    pub quant_max_rows: Option<usize>,
     /// Sequences in the running batch at most.
     pub max_num_seqs: usize,
     /// Tokens per step at most (prefill chunks and decodes together).
@@ -80,6 +86,7 @@ impl Default for EngineArgs {
             dtype: None,
             device: None,
             weight_precision: None,
+            quant_max_rows: None,
             // vLLM's 256 is for GPUs; on a few CPU cores larger batches stop
             // paying once the weights are no longer the bottleneck.
             max_num_seqs: 64,
@@ -171,7 +178,7 @@ impl EngineArgs {
     pub fn resolve_weight_precision(&self, device: Device, kind: Kind) -> Result<WeightPrecision> {
         match self.weight_precision.as_deref().unwrap_or("auto") {
             "auto" => Ok(
-                if device == Device::Cpu && kind == Kind::Float && fp16_linear_works() {
+                if device == Device::Cpu && kind == Kind::Float && crate::linear::fbgemm_runs() {
                     WeightPrecision::Fp16
                 } else {
                     WeightPrecision::Native
@@ -204,12 +211,6 @@ impl EngineArgs {
         }
         Ok(())
     }
-}
-
-/// Whether fbgemm's fp16 kernels run on this CPU (AVX2).
-fn fp16_linear_works() -> bool {
-    let w = tch::Tensor::ones([8, 8], (Kind::Float, Device::Cpu));
-    crate::linear::Linear::new(w, None, WeightPrecision::Fp16).is_ok()
 }
 
 fn available_memory_bytes() -> Option<u64> {
@@ -264,7 +265,13 @@ impl LLMEngine {
         let _guard = tch::no_grad_guard();
         tracing::info!(target: "omni::engine", model = %args.model, ?device, ?kind, precision = precision.as_str(), "loading model");
         let heap = LoadHeap::enter();
-        let loaded = crate::loader::load_model_part(&args.model, model_stage, device, kind)?;
+        let blocks = if precision == WeightPrecision::Q4 {
+            crate::weights::Blocks::Keep
+        } else {
+            crate::weights::Blocks::Dequantize
+        };
+        let loaded =
+            crate::loader::load_model_part_with(&args.model, model_stage, device, kind, blocks)?;
         let talker = if loaded.part == "talker" {
             Some(Talker::load(
                 &crate::resolve_model_path(&args.model)?,
@@ -314,6 +321,7 @@ impl LLMEngine {
             &mut weights,
             &ModelOptions {
                 precision,
+                quant_max_rows: args.quant_max_rows.unwrap_or(crate::linear::QUANT_MAX_ROWS),
                 max_positions: max_model_len,
             },
         )?;

@@ -787,6 +787,7 @@ mod tests {
         let mut w = random_weights(&cfg, 42)?;
         let opts = ModelOptions {
             precision: WeightPrecision::Native,
+            quant_max_rows: crate::linear::QUANT_MAX_ROWS,
             max_positions: 256,
         };
         Model::new(&cfg, &mut w, &opts)

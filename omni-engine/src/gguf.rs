@@ -22,7 +22,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::{Architecture, ModelConfig, RopeScaling};
 use crate::error::{Error, Result};
-use crate::weights::Weights;
+use crate::quant::{has_kernel, QuantizedTensor};
+use crate::weights::{Blocks, Weights};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 /// `general.alignment` when the file does not say.
@@ -161,6 +162,10 @@ impl GgmlType {
     pub const Q4_1: GgmlType = GgmlType(3);
     /// 8-bit, blocks of 32 with an f16 scale.
     pub const Q8_0: GgmlType = GgmlType(8);
+    /// 4-bit K-quant: super-blocks of 256, 6-bit sub-block scales and minimums.
+    pub const Q4_K: GgmlType = GgmlType(12);
+    /// 6-bit K-quant: super-blocks of 256, 8-bit scales per 16.
+    pub const Q6_K: GgmlType = GgmlType(14);
     /// bfloat16.
     pub const BF16: GgmlType = GgmlType(30);
 
@@ -201,9 +206,14 @@ impl GgmlType {
         })
     }
 
+    /// `(elements, bytes)` per block, when the layout is known.
+    pub fn block(self) -> Option<(u64, u64)> {
+        self.layout().map(|(_, elems, bytes)| (elems, bytes))
+    }
+
     /// Whether [`GgufFile::dequantize`] handles this type.
     pub fn is_supported(self) -> bool {
-        matches!(self.0, 0 | 1 | 2 | 3 | 8 | 30)
+        matches!(self.0, 0 | 1 | 2 | 3 | 8 | 12 | 14 | 30)
     }
 }
 
@@ -659,6 +669,20 @@ impl GgufFile {
         kind: Kind,
         device: Device,
     ) -> Result<Weights> {
+        self.load_weights_with(config, kind, device, Blocks::Dequantize)
+    }
+
+    /// [`GgufFile::load_weights`], keeping the quantized blocks of every
+    /// matrix the kernels read when `blocks` says so (fp32 on the CPU only:
+    /// elsewhere everything is dequantized).
+    pub fn load_weights_with(
+        &self,
+        config: &ModelConfig,
+        kind: Kind,
+        device: Device,
+        blocks: Blocks,
+    ) -> Result<Weights> {
+        let keep = blocks == Blocks::Keep && device == Device::Cpu && kind == Kind::Float;
         let arch = self.architecture()?;
         // llama.cpp's `convert_hf_to_gguf.py` permutes q/k rows for the
         // architectures whose GGML RoPE is the interleaved ("normal") kind;
@@ -667,23 +691,34 @@ impl GgufFile {
         let mut weights = Weights::new();
         for info in &self.tensors {
             let hf = hf_name(&info.name);
-            let mut t = self.dequantize(&info.name, Kind::Float, device)?;
-            if permuted {
-                let heads = if info.name.contains(".attn_q.") {
-                    Some(config.num_attention_heads)
-                } else if info.name.contains(".attn_k.") {
-                    Some(config.num_key_value_heads)
-                } else {
-                    None
-                };
+            let heads = if !permuted {
+                None
+            } else if info.name.contains(".attn_q.") {
+                Some(config.num_attention_heads)
+            } else if info.name.contains(".attn_k.") {
+                Some(config.num_key_value_heads)
+            } else {
+                None
+            };
+            let unpermute = |t: &Tensor, h: usize| {
+                unpermute_rows(t, h as i64).map_err(|e| Error::Weight {
+                    name: info.name.clone(),
+                    reason: format!("cannot undo llama.cpp's q/k permutation with {h} heads: {e}"),
+                })
+            };
+            if keep && info.dims.len() == 2 && has_kernel(info.ggml_type) {
+                let (_, bytes) = self.tensor_bytes(&info.name)?;
+                let mut q = quantized_rows(info.ggml_type, bytes, &info.shape())?;
                 if let Some(h) = heads {
-                    t = unpermute_rows(&t, h as i64).map_err(|e| Error::Weight {
-                        name: info.name.clone(),
-                        reason: format!(
-                            "cannot undo llama.cpp's q/k permutation with {h} heads: {e}"
-                        ),
-                    })?;
+                    // Whole rows move, so their blocks move with them.
+                    q.bytes = unpermute(&q.bytes, h)?;
                 }
+                weights.insert_quantized(hf, q);
+                continue;
+            }
+            let mut t = self.dequantize(&info.name, Kind::Float, device)?;
+            if let Some(h) = heads {
+                t = unpermute(&t, h)?;
             }
             weights.insert(hf, t.f_to_kind(kind)?);
         }
@@ -809,9 +844,45 @@ pub fn dequantize_bytes(
             };
             values.f_reshape(shape)?.f_to_kind(kind)?
         }
+        GgmlType::Q4_K | GgmlType::Q6_K => {
+            // Unpacked by the quantized kernels' decoders on the CPU (the
+            // layouts are too irregular for tensor ops to be worth it).
+            let q = quantized_rows(ty, bytes, shape)?;
+            q.dequantize()?
+                .f_reshape(shape)?
+                .f_to_device(device)?
+                .f_to_kind(kind)?
+        }
         _ => return Ok(None),
     };
     Ok(Some(t))
+}
+
+/// A tensor's blocks as rows of its last dimension (a `[.., cols]` tensor
+/// becomes `rows = numel / cols` rows), copied into a CPU uint8 tensor.
+pub(crate) fn quantized_rows(ty: GgmlType, bytes: &[u8], shape: &[i64]) -> Result<QuantizedTensor> {
+    let bad = |reason: String| Error::Weight {
+        name: format!("{ty} tensor of shape {shape:?}"),
+        reason,
+    };
+    let (elems, block_bytes) = ty
+        .block()
+        .ok_or_else(|| bad("unknown block layout".to_owned()))?;
+    let cols = *shape
+        .last()
+        .ok_or_else(|| bad("no dimensions".to_owned()))?;
+    if cols <= 0 || cols as u64 % elems != 0 {
+        return Err(bad(format!(
+            "rows of {cols} elements are not whole blocks of {elems}"
+        )));
+    }
+    let rows: i64 = shape[..shape.len() - 1].iter().product();
+    let row_bytes = (cols as u64 / elems * block_bytes) as i64;
+    Ok(QuantizedTensor {
+        ggml_type: ty,
+        shape: [rows, cols],
+        bytes: tensor_from_bytes(bytes, &[rows, row_bytes], Kind::Uint8)?,
+    })
 }
 
 /// A CPU tensor copied from `bytes`, which must hold exactly `shape` of

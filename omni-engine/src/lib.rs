@@ -30,6 +30,7 @@ mod model_files;
 mod onnx;
 mod phonemize;
 mod pickle;
+pub mod quant;
 mod request;
 mod safetensors;
 mod sampler;
@@ -53,7 +54,7 @@ pub use gguf::{
     dequantize_bytes, hf_name as gguf_to_hf_name, GgmlType, GgufFile, GgufTensorInfo, GgufValue,
 };
 pub use kv_cache::KvCache;
-pub use linear::WeightPrecision;
+pub use linear::{WeightPrecision, QUANT_MAX_ROWS};
 pub use loader::{load_model, LoadedModel, ModelSource};
 pub use media::{
     AudioInput, ImageInput, ImagePatches, ImageProcessor, MultiModalData, VideoInput,
@@ -83,7 +84,7 @@ pub use tch::{Device, Kind};
 pub use tokenizer::Tokenizer;
 pub use vocoder::Vocoder;
 pub use voice::PiperVoice;
-pub use weights::Weights;
+pub use weights::{Blocks, LinearWeight, Weights};
 
 #[cfg(test)]
 mod tests {

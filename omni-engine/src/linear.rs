@@ -5,9 +5,12 @@
 //! by FLOPs. fp32 weights cap SmolLM2-135M at ~17 tok/s here; fbgemm's
 //! fp16-weight kernel (`fbgemm_linear_fp16_weight_fp32_activation`, weights
 //! packed once at load, activations and accumulation in fp32) halves the
-//! bytes and measured 2.4x faster at batch 1. libtorch's int8/int4
-//! weight-only CPU kernels were slower than fp32 on this AVX2 machine, so they
-//! are not offered.
+//! bytes and measured 2.4x faster at batch 1. GGUF's quantized blocks
+//! ([`crate::quant`]) read a third of fp16's bytes again, but dequantize
+//! every weight once per 4 activation rows, so past a few rows fbgemm's
+//! packed fp16 is faster: [`WeightPrecision::Q4`] keeps both and picks per
+//! call by the number of rows. libtorch's int8/int4 weight-only CPU kernels
+//! were slower than fp32 on an AVX2 machine, so they are not offered.
 //!
 //! tch does not bind fbgemm; `csrc/fbgemm_fp16.cpp` packs weights for
 //! fbgemm's fp16 GEMM and runs it on the intra-op threads, and this file
@@ -19,7 +22,15 @@ use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
 use crate::error::{Error, Result};
+use crate::quant::{QuantMatrix, QuantizedTensor};
 use crate::shim::{from_shim, handle_from_shim};
+use crate::weights::LinearWeight;
+
+/// Most rows of activations a [`WeightPrecision::Q4`] layer multiplies with
+/// its blocks; wider calls run its fp16 copy (the crossover measured with
+/// `cargo bench -p omni-engine --bench quant`, BENCHMARKS.md).
+/// `EngineArgs::quant_max_rows` overrides it.
+pub const QUANT_MAX_ROWS: usize = 8;
 
 /// How weight matrices of linear layers are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -29,17 +40,23 @@ pub enum WeightPrecision {
     Native,
     /// fp16 weights packed for fbgemm, fp32 activations (CPU with AVX2 only).
     Fp16,
+    /// GGUF's quantized blocks as the file stores them (Q4_0, Q4_1, Q8_0,
+    /// Q4_K, Q6_K), fp32 activations (CPU). Calls with many rows (prefill,
+    /// big batches) run an fp16 copy where fbgemm runs; matrices the file
+    /// does not store in those blocks are fp16 throughout.
+    Q4,
 }
 
 impl WeightPrecision {
     /// Names accepted by [`WeightPrecision::parse`].
-    pub const NAMES: &'static str = "native (alias fp32), fp16";
+    pub const NAMES: &'static str = "native (alias fp32), fp16, q4 (alias gguf)";
 
     /// Parses `EngineArgs::weight_precision` (`auto` is resolved by the engine).
     pub fn parse(name: &str) -> Result<Self> {
         match name.to_ascii_lowercase().as_str() {
             "native" | "fp32" | "float32" => Ok(WeightPrecision::Native),
             "fp16" | "float16" => Ok(WeightPrecision::Fp16),
+            "q4" | "gguf" | "quantized" => Ok(WeightPrecision::Q4),
             _ => Err(Error::InvalidConfig {
                 field: "engine_args.weight_precision".to_owned(),
                 value: name.to_owned(),
@@ -53,6 +70,7 @@ impl WeightPrecision {
         match self {
             WeightPrecision::Native => "native",
             WeightPrecision::Fp16 => "fp16",
+            WeightPrecision::Q4 => "q4",
         }
     }
 
@@ -60,12 +78,17 @@ impl WeightPrecision {
     pub fn check(&self, device: Device, kind: Kind) -> Result<()> {
         match self {
             WeightPrecision::Native => Ok(()),
-            WeightPrecision::Fp16 if device == Device::Cpu && kind == Kind::Float => Ok(()),
-            WeightPrecision::Fp16 => Err(Error::InvalidConfig {
+            WeightPrecision::Fp16 | WeightPrecision::Q4
+                if device == Device::Cpu && kind == Kind::Float =>
+            {
+                Ok(())
+            }
+            WeightPrecision::Fp16 | WeightPrecision::Q4 => Err(Error::InvalidConfig {
                 field: "engine_args.weight_precision".to_owned(),
                 value: self.as_str().to_owned(),
                 reason: format!(
-                    "fp16 weights need fp32 activations on the CPU, not {kind:?} on {device:?}"
+                    "{} weights need fp32 activations on the CPU, not {kind:?} on {device:?}",
+                    self.as_str()
                 ),
             }),
         }
@@ -119,6 +142,13 @@ enum Storage {
     /// Packed once at load; the GEMM splits its output columns between the
     /// intra-op threads.
     PackedFp16(PackedFp16),
+    /// GGUF blocks, and for calls of more than `max_rows` rows an fp16
+    /// copy (when fbgemm runs here).
+    Quantized {
+        blocks: QuantMatrix,
+        wide: Option<PackedFp16>,
+        max_rows: usize,
+    },
 }
 
 /// `y = x W^T + b` with the weight in the chosen precision.
@@ -134,26 +164,104 @@ impl Linear {
         let weight = match precision {
             WeightPrecision::Native => Storage::Dense(weight),
             WeightPrecision::Fp16 => Storage::PackedFp16(PackedFp16::new(&weight)?),
+            // Not stored in blocks: fp16 where fbgemm runs, else as it is.
+            WeightPrecision::Q4 => match PackedFp16::new(&weight) {
+                Ok(packed) => Storage::PackedFp16(packed),
+                Err(_) => Storage::Dense(weight),
+            },
         };
         Ok(Self { weight, bias })
+    }
+
+    /// Stacks the rows of `parts` (a fused projection) into one layer. With
+    /// [`WeightPrecision::Q4`] and every part in blocks the blocks are kept;
+    /// otherwise the parts are made dense and stacked.
+    /// Calls of more than `max_rows` rows run an fp16 copy of the blocks.
+    pub fn from_parts(
+        parts: Vec<LinearWeight>,
+        bias: Option<Tensor>,
+        precision: WeightPrecision,
+        max_rows: usize,
+    ) -> Result<Self> {
+        let blocks: Vec<&QuantizedTensor> = parts
+            .iter()
+            .filter_map(|p| match p {
+                LinearWeight::Quantized(q) => Some(q),
+                LinearWeight::Dense(_) => None,
+            })
+            .collect();
+        if precision == WeightPrecision::Q4 && !blocks.is_empty() && blocks.len() == parts.len() {
+            let blocks = QuantMatrix::new(&blocks)?;
+            // The fp16 copy for wide calls, packed from the dequantized
+            // blocks (the dense fp32 matrix lives only while packing).
+            let wide = if fbgemm_runs() {
+                Some(PackedFp16::new(&blocks.dequantize()?)?)
+            } else {
+                None
+            };
+            return Ok(Self {
+                weight: Storage::Quantized {
+                    blocks,
+                    wide,
+                    max_rows,
+                },
+                bias,
+            });
+        }
+        let dense = parts
+            .into_iter()
+            .map(LinearWeight::into_dense)
+            .collect::<Result<Vec<_>>>()?;
+        let weight = if dense.len() == 1 {
+            dense.into_iter().next().unwrap_or_else(|| unreachable!())
+        } else {
+            Tensor::f_cat(&dense, 0)?
+        };
+        Self::new(weight, bias, precision)
     }
 
     /// `x`: `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
             Storage::Dense(w) => Ok(x.f_linear(w, self.bias.as_ref())?),
-            Storage::PackedFp16(packed) => {
-                let bias = self.bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr());
-                let mut err = std::ptr::null_mut();
-                // SAFETY: `x`, `packed` and `bias` (which may be null)
-                // outlive the call.
-                let ptr =
-                    unsafe { omni_fp16_linear(x.as_ptr(), packed.0.as_ptr(), bias, &mut err) };
-                // SAFETY: straight from the shim.
-                unsafe { from_shim(ptr, err, "fbgemm fp16 linear") }
+            Storage::PackedFp16(packed) => packed.linear(x, self.bias.as_ref()),
+            Storage::Quantized {
+                blocks,
+                wide,
+                max_rows,
+            } => {
+                let rows = match x.size().last() {
+                    Some(&n) if n > 0 => x.numel() / n as usize,
+                    _ => 0,
+                };
+                match wide {
+                    Some(packed) if rows > *max_rows => packed.linear(x, self.bias.as_ref()),
+                    _ => blocks.linear(x, self.bias.as_ref()),
+                }
             }
         }
     }
+}
+
+impl PackedFp16 {
+    fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
+        let mut err = std::ptr::null_mut();
+        // SAFETY: `x`, the packed matrix and `bias` (which may be null)
+        // outlive the call.
+        let ptr = unsafe { omni_fp16_linear(x.as_ptr(), self.0.as_ptr(), bias, &mut err) };
+        // SAFETY: straight from the shim.
+        unsafe { from_shim(ptr, err, "fbgemm fp16 linear") }
+    }
+}
+
+/// Whether fbgemm's fp16 kernels run on this CPU (AVX2).
+pub(crate) fn fbgemm_runs() -> bool {
+    static RUNS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *RUNS.get_or_init(|| {
+        let w = Tensor::ones([8, 8], (Kind::Float, Device::Cpu));
+        PackedFp16::new(&w).is_ok()
+    })
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use crate::gguf::GgufFile;
 use crate::model_files::resolve_model_path;
 use crate::safetensors::SafetensorsFiles;
 use crate::tokenizer::Tokenizer;
-use crate::weights::Weights;
+use crate::weights::{Blocks, Weights};
 
 enum Format {
     Gguf(GgufFile),
@@ -153,10 +153,16 @@ impl ModelSource {
     /// Loads every weight under its Hugging Face name, converted to `kind`
     /// and placed on `device`.
     pub fn load_weights(&self, kind: Kind, device: Device) -> Result<Weights> {
+        self.load_weights_with(kind, device, Blocks::Dequantize)
+    }
+
+    /// [`ModelSource::load_weights`], keeping a GGUF file's quantized blocks
+    /// when `blocks` says so (safetensors folders have none).
+    pub fn load_weights_with(&self, kind: Kind, device: Device, blocks: Blocks) -> Result<Weights> {
         let _span = tracing::info_span!(target: "omni::engine", "load_weights", model = %self.name)
             .entered();
         let weights = match &self.format {
-            Format::Gguf(g) => g.load_weights(&self.config, kind, device)?,
+            Format::Gguf(g) => g.load_weights_with(&self.config, kind, device, blocks)?,
             Format::Hf(files) if self.part.is_empty() => files.load(kind, device)?,
             Format::Hf(files) => {
                 let mut w = files.load_prefix(&format!("{}.", self.part), kind, device)?;
@@ -215,9 +221,20 @@ pub fn load_model_part(
     device: Device,
     kind: Kind,
 ) -> Result<LoadedModel> {
+    load_model_part_with(name_or_path, model_stage, device, kind, Blocks::Dequantize)
+}
+
+/// [`load_model_part`], keeping quantized blocks as `blocks` says.
+pub fn load_model_part_with(
+    name_or_path: &str,
+    model_stage: Option<&str>,
+    device: Device,
+    kind: Kind,
+    blocks: Blocks,
+) -> Result<LoadedModel> {
     let source = ModelSource::open_part(name_or_path, model_stage)?;
     let tokenizer = source.tokenizer()?;
-    let weights = source.load_weights(kind, device)?;
+    let weights = source.load_weights_with(kind, device, blocks)?;
     Ok(LoadedModel {
         name: source.name,
         config: source.config,

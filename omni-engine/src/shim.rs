@@ -56,6 +56,22 @@ pub(crate) unsafe fn handle_from_shim<T>(
     NonNull::new(handle).ok_or_else(|| shim_error(what, "no result"))
 }
 
+/// Turns the shim's (success flag, error) pair into a result.
+///
+/// # Safety
+/// `err` must be null or a message the shim allocated.
+pub(crate) unsafe fn status_from_shim(ok: bool, err: *mut c_char, what: &str) -> Result<()> {
+    // SAFETY: as this function's contract says.
+    if let Some(msg) = unsafe { take_error(err) } {
+        return Err(shim_error(what, &msg));
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(shim_error(what, "failed"))
+    }
+}
+
 fn shim_error(what: &str, msg: &str) -> Error {
     Error::Torch(tch::TchError::Torch(format!("{what}: {msg}")))
 }

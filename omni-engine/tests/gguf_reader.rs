@@ -1,5 +1,6 @@
 //! The GGUF reader on small files: a real one written by gguf-py
 //! (`fixtures/tiny-quants.gguf`) and malformed ones built in memory.
+use omni_engine::quant::{with_kernel_build, KernelBuild};
 use omni_engine::{Device, Error, GgmlType, GgufFile, GgufValue, Kind};
 
 #[path = "fixtures/reference.rs"]
@@ -62,20 +63,24 @@ fn metadata_of_every_type_reads_back() -> TestResult {
 #[test]
 fn every_supported_type_dequantizes_like_gguf_py() -> TestResult {
     let (g, q) = quants()?;
-    assert_eq!(q.tensors.len(), 5);
+    assert_eq!(q.tensors.len(), 7);
     for t in &q.tensors {
         let info = g.tensor_info(&t.name).ok_or("tensor missing")?;
         assert_eq!(info.ggml_type.name(), t.ggml_type);
         assert_eq!(info.shape(), t.shape);
-        let x = g.dequantize(&t.name, Kind::Float, Device::Cpu)?;
-        assert_eq!(x.size(), t.shape);
-        let got: Vec<f32> = Vec::<f32>::try_from(x.flatten(0, -1))?;
-        for (i, (a, b)) in got.iter().zip(&t.values).enumerate() {
-            assert!(
-                (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
-                "{} element {i}: {a} vs gguf-py {b}",
-                t.name
-            );
+        // K-quants are unpacked by the quantized kernels' decoders: every
+        // build this CPU runs must read them as gguf-py does.
+        for build in KernelBuild::detected().up_to() {
+            let x = with_kernel_build(build, || g.dequantize(&t.name, Kind::Float, Device::Cpu))?;
+            assert_eq!(x.size(), t.shape);
+            let got: Vec<f32> = Vec::<f32>::try_from(x.flatten(0, -1))?;
+            for (i, (a, b)) in got.iter().zip(&t.values).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                    "{} element {i} ({build:?}): {a} vs gguf-py {b}",
+                    t.name
+                );
+            }
         }
         // Into another dtype too: bf16 keeps 8 significant bits, so each
         // value is gguf-py's within half a unit in the last place: 2^-9 of

@@ -41,7 +41,11 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 pub fn engine_for(model: &Path, weight_precision: &str) -> Result<LLMEngine> {
-    LLMEngine::new(&EngineArgs {
+    LLMEngine::new(&engine_args(model, weight_precision))
+}
+
+fn engine_args(model: &Path, weight_precision: &str) -> EngineArgs {
+    EngineArgs {
         model: model.display().to_string(),
         device: Some("cpu".into()),
         dtype: Some("float32".into()),
@@ -49,7 +53,7 @@ pub fn engine_for(model: &Path, weight_precision: &str) -> Result<LLMEngine> {
         max_model_len: Some(512),
         kv_cache_memory_bytes: Some(64 << 20),
         ..EngineArgs::default()
-    })
+    }
 }
 
 fn greedy(n: usize) -> SamplingParams {
@@ -66,8 +70,11 @@ fn check(fixture: &str, model: &Path, tol: f64) -> Result<()> {
 }
 
 fn check_with(fixture: &str, model: &Path, precision: &str, tol: f64) -> Result<()> {
+    check_engine(fixture, engine_for(model, precision)?, tol)
+}
+
+fn check_engine(fixture: &str, mut engine: LLMEngine, tol: f64) -> Result<()> {
     let f = load_json(fixture)?;
-    let mut engine = engine_for(model, precision)?;
     let cases = f["cases"].as_array().cloned().unwrap_or_default();
     assert!(!cases.is_empty(), "{fixture}: no cases");
     for case in &cases {
@@ -153,6 +160,37 @@ fn smollm2_gguf_with_fp16_weights_matches_transformers() -> Result<()> {
         "smollm2-135m-instruct-q4_1.json",
         &omni_engine::model_dir().join(omni_engine::SMOLLM2.file_name),
         "fp16",
+        0.03,
+    )
+}
+
+/// GGUF's blocks as stored (`q4`): with every call on the blocks (no fp16
+/// copy for wide calls), the product is the dequantized model's up to
+/// summation order, so the fp32 tolerance holds and the greedy tokens are
+/// transformers' whole.
+#[test]
+fn smollm2_gguf_with_quantized_blocks_matches_transformers() -> Result<()> {
+    check_engine(
+        "smollm2-135m-instruct-q4_1.json",
+        LLMEngine::new(&EngineArgs {
+            quant_max_rows: Some(usize::MAX),
+            ..engine_args(
+                &omni_engine::model_dir().join(omni_engine::SMOLLM2.file_name),
+                "q4",
+            )
+        })?,
+        1e-3,
+    )
+}
+
+/// The `q4` default: blocks for decode steps (up to `QUANT_MAX_ROWS` rows),
+/// the fp16 copy for prefills; held to the fp16 path's tolerance.
+#[test]
+fn smollm2_gguf_with_q4_weights_matches_transformers() -> Result<()> {
+    check_with(
+        "smollm2-135m-instruct-q4_1.json",
+        &omni_engine::model_dir().join(omni_engine::SMOLLM2.file_name),
+        "q4",
         0.03,
     )
 }

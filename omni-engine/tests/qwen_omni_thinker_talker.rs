@@ -253,3 +253,90 @@ fn a_talker_fed_as_the_thinker_writes_gives_the_same_codes() -> Result {
     assert!(waited, "the talker never got ahead of the thinker");
     Ok(())
 }
+
+/// A talker request that waits for the thinker's next states does not hold
+/// up the others: with one request stalled after its first two states and
+/// another fed whole, the engine keeps stepping the second to the end (its
+/// codes as transformers'), and only then says it has nothing runnable
+/// while the stalled one is still unfinished.
+#[test]
+fn a_talker_waiting_for_states_does_not_block_other_requests() -> Result {
+    let refs = json("references.json")?;
+    let case = &refs["thinker"]["cases"][0];
+    let n = refs["thinker"]["max_new_tokens"]
+        .as_u64()
+        .ok_or("max_new_tokens")? as usize;
+    let talker_refs = &refs["talker"];
+    let m = talker_refs["max_new_tokens"]
+        .as_u64()
+        .ok_or("talker max_new_tokens")? as usize;
+    let talker_case = talker_refs["cases"]
+        .as_array()
+        .ok_or("no talker cases")?
+        .iter()
+        .find(|c| c["prompt_index"] == 0)
+        .ok_or("no talker case for prompt 0")?;
+
+    // The thinker's states for the whole answer.
+    let mut thinker = engine("thinker")?;
+    thinker.add_request(
+        "0",
+        omni_engine::Prompt::TokenIds(ids(&case["prompt_ids"])),
+        SamplingParams {
+            max_tokens: Some(n),
+            min_tokens: n,
+            output_states: true,
+            ..SamplingParams::greedy()
+        },
+    )?;
+    let mut rows = Vec::new();
+    let mut generated = 0;
+    while thinker.has_unfinished() {
+        for o in thinker.step()? {
+            rows.extend(o.new_states);
+            generated = o.token_ids.len();
+        }
+    }
+    let states = Tensor::cat(&rows, 0);
+    let prompt_len = states.size()[0] as usize - (generated - 1);
+
+    let mut talker = engine("talker")?;
+    let params = SamplingParams {
+        max_tokens: Some(m),
+        min_tokens: m,
+        speaker: talker_case["speaker"].as_str().map(str::to_owned),
+        ..SamplingParams::greedy()
+    };
+    // Stalled: the prompt and the first two tokens' states, never more.
+    let head = states.narrow(0, 0, prompt_len as i64 + 1);
+    talker.start_talker_request("stalled", &head, prompt_len, None, params.clone())?;
+    talker.add_talker_request("whole", &states, prompt_len, params)?;
+    let mut codes = None;
+    let mut steps = 0;
+    while codes.is_none() {
+        assert!(
+            talker.has_runnable(),
+            "after {steps} steps the whole request could not run"
+        );
+        for o in talker.step()? {
+            assert_ne!(o.request_id, "stalled", "the stalled request finished");
+            if o.finished {
+                codes = Some(o.token_ids);
+            }
+        }
+        steps += 1;
+        assert!(steps <= 10 * m, "the whole request never finished");
+    }
+    let name = talker_case["name"].as_str().unwrap_or("?");
+    assert_eq!(
+        codes,
+        Some(ids(&talker_case["with_codec_prefix"]["codes"])),
+        "codes of {name} beside a stalled request"
+    );
+    assert!(talker.has_unfinished(), "the stalled request is gone");
+    assert!(
+        !talker.has_runnable(),
+        "only the stalled request is left, and it waits for states"
+    );
+    Ok(())
+}

@@ -1,7 +1,7 @@
 """Asks `omni serve` for a spoken answer twice with the official `openai`
 client, streamed and whole, and reports what the stream carried.
 
-Usage: openai_audio_stream.py BASE_URL MODEL VOICE
+Usage: openai_audio_stream.py BASE_URL MODEL VOICE [long]
 
 The streamed request (`stream: true`, modalities text and audio, format
 pcm16) collects each chunk's `delta.audio.data` (base64 16-bit PCM pieces)
@@ -9,6 +9,10 @@ per choice in arrival order; the whole request decodes `message.audio.data`
 (a WAV). Prints one JSON object: the kinds of deltas in arrival order
 (`text`, `audio`), the number of audio pieces, their sample rate, whether
 the pieces put together equal the whole answer's PCM, and both lengths.
+
+With `long`, one streamed request whose answer is made 2000 tokens long
+(`min_tokens`, a vLLM extension) and only the order of its deltas: the
+audio must start while the text is still being written.
 """
 import base64
 import io
@@ -27,6 +31,8 @@ request = dict(
     temperature=0,
     modalities=["text", "audio"],
 )
+if sys.argv[4:] == ["long"]:
+    request.update(max_tokens=2000, extra_body={"min_tokens": 2000})
 order, pieces, rates = [], [], set()
 stream = client.chat.completions.create(
     stream=True, audio={"voice": voice, "format": "pcm16"}, **request
@@ -41,6 +47,9 @@ for chunk in stream:
             order.append("audio")
         elif c.delta.content:
             order.append("text")
+if sys.argv[4:] == ["long"]:
+    print(json.dumps({"order": order, "pieces": len(pieces)}))
+    sys.exit(0)
 whole = client.chat.completions.create(audio={"voice": voice, "format": "wav"}, **request)
 wav = next(c.message.audio.data for c in whole.choices if c.message.audio is not None)
 with wave.open(io.BytesIO(base64.b64decode(wav)), "rb") as w:

@@ -288,6 +288,32 @@ fn cli_and_server_speak() -> Result {
     assert_eq!(r["equal"], true, "{r}");
     let order = r["order"].as_array().ok_or("no order")?;
     assert!(order.contains(&"text".into()), "{r}");
+
+    // Interleaved: with a 2000-token answer the first audio delta comes
+    // before the last text delta (the order of the events, not a clock).
+    let r: Value = serde_json::from_str(
+        omni_tests::run_python(
+            "openai_audio_stream.py",
+            &[
+                &format!("http://{}/v1", server.addr),
+                "qwen2_5_omni",
+                "Ethan",
+                "long",
+            ],
+        )?
+        .trim(),
+    )?;
+    let order = r["order"].as_array().ok_or("no order")?;
+    let first_audio = order.iter().position(|k| k == "audio");
+    let last_text = order.iter().rposition(|k| k == "text");
+    match (first_audio, last_text) {
+        (Some(a), Some(t)) => assert!(
+            a < t,
+            "the first audio delta (#{a}) came after the last text delta (#{t}) of {}",
+            order.len()
+        ),
+        _ => panic!("no audio or no text deltas: {first_audio:?} {last_text:?}"),
+    }
     Ok(())
 }
 
@@ -501,36 +527,43 @@ async fn a_request_cancelled_mid_speech_stops_in_every_stage() -> Result {
     Ok(())
 }
 
-/// code2wav killed while it speaks: the stream ends with an error naming
-/// the stage, within seconds, never a hang.
+/// Each stage killed while the pipeline speaks (the thinker still writing,
+/// the talker running ahead of it, code2wav between chunks): the stream
+/// ends with an error naming the stage, within seconds, never a hang.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn code2wav_dying_mid_speech_ends_the_stream_with_an_error() -> Result {
+async fn a_stage_dying_mid_speech_ends_the_stream_with_an_error() -> Result {
     use futures::StreamExt;
-    let omni = tiny_async_omni().await?;
-    let pid = omni.stages()[2].pid;
-    let mut stream = omni
-        .generate(
-            Prompt::Text("Hello.".into()),
-            long_answer(2000, 400),
-            "dies".to_owned(),
-        )
-        .await?;
-    until_first_audio(&mut stream).await?;
-    // SAFETY: plain kill(2) of a stage process this test started.
-    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
-    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        while let Some(out) = stream.next().await {
-            if let Err(e) = out {
-                return Some(e.to_string());
+    for victim in 0..3 {
+        let omni = tiny_async_omni().await?;
+        let pid = omni.stages()[victim].pid;
+        let mut stream = omni
+            .generate(
+                Prompt::Text("Hello.".into()),
+                long_answer(2000, 400),
+                format!("dies-{victim}"),
+            )
+            .await?;
+        until_first_audio(&mut stream).await?;
+        // SAFETY: plain kill(2) of a stage process this test started.
+        assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) }, 0);
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            while let Some(out) = stream.next().await {
+                if let Err(e) = out {
+                    return Some(e.to_string());
+                }
             }
-        }
-        None
-    })
-    .await
-    .map_err(|_| err("the stream hung after code2wav died"))?;
-    let e = ended.ok_or("the stream ended without an error")?;
-    assert!(e.contains("stage 2"), "{e}");
-    let _ = omni.shutdown().await;
+            None
+        })
+        .await
+        .map_err(|_| err(format!("the stream hung after stage {victim} died")))?;
+        let e = ended.ok_or_else(|| {
+            err(format!(
+                "stage {victim} died and the stream ended without an error"
+            ))
+        })?;
+        assert!(e.contains(&format!("stage {victim}")), "{e}");
+        let _ = omni.shutdown().await;
+    }
     Ok(())
 }
 

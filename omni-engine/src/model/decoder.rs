@@ -24,13 +24,17 @@ use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::{Linear, WeightPrecision};
-use crate::weights::Weights;
+use crate::quant::QuantMatrix;
+use crate::weights::{LinearWeight, Weights};
 
 /// How to build a [`Model`] from its weights.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelOptions {
     /// Precision of the linear layers' weights.
     pub precision: WeightPrecision,
+    /// With [`WeightPrecision::Q4`]: the most rows a call multiplies with
+    /// the blocks (wider ones run the fp16 copy).
+    pub quant_max_rows: usize,
     /// Positions the rotary tables cover (the engine's `max_model_len`).
     pub max_positions: usize,
 }
@@ -65,11 +69,28 @@ struct Layer {
     down_proj: Linear,
 }
 
+/// The token embedding table.
+#[derive(Debug)]
+enum Embedding {
+    Dense(Tensor),
+    /// GGUF blocks, rows dequantized as they are looked up.
+    Blocks(QuantMatrix),
+}
+
+impl Embedding {
+    fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(t) => Ok(t.f_index_select(0, ids)?),
+            Embedding::Blocks(m) => m.rows(ids),
+        }
+    }
+}
+
 /// A loaded decoder.
 #[derive(Debug)]
 pub struct Model {
     cfg: ModelConfig,
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     /// Projects embeddings of `embedding_size` to the hidden size
     /// (Qwen2.5-Omni's talker: `thinker_to_talker_proj`).
     input_proj: Option<Linear>,
@@ -95,14 +116,23 @@ fn take(w: &mut Weights, name: &str, shape: &[i64]) -> Result<Tensor> {
     Ok(t)
 }
 
+/// A linear layer's weight, kept in blocks if the loader kept it so.
+fn take_linear(w: &mut Weights, name: &str, shape: &[i64]) -> Result<LinearWeight> {
+    let t = w.take_linear(name)?;
+    if t.shape() != shape {
+        return Err(Error::Weight {
+            name: name.to_owned(),
+            reason: format!("has shape {:?}, the config implies {shape:?}", t.shape()),
+        });
+    }
+    Ok(t)
+}
+
 impl Layer {
-    fn new(
-        w: &mut Weights,
-        i: usize,
-        cfg: &ModelConfig,
-        precision: WeightPrecision,
-    ) -> Result<Self> {
+    fn new(w: &mut Weights, i: usize, cfg: &ModelConfig, opts: &ModelOptions) -> Result<Self> {
         let p = format!("model.layers.{i}");
+        let linear =
+            |parts, bias| Linear::from_parts(parts, bias, opts.precision, opts.quant_max_rows);
         let (h, d) = (cfg.hidden_size as i64, cfg.head_dim as i64);
         let (nh, nkv) = (
             cfg.num_attention_heads as i64,
@@ -110,10 +140,11 @@ impl Layer {
         );
         let inter = cfg.intermediate_size as i64;
         let attn = format!("{p}.self_attn");
-        let q = take(w, &format!("{attn}.q_proj.weight"), &[nh * d, h])?;
-        let k = take(w, &format!("{attn}.k_proj.weight"), &[nkv * d, h])?;
-        let v = take(w, &format!("{attn}.v_proj.weight"), &[nkv * d, h])?;
-        let qkv = Tensor::f_cat(&[q, k, v], 0)?;
+        let qkv = vec![
+            take_linear(w, &format!("{attn}.q_proj.weight"), &[nh * d, h])?,
+            take_linear(w, &format!("{attn}.k_proj.weight"), &[nkv * d, h])?,
+            take_linear(w, &format!("{attn}.v_proj.weight"), &[nkv * d, h])?,
+        ];
         let qkv_bias = if cfg.attention_bias {
             let qb = take(w, &format!("{attn}.q_proj.bias"), &[nh * d])?;
             let kb = take(w, &format!("{attn}.k_proj.bias"), &[nkv * d])?;
@@ -130,24 +161,26 @@ impl Layer {
         } else {
             (None, None)
         };
-        let o = take(w, &format!("{attn}.o_proj.weight"), &[h, nh * d])?;
+        let o = take_linear(w, &format!("{attn}.o_proj.weight"), &[h, nh * d])?;
         let mlp = format!("{p}.mlp");
-        let gate = take(w, &format!("{mlp}.gate_proj.weight"), &[inter, h])?;
-        let up = take(w, &format!("{mlp}.up_proj.weight"), &[inter, h])?;
-        let down = take(w, &format!("{mlp}.down_proj.weight"), &[h, inter])?;
+        let gate_up = vec![
+            take_linear(w, &format!("{mlp}.gate_proj.weight"), &[inter, h])?,
+            take_linear(w, &format!("{mlp}.up_proj.weight"), &[inter, h])?,
+        ];
+        let down = take_linear(w, &format!("{mlp}.down_proj.weight"), &[h, inter])?;
         Ok(Self {
             input_layernorm: take(w, &format!("{p}.input_layernorm.weight"), &[h])?,
-            qkv_proj: Linear::new(qkv, qkv_bias, precision)?,
+            qkv_proj: linear(qkv, qkv_bias)?,
             q_norm,
             k_norm,
-            o_proj: Linear::new(o, None, precision)?,
+            o_proj: linear(vec![o], None)?,
             post_attention_layernorm: take(
                 w,
                 &format!("{p}.post_attention_layernorm.weight"),
                 &[h],
             )?,
-            gate_up_proj: Linear::new(Tensor::f_cat(&[gate, up], 0)?, None, precision)?,
-            down_proj: Linear::new(down, None, precision)?,
+            gate_up_proj: linear(gate_up, None)?,
+            down_proj: linear(vec![down], None)?,
         })
     }
 }
@@ -170,34 +203,49 @@ impl Model {
             });
         }
         let e = cfg.embedding_size.map_or(h, |e| e as i64);
-        let embed_tokens = take(weights, "model.embed_tokens.weight", &[v, e])?;
-        let device = embed_tokens.device();
-        let kind = embed_tokens.kind();
+        let embed = take_linear(weights, "model.embed_tokens.weight", &[v, e])?;
+        let (device, kind) = match &embed {
+            LinearWeight::Dense(t) => (t.device(), t.kind()),
+            // Kept in blocks only for fp32 on the CPU.
+            LinearWeight::Quantized(_) => (Device::Cpu, Kind::Float),
+        };
         opts.precision.check(device, kind)?;
         let input_proj = if cfg.embedding_size.is_some() {
-            let w = take(weights, "model.input_proj.weight", &[h, e])?;
+            let w = take_linear(weights, "model.input_proj.weight", &[h, e])?;
             let b = if weights.contains("model.input_proj.bias") {
                 Some(take(weights, "model.input_proj.bias", &[h])?)
             } else {
                 None
             };
-            Some(Linear::new(w, b, opts.precision)?)
+            Some(Linear::from_parts(
+                vec![w],
+                b,
+                opts.precision,
+                opts.quant_max_rows,
+            )?)
         } else {
             None
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
-            layers.push(Layer::new(weights, i, cfg, opts.precision)?);
+            layers.push(Layer::new(weights, i, cfg, opts)?);
         }
         let norm = take(weights, "model.norm.weight", &[h])?;
-        let head = if input_proj.is_none()
-            && (cfg.tie_word_embeddings || !weights.contains("lm_head.weight"))
-        {
-            embed_tokens.shallow_clone()
+        let tied = input_proj.is_none()
+            && (cfg.tie_word_embeddings || !weights.contains("lm_head.weight"));
+        let head = if tied {
+            match &embed {
+                LinearWeight::Dense(t) => LinearWeight::Dense(t.shallow_clone()),
+                LinearWeight::Quantized(q) => LinearWeight::Quantized(q.shallow_clone()),
+            }
         } else {
-            take(weights, "lm_head.weight", &[v, h])?
+            take_linear(weights, "lm_head.weight", &[v, h])?
         };
-        let lm_head = Linear::new(head, None, opts.precision)?;
+        let lm_head = Linear::from_parts(vec![head], None, opts.precision, opts.quant_max_rows)?;
+        let embed_tokens = match embed {
+            LinearWeight::Dense(t) => Embedding::Dense(t),
+            LinearWeight::Quantized(q) => Embedding::Blocks(QuantMatrix::new(&[&q])?),
+        };
         let rotary = Rotary::new(cfg, opts.max_positions, kind, device)?;
         // For each column of a head, which of the three positions rotates
         // it: the sections in order over the first half, again over the second.
@@ -285,7 +333,7 @@ impl Model {
             _ => self.rotary.tables(&batch.positions)?,
         };
         // The residual stream; owned here, so the norms add into it in place.
-        let mut x = self.embed_tokens.f_index_select(0, &batch.input_ids)?;
+        let mut x = self.embed_tokens.lookup(&batch.input_ids)?;
         if let Some((rows, values)) = &batch.embeds {
             let _ = x.f_index_copy_(0, rows, &values.f_to_kind(x.kind())?)?;
         }
@@ -381,7 +429,7 @@ impl Model {
 
     /// The embeddings of `ids` (`[n, embedding]`).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self.embed_tokens.f_index_select(0, ids)?)
+        self.embed_tokens.lookup(ids)
     }
 
     /// Attention of every group in the batch; `[tokens, heads * head_dim]`
@@ -534,6 +582,7 @@ mod tests {
         let mut w = random_weights(&cfg, 7)?;
         let opts = ModelOptions {
             precision: WeightPrecision::Native,
+            quant_max_rows: crate::linear::QUANT_MAX_ROWS,
             max_positions: 128,
         };
         let model = Model::new(&cfg, &mut w, &opts)?;
@@ -610,6 +659,7 @@ mod tests {
         let mut w = random_weights(&cfg, 11)?;
         let opts = ModelOptions {
             precision: WeightPrecision::Native,
+            quant_max_rows: crate::linear::QUANT_MAX_ROWS,
             max_positions: 64,
         };
         let model = Model::new(&cfg, &mut w, &opts)?;
