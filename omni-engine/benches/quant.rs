@@ -71,7 +71,69 @@ fn decode_rate(engine: &mut LLMEngine, batch: usize, round: usize) -> Res<f64> {
     Ok(tokens as f64 / t.elapsed().as_secs_f64())
 }
 
+/// The kernels alone: `x W^T` for one activation row against SmolLM2's
+/// matrix shapes in Q4_1 (and its Q8_0 head), random blocks, per build:
+/// GB/s of blocks read and weights per ns (best of 20 calls).
+fn kernels() -> Res<()> {
+    use omni_engine::quant::{with_kernel_build, KernelBuild, QuantMatrix, QuantizedTensor};
+    use omni_engine::GgmlType;
+    tch::set_num_threads(threads() as i32);
+    let shapes = [
+        ("qkv 960x576 Q4_1", GgmlType::Q4_1, 960, 576),
+        ("gate_up 3072x576 Q4_1", GgmlType::Q4_1, 3072, 576),
+        ("down 576x1536 Q4_1", GgmlType::Q4_1, 576, 1536),
+        ("head 49152x576 Q8_0", GgmlType::Q8_0, 49152, 576),
+    ];
+    println!("| matrix | build | rows | us/call | GB/s | weights/ns |");
+    println!("|---|---|---|---|---|---|");
+    for (name, ty, n, k) in shapes {
+        let (elems, bytes) = ty.block().ok_or("layout")?;
+        let row_bytes = k as u64 / elems * bytes;
+        // Random bytes with a small finite fp16 scale in every block.
+        let mut raw: Vec<u8> = (0..n as u64 * row_bytes)
+            .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+            .collect();
+        for blk in raw.chunks_mut(bytes as usize) {
+            blk[0] = 0x00;
+            blk[1] = 0x20;
+        }
+        let q = QuantizedTensor {
+            ggml_type: ty,
+            shape: [n, k],
+            bytes: tch::Tensor::from_slice(&raw).reshape([n, row_bytes as i64]),
+        };
+        let m = QuantMatrix::new(&[&q])?;
+        for build in KernelBuild::detected().up_to() {
+            for rows in [1i64, 4] {
+                let x = tch::Tensor::randn([rows, k], (tch::Kind::Float, tch::Device::Cpu));
+                let best = with_kernel_build(build, || -> Res<f64> {
+                    let mut best = f64::MAX;
+                    for _ in 0..20 {
+                        let t = Instant::now();
+                        let _ = m.linear(&x, None)?;
+                        best = best.min(t.elapsed().as_secs_f64());
+                    }
+                    Ok(best)
+                })?;
+                let total = (n as u64 * row_bytes) as f64;
+                println!(
+                    "| {name} | {build:?} | {rows} | {:.0} | {:.1} | {:.2} |",
+                    best * 1e6,
+                    total / best / 1e9,
+                    (n * k) as f64 / best / 1e9
+                );
+            }
+        }
+    }
+    println!();
+    Ok(())
+}
+
 fn main() -> Res<()> {
+    kernels()?;
+    if std::env::var("OMNI_BENCH_KERNELS_ONLY").is_ok() {
+        return Ok(());
+    }
     let configs = [
         ("fp16", "fp16", None),
         ("q4, blocks only", "q4", Some(usize::MAX)),
@@ -123,7 +185,10 @@ fn main() -> Res<()> {
         .map(|(b, _)| *b);
     match crossover {
         Some(b) => println!("\nfp16 first beats the blocks at B = {b}"),
-        None => println!("\nthe blocks stay ahead of fp16 up to B = {}", BATCHES[BATCHES.len() - 1]),
+        None => println!(
+            "\nthe blocks stay ahead of fp16 up to B = {}",
+            BATCHES[BATCHES.len() - 1]
+        ),
     }
     Ok(())
 }

@@ -51,10 +51,10 @@ pub struct EngineArgs {
     pub dtype: Option<String>,
     /// `auto`, `cpu`, `cuda`, `cuda:N`.
     pub device: Option<String>,
-    /// Linear-layer weights: `auto` (fp16 on CPU when fbgemm works, else
-    /// native), `native`/`fp32`, `fp16`, `q4` (GGUF's quantized blocks for
-    /// calls of up to `quant_max_rows` rows, fp16 above). See
-    /// [`WeightPrecision`].
+    /// Linear-layer weights: `auto` (`q4` on CPU when fbgemm works, else
+    /// native), `native`/`fp32`, `fp16`, `q4` (a GGUF file's quantized
+    /// blocks for calls of up to `quant_max_rows` rows, fp16 above and for
+    /// matrices stored otherwise). See [`WeightPrecision`].
     pub weight_precision: Option<String>,
     /// With `weight_precision: q4`: the most rows (tokens in a step) a layer
     /// multiplies with the quantized blocks; default
@@ -177,9 +177,12 @@ impl EngineArgs {
     /// The weight precision `weight_precision` names.
     pub fn resolve_weight_precision(&self, device: Device, kind: Kind) -> Result<WeightPrecision> {
         match self.weight_precision.as_deref().unwrap_or("auto") {
+            // Blocks where the file has them and fbgemm's fp16 for the
+            // rest and for wide calls (BENCHMARKS.md: faster than fp16 alone
+            // up to 4 rows, the same above).
             "auto" => Ok(
                 if device == Device::Cpu && kind == Kind::Float && crate::linear::fbgemm_runs() {
-                    WeightPrecision::Fp16
+                    WeightPrecision::Q4
                 } else {
                     WeightPrecision::Native
                 },

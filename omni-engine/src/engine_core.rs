@@ -1220,12 +1220,18 @@ mod tests {
         let o = run_one(&mut c, prompt(6, 1), params)?;
         assert_eq!(o.token_ids, vec![forced; 5]);
         // Raw log-probabilities: the first step's distribution is the
-        // unbiased one.
+        // unbiased one. Equal up to rounding, not bit for bit: the second
+        // run's prompt hits the prefix cache, so its prefill multiplies
+        // other shapes (on a Zen 4 the last digits differed).
         let (a, b) = (
             free.logprobs.unwrap_or_default(),
             o.logprobs.unwrap_or_default(),
         );
-        assert_eq!(a[0].top, b[0].top);
+        assert_eq!(a[0].top.len(), b[0].top.len());
+        for ((ta, la), (tb, lb)) in a[0].top.iter().zip(&b[0].top) {
+            assert_eq!(ta, tb);
+            assert!((la - lb).abs() < 1e-4, "{la} vs {lb}");
+        }
         Ok(())
     }
 

@@ -30,7 +30,7 @@ use crate::weights::LinearWeight;
 /// its blocks; wider calls run its fp16 copy (the crossover measured with
 /// `cargo bench -p omni-engine --bench quant`, BENCHMARKS.md).
 /// `EngineArgs::quant_max_rows` overrides it.
-pub const QUANT_MAX_ROWS: usize = 8;
+pub const QUANT_MAX_ROWS: usize = 4;
 
 /// How weight matrices of linear layers are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

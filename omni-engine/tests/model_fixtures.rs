@@ -148,7 +148,7 @@ fn smollm2_gguf_matches_transformers() -> Result<()> {
     )
 }
 
-/// The CPU default: fp16 weights through fbgemm, fp32 activations. The
+/// fp16 weights through fbgemm (for wide calls, the CPU default), fp32 activations. The
 /// reference is transformers in fp32, so logits move by the weights'
 /// rounding (up to 0.03 here): the greedy tokens must be the same up to the
 /// first step whose reference margin is under that (SmolLM2's fixture has
