@@ -178,7 +178,6 @@ inline __attribute__((always_inline)) F mul(F a, F b) {
   return a;
 }
 inline __attribute__((always_inline)) float hsum(F a) {
-  // Pairwise, as the vector builds reduce.
   for (int w = 8; w >= 1; w /= 2)
     for (int i = 0; i < w; ++i) a.v[i] += a.v[i + w];
   return a.v[0];
@@ -457,18 +456,23 @@ at::Tensor* omni_quant_rows(const void* handle, const at::Tensor* ids, char** er
     const int64_t n = idx.numel();
     const int64_t* id = idx.const_data_ptr<int64_t>();
     float* o = out.mutable_data_ptr<float>();
-    const int level = active_level();
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n; ++i)
       TORCH_CHECK(id[i] >= 0 && id[i] < mat.out_features, "row ", id[i], " out of range 0..",
                   mat.out_features);
-      for (const Segment& s : mat.segments) {
-        if (id[i] >= s.col0 && id[i] < s.col0 + s.rows) {
-          const int64_t row = id[i] - s.col0;
-          dequant_segment_at(level, s, &row, 1, o + i * mat.in_features);
-          break;
+    const int level = active_level();
+    // A whole matrix (an fp16 copy being made at load) on every thread; an
+    // embedding lookup's few rows stay on the calling one.
+    at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        for (const Segment& s : mat.segments) {
+          if (id[i] >= s.col0 && id[i] < s.col0 + s.rows) {
+            const int64_t row = id[i] - s.col0;
+            dequant_segment_at(level, s, &row, 1, o + i * mat.in_features);
+            break;
+          }
         }
       }
-    }
+    });
     return out;
   });
 }

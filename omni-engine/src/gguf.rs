@@ -2,8 +2,9 @@
 //!
 //! The reader parses the header, every metadata key/value (all types,
 //! arrays included) and the tensor infos, then dequantizes tensors on demand
-//! (F32, F16, BF16, Q8_0, Q4_0, Q4_1) into the dtype and device the engine
-//! asks for. It also turns the metadata into a [`ModelConfig`] and renames
+//! (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) into the dtype and device
+//! the engine asks for, or hands the quantized blocks over as stored
+//! ([`crate::weights::Blocks::Keep`]). It also turns the metadata into a [`ModelConfig`] and renames
 //! tensors to the Hugging Face names model code expects, undoing the row
 //! permutation llama.cpp's converter applies to Llama q/k projections.
 //!
@@ -778,9 +779,10 @@ fn unpermute_rows(t: &Tensor, heads: i64) -> Result<Tensor, tch::TchError> {
 }
 
 /// Turns one tensor's stored bytes into `kind` on `device`; `Ok(None)` for a
-/// type this function does not handle. Quantized blocks are unpacked with
-/// tensor ops on the target device (fast whatever our own crate's
-/// optimisation level, and only the packed bytes cross to a GPU).
+/// type this function does not handle. Q8_0/Q4_0/Q4_1 blocks are unpacked
+/// with tensor ops on the target device (fast whatever our own crate's
+/// optimisation level, and only the packed bytes cross to a GPU); K-quants
+/// by the quantized kernels' decoders on the CPU, then moved.
 pub fn dequantize_bytes(
     ty: GgmlType,
     bytes: &[u8],

@@ -43,7 +43,10 @@ pub enum WeightPrecision {
     /// GGUF's quantized blocks as the file stores them (Q4_0, Q4_1, Q8_0,
     /// Q4_K, Q6_K), fp32 activations (CPU). Calls with many rows (prefill,
     /// big batches) run an fp16 copy where fbgemm runs; matrices the file
-    /// does not store in those blocks are fp16 throughout.
+    /// does not store in those blocks (a safetensors model's, all of them)
+    /// are fp16 where fbgemm runs and fp32 elsewhere. A decode row's logits
+    /// therefore depend, in their last digits, on how many rows share its
+    /// step (blocks exactly, or the fp16 copy's rounding).
     Q4,
 }
 
@@ -165,10 +168,8 @@ impl Linear {
             WeightPrecision::Native => Storage::Dense(weight),
             WeightPrecision::Fp16 => Storage::PackedFp16(PackedFp16::new(&weight)?),
             // Not stored in blocks: fp16 where fbgemm runs, else as it is.
-            WeightPrecision::Q4 => match PackedFp16::new(&weight) {
-                Ok(packed) => Storage::PackedFp16(packed),
-                Err(_) => Storage::Dense(weight),
-            },
+            WeightPrecision::Q4 if fbgemm_runs() => Storage::PackedFp16(PackedFp16::new(&weight)?),
+            WeightPrecision::Q4 => Storage::Dense(weight),
         };
         Ok(Self { weight, bias })
     }

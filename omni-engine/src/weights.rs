@@ -66,7 +66,9 @@ impl Weights {
 
     /// Adds or replaces a tensor.
     pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
-        self.tensors.insert(name.into(), tensor);
+        let name = name.into();
+        self.quantized.remove(&name);
+        self.tensors.insert(name, tensor);
     }
 
     /// Adds or replaces a matrix kept in quantized blocks.
@@ -79,7 +81,17 @@ impl Weights {
     /// Borrows a dense tensor; the error names the missing weight (a
     /// matrix kept in blocks is not dense: see [`Weights::take`]).
     pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.tensors.get(name).ok_or_else(|| missing(name))
+        self.tensors.get(name).ok_or_else(|| {
+            if self.quantized.contains_key(name) {
+                Error::Weight {
+                    name: name.to_owned(),
+                    reason: "kept in quantized blocks: take it (dequantized) or take_linear it"
+                        .to_owned(),
+                }
+            } else {
+                missing(name)
+            }
+        })
     }
 
     /// Removes and returns a tensor (so its memory is owned by the model),
