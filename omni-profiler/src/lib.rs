@@ -82,4 +82,4 @@ pub use profiler::Profiler;
 pub use recorder::{CapturedSpans, SpanCapture, SpanRecord};
 pub use session::ProfileSession;
 pub use torch::{init_main_thread, TorchProfiler};
-pub use trace_file::{prepare_trace_dir, write_trace};
+pub use trace_file::{prepare_trace_dir, remove_unfinished, write_trace};

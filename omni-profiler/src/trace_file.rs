@@ -42,6 +42,27 @@ pub(crate) fn tmp_path(dir: &Path, what: &str) -> PathBuf {
     dir.join(format!(".omni-{what}-{}-{n}.tmp", std::process::id()))
 }
 
+/// Removes the hidden temporary files that process `pid`, now gone, left in
+/// `dir` ([`write_trace`]'s, a backend's): a stage killed while writing a
+/// trace leaves one, never a file under a trace's name. Returns what it
+/// removed; a directory that cannot be read removes nothing.
+pub fn remove_unfinished(dir: &Path, pid: u32) -> Vec<PathBuf> {
+    let marker = format!("-{pid}-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with(".omni-") && n.ends_with(".tmp") && n.contains(&marker)
+            })
+        })
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .collect()
+}
+
 /// Writes one window's trace into `session.dir` and returns its path.
 ///
 /// The name follows PyTorch's `tensorboard_trace_handler`:
@@ -367,4 +388,45 @@ pub(crate) fn read_trace(path: &Path) -> Result<Value> {
             })
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the gone process's hidden temporaries go: not another pid's
+    /// (one whose digits start the same), not a finished trace.
+    #[test]
+    fn remove_unfinished_takes_only_that_process_temporaries() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let names = [
+            ".omni-kineto-123-0.tmp",
+            ".omni-trace-123-7.tmp",
+            ".omni-kineto-1234-0.tmp",
+            "host_123.1700000000000.pt.trace.json",
+        ];
+        for n in names {
+            std::fs::write(dir.path().join(n), b"{")?;
+        }
+        let mut removed: Vec<String> = remove_unfinished(dir.path(), 123)
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+            .collect();
+        removed.sort();
+        assert_eq!(removed, [".omni-kineto-123-0.tmp", ".omni-trace-123-7.tmp"]);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".omni-kineto-1234-0.tmp",
+                "host_123.1700000000000.pt.trace.json"
+            ]
+        );
+        assert!(remove_unfinished(&dir.path().join("missing"), 123).is_empty());
+        Ok(())
+    }
 }

@@ -204,6 +204,9 @@ struct State {
     dead: Option<(usize, String)>,
     shutting_down: bool,
     profiling: BTreeSet<usize>,
+    /// Every trace directory a stage was sent, to clear what a stage
+    /// killed mid-write leaves there once it has exited.
+    trace_dirs: BTreeSet<(usize, PathBuf)>,
 }
 
 struct Inner {
@@ -748,7 +751,14 @@ impl Orchestrator {
         for (stage_id, r) in results {
             match r {
                 Ok(Reply::Ack(AckMsg { error: None, .. })) => {
-                    lock(&self.inner.state).profiling.insert(stage_id);
+                    let dir = omni_profiler::stage_trace_dir(
+                        &root,
+                        stage_id,
+                        &self.inner.stages[stage_id].model_name,
+                    );
+                    let mut st = lock(&self.inner.state);
+                    st.profiling.insert(stage_id);
+                    st.trace_dirs.insert((stage_id, dir));
                     started.push(stage_id);
                 }
                 Ok(Reply::Ack(AckMsg { error: Some(e), .. })) => {
@@ -855,9 +865,21 @@ impl Orchestrator {
             tokio::task::spawn_blocking(move || sup.join())
                 .await
                 .map_err(|e| Error::ShutDown(format!(": supervisor thread failed: {e}")))?;
+            self.remove_unfinished_traces();
         }
         self.stop_tasks();
         Ok(())
+    }
+
+    /// Once every stage has exited: the temporary files of traces a stage
+    /// was killed while writing (its window is lost; no half file may stay).
+    fn remove_unfinished_traces(&self) {
+        let dirs = std::mem::take(&mut lock(&self.inner.state).trace_dirs);
+        for (stage_id, dir) in dirs {
+            for f in omni_profiler::remove_unfinished(&dir, self.inner.stages[stage_id].pid) {
+                tracing::warn!(target: "omni::runtime", stage_id, file = %f.display(), "removed a trace the stage did not finish writing");
+            }
+        }
     }
 
     fn stop_tasks(&mut self) {
@@ -884,6 +906,7 @@ impl Drop for Orchestrator {
             // Shutdown (it finishes the same way).
             sup.stop(self.inner.opts.shutdown_grace, true);
             sup.join();
+            self.remove_unfinished_traces();
         }
         self.stop_tasks();
     }
