@@ -403,10 +403,6 @@ bool omni_quant_add(void* handle, int32_t type, int64_t rows, const at::Tensor* 
          }) != nullptr;
 }
 
-int64_t omni_quant_out_features(const void* handle) {
-  return static_cast<const Matrix*>(handle)->out_features;
-}
-
 // y = x W^T (+ b): x [..., in] fp32 on the CPU, y [..., out].
 at::Tensor* omni_quant_linear(const at::Tensor* input, const void* handle, const at::Tensor* bias,
                               char** err) {

@@ -105,15 +105,9 @@ pub struct Model {
     kind: Kind,
 }
 
+/// A tensor of `shape`, dense (dequantized if the loader kept it in blocks).
 fn take(w: &mut Weights, name: &str, shape: &[i64]) -> Result<Tensor> {
-    let t = w.take(name)?;
-    if t.size() != shape {
-        return Err(Error::Weight {
-            name: name.to_owned(),
-            reason: format!("has shape {:?}, the config implies {shape:?}", t.size()),
-        });
-    }
-    Ok(t)
+    take_linear(w, name, shape)?.into_dense()
 }
 
 /// A linear layer's weight, kept in blocks if the loader kept it so.
