@@ -73,6 +73,7 @@ pub use backend::{
     BUILTIN_BACKENDS, DEFAULT_BACKEND,
 };
 pub use chrome::ChromeProfiler;
+pub use clock::{now_unix_us, set_clock_skew_for_tests};
 pub use error::{Error, Result};
 pub use layer::{tracing_layer, ProfilerLayer, FILTER_ENV};
 pub use layout::{safe_path_component, stage_trace_dir};
@@ -80,6 +81,6 @@ pub use noop::NoopProfiler;
 pub use options::{profiler_dir_from, profiler_dir_from_env, ProfileOptions, PROFILER_DIR_ENV};
 pub use profiler::Profiler;
 pub use recorder::{CapturedSpans, SpanCapture, SpanRecord};
-pub use session::ProfileSession;
+pub use session::{ClockOffset, ProfileSession};
 pub use torch::{init_main_thread, TorchProfiler};
 pub use trace_file::{prepare_trace_dir, remove_unfinished, write_trace};

@@ -177,12 +177,19 @@ pub(crate) fn set_window(trace: &mut Value, start_us: f64, stop_us: f64) {
 
 /// Top-level keys every trace carries besides `traceEvents`.
 pub(crate) fn omni_info(session: &ProfileSession, backend: &str) -> Value {
-    json!({
+    let mut info = json!({
         "backend": backend,
         "process_name": session.process_name,
         "pid": std::process::id(),
         "clock": "ts in microseconds since the UNIX epoch",
-    })
+    });
+    if let Some(c) = session.clock_offset {
+        // Kept out of `ts` so that the file stays this process's own record;
+        // the analysis tools subtract it (`tools::trace_set`).
+        info["clock_offset_us"] = c.offset_us.into();
+        info["clock_offset_error_us"] = c.error_us.into();
+    }
+    info
 }
 
 /// Turns the trace Kineto saved at `raw` into the window's trace:
@@ -215,7 +222,8 @@ pub(crate) fn finalize_kineto(
         .get("baseTimeNanoseconds")
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let base_us = base_ns as f64 / 1000.0;
+    // Kineto reads the system clock itself: a test skew applies here too.
+    let base_us = base_ns as f64 / 1000.0 + crate::clock::skew_us();
     let flops = match flops {
         Some(path) => read_flops(path)?,
         None => HashMap::new(),

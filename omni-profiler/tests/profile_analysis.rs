@@ -13,14 +13,124 @@ fn x(name: &str, ts: f64, dur: f64, args: Value) -> Value {
 }
 
 fn write(dir: &std::path::Path, stage: usize, role: &str, events: Vec<Value>) {
+    write_skewed(dir, stage, role, events, None);
+}
+
+/// A stage's trace as a process whose clock is `skew` µs ahead would write
+/// it: every time shifted, and, when `recorded`, the offset in its header.
+fn write_skewed(
+    dir: &std::path::Path,
+    stage: usize,
+    role: &str,
+    mut events: Vec<Value>,
+    skew: Option<(f64, bool)>,
+) {
     let d = dir.join(format!("stage_{stage}_m"));
     std::fs::create_dir_all(&d).unwrap();
-    let trace = json!({
+    let shift = skew.map_or(0.0, |(s, _)| s);
+    for e in &mut events {
+        e["ts"] = (e["ts"].as_f64().unwrap() + shift).into();
+        if let Some(r) = e.pointer_mut("/args/received_us") {
+            *r = (r.as_f64().unwrap() + shift).into();
+        }
+    }
+    let mut trace = json!({
         "traceEvents": events,
         "omni": {"backend": "chrome", "process_name": format!("stage {stage} ({role}) m"),
-                 "pid": 7, "window": {"start_us": T0, "stop_us": T0 + 1000.0}},
+                 "pid": 7, "window": {"start_us": T0 + shift, "stop_us": T0 + shift + 1000.0}},
     });
+    if let Some((s, true)) = skew {
+        trace["omni"]["clock_offset_us"] = s.into();
+        trace["omni"]["clock_offset_error_us"] = 20.0.into();
+    }
     std::fs::write(d.join("t.json"), trace.to_string()).unwrap();
+}
+
+fn two_stages(dir: &std::path::Path, skew: Option<(f64, bool)>) {
+    write(
+        dir,
+        0,
+        "thinker",
+        vec![
+            x(
+                "add_request",
+                100.0,
+                1.0,
+                json!({"request_ids": "r1", "received_us": T0 + 100.0}),
+            ),
+            x("ProfilerStep#0", 200.0, 100.0, json!({"request_ids": "r1"})),
+            x(
+                "stage_send",
+                500.0,
+                10.0,
+                json!({"request_ids": "r1", "stage": 0}),
+            ),
+        ],
+    );
+    write_skewed(
+        dir,
+        1,
+        "code2wav",
+        vec![
+            x(
+                "stage_recv",
+                520.0,
+                1.0,
+                json!({"request_ids": "r1", "from_stage": 0, "received_us": T0 + 515.0}),
+            ),
+            x("ProfilerStep#0", 600.0, 250.0, json!({"request_ids": "r1"})),
+        ],
+        skew,
+    );
+}
+
+/// The flow arrows of a merged trace: (start ts, finish ts).
+fn flows(dir: &std::path::Path) -> Vec<(f64, f64)> {
+    let out = dir.join("merged.json");
+    omni_profiler::tools::merge(dir, &out).unwrap();
+    let merged: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let events = merged["traceEvents"].as_array().unwrap();
+    let at = |ph: &str, id: &Value| {
+        events
+            .iter()
+            .find(|e| e["ph"] == ph && e["cat"] == "request" && &e["id"] == id)
+            .map(|e| e["ts"].as_f64().unwrap())
+    };
+    events
+        .iter()
+        .filter(|e| e["ph"] == "s" && e["cat"] == "request")
+        .map(|s| (s["ts"].as_f64().unwrap(), at("f", &s["id"]).unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_stage_clock_offset_recorded_in_its_trace_is_taken_out() {
+    // Stage 1's clock runs 5 s behind the orchestrator's (another host).
+    for skew in [-5e6, 5e6] {
+        let dir = tempfile::tempdir().unwrap();
+        two_stages(dir.path(), Some((skew, true)));
+        let f = flows(dir.path());
+        assert!(
+            f.len() == 1 && f[0].0 <= f[0].1 && (T0 + 520.0..=T0 + 521.0).contains(&f[0].1),
+            "skew {skew}: {f:?}"
+        );
+        let a = analyze(dir.path()).unwrap();
+        let r = &a.requests[0];
+        let s = &a.summary.requests[0].stages[1];
+        assert!(
+            (r.total_us - 750.0).abs() < 1e-6
+                && s.transfer_us.is_some_and(|t| (t - 15.0).abs() < 1e-6),
+            "skew {skew}: {r:#?} {s:#?}"
+        );
+    }
+    // The same traces without the offset in the header: the arrow would run
+    // backwards, so merge draws none, and the request spans 5 s.
+    let dir = tempfile::tempdir().unwrap();
+    two_stages(dir.path(), Some((-5e6, false)));
+    assert!(flows(dir.path()).is_empty());
+    let unskewed = tempfile::tempdir().unwrap();
+    two_stages(unskewed.path(), None);
+    assert_eq!(flows(unskewed.path()).len(), 1);
 }
 
 #[test]

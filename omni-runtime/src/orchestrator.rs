@@ -25,6 +25,7 @@ use zeromq::{RouterSendHalf, Socket, SocketRecv};
 use omni_engine::{
     FinishReason, Prompt, PromptLogprobs, SamplingParams, StopReason, TokenLogprobs,
 };
+use omni_profiler::ClockOffset;
 
 use crate::config::{CpuThreads, FinalOutputType, PipelineConfig, TransportKind};
 use crate::error::{Error, Result};
@@ -207,7 +208,37 @@ struct State {
     /// Every trace directory a stage was sent, to clear what a stage
     /// killed mid-write leaves there once it has exited.
     trace_dirs: BTreeSet<(usize, PathBuf)>,
+    /// Each stage's recent clock-offset estimates (health exchanges).
+    clocks: HashMap<usize, ClockSamples>,
 }
+
+/// The last few clock-offset estimates of one stage. The best is the one
+/// from the shortest round trip (NTP's minimum filter: queueing delays only
+/// ever lengthen an exchange, and its error bound is half its round trip);
+/// only recent ones count, so a drifting clock is followed.
+#[derive(Default)]
+struct ClockSamples(std::collections::VecDeque<ClockOffset>);
+
+impl ClockSamples {
+    const KEEP: usize = 16;
+
+    fn push(&mut self, c: ClockOffset) {
+        if self.0.len() == Self::KEEP {
+            self.0.pop_front();
+        }
+        self.0.push_back(c);
+    }
+
+    fn best(&self) -> Option<ClockOffset> {
+        self.0
+            .iter()
+            .copied()
+            .min_by(|a, b| a.error_us.total_cmp(&b.error_us))
+    }
+}
+
+/// Health exchanges per stage at start-up, for a first clock estimate.
+const CLOCK_PROBES_AT_START: usize = 8;
 
 struct Inner {
     config: PipelineConfig,
@@ -516,6 +547,19 @@ impl Orchestrator {
             token,
         });
         let event_task = tokio::spawn(event_loop(inner.clone(), msg_rx, sup_rx));
+        // A first estimate of every stage's clock before anything is traced
+        // (the watchdog's health checks refine it as the pipeline runs).
+        futures::future::join_all((0..n).map(|s| {
+            let inner = &inner;
+            async move {
+                for _ in 0..CLOCK_PROBES_AT_START {
+                    if inner.probe(s, inner.opts.health_timeout).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }))
+        .await;
         let watchdog_task = tokio::spawn(watchdog(inner.clone(), supervisor.killer()));
         Ok(Orchestrator {
             inner,
@@ -679,12 +723,23 @@ impl Orchestrator {
         self.inner.check_stage(stage_id)?;
         match self
             .inner
-            .call(stage_id, "health", |seq| Message::Health { seq })
+            .probe(stage_id, self.inner.opts.control_timeout)
             .await?
         {
             Reply::Health(h) => Ok(h),
             Reply::Ack(_) => Err(Error::Wire("health answered with an ack".into())),
         }
+    }
+
+    /// How far stage `stage_id`'s trace clock is ahead of this process's,
+    /// estimated from health exchanges (at start-up, then every
+    /// `health_interval`): the best of the recent ones. `None` for an
+    /// unknown stage or before any answer.
+    pub fn clock_offset(&self, stage_id: usize) -> Option<ClockOffset> {
+        lock(&self.inner.state)
+            .clocks
+            .get(&stage_id)
+            .and_then(ClockSamples::best)
     }
 
     /// Opens a profiler window in the selected stages (all when `None`),
@@ -730,6 +785,7 @@ impl Orchestrator {
                 None => format!("stage {stage_id} {}", info.model_name),
             };
             let options = options.clone();
+            let clock_offset = self.clock_offset(stage_id);
             async move {
                 let r = self
                     .inner
@@ -739,6 +795,7 @@ impl Orchestrator {
                             dir,
                             process_name,
                             options,
+                            clock_offset,
                         })
                     })
                     .await;
@@ -1030,6 +1087,26 @@ impl Inner {
         }
     }
 
+    /// A health exchange with `stage_id` that also estimates its clock's
+    /// offset from ours (see [`ClockOffset::from_exchange`]).
+    async fn probe(&self, stage_id: usize, timeout: Duration) -> Result<Reply> {
+        let sent = omni_profiler::now_unix_us();
+        let r = self
+            .call_within(stage_id, "health", |seq| Message::Health { seq }, timeout)
+            .await;
+        let received = omni_profiler::now_unix_us();
+        if let Ok(Reply::Health(h)) = &r {
+            if h.clock_us > 0.0 && h.clock_us.is_finite() {
+                lock(&self.state)
+                    .clocks
+                    .entry(stage_id)
+                    .or_default()
+                    .push(ClockOffset::from_exchange(sent, h.clock_us, received));
+            }
+        }
+        r
+    }
+
     fn stage_type(&self, stage_id: usize) -> FinalOutputType {
         self.stages
             .get(stage_id)
@@ -1179,14 +1256,7 @@ async fn watchdog(inner: Arc<Inner>, killer: crate::supervisor::StageKiller) {
         let checks = (0..inner.stages.len()).map(|s| {
             let inner = &inner;
             async move {
-                let r = inner
-                    .call_within(
-                        s,
-                        "health",
-                        |seq| Message::Health { seq },
-                        inner.opts.health_timeout,
-                    )
-                    .await;
+                let r = inner.probe(s, inner.opts.health_timeout).await;
                 (s, r)
             }
         });

@@ -191,6 +191,11 @@ pub struct StartProfileMsg {
     pub process_name: String,
     /// The profiler options (`omni_profiler::ProfileOptions` as JSON).
     pub options: Value,
+    /// The stage's clock against the orchestrator's, as the orchestrator
+    /// estimated it: recorded in the trace, so that the tools line the
+    /// stages up across hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset: Option<omni_profiler::ClockOffset>,
 }
 
 /// A stage is up: its engine is loaded and its sockets are connected.
@@ -288,6 +293,11 @@ pub struct HealthMsg {
     /// Of those, tokens whose K/V the cache held.
     #[serde(default)]
     pub prefix_cache_hit_tokens: u64,
+    /// The stage's trace clock when it answered (µs since the UNIX epoch,
+    /// `omni_profiler::now_unix_us`): the orchestrator estimates the offset
+    /// between its clock and the stage's from it. 0: not reported.
+    #[serde(default)]
+    pub clock_us: f64,
 }
 
 /// Every message of the protocol. New variants may come in later versions.

@@ -34,8 +34,9 @@ struct Endpoint {
 ///
 /// Each (stage, process) becomes one process of the merged trace, named
 /// after the stage and sorted by stage id; all windows of a stage share it.
-/// Times are kept (every backend writes µs since the UNIX epoch), so stages
-/// line up. For each request, a flow arrow (`ph` `s`/`f`, category
+/// Times are µs since the UNIX epoch in every backend, each stage's moved
+/// onto the orchestrator's clock by the offset its trace records
+/// (`omni.clock_offset_us`, stages on other hosts), so stages line up. For each request, a flow arrow (`ph` `s`/`f`, category
 /// `request`) goes from the latest `stage_send` naming it in one stage to
 /// each `stage_recv` naming it in another stage that ended after the send
 /// began; on a streamed edge, from the send of the same piece (`piece`

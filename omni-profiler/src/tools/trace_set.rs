@@ -159,11 +159,33 @@ pub(crate) fn load(dir: &Path) -> Result<Vec<StageTrace>> {
             }
         };
         let omni = trace.get("omni");
+        // The writer's clock minus the orchestrator's (stages on other
+        // hosts): every time goes onto the orchestrator's clock, so that a
+        // request's arrows between stages run forward.
+        let offset = omni
+            .and_then(|o| o.get("clock_offset_us"))
+            .and_then(Value::as_f64)
+            .filter(|o| o.is_finite())
+            .unwrap_or(0.0);
+        let mut events = events;
+        if offset != 0.0 {
+            for e in &mut events {
+                if let Some(ts) = e.get("ts").and_then(Value::as_f64) {
+                    e["ts"] = (ts - offset).into();
+                }
+                // The one argument that holds a time of the stage's clock.
+                if let Some(r) = e.pointer_mut("/args/received_us") {
+                    if let Some(t) = r.as_f64() {
+                        *r = (t - offset).into();
+                    }
+                }
+            }
+        }
         let main_pid = omni.and_then(|o| o.get("pid")).cloned();
         let window = omni.and_then(|o| {
             let w = o.get("window")?;
-            let start = w.get("start_us")?.as_f64()?;
-            let stop = w.get("stop_us")?.as_f64()?;
+            let start = w.get("start_us")?.as_f64()? - offset;
+            let stop = w.get("stop_us")?.as_f64()? - offset;
             (stop >= start).then_some((start, stop))
         });
         let process_name = omni

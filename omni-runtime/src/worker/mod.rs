@@ -101,6 +101,38 @@ pub fn stage_main() -> ! {
     std::process::exit(code);
 }
 
+/// Test-only: skews some stages' trace clocks, as if they ran on hosts
+/// whose clocks are off: `stage:microseconds[,stage:microseconds...]`.
+pub const TEST_CLOCK_SKEW_ENV: &str = "OMNI_TEST_CLOCK_SKEW_US";
+
+/// This stage's skew from [`TEST_CLOCK_SKEW_ENV`], if it names the stage.
+fn test_clock_skew(stage_id: usize) -> Result<Option<i64>> {
+    let Ok(text) = std::env::var(TEST_CLOCK_SKEW_ENV) else {
+        return Ok(None);
+    };
+    for item in text.split(',').filter(|i| !i.trim().is_empty()) {
+        let parsed = item.split_once(':').and_then(|(s, us)| {
+            Some((
+                s.trim().parse::<usize>().ok()?,
+                us.trim().parse::<i64>().ok()?,
+            ))
+        });
+        match parsed {
+            Some((s, us)) if s == stage_id => return Ok(Some(us)),
+            Some(_) => {}
+            None => {
+                return Err(Error::Config {
+                    file: "environment".into(),
+                    field: TEST_CLOCK_SKEW_ENV.into(),
+                    value: format!("{item:?}"),
+                    reason: "expected stage:microseconds".into(),
+                })
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// Runs a stage worker from its launch file until it is told to stop.
 /// This is all `omni-stage` does; a custom worker binary can call it too.
 pub fn run_stage_worker(launch_file: &Path) -> Result<()> {
@@ -115,6 +147,9 @@ pub fn run_stage_worker(launch_file: &Path) -> Result<()> {
             ": orchestrator (pid {}) is gone",
             spec.parent_pid
         )));
+    }
+    if let Some(skew) = test_clock_skew(stage.stage_id)? {
+        omni_profiler::set_clock_skew_for_tests(skew);
     }
     if spec.profiler_backend == "torch" {
         // Here, on the main thread, before any other exists: Kineto runs
@@ -524,6 +559,7 @@ impl Io {
             aborted_requests: self.counters.aborted_requests.load(Ordering::Relaxed),
             rejected_messages: self.rejected.load(Ordering::Relaxed),
             profiling: self.profiling.load(Ordering::Relaxed),
+            clock_us: omni_profiler::now_unix_us(),
             prefix_cache_queried_tokens: self
                 .counters
                 .prefix_cache_queried_tokens

@@ -178,11 +178,10 @@ pub(crate) fn mono_us() -> u64 {
     start.elapsed().as_micros() as u64 + 1
 }
 
+/// Now on the trace clock (µs since the UNIX epoch): arrival times go into
+/// trace spans, which line up with the stage's other events only on it.
 pub(crate) fn now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+    omni_profiler::now_unix_us() as u64
 }
 
 pub(crate) fn device_name(d: omni_engine::Device) -> String {
@@ -394,11 +393,8 @@ impl Loop {
             Ok(o) => o,
             Err(e) => return self.ack(seq, Err(format!("bad profiler options: {e}"))),
         };
-        let session = ProfileSession {
-            dir: m.dir,
-            process_name: m.process_name,
-            options,
-        };
+        let session =
+            ProfileSession::new(m.dir, m.process_name, options).with_clock_offset(m.clock_offset);
         let p = self.t.profiler.clone();
         let fut: ProfileFuture = Box::pin(async move {
             p.start(&session)
