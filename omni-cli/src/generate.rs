@@ -76,6 +76,11 @@ pub struct GenerateArgs {
     /// Qwen2.5-Omni folder for `--pipeline qwen2_5_omni`).
     #[arg(long, value_name = "PATH")]
     pub model_path: Option<String>,
+    /// Where the stages run: `local` (child processes of this one) or `ray`
+    /// (the nodes of the Ray cluster at `RAY_ADDRESS`); the pipeline's own
+    /// `runtime.backend` when absent.
+    #[arg(long, value_name = "BACKEND", value_parser = ["local", "ray"])]
+    pub backend: Option<String>,
     /// Send prompts as raw text instead of a user chat message.
     #[arg(long)]
     pub raw: bool,
@@ -166,6 +171,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         || {
             OmniLLM::from_engine_args(OmniEngineArgs {
                 model_path: args.model_path.clone(),
+                backend: crate::backend_arg(args.backend.as_deref()),
                 ..OmniEngineArgs::new(&args.pipeline)
             })
         },

@@ -124,6 +124,14 @@ impl std::fmt::Display for BadInput {
 
 impl std::error::Error for BadInput {}
 
+/// `--backend` (clap has checked it is `local` or `ray`).
+pub(crate) fn backend_arg(name: Option<&str>) -> Option<omni_core::runtime::Backend> {
+    match name? {
+        "ray" => Some(omni_core::runtime::Backend::Ray),
+        _ => Some(omni_core::runtime::Backend::Local),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

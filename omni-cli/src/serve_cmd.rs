@@ -30,6 +30,11 @@ pub struct ServeArgs {
     /// Qwen2.5-Omni folder for `--pipeline qwen2_5_omni`).
     #[arg(long, value_name = "PATH")]
     pub model_path: Option<String>,
+    /// Where the stages run: `local` (child processes of this one) or `ray`
+    /// (the nodes of the Ray cluster at `RAY_ADDRESS`); the pipeline's own
+    /// `runtime.backend` when absent.
+    #[arg(long, value_name = "BACKEND", value_parser = ["local", "ray"])]
+    pub backend: Option<String>,
     /// Address to listen on (loopback by default).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -99,6 +104,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
     }
     let omni = AsyncOmni::from_engine_args(OmniEngineArgs {
         model_path: args.model_path.clone(),
+        backend: crate::backend_arg(args.backend.as_deref()),
         max_pending_requests: Some(args.max_pending_requests),
         ..OmniEngineArgs::new(&args.pipeline)
     })

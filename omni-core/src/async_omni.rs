@@ -111,6 +111,9 @@ impl AsyncOmni {
                 stage.engine_args.model = model.clone();
             }
         }
+        if let Some(backend) = args.backend {
+            config.runtime.backend = backend;
+        }
         Self::from_config(config, &args).await
     }
 

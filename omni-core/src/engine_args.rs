@@ -37,6 +37,9 @@ pub struct OmniEngineArgs {
     /// past it `AsyncOmni::generate` refuses with `Error::Overloaded`
     /// instead of queueing without bound. `None`: no bound.
     pub max_pending_requests: Option<usize>,
+    /// When set, the stages run on this backend instead of the pipeline's
+    /// own `runtime.backend` (e.g. a built-in pipeline on a Ray cluster).
+    pub backend: Option<omni_runtime::Backend>,
 }
 
 impl Default for OmniEngineArgs {
@@ -48,6 +51,7 @@ impl Default for OmniEngineArgs {
             stage_binary: None,
             model_path: None,
             max_pending_requests: None,
+            backend: None,
         }
     }
 }

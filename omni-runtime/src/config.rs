@@ -11,7 +11,7 @@
 //!
 //! This module knows nothing of processes or sockets; it only describes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -101,6 +101,74 @@ pub struct RuntimeConfig {
     /// How the stages on one host share its cores when they run on the CPU
     /// and their `engine_args.num_threads` names no count.
     pub cpu_threads: CpuThreads,
+    /// Who starts and watches the stage processes: `local` (children of
+    /// this process, on this host) or `ray` (placed on the nodes of a Ray
+    /// cluster).
+    pub backend: Backend,
+    /// Settings of the `ray` backend.
+    pub ray: RayConfig,
+}
+
+/// Who starts and watches the stage processes (`runtime.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum Backend {
+    /// Child processes of the orchestrator, on its host.
+    #[default]
+    Local,
+    /// One Ray actor per stage, each owning its stage's process, placed by
+    /// a placement group on the nodes of a running Ray cluster (`RAY_ADDRESS`
+    /// or `runtime.ray.address`). Stages talk over `tcp://` on their nodes'
+    /// addresses, whatever `runtime.transport` says.
+    Ray,
+}
+
+/// How a Ray placement group spreads the stages' bundles over the nodes
+/// (Ray's own strategies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PlacementStrategy {
+    /// As few nodes as possible, more when needed (Ray's default).
+    #[default]
+    Pack,
+    /// Over as many nodes as possible.
+    Spread,
+    /// All on one node, or fail.
+    StrictPack,
+    /// Each on its own node, or fail.
+    StrictSpread,
+}
+
+/// `runtime.ray`: where the Ray cluster is and how stages are placed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RayConfig {
+    /// The cluster (`ray://...`, `HOST:PORT` or `auto`); `RAY_ADDRESS`,
+    /// then `auto` (a cluster started on this host), when absent.
+    pub address: Option<String>,
+    /// How the stages' bundles spread over the nodes.
+    pub placement_strategy: PlacementStrategy,
+    /// How long the cluster may take to find room for every bundle.
+    pub placement_timeout_s: u64,
+    /// The Python interpreter that runs Omni's launcher (it needs `ray`);
+    /// `OMNI_RAY_PYTHON`, then `python3`, when absent.
+    pub python: Option<String>,
+    /// The address the stages reach this process on; the address Ray
+    /// knows this host by when absent.
+    pub orchestrator_host: Option<String>,
+}
+
+impl Default for RayConfig {
+    fn default() -> Self {
+        RayConfig {
+            address: None,
+            placement_strategy: PlacementStrategy::Pack,
+            placement_timeout_s: 120,
+            python: None,
+            orchestrator_host: None,
+        }
+    }
 }
 
 /// Intra-op threads of the CPU stages on one host (`runtime.cpu_threads`).
@@ -152,6 +220,8 @@ impl Default for RuntimeConfig {
             shm_threshold_bytes: Some(DEFAULT_SHM_THRESHOLD_BYTES),
             edges: Vec::new(),
             cpu_threads: CpuThreads::All,
+            backend: Backend::Local,
+            ray: RayConfig::default(),
         }
     }
 }
@@ -166,6 +236,10 @@ pub struct StageRuntime {
     /// Device override (`cpu`, `cuda:1`), as vLLM-Omni's `runtime.devices`;
     /// wins over `engine_args.device`.
     pub devices: Option<String>,
+    /// With the `ray` backend: the resources of this stage's bundle in the
+    /// placement group, e.g. `{"GPU": 1}` or a custom resource
+    /// (`{"CPU": 1}` when empty). Ignored by the `local` backend.
+    pub resources: BTreeMap<String, f64>,
 }
 
 /// One stage of a pipeline.
@@ -629,6 +703,27 @@ impl PipelineConfig {
             if let Some(p) = &s.profiler {
                 check_backend(file, &format!("stage_args[{i}].profiler"), p)?;
             }
+            for (name, amount) in &s.runtime.resources {
+                if name.trim().is_empty() || !amount.is_finite() || *amount < 0.0 {
+                    return Err(config_err(
+                        file,
+                        &format!("stage_args[{i}].runtime.resources"),
+                        &serde_json::json!({ name: amount }),
+                        "a resource is a non-empty name and an amount of at least 0",
+                    ));
+                }
+            }
+            if self.runtime.backend == Backend::Ray {
+                if let Some(addr) = &s.runtime.address {
+                    return Err(config_err(
+                        file,
+                        &format!("stage_args[{i}].runtime.address"),
+                        &addr.clone().into(),
+                        "with runtime.backend: ray each stage listens on its node's address, \
+                         chosen when it is placed; remove the address",
+                    ));
+                }
+            }
             if let Some(addr) = &s.runtime.address {
                 check_address(
                     file,
@@ -674,6 +769,24 @@ impl PipelineConfig {
                 &Value::Bool(false),
                 "no stage has final_output: true, so a request would return nothing",
             ));
+        }
+        let ray = &self.runtime.ray;
+        if ray.placement_timeout_s == 0 {
+            return Err(config_err(
+                file,
+                "runtime.ray.placement_timeout_s",
+                &0.into(),
+                "must be at least 1 second",
+            ));
+        }
+        for (field, value) in [
+            ("runtime.ray.address", &ray.address),
+            ("runtime.ray.python", &ray.python),
+            ("runtime.ray.orchestrator_host", &ray.orchestrator_host),
+        ] {
+            if let Some(v) = value.as_ref().filter(|v| v.trim().is_empty()) {
+                return Err(config_err(file, field, &v.clone().into(), "empty"));
+            }
         }
         if self.runtime.host.trim().is_empty() {
             return Err(config_err(

@@ -205,6 +205,10 @@ pub enum Error {
     /// A profiler operation failed.
     #[error("profiler: {0}")]
     Profiler(String),
+    /// The Ray backend could not place or start the stages (the launcher's
+    /// message: the cluster, a resource, a node, a path).
+    #[error("ray backend: {0}")]
+    Ray(String),
     /// An engine error inside a stage worker (in the message, not a
     /// `source()`).
     #[error("engine: {0}")]

@@ -37,6 +37,7 @@ mod launch;
 mod locate;
 mod orchestrator;
 mod processor;
+mod ray;
 mod run_dir;
 pub mod shm;
 mod supervisor;
@@ -46,9 +47,9 @@ pub mod wire;
 mod worker;
 
 pub use config::{
-    CpuThreads, FinalOutputType, PipelineConfig, RuntimeConfig, StageConfig, StageRuntime,
-    TransportKind, DEFAULT_PROFILER_BACKEND, DEFAULT_SHM_THRESHOLD_BYTES, PROFILER_BACKENDS,
-    PROFILER_BACKEND_ENV,
+    Backend, CpuThreads, FinalOutputType, PipelineConfig, PlacementStrategy, RayConfig,
+    RuntimeConfig, StageConfig, StageRuntime, TransportKind, DEFAULT_PROFILER_BACKEND,
+    DEFAULT_SHM_THRESHOLD_BYTES, PROFILER_BACKENDS, PROFILER_BACKEND_ENV,
 };
 pub use error::{Error, Result};
 pub use launch::LaunchSpec;
@@ -58,6 +59,7 @@ pub use processor::{
     lookup as input_processor, names as input_processor_names, speakable, InputProcessor,
     ProcessorInput, SourceOutput, StageInput, THINKER_POSITIONS, THINKER_STATES,
 };
+pub use ray::RAY_PYTHON_ENV;
 pub use tensor::{byte_len, DType, HostTensor};
 pub use wire::{HealthMsg, StageMetrics, PROTOCOL_VERSION};
 pub use worker::{init_worker_tracing, run_stage_worker, stage_main};

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use zeromq::{RouterSendHalf, Socket, SocketRecv};
@@ -27,7 +28,7 @@ use omni_engine::{
 };
 use omni_profiler::ClockOffset;
 
-use crate::config::{CpuThreads, FinalOutputType, PipelineConfig, TransportKind};
+use crate::config::{Backend, CpuThreads, FinalOutputType, PipelineConfig, TransportKind};
 use crate::error::{Error, Result};
 use crate::launch::LaunchSpec;
 use crate::locate::locate_stage_binary;
@@ -109,6 +110,8 @@ pub struct StageInfo {
     pub max_model_len: usize,
     /// The address of the stage's input socket.
     pub input_address: String,
+    /// The Ray node the stage runs on (`runtime.backend: ray`).
+    pub ray_node_id: Option<String>,
 }
 
 /// One streamed output of a final-output stage for one request.
@@ -333,6 +336,283 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Variables of this process a stage started by Ray sees, as a local
+/// child would inherit them (Ray's workers have the environment their node
+/// was started with, not ours). Not `CUDA_*`: Ray sets the visible devices
+/// of each actor.
+const FORWARDED_ENV_PREFIXES: &[&str] = &[
+    "OMNI_",
+    "VLLM_",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "OMP_",
+    "MKL_",
+    "HF_",
+];
+
+/// This process's forwarded variables, then `worker_env` (which wins).
+fn forwarded_env(worker_env: &[(String, String)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| FORWARDED_ENV_PREFIXES.iter().any(|p| k.starts_with(p)))
+        .collect();
+    env.extend(worker_env.iter().cloned());
+    env
+}
+
+/// What [`Orchestrator::start`] needs to start the stages, whichever the
+/// backend.
+struct Launch<'a> {
+    config: &'a PipelineConfig,
+    opts: &'a OrchestratorOptions,
+    binary: &'a std::path::Path,
+    run_path: &'a std::path::Path,
+    token: &'a RunToken,
+    cpu_threads: Option<usize>,
+}
+
+/// The stages, started (not yet ready).
+struct Started {
+    supervisor: Supervisor,
+    router: zeromq::RouterSocket,
+    /// The orchestrator's socket's address, as the stages reach it.
+    endpoint: String,
+    /// Each stage's input address, in stage order.
+    inputs: Vec<String>,
+    /// Each stage's last log lines, in stage order.
+    tails: Vec<Arc<LogTail>>,
+    /// Each stage's Ray node, in stage order (empty when local).
+    ray_nodes: Vec<String>,
+}
+
+impl Launch<'_> {
+    /// The orchestrator's socket, bound to `bind_addr`.
+    async fn bind(bind_addr: &str) -> Result<(zeromq::RouterSocket, String)> {
+        let mut router = zeromq::RouterSocket::with_options(transport::socket_options());
+        let endpoint = router
+            .bind(bind_addr)
+            .await
+            .map_err(|e| Error::socket(bind_addr, e))?
+            .to_string();
+        Ok((router, endpoint))
+    }
+
+    /// Stage `s`'s launch spec. `shm`: the shared-memory directory it reads
+    /// from and whether it may also write there (every stage it sends to
+    /// shares its host).
+    fn spec(
+        &self,
+        s: &crate::StageConfig,
+        endpoint: &str,
+        inputs: &[String],
+        shm: Option<(PathBuf, bool)>,
+    ) -> Result<LaunchSpec> {
+        let config = self.config;
+        Ok(LaunchSpec {
+            stage: s.to_json()?,
+            pipeline: config.name.clone(),
+            num_stages: config.stages.len(),
+            orchestrator_address: endpoint.to_owned(),
+            token: self.token.as_str().to_owned(),
+            input_address: inputs[s.stage_id].clone(),
+            input_listener_fd: None,
+            downstream: config
+                .downstream_of(s.stage_id)
+                .into_iter()
+                .map(|d| (d, inputs[d].clone()))
+                .collect(),
+            streams: config.streamed_edges_from(s.stage_id),
+            shm_threshold_bytes: shm
+                .as_ref()
+                .filter(|(_, write)| *write)
+                .and(config.runtime.shm_threshold_bytes),
+            shm_dir: shm.map(|(d, _)| d),
+            parent_pid: std::process::id(),
+            run_dir: self.run_path.to_path_buf(),
+            connect_timeout_ms: self.opts.init_timeout.as_millis() as u64,
+            profiler_backend: config.profiler_backend(s.stage_id),
+            // Three quarters of ours: the worker gives up on its model
+            // thread (and says so) before we kill it.
+            stop_grace_ms: (self.opts.shutdown_grace.as_millis() as u64 * 3 / 4).max(1),
+            cpu_threads: self.cpu_threads,
+        })
+    }
+
+    /// Every stage a child process of this one, on this host.
+    async fn local(
+        &self,
+        run_dir: RunDir,
+        sup_tx: mpsc::UnboundedSender<SupervisorEvent>,
+    ) -> Result<Started> {
+        let config = self.config;
+        let shm_dir = run_dir.shm_dir();
+        let supervisor = Supervisor::start(run_dir, self.opts.shutdown_grace, sup_tx)?;
+        let transport_kind = config.runtime.transport;
+        let host = config.runtime.host.clone();
+        let bind_addr = transport::orchestrator_address(transport_kind, self.run_path, &host)?;
+        let (router, endpoint) = Self::bind(&bind_addr).await?;
+
+        let mut inputs = Vec::with_capacity(config.stages.len());
+        let mut listeners = Vec::with_capacity(config.stages.len());
+        for s in &config.stages {
+            let (addr, listener) = match (&s.runtime.address, transport_kind) {
+                (Some(a), _) => (a.clone(), None),
+                (None, TransportKind::Ipc) => (
+                    transport::ipc_address(self.run_path, &format!("stage-{}.sock", s.stage_id))?,
+                    None,
+                ),
+                (None, TransportKind::Tcp) => {
+                    let (a, l) = transport::reserve_tcp_address(&host)?;
+                    (a, Some(l))
+                }
+            };
+            inputs.push(addr);
+            listeners.push(listener);
+        }
+
+        let mut tails: Vec<Arc<LogTail>> = Vec::new();
+        for s in &config.stages {
+            // Every stage this orchestrator spawns runs on this host.
+            let shm = config
+                .runtime
+                .shm_threshold_bytes
+                .is_some()
+                .then(|| (shm_dir.clone(), true));
+            let mut spec = self.spec(s, &endpoint, &inputs, shm)?;
+            spec.input_listener_fd = listeners[s.stage_id]
+                .as_ref()
+                .map(std::os::fd::AsRawFd::as_raw_fd);
+            let spec_path = self.run_path.join(format!("stage-{}.json", s.stage_id));
+            spec.write(&spec_path)?;
+            let mut cmd = Command::new(self.binary);
+            cmd.arg("--launch").arg(&spec_path);
+            for (k, v) in &self.opts.worker_env {
+                cmd.env(k, v);
+            }
+            // The stage owns its port from here; this process lets go of it
+            // when the command is dropped, after the fork.
+            if let Some(l) = listeners[s.stage_id].take() {
+                transport::inherit_listener(&mut cmd, l);
+            }
+            let (pid, tail) = supervisor.spawn(s.stage_id, cmd).await?;
+            tracing::info!(target: "omni::runtime", stage_id = s.stage_id, pid, "stage process started");
+            tails.push(tail);
+        }
+        Ok(Started {
+            supervisor,
+            router,
+            endpoint,
+            inputs,
+            tails,
+            ray_nodes: Vec::new(),
+        })
+    }
+
+    /// Every stage on a node of a Ray cluster, in a process its own actor
+    /// owns (see [`crate::ray`]).
+    async fn on_ray(
+        &self,
+        run_dir: RunDir,
+        sup_tx: mpsc::UnboundedSender<SupervisorEvent>,
+    ) -> Result<Started> {
+        let config = self.config;
+        let ray = &config.runtime.ray;
+        let shm_dir = run_dir.shm_dir();
+        let script = self.run_path.join("omni_ray_launcher.py");
+        std::fs::write(&script, crate::ray::LAUNCHER_SOURCE)
+            .map_err(|e| Error::io("cannot write the ray launcher", &script, e))?;
+        let python = ray
+            .python
+            .clone()
+            .or_else(|| std::env::var(crate::ray::RAY_PYTHON_ENV).ok())
+            .unwrap_or_else(|| "python3".into());
+        let mut cmd = Command::new(python);
+        cmd.arg(&script);
+        if let Some(address) = &ray.address {
+            cmd.env("RAY_ADDRESS", address);
+        }
+        let tails: Vec<Arc<LogTail>> = config.stages.iter().map(|_| Arc::default()).collect();
+        let supervisor = crate::ray::start(
+            run_dir,
+            self.opts.shutdown_grace,
+            sup_tx,
+            cmd,
+            tails.clone(),
+        )?;
+        // Connecting to the cluster and placing the bundles, on top of the
+        // placement's own limit.
+        let answer_within = Duration::from_secs(ray.placement_timeout_s) + self.opts.init_timeout;
+        let placed = supervisor
+            .ray_call(crate::ray::place_request(config), "placed", answer_within)
+            .await?;
+        let placed: crate::ray::Placed = serde_json::from_value(placed)
+            .map_err(|e| Error::Ray(format!("bad `placed` answer: {e}")))?;
+        let mut at: Vec<Option<&crate::ray::Placement>> = vec![None; config.stages.len()];
+        for p in &placed.stages {
+            if let Some(slot) = at.get_mut(p.stage_id) {
+                *slot = Some(p);
+            }
+        }
+        let at: Vec<&crate::ray::Placement> = at
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| p.ok_or_else(|| Error::Ray(format!("stage {i} was not placed"))))
+            .collect::<Result<_>>()?;
+        for p in &at {
+            tracing::info!(target: "omni::runtime", stage_id = p.stage_id, node = %p.node_id, ip = %p.ip, port = p.port, "stage placed");
+        }
+        let host = ray
+            .orchestrator_host
+            .clone()
+            .unwrap_or(placed.driver.ip.clone());
+        let (router, endpoint) = Self::bind(&format!("tcp://{host}:0")).await?;
+        let inputs: Vec<String> = at
+            .iter()
+            .map(|p| format!("tcp://{}:{}", p.ip, p.port))
+            .collect();
+        let mut specs = serde_json::Map::new();
+        for s in &config.stages {
+            // Shared memory only where it is one machine's memory: the
+            // stage shares this host (it reads our directory), and it
+            // writes there only if every stage it sends to does too.
+            let here = |i: usize| at[i].host == placed.driver.host;
+            let shm =
+                (config.runtime.shm_threshold_bytes.is_some() && here(s.stage_id)).then(|| {
+                    let write = config.downstream_of(s.stage_id).into_iter().all(here);
+                    (shm_dir.clone(), write)
+                });
+            let spec = self.spec(s, &endpoint, &inputs, shm)?;
+            let spec = serde_json::to_value(&spec)
+                .map_err(|e| Error::Wire(format!("cannot encode launch spec: {e}")))?;
+            specs.insert(s.stage_id.to_string(), spec);
+        }
+        let launched = supervisor
+            .ray_call(
+                json!({
+                    "op": "launch",
+                    "binary": self.binary,
+                    "env": forwarded_env(&self.opts.worker_env),
+                    "specs": specs,
+                }),
+                "launched",
+                self.opts.init_timeout,
+            )
+            .await?;
+        for l in launched["stages"].as_array().into_iter().flatten() {
+            if let Ok(l) = serde_json::from_value::<crate::ray::LaunchedStage>(l.clone()) {
+                tracing::info!(target: "omni::runtime", stage_id = l.stage_id, pid = l.pid, "stage process started by its ray actor");
+            }
+        }
+        Ok(Started {
+            supervisor,
+            router,
+            endpoint,
+            inputs,
+            tails,
+            ray_nodes: at.iter().map(|p| p.node_id.clone()).collect(),
+        })
+    }
+}
+
 impl Orchestrator {
     /// Validates `config`, spawns one worker per stage, and waits until all
     /// are ready (or one fails, or `init_timeout` passes; the error names
@@ -345,89 +625,28 @@ impl Orchestrator {
         let shm_dir = run_dir.shm_dir();
         let shm_enabled = config.runtime.shm_threshold_bytes.is_some();
         let (sup_tx, mut sup_rx) = mpsc::unbounded_channel();
+        let token = RunToken::generate()?;
+        let launch = Launch {
+            config: &config,
+            opts: &opts,
+            binary: &binary,
+            run_path: &run_path,
+            token: &token,
+            cpu_threads: cpu_thread_share(&config, &opts.worker_env),
+        };
         // From here on the supervisor owns the run directory: any error
         // below drops it, which stops the workers and removes the directory.
-        let supervisor = Supervisor::start(run_dir, opts.shutdown_grace, sup_tx)?;
-
-        let transport_kind = config.runtime.transport;
-        let host = config.runtime.host.clone();
-        let bind_addr = transport::orchestrator_address(transport_kind, &run_path, &host)?;
-        let mut router = zeromq::RouterSocket::with_options(transport::socket_options());
-        let endpoint = router
-            .bind(&bind_addr)
-            .await
-            .map_err(|e| Error::socket(&bind_addr, e))?
-            .to_string();
-
-        let mut inputs = Vec::with_capacity(config.stages.len());
-        let mut listeners = Vec::with_capacity(config.stages.len());
-        for s in &config.stages {
-            let (addr, listener) = match (&s.runtime.address, transport_kind) {
-                (Some(a), _) => (a.clone(), None),
-                (None, TransportKind::Ipc) => (
-                    transport::ipc_address(&run_path, &format!("stage-{}.sock", s.stage_id))?,
-                    None,
-                ),
-                (None, TransportKind::Tcp) => {
-                    let (a, l) = transport::reserve_tcp_address(&host)?;
-                    (a, Some(l))
-                }
-            };
-            inputs.push(addr);
-            listeners.push(listener);
-        }
-
-        let cpu_threads = cpu_thread_share(&config, &opts.worker_env);
-        let token = RunToken::generate()?;
-        let mut tails: Vec<Arc<LogTail>> = Vec::new();
-        let mut pids = Vec::new();
-        for s in &config.stages {
-            let spec = LaunchSpec {
-                stage: s.to_json()?,
-                pipeline: config.name.clone(),
-                num_stages: config.stages.len(),
-                orchestrator_address: endpoint.clone(),
-                token: token.as_str().to_owned(),
-                input_address: inputs[s.stage_id].clone(),
-                input_listener_fd: listeners[s.stage_id]
-                    .as_ref()
-                    .map(std::os::fd::AsRawFd::as_raw_fd),
-                downstream: config
-                    .downstream_of(s.stage_id)
-                    .into_iter()
-                    .map(|d| (d, inputs[d].clone()))
-                    .collect(),
-                streams: config.streamed_edges_from(s.stage_id),
-                // Every stage this orchestrator spawns runs on this host.
-                shm_dir: shm_enabled.then(|| shm_dir.clone()),
-                shm_threshold_bytes: config.runtime.shm_threshold_bytes,
-                parent_pid: std::process::id(),
-                run_dir: run_path.clone(),
-                connect_timeout_ms: opts.init_timeout.as_millis() as u64,
-                profiler_backend: config.profiler_backend(s.stage_id),
-                // Three quarters of ours: the worker gives up on its model
-                // thread (and says so) before we kill it.
-                stop_grace_ms: (opts.shutdown_grace.as_millis() as u64 * 3 / 4).max(1),
-                cpu_threads,
-            };
-            let spec_path = run_path.join(format!("stage-{}.json", s.stage_id));
-            spec.write(&spec_path)?;
-            let mut cmd = Command::new(&binary);
-            cmd.arg("--launch").arg(&spec_path);
-            for (k, v) in &opts.worker_env {
-                cmd.env(k, v);
-            }
-            // The stage owns its port from here; this process lets go of it
-            // when the command is dropped, after the fork.
-            if let Some(l) = listeners[s.stage_id].take() {
-                transport::inherit_listener(&mut cmd, l);
-            }
-            let (pid, tail) = supervisor.spawn(s.stage_id, cmd).await?;
-            tracing::info!(target: "omni::runtime", stage_id = s.stage_id, pid, "stage process started");
-            tails.push(tail);
-            pids.push(pid);
-        }
-
+        let Started {
+            supervisor,
+            router,
+            endpoint,
+            inputs,
+            tails,
+            ray_nodes,
+        } = match config.runtime.backend {
+            Backend::Ray => launch.on_ray(run_dir, sup_tx).await?,
+            _ => launch.local(run_dir, sup_tx).await?,
+        };
         let (sender, mut receiver) = router.split();
         let (msg_tx, mut msg_rx) = mpsc::channel::<(Bytes, Vec<Bytes>)>(1024);
         let recv_endpoint = endpoint.clone();
@@ -524,6 +743,7 @@ impl Orchestrator {
                     device: r.device.clone(),
                     max_model_len: r.max_model_len,
                     input_address: inputs[s.stage_id].clone(),
+                    ray_node_id: ray_nodes.get(s.stage_id).cloned(),
                 }
             })
             .collect();

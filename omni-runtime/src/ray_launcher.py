@@ -18,9 +18,11 @@ object per line, each with an "op", on stdin and stdout:
   out: {"op":"exited","stage_id":0,"status":"exit status 3","log":[...]}
        Whenever a stage process exits, or its actor (or node) dies.
   in:  {"op":"kill","stage_id":0,"reason":"..."}   SIGKILL that stage.
-  in:  {"op":"stop","grace_ms":10000}
+  in:  {"op":"stop","grace_ms":10000,"terminate":true}
   out: {"op":"stopped"}
-       SIGTERM every stage, SIGKILL after the grace, report their exits,
+       SIGTERM every stage ("terminate": false: the orchestrator has told
+       them to shut down itself; no signal), SIGKILL after the grace, report
+       their exits,
        then remove the placement group and the actors. EOF on stdin (the
        orchestrator died), SIGTERM and SIGINT stop with a 5 s grace.
   out: {"op":"error","message":"..."}   Anything failing before "launched";
@@ -32,9 +34,13 @@ the launcher itself die, Ray removes the actors and the placement group of
 its job, and the stages die with their actors (PR_SET_PDEATHSIG).
 """
 import collections
+import ctypes
+import fcntl
 import json
 import os
 import queue
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,14 +50,19 @@ import threading
 import time
 
 # Ray prints to stdout now and then (and so could anything it starts): keep a
-# private copy of the real stdout for the protocol, send fd 1 to stderr.
-_PROTOCOL = os.fdopen(os.dup(1), "w", encoding="utf-8")
+# private copy of the real stdout for the protocol (not inherited by
+# children), send fd 1 to stderr.
+_PROTOCOL_FD = os.dup(1)
 os.dup2(2, 1)
 sys.stdout = sys.stderr
-# Every stage line matters when diagnosing a failure: no "[repeated Nx]".
+# Every stage line matters when diagnosing a failure: no "[repeated Nx]";
+# and the lines go to a log, not a terminal: no colour codes.
 os.environ["RAY_DEDUP_LOGS"] = "0"
+os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 LOG_TAIL_LINES = 25  # as the Rust supervisor keeps
+STAGE_DIR_PREFIX = "omni-ray-stage-"
+OWNER_LOCK = "owner.lock"  # held (flock) by the actor that owns a stage directory
 EOF_GRACE_S = 5.0  # stop grace on EOF or a signal
 STOP_SLACK_S = 10.0  # beyond the grace, for actors to kill and report
 POLL_S = 0.05
@@ -62,8 +73,13 @@ SIGNAL_NAMES = {getattr(signal, n): n for n in (
 
 
 def send(obj: dict) -> None:
-    _PROTOCOL.write(json.dumps(obj) + "\n")
-    _PROTOCOL.flush()
+    """Writes one protocol line (unbuffered: nothing is left to flush at exit)."""
+    data = (json.dumps(obj) + "\n").encode()
+    try:
+        while data:
+            data = data[os.write(_PROTOCOL_FD, data):]
+    except OSError as e:  # the orchestrator is gone: go on cleaning up
+        log(f"cannot send {obj.get('op')!r}: {e}")
 
 
 def log(msg: str) -> None:
@@ -88,8 +104,13 @@ def describe(returncode: int) -> str:
     return f"killed by signal {sig} ({SIGNAL_NAMES.get(sig, 'signal')})"
 
 
+# Lines of Ray's actor errors that only identify the actor.
+_NOISE = re.compile(r"(class_name|actor_id|namespace|pid):")
+
+
 def one_line(e: BaseException) -> str:
-    text = "; ".join(part.strip() for part in str(e).splitlines() if part.strip())
+    parts = (p.strip() for p in str(e).splitlines())
+    text = "; ".join(p for p in parts if p and not _NOISE.match(p))
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
@@ -99,6 +120,36 @@ try:
 except ImportError as e:
     send({"op": "error", "message": f"cannot import ray ({sys.executable}): {e}"})
     sys.exit(1)
+
+
+def sweep_stale_stage_dirs() -> None:
+    """Removes this user's stage directories on this node whose owner is
+    gone: a stage whose actor or node was killed (Ray SIGKILLs a dead
+    worker's children) had no chance to remove its own. The owner's flock
+    says whether it lives, as for the orchestrator's run directories."""
+    tmp = tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(STAGE_DIR_PREFIX):
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            st = os.lstat(path)
+            if not os.path.isdir(path) or os.path.islink(path) or st.st_uid != os.geteuid():
+                continue
+            fd = os.open(os.path.join(path, OWNER_LOCK), os.O_RDONLY)
+        except OSError:
+            continue  # no lock to judge by: not ours to remove
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its owner lives
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
 
 
 # max_concurrency: wait() blocks for the stage's whole life, while kill()
@@ -114,6 +165,7 @@ class StageActor:
         self.run_dir = None
         self.tail = collections.deque(maxlen=LOG_TAIL_LINES)
         self.pump = None
+        self.lock_fd = None
 
     def reserve(self) -> dict:
         # The stage's input port, bound now so the orchestrator can tell every
@@ -129,12 +181,15 @@ class StageActor:
 
     def launch(self, binary: str, env: list, spec: dict) -> dict:
         """Starts the stage; {"pid": N} or {"error": why}."""
-        import ctypes
-
         n = self.stage_id
         where = f"stage {n} on {ray.util.get_node_ip_address()}"
         try:
-            self.run_dir = tempfile.mkdtemp(prefix=f"omni-ray-stage-{n}-")  # mode 0700
+            sweep_stale_stage_dirs()
+            self.run_dir = tempfile.mkdtemp(prefix=f"{STAGE_DIR_PREFIX}{n}-")  # mode 0700
+            # Held for the actor's life; the kernel lets go when it dies.
+            self.lock_fd = os.open(os.path.join(self.run_dir, OWNER_LOCK),
+                                   os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
             fd = self.listener.fileno()
             spec = dict(spec, parent_pid=os.getpid(), run_dir=self.run_dir, input_listener_fd=fd)
             path = os.path.join(self.run_dir, f"stage-{n}.json")
@@ -187,9 +242,10 @@ class StageActor:
             print(f"[stage {self.stage_id}] killing it: {reason}", file=sys.stderr, flush=True)
             self.proc.kill()  # wait() reports the exit
 
-    def terminate(self, grace_s: float) -> None:
+    def terminate(self, grace_s: float, signal_now: bool = True) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            if signal_now:
+                self.proc.terminate()
             try:
                 self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
@@ -202,9 +258,11 @@ class StageActor:
             self.listener.close()
         if self.run_dir is not None:
             # The stage may have removed it already.
-            import shutil
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
 
     def __del__(self):
         # Only on an orderly actor exit; ray.kill ends the process outright.
@@ -234,23 +292,16 @@ class Launcher:
     def run(self) -> int:
         threading.Thread(target=self._read_stdin, daemon=True).start()
         try:
-            try:
-                ray.init(address=os.environ.get("RAY_ADDRESS") or "auto",
-                         log_to_driver=True, namespace=None)
-            except Exception as e:
-                raise LaunchError(f"cannot connect to the Ray cluster at "
-                                  f"{os.environ.get('RAY_ADDRESS') or 'auto'}: {one_line(e)}")
-            # After ray.init, which installs its own SIGTERM handler.
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._on_signal)
+            self._connect()
             self._place(self._next_request("place"))
             self._launch(self._next_request("launch"))
             self._supervise()
             self._release()
             send({"op": "stopped"})
             return 0
-        except StopRequested as e:
-            log(f"stopping before launch: {e}")
+        except (StopRequested, KeyboardInterrupt, SystemExit) as e:
+            # (SystemExit: Ray's SIGTERM handler, in place during ray.init.)
+            log(f"stopping before launch: {e!r}")
             self._release(grace_s=1.0)
             send({"op": "stopped"})
             return 0
@@ -262,6 +313,17 @@ class Launcher:
         finally:
             if ray.is_initialized():
                 ray.shutdown()
+
+    def _connect(self) -> None:
+        address = os.environ.get("RAY_ADDRESS") or "auto"
+        try:
+            probe_gcs(address)
+            ray.init(address=address, log_to_driver=True, namespace=None)
+        except Exception as e:
+            raise LaunchError(f"cannot connect to the Ray cluster at {address}: {one_line(e)}")
+        # After ray.init, which installs a SIGTERM handler of its own.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
 
     # -- input -------------------------------------------------------------
 
@@ -392,11 +454,12 @@ class Launcher:
         waits = {a.wait.remote(): sid for sid, a in self.actors.items()}
         terminating, deadline = [], None
         while True:
-            grace_s = self._poll_requests(block_s=0 if waits else POLL_S)
-            if grace_s is not None and deadline is None:
+            stop = self._poll_requests(block_s=0 if waits else POLL_S)
+            if stop is not None and deadline is None:
+                grace_s, signal_now = stop
                 log(f"stopping the stages (grace {grace_s:g} s)")
                 # Every actor, exited stage or not: terminate also removes its run dir.
-                terminating = [a.terminate.remote(grace_s) for a in self.actors.values()]
+                terminating = [a.terminate.remote(grace_s, signal_now) for a in self.actors.values()]
                 deadline = time.monotonic() + grace_s + STOP_SLACK_S
             if waits:
                 ready, _ = ray.wait(list(waits), num_returns=1, timeout=POLL_S)
@@ -415,7 +478,8 @@ class Launcher:
                 return
 
     def _poll_requests(self, block_s: float):
-        """Handles queued requests; returns a stop's grace in seconds, if one came."""
+        """Handles queued requests; returns a stop's (grace in seconds, whether
+        to signal the stages now), if one came."""
         timeout = block_s
         while not self.signalled:
             try:
@@ -424,19 +488,19 @@ class Launcher:
                 return None
             timeout = 0
             if line is None:
-                return EOF_GRACE_S
+                return EOF_GRACE_S, True
             req = parse(line)
             if req is None:
                 log(f"ignoring a bad request line: {line.strip()[:200]}")
             elif req["op"] == "stop":
                 grace_ms = req.get("grace_ms", 10000)
                 ok = isinstance(grace_ms, (int, float)) and grace_ms >= 0
-                return grace_ms / 1000 if ok else EOF_GRACE_S
+                return (grace_ms / 1000 if ok else EOF_GRACE_S), req.get("terminate") is not False
             elif req["op"] == "kill" and req.get("stage_id") in self.actors:
                 self.actors[req["stage_id"]].kill.remote(str(req.get("reason", "")))
             else:
                 log(f"ignoring request {req}")
-        return EOF_GRACE_S
+        return EOF_GRACE_S, True
 
     def _report_exit(self, sid: int, ref) -> None:
         try:
@@ -450,8 +514,11 @@ class Launcher:
         if not ray.is_initialized():
             return
         if grace_s and self.actors:
-            refs = [a.terminate.remote(grace_s) for a in self.actors.values()]
-            ray.wait(refs, num_returns=len(refs), timeout=grace_s + 5)
+            try:
+                refs = [a.terminate.remote(grace_s) for a in self.actors.values()]
+                ray.wait(refs, num_returns=len(refs), timeout=grace_s + 5)
+            except Exception as e:
+                log(f"cannot stop the stage actors: {one_line(e)}")
         if self.pg is not None:
             try:
                 ray.util.remove_placement_group(self.pg)
@@ -462,6 +529,19 @@ class Launcher:
                 ray.kill(a, no_restart=True)
             except Exception as e:
                 log(f"cannot kill a stage actor: {one_line(e)}")
+
+
+def probe_gcs(address: str) -> None:
+    """Fails fast when nothing listens at the cluster's address: ray.init
+    would retry an unreachable GCS for many minutes."""
+    try:  # a private helper: where it has moved, leave it to ray.init
+        from ray._private.services import canonicalize_bootstrap_address_or_die as resolve
+    except ImportError:
+        return
+    if "://" in address:  # Ray Client
+        return
+    host, _, port = resolve(address).rpartition(":")
+    socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
 
 
 def parse(line: str):

@@ -38,7 +38,7 @@ const LOG_TAIL_LINES: usize = 25;
 pub(crate) struct LogTail(Mutex<VecDeque<String>>);
 
 impl LogTail {
-    fn push(&self, line: String) {
+    pub(crate) fn push(&self, line: String) {
         if let Ok(mut q) = self.0.lock() {
             if q.len() == LOG_TAIL_LINES {
                 q.pop_front();
@@ -78,7 +78,7 @@ pub(crate) enum SupervisorEvent {
     AllExited,
 }
 
-enum Cmd {
+pub(crate) enum Cmd {
     Spawn {
         stage_id: usize,
         command: Box<Command>,
@@ -91,6 +91,13 @@ enum Cmd {
     Kill {
         stage_id: usize,
         reason: String,
+    },
+    /// One request to the Ray launcher (`crate::ray`), answered by its
+    /// line whose `op` is `expect`.
+    Ray {
+        request: serde_json::Value,
+        expect: &'static str,
+        reply: oneshot::Sender<Result<serde_json::Value>>,
     },
 }
 
@@ -109,20 +116,56 @@ pub(crate) struct Supervisor {
 }
 
 impl Supervisor {
+    /// A supervisor whose thread is `body` (it owns `run_dir` and removes it
+    /// at the end): [`start`](Self::start)'s, or the Ray backend's.
+    pub(crate) fn start_with(
+        name: &str,
+        body: impl FnOnce(std_mpsc::Receiver<Cmd>) + Send + 'static,
+    ) -> Result<Self> {
+        let (tx, rx) = std_mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || body(rx))
+            .map_err(|e| Error::io("cannot start the supervisor thread", name.to_owned(), e))?;
+        Ok(Supervisor {
+            cmd: tx,
+            thread: Some(thread),
+        })
+    }
+
+    /// Sends `request` to the Ray launcher and waits (at most `timeout`) for
+    /// its answer, the line whose `op` is `expect`.
+    pub(crate) async fn ray_call(
+        &self,
+        request: serde_json::Value,
+        expect: &'static str,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        let (reply, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Ray {
+                request,
+                expect,
+                reply,
+            })
+            .map_err(|_| Error::ShutDown(": the supervisor thread is gone".into()))?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::ShutDown(": the supervisor thread is gone".into())),
+            Err(_) => Err(Error::Ray(format!(
+                "the launcher did not answer `{expect}` within {timeout:?}"
+            ))),
+        }
+    }
+
     /// Starts the thread; it owns `run_dir` and removes it at the end.
     pub(crate) fn start(
         run_dir: RunDir,
         grace: Duration,
         events: mpsc::UnboundedSender<SupervisorEvent>,
     ) -> Result<Self> {
-        let (tx, rx) = std_mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("omni-supervisor".into())
-            .spawn(move || supervise(rx, run_dir, grace, events))
-            .map_err(|e| Error::io("cannot start the supervisor thread", "omni-supervisor", e))?;
-        Ok(Supervisor {
-            cmd: tx,
-            thread: Some(thread),
+        Self::start_with("omni-supervisor", move |rx| {
+            supervise(rx, run_dir, grace, events)
         })
     }
 
@@ -224,6 +267,11 @@ fn supervise(
                     terminate_all(&mut children);
                 }
             }
+            Ok(Cmd::Ray { reply, .. }) => {
+                let _ = reply.send(Err(Error::Ray(
+                    "this pipeline's stages are local processes".into(),
+                )));
+            }
             Ok(Cmd::Kill { stage_id, reason }) => {
                 // A stage being stopped is left to the stop's deadline.
                 if deadline.is_none() {
@@ -302,16 +350,10 @@ fn supervise(
     }
 }
 
-fn spawn_child(
-    stage_id: usize,
-    mut command: Command,
-    children: &mut Vec<Watched>,
-) -> Result<(u32, Arc<LogTail>)> {
+/// Makes the process `command` starts die with this thread (SIGTERM), and
+/// never outlive this process even if it dies between fork and exec.
+pub(crate) fn die_with_parent(command: &mut Command) {
     let parent = std::process::id();
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
     // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between
     // fork and exec.
     unsafe {
@@ -334,6 +376,18 @@ fn spawn_child(
             Ok(())
         });
     }
+}
+
+fn spawn_child(
+    stage_id: usize,
+    mut command: Command,
+    children: &mut Vec<Watched>,
+) -> Result<(u32, Arc<LogTail>)> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    die_with_parent(&mut command);
     let program = command.get_program().to_owned();
     let mut child = command.spawn().map_err(|cause| Error::Spawn {
         stage_id,

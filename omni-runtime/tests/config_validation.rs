@@ -1,7 +1,9 @@
 //! Pipeline configs: the built-ins load, vLLM-Omni's layout parses, and
 //! every kind of bad config is an error that names file, field and value.
 
-use omni_runtime::{CpuThreads, Error, FinalOutputType, PipelineConfig, TransportKind};
+use omni_runtime::{
+    Backend, CpuThreads, Error, FinalOutputType, PipelineConfig, PlacementStrategy, TransportKind,
+};
 
 fn yaml(text: &str) -> Result<PipelineConfig, Error> {
     PipelineConfig::from_yaml_str(text, "test.yaml", "test")
@@ -408,5 +410,73 @@ fn cpu_threads_is_all_or_split() -> Result<(), String> {
     assert!(e.to_string().contains("half"), "{e}");
     let builtin = PipelineConfig::builtin("qwen2_5_omni").map_err(|e| e.to_string())?;
     assert_eq!(builtin.runtime.cpu_threads, CpuThreads::Split);
+    Ok(())
+}
+
+#[test]
+fn the_ray_backend_is_configured_and_checked() -> Result<(), String> {
+    let two = "stage_args:\n  - {stage_id: 0}\n  - {stage_id: 1, engine_input_source: [0], final_output: true}\n";
+    let local = yaml(two).map_err(|e| e.to_string())?;
+    assert_eq!(local.runtime.backend, Backend::Local);
+    let ray = yaml(
+        "runtime:\n  backend: ray\n  ray: {address: '10.0.0.1:6379', placement_strategy: STRICT_SPREAD}\n\
+         stage_args:\n  - {stage_id: 0, runtime: {resources: {GPU: 1, thinker_node: 1}}}\n\
+         \x20 - {stage_id: 1, engine_input_source: [0], final_output: true, runtime: {resources: {CPU: 2}}}\n",
+    )
+    .map_err(|e| e.to_string())?;
+    assert_eq!(ray.runtime.backend, Backend::Ray);
+    assert_eq!(
+        ray.runtime.ray.placement_strategy,
+        PlacementStrategy::StrictSpread
+    );
+    assert_eq!(ray.runtime.ray.address.as_deref(), Some("10.0.0.1:6379"));
+    assert_eq!(ray.stages[0].runtime.resources.get("GPU"), Some(&1.0));
+    // The resources reach the worker with the rest of the stage.
+    let back = omni_runtime::StageConfig::from_json(
+        "launch.json",
+        "stage",
+        &ray.stages[0].to_json().map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    assert_eq!(back.runtime.resources, ray.stages[0].runtime.resources);
+
+    let with = |runtime: &str, stage0: &str| {
+        yaml(&format!(
+            "runtime: {runtime}\nstage_args:\n  - {{stage_id: 0, {stage0}}}\n  - {{stage_id: 1, engine_input_source: [0], final_output: true}}\n"
+        ))
+    };
+    let (f, v, r) = field_error(with("{backend: ray}", "runtime: {resources: {GPU: -1}}"))?;
+    assert!(
+        f == "stage_args[0].runtime.resources" && v.contains("-1") && r.contains("at least 0"),
+        "{f} {v} {r}"
+    );
+    let (f, v, r) = field_error(with(
+        "{backend: ray}",
+        "runtime: {address: 'tcp://10.0.0.2:5000'}",
+    ))?;
+    assert!(
+        f == "stage_args[0].runtime.address" && v.contains("10.0.0.2") && r.contains("node"),
+        "{f} {v} {r}"
+    );
+    let (f, _, _) = field_error(with(
+        "{backend: ray, ray: {placement_timeout_s: 0}}",
+        "final_output: false",
+    ))?;
+    assert_eq!(f, "runtime.ray.placement_timeout_s");
+    let (f, _, _) = field_error(with(
+        "{backend: ray, ray: {python: ''}}",
+        "final_output: false",
+    ))?;
+    assert_eq!(f, "runtime.ray.python");
+    for (bad, named) in [
+        ("{backend: slurm}", "slurm"),
+        ("{ray: {placement_strategy: RANDOM}}", "RANDOM"),
+        ("{ray: {nodes: 2}}", "nodes"),
+    ] {
+        let e = with(bad, "final_output: false")
+            .err()
+            .ok_or(format!("{bad} was accepted"))?;
+        assert!(e.to_string().contains(named), "{bad}: {e}");
+    }
     Ok(())
 }

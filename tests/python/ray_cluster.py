@@ -56,13 +56,17 @@ def on_signal(signum, _frame):
     raise SystemExit(0)
 
 
+def handle_signals(handler) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
 def main() -> int:
     names = sys.argv[1:]
     if len(set(names)) != len(names):
         print(f"node resource names must be distinct: {names}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    handle_signals(on_signal)
 
     cluster = None
     try:
@@ -76,6 +80,9 @@ def main() -> int:
             for name in names
         }
         cluster.wait_for_nodes()
+        # Each node installs a SIGTERM handler that stops only itself and
+        # exits 1: take SIGTERM back.
+        handle_signals(on_signal)
         print(f"ray_cluster: {len(names) + 1} nodes up in "
               f"{time.monotonic() - started:.1f} s at {cluster.address}", file=sys.stderr)
         send({
@@ -117,8 +124,7 @@ def main() -> int:
         if cluster is not None:
             # Ignore further signals: a second SIGTERM must not interrupt
             # the shutdown and leave raylets behind.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            handle_signals(signal.SIG_IGN)
             cluster.shutdown()
 
 

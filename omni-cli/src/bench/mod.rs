@@ -80,6 +80,9 @@ pub enum Reference {
     /// HF transformers `generate` (fp32, same GGUF weights), stage after
     /// stage, in a Python child process.
     Hf,
+    /// Omni itself on the local backend (child processes): what another
+    /// `--backend` costs.
+    Local,
     /// Omni alone.
     None,
 }
@@ -100,6 +103,10 @@ pub struct PipelineBench {
     /// The reference run in the same invocation.
     #[arg(long, value_enum, default_value = "hf")]
     pub reference: Reference,
+    /// Where Omni's stages run: `local` or `ray` (the cluster at
+    /// `RAY_ADDRESS`); the pipeline's own `runtime.backend` when absent.
+    #[arg(long, value_name = "BACKEND", value_parser = ["local", "ray"])]
+    pub backend: Option<String>,
     #[command(flatten)]
     pub python: PythonFlags,
     /// Print one JSON object per system and batch size.

@@ -50,39 +50,57 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
             b.pipeline
         );
     }
-    let config = PipelineConfig::resolve(&b.pipeline)
+    let mut config = PipelineConfig::resolve(&b.pipeline)
         .with_context(|| format!("pipeline {:?}", b.pipeline))?;
-    let omni = start(config, format!("pipeline {:?}", b.pipeline))?;
-    // Warm-up: first-call costs (allocator, kernels) out of the numbers.
-    run_batch(&omni, 1, 4).context("warm-up")?;
-    let mut ours = Vec::new();
-    for &n in &b.prompts {
-        let (wall_s, tokens) = run_batch(&omni, n, b.max_tokens)?;
-        tracing::info!(prompts = n, wall_s, tokens, "omni batch done");
-        ours.push(Row {
-            prompts: n,
-            wall_s,
-            tokens,
-        });
+    if let Some(backend) = crate::backend_arg(b.backend.as_deref()) {
+        config.runtime.backend = backend;
     }
-    omni.shutdown().context("stopping the pipeline")?;
-
-    let reference = match b.reference {
-        Reference::Hf => hf_reference(&b)?,
-        Reference::None => Vec::new(),
+    let backend = format!("{:?}", config.runtime.backend).to_lowercase();
+    let reference_config = {
+        let mut c = config.clone();
+        c.runtime.backend = omni_core::runtime::Backend::Local;
+        c
+    };
+    let (start_s, ours) = measure(
+        config,
+        &b,
+        &format!("pipeline {:?} ({backend})", b.pipeline),
+    )?;
+    let (reference_start_s, reference, label) = match b.reference {
+        Reference::Hf => (None, hf_reference(&b)?, "HF"),
+        Reference::Local => {
+            let (s, rows) = measure(
+                reference_config,
+                &b,
+                &format!("pipeline {:?} (local)", b.pipeline),
+            )?;
+            (Some(s), rows, "local")
+        }
+        Reference::None => (None, Vec::new(), "-"),
     };
 
     if b.json {
         for r in &ours {
-            println!("{}", r.json("omni"));
+            let mut j = r.json("omni");
+            j["backend"] = backend.clone().into();
+            j["start_s"] = start_s.into();
+            println!("{j}");
         }
         for r in &reference {
-            println!("{}", r.json("hf"));
+            let mut j = r.json(if label == "HF" { "hf" } else { "omni-local" });
+            if let Some(s) = reference_start_s {
+                j["start_s"] = s.into();
+            }
+            println!("{j}");
         }
         return Ok(());
     }
+    match reference_start_s {
+        Some(r) => println!("start-up: omni ({backend}) {start_s:.2} s, {label} {r:.2} s\n"),
+        None => println!("start-up: omni ({backend}) {start_s:.2} s\n"),
+    }
     println!(
-        "| prompts | omni wall s | omni prompts/s | omni tok/s | HF wall s | HF prompts/s | HF tok/s | omni / HF |"
+        "| prompts | omni wall s | omni prompts/s | omni tok/s | {label} wall s | {label} prompts/s | {label} tok/s | omni / {label} |"
     );
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &ours {
@@ -105,6 +123,32 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Starts the pipeline (timed: spawning or placing the stages and loading
+/// the models), warms it up, and runs every batch size.
+fn measure(
+    config: PipelineConfig,
+    b: &PipelineBench,
+    label: &str,
+) -> anyhow::Result<(f64, Vec<Row>)> {
+    let started = std::time::Instant::now();
+    let omni = start(config, label.to_owned())?;
+    let start_s = started.elapsed().as_secs_f64();
+    // Warm-up: first-call costs (allocator, kernels) out of the numbers.
+    run_batch(&omni, 1, 4).context("warm-up")?;
+    let mut rows = Vec::new();
+    for &n in &b.prompts {
+        let (wall_s, tokens) = run_batch(&omni, n, b.max_tokens)?;
+        tracing::info!(prompts = n, wall_s, tokens, label, "omni batch done");
+        rows.push(Row {
+            prompts: n,
+            wall_s,
+            tokens,
+        });
+    }
+    omni.shutdown().context("stopping the pipeline")?;
+    Ok((start_s, rows))
 }
 
 fn hf_reference(b: &PipelineBench) -> anyhow::Result<Vec<Row>> {
