@@ -79,8 +79,8 @@ pub struct GenerateArgs {
     /// Where the stages run: `local` (child processes of this one) or `ray`
     /// (the nodes of the Ray cluster at `RAY_ADDRESS`); the pipeline's own
     /// `runtime.backend` when absent.
-    #[arg(long, value_name = "BACKEND", value_parser = ["local", "ray"])]
-    pub backend: Option<String>,
+    #[arg(long, value_enum)]
+    pub backend: Option<crate::BackendArg>,
     /// Send prompts as raw text instead of a user chat message.
     #[arg(long)]
     pub raw: bool,
@@ -171,7 +171,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         || {
             OmniLLM::from_engine_args(OmniEngineArgs {
                 model_path: args.model_path.clone(),
-                backend: crate::backend_arg(args.backend.as_deref()),
+                backend: args.backend.map(Into::into),
                 ..OmniEngineArgs::new(&args.pipeline)
             })
         },

@@ -124,11 +124,21 @@ impl std::fmt::Display for BadInput {
 
 impl std::error::Error for BadInput {}
 
-/// `--backend` (clap has checked it is `local` or `ray`).
-pub(crate) fn backend_arg(name: Option<&str>) -> Option<omni_core::runtime::Backend> {
-    match name? {
-        "ray" => Some(omni_core::runtime::Backend::Ray),
-        _ => Some(omni_core::runtime::Backend::Local),
+/// `--backend`: where the stages run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendArg {
+    /// Child processes of this one, on this host.
+    Local,
+    /// The nodes of the Ray cluster at `RAY_ADDRESS`.
+    Ray,
+}
+
+impl From<BackendArg> for omni_core::runtime::Backend {
+    fn from(b: BackendArg) -> Self {
+        match b {
+            BackendArg::Local => omni_core::runtime::Backend::Local,
+            BackendArg::Ray => omni_core::runtime::Backend::Ray,
+        }
     }
 }
 

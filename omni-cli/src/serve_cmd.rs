@@ -33,8 +33,8 @@ pub struct ServeArgs {
     /// Where the stages run: `local` (child processes of this one) or `ray`
     /// (the nodes of the Ray cluster at `RAY_ADDRESS`); the pipeline's own
     /// `runtime.backend` when absent.
-    #[arg(long, value_name = "BACKEND", value_parser = ["local", "ray"])]
-    pub backend: Option<String>,
+    #[arg(long, value_enum)]
+    pub backend: Option<crate::BackendArg>,
     /// Address to listen on (loopback by default).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -104,7 +104,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
     }
     let omni = AsyncOmni::from_engine_args(OmniEngineArgs {
         model_path: args.model_path.clone(),
-        backend: crate::backend_arg(args.backend.as_deref()),
+        backend: args.backend.map(Into::into),
         max_pending_requests: Some(args.max_pending_requests),
         ..OmniEngineArgs::new(&args.pipeline)
     })

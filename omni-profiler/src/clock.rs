@@ -24,6 +24,7 @@ static SKEW_US: AtomicI64 = AtomicI64::new(0);
 /// [`now_unix_us`] — by `skew_us`, as if its system clock were that far off
 /// (a stage on another host whose clock is not synchronized). For tests of
 /// clock-offset correction only; call it before profiling starts.
+#[doc(hidden)]
 pub fn set_clock_skew_for_tests(skew_us: i64) {
     SKEW_US.store(skew_us, Ordering::Relaxed);
 }

@@ -713,6 +713,15 @@ impl PipelineConfig {
                     ));
                 }
             }
+            let resources = &s.runtime.resources;
+            if !resources.is_empty() && resources.values().all(|&a| a == 0.0) {
+                return Err(config_err(
+                    file,
+                    &format!("stage_args[{i}].runtime.resources"),
+                    &serde_json::to_value(resources).unwrap_or(Value::Null),
+                    "a bundle must ask for something (leave it empty for {\"CPU\": 1})",
+                ));
+            }
             if self.runtime.backend == Backend::Ray {
                 if let Some(addr) = &s.runtime.address {
                     return Err(config_err(
@@ -771,12 +780,12 @@ impl PipelineConfig {
             ));
         }
         let ray = &self.runtime.ray;
-        if ray.placement_timeout_s == 0 {
+        if !(1..=86_400).contains(&ray.placement_timeout_s) {
             return Err(config_err(
                 file,
                 "runtime.ray.placement_timeout_s",
-                &0.into(),
-                "must be at least 1 second",
+                &ray.placement_timeout_s.into(),
+                "must be 1 to 86400 seconds",
             ));
         }
         for (field, value) in [

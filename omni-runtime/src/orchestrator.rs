@@ -258,6 +258,9 @@ struct Inner {
     shm_dir: Option<PathBuf>,
     /// The run's secret: stages present it, foreign peers are dropped.
     token: RunToken,
+    /// Whether each stage runs on this host (every local one; a Ray stage
+    /// whose actor read our shared-memory probe).
+    on_our_host: Vec<bool>,
 }
 
 /// Owns the stage processes of one pipeline. Dropping it shuts the stages
@@ -340,15 +343,8 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 /// child would inherit them (Ray's workers have the environment their node
 /// was started with, not ours). Not `CUDA_*`: Ray sets the visible devices
 /// of each actor.
-const FORWARDED_ENV_PREFIXES: &[&str] = &[
-    "OMNI_",
-    "VLLM_",
-    "RUST_LOG",
-    "RUST_BACKTRACE",
-    "OMP_",
-    "MKL_",
-    "HF_",
-];
+/// Nor `OMP_*`: Ray sets an actor's threads to its bundle's CPUs.
+const FORWARDED_ENV_PREFIXES: &[&str] = &["OMNI_", "VLLM_", "RUST_LOG", "RUST_BACKTRACE", "HF_"];
 
 /// This process's forwarded variables, then `worker_env` (which wins).
 fn forwarded_env(worker_env: &[(String, String)]) -> Vec<(String, String)> {
@@ -382,6 +378,8 @@ struct Started {
     tails: Vec<Arc<LogTail>>,
     /// Each stage's Ray node, in stage order (empty when local).
     ray_nodes: Vec<String>,
+    /// Whether each stage runs on this host, in stage order.
+    on_our_host: Vec<bool>,
 }
 
 impl Launch<'_> {
@@ -502,6 +500,7 @@ impl Launch<'_> {
             router,
             endpoint,
             inputs,
+            on_our_host: vec![true; config.stages.len()],
             tails,
             ray_nodes: Vec::new(),
         })
@@ -518,8 +517,19 @@ impl Launch<'_> {
         let ray = &config.runtime.ray;
         let shm_dir = run_dir.shm_dir();
         let script = self.run_path.join("omni_ray_launcher.py");
-        std::fs::write(&script, crate::ray::LAUNCHER_SOURCE)
-            .map_err(|e| Error::io("cannot write the ray launcher", &script, e))?;
+        // A probe only a process that shares our shared memory reads back.
+        let probe = shm_dir.join(".ray-probe");
+        let nonce = RunToken::generate()?.as_str().to_owned();
+        let written = std::fs::write(&script, crate::ray::LAUNCHER_SOURCE)
+            .map_err(|e| Error::io("cannot write the ray launcher", &script, e))
+            .and_then(|()| {
+                std::fs::write(&probe, &nonce)
+                    .map_err(|e| Error::io("cannot write the shared-memory probe", &probe, e))
+            });
+        if let Err(e) = written {
+            run_dir.remove();
+            return Err(e);
+        }
         let python = ray
             .python
             .clone()
@@ -542,7 +552,11 @@ impl Launch<'_> {
         // placement's own limit.
         let answer_within = Duration::from_secs(ray.placement_timeout_s) + self.opts.init_timeout;
         let placed = supervisor
-            .ray_call(crate::ray::place_request(config), "placed", answer_within)
+            .ray_call(
+                crate::ray::place_request(config, Some((&probe, &nonce))),
+                "placed",
+                answer_within,
+            )
             .await?;
         let placed: crate::ray::Placed = serde_json::from_value(placed)
             .map_err(|e| Error::Ray(format!("bad `placed` answer: {e}")))?;
@@ -564,22 +578,23 @@ impl Launch<'_> {
             .orchestrator_host
             .clone()
             .unwrap_or(placed.driver.ip.clone());
-        let (router, endpoint) = Self::bind(&format!("tcp://{host}:0")).await?;
+        let (router, endpoint) = Self::bind(&crate::ray::tcp_address(&host, 0)).await?;
         let inputs: Vec<String> = at
             .iter()
-            .map(|p| format!("tcp://{}:{}", p.ip, p.port))
+            .map(|p| crate::ray::tcp_address(&p.ip, p.port))
             .collect();
+        let on_our_host: Vec<bool> = at
+            .iter()
+            .map(|p| p.shares_shm && p.host == placed.driver.host)
+            .collect();
+        let access = crate::ray::shm_access(config, &on_our_host);
         let mut specs = serde_json::Map::new();
         for s in &config.stages {
-            // Shared memory only where it is one machine's memory: the
-            // stage shares this host (it reads our directory), and it
-            // writes there only if every stage it sends to does too.
-            let here = |i: usize| at[i].host == placed.driver.host;
-            let shm =
-                (config.runtime.shm_threshold_bytes.is_some() && here(s.stage_id)).then(|| {
-                    let write = config.downstream_of(s.stage_id).into_iter().all(here);
-                    (shm_dir.clone(), write)
-                });
+            let shm = match access[s.stage_id] {
+                crate::ray::ShmAccess::None => None,
+                crate::ray::ShmAccess::Read => Some((shm_dir.clone(), false)),
+                crate::ray::ShmAccess::ReadWrite => Some((shm_dir.clone(), true)),
+            };
             let spec = self.spec(s, &endpoint, &inputs, shm)?;
             let spec = serde_json::to_value(&spec)
                 .map_err(|e| Error::Wire(format!("cannot encode launch spec: {e}")))?;
@@ -609,6 +624,7 @@ impl Launch<'_> {
             inputs,
             tails,
             ray_nodes: at.iter().map(|p| p.node_id.clone()).collect(),
+            on_our_host,
         })
     }
 }
@@ -632,7 +648,12 @@ impl Orchestrator {
             binary: &binary,
             run_path: &run_path,
             token: &token,
-            cpu_threads: cpu_thread_share(&config, &opts.worker_env),
+            // Ray gives each stage its bundle's CPUs as threads; this host's
+            // cores are not the nodes'.
+            cpu_threads: match config.runtime.backend {
+                Backend::Ray => None,
+                Backend::Local => cpu_thread_share(&config, &opts.worker_env),
+            },
         };
         // From here on the supervisor owns the run directory: any error
         // below drops it, which stops the workers and removes the directory.
@@ -643,9 +664,10 @@ impl Orchestrator {
             inputs,
             tails,
             ray_nodes,
+            on_our_host,
         } = match config.runtime.backend {
             Backend::Ray => launch.on_ray(run_dir, sup_tx).await?,
-            _ => launch.local(run_dir, sup_tx).await?,
+            Backend::Local => launch.local(run_dir, sup_tx).await?,
         };
         let (sender, mut receiver) = router.split();
         let (msg_tx, mut msg_rx) = mpsc::channel::<(Bytes, Vec<Bytes>)>(1024);
@@ -765,6 +787,7 @@ impl Orchestrator {
             final_stages,
             shm_dir: shm_enabled.then_some(shm_dir),
             token,
+            on_our_host,
         });
         let event_task = tokio::spawn(event_loop(inner.clone(), msg_rx, sup_rx));
         // A first estimate of every stage's clock before anything is traced
@@ -1005,7 +1028,12 @@ impl Orchestrator {
                 None => format!("stage {stage_id} {}", info.model_name),
             };
             let options = options.clone();
-            let clock_offset = self.clock_offset(stage_id);
+            // Only an offset its own error bound cannot explain: a stage on
+            // this host shares our clock, and a noise-sized shift could turn
+            // a hand-over's arrow around.
+            let clock_offset = self
+                .clock_offset(stage_id)
+                .filter(|c| c.offset_us.abs() > c.error_us);
             async move {
                 let r = self
                     .inner
@@ -1153,6 +1181,12 @@ impl Orchestrator {
     fn remove_unfinished_traces(&self) {
         let dirs = std::mem::take(&mut lock(&self.inner.state).trace_dirs);
         for (stage_id, dir) in dirs {
+            // A pid names a process of this host only: the temporaries of a
+            // stage on another node are on that node's disk, and a pid
+            // there may be a live writer's here.
+            if !self.inner.on_our_host[stage_id] {
+                continue;
+            }
             for f in omni_profiler::remove_unfinished(&dir, self.inner.stages[stage_id].pid) {
                 tracing::warn!(target: "omni::runtime", stage_id, file = %f.display(), "removed a trace the stage did not finish writing");
             }

@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -47,6 +48,10 @@ pub const RAY_PYTHON_ENV: &str = "OMNI_RAY_PYTHON";
 /// How often the supervisor thread looks at the launcher's answers.
 const POLL: Duration = Duration::from_millis(20);
 
+/// How long a stage the orchestrator had killed may go unconfirmed (its
+/// node unreachable, its actor wedged) before it is reported dead anyway.
+const KILL_CONFIRM: Duration = Duration::from_secs(5);
+
 /// Time the launcher gets, past the stages' own grace, to remove the
 /// placement group and its actors before it is killed (Ray then removes
 /// them itself, as for any dead driver).
@@ -63,6 +68,10 @@ pub(crate) struct Placement {
     pub host: String,
     /// Ray's id of the node.
     pub node_id: String,
+    /// Whether the stage's actor read the orchestrator's shared-memory
+    /// probe file: this host, this user, this `/dev/shm`.
+    #[serde(default)]
+    pub shares_shm: bool,
 }
 
 /// The launcher's own host (the orchestrator's).
@@ -101,7 +110,7 @@ pub(crate) fn start(
     let supervisor = Supervisor::start_with("omni-ray-supervisor", move |rx| {
         let program = command.get_program().to_owned();
         let all_exited = events.clone();
-        match spawn_launcher(command) {
+        match spawn_launcher(command, tails.clone()) {
             Ok((child, stdin, lines, launcher_log)) => {
                 let _ = started_tx.send(Ok(()));
                 Relay {
@@ -115,6 +124,7 @@ pub(crate) fn start(
                     pending: None,
                     live: BTreeSet::new(),
                     killed_for: HashMap::new(),
+                    last_error: None,
                     deadline: None,
                 }
                 .run(rx);
@@ -140,11 +150,16 @@ type Lines = std_mpsc::Receiver<Value>;
 
 fn spawn_launcher(
     mut command: Command,
+    tails: Vec<Arc<LogTail>>,
 ) -> std::io::Result<(Child, ChildStdin, Lines, Arc<LogTail>)> {
+    use std::os::unix::process::CommandExt;
     command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stderr(Stdio::piped())
+        // Its own process group: a terminal's Ctrl-C reaches the
+        // orchestrator, which stops the launcher in order, not both at once.
+        .process_group(0);
     die_with_parent(&mut command);
     let mut child = command.spawn()?;
     let stdin = child
@@ -180,7 +195,12 @@ fn spawn_launcher(
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
                     let _ = writeln!(std::io::stderr(), "[ray] {line}");
-                    log.push(line);
+                    // A stage's own lines (its actor prefixes them
+                    // `[stage N] `) are its tail for start-up errors.
+                    match stage_line(&line).and_then(|(n, rest)| Some((tails.get(n)?, rest))) {
+                        Some((tail, rest)) => tail.push(rest.to_owned()),
+                        None => log.push(line),
+                    }
                 }
             })?;
     }
@@ -203,7 +223,10 @@ struct Relay {
     pending: Option<(&'static str, oneshot::Sender<Result<Value>>)>,
     /// Stages launched and not yet reported gone.
     live: BTreeSet<usize>,
-    killed_for: HashMap<usize, String>,
+    /// Stages the orchestrator had killed: why, and when.
+    killed_for: HashMap<usize, (String, Instant)>,
+    /// The launcher's last error that no request was waiting for.
+    last_error: Option<String>,
     /// Set once the pipeline is stopping: when the stages must be gone.
     deadline: Option<Instant>,
 }
@@ -221,13 +244,14 @@ impl Relay {
                 }
             }
             while let Ok(line) = self.lines.try_recv() {
-                self.answer(line);
+                self.on_line(line);
             }
+            self.unconfirmed_kills();
             match self.child.try_wait() {
                 Ok(Some(status)) => {
                     // Its last lines are read before its exit is judged.
                     while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
-                        self.answer(line);
+                        self.on_line(line);
                     }
                     self.launcher_exited(&describe(status));
                     return;
@@ -277,7 +301,8 @@ impl Relay {
             Cmd::Kill { stage_id, reason } => {
                 if self.deadline.is_none() {
                     tracing::error!(target: "omni::runtime", stage_id, "{reason}; killing it");
-                    self.killed_for.insert(stage_id, reason.clone());
+                    self.killed_for
+                        .insert(stage_id, (reason.clone(), Instant::now()));
                     let _ =
                         self.write(&json!({"op": "kill", "stage_id": stage_id, "reason": reason}));
                 }
@@ -304,7 +329,35 @@ impl Relay {
             .map_err(|e| Error::Ray(format!("cannot write to the launcher: {e}")))
     }
 
-    fn answer(&mut self, line: Value) {
+    /// A stage the orchestrator killed whose exit Ray has not confirmed in
+    /// [`KILL_CONFIRM`] (its node unreachable, its actor wedged) is dead to
+    /// the pipeline: report it now rather than wait for Ray's own failure
+    /// detection, which takes a minute by default. The launcher's stop then
+    /// removes its actor whatever its state.
+    fn unconfirmed_kills(&mut self) {
+        if self.deadline.is_some() {
+            return;
+        }
+        let overdue: Vec<usize> = self
+            .killed_for
+            .iter()
+            .filter(|(s, (_, at))| self.live.contains(s) && at.elapsed() >= KILL_CONFIRM)
+            .map(|(s, _)| *s)
+            .collect();
+        for stage_id in overdue {
+            if let Some((reason, _)) = self.killed_for.remove(&stage_id) {
+                self.live.remove(&stage_id);
+                self.report_exit(
+                    stage_id,
+                    format!(
+                        "{reason}; killed (Ray did not confirm its exit within {KILL_CONFIRM:?})"
+                    ),
+                );
+            }
+        }
+    }
+
+    fn on_line(&mut self, line: Value) {
         let op = line.get("op").and_then(Value::as_str).unwrap_or_default();
         match op {
             "exited" => {
@@ -328,11 +381,13 @@ impl Relay {
                     .unwrap_or("unknown")
                     .to_owned();
                 let status = match self.killed_for.remove(&stage_id) {
-                    Some(reason) => format!("{reason}; killed ({status})"),
+                    Some((reason, _)) => format!("{reason}; killed ({status})"),
                     None => status,
                 };
-                self.live.remove(&stage_id);
-                self.report_exit(stage_id, status);
+                // Reported once: a stage already reported dead is not again.
+                if self.live.remove(&stage_id) {
+                    self.report_exit(stage_id, status);
+                }
             }
             "error" => {
                 let message = line
@@ -344,7 +399,10 @@ impl Relay {
                     Some((_, reply)) => {
                         let _ = reply.send(Err(Error::Ray(message)));
                     }
-                    None => tracing::error!(target: "omni::runtime", "ray launcher: {message}"),
+                    None => {
+                        tracing::error!(target: "omni::runtime", "ray launcher: {message}");
+                        self.last_error = Some(message);
+                    }
                 }
             }
             "stopped" => {}
@@ -388,6 +446,11 @@ impl Relay {
     }
 
     fn launcher_exited(&mut self, status: &str) {
+        let status = match self.last_error.take() {
+            Some(e) => format!("{status}: {e}"),
+            None => status.to_owned(),
+        };
+        let status = status.as_str();
         if let Some((expect, reply)) = self.pending.take() {
             let _ = reply.send(Err(Error::Ray(format!(
                 "the launcher exited ({status}) before it answered `{expect}`{}",
@@ -400,11 +463,52 @@ impl Relay {
     }
 }
 
-/// The `place` request: one bundle per stage.
-pub(crate) fn place_request(config: &crate::PipelineConfig) -> Value {
+/// What a stage placed by Ray may do with the orchestrator's
+/// shared-memory directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShmAccess {
+    /// Another host: every tensor travels in its messages.
+    None,
+    /// This host, but a stage it sends to is not: it reads what stages of
+    /// this host put there, and writes nothing.
+    Read,
+    /// This host, and so is every stage it sends to (and the orchestrator,
+    /// which takes the final outputs).
+    ReadWrite,
+}
+
+/// Each stage's [`ShmAccess`], from whether it runs on the orchestrator's
+/// host (`on_our_host[stage_id]`, as the launcher checked: host name and
+/// boot id). Shared memory is one machine's memory: never assumed across
+/// nodes.
+pub(crate) fn shm_access(config: &crate::PipelineConfig, on_our_host: &[bool]) -> Vec<ShmAccess> {
+    let here = |i: usize| on_our_host.get(i).copied().unwrap_or(false);
+    config
+        .stages
+        .iter()
+        .map(|s| {
+            if config.runtime.shm_threshold_bytes.is_none() || !here(s.stage_id) {
+                ShmAccess::None
+            } else if config.downstream_of(s.stage_id).into_iter().all(here) {
+                ShmAccess::ReadWrite
+            } else {
+                ShmAccess::Read
+            }
+        })
+        .collect()
+}
+
+/// The `place` request: one bundle per stage. `shm_probe`: a file in the
+/// orchestrator's shared-memory directory and its contents, which a stage's
+/// actor reads back if (and only if) it shares that memory.
+pub(crate) fn place_request(
+    config: &crate::PipelineConfig,
+    shm_probe: Option<(&Path, &str)>,
+) -> Value {
     let ray = &config.runtime.ray;
     json!({
         "op": "place",
+        "shm_probe": shm_probe.map(|(path, nonce)| json!({"path": path, "nonce": nonce})),
         "stages": config.stages.iter().map(|s| json!({
             "stage_id": s.stage_id,
             "resources": s.runtime.resources,
@@ -412,4 +516,60 @@ pub(crate) fn place_request(config: &crate::PipelineConfig) -> Value {
         "strategy": ray.placement_strategy,
         "timeout_s": ray.placement_timeout_s,
     })
+}
+
+/// `(N, rest)` of a launcher log line that carries `[stage N] rest` (after
+/// Ray's own `(StageActor pid=...)` prefix).
+fn stage_line(line: &str) -> Option<(usize, &str)> {
+    let at = line.find("[stage ")?;
+    let rest = &line[at + "[stage ".len()..];
+    let (n, rest) = rest.split_once("] ")?;
+    Some((n.parse().ok()?, rest))
+}
+
+/// `tcp://ip:port`, IPv6 addresses in brackets.
+pub(crate) fn tcp_address(ip: &str, port: u16) -> String {
+    if ip.contains(':') && !ip.starts_with('[') {
+        format!("tcp://[{ip}]:{port}")
+    } else {
+        format!("tcp://{ip}:{port}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_memory_only_where_every_reader_shares_the_host() -> crate::Result<()> {
+        // thinker -> talker -> code2wav; the talker on another host.
+        let mut config = crate::PipelineConfig::builtin("qwen2_5_omni")?;
+        assert_eq!(
+            shm_access(&config, &[true, false, true]),
+            [ShmAccess::Read, ShmAccess::None, ShmAccess::ReadWrite]
+        );
+        assert_eq!(
+            shm_access(&config, &[true, true, true]),
+            [ShmAccess::ReadWrite; 3]
+        );
+        assert_eq!(
+            shm_access(&config, &[false, false, true]),
+            [ShmAccess::None, ShmAccess::None, ShmAccess::ReadWrite]
+        );
+        config.runtime.shm_threshold_bytes = None;
+        assert_eq!(shm_access(&config, &[true; 3]), [ShmAccess::None; 3]);
+        Ok(())
+    }
+
+    #[test]
+    fn launcher_lines_and_addresses() {
+        assert_eq!(
+            stage_line("(StageActor pid=12, ip=10.0.0.2) [stage 3] INFO loading"),
+            Some((3, "INFO loading"))
+        );
+        assert_eq!(stage_line("[stage x] no"), None);
+        assert_eq!(stage_line("ray_launcher: stopping"), None);
+        assert_eq!(tcp_address("10.0.0.2", 5), "tcp://10.0.0.2:5");
+        assert_eq!(tcp_address("fe80::1", 5), "tcp://[fe80::1]:5");
+    }
 }

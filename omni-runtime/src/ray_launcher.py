@@ -34,7 +34,6 @@ the launcher itself die, Ray removes the actors and the placement group of
 its job, and the stages die with their actors (PR_SET_PDEATHSIG).
 """
 import collections
-import ctypes
 import fcntl
 import json
 import os
@@ -66,7 +65,6 @@ OWNER_LOCK = "owner.lock"  # held (flock) by the actor that owns a stage directo
 EOF_GRACE_S = 5.0  # stop grace on EOF or a signal
 STOP_SLACK_S = 10.0  # beyond the grace, for actors to kill and report
 POLL_S = 0.05
-PR_SET_PDEATHSIG = 1
 SIGNAL_NAMES = {getattr(signal, n): n for n in (
     "SIGKILL", "SIGTERM", "SIGSEGV", "SIGABRT", "SIGINT",
     "SIGBUS", "SIGILL", "SIGFPE", "SIGHUP", "SIGPIPE")}
@@ -122,6 +120,19 @@ except ImportError as e:
     sys.exit(1)
 
 
+def reads_probe(probe) -> bool:
+    """Whether this process reads the orchestrator's shared-memory probe
+    file (`{"path", "nonce"}`): the same host, user and /dev/shm, checked
+    rather than guessed from names."""
+    if not isinstance(probe, dict):
+        return False
+    try:
+        with open(probe.get("path", ""), encoding="utf-8") as f:
+            return f.read().strip() == probe.get("nonce")
+    except (OSError, TypeError, ValueError):
+        return False
+
+
 def sweep_stale_stage_dirs() -> None:
     """Removes this user's stage directories on this node whose owner is
     gone: a stage whose actor or node was killed (Ray SIGKILLs a dead
@@ -167,7 +178,7 @@ class StageActor:
         self.pump = None
         self.lock_fd = None
 
-    def reserve(self) -> dict:
+    def reserve(self, shm_probe) -> dict:
         # The stage's input port, bound now so the orchestrator can tell every
         # stage its downstream addresses before any of them starts.
         ip = ray.util.get_node_ip_address()
@@ -177,7 +188,8 @@ class StageActor:
         self.listener.listen(128)
         self.listener.set_inheritable(True)
         return {"ip": ip, "port": self.listener.getsockname()[1], "host": host_id(),
-                "node_id": ray.get_runtime_context().get_node_id(), "actor_pid": os.getpid()}
+                "node_id": ray.get_runtime_context().get_node_id(), "actor_pid": os.getpid(),
+                "shares_shm": reads_probe(shm_probe)}
 
     def launch(self, binary: str, env: list, spec: dict) -> dict:
         """Starts the stage; {"pid": N} or {"error": why}."""
@@ -185,11 +197,16 @@ class StageActor:
         where = f"stage {n} on {ray.util.get_node_ip_address()}"
         try:
             sweep_stale_stage_dirs()
-            self.run_dir = tempfile.mkdtemp(prefix=f"{STAGE_DIR_PREFIX}{n}-")  # mode 0700
+            # Built under a name the sweep ignores and renamed once locked, so
+            # no sweep ever sees it without its lock held.
+            building = tempfile.mkdtemp(prefix=f".{STAGE_DIR_PREFIX}{n}-")  # mode 0700
             # Held for the actor's life; the kernel lets go when it dies.
-            self.lock_fd = os.open(os.path.join(self.run_dir, OWNER_LOCK),
+            self.lock_fd = os.open(os.path.join(building, OWNER_LOCK),
                                    os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+            self.run_dir = os.path.join(os.path.dirname(building),
+                                        os.path.basename(building)[1:])
+            os.rename(building, self.run_dir)
             fd = self.listener.fileno()
             spec = dict(spec, parent_pid=os.getpid(), run_dir=self.run_dir, input_listener_fd=fd)
             path = os.path.join(self.run_dir, f"stage-{n}.json")
@@ -198,23 +215,15 @@ class StageActor:
                            "w", encoding="utf-8") as f:
                 json.dump(spec, f)
             os.replace(path + ".tmp", path)
-            prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork
-            actor_pid = os.getpid()
-
-            def in_child():
-                # Die with the actor, even if it is SIGKILLed (the actor's
-                # method threads live as long as the actor). The signal mask
-                # is inherited through exec and Ray's threads block some.
-                signal.pthread_sigmask(signal.SIG_SETMASK, [])
-                prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-                if os.getppid() != actor_pid:  # the actor died before prctl
-                    os._exit(1)
-
+            # No preexec_fn: Python code between fork and exec is unsafe in
+            # this many-threaded process. `omni-stage` itself asks for a
+            # parent-death signal, clears the signal mask it inherits (Ray's
+            # threads block some) and exits if its parent (`parent_pid`, us)
+            # is already gone.
             self.proc = subprocess.Popen(
                 [binary, "--launch", path], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                env={**os.environ, **dict(env)}, pass_fds=(fd,), close_fds=True,
-                preexec_fn=in_child)
+                env={**os.environ, **dict(env)}, pass_fds=(fd,), close_fds=True)
         except OSError as e:
             return {"error": f"cannot start {where}: {binary}: {e}"}
         finally:
@@ -285,6 +294,7 @@ class StopRequested(Exception):
 class Launcher:
     def __init__(self):
         self.inbox = queue.Queue()  # stdin lines; None at EOF
+        self.held = collections.deque()  # lines read by _check_stop, not yet handled
         self.signalled = None
         self.pg = None
         self.actors = {}  # stage_id -> StageActor handle, in stage order
@@ -338,13 +348,30 @@ class Launcher:
         # whose lock the interrupted main thread may hold).
         self.signalled = signal.Signals(signum).name
 
+    def _check_stop(self) -> None:
+        """Raises StopRequested if a signal, a stop or EOF came while placing or
+        launching; other lines wait for `_next_request`."""
+        if self.signalled:
+            raise StopRequested(f"received {self.signalled}")
+        while True:
+            try:
+                line = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if line is None:
+                raise StopRequested("stdin closed")
+            req = parse(line)
+            if req is not None and req["op"] == "stop":
+                raise StopRequested("asked to")
+            self.held.append(line)
+
     def _next_request(self, expected: str) -> dict:
         """The next request before launch, which must be `expected` (or stop)."""
         while True:
             if self.signalled:
                 raise StopRequested(f"received {self.signalled}")
             try:
-                line = self.inbox.get(timeout=0.1)
+                line = self.held.popleft() if self.held else self.inbox.get(timeout=0.1)
             except queue.Empty:
                 continue
             if line is None:
@@ -363,8 +390,7 @@ class Launcher:
         deadline = time.monotonic() + timeout_s
         pending = list(refs)
         while pending:
-            if self.signalled:
-                raise StopRequested(f"received {self.signalled}")
+            self._check_stop()
             if time.monotonic() > deadline:
                 raise LaunchError(f"timed out after {timeout_s:g} s waiting for {what}")
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=0.1)
@@ -397,9 +423,8 @@ class Launcher:
         except Exception as e:
             raise LaunchError(f"cannot create a placement group of {bundles} ({strategy}): {one_line(e)}")
         deadline = time.monotonic() + timeout_s
-        while not self.pg.wait(1):  # slices: a signal must not wait for the timeout
-            if self.signalled:
-                raise StopRequested(f"received {self.signalled}")
+        while not self.pg.wait(1):  # slices: a stop must not wait for the timeout
+            self._check_stop()
             if time.monotonic() > deadline:
                 raise LaunchError(self._unplaceable(ids, bundles, strategy, timeout_s))
         for i, (sid, b) in enumerate(zip(ids, bundles)):
@@ -409,11 +434,13 @@ class Launcher:
                 num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), memory=b.get("memory"),
                 resources=other, max_restarts=0,
             ).remote(sid)
-        reserved = self._await([a.reserve.remote() for a in self.actors.values()], timeout_s,
+        probe = req.get("shm_probe")
+        reserved = self._await([a.reserve.remote(probe) for a in self.actors.values()], timeout_s,
                                "the stage actors to start")
         send({"op": "placed",
               "driver": {"ip": ray.util.get_node_ip_address(), "host": host_id()},
-              "stages": [{"stage_id": sid, **{k: r[k] for k in ("ip", "port", "host", "node_id")}}
+              "stages": [{"stage_id": sid,
+                          **{k: r[k] for k in ("ip", "port", "host", "node_id", "shares_shm")}}
                          for sid, r in zip(self.actors, reserved)]})
 
     def _unplaceable(self, ids, bundles, strategy, timeout_s) -> str:
@@ -452,15 +479,20 @@ class Launcher:
     def _supervise(self) -> None:
         """Reports exits until a stop has been asked for and carried out."""
         waits = {a.wait.remote(): sid for sid, a in self.actors.items()}
-        terminating, deadline = [], None
+        terminating, deadline, signalled = [], None, False
         while True:
             stop = self._poll_requests(block_s=0 if waits else POLL_S)
-            if stop is not None and deadline is None:
+            if stop is not None:
                 grace_s, signal_now = stop
-                log(f"stopping the stages (grace {grace_s:g} s)")
-                # Every actor, exited stage or not: terminate also removes its run dir.
-                terminating = [a.terminate.remote(grace_s, signal_now) for a in self.actors.values()]
-                deadline = time.monotonic() + grace_s + STOP_SLACK_S
+                sooner = time.monotonic() + grace_s + STOP_SLACK_S
+                if deadline is None or sooner < deadline or (signal_now and not signalled):
+                    log(f"stopping the stages (grace {grace_s:g} s)")
+                    # Every actor, exited stage or not: terminate also removes its
+                    # run dir. A later, shorter or signalling stop asks again.
+                    terminating += [a.terminate.remote(grace_s, signal_now)
+                                    for a in self.actors.values()]
+                    deadline = sooner if deadline is None else min(deadline, sooner)
+                    signalled = signalled or signal_now
             if waits:
                 ready, _ = ray.wait(list(waits), num_returns=1, timeout=POLL_S)
                 for ref in ready:

@@ -439,7 +439,7 @@ async fn both_pipelines_run_across_the_nodes_of_a_ray_cluster() -> Result {
     // Stage 0 is writing (its first output came back).
     stream.next().await.ok_or("no first output")??;
     let lost = Instant::now();
-    cluster.ask(json!({"op": "remove_node", "resource": NODES[1]}))?;
+    cluster.ask(json!({"op": "remove_node", "resource": NODES[1], "graceful": false}))?;
     let ended = tokio::time::timeout(Duration::from_secs(120), async {
         while let Some(out) = stream.next().await {
             if let Err(e) = out {

@@ -105,8 +105,8 @@ pub struct PipelineBench {
     pub reference: Reference,
     /// Where Omni's stages run: `local` or `ray` (the cluster at
     /// `RAY_ADDRESS`); the pipeline's own `runtime.backend` when absent.
-    #[arg(long, value_name = "BACKEND", value_parser = ["local", "ray"])]
-    pub backend: Option<String>,
+    #[arg(long, value_enum)]
+    pub backend: Option<crate::BackendArg>,
     #[command(flatten)]
     pub python: PythonFlags,
     /// Print one JSON object per system and batch size.

@@ -52,12 +52,26 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
     }
     let mut config = PipelineConfig::resolve(&b.pipeline)
         .with_context(|| format!("pipeline {:?}", b.pipeline))?;
-    if let Some(backend) = crate::backend_arg(b.backend.as_deref()) {
-        config.runtime.backend = backend;
+    if let Some(backend) = b.backend {
+        config.runtime.backend = backend.into();
     }
-    let backend = format!("{:?}", config.runtime.backend).to_lowercase();
+    let backend = serde_json::to_value(config.runtime.backend)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
     let reference_config = {
         let mut c = config.clone();
+        if c.runtime.backend == omni_core::runtime::Backend::Ray {
+            // Ray gives an actor's processes as many threads as its bundle
+            // has CPUs (OMP_NUM_THREADS; 1 when the stage names none): the
+            // local run gets the same, so the difference is the backend's.
+            for s in &mut c.stages {
+                let cpus = s.runtime.resources.get("CPU").copied().unwrap_or(1.0);
+                s.engine_args
+                    .num_threads
+                    .get_or_insert((cpus.floor() as usize).max(1));
+            }
+        }
         c.runtime.backend = omni_core::runtime::Backend::Local;
         c
     };

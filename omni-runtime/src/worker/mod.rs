@@ -101,6 +101,32 @@ pub fn stage_main() -> ! {
     std::process::exit(code);
 }
 
+/// Dies (SIGTERM) with the process that started this one, and takes the
+/// signals its parent may have blocked. The local supervisor asks for the
+/// same between fork and exec; a Ray actor cannot (Python code between fork
+/// and exec is unsafe in its many-threaded process), so the stage asks
+/// itself, before any other thread exists; the parent check that follows
+/// covers a parent that died first.
+fn die_with_parent() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on this thread's own mask and this process.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGTERM as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            tracing::warn!(target: "omni::runtime", "cannot ask for a parent-death signal: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
 /// Test-only: skews some stages' trace clocks, as if they ran on hosts
 /// whose clocks are off: `stage:microseconds[,stage:microseconds...]`.
 pub const TEST_CLOCK_SKEW_ENV: &str = "OMNI_TEST_CLOCK_SKEW_US";
@@ -138,6 +164,7 @@ fn test_clock_skew(stage_id: usize) -> Result<Option<i64>> {
 pub fn run_stage_worker(launch_file: &Path) -> Result<()> {
     let spec = LaunchSpec::read(launch_file)?;
     let stage = StageConfig::from_json(&launch_file.display().to_string(), "stage", &spec.stage)?;
+    die_with_parent();
     // The orchestrator may have died before we got here; PR_SET_PDEATHSIG
     // would then never fire.
     if parent_gone(spec.parent_pid) {
@@ -149,6 +176,7 @@ pub fn run_stage_worker(launch_file: &Path) -> Result<()> {
         )));
     }
     if let Some(skew) = test_clock_skew(stage.stage_id)? {
+        tracing::warn!(target: "omni::runtime", stage_id = stage.stage_id, skew_us = skew, "{TEST_CLOCK_SKEW_ENV} is set: this stage's trace clock is skewed on purpose (tests only)");
         omni_profiler::set_clock_skew_for_tests(skew);
     }
     if spec.profiler_backend == "torch" {
