@@ -55,7 +55,7 @@ const KILL_CONFIRM: Duration = Duration::from_secs(5);
 /// Time the launcher gets, past the stages' own grace, to remove the
 /// placement group and its actors before it is killed (Ray then removes
 /// them itself, as for any dead driver).
-const TEARDOWN: Duration = Duration::from_secs(15);
+const TEARDOWN: Duration = Duration::from_secs(25);
 
 /// Where Ray put one stage (part of the launcher's `placed` answer).
 #[derive(Debug, Clone, serde::Deserialize)]
