@@ -195,6 +195,33 @@ fn smollm2_gguf_with_q4_weights_matches_transformers() -> Result<()> {
     )
 }
 
+/// A GGUF that llama.cpp quantized itself (`llama_model_quantize`, Q4_K_M:
+/// Q4_K matrices, Q6_K for the head and some of each layer's, a fused q/k/v
+/// of mixed types): the K-quant kernels on a whole model, every call on the
+/// blocks, against transformers on the file's dequantized weights.
+#[test]
+fn tiny_kquant_gguf_with_quantized_blocks_matches_transformers() -> Result<()> {
+    check_engine(
+        "tiny-kquant.json",
+        LLMEngine::new(&EngineArgs {
+            quant_max_rows: Some(usize::MAX),
+            ..engine_args(&fixtures().join("tiny-kquant.gguf"), "q4")
+        })?,
+        1e-3,
+    )
+}
+
+/// The same file dequantized at load (fp32): the loader's K-quant path.
+#[test]
+fn tiny_kquant_gguf_dequantized_matches_transformers() -> Result<()> {
+    check_with(
+        "tiny-kquant.json",
+        &fixtures().join("tiny-kquant.gguf"),
+        "fp32",
+        1e-4,
+    )
+}
+
 #[test]
 fn tiny_llama_matches_transformers() -> Result<()> {
     check("tiny-llama.json", &fixtures().join("tiny-llama"), 1e-4)

@@ -437,6 +437,12 @@ class Launcher:
         probe = req.get("shm_probe")
         reserved = self._await([a.reserve.remote(probe) for a in self.actors.values()], timeout_s,
                                "the stage actors to start")
+        # Test-only: stages to report as on another host (a one-machine test
+        # cluster has no other), so that the cross-host path is exercised.
+        foreign = {s.strip() for s in os.environ.get("OMNI_TEST_RAY_FOREIGN_STAGES", "").split(",")}
+        for sid, r in zip(self.actors, reserved):
+            if str(sid) in foreign:
+                r.update(shares_shm=False, host=r["host"] + " (test: another host)")
         send({"op": "placed",
               "driver": {"ip": ray.util.get_node_ip_address(), "host": host_id()},
               "stages": [{"stage_id": sid,

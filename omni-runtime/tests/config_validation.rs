@@ -439,6 +439,27 @@ fn the_ray_backend_is_configured_and_checked() -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     assert_eq!(back.runtime.resources, ray.stages[0].runtime.resources);
+    // The example files the README points at load and say what they mean.
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/ray");
+    let default = PipelineConfig::load(&examples.join("default-two-nodes.yaml"))
+        .map_err(|e| e.to_string())?;
+    let qwen = PipelineConfig::load(&examples.join("qwen2_5_omni-two-nodes.yaml"))
+        .map_err(|e| e.to_string())?;
+    for c in [&default, &qwen] {
+        assert_eq!(c.runtime.backend, Backend::Ray);
+        assert!(c.stages.iter().all(|s| !s.runtime.resources.is_empty()));
+    }
+    assert_eq!(
+        default.runtime.ray.placement_strategy,
+        PlacementStrategy::StrictSpread
+    );
+    assert_eq!(qwen.stages[1].runtime.resources.get("GPU"), Some(&0.5));
+    assert_eq!(
+        qwen.streamed_edges_from(0),
+        PipelineConfig::builtin("qwen2_5_omni")
+            .map_err(|e| e.to_string())?
+            .streamed_edges_from(0)
+    );
 
     let with = |runtime: &str, stage0: &str| {
         yaml(&format!(

@@ -774,3 +774,53 @@ pub fn assert_window(
     }
     Ok(w)
 }
+
+/// Qwen2.5-Omni's three stages as its fixture script ran them: thinker and
+/// talker greedy with fixed lengths (transformers' min = max new tokens,
+/// `n` and `m`), the thinker's states handed on, code2wav seeded; the
+/// voice opens the talker and speaks in code2wav.
+pub fn qwen_params(
+    n: usize,
+    m: usize,
+    speaker: &str,
+    seed: Option<u64>,
+) -> omni_core::StageSamplingParams {
+    use omni_core::SamplingParams;
+    omni_core::StageSamplingParams::PerStage(vec![
+        SamplingParams {
+            max_tokens: Some(n),
+            min_tokens: n,
+            output_states: true,
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            max_tokens: Some(m),
+            min_tokens: m,
+            speaker: Some(speaker.to_owned()),
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            seed,
+            speaker: Some(speaker.to_owned()),
+            ..SamplingParams::default()
+        },
+    ])
+}
+
+/// The request arrows of a merged trace (`omni profile merge`): each flow's
+/// (start ts, finish ts).
+pub fn request_flows(merged: &serde_json::Value) -> Vec<(f64, f64)> {
+    let events = merged["traceEvents"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    events
+        .iter()
+        .filter(|e| e["ph"] == "s" && e["cat"] == "request")
+        .filter_map(|s| {
+            let f = events
+                .iter()
+                .find(|f| f["ph"] == "f" && f["cat"] == "request" && f["id"] == s["id"])?;
+            Some((s["ts"].as_f64()?, f["ts"].as_f64()?))
+        })
+        .collect()
+}

@@ -7,7 +7,7 @@
 //! official `openai` client.
 use omni_core::{
     AudioInput, ChatMessage, ImageInput, MultiModalData, OmniEngineArgs, OmniLLM, Prompt,
-    SamplingParams, StageSamplingParams, VideoInput,
+    StageSamplingParams, VideoInput,
 };
 use omni_tests::{err, json_ids, repo_root, Result};
 use serde_json::Value;
@@ -25,25 +25,7 @@ fn params(case: &Value, seed: Option<u64>) -> Result<StageSamplingParams> {
     let n = case["max_new_tokens"].as_u64().ok_or("n")? as usize;
     let m = case["talker_max_new_tokens"].as_u64().ok_or("m")? as usize;
     let speaker = case["speaker"].as_str().ok_or("speaker")?;
-    Ok(StageSamplingParams::PerStage(vec![
-        SamplingParams {
-            max_tokens: Some(n),
-            min_tokens: n,
-            output_states: true,
-            ..SamplingParams::greedy()
-        },
-        SamplingParams {
-            max_tokens: Some(m),
-            min_tokens: m,
-            speaker: Some(speaker.to_owned()),
-            ..SamplingParams::greedy()
-        },
-        SamplingParams {
-            seed,
-            speaker: Some(speaker.to_owned()),
-            ..SamplingParams::default()
-        },
-    ]))
+    Ok(omni_tests::qwen_params(n, m, speaker, seed))
 }
 
 /// Runs `prompt` as `case` says; checks the thinker's tokens and prompt

@@ -55,31 +55,11 @@ fn start_unstreamed() -> Result<OmniLLM> {
     )?)
 }
 
-/// Greedy thinker and talker of fixed lengths (transformers' min = max new
-/// tokens), code2wav seeded: what the fixture script ran.
+/// What the fixture script ran (see `omni_tests::qwen_params`).
 fn params(refs: &Value, speaker: &str, seed: u64) -> Result<StageSamplingParams> {
     let n = refs["thinker"]["max_new_tokens"].as_u64().ok_or("n")? as usize;
     let m = refs["talker"]["max_new_tokens"].as_u64().ok_or("m")? as usize;
-    Ok(StageSamplingParams::PerStage(vec![
-        SamplingParams {
-            max_tokens: Some(n),
-            min_tokens: n,
-            output_states: true,
-            ..SamplingParams::greedy()
-        },
-        // The voice: the talker opens with its token, code2wav speaks with it.
-        SamplingParams {
-            max_tokens: Some(m),
-            min_tokens: m,
-            speaker: Some(speaker.to_owned()),
-            ..SamplingParams::greedy()
-        },
-        SamplingParams {
-            seed: Some(seed),
-            speaker: Some(speaker.to_owned()),
-            ..SamplingParams::default()
-        },
-    ]))
+    Ok(omni_tests::qwen_params(n, m, speaker, Some(seed)))
 }
 
 #[test]

@@ -347,23 +347,16 @@ async fn both_pipelines_run_across_the_nodes_of_a_ray_cluster() -> Result {
     let merged = traces.path().join("merged.json");
     omni_profiler::tools::merge(traces.path(), &merged)?;
     let merged = read_trace(&merged)?;
-    let events = merged["traceEvents"].as_array().ok_or("events")?;
-    let flows: Vec<(f64, f64)> = events
-        .iter()
-        .filter(|e| e["ph"] == "s" && e["cat"] == "request")
-        .filter_map(|s| {
-            let f = events
-                .iter()
-                .find(|f| f["ph"] == "f" && f["cat"] == "request" && f["id"] == s["id"])?;
-            Some((s["ts"].as_f64()?, f["ts"].as_f64()?))
-        })
-        .collect();
+    let flows = omni_tests::request_flows(&merged);
     assert!(
         !flows.is_empty() && flows.iter().all(|(s, f)| s <= f),
         "{flows:?}"
     );
 
-    // 2. qwen2_5_omni: thinker and code2wav on one node, talker on the other.
+    // 2. qwen2_5_omni: thinker and code2wav on one node, talker on the other,
+    // every tensor through shared memory where it may go (a one-byte
+    // threshold), the talker reported as on another host: the thinker must
+    // send it its states inline, or the talker cannot read them.
     let qwen = repo_root().join("omni-engine/tests/fixtures/qwen2_5_omni");
     let refs: Value = serde_json::from_slice(&std::fs::read(qwen.join("references.json"))?)?;
     let mut config = PipelineConfig::builtin("qwen2_5_omni")?;
@@ -371,7 +364,11 @@ async fn both_pipelines_run_across_the_nodes_of_a_ray_cluster() -> Result {
         s.engine_args.model = qwen.join("tiny").to_string_lossy().into_owned();
     }
     on_ray(&mut config, &cluster, &[NODES[0], NODES[1], NODES[0]]);
-    let omni = AsyncOmni::from_config(config, &OmniEngineArgs::new("qwen2_5_omni")).await?;
+    config.runtime.shm_threshold_bytes = Some(1);
+    std::env::set_var("OMNI_TEST_RAY_FOREIGN_STAGES", "1");
+    let omni = AsyncOmni::from_config(config, &OmniEngineArgs::new("qwen2_5_omni")).await;
+    std::env::remove_var("OMNI_TEST_RAY_FOREIGN_STAGES");
+    let omni = omni?;
     let case = &refs["talker"]["cases"][0];
     let thinker = &refs["thinker"]["cases"][case["prompt_index"].as_u64().ok_or("index")? as usize];
     let speaker = case["speaker"].as_str().ok_or("speaker")?;
@@ -380,25 +377,7 @@ async fn both_pipelines_run_across_the_nodes_of_a_ray_cluster() -> Result {
         refs["thinker"]["max_new_tokens"].as_u64().ok_or("n")? as usize,
         refs["talker"]["max_new_tokens"].as_u64().ok_or("m")? as usize,
     );
-    let params = StageSamplingParams::PerStage(vec![
-        SamplingParams {
-            max_tokens: Some(n),
-            min_tokens: n,
-            output_states: true,
-            ..SamplingParams::greedy()
-        },
-        SamplingParams {
-            max_tokens: Some(m),
-            min_tokens: m,
-            speaker: Some(speaker.to_owned()),
-            ..SamplingParams::greedy()
-        },
-        SamplingParams {
-            seed: wav["seed"].as_u64(),
-            speaker: Some(speaker.to_owned()),
-            ..SamplingParams::default()
-        },
-    ]);
+    let params = omni_tests::qwen_params(n, m, speaker, wav["seed"].as_u64());
     let outs = run(
         &omni,
         Prompt::TokenIds(json_ids(&thinker["prompt_ids"])),

@@ -101,17 +101,7 @@ async fn a_stage_with_a_skewed_clock_still_gives_forward_flows() -> TestResult {
     let out = dir.path().join("merged.json");
     omni_profiler::tools::merge(dir.path(), &out)?;
     let merged = read_trace(&out)?;
-    let events = merged["traceEvents"].as_array().ok_or("events")?;
-    let flows: Vec<(f64, f64)> = events
-        .iter()
-        .filter(|e| e["ph"] == "s" && e["cat"] == "request")
-        .filter_map(|s| {
-            let f = events
-                .iter()
-                .find(|f| f["ph"] == "f" && f["cat"] == "request" && f["id"] == s["id"])?;
-            Some((s["ts"].as_f64()?, f["ts"].as_f64()?))
-        })
-        .collect();
+    let flows = omni_tests::request_flows(&merged);
     assert!(!flows.is_empty(), "no arrow from stage 0 to stage 1");
     assert!(flows.iter().all(|(s, f)| s <= f), "{flows:?}");
     // And summarize puts the hand-over between the stages, not 3 s before.
