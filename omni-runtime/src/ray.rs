@@ -241,6 +241,8 @@ impl Relay {
                     if self.deadline.is_none() {
                         self.stop(self.default_grace, true);
                     }
+                    // No commands can come any more; do not spin.
+                    std::thread::sleep(POLL);
                 }
             }
             while let Ok(line) = self.lines.try_recv() {
