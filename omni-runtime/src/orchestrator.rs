@@ -33,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::launch::LaunchSpec;
 use crate::locate::locate_stage_binary;
 use crate::run_dir::RunDir;
+use crate::shm::{shm_access, ShmAccess};
 use crate::supervisor::{LogTail, Supervisor, SupervisorEvent};
 use crate::tensor::HostTensor;
 use crate::transport::{self, RunToken};
@@ -394,15 +395,15 @@ impl Launch<'_> {
         Ok((router, endpoint))
     }
 
-    /// Stage `s`'s launch spec. `shm`: the shared-memory directory it reads
-    /// from and whether it may also write there (every stage it sends to
-    /// shares its host).
+    /// Stage `s`'s launch spec; `access` says what it may do with the
+    /// shared-memory directory `shm_dir`.
     fn spec(
         &self,
         s: &crate::StageConfig,
         endpoint: &str,
         inputs: &[String],
-        shm: Option<(PathBuf, bool)>,
+        shm_dir: &std::path::Path,
+        access: ShmAccess,
     ) -> Result<LaunchSpec> {
         let config = self.config;
         Ok(LaunchSpec {
@@ -419,11 +420,11 @@ impl Launch<'_> {
                 .map(|d| (d, inputs[d].clone()))
                 .collect(),
             streams: config.streamed_edges_from(s.stage_id),
-            shm_threshold_bytes: shm
-                .as_ref()
-                .filter(|(_, write)| *write)
-                .and(config.runtime.shm_threshold_bytes),
-            shm_dir: shm.map(|(d, _)| d),
+            shm_threshold_bytes: config
+                .runtime
+                .shm_threshold_bytes
+                .filter(|_| access == ShmAccess::ReadWrite),
+            shm_dir: (access != ShmAccess::None).then(|| shm_dir.to_path_buf()),
             parent_pid: std::process::id(),
             run_dir: self.run_path.to_path_buf(),
             connect_timeout_ms: self.opts.init_timeout.as_millis() as u64,
@@ -467,15 +468,11 @@ impl Launch<'_> {
             listeners.push(listener);
         }
 
+        // Every stage this orchestrator spawns runs on this host.
+        let access = shm_access(config, &vec![true; config.stages.len()]);
         let mut tails: Vec<Arc<LogTail>> = Vec::new();
         for s in &config.stages {
-            // Every stage this orchestrator spawns runs on this host.
-            let shm = config
-                .runtime
-                .shm_threshold_bytes
-                .is_some()
-                .then(|| (shm_dir.clone(), true));
-            let mut spec = self.spec(s, &endpoint, &inputs, shm)?;
+            let mut spec = self.spec(s, &endpoint, &inputs, &shm_dir, access[s.stage_id])?;
             spec.input_listener_fd = listeners[s.stage_id]
                 .as_ref()
                 .map(std::os::fd::AsRawFd::as_raw_fd);
@@ -587,15 +584,10 @@ impl Launch<'_> {
             .iter()
             .map(|p| p.shares_shm && p.host == placed.driver.host)
             .collect();
-        let access = crate::ray::shm_access(config, &on_our_host);
+        let access = shm_access(config, &on_our_host);
         let mut specs = serde_json::Map::new();
         for s in &config.stages {
-            let shm = match access[s.stage_id] {
-                crate::ray::ShmAccess::None => None,
-                crate::ray::ShmAccess::Read => Some((shm_dir.clone(), false)),
-                crate::ray::ShmAccess::ReadWrite => Some((shm_dir.clone(), true)),
-            };
-            let spec = self.spec(s, &endpoint, &inputs, shm)?;
+            let spec = self.spec(s, &endpoint, &inputs, &shm_dir, access[s.stage_id])?;
             let spec = serde_json::to_value(&spec)
                 .map_err(|e| Error::Wire(format!("cannot encode launch spec: {e}")))?;
             specs.insert(s.stage_id.to_string(), spec);

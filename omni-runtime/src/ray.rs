@@ -465,41 +465,6 @@ impl Relay {
     }
 }
 
-/// What a stage placed by Ray may do with the orchestrator's
-/// shared-memory directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ShmAccess {
-    /// Another host: every tensor travels in its messages.
-    None,
-    /// This host, but a stage it sends to is not: it reads what stages of
-    /// this host put there, and writes nothing.
-    Read,
-    /// This host, and so is every stage it sends to (and the orchestrator,
-    /// which takes the final outputs).
-    ReadWrite,
-}
-
-/// Each stage's [`ShmAccess`], from whether it runs on the orchestrator's
-/// host (`on_our_host[stage_id]`, as the launcher checked: host name and
-/// boot id). Shared memory is one machine's memory: never assumed across
-/// nodes.
-pub(crate) fn shm_access(config: &crate::PipelineConfig, on_our_host: &[bool]) -> Vec<ShmAccess> {
-    let here = |i: usize| on_our_host.get(i).copied().unwrap_or(false);
-    config
-        .stages
-        .iter()
-        .map(|s| {
-            if config.runtime.shm_threshold_bytes.is_none() || !here(s.stage_id) {
-                ShmAccess::None
-            } else if config.downstream_of(s.stage_id).into_iter().all(here) {
-                ShmAccess::ReadWrite
-            } else {
-                ShmAccess::Read
-            }
-        })
-        .collect()
-}
-
 /// The `place` request: one bundle per stage. `shm_probe`: a file in the
 /// orchestrator's shared-memory directory and its contents, which a stage's
 /// actor reads back if (and only if) it shares that memory.
@@ -541,27 +506,6 @@ pub(crate) fn tcp_address(ip: &str, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shared_memory_only_where_every_reader_shares_the_host() -> crate::Result<()> {
-        // thinker -> talker -> code2wav; the talker on another host.
-        let mut config = crate::PipelineConfig::builtin("qwen2_5_omni")?;
-        assert_eq!(
-            shm_access(&config, &[true, false, true]),
-            [ShmAccess::Read, ShmAccess::None, ShmAccess::ReadWrite]
-        );
-        assert_eq!(
-            shm_access(&config, &[true, true, true]),
-            [ShmAccess::ReadWrite; 3]
-        );
-        assert_eq!(
-            shm_access(&config, &[false, false, true]),
-            [ShmAccess::None, ShmAccess::None, ShmAccess::ReadWrite]
-        );
-        config.runtime.shm_threshold_bytes = None;
-        assert_eq!(shm_access(&config, &[true; 3]), [ShmAccess::None; 3]);
-        Ok(())
-    }
 
     #[test]
     fn launcher_lines_and_addresses() {

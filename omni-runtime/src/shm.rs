@@ -406,6 +406,40 @@ fn take_slot(path: &Path, handle: &ShmHandle, slots: &SlotMaps) -> Result<Bytes>
     }))
 }
 
+/// What a stage may do with the orchestrator's shared-memory directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShmAccess {
+    /// Another host: every tensor travels in its messages.
+    None,
+    /// This host, but a stage it sends to is not: it reads what stages of
+    /// this host put there, and writes nothing.
+    Read,
+    /// This host, and so is every stage it sends to (and the orchestrator,
+    /// which takes the final outputs).
+    ReadWrite,
+}
+
+/// Each stage's [`ShmAccess`], from whether it runs on the orchestrator's
+/// host (every local stage; a Ray stage whose actor read the orchestrator's
+/// probe file back). Shared memory is one machine's memory: never assumed
+/// across nodes.
+pub(crate) fn shm_access(config: &crate::PipelineConfig, on_our_host: &[bool]) -> Vec<ShmAccess> {
+    let here = |i: usize| on_our_host.get(i).copied().unwrap_or(false);
+    config
+        .stages
+        .iter()
+        .map(|s| {
+            if config.runtime.shm_threshold_bytes.is_none() || !here(s.stage_id) {
+                ShmAccess::None
+            } else if config.downstream_of(s.stage_id).into_iter().all(here) {
+                ShmAccess::ReadWrite
+            } else {
+                ShmAccess::Read
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,6 +505,27 @@ mod tests {
         };
         let e = take(d.path(), &long, &maps).expect_err("a length past the slot was taken");
         assert!(e.to_string().contains("less than"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn shared_memory_only_where_every_reader_shares_the_host() -> crate::Result<()> {
+        // thinker -> talker -> code2wav; the talker on another host.
+        let mut config = crate::PipelineConfig::builtin("qwen2_5_omni")?;
+        assert_eq!(
+            shm_access(&config, &[true, false, true]),
+            [ShmAccess::Read, ShmAccess::None, ShmAccess::ReadWrite]
+        );
+        assert_eq!(
+            shm_access(&config, &[true, true, true]),
+            [ShmAccess::ReadWrite; 3]
+        );
+        assert_eq!(
+            shm_access(&config, &[false, false, true]),
+            [ShmAccess::None, ShmAccess::None, ShmAccess::ReadWrite]
+        );
+        config.runtime.shm_threshold_bytes = None;
+        assert_eq!(shm_access(&config, &[true; 3]), [ShmAccess::None; 3]);
         Ok(())
     }
 }
