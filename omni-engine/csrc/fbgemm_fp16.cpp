@@ -8,6 +8,7 @@
 // a buffer we own, so each intra-op thread takes its share of one output.
 // Conventions in shim.h.
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <fbgemm/FbgemmFP16.h>
 
 #include <memory>
@@ -54,6 +55,9 @@ void omni_fp16_free(void* packed) { delete static_cast<PackedFp16*>(packed); }
 at::Tensor* omni_fp16_linear(const at::Tensor* input, const void* handle, const at::Tensor* bias,
                              char** err) {
   return guarded(err, [&] {
+    // Named in profiler traces like an ATen op, so a trace shows the GEMMs'
+    // share of a step.
+    RECORD_FUNCTION("omni::fp16_linear", std::vector<c10::IValue>());
     const auto& packed = *static_cast<const PackedFp16*>(handle);
     TORCH_CHECK(input->scalar_type() == at::kFloat, "input must be fp32");
     TORCH_CHECK(input->dim() >= 1 && input->size(-1) == packed.in_features, "input ",

@@ -1,4 +1,7 @@
-// Decode attention straight from the paged KV cache, on the CPU.
+// Attention straight from the paged KV cache, on the CPU: decode rows, and
+// the rows of short prefills (each query row is its own problem, attending
+// to its sequence's first `context_lens[row]` positions); and the K/V
+// writes into the cache that precede it.
 //
 // The generic path gathers every decoding sequence's keys and values into a
 // padded [n, ctx, kv_heads, head_dim] copy (index_select), then runs
@@ -69,6 +72,8 @@ struct Problem {
   const T* k_cache;
   const T* v_cache;
   const int64_t* tables;
+  // Row -> its sequence's table (rows of one prefill share one).
+  const int64_t* row_tables;
   int64_t max_blocks;
   const int64_t* lens;
   float* out;
@@ -89,7 +94,7 @@ inline __attribute__((always_inline)) void attend(const Problem<T>& p, int64_t s
                                                   std::vector<float>& acc) {
   const int64_t heads = p.heads, kvh = p.kv_heads, group = heads / kvh, d = p.d;
   const int64_t bs = p.block_size, ctx = p.lens[s];
-  const int64_t* table = p.tables + s * p.max_blocks;
+  const int64_t* table = p.tables + p.row_tables[s] * p.max_blocks;
   const float* qs = p.q + s * heads * d;
   scores.resize(static_cast<size_t>(heads * ctx));
   for (int64_t b0 = 0; b0 < ctx; b0 += bs) {
@@ -207,18 +212,18 @@ void paged_decode(const Problem<T>& p, int64_t n) {
 extern "C" {
 
 // q: [n, heads, d]; k_cache, v_cache: [slots, kv_heads, d] (contiguous, any
-// floating dtype); block_tables: [n, max_blocks] int64; context_lens: [n]
-// int64, each >= 1 and covered by its table. Returns [n, heads, d] in q's
-// dtype. Every index is checked before the kernel runs: a bad table is an
-// error, never an out-of-bounds read.
-at::Tensor* omni_paged_decode_attention(const at::Tensor* q, const at::Tensor* k_cache,
-                                        const at::Tensor* v_cache,
-                                        const at::Tensor* block_tables,
-                                        const at::Tensor* context_lens, int64_t block_size,
-                                        double scale, char** err) {
+// floating dtype); block_tables: [seqs, max_blocks] int64; row_tables: [n]
+// int64, the table of each query row; context_lens: [n] int64, each >= 1
+// and covered by its table. Returns [n, heads, d] in q's dtype. Every index
+// is checked before the kernel runs: a bad table is an error, never an
+// out-of-bounds read.
+at::Tensor* omni_paged_attention(const at::Tensor* q, const at::Tensor* k_cache,
+                                 const at::Tensor* v_cache, const at::Tensor* block_tables,
+                                 const at::Tensor* row_tables, const at::Tensor* context_lens,
+                                 int64_t block_size, double scale, char** err) {
   return guarded(err, [&] {
     // Named in profiler traces like an ATen op.
-    RECORD_FUNCTION("omni::paged_decode_attention", std::vector<c10::IValue>());
+    RECORD_FUNCTION("omni::paged_attention", std::vector<c10::IValue>());
     TORCH_CHECK(q->dim() == 3 && k_cache->dim() == 3 && v_cache->dim() == 3,
                 "q and the caches must be 3-d");
     TORCH_CHECK(q->device().is_cpu() && k_cache->device().is_cpu(), "CPU tensors only");
@@ -231,30 +236,36 @@ at::Tensor* omni_paged_decode_attention(const at::Tensor* q, const at::Tensor* k
     TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, "heads not a multiple of kv_heads");
     TORCH_CHECK(block_size >= 1, "block_size must be positive");
     const at::Tensor tables = block_tables->to(at::kLong).contiguous();
+    const at::Tensor rows = row_tables->to(at::kLong).contiguous();
     const at::Tensor lens = context_lens->to(at::kLong).contiguous();
-    TORCH_CHECK(tables.dim() == 2 && tables.size(0) == n, "block_tables must be [n, max_blocks]");
+    TORCH_CHECK(tables.dim() == 2, "block_tables must be [seqs, max_blocks]");
+    TORCH_CHECK(rows.dim() == 1 && rows.size(0) == n, "row_tables must be [n]");
     TORCH_CHECK(lens.dim() == 1 && lens.size(0) == n, "context_lens must be [n]");
-    const int64_t max_blocks = tables.size(1);
+    const int64_t seqs = tables.size(0), max_blocks = tables.size(1);
     const int64_t* t = tables.data_ptr<int64_t>();
+    const int64_t* r = rows.data_ptr<int64_t>();
     const int64_t* l = lens.data_ptr<int64_t>();
     const int64_t num_blocks = slots / block_size;
+    // Every entry of every table (padding included) in the cache, then every
+    // row's table and length in range: what the kernel may read.
+    for (int64_t i = 0; i < seqs * max_blocks; ++i) {
+      TORCH_CHECK(t[i] >= 0 && t[i] < num_blocks, "block ", t[i], " of table ", i / max_blocks,
+                  " is outside the cache (", num_blocks, " blocks)");
+    }
     for (int64_t s = 0; s < n; ++s) {
+      TORCH_CHECK(r[s] >= 0 && r[s] < seqs, "row ", s, " names table ", r[s], " of ", seqs);
       TORCH_CHECK(l[s] >= 1 && l[s] <= max_blocks * block_size, "context length ", l[s],
                   " of row ", s, " is not covered by its ", max_blocks, " blocks");
-      for (int64_t b = 0; b < (l[s] + block_size - 1) / block_size; ++b) {
-        const int64_t blk = t[s * max_blocks + b];
-        TORCH_CHECK(blk >= 0 && blk < num_blocks, "block ", blk, " of row ", s,
-                    " is outside the cache (", num_blocks, " blocks)");
-      }
     }
     const at::Tensor qf = q->to(at::kFloat).contiguous();
     at::Tensor out = at::empty({n, heads, d}, qf.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kBFloat16, at::kHalf, k_cache->scalar_type(), "omni_paged_decode_attention", [&] {
+        at::kBFloat16, at::kHalf, k_cache->scalar_type(), "omni_paged_attention", [&] {
           const Problem<scalar_t> p{qf.data_ptr<float>(),
                                     k_cache->data_ptr<scalar_t>(),
                                     v_cache->data_ptr<scalar_t>(),
                                     t,
+                                    r,
                                     max_blocks,
                                     l,
                                     out.data_ptr<float>(),
@@ -266,6 +277,57 @@ at::Tensor* omni_paged_decode_attention(const at::Tensor* q, const at::Tensor* k
           paged_decode(p, n);
         });
     return out.to(q->scalar_type());
+  });
+}
+
+// Writes the new tokens' keys and values into their cache slots, in place:
+// what two `index_copy_` calls do, in one pass of row copies over the
+// intra-op threads (index_copy_ dispatches per element through
+// TensorIterator: ~3% of a batched step). k, v: [t, kv_heads, d], each row
+// contiguous (a view into the fused q/k/v projection is fine); slots: [t]
+// int64, distinct. Returns the K cache.
+at::Tensor* omni_paged_kv_write(const at::Tensor* k_cache, const at::Tensor* v_cache,
+                                const at::Tensor* slots, const at::Tensor* k,
+                                const at::Tensor* v, char** err) {
+  return guarded(err, [&] {
+    RECORD_FUNCTION("omni::paged_kv_write", std::vector<c10::IValue>());
+    TORCH_CHECK(k_cache->dim() == 3 && k_cache->sizes() == v_cache->sizes(),
+                "K and V caches must be [slots, kv_heads, d] alike");
+    TORCH_CHECK(k_cache->is_contiguous() && v_cache->is_contiguous(), "caches must be contiguous");
+    TORCH_CHECK(k_cache->device().is_cpu() && k->device().is_cpu() && v->device().is_cpu(),
+                "CPU tensors only");
+    const int64_t n = k->size(0), width = k_cache->size(1) * k_cache->size(2);
+    for (const at::Tensor* x : {k, v}) {
+      TORCH_CHECK(x->dim() == 3 && x->size(0) == n && x->size(1) == k_cache->size(1) &&
+                      x->size(2) == k_cache->size(2),
+                  "new K/V must be [", n, ", ", k_cache->size(1), ", ", k_cache->size(2),
+                  "], got ", x->sizes());
+      TORCH_CHECK(x->scalar_type() == k_cache->scalar_type(), "new K/V dtype ",
+                  x->scalar_type(), " differs from the cache's ", k_cache->scalar_type());
+      TORCH_CHECK(x->stride(2) == 1 && x->stride(1) == x->size(2),
+                  "each new K/V row must be contiguous");
+    }
+    const at::Tensor idx = slots->to(at::kLong).contiguous();
+    TORCH_CHECK(idx.dim() == 1 && idx.size(0) == n, "slots must be [", n, "]");
+    const int64_t* sl = idx.data_ptr<int64_t>();
+    const int64_t cap = k_cache->size(0);
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK(sl[i] >= 0 && sl[i] < cap, "slot ", sl[i], " of row ", i,
+                  " is outside the cache (", cap, " slots)");
+    }
+    const size_t bytes = static_cast<size_t>(width) * k_cache->element_size();
+    auto* kc = static_cast<char*>(k_cache->data_ptr());
+    auto* vc = static_cast<char*>(v_cache->data_ptr());
+    const auto* kp = static_cast<const char*>(k->data_ptr());
+    const auto* vp = static_cast<const char*>(v->data_ptr());
+    const int64_t ks = k->stride(0) * k->element_size(), vs = v->stride(0) * v->element_size();
+    at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        std::memcpy(kc + sl[i] * bytes, kp + i * ks, bytes);
+        std::memcpy(vc + sl[i] * bytes, vp + i * vs, bytes);
+      }
+    });
+    return *k_cache;
   });
 }
 }

@@ -475,3 +475,107 @@ fn rope(path: &std::path::Path, hf: &HfConfig) -> crate::Result<(f64, Option<Rop
     };
     Ok((theta, scaling))
 }
+
+/// The floating-point work of the decoder, as the engine schedules it: what
+/// `omni bench pipeline` divides by wall time. A multiply-add counts two.
+impl ModelConfig {
+    /// One token through every decoder layer's matrix products (q/k/v, o,
+    /// the SwiGLU MLP's three), without attention and the LM head.
+    pub fn layer_flops_per_token(&self) -> u64 {
+        let h = self.hidden_size as u64;
+        let q = (self.num_attention_heads * self.head_dim) as u64;
+        let kv = (self.num_key_value_heads * self.head_dim) as u64;
+        let mlp = 3 * h * self.intermediate_size as u64;
+        let per_layer = h * (q + 2 * kv) + q * h + mlp;
+        2 * per_layer * self.num_hidden_layers as u64
+    }
+
+    /// One row through the LM head.
+    pub fn head_flops_per_row(&self) -> u64 {
+        2 * self.hidden_size as u64 * self.vocab_size as u64
+    }
+
+    /// One token's attention (scores and weighted sum, every layer) over
+    /// `context` positions, its own included.
+    pub fn attention_flops(&self, context: u64) -> u64 {
+        let q = (self.num_attention_heads * self.head_dim) as u64;
+        4 * q * context * self.num_hidden_layers as u64
+    }
+
+    /// What the engine computes for a request of `prompt` tokens, `cached`
+    /// of them found in the prefix cache, that generated `generated` tokens:
+    /// the uncached prompt and every generated token but the last go through
+    /// the layers, each attending to everything before it; the head runs on
+    /// sampled rows only (one per generated token). A preempted request's
+    /// recomputation is not counted: it is work, not progress.
+    pub fn request_flops(&self, prompt: usize, cached: usize, generated: usize) -> u64 {
+        let first = cached.min(prompt) as u64;
+        // Positions first..end go through the layers.
+        let end = (prompt + generated.saturating_sub(1)) as u64;
+        let tokens = end.saturating_sub(first);
+        // Position p attends to p + 1 positions: sum of first+1 ..= end.
+        let contexts = (first + 1 + end) * tokens / 2;
+        tokens * self.layer_flops_per_token()
+            + self.attention_flops(contexts)
+            + generated as u64 * self.head_flops_per_row()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SmolLM2-135M's shapes.
+    fn smollm2() -> ModelConfig {
+        ModelConfig {
+            architecture: Architecture::Llama,
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 100_000.0,
+            rope_scaling: None,
+            max_position_embeddings: 8192,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            qk_norm: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+            embedding_size: None,
+            mrope_section: None,
+        }
+    }
+
+    #[test]
+    fn smollm2_work_per_token_is_twice_its_parameters() {
+        let c = smollm2();
+        // 30 layers x (576 x (576 + 2 x 192) + 576 x 576 + 3 x 576 x 1536)
+        // = 106,168,320 weights of the layers; the tied head 28,311,552.
+        assert_eq!(c.layer_flops_per_token(), 2 * 106_168_320);
+        assert_eq!(c.head_flops_per_row(), 2 * 28_311_552);
+        assert_eq!(c.attention_flops(10), 4 * 576 * 10 * 30);
+    }
+
+    #[test]
+    fn a_request_counts_its_uncached_prompt_and_its_generated_tokens() {
+        let c = smollm2();
+        let (l, a, h) = (
+            c.layer_flops_per_token(),
+            c.attention_flops(1),
+            c.head_flops_per_row(),
+        );
+        // 4 prompt tokens, none cached, 3 generated: positions 0..=5 go
+        // through the layers (the last generated token does not), attending
+        // to 1+2+...+6 = 21 positions; three sampled rows.
+        assert_eq!(c.request_flops(4, 0, 3), 6 * l + 21 * a + 3 * h);
+        // Two of the prompt cached: positions 2..=5, contexts 3+4+5+6.
+        assert_eq!(c.request_flops(4, 2, 3), 4 * l + 18 * a + 3 * h);
+        // One generated token: the prompt only.
+        assert_eq!(c.request_flops(4, 0, 1), 4 * l + 10 * a + h);
+        assert_eq!(c.request_flops(4, 4, 0), 0);
+    }
+}

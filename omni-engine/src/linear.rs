@@ -256,6 +256,47 @@ impl PackedFp16 {
     }
 }
 
+/// The rate of the model's own layer GEMMs, the yardstick for a whole run's
+/// FLOP rate (`omni bench pipeline`): one forward pass's matrix products
+/// (fused q/k/v, o, fused gate/up, down, in every layer, each layer its own
+/// random weights so they stream from memory as the model's do) on `rows`
+/// rows of activations, kept in `precision` as the engine keeps them, on
+/// the caller's intra-op threads. Best of `rounds` passes, in GFLOP/s.
+/// Attention, the LM head and everything between the products are left
+/// out: this is what the cores give the GEMMs alone.
+pub fn layer_gemm_gflops(
+    config: &crate::ModelConfig,
+    precision: WeightPrecision,
+    rows: usize,
+    rounds: usize,
+) -> Result<f64> {
+    let _g = tch::no_grad_guard();
+    let opts = (Kind::Float, Device::Cpu);
+    let h = config.hidden_size as i64;
+    let q = (config.num_attention_heads * config.head_dim) as i64;
+    let kv = (config.num_key_value_heads * config.head_dim) as i64;
+    let inter = config.intermediate_size as i64;
+    let shapes = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter)];
+    let mut layers = Vec::with_capacity(config.num_hidden_layers * shapes.len());
+    for _ in 0..config.num_hidden_layers {
+        for &(out, inp) in &shapes {
+            let w = Tensor::f_randn([out, inp], opts)?.f_mul_scalar(0.02)?;
+            let x = Tensor::f_randn([rows as i64, inp], opts)?;
+            layers.push((Linear::new(w, None, precision)?, x));
+        }
+    }
+    let flops = rows as u64 * config.layer_flops_per_token();
+    let mut best = f64::INFINITY;
+    for _ in 0..rounds.max(1) {
+        let start = std::time::Instant::now();
+        for (layer, x) in &layers {
+            drop(layer.forward(x)?);
+        }
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(flops as f64 / best / 1e9)
+}
+
 /// Whether fbgemm's fp16 kernels run on this CPU (AVX2).
 pub(crate) fn fbgemm_runs() -> bool {
     static RUNS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();

@@ -66,7 +66,17 @@ fn bench_pipeline() -> Result {
         "none",
         "--json",
     ])?;
-    assert_eq!(json_rows(&out)?.len(), 1, "{out}");
+    let rows = json_rows(&out)?;
+    let system = |r: &serde_json::Value| r["system"].as_str().unwrap_or_default().to_owned();
+    let omni: Vec<_> = rows.iter().filter(|r| system(r) == "omni").collect();
+    assert_eq!(omni.len(), 1, "{out}");
+    // The run's work is counted (SmolLM2 is a decoder it knows) and the
+    // GEMM yardstick ran: at the batch size and at 512 rows.
+    let rate = |r: &serde_json::Value| r["gflop_per_s"].as_f64().unwrap_or(f64::NAN);
+    assert!(rate(omni[0]) > 0.0, "{out}");
+    let gemm: Vec<_> = rows.iter().filter(|r| system(r) == "gemm").collect();
+    assert_eq!(gemm.len(), 2, "{out}");
+    assert!(gemm.iter().all(|r| rate(r) > 0.0), "{out}");
     Ok(())
 }
 

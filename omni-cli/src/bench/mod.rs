@@ -323,13 +323,22 @@ fn start(config: PipelineConfig, label: String) -> anyhow::Result<OmniLLM> {
 
 /// One batch through the pipeline: wall seconds and generated tokens.
 fn run_batch(omni: &OmniLLM, n: usize, max_tokens: usize) -> anyhow::Result<(f64, usize)> {
+    let (wall, outputs) = run_batch_outputs(omni, n, max_tokens)?;
+    Ok((wall, outputs.iter().map(|o| o.token_ids.len()).sum()))
+}
+
+/// One batch through the pipeline: wall seconds and the final outputs.
+fn run_batch_outputs(
+    omni: &OmniLLM,
+    n: usize,
+    max_tokens: usize,
+) -> anyhow::Result<(f64, Vec<omni_core::OmniRequestOutput>)> {
     let prompts: Vec<Prompt> = (0..n).map(|i| chat(&bench_prompt(i))).collect();
     let start = std::time::Instant::now();
     let outputs = omni
         .generate(prompts, fixed_length(max_tokens))
         .context("generating")?;
-    let wall = start.elapsed().as_secs_f64();
-    Ok((wall, outputs.iter().map(|o| o.token_ids.len()).sum()))
+    Ok((start.elapsed().as_secs_f64(), outputs))
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
 //! `omni bench pipeline`: the pipeline through OmniLLM, then the same stages
 //! in HF transformers one after the other, in one invocation.
 use anyhow::{bail, Context as _};
-use omni_core::{PipelineConfig, DEFAULT_PIPELINE};
+use omni_core::engine::{ModelConfig, ModelSource, WeightPrecision};
+use omni_core::{OmniRequestOutput, PipelineConfig, DEFAULT_PIPELINE};
 use serde::Deserialize;
 
-use super::{run_batch, start, PipelineBench, Reference};
+use super::{run_batch_outputs, start, PipelineBench, Reference};
+use crate::progress;
 
 /// The reference: HF transformers running the default pipeline's two
 /// stages, fed to the interpreter on stdin so an installed `omni` needs no
@@ -17,6 +19,9 @@ struct Row {
     prompts: usize,
     wall_s: f64,
     tokens: usize,
+    /// The floating-point work the stages did (omni's rows only).
+    #[serde(default)]
+    flops: Option<u64>,
 }
 
 impl Row {
@@ -28,9 +33,14 @@ impl Row {
         self.tokens as f64 / self.wall_s
     }
 
+    fn gflop_per_s(&self) -> Option<f64> {
+        self.flops.map(|f| f as f64 / self.wall_s / 1e9)
+    }
+
     fn json(&self, system: &str) -> serde_json::Value {
         serde_json::json!({"system": system, "prompts": self.prompts, "wall_s": self.wall_s,
-            "prompts_per_s": self.prompts_per_s(), "tok_per_s": self.tok_per_s(), "tokens": self.tokens})
+            "prompts_per_s": self.prompts_per_s(), "tok_per_s": self.tok_per_s(), "tokens": self.tokens,
+            "gflop_per_s": self.gflop_per_s()})
     }
 }
 
@@ -75,10 +85,12 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
         c.runtime.backend = omni_core::runtime::Backend::Local;
         c
     };
+    let models = stage_models(&config);
     let (start_s, ours) = measure(
         config,
         &b,
         &format!("pipeline {:?} ({backend})", b.pipeline),
+        &models,
     )?;
     let (reference_start_s, reference, label) = match b.reference {
         Reference::Hf => (None, hf_reference(&b)?, "HF"),
@@ -87,11 +99,24 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
                 reference_config,
                 &b,
                 &format!("pipeline {:?} (local)", b.pipeline),
+                &models,
             )?;
             (Some(s), rows, "local")
         }
         Reference::None => (None, Vec::new(), "-"),
     };
+    // After the runs, with no stage busy: the cores' GEMM rate on the
+    // model's own layers, the yardstick for the runs' sustained rate.
+    let yardstick = match models.iter().flatten().next() {
+        Some(model) if ours.iter().any(|r| r.flops.is_some()) => {
+            let decode_rows = b.prompts.iter().copied().max().unwrap_or(1);
+            Some(gemm_yardstick(model, &[decode_rows, 512])?)
+        }
+        _ => None,
+    };
+    let peak = yardstick
+        .as_ref()
+        .and_then(|y| y.rates.iter().map(|&(_, g)| g).reduce(f64::max));
 
     if b.json {
         for r in &ours {
@@ -107,16 +132,38 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
             }
             println!("{j}");
         }
+        if let Some(y) = &yardstick {
+            for &(rows, g) in &y.rates {
+                println!(
+                    "{}",
+                    serde_json::json!({"system": "gemm", "precision": y.precision,
+                        "threads": y.threads, "rows": rows, "gflop_per_s": g})
+                );
+            }
+        }
         return Ok(());
     }
     match reference_start_s {
         Some(r) => println!("start-up: omni ({backend}) {start_s:.2} s, {label} {r:.2} s\n"),
         None => println!("start-up: omni ({backend}) {start_s:.2} s\n"),
     }
+    if let Some(y) = &yardstick {
+        let rates: Vec<String> = y
+            .rates
+            .iter()
+            .map(|(rows, g)| format!("{g:.1} GFLOP/s at {rows} rows"))
+            .collect();
+        println!(
+            "GEMM peak (the model's layer GEMMs alone, {}, {} threads): {}\n",
+            y.precision,
+            y.threads,
+            rates.join(", ")
+        );
+    }
     println!(
-        "| prompts | omni wall s | omni prompts/s | omni tok/s | {label} wall s | {label} prompts/s | {label} tok/s | omni / {label} |"
+        "| prompts | omni wall s | omni prompts/s | omni tok/s | omni GFLOP/s | of GEMM peak | {label} wall s | {label} prompts/s | {label} tok/s | omni / {label} |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &ours {
         let hf = reference.iter().find(|h| h.prompts == r.prompts);
         let (hw, hp, ht, x) = match hf {
@@ -128,8 +175,13 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
             ),
             None => Default::default(),
         };
+        let (gflops, share) = match (r.gflop_per_s(), peak) {
+            (Some(g), Some(p)) => (format!("{g:.1}"), format!("{:.0}%", 100.0 * g / p)),
+            (Some(g), None) => (format!("{g:.1}"), String::new()),
+            _ => Default::default(),
+        };
         println!(
-            "| {} | {:.2} | {:.2} | {:.1} | {hw} | {hp} | {ht} | {x} |",
+            "| {} | {:.2} | {:.2} | {:.1} | {gflops} | {share} | {hw} | {hp} | {ht} | {x} |",
             r.prompts,
             r.wall_s,
             r.prompts_per_s(),
@@ -145,24 +197,110 @@ fn measure(
     config: PipelineConfig,
     b: &PipelineBench,
     label: &str,
+    models: &[Option<ModelConfig>],
 ) -> anyhow::Result<(f64, Vec<Row>)> {
     let started = std::time::Instant::now();
     let omni = start(config, label.to_owned())?;
     let start_s = started.elapsed().as_secs_f64();
     // Warm-up: first-call costs (allocator, kernels) out of the numbers.
-    run_batch(&omni, 1, 4).context("warm-up")?;
+    run_batch_outputs(&omni, 1, 4).context("warm-up")?;
     let mut rows = Vec::new();
     for &n in &b.prompts {
-        let (wall_s, tokens) = run_batch(&omni, n, b.max_tokens)?;
-        tracing::info!(prompts = n, wall_s, tokens, label, "omni batch done");
+        let (wall_s, outputs) = run_batch_outputs(&omni, n, b.max_tokens)?;
+        let tokens = outputs.iter().map(|o| o.token_ids.len()).sum();
+        let flops = run_flops(models, &outputs);
+        tracing::info!(prompts = n, wall_s, tokens, flops, label, "omni batch done");
         rows.push(Row {
             prompts: n,
             wall_s,
             tokens,
+            flops,
         });
     }
     omni.shutdown().context("stopping the pipeline")?;
     Ok((start_s, rows))
+}
+
+/// Each stage's decoder, for counting the work of a run; None for a stage
+/// whose model is not one (a vocoder, a voice): its work is not counted, and
+/// a run through it reports no FLOP rate.
+fn stage_models(config: &PipelineConfig) -> Vec<Option<ModelConfig>> {
+    config
+        .stages
+        .iter()
+        .map(|s| {
+            ModelSource::open_part(&s.engine_args.model, s.model_stage.as_deref())
+                .map(|m| m.config().clone())
+                .map_err(|e| {
+                    tracing::info!(stage = s.stage_id, error = %e, "not counting this stage's FLOPs");
+                })
+                .ok()
+        })
+        .collect()
+}
+
+/// The work the stages did for `outputs`, from each stage's last token
+/// counts for each request ([`ModelConfig::request_flops`]); None when a
+/// stage that reported has no decoder to count.
+fn run_flops(models: &[Option<ModelConfig>], outputs: &[OmniRequestOutput]) -> Option<u64> {
+    let mut last = std::collections::HashMap::new();
+    for o in outputs {
+        for m in &o.metrics.stages {
+            let e = last.entry((o.request_id.as_str(), m.stage_id)).or_insert(m);
+            if m.num_generated_tokens > e.num_generated_tokens {
+                *e = m;
+            }
+        }
+    }
+    last.values()
+        .map(|m| {
+            let model = models.get(m.stage_id)?.as_ref()?;
+            Some(model.request_flops(
+                m.num_prompt_tokens,
+                m.num_cached_tokens,
+                m.num_generated_tokens,
+            ))
+        })
+        .sum()
+}
+
+/// The GEMM rate the cores give the model's layers alone.
+struct Yardstick {
+    precision: &'static str,
+    threads: i32,
+    /// (rows of activations, GFLOP/s).
+    rates: Vec<(usize, f64)>,
+}
+
+/// [`omni_core::engine::layer_gemm_gflops`] at each row count, on libtorch's
+/// default intra-op threads (what a stage gets with `cpu_threads: all`), with
+/// fp16 weights where fbgemm runs (what the engine's CPU default uses for
+/// calls of more than a few rows), else fp32.
+fn gemm_yardstick(model: &ModelConfig, rows: &[usize]) -> anyhow::Result<Yardstick> {
+    let threads = omni_core::engine::tch::get_num_threads();
+    let mut precision = WeightPrecision::Fp16;
+    let mut rates = Vec::new();
+    for &n in rows {
+        let rate = progress::with_spinner(
+            format!("GEMM peak at {n} rows"),
+            |g: &f64| format!("GEMM peak at {n} rows: {g:.1} GFLOP/s"),
+            || match omni_core::engine::layer_gemm_gflops(model, precision, n, 5) {
+                Err(e) if precision == WeightPrecision::Fp16 => {
+                    tracing::info!(error = %e, "fp16 GEMM unavailable; measuring fp32");
+                    precision = WeightPrecision::Native;
+                    omni_core::engine::layer_gemm_gflops(model, precision, n, 5)
+                }
+                r => r,
+            },
+        )
+        .with_context(|| format!("measuring the GEMM peak at {n} rows"))?;
+        rates.push((n, rate));
+    }
+    Ok(Yardstick {
+        precision: precision.as_str(),
+        threads,
+        rates,
+    })
 }
 
 fn hf_reference(b: &PipelineBench) -> anyhow::Result<Vec<Row>> {
@@ -184,4 +322,69 @@ fn hf_reference(b: &PipelineBench) -> anyhow::Result<Vec<Row>> {
         &args,
         "transformers and gguf (OMNI_BENCH_DEPS=1 scripts/setup) or --reference none",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use omni_core::StageMetrics;
+
+    fn metrics(stage_id: usize, prompt: usize, cached: usize, generated: usize) -> StageMetrics {
+        let mut m = StageMetrics::default();
+        m.stage_id = stage_id;
+        m.num_prompt_tokens = prompt;
+        m.num_cached_tokens = cached;
+        m.num_generated_tokens = generated;
+        m
+    }
+
+    fn tiny() -> ModelConfig {
+        ModelConfig {
+            architecture: omni_core::engine::Architecture::Llama,
+            vocab_size: 100,
+            hidden_size: 8,
+            intermediate_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 4,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            max_position_embeddings: 64,
+            tie_word_embeddings: true,
+            attention_bias: false,
+            qk_norm: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+            embedding_size: None,
+            mrope_section: None,
+        }
+    }
+
+    /// Each (request, stage) counts once, at its latest token counts, from
+    /// whichever output carried them; a stage without a decoder makes the
+    /// whole count unknown rather than low.
+    #[test]
+    fn a_run_counts_each_stage_of_each_request_once() {
+        let cfg = tiny();
+        let output = |id: &str, stage: usize, stages: Vec<StageMetrics>| {
+            let mut o = OmniRequestOutput::new(id.into(), stage, "text".into());
+            o.metrics.stages = stages;
+            o
+        };
+        let outputs = vec![
+            // Stage 0's own output, then stage 1's carrying stage 0's again.
+            output("a", 0, vec![metrics(0, 10, 4, 3)]),
+            output("a", 1, vec![metrics(0, 10, 4, 3), metrics(1, 20, 0, 5)]),
+            // A streamed output seen before its stage finished.
+            output("b", 0, vec![metrics(0, 7, 0, 1)]),
+            output("b", 0, vec![metrics(0, 7, 0, 2)]),
+        ];
+        let want =
+            cfg.request_flops(10, 4, 3) + cfg.request_flops(20, 0, 5) + cfg.request_flops(7, 0, 2);
+        let models = vec![Some(cfg.clone()), Some(cfg.clone())];
+        assert_eq!(run_flops(&models, &outputs), Some(want));
+        assert_eq!(run_flops(&[Some(cfg), None], &outputs), None);
+    }
 }

@@ -3,12 +3,16 @@
 //!
 //! Tokens of all sequences are flattened into one `[tokens]` axis, single-token
 //! entries (decodes) first, so the linear layers see one matrix. Attention then
-//! runs in groups: all single-token entries together, and each multi-token
-//! entry (a prefill or a prefill chunk) on its own, which needs no padding at
-//! all. The decode group reads the cache one of two ways ([`DecodeKeys`]):
-//! on the CPU a kernel reads it in place through the block tables; elsewhere
-//! one batched `scaled_dot_product_attention` runs over gathered, padded
-//! contexts (padding points at the zeroed block 0 and is masked).
+//! runs in groups: one batched call over many rows ([`RowGroup`]), and each
+//! other multi-token entry (a prefill or a prefill chunk) on its own, which
+//! needs no padding at all. The batched group reads the cache one of two ways
+//! ([`RowKeys`]): on the CPU a kernel reads it in place through the block
+//! tables, and takes the rows of short prefills too (each row attending up to
+//! its own position), so a step of many short prompts makes one attention
+//! call per layer instead of one per prompt plus a gather of each one's cached
+//! prefix; elsewhere one batched `scaled_dot_product_attention` runs over
+//! the decodes' gathered, padded contexts (padding points at the zeroed block
+//! 0 and is masked).
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -63,7 +67,17 @@ impl MropePositions<'_> {
     }
 }
 
-/// How the decode group's attention reads the KV cache.
+/// Longest multi-token entry whose rows join the paged kernel's call
+/// ([`DecodePath::Paged`]); longer ones run `scaled_dot_product_attention`
+/// on their own. The kernel treats each row alone, so a prefill of L tokens
+/// reads its keys ~L/2 times over: for the short prompts of a batched step
+/// that is less than what SDPA costs them (a call, a transpose per tensor
+/// and a gather of the cached prefix per prompt and layer); for long ones
+/// SDPA's blocked kernel, which reads each key once per block of queries,
+/// wins.
+pub(crate) const PAGED_PREFILL_MAX_TOKENS: usize = 128;
+
+/// How the batched group's attention reads the KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum DecodePath {
     /// In place, through the block tables (the CPU kernel).
@@ -74,6 +88,8 @@ pub(crate) enum DecodePath {
 
 impl DecodePath {
     /// The faster path on `device`: the paged kernel is CPU code.
+    /// [`DecodePath::Paged`] also means the new K/V are written by row
+    /// copies rather than `index_copy_`.
     fn for_device(device: Device) -> Self {
         if device == Device::Cpu {
             DecodePath::Paged
@@ -83,13 +99,15 @@ impl DecodePath {
     }
 }
 
-/// The decode group's view of the cache, per [`DecodePath`].
+/// The batched group's view of the cache, per [`DecodePath`].
 #[derive(Debug)]
-pub(crate) enum DecodeKeys {
+pub(crate) enum RowKeys {
     Paged {
-        /// `[count, max_blocks]`, rows padded with block 0.
+        /// `[entries, max_blocks]`: each entry's table, padded with block 0.
         block_tables: Tensor,
-        /// `[count]`: keys per row, the new token's included.
+        /// `[count]`: the table of each row.
+        row_tables: Tensor,
+        /// `[count]`: keys per row, its own token's included.
         context_lens: Tensor,
     },
     Gathered {
@@ -102,14 +120,17 @@ pub(crate) enum DecodeKeys {
     },
 }
 
-/// Batched attention over single-token entries.
+/// Rows whose attention runs in one batched call, leading the flat axis:
+/// every single-token entry's, and on the paged path every row of the
+/// multi-token entries up to [`PAGED_PREFILL_MAX_TOKENS`].
 #[derive(Debug)]
-pub(crate) struct DecodeGroup {
+pub(crate) struct RowGroup {
+    /// Rows (tokens) in the group.
     pub count: i64,
-    pub keys: DecodeKeys,
+    pub keys: RowKeys,
 }
 
-/// Attention of one multi-token entry.
+/// Attention of one multi-token entry outside the batched group.
 #[derive(Debug)]
 pub(crate) struct PrefillGroup {
     /// Where its tokens start on the flat axis.
@@ -133,7 +154,10 @@ pub struct ForwardBatch {
     pub(crate) mrope_max: i64,
     /// Slot of each new token's K/V.
     pub(crate) slots: Tensor,
-    pub(crate) decode: Option<DecodeGroup>,
+    pub(crate) batched: Option<RowGroup>,
+    /// Whether the K/V of new tokens are written by the paged kernel's row
+    /// copies ([`DecodePath::Paged`]).
+    pub(crate) paged: bool,
     pub(crate) prefills: Vec<PrefillGroup>,
     /// Flat rows whose logits are wanted.
     pub(crate) logits_rows: Tensor,
@@ -186,11 +210,17 @@ impl ForwardBatch {
         device: Device,
         path: DecodePath,
     ) -> Result<Self> {
-        let mut order: Vec<usize> = (0..entries.len())
-            .filter(|&i| entries[i].tokens.len() == 1)
-            .collect();
+        // Entries of up to this many tokens attend in the batched group.
+        let batched_max = match path {
+            DecodePath::Paged => PAGED_PREFILL_MAX_TOKENS,
+            DecodePath::Gathered => 1,
+        };
+        let len = |i: usize| entries[i].tokens.len();
+        let mut order: Vec<usize> = (0..entries.len()).filter(|&i| len(i) == 1).collect();
         let num_decode = order.len();
-        order.extend((0..entries.len()).filter(|&i| entries[i].tokens.len() > 1));
+        order.extend((0..entries.len()).filter(|&i| len(i) > 1 && len(i) <= batched_max));
+        let num_batched = order.len();
+        order.extend((0..entries.len()).filter(|&i| len(i) > batched_max));
         if let Some(i) = (0..entries.len()).find(|&i| entries[i].tokens.is_empty()) {
             return Err(Error::InvalidConfig {
                 field: format!("batch entry {i}"),
@@ -253,7 +283,7 @@ impl ForwardBatch {
                 logits_rows.push(ids.len() as i64 - 1);
                 logits_entries.push(i);
             }
-            if e.tokens.len() > 1 {
+            if e.tokens.len() > batched_max {
                 let len = e.tokens.len() as i64;
                 let cached = if e.start_pos == 0 {
                     None
@@ -281,21 +311,21 @@ impl ForwardBatch {
             }
         }
 
-        let decode = if num_decode > 0 {
-            let rows = &order[..num_decode];
+        let batched = if num_batched > 0 {
+            let group = &order[..num_batched];
             let keys = match path {
-                DecodePath::Paged => decode_tables(entries, rows, block_size, device)?,
-                DecodePath::Gathered => decode_gather(entries, rows, block_size, device)?,
+                DecodePath::Paged => paged_tables(entries, group, block_size, device)?,
+                DecodePath::Gathered => decode_gather(entries, group, block_size, device)?,
             };
-            Some(DecodeGroup {
-                count: num_decode as i64,
+            Some(RowGroup {
+                count: group.iter().map(|&i| len(i) as i64).sum(),
                 keys,
             })
         } else {
             None
         };
 
-        let phase = match (num_decode > 0, !prefills.is_empty()) {
+        let phase = match (num_decode > 0, order.len() > num_decode) {
             (true, false) => "decode",
             (false, _) => "prefill",
             (true, true) => "mixed",
@@ -317,7 +347,8 @@ impl ForwardBatch {
                 None
             },
             slots: to(&slots)?,
-            decode,
+            batched,
+            paged: path == DecodePath::Paged,
             prefills,
             logits_rows: to(&logits_rows)?,
             logits_entries,
@@ -351,38 +382,47 @@ impl ForwardBatch {
     }
 }
 
-/// Block tables and context lengths of the decode rows, for the paged kernel.
-fn decode_tables(
+/// Block tables of the group's entries and each row's table and context
+/// length, for the paged kernel: a decode row attends to its whole
+/// sequence, a prefill's row `j` to positions up to `start_pos + j`.
+fn paged_tables(
     entries: &[BatchEntry<'_>],
-    rows: &[usize],
+    group: &[usize],
     block_size: usize,
     device: Device,
-) -> Result<DecodeKeys> {
-    let lens: Vec<i64> = rows
+) -> Result<RowKeys> {
+    let ends: Vec<usize> = group
         .iter()
-        .map(|&i| (entries[i].start_pos + 1) as i64)
+        .map(|&i| entries[i].start_pos + entries[i].tokens.len())
         .collect();
-    let max_blocks = lens
+    let max_blocks = ends
         .iter()
-        .map(|&l| (l as usize).div_ceil(block_size))
+        .map(|&end| end.div_ceil(block_size))
         .max()
         .unwrap_or(1);
-    let mut tables = vec![0i64; rows.len() * max_blocks];
-    for (row, &i) in rows.iter().enumerate() {
+    let mut tables = vec![0i64; group.len() * max_blocks];
+    let mut row_tables = Vec::new();
+    let mut lens = Vec::new();
+    for (t, (&i, &end)) in group.iter().zip(&ends).enumerate() {
         let e = &entries[i];
-        let needed = (e.start_pos + 1).div_ceil(block_size);
+        let needed = end.div_ceil(block_size);
         if e.block_table.len() < needed {
             // The same error `slot` gives for an uncovered position.
-            slot(e.block_table, block_size, e.start_pos)?;
+            slot(e.block_table, block_size, end - 1)?;
         }
         for (b, &block) in e.block_table[..needed].iter().enumerate() {
-            tables[row * max_blocks + b] = block as i64;
+            tables[t * max_blocks + b] = block as i64;
+        }
+        for pos in e.start_pos..end {
+            row_tables.push(t as i64);
+            lens.push(pos as i64 + 1);
         }
     }
-    Ok(DecodeKeys::Paged {
+    Ok(RowKeys::Paged {
         block_tables: Tensor::from_slice(&tables)
-            .f_view([rows.len() as i64, max_blocks as i64])?
+            .f_view([group.len() as i64, max_blocks as i64])?
             .f_to_device(device)?,
+        row_tables: Tensor::from_slice(&row_tables).f_to_device(device)?,
         context_lens: Tensor::from_slice(&lens).f_to_device(device)?,
     })
 }
@@ -393,7 +433,7 @@ fn decode_gather(
     rows: &[usize],
     block_size: usize,
     device: Device,
-) -> Result<DecodeKeys> {
+) -> Result<RowKeys> {
     let n = rows.len();
     let ctx = rows
         .iter()
@@ -409,7 +449,7 @@ fn decode_gather(
             mask[row * ctx + p] = true;
         }
     }
-    Ok(DecodeKeys::Gathered {
+    Ok(RowKeys::Gathered {
         ctx: ctx as i64,
         gather: Tensor::from_slice(&gather).f_to_device(device)?,
         mask: Tensor::from_slice(&mask)

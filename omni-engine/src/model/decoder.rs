@@ -16,9 +16,9 @@
 //! paged cache through the index tensors of [`ForwardBatch`].
 use tch::{Device, Kind, Tensor};
 
-use super::batch::{DecodeKeys, ForwardBatch};
+use super::batch::{ForwardBatch, RowKeys};
 use super::fused::Kernels;
-use super::paged_attention::paged_decode_attention;
+use super::paged_attention::{paged_attention, paged_kv_write};
 use super::rotary::Rotary;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
@@ -379,8 +379,12 @@ impl Model {
             let qk = ops.rope(qk, &cos, &sin)?;
             let q = qk.f_narrow(1, 0, nh)?;
             let k = qk.f_narrow(1, nh, nkv)?;
-            let _ = cache.k[l].f_index_copy_(0, &batch.slots, &k)?;
-            let _ = cache.v[l].f_index_copy_(0, &batch.slots, &v)?;
+            if batch.paged {
+                paged_kv_write(&cache.k[l], &cache.v[l], &batch.slots, &k, &v)?;
+            } else {
+                let _ = cache.k[l].f_index_copy_(0, &batch.slots, &k)?;
+                let _ = cache.v[l].f_index_copy_(0, &batch.slots, &v)?;
+            }
             let attn = self.attention(batch, cache, l, &q, &k, &v)?;
             let o = layer.o_proj.forward(&attn)?;
             h = ops.add_rms_norm(&mut x, &o, &layer.post_attention_layernorm, eps)?;
@@ -444,21 +448,23 @@ impl Model {
         );
         let gqa = nh != nkv;
         let mut parts = Vec::with_capacity(1 + batch.prefills.len());
-        if let Some(g) = &batch.decode {
+        if let Some(g) = &batch.batched {
             let qd = q.f_narrow(0, 0, g.count)?;
             let o = match &g.keys {
-                DecodeKeys::Paged {
+                RowKeys::Paged {
                     block_tables,
+                    row_tables,
                     context_lens,
-                } => paged_decode_attention(
+                } => paged_attention(
                     &qd,
                     &cache.k[l],
                     &cache.v[l],
                     block_tables,
+                    row_tables,
                     context_lens,
                     cache.block_size(),
                 )?,
-                DecodeKeys::Gathered { ctx, gather, mask } => {
+                RowKeys::Gathered { ctx, gather, mask } => {
                     let gathered = |c: &Tensor| -> Result<Tensor> {
                         Ok(c.f_index_select(0, gather)?
                             .f_view([g.count, *ctx, nkv, d])?
@@ -569,27 +575,28 @@ mod tests {
     use crate::model::batch::{BatchEntry, DecodePath};
     use crate::model::testing::{random_weights, tiny_config};
 
-    /// Decode logits of three sequences whose contexts (5, 18, 33 tokens)
-    /// sit in scattered blocks, by `path`, after prefilling them.
+    /// Logits of three sequences (5, 18 and 150 tokens) whose blocks are
+    /// scattered, every step by `path`: a first step of two short prompts
+    /// and the long one's first 140 tokens (past the paged kernel's prefill
+    /// limit: SDPA on either path); a mixed step of the long one's next 9
+    /// tokens (a prefill over a cached prefix) beside the short ones'
+    /// decodes; then the long one's decode. The logits of the last two steps.
     fn decode_logits(arch: Architecture, path: DecodePath) -> Result<Tensor> {
         let cfg = tiny_config(arch);
         let mut w = random_weights(&cfg, 7)?;
         let opts = ModelOptions {
             precision: WeightPrecision::Native,
             quant_max_rows: crate::linear::QUANT_MAX_ROWS,
-            max_positions: 128,
+            max_positions: 256,
         };
         let model = Model::new(&cfg, &mut w, &opts)?;
         let bs = 4;
-        let mut cache = model.new_cache(40, bs)?;
+        let mut cache = model.new_cache(60, bs)?;
         // Interleaved, out-of-order blocks: reading in place must follow
         // the table, not assume neighbours.
-        let tables: [Vec<u32>; 3] = [
-            vec![17, 3],
-            vec![30, 2, 11, 25, 8],
-            vec![1, 39, 22, 4, 35, 13, 6, 27, 19],
-        ];
-        let prompts: Vec<Vec<u32>> = [5usize, 18, 33]
+        let long: Vec<u32> = (0..38).map(|b| 59 - (b * 7) % 38).collect();
+        let tables: [Vec<u32>; 3] = [vec![17, 3], vec![20, 2, 11, 21, 8], long];
+        let prompts: Vec<Vec<u32>> = [5usize, 18, 150]
             .iter()
             .enumerate()
             .map(|(s, &n)| {
@@ -598,39 +605,46 @@ mod tests {
                     .collect()
             })
             .collect();
-        let prefill: Vec<BatchEntry> = (0..3)
-            .map(|s| BatchEntry {
-                tokens: &prompts[s][..prompts[s].len() - 1],
-                start_pos: 0,
-                block_table: &tables[s],
-                wants_logits: false,
-                prompt_logits: 0,
-                embeds: None,
-                wants_states: false,
-                bare_states: &[],
-                mrope: None,
-            })
-            .collect();
-        model.forward(&ForwardBatch::new(&prefill, bs, Device::Cpu)?, &mut cache)?;
-        let decode: Vec<BatchEntry> = (0..3)
-            .map(|s| BatchEntry {
-                tokens: &prompts[s][prompts[s].len() - 1..],
-                start_pos: prompts[s].len() - 1,
-                block_table: &tables[s],
-                wants_logits: true,
-                prompt_logits: 0,
-                embeds: None,
-                wants_states: false,
-                bare_states: &[],
-                mrope: None,
-            })
-            .collect();
-        let batch = ForwardBatch::with_decode_path(&decode, bs, Device::Cpu, path)?;
-        Ok(model.forward(&batch, &mut cache)?.logits)
+        let entry = |s: usize, from: usize, to: usize, logits: bool| BatchEntry {
+            tokens: &prompts[s][from..to],
+            start_pos: from,
+            block_table: &tables[s],
+            wants_logits: logits,
+            prompt_logits: 0,
+            embeds: None,
+            wants_states: false,
+            bare_states: &[],
+            mrope: None,
+        };
+        let step = |entries: &[BatchEntry], cache: &mut KvCache| -> Result<Tensor> {
+            let batch = ForwardBatch::with_decode_path(entries, bs, Device::Cpu, path)?;
+            Ok(model.forward(&batch, cache)?.logits)
+        };
+        drop(step(
+            &[
+                entry(0, 0, 4, false),
+                entry(1, 0, 17, false),
+                entry(2, 0, 140, false),
+            ],
+            &mut cache,
+        )?);
+        let mixed = step(
+            &[
+                entry(0, 4, 5, true),
+                entry(2, 140, 149, false),
+                entry(1, 17, 18, true),
+            ],
+            &mut cache,
+        )?;
+        let last = step(&[entry(2, 149, 150, true)], &mut cache)?;
+        Ok(Tensor::f_cat(&[mixed, last], 0)?)
     }
 
+    /// The paged kernel (decodes and short prefills, the latter over a
+    /// cached prefix too, K/V written by row copies) gives what gathered
+    /// SDPA and `index_copy_` give.
     #[test]
-    fn paged_decode_attention_matches_gathered_sdpa() -> Result<()> {
+    fn paged_attention_matches_gathered_sdpa() -> Result<()> {
         // Llama and Qwen2 have GQA (4 heads on 2 kv heads) here; Qwen3 adds
         // q/k norms before the cache.
         for arch in [
@@ -640,6 +654,8 @@ mod tests {
         ] {
             let paged = decode_logits(arch, DecodePath::Paged)?;
             let gathered = decode_logits(arch, DecodePath::Gathered)?;
+            let vocab = tiny_config(arch).vocab_size as i64;
+            assert_eq!(paged.size(), [3, vocab]);
             let diff = f64::try_from(paged.f_sub(&gathered)?.f_abs()?.f_max()?)?;
             assert!(diff < 1e-4, "{arch:?}: paged and gathered differ by {diff}");
         }
@@ -711,11 +727,12 @@ mod tests {
         let q = Tensor::f_zeros([1, 4, 16], (Kind::Float, Device::Cpu))?;
         let lens = Tensor::from_slice(&[6i64]);
         let bad = Tensor::from_slice(&[1i64, 8]).f_view([1, 2])?;
-        let e = paged_decode_attention(&q, &cache, &cache, &bad, &lens, 4)
+        let rows = Tensor::from_slice(&[0i64]);
+        let e = paged_attention(&q, &cache, &cache, &bad, &rows, &lens, 4)
             .expect_err("block 8 of 8 must be refused");
         assert!(e.to_string().contains("block 8"), "{e}");
         let short = Tensor::from_slice(&[1i64]).f_view([1, 1])?;
-        let e = paged_decode_attention(&q, &cache, &cache, &short, &lens, 4)
+        let e = paged_attention(&q, &cache, &cache, &short, &rows, &lens, 4)
             .expect_err("6 tokens do not fit one block of 4");
         assert!(e.to_string().contains("context length 6"), "{e}");
         Ok(())

@@ -1,6 +1,8 @@
-//! Decode attention on the CPU, read in place from the paged KV cache by the
-//! kernel in `csrc/paged_attention.cpp`: no gathered copy of the context, no
-//! padding, no mask (why: see that file).
+//! Attention on the CPU, read in place from the paged KV cache by the kernel
+//! in `csrc/paged_attention.cpp`: no gathered copy of the context, no
+//! padding, no mask (why: see that file). Decode rows and the rows of short
+//! prefills go through it in one call per layer; and the new K/V are
+//! written into the cache by row copies instead of `index_copy_`.
 use std::ffi::c_char;
 
 use tch::Tensor;
@@ -10,41 +12,54 @@ use crate::error::Result;
 use crate::shim::from_shim;
 
 extern "C" {
-    fn omni_paged_decode_attention(
+    fn omni_paged_attention(
         q: *const C_tensor,
         k_cache: *const C_tensor,
         v_cache: *const C_tensor,
         block_tables: *const C_tensor,
+        row_tables: *const C_tensor,
         context_lens: *const C_tensor,
         block_size: i64,
         scale: f64,
         err: *mut *mut c_char,
     ) -> *mut C_tensor;
+    fn omni_paged_kv_write(
+        k_cache: *const C_tensor,
+        v_cache: *const C_tensor,
+        slots: *const C_tensor,
+        k: *const C_tensor,
+        v: *const C_tensor,
+        err: *mut *mut c_char,
+    ) -> *mut C_tensor;
 }
 
-/// `q`: `[n, heads, head_dim]`, one query token per sequence; the caches
-/// `[slots, kv_heads, head_dim]`; `block_tables` `[n, max_blocks]` and
-/// `context_lens` `[n]` (int64, keys per sequence including the new one).
-/// Returns `[n, heads, head_dim]`. The kernel checks every index first: a
-/// table that points outside the cache is an error, not a bad read.
-pub(crate) fn paged_decode_attention(
+/// Attention of each row of `q` (`[n, heads, head_dim]`) over the first
+/// `context_lens[i]` positions of its sequence, read from the caches
+/// (`[slots, kv_heads, head_dim]`) through `block_tables[row_tables[i]]`
+/// (`[seqs, max_blocks]`, padded with block 0). A decode row attends to
+/// its whole sequence; a prefill's rows share one table, each attending up
+/// to its own position (causal). Returns `[n, heads, head_dim]`.
+pub(crate) fn paged_attention(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
     block_tables: &Tensor,
+    row_tables: &Tensor,
     context_lens: &Tensor,
     block_size: usize,
 ) -> Result<Tensor> {
     let head_dim = q.size().last().copied().unwrap_or(1).max(1);
     let scale = 1.0 / (head_dim as f64).sqrt();
     let mut err = std::ptr::null_mut();
-    // SAFETY: every tensor outlives the call; the shim only reads them.
+    // SAFETY: every tensor outlives the call; the shim checks shapes and
+    // every index before reading.
     let ptr = unsafe {
-        omni_paged_decode_attention(
+        omni_paged_attention(
             q.as_ptr(),
             k_cache.as_ptr(),
             v_cache.as_ptr(),
             block_tables.as_ptr(),
+            row_tables.as_ptr(),
             context_lens.as_ptr(),
             block_size as i64,
             scale,
@@ -52,7 +67,33 @@ pub(crate) fn paged_decode_attention(
         )
     };
     // SAFETY: straight from the shim.
-    unsafe { from_shim(ptr, err, "paged decode attention") }
+    unsafe { from_shim(ptr, err, "paged attention") }
+}
+
+/// Writes `k` and `v` (`[t, kv_heads, head_dim]`, rows contiguous) into
+/// the caches at `slots` (`[t]`), in place; CPU tensors.
+pub(crate) fn paged_kv_write(
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    slots: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+) -> Result<()> {
+    let mut err = std::ptr::null_mut();
+    // SAFETY: every tensor outlives the call; the shim checks shapes, dtypes
+    // and every slot before writing.
+    let ptr = unsafe {
+        omni_paged_kv_write(
+            k_cache.as_ptr(),
+            v_cache.as_ptr(),
+            slots.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            &mut err,
+        )
+    };
+    // SAFETY: straight from the shim; the handle (the K cache) is dropped.
+    unsafe { from_shim(ptr, err, "paged K/V write") }.map(drop)
 }
 
 #[cfg(test)]
@@ -132,6 +173,7 @@ mod tests {
         let block_tables =
             Tensor::from_slice(&flat).f_view([lens.len() as i64, max_blocks as i64])?;
         let context_lens = Tensor::from_slice(&lens);
+        let rows = Tensor::arange(lens.len() as i64, (Kind::Int64, Device::Cpu));
         let opts = (Kind::Float, Device::Cpu);
         let q = Tensor::f_randn([lens.len() as i64, heads, d], opts)?.f_mul_scalar(4.0)?;
         let k = Tensor::f_randn([num_blocks * bs, kv_heads, d], opts)?.f_mul_scalar(4.0)?;
@@ -142,7 +184,7 @@ mod tests {
             let want = reference(&q, &k, &v, &tables, &lens, bs)?;
             for portable in [false, true] {
                 let got = with_kernel_build(portable, || {
-                    paged_decode_attention(&q, &k, &v, &block_tables, &context_lens, bs as usize)
+                    paged_attention(&q, &k, &v, &block_tables, &rows, &context_lens, bs as usize)
                 })?;
                 let diff = f64::try_from(got.f_sub(&want)?.f_abs()?.f_max()?)?;
                 assert!(
@@ -150,6 +192,98 @@ mod tests {
                     "{kind:?} cache, portable {portable}: off by {diff}"
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// A prefill's rows share their sequence's table, each attending up to
+    /// its own position; rows of two sequences interleave with a decode row.
+    #[test]
+    fn prefill_rows_attend_causally_through_a_shared_table() -> Result<()> {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(12);
+        let (heads, kv_heads, d, bs) = (4i64, 2i64, 24i64, 8i64);
+        let opts = (Kind::Float, Device::Cpu);
+        // Sequence 0: blocks 5, 2, 7 (20 positions); sequence 1: block 3.
+        let seq_tables = [vec![5i64, 2, 7], vec![3, 0, 0]];
+        let block_tables = Tensor::from_slice(&seq_tables.concat()).f_view([2, 3])?;
+        // Rows: a decode of sequence 1 (6 positions), then a prefill of
+        // sequence 0 from position 14 to 19.
+        let row_seq: Vec<i64> = std::iter::once(1).chain([0; 6]).collect();
+        let lens: Vec<i64> = std::iter::once(6).chain(15..=20).collect();
+        let q = Tensor::f_randn([row_seq.len() as i64, heads, d], opts)?.f_mul_scalar(3.0)?;
+        let k = Tensor::f_randn([8 * bs, kv_heads, d], opts)?.f_mul_scalar(3.0)?;
+        let v = Tensor::f_randn([8 * bs, kv_heads, d], opts)?;
+        let per_row: Vec<Vec<i64>> = row_seq
+            .iter()
+            .map(|&s| seq_tables[s as usize].clone())
+            .collect();
+        let want = reference(&q, &k, &v, &per_row, &lens, bs)?;
+        for portable in [false, true] {
+            let got = with_kernel_build(portable, || {
+                paged_attention(
+                    &q,
+                    &k,
+                    &v,
+                    &block_tables,
+                    &Tensor::from_slice(&row_seq),
+                    &Tensor::from_slice(&lens),
+                    bs as usize,
+                )
+            })?;
+            let diff = f64::try_from(got.f_sub(&want)?.f_abs()?.f_max()?)?;
+            assert!(diff < 1e-4, "portable {portable}: off by {diff}");
+        }
+        // A row naming a table that is not there is an error, not a read.
+        let e = paged_attention(
+            &q,
+            &k,
+            &v,
+            &block_tables,
+            &Tensor::from_slice(&[1i64, 0, 0, 0, 0, 0, 2]),
+            &Tensor::from_slice(&lens),
+            bs as usize,
+        )
+        .map(drop)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("row 6 names table 2 of 2"), "{e}");
+        Ok(())
+    }
+
+    /// The row copies write what `index_copy_` writes, from a strided view
+    /// (K and V inside one fused projection), and nowhere else; a slot past
+    /// the cache is an error before anything is written.
+    #[test]
+    fn kv_write_matches_index_copy() -> Result<()> {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(13);
+        let (kvh, d, slots) = (3i64, 16i64, 40i64);
+        for kind in [Kind::Float, Kind::Half] {
+            let opts = (kind, Device::Cpu);
+            let fused = Tensor::f_randn([5, 3 * kvh * d], opts)?;
+            let k = fused.f_narrow(1, kvh * d, kvh * d)?.f_view([5, kvh, d])?;
+            let v = fused
+                .f_narrow(1, 2 * kvh * d, kvh * d)?
+                .f_view([5, kvh, d])?;
+            let at = Tensor::from_slice(&[7i64, 0, 39, 12, 13]);
+            let (kc, vc) = (
+                Tensor::f_randn([slots, kvh, d], opts)?,
+                Tensor::f_randn([slots, kvh, d], opts)?,
+            );
+            let (mut kw, mut vw) = (kc.copy(), vc.copy());
+            let _ = kw.f_index_copy_(0, &at, &k)?;
+            let _ = vw.f_index_copy_(0, &at, &v)?;
+            paged_kv_write(&kc, &vc, &at, &k, &v)?;
+            assert!(kc.equal(&kw) && vc.equal(&vw), "{kind:?}");
+
+            let before = kc.copy();
+            let bad = Tensor::from_slice(&[1i64, 2, 3, 40, 4]);
+            let e = paged_kv_write(&kc, &vc, &bad, &k, &v)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("slot 40 of row 3"), "{e}");
+            assert!(kc.equal(&before));
         }
         Ok(())
     }
