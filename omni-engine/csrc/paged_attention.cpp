@@ -190,6 +190,90 @@ __attribute__((target("avx2,fma"))) void attend_avx2(const Problem<float>& p, in
                                                      std::vector<float>& acc) {
   attend<float, dot_avx2, axpy_avx2, softmax_avx2>(p, s, scores, acc);
 }
+
+// Lane k of the result: the sum of a[k]'s lanes.
+__attribute__((target("avx2,fma"))) inline __m256 hsum8_avx2(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// The same attention for head widths that are a multiple of 8, laid out
+// for the registers: a query head's scores come 8 keys at a time (8
+// accumulators, one horizontal reduction for all 8 instead of one per key,
+// which was most of the scores' time), and its weighted sum keeps 32
+// output lanes in registers across every key instead of loading and
+// storing them per key. Measured on a 64-sequence decode step of SmolLM2
+// (9 heads of 64, 3 kv heads). Same products, summed in another order.
+__attribute__((target("avx2,fma"))) void attend_avx2_wide(const Problem<float>& p, int64_t s,
+                                                          std::vector<float>& scores,
+                                                          std::vector<float>& acc) {
+  const int64_t heads = p.heads, kvh = p.kv_heads, group = heads / kvh, d = p.d;
+  const int64_t bs = p.block_size, ctx = p.lens[s];
+  const int64_t* table = p.tables + p.row_tables[s] * p.max_blocks;
+  const float* qs = p.q + s * heads * d;
+  // Each position's cached row (every kv head of one token), in order;
+  // the calling thread's scratch, like `scores`.
+  static thread_local std::vector<const float*> keys, values;
+  keys.resize(static_cast<size_t>(ctx));
+  values.resize(static_cast<size_t>(ctx));
+  for (int64_t j = 0; j < ctx; ++j) {
+    const int64_t slot = table[j / bs] * bs + j % bs;
+    keys[j] = p.k_cache + slot * kvh * d;
+    values[j] = p.v_cache + slot * kvh * d;
+  }
+  (void)acc;
+  scores.resize(static_cast<size_t>(heads * ctx));
+  const __m256 scale = _mm256_set1_ps(p.scale);
+  for (int64_t hq = 0; hq < heads; ++hq) {
+    const float* q = qs + hq * d;
+    const int64_t off = (hq / group) * d;
+    float* sc = scores.data() + hq * ctx;
+    int64_t j = 0;
+    for (; j + 8 <= ctx; j += 8) {
+      __m256 a[8];
+      for (int k = 0; k < 8; ++k) a[k] = _mm256_setzero_ps();
+      for (int64_t i = 0; i < d; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        for (int k = 0; k < 8; ++k) {
+          a[k] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys[j + k] + off + i), a[k]);
+        }
+      }
+      _mm256_storeu_ps(sc + j, _mm256_mul_ps(hsum8_avx2(a), scale));
+    }
+    for (; j < ctx; ++j) sc[j] = dot_avx2(q, keys[j] + off, d) * p.scale;
+    softmax_avx2(sc, ctx);
+  }
+  float* out = p.out + s * heads * d;
+  for (int64_t hq = 0; hq < heads; ++hq) {
+    const float* sc = scores.data() + hq * ctx;
+    const int64_t off = (hq / group) * d;
+    int64_t i = 0;
+    for (; i + 32 <= d; i += 32) {
+      __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+      for (int64_t j = 0; j < ctx; ++j) {
+        const __m256 w = _mm256_set1_ps(sc[j]);
+        const float* v = values[j] + off + i;
+        o0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v), o0);
+        o1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8), o1);
+        o2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 16), o2);
+        o3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 24), o3);
+      }
+      float* o = out + hq * d + i;
+      _mm256_storeu_ps(o, o0);
+      _mm256_storeu_ps(o + 8, o1);
+      _mm256_storeu_ps(o + 16, o2);
+      _mm256_storeu_ps(o + 24, o3);
+    }
+    for (; i < d; i += 8) {
+      __m256 o0 = _mm256_setzero_ps();
+      for (int64_t j = 0; j < ctx; ++j) {
+        o0 = _mm256_fmadd_ps(_mm256_set1_ps(sc[j]), _mm256_loadu_ps(values[j] + off + i), o0);
+      }
+      _mm256_storeu_ps(out + hq * d + i, o0);
+    }
+  }
+}
 #endif
 
 template <typename T>
@@ -197,7 +281,7 @@ void paged_decode(const Problem<T>& p, int64_t n) {
   auto task = attend_generic<T>;
 #ifdef OMNI_X86
   if constexpr (std::is_same_v<T, float>) {
-    if (omni::use_avx2()) task = attend_avx2;
+    if (omni::use_avx2()) task = p.d % 8 == 0 ? attend_avx2_wide : attend_avx2;
   }
 #endif
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {

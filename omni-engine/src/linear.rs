@@ -331,7 +331,8 @@ mod tests {
         Ok(())
     }
 
-    /// The GEMM splits output columns between the intra-op threads: widths
+    /// The GEMM splits output columns between the intra-op threads (and wide
+    /// matrices into parts of at most 4096 columns): widths
     /// that are not a multiple of fbgemm's 16-column blocks (the last thread
     /// takes the fringe), many input rows (fbgemm blocks rows by 120) and a
     /// 3-d input must come out as the dense product does.
@@ -342,7 +343,16 @@ mod tests {
         let threads = tch::get_num_threads();
         tch::set_num_threads(2);
         let result = (|| -> Result<()> {
-            for (rows, inp, out) in [(1, 64, 1001), (130, 96, 200), (7, 576, 1536), (3, 40, 9)] {
+            // The last two are cut into more parts than threads (columns past
+            // 2 x 4096), with a fringe of columns off the 16-column blocks.
+            for (rows, inp, out) in [
+                (1, 64, 1001),
+                (130, 96, 200),
+                (7, 576, 1536),
+                (3, 40, 9),
+                (5, 32, 9003),
+                (1, 48, 12301),
+            ] {
                 let w = Tensor::f_randn([out, inp], (Kind::Float, Device::Cpu))?;
                 let x = Tensor::f_randn([1, rows, inp], (Kind::Float, Device::Cpu))?;
                 let dense = Linear::new(w.shallow_clone(), None, WeightPrecision::Native)?;
