@@ -4,8 +4,8 @@
 // allocates its output; splitting the weight into shards made it parallel
 // but cost an `at::cat` of the shards' outputs (~10% of a prefill step).
 // fbgemm's own entry point, `cblas_gemm_compute(..., thread_id,
-// num_threads)`, splits the output columns between threads and writes into
-// a buffer we own, so each intra-op thread takes its share of one output.
+// num_threads)`, splits the output columns into parts and writes into a
+// buffer we own, so each intra-op thread computes its parts of one output.
 // Conventions in shim.h.
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>

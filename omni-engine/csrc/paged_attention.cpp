@@ -8,18 +8,21 @@
 // scaled_dot_product_attention with a mask over the padding. On a CPU that
 // copy is the cost: at 64 sequences of ~300 tokens it writes and rereads
 // ~30 MB per layer, and a decode step took 50% longer than at 40 tokens
-// (measured: 400 -> 600 ms). This kernel reads each cached key and value
-// once, in place, through the block table, with no padding: one task per
-// sequence computes every head's scores (GQA: query head j uses kv head
+// (measured: 400 -> 600 ms). This kernel reads the cached keys and values
+// in place, through the block table, with no padding: one task per query
+// row computes every head's scores (GQA: query head j uses kv head
 // j / (heads / kv_heads), as HF's repeat_kv and SDPA's enable_gqa do), a
-// softmax in fp32, and the weighted sum of the values. Conventions of the C
-// interface: shim.h.
+// softmax in fp32, and the weighted sum of the values. A prefill's rows are
+// separate tasks that reread their shared context from the cache, which is
+// why only short ones come here (batch.rs). Conventions of the C interface:
+// shim.h.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -65,7 +68,7 @@ inline void softmax(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= inv;
 }
 
-// One decode step's problem, shared by every task.
+// One call's problem, shared by every task: a task is one query row.
 template <typename T>
 struct Problem {
   const float* q;
@@ -81,7 +84,7 @@ struct Problem {
   float scale;
 };
 
-// Attention of sequence `s`, all heads: scores block by block (no division
+// Attention of query row `s`, all heads: scores block by block (no division
 // per key), softmax in fp32, weighted sum of the values. Each cached row
 // (every kv head of one token, contiguous) is read once, by one thread: a
 // task per (sequence, kv head) read each row's thirds on different threads,
@@ -203,8 +206,9 @@ __attribute__((target("avx2,fma"))) inline __m256 hsum8_avx2(const __m256* a) {
 // accumulators, one horizontal reduction for all 8 instead of one per key,
 // which was most of the scores' time), and its weighted sum keeps 32
 // output lanes in registers across every key instead of loading and
-// storing them per key. Measured on a 64-sequence decode step of SmolLM2
-// (9 heads of 64, 3 kv heads). Same products, summed in another order.
+// storing them per key: in a 64-sequence decode step of SmolLM2 (9 heads
+// of 64 on 3 kv heads) the reductions and the accumulator traffic were
+// most of the kernel's time. Same products, summed in another order.
 __attribute__((target("avx2,fma"))) void attend_avx2_wide(const Problem<float>& p, int64_t s,
                                                           std::vector<float>& scores,
                                                           std::vector<float>& acc) {
@@ -222,7 +226,7 @@ __attribute__((target("avx2,fma"))) void attend_avx2_wide(const Problem<float>& 
     keys[j] = p.k_cache + slot * kvh * d;
     values[j] = p.v_cache + slot * kvh * d;
   }
-  (void)acc;
+  (void)acc;  // The generic build's scratch; this one keeps its sums in registers.
   scores.resize(static_cast<size_t>(heads * ctx));
   const __m256 scale = _mm256_set1_ps(p.scale);
   for (int64_t hq = 0; hq < heads; ++hq) {
@@ -277,7 +281,7 @@ __attribute__((target("avx2,fma"))) void attend_avx2_wide(const Problem<float>& 
 #endif
 
 template <typename T>
-void paged_decode(const Problem<T>& p, int64_t n) {
+void paged_rows(const Problem<T>& p, int64_t n) {
   auto task = attend_generic<T>;
 #ifdef OMNI_X86
   if constexpr (std::is_same_v<T, float>) {
@@ -310,7 +314,9 @@ at::Tensor* omni_paged_attention(const at::Tensor* q, const at::Tensor* k_cache,
     RECORD_FUNCTION("omni::paged_attention", std::vector<c10::IValue>());
     TORCH_CHECK(q->dim() == 3 && k_cache->dim() == 3 && v_cache->dim() == 3,
                 "q and the caches must be 3-d");
-    TORCH_CHECK(q->device().is_cpu() && k_cache->device().is_cpu(), "CPU tensors only");
+    for (const at::Tensor* t : {q, k_cache, v_cache, block_tables, row_tables, context_lens}) {
+      TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
+    }
     TORCH_CHECK(k_cache->sizes() == v_cache->sizes(), "K and V caches differ in shape");
     TORCH_CHECK(k_cache->scalar_type() == v_cache->scalar_type(), "K and V caches differ in dtype");
     TORCH_CHECK(k_cache->is_contiguous() && v_cache->is_contiguous(), "caches must be contiguous");
@@ -358,7 +364,7 @@ at::Tensor* omni_paged_attention(const at::Tensor* q, const at::Tensor* k_cache,
                                     d,
                                     block_size,
                                     static_cast<float>(scale)};
-          paged_decode(p, n);
+          paged_rows(p, n);
         });
     return out.to(q->scalar_type());
   });
@@ -377,9 +383,11 @@ at::Tensor* omni_paged_kv_write(const at::Tensor* k_cache, const at::Tensor* v_c
     RECORD_FUNCTION("omni::paged_kv_write", std::vector<c10::IValue>());
     TORCH_CHECK(k_cache->dim() == 3 && k_cache->sizes() == v_cache->sizes(),
                 "K and V caches must be [slots, kv_heads, d] alike");
+    TORCH_CHECK(k_cache->scalar_type() == v_cache->scalar_type(), "K and V caches differ in dtype");
     TORCH_CHECK(k_cache->is_contiguous() && v_cache->is_contiguous(), "caches must be contiguous");
-    TORCH_CHECK(k_cache->device().is_cpu() && k->device().is_cpu() && v->device().is_cpu(),
-                "CPU tensors only");
+    for (const at::Tensor* t : {k_cache, v_cache, slots, k, v}) {
+      TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
+    }
     const int64_t n = k->size(0), width = k_cache->size(1) * k_cache->size(2);
     for (const at::Tensor* x : {k, v}) {
       TORCH_CHECK(x->dim() == 3 && x->size(0) == n && x->size(1) == k_cache->size(1) &&

@@ -259,17 +259,17 @@ impl PackedFp16 {
 /// The rate of the model's own layer GEMMs, the yardstick for a whole run's
 /// FLOP rate (`omni bench pipeline`): one forward pass's matrix products
 /// (fused q/k/v, o, fused gate/up, down, in every layer, each layer its own
-/// random weights so they stream from memory as the model's do) on `rows`
-/// rows of activations, kept in `precision` as the engine keeps them, on
-/// the caller's intra-op threads. Best of `rounds` passes, in GFLOP/s.
-/// Attention, the LM head and everything between the products are left
-/// out: this is what the cores give the GEMMs alone.
+/// random weights so they stream from memory as the model's do) on each of
+/// `rows` rows of activations, kept in `precision` as the engine keeps them,
+/// on the caller's intra-op threads. Best of `rounds` passes per row count,
+/// in GFLOP/s. Attention, the LM head and everything between the products
+/// are left out: this is what the cores give the GEMMs alone.
 pub fn layer_gemm_gflops(
     config: &crate::ModelConfig,
     precision: WeightPrecision,
-    rows: usize,
+    rows: &[usize],
     rounds: usize,
-) -> Result<f64> {
+) -> Result<Vec<f64>> {
     let _g = tch::no_grad_guard();
     let opts = (Kind::Float, Device::Cpu);
     let h = config.hidden_size as i64;
@@ -281,20 +281,29 @@ pub fn layer_gemm_gflops(
     for _ in 0..config.num_hidden_layers {
         for &(out, inp) in &shapes {
             let w = Tensor::f_randn([out, inp], opts)?.f_mul_scalar(0.02)?;
-            let x = Tensor::f_randn([rows as i64, inp], opts)?;
-            layers.push((Linear::new(w, None, precision)?, x));
+            layers.push((Linear::new(w, None, precision)?, inp));
         }
     }
-    let flops = rows as u64 * config.layer_flops_per_token();
-    let mut best = f64::INFINITY;
-    for _ in 0..rounds.max(1) {
-        let start = std::time::Instant::now();
-        for (layer, x) in &layers {
-            drop(layer.forward(x)?);
-        }
-        best = best.min(start.elapsed().as_secs_f64());
-    }
-    Ok(flops as f64 / best / 1e9)
+    rows.iter()
+        .map(|&n| {
+            let inputs = shapes
+                .iter()
+                .map(|&(_, inp)| Ok((inp, Tensor::f_randn([n as i64, inp], opts)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let input = |width: i64| inputs.iter().find(|(w, _)| *w == width).map(|(_, x)| x);
+            let mut best = f64::INFINITY;
+            for _ in 0..rounds.max(1) {
+                let start = std::time::Instant::now();
+                for (layer, inp) in &layers {
+                    if let Some(x) = input(*inp) {
+                        drop(layer.forward(x)?);
+                    }
+                }
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            Ok(n as f64 * config.layer_flops_per_token() as f64 / best / 1e9)
+        })
+        .collect()
 }
 
 /// Whether fbgemm's fp16 kernels run on this CPU (AVX2).

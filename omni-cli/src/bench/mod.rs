@@ -24,7 +24,10 @@ pub enum BenchCommand {
     /// End-to-end throughput (prompts/s, generated tok/s over all final
     /// stages) of a pipeline run through OmniLLM, side by side in the same
     /// run with HF transformers running the same stages one after the other
-    /// (`--reference hf`, default pipeline only).
+    /// (`--reference hf`, default pipeline only). Also the run's sustained
+    /// GFLOP/s (the work each stage's decoder did, from its token counts,
+    /// prefix-cache hits left out) against the GEMM peak: the model's own
+    /// layer GEMMs alone, measured after the runs on the same cores.
     #[command(
         after_help = "Example:\n  omni bench pipeline --pipeline default --prompts 16,64 --max-tokens 32"
     )]

@@ -247,7 +247,8 @@ fn run_flops(models: &[Option<ModelConfig>], outputs: &[OmniRequestOutput]) -> O
     for o in outputs {
         for m in &o.metrics.stages {
             let e = last.entry((o.request_id.as_str(), m.stage_id)).or_insert(m);
-            if m.num_generated_tokens > e.num_generated_tokens {
+            // Later outputs carry later counts: on a tie the later wins.
+            if m.num_generated_tokens >= e.num_generated_tokens {
                 *e = m;
             }
         }
@@ -279,27 +280,24 @@ struct Yardstick {
 fn gemm_yardstick(model: &ModelConfig, rows: &[usize]) -> anyhow::Result<Yardstick> {
     let threads = omni_core::engine::tch::get_num_threads();
     let mut precision = WeightPrecision::Fp16;
-    let mut rates = Vec::new();
-    for &n in rows {
-        let rate = progress::with_spinner(
-            format!("GEMM peak at {n} rows"),
-            |g: &f64| format!("GEMM peak at {n} rows: {g:.1} GFLOP/s"),
-            || match omni_core::engine::layer_gemm_gflops(model, precision, n, 5) {
-                Err(e) if precision == WeightPrecision::Fp16 => {
-                    tracing::info!(error = %e, "fp16 GEMM unavailable; measuring fp32");
-                    precision = WeightPrecision::Native;
-                    omni_core::engine::layer_gemm_gflops(model, precision, n, 5)
-                }
-                r => r,
-            },
-        )
-        .with_context(|| format!("measuring the GEMM peak at {n} rows"))?;
-        rates.push((n, rate));
-    }
+    let label = format!("GEMM peak at {rows:?} rows");
+    let rates = progress::with_spinner(
+        label.clone(),
+        |_: &Vec<f64>| format!("{label}: measured"),
+        || match omni_core::engine::layer_gemm_gflops(model, precision, rows, 5) {
+            Err(e) if precision == WeightPrecision::Fp16 => {
+                tracing::info!(error = %e, "fp16 GEMM unavailable; measuring fp32");
+                precision = WeightPrecision::Native;
+                omni_core::engine::layer_gemm_gflops(model, precision, rows, 5)
+            }
+            r => r,
+        },
+    )
+    .context("measuring the GEMM peak")?;
     Ok(Yardstick {
         precision: precision.as_str(),
         threads,
-        rates,
+        rates: rows.iter().copied().zip(rates).collect(),
     })
 }
 

@@ -68,14 +68,18 @@ impl MropePositions<'_> {
 }
 
 /// Longest multi-token entry whose rows join the paged kernel's call
-/// ([`DecodePath::Paged`]); longer ones run `scaled_dot_product_attention`
-/// on their own. The kernel treats each row alone, so a prefill of L tokens
-/// reads its keys ~L/2 times over: for the short prompts of a batched step
-/// that is less than what SDPA costs them (a call, a transpose per tensor
-/// and a gather of the cached prefix per prompt and layer); for long ones
-/// SDPA's blocked kernel, which reads each key once per block of queries,
-/// wins.
+/// ([`DecodePath::Paged`]), and the longest context it may reach (its
+/// cached prefix plus its tokens); others run `scaled_dot_product_attention`
+/// on their own. The kernel treats each row alone, so each of a prefill's
+/// L rows rereads the context: for the short prompts of a batched step,
+/// whose context stays in the caches (2048 positions of SmolLM2's K and V
+/// are 3 MB), that is less than what SDPA costs them (a call, a transpose
+/// per tensor and a gather of the cached prefix per prompt and layer); for
+/// long chunks or long contexts SDPA's blocked kernel, which reads each key
+/// once per block of queries, wins.
 pub(crate) const PAGED_PREFILL_MAX_TOKENS: usize = 128;
+/// See [`PAGED_PREFILL_MAX_TOKENS`].
+pub(crate) const PAGED_PREFILL_MAX_CONTEXT: usize = 2048;
 
 /// How the batched group's attention reads the KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +126,7 @@ pub(crate) enum RowKeys {
 
 /// Rows whose attention runs in one batched call, leading the flat axis:
 /// every single-token entry's, and on the paged path every row of the
-/// multi-token entries up to [`PAGED_PREFILL_MAX_TOKENS`].
+/// short multi-token entries ([`PAGED_PREFILL_MAX_TOKENS`]).
 #[derive(Debug)]
 pub(crate) struct RowGroup {
     /// Rows (tokens) in the group.
@@ -202,7 +206,7 @@ impl ForwardBatch {
         Self::with_decode_path(entries, block_size, device, DecodePath::for_device(device))
     }
 
-    /// As [`ForwardBatch::new`], with the decode group's path chosen (tests
+    /// As [`ForwardBatch::new`], with the batched group's path chosen (tests
     /// compare the two).
     pub(crate) fn with_decode_path(
         entries: &[BatchEntry<'_>],
@@ -210,17 +214,19 @@ impl ForwardBatch {
         device: Device,
         path: DecodePath,
     ) -> Result<Self> {
-        // Entries of up to this many tokens attend in the batched group.
-        let batched_max = match path {
-            DecodePath::Paged => PAGED_PREFILL_MAX_TOKENS,
-            DecodePath::Gathered => 1,
-        };
         let len = |i: usize| entries[i].tokens.len();
+        // Multi-token entries that attend in the batched group.
+        let joins = |i: usize| {
+            path == DecodePath::Paged
+                && len(i) > 1
+                && len(i) <= PAGED_PREFILL_MAX_TOKENS
+                && entries[i].start_pos + len(i) <= PAGED_PREFILL_MAX_CONTEXT
+        };
         let mut order: Vec<usize> = (0..entries.len()).filter(|&i| len(i) == 1).collect();
         let num_decode = order.len();
-        order.extend((0..entries.len()).filter(|&i| len(i) > 1 && len(i) <= batched_max));
+        order.extend((0..entries.len()).filter(|&i| joins(i)));
         let num_batched = order.len();
-        order.extend((0..entries.len()).filter(|&i| len(i) > batched_max));
+        order.extend((0..entries.len()).filter(|&i| len(i) > 1 && !joins(i)));
         if let Some(i) = (0..entries.len()).find(|&i| entries[i].tokens.is_empty()) {
             return Err(Error::InvalidConfig {
                 field: format!("batch entry {i}"),
@@ -283,7 +289,7 @@ impl ForwardBatch {
                 logits_rows.push(ids.len() as i64 - 1);
                 logits_entries.push(i);
             }
-            if e.tokens.len() > batched_max {
+            if e.tokens.len() > 1 && !joins(i) {
                 let len = e.tokens.len() as i64;
                 let cached = if e.start_pos == 0 {
                     None
@@ -456,4 +462,87 @@ fn decode_gather(
             .f_view([n as i64, 1, 1, ctx as i64])?
             .f_to_device(device)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry<'a>(tokens: &'a [u32], start_pos: usize, table: &'a [u32]) -> BatchEntry<'a> {
+        BatchEntry {
+            tokens,
+            start_pos,
+            block_table: table,
+            wants_logits: true,
+            prompt_logits: 0,
+            embeds: None,
+            wants_states: false,
+            bare_states: &[],
+            mrope: None,
+        }
+    }
+
+    fn ints(t: &Tensor) -> Vec<i64> {
+        Vec::<i64>::try_from(t).unwrap_or_default()
+    }
+
+    /// The flat axis is decodes, then the short prefills that join the
+    /// paged call, then the rest; every per-row index follows that order
+    /// and names its entry by its place in the caller's slice.
+    #[test]
+    fn rows_are_ordered_decodes_short_prefills_then_the_rest() -> Result<()> {
+        let table: Vec<u32> = (1..=200).collect();
+        let long: Vec<u32> = (0..130).collect();
+        let short: Vec<u32> = vec![7; 5];
+        let far: Vec<u32> = vec![9; 3];
+        let mut first = entry(&long, 0, &table);
+        first.prompt_logits = 2;
+        first.wants_states = true;
+        let entries = [
+            first,                     // 130 tokens: past the token limit
+            entry(&short, 4, &table),  // joins
+            entry(&far, 2046, &table), // 3 tokens, context 2049: past the context limit
+            entry(&[5], 20, &table),   // a decode
+        ];
+        let b = ForwardBatch::with_decode_path(&entries, 16, Device::Cpu, DecodePath::Paged)?;
+        assert_eq!(b.num_tokens, 139);
+        assert_eq!(b.phase, "mixed");
+        // Rows: decode 0, short 1..6, long 6..136, far 136..139.
+        assert_eq!(b.logits_entries, [3, 1, 0, 2]);
+        assert_eq!(ints(&b.logits_rows), [0, 5, 135, 138]);
+        assert_eq!(b.prompt_logit_entries, [(0, 2)]);
+        assert_eq!(ints(b.prompt_logit_rows.as_ref().expect("rows")), [6, 7]);
+        assert_eq!(b.state_entries, [(0, 130)]);
+        assert_eq!(ints(b.state_rows.as_ref().expect("rows"))[0], 6);
+        let slots = ints(&b.slots);
+        assert_eq!(slots[0], 16 * 2 + 4); // position 20: table[1] = 2
+        assert_eq!(slots[1], 16 + 4); // position 4: table[0] = 1
+        assert_eq!(slots[6], 16);
+        let group = b.batched.as_ref().expect("a batched group");
+        assert_eq!(group.count, 6);
+        match &group.keys {
+            RowKeys::Paged {
+                row_tables,
+                context_lens,
+                ..
+            } => {
+                assert_eq!(ints(row_tables), [0, 1, 1, 1, 1, 1]);
+                assert_eq!(ints(context_lens), [21, 5, 6, 7, 8, 9]);
+            }
+            RowKeys::Gathered { .. } => panic!("the CPU path reads in place"),
+        }
+        let prefills: Vec<(i64, i64, bool)> = b
+            .prefills
+            .iter()
+            .map(|p| (p.offset, p.len, p.cached.is_some()))
+            .collect();
+        assert_eq!(prefills, [(6, 130, false), (136, 3, true)]);
+
+        // The gathered path batches the decode alone.
+        let g = ForwardBatch::with_decode_path(&entries, 16, Device::Cpu, DecodePath::Gathered)?;
+        assert_eq!(g.batched.as_ref().map(|r| r.count), Some(1));
+        assert_eq!(g.logits_entries, [3, 0, 1, 2]);
+        assert_eq!(g.prefills.len(), 3);
+        Ok(())
+    }
 }

@@ -147,7 +147,18 @@ mod tests {
     fn matches_attention_over_the_gathered_context() -> Result<()> {
         let _g = tch::no_grad_guard();
         tch::manual_seed(11);
-        let (heads, kv_heads, d, bs, num_blocks) = (6i64, 2i64, 40i64, 16i64, 12i64);
+        for d in [40i64, 36] {
+            check_gathered_context(d)?;
+        }
+        Ok(())
+    }
+
+    /// [`matches_attention_over_the_gathered_context`] at head width `d`:
+    /// a multiple of 8 runs the AVX2 build that reduces 8 keys at once,
+    /// another the one that reduces per key.
+    fn check_gathered_context(d: i64) -> Result<()> {
+        let _g = tch::no_grad_guard();
+        let (heads, kv_heads, bs, num_blocks) = (6i64, 2i64, 16i64, 12i64);
         let lens = [1i64, 7, 16, 37, 150];
         // Tables: blocks out of order, and sequences sharing none.
         let mut next = (0..num_blocks).rev();
