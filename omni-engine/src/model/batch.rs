@@ -46,6 +46,24 @@ pub struct BatchEntry<'a> {
     pub mrope: Option<MropePositions<'a>>,
 }
 
+impl<'a> BatchEntry<'a> {
+    /// Text tokens from `start_pos` on, wanting the last one's logits and
+    /// nothing else: the common entry, which callers adjust.
+    pub fn text(tokens: &'a [u32], start_pos: usize, block_table: &'a [u32]) -> Self {
+        Self {
+            tokens,
+            start_pos,
+            block_table,
+            wants_logits: true,
+            prompt_logits: 0,
+            embeds: None,
+            wants_states: false,
+            bare_states: &[],
+            mrope: None,
+        }
+    }
+}
+
 /// A sequence's multimodal RoPE positions: its prompt's, then for every
 /// later token its index plus `delta` in all three rows.
 #[derive(Debug, Clone, Copy)]
@@ -468,20 +486,6 @@ fn decode_gather(
 mod tests {
     use super::*;
 
-    fn entry<'a>(tokens: &'a [u32], start_pos: usize, table: &'a [u32]) -> BatchEntry<'a> {
-        BatchEntry {
-            tokens,
-            start_pos,
-            block_table: table,
-            wants_logits: true,
-            prompt_logits: 0,
-            embeds: None,
-            wants_states: false,
-            bare_states: &[],
-            mrope: None,
-        }
-    }
-
     fn ints(t: &Tensor) -> Vec<i64> {
         Vec::<i64>::try_from(t).unwrap_or_default()
     }
@@ -495,14 +499,14 @@ mod tests {
         let long: Vec<u32> = (0..130).collect();
         let short: Vec<u32> = vec![7; 5];
         let far: Vec<u32> = vec![9; 3];
-        let mut first = entry(&long, 0, &table);
+        let mut first = BatchEntry::text(&long, 0, &table);
         first.prompt_logits = 2;
         first.wants_states = true;
         let entries = [
-            first,                     // 130 tokens: past the token limit
-            entry(&short, 4, &table),  // joins
-            entry(&far, 2046, &table), // 3 tokens, context 2049: past the context limit
-            entry(&[5], 20, &table),   // a decode
+            first,                                // 130 tokens: past the token limit
+            BatchEntry::text(&short, 4, &table),  // joins
+            BatchEntry::text(&far, 2046, &table), // 3 tokens, context 2049: past the context limit
+            BatchEntry::text(&[5], 20, &table),   // a decode
         ];
         let b = ForwardBatch::with_decode_path(&entries, 16, Device::Cpu, DecodePath::Paged)?;
         assert_eq!(b.num_tokens, 139);

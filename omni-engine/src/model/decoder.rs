@@ -551,17 +551,7 @@ impl Model {
         let blocks = tokens.len().div_ceil(block_size) + 1;
         let mut cache = self.new_cache(blocks, block_size)?;
         let table: Vec<u32> = (1..blocks as u32).collect();
-        let entry = super::batch::BatchEntry {
-            tokens,
-            start_pos: 0,
-            block_table: &table,
-            wants_logits: true,
-            prompt_logits: 0,
-            embeds: None,
-            wants_states: false,
-            bare_states: &[],
-            mrope: None,
-        };
+        let entry = super::batch::BatchEntry::text(tokens, 0, &table);
         let batch = ForwardBatch::new(&[entry], block_size, self.device)?;
         let out = self.forward(&batch, &mut cache)?;
         Ok(out.logits.f_squeeze_dim(0)?)
@@ -606,15 +596,8 @@ mod tests {
             })
             .collect();
         let entry = |s: usize, from: usize, to: usize, logits: bool| BatchEntry {
-            tokens: &prompts[s][from..to],
-            start_pos: from,
-            block_table: &tables[s],
             wants_logits: logits,
-            prompt_logits: 0,
-            embeds: None,
-            wants_states: false,
-            bare_states: &[],
-            mrope: None,
+            ..BatchEntry::text(&prompts[s][from..to], from, &tables[s])
         };
         let step = |entries: &[BatchEntry], cache: &mut KvCache| -> Result<Tensor> {
             let batch = ForwardBatch::with_decode_path(entries, bs, Device::Cpu, path)?;
@@ -677,15 +660,8 @@ mod tests {
         let tokens: Vec<u32> = (0..9).map(|t| 3 + 7 * t).collect();
         let table = [1u32, 2, 3];
         let entry = BatchEntry {
-            tokens: &tokens,
-            start_pos: 0,
-            block_table: &table,
-            wants_logits: true,
-            prompt_logits: 0,
-            embeds: None,
-            wants_states: false,
-            bare_states: &[],
             mrope: mrope.map(|prompt| crate::model::MropePositions { prompt, delta: 0 }),
+            ..BatchEntry::text(&tokens, 0, &table)
         };
         Ok(model
             .forward(&ForwardBatch::new(&[entry], 4, Device::Cpu)?, &mut cache)?
