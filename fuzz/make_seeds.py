@@ -75,6 +75,11 @@ def main():
         out.setparams(params)
         out.writeframes(frames)
     put("media_decode", "speech.wav", b"\x02" + buf.getvalue())
+    # The same file stating 0 Hz: once a panic inside symphonia's WAV reader.
+    zero_hz = bytearray(buf.getvalue())
+    zero_hz[24:28] = bytes(4)
+    put("media_decode", "speech-0hz.wav", b"\x02" + bytes(zero_hz))
+    put("media_decode", "junk-speech-0hz.wav", b"\x02'" + bytes(zero_hz))
 
     put("http_body", "completion", b"\x00" + json.dumps({
         "model": "default", "prompt": "One plus one is", "max_tokens": 8,

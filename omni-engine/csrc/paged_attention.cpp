@@ -288,10 +288,17 @@ void paged_rows(const Problem<T>& p, int64_t n) {
     if (omni::use_avx2()) task = p.d % 8 == 0 ? attend_avx2_wide : attend_avx2;
   }
 #endif
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  // Rows dealt round-robin, not in contiguous ranges: a row costs in
+  // proportion to its context, and a prefill's rows (contexts growing row by
+  // row) sit together, so a range split could hand one thread most of the
+  // work. If the pool runs the tasks inline, one thread walks every lane.
+  const int64_t lanes = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<float> acc;
-    for (int64_t s = begin; s < end; ++s) task(p, s, scores, acc);
+    for (int64_t lane = begin; lane < end; ++lane) {
+      for (int64_t s = lane; s < n; s += lanes) task(p, s, scores, acc);
+    }
   });
 }
 

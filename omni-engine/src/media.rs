@@ -384,6 +384,64 @@ fn media_error(input: &str, reason: impl Into<String>) -> Error {
 }
 
 fn decode_audio(bytes: Vec<u8>, name: &str) -> Result<AudioInput> {
+    if bytes.is_empty() {
+        return Err(media_error(name, "the audio is empty (0 bytes)"));
+    }
+    // symphonia 0.5's WAV reader panics on a format chunk that states 0 Hz
+    // (it builds a time base of 1/0); its other readers check the rate.
+    if let Some(rate) = wav_format_rates(&bytes).find(|&r| r == 0) {
+        check_rate(rate, name)?;
+    }
+    // Any other panic in a decoder is still an error about this input, not
+    // the end of the request's thread (where unwinding is on).
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        decode_audio_unchecked(bytes, name)
+    }))
+    .unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(media_error(
+            name,
+            format!("the audio decoder failed on it: {why}"),
+        ))
+    })
+}
+
+/// The sample rates stated by the format chunks of every RIFF/WAVE header
+/// in `bytes` (symphonia's probe looks for one past leading junk too), up to
+/// each one's data chunk, walked as symphonia walks them (chunks padded to
+/// even lengths).
+fn wav_format_rates(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    let word = |at: usize| -> Option<u32> {
+        let b = bytes.get(at..at.checked_add(4)?)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let headers = bytes
+        .windows(12)
+        .enumerate()
+        .filter(|(_, w)| &w[..4] == b"RIFF" && &w[8..] == b"WAVE")
+        .map(|(at, _)| at);
+    headers.flat_map(move |riff| {
+        let mut at = riff + 12;
+        std::iter::from_fn(move || loop {
+            at += (at - riff) & 1;
+            let tag = bytes.get(at..at.checked_add(4)?)?;
+            let len = word(at + 4)? as usize;
+            let body = at + 8;
+            at = body.checked_add(len)?;
+            match tag {
+                b"data" => return None,
+                b"fmt " if len >= 16 => return word(body + 4),
+                _ => {}
+            }
+        })
+    })
+}
+
+fn decode_audio_unchecked(bytes: Vec<u8>, name: &str) -> Result<AudioInput> {
     use symphonia::core::audio::SampleBuffer;
     use symphonia::core::codecs::{DecoderOptions, CODEC_TYPE_NULL};
     use symphonia::core::errors::Error as SymError;
@@ -392,9 +450,6 @@ fn decode_audio(bytes: Vec<u8>, name: &str) -> Result<AudioInput> {
     use symphonia::core::meta::MetadataOptions;
     use symphonia::core::probe::Hint;
 
-    if bytes.is_empty() {
-        return Err(media_error(name, "the audio is empty (0 bytes)"));
-    }
     let stream = MediaSourceStream::new(Box::new(std::io::Cursor::new(bytes)), Default::default());
     let probed = symphonia::default::get_probe()
         .format(

@@ -190,19 +190,27 @@ fn bad_media_is_named() -> Result {
     );
     assert!(!thinker.has_unfinished(), "a refused request was queued");
 
-    // Files: truncated, not audio at all, empty.
+    // Files: truncated, not audio at all, empty, a WAV stating 0 Hz (which
+    // the fuzzer found panicking inside symphonia).
     let wav = std::fs::read(fixtures().join("media/speech_16k.wav"))?;
-    for (name, bytes) in [
-        ("truncated.wav", &wav[..30]),
-        ("text.wav", b"hello, this is not audio".as_slice()),
-        ("empty.wav", b"".as_slice()),
+    let mut zero_hz = wav.clone();
+    assert_eq!(&zero_hz[12..16], b"fmt ", "the fixture's first chunk");
+    zero_hz[24..28].fill(0);
+    // symphonia finds a header past leading junk.
+    let junk_zero_hz = [b"'".as_slice(), &zero_hz].concat();
+    for (name, bytes, says) in [
+        ("truncated.wav", &wav[..30], ""),
+        ("text.wav", b"hello, this is not audio".as_slice(), ""),
+        ("empty.wav", b"".as_slice(), "empty"),
+        ("zero.wav", &zero_hz, "sample rate 0 Hz"),
+        ("junk.wav", &junk_zero_hz, "sample rate 0 Hz"),
     ] {
         let e = AudioInput::decode(bytes, name)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(
-            e.starts_with(&format!("media input {name}:")),
+            e.starts_with(&format!("media input {name}:")) && e.contains(says),
             "{name}: {e}"
         );
     }

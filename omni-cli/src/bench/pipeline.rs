@@ -86,6 +86,9 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
         c
     };
     let models = stage_models(&config);
+    // The yardstick is a CPU measurement: a pipeline with a stage on a GPU
+    // reports its rate without one.
+    let on_cpu = all_on_cpu(&config);
     let (start_s, ours) = measure(
         config,
         &b,
@@ -108,7 +111,7 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
     // After the runs, with no stage busy: the cores' GEMM rate on the
     // model's own layers, the yardstick for the runs' sustained rate.
     let yardstick = match models.iter().flatten().next() {
-        Some(model) if ours.iter().any(|r| r.flops.is_some()) => {
+        Some(model) if on_cpu && ours.iter().any(|r| r.flops.is_some()) => {
             let decode_rows = b.prompts.iter().copied().max().unwrap_or(1);
             Some(gemm_yardstick(model, &[decode_rows, 512])?)
         }
@@ -237,6 +240,18 @@ fn stage_models(config: &PipelineConfig) -> Vec<Option<ModelConfig>> {
                 .ok()
         })
         .collect()
+}
+
+/// Whether every stage runs on the CPU (`runtime.devices` over
+/// `engine_args.device`, as the stages resolve them).
+fn all_on_cpu(config: &PipelineConfig) -> bool {
+    config.stages.iter().all(|s| {
+        let mut args = s.engine_args.clone();
+        if let Some(d) = &s.runtime.devices {
+            args.device = Some(d.clone());
+        }
+        matches!(args.resolve_device(), Ok(omni_core::engine::Device::Cpu))
+    })
 }
 
 /// The work the stages did for `outputs`, from each stage's last token
