@@ -12,7 +12,8 @@
 //! is.
 //!
 //! Environment: `OMNI_BENCH_THREADS` (default 2), `OMNI_BENCH_SKIP`
-//! (comma list of `hf`, `llamacpp`, `native`, `fp16`, `q4`), `OMNI_MODEL_DIR`.
+//! (comma list of `hf`, `llamacpp`, `native`, `fp16`, `q4`, `q4-int8`),
+//! `OMNI_MODEL_DIR`.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
@@ -98,14 +99,14 @@ fn read_bandwidth_gbs() -> f64 {
 
 /// Bytes of weights one decode step reads, per precision: every matrix
 /// once (the tied head reads the whole embedding table; a lookup reads a
-/// row, left out). `q4` and llama.cpp read the blocks as stored, `fp16`
+/// row, left out). `q4`, `q4-int8` and llama.cpp read the blocks as stored, `fp16`
 /// two bytes a weight, `native` four.
 fn weight_bytes_per_token(gguf: &GgufFile, precision: &str) -> u64 {
     gguf.tensors()
         .iter()
         .filter(|t| t.dims.len() == 2)
         .map(|t| match precision {
-            "q4" => t.byte_len.unwrap_or(0),
+            "q4" | "q4-int8" => t.byte_len.unwrap_or(0),
             "fp16" => 2 * t.num_elements(),
             _ => 4 * t.num_elements(),
         })
@@ -331,7 +332,7 @@ fn main() -> Res<()> {
         .unwrap_or_else(|_| "python3".into());
 
     let mut rows: Vec<(String, Value)> = Vec::new();
-    for p in ["native", "fp16", "q4"] {
+    for p in ["native", "fp16", "q4", "q4-int8"] {
         if !skip.contains(&p) {
             rows.push((
                 format!("omni {p}"),
@@ -401,7 +402,7 @@ fn main() -> Res<()> {
         let precision = match name.as_str() {
             "omni native" => Some("native"),
             "omni fp16" => Some("fp16"),
-            "omni q4" | "llama.cpp Q4_1" => Some("q4"),
+            "omni q4" | "omni q4-int8" | "llama.cpp Q4_1" => Some("q4"),
             _ => None,
         };
         let (mb, share) = match (precision, v["single_decode_tok_s"].as_f64()) {

@@ -75,7 +75,9 @@ fn decode_rate(engine: &mut LLMEngine, batch: usize, round: usize) -> Res<f64> {
 /// matrix shapes in Q4_1 (and its Q8_0 head), random blocks, per build:
 /// GB/s of blocks read and weights per ns (best of 20 calls).
 fn kernels() -> Res<()> {
-    use omni_engine::quant::{with_kernel_build, KernelBuild, QuantMatrix, QuantizedTensor};
+    use omni_engine::quant::{
+        with_kernel_build, Activations, KernelBuild, QuantMatrix, QuantizedTensor,
+    };
     use omni_engine::GgmlType;
     tch::set_num_threads(threads() as i32);
     let shapes = [
@@ -84,8 +86,8 @@ fn kernels() -> Res<()> {
         ("down 576x1536 Q4_1", GgmlType::Q4_1, 576, 1536),
         ("head 49152x576 Q8_0", GgmlType::Q8_0, 49152, 576),
     ];
-    println!("| matrix | build | rows | us/call | GB/s | weights/ns |");
-    println!("|---|---|---|---|---|---|");
+    println!("| matrix | build | activations | rows | us/call | GB/s | weights/ns |");
+    println!("|---|---|---|---|---|---|---|");
     for (name, ty, n, k) in shapes {
         let (elems, bytes) = ty.block().ok_or("layout")?;
         let row_bytes = k as u64 / elems * bytes;
@@ -103,21 +105,25 @@ fn kernels() -> Res<()> {
             bytes: tch::Tensor::from_slice(&raw).reshape([n, row_bytes as i64]),
         };
         let m = QuantMatrix::new(&[&q])?;
-        for build in KernelBuild::detected().up_to() {
-            for rows in [1i64, 4] {
+        let runs = KernelBuild::detected()
+            .up_to()
+            .into_iter()
+            .flat_map(|b| [(b, Activations::Fp32), (b, Activations::Int8)]);
+        for (build, activations) in runs {
+            for rows in [1i64, 2, 4] {
                 let x = tch::Tensor::randn([rows, k], (tch::Kind::Float, tch::Device::Cpu));
                 let best = with_kernel_build(build, || -> Res<f64> {
                     let mut best = f64::MAX;
                     for _ in 0..20 {
                         let t = Instant::now();
-                        let _ = m.linear(&x, None)?;
+                        let _ = m.linear_with(&x, None, activations)?;
                         best = best.min(t.elapsed().as_secs_f64());
                     }
                     Ok(best)
                 })?;
                 let total = (n as u64 * row_bytes) as f64;
                 println!(
-                    "| {name} | {build:?} | {rows} | {:.0} | {:.1} | {:.2} |",
+                    "| {name} | {build:?} | {activations:?} | {rows} | {:.0} | {:.1} | {:.2} |",
                     best * 1e6,
                     total / best / 1e9,
                     (n * k) as f64 / best / 1e9
@@ -138,6 +144,8 @@ fn main() -> Res<()> {
         ("fp16", "fp16", None),
         ("q4, blocks only", "q4", Some(usize::MAX)),
         ("q4 (shipped)", "q4", None),
+        ("q4-int8, blocks only", "q4-int8", Some(usize::MAX)),
+        ("q4-int8 (shipped)", "q4-int8", None),
     ];
     let bar = ProgressBar::new((configs.len() * BATCHES.len()) as u64).with_style(
         ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed}]")

@@ -268,7 +268,7 @@ impl LLMEngine {
         let _guard = tch::no_grad_guard();
         tracing::info!(target: "omni::engine", model = %args.model, ?device, ?kind, precision = precision.as_str(), "loading model");
         let heap = LoadHeap::enter();
-        let blocks = if precision == WeightPrecision::Q4 {
+        let blocks = if precision.keeps_blocks() {
             crate::weights::Blocks::Keep
         } else {
             crate::weights::Blocks::Dequantize

@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
 use crate::error::{Error, Result};
-use crate::quant::{QuantMatrix, QuantizedTensor};
+use crate::quant::{Activations, QuantMatrix, QuantizedTensor};
 use crate::shim::{from_shim, handle_from_shim};
 use crate::weights::LinearWeight;
 
@@ -48,11 +48,20 @@ pub enum WeightPrecision {
     /// therefore depend, in their last digits, on how many rows share its
     /// step (blocks exactly, or the fp16 copy's rounding).
     Q4,
+    /// As [`WeightPrecision::Q4`], but in calls of one row (a decode step
+    /// at batch one) Q4_0, Q4_1 and Q8_0 blocks multiply activations
+    /// quantized to 8 bits per 32 elements, as llama.cpp does (integer dot
+    /// products;
+    /// [`crate::quant::Activations::Int8`]): faster there, and the logits
+    /// move by the activations' rounding, so greedy output is transformers'
+    /// only up to steps whose top two are that close (the fixtures' tests
+    /// state how close). K-quant blocks keep fp32 activations.
+    Q4Int8,
 }
 
 impl WeightPrecision {
     /// Names accepted by [`WeightPrecision::parse`].
-    pub const NAMES: &'static str = "native (alias fp32), fp16, q4 (alias gguf)";
+    pub const NAMES: &'static str = "native (alias fp32), fp16, q4 (alias gguf), q4-int8";
 
     /// Parses `EngineArgs::weight_precision` (`auto` is resolved by the engine).
     pub fn parse(name: &str) -> Result<Self> {
@@ -60,6 +69,7 @@ impl WeightPrecision {
             "native" | "fp32" | "float32" => Ok(WeightPrecision::Native),
             "fp16" | "float16" => Ok(WeightPrecision::Fp16),
             "q4" | "gguf" | "quantized" => Ok(WeightPrecision::Q4),
+            "q4-int8" | "q4_int8" => Ok(WeightPrecision::Q4Int8),
             _ => Err(Error::InvalidConfig {
                 field: "engine_args.weight_precision".to_owned(),
                 value: name.to_owned(),
@@ -74,6 +84,20 @@ impl WeightPrecision {
             WeightPrecision::Native => "native",
             WeightPrecision::Fp16 => "fp16",
             WeightPrecision::Q4 => "q4",
+            WeightPrecision::Q4Int8 => "q4-int8",
+        }
+    }
+
+    /// Whether GGUF's blocks are kept as the file stores them.
+    pub fn keeps_blocks(&self) -> bool {
+        matches!(self, WeightPrecision::Q4 | WeightPrecision::Q4Int8)
+    }
+
+    /// How kept blocks multiply their activations.
+    fn activations(&self) -> Activations {
+        match self {
+            WeightPrecision::Q4Int8 => Activations::Int8,
+            _ => Activations::Fp32,
         }
     }
 
@@ -81,19 +105,21 @@ impl WeightPrecision {
     pub fn check(&self, device: Device, kind: Kind) -> Result<()> {
         match self {
             WeightPrecision::Native => Ok(()),
-            WeightPrecision::Fp16 | WeightPrecision::Q4
+            WeightPrecision::Fp16 | WeightPrecision::Q4 | WeightPrecision::Q4Int8
                 if device == Device::Cpu && kind == Kind::Float =>
             {
                 Ok(())
             }
-            WeightPrecision::Fp16 | WeightPrecision::Q4 => Err(Error::InvalidConfig {
-                field: "engine_args.weight_precision".to_owned(),
-                value: self.as_str().to_owned(),
-                reason: format!(
-                    "{} weights need fp32 activations on the CPU, not {kind:?} on {device:?}",
-                    self.as_str()
-                ),
-            }),
+            WeightPrecision::Fp16 | WeightPrecision::Q4 | WeightPrecision::Q4Int8 => {
+                Err(Error::InvalidConfig {
+                    field: "engine_args.weight_precision".to_owned(),
+                    value: self.as_str().to_owned(),
+                    reason: format!(
+                        "{} weights need fp32 activations on the CPU, not {kind:?} on {device:?}",
+                        self.as_str()
+                    ),
+                })
+            }
         }
     }
 }
@@ -151,6 +177,7 @@ enum Storage {
         blocks: QuantMatrix,
         wide: Option<PackedFp16>,
         max_rows: usize,
+        activations: Activations,
     },
 }
 
@@ -168,8 +195,10 @@ impl Linear {
             WeightPrecision::Native => Storage::Dense(weight),
             WeightPrecision::Fp16 => Storage::PackedFp16(PackedFp16::new(&weight)?),
             // Not stored in blocks: fp16 where fbgemm runs, else as it is.
-            WeightPrecision::Q4 if fbgemm_runs() => Storage::PackedFp16(PackedFp16::new(&weight)?),
-            WeightPrecision::Q4 => Storage::Dense(weight),
+            WeightPrecision::Q4 | WeightPrecision::Q4Int8 if fbgemm_runs() => {
+                Storage::PackedFp16(PackedFp16::new(&weight)?)
+            }
+            WeightPrecision::Q4 | WeightPrecision::Q4Int8 => Storage::Dense(weight),
         };
         Ok(Self { weight, bias })
     }
@@ -191,7 +220,7 @@ impl Linear {
                 LinearWeight::Dense(_) => None,
             })
             .collect();
-        if precision == WeightPrecision::Q4 && !blocks.is_empty() && blocks.len() == parts.len() {
+        if precision.keeps_blocks() && !blocks.is_empty() && blocks.len() == parts.len() {
             let blocks = QuantMatrix::new(&blocks)?;
             // The fp16 copy for wide calls, packed from the dequantized
             // blocks (the dense fp32 matrix lives only while packing).
@@ -205,6 +234,7 @@ impl Linear {
                     blocks,
                     wide,
                     max_rows,
+                    activations: precision.activations(),
                 },
                 bias,
             });
@@ -230,6 +260,7 @@ impl Linear {
                 blocks,
                 wide,
                 max_rows,
+                activations,
             } => {
                 let rows = match x.size().last() {
                     Some(&n) if n > 0 => x.numel() / n as usize,
@@ -237,7 +268,7 @@ impl Linear {
                 };
                 match wide {
                     Some(packed) if rows > *max_rows => packed.linear(x, self.bias.as_ref()),
-                    _ => blocks.linear(x, self.bias.as_ref()),
+                    _ => blocks.linear_with(x, self.bias.as_ref(), *activations),
                 }
             }
         }

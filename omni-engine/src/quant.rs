@@ -31,6 +31,7 @@ extern "C" {
         input: *const C_tensor,
         matrix: *const c_void,
         bias: *const C_tensor,
+        int8_activations: bool,
         err: *mut *mut c_char,
     ) -> *mut C_tensor;
     fn omni_quant_rows(
@@ -132,14 +133,37 @@ impl KernelBuild {
 }
 
 /// Runs `f` with the kernels capped at `build` (tests: each build on one
-/// machine). Process-wide: callers run one at a time.
+/// machine). The cap is process-wide, so callers take turns (test threads
+/// run side by side); `f` must not call this again. Products outside it
+/// run whatever cap is in force.
 pub fn with_kernel_build<R>(build: KernelBuild, f: impl FnOnce() -> R) -> R {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // SAFETY: sets an atomic cap.
     unsafe { omni_quant_force_level(build.level()) };
     let r = f();
     // SAFETY: as above.
     unsafe { omni_quant_force_level(-1) };
     r
+}
+
+/// How a [`QuantMatrix`] product takes its fp32 activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activations {
+    /// As they are: the product is the dequantized matrix's, up to
+    /// summation order.
+    #[default]
+    Fp32,
+    /// In a call of one activation row (a decode step at batch 1), Q4_0,
+    /// Q4_1 and Q8_0 rows multiply it quantized per 32 elements to int8
+    /// (`d = max|x| / 127`, `q = x / d` rounded to nearest even), as
+    /// llama.cpp does, in integer dot products: the product is the
+    /// dequantized matrix's times the dequantized activations. Rows of other
+    /// types, and calls of more rows (where the fp32 kernels, which unpack a
+    /// block once for several rows, are as fast), take them as they are.
+    Int8,
 }
 
 /// Row runs of quantized blocks, stacked into one `[out, in]` matrix that
@@ -224,11 +248,24 @@ impl QuantMatrix {
 
     /// `x W^T (+ bias)`: `x` `[..., in]` fp32 on the CPU.
     pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.linear_with(x, bias, Activations::Fp32)
+    }
+
+    /// [`QuantMatrix::linear`] with the activations treated as `activations`
+    /// says.
+    pub fn linear_with(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        activations: Activations,
+    ) -> Result<Tensor> {
         let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr());
         let mut err = std::ptr::null_mut();
+        let int8 = activations == Activations::Int8;
         // SAFETY: `x`, the matrix and `bias` (which may be null) outlive the
         // call, which only reads them.
-        let ptr = unsafe { omni_quant_linear(x.as_ptr(), self.handle.as_ptr(), bias, &mut err) };
+        let ptr =
+            unsafe { omni_quant_linear(x.as_ptr(), self.handle.as_ptr(), bias, int8, &mut err) };
         // SAFETY: straight from the shim.
         unsafe { from_shim(ptr, err, "quantized linear") }
     }
@@ -367,6 +404,105 @@ mod tests {
                     }
                 }
             }
+            Ok(())
+        })();
+        tch::set_num_threads(threads);
+        result
+    }
+
+    /// `x` (`[rows, cols]`) quantized to int8 per 32 elements and back, with
+    /// the kernels' own fp32 operations (so bit for bit what they multiply).
+    fn int8_round_trip(x: &Tensor) -> Result<Tensor> {
+        let v: Vec<f32> = Vec::try_from(x.flatten(0, -1))?;
+        let mut out = Vec::with_capacity(v.len());
+        for block in v.chunks(32) {
+            let amax = block.iter().fold(0f32, |a, &b| a.max(b.abs()));
+            let (d, id) = (amax / 127.0, if amax > 0.0 { 127.0 / amax } else { 0.0 });
+            out.extend(
+                block
+                    .iter()
+                    .map(|&e| (e * id).round_ties_even().clamp(-127.0, 127.0) * d),
+            );
+        }
+        Ok(Tensor::from_slice(&out).reshape(x.size()))
+    }
+
+    /// `Activations::Int8`: for Q4_0, Q4_1 and Q8_0 (odd row counts, tiles
+    /// of 4 with fringes, every build this CPU runs, 2 threads) a call of
+    /// one activation row equals the dequantized matrix times the
+    /// round-tripped activations within the fp32 bound, which the fp32
+    /// activations miss by the rounding (checked, so the path is the one
+    /// tested); calls of more rows equal the fp32 path bit for bit; an
+    /// all-zero block and a K-quant part (fp32 activations) too.
+    #[test]
+    fn int8_activations_match_the_dequantized_product() -> Result<()> {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(8);
+        let threads = tch::get_num_threads();
+        tch::set_num_threads(2);
+        let mut rng = Lcg(21);
+        let result = (|| -> Result<()> {
+            for ty in TYPES_32 {
+                for cols in [32, 96, 576] {
+                    for rows in [1, 3, 6, 37, 130] {
+                        let q = random_blocks(ty, rows, cols, &mut rng);
+                        let m = QuantMatrix::new(&[&q])?;
+                        let dense = m.dequantize()?;
+                        for batch in [1, 2, 5] {
+                            let x = randn(&[batch, cols]);
+                            // A zero block: scale 0, every quant 0.
+                            let _ = x.narrow(1, 0, 32).narrow(0, 0, 1).fill_(0.0);
+                            let xr = int8_round_trip(&x)?;
+                            for build in KernelBuild::detected().up_to() {
+                                let what = format!("{ty} {rows}x{cols} batch {batch} {build:?}");
+                                let y = with_kernel_build(build, || {
+                                    m.linear_with(&x, None, Activations::Int8)
+                                })?;
+                                assert_eq!(y.size(), [batch, rows]);
+                                if batch > 1 {
+                                    let fp32 = with_kernel_build(build, || m.linear(&x, None))?;
+                                    assert!(y.equal(&fp32), "{what}: not the fp32 path");
+                                    continue;
+                                }
+                                assert_product(&y, &xr, &dense, &what);
+                                // (With one column block and one row, x is all zero.)
+                                if rows >= 37 && cols > 32 {
+                                    let exact = x
+                                        .to_kind(Kind::Double)
+                                        .matmul(&dense.to_kind(Kind::Double).tr());
+                                    let off = (y.to_kind(Kind::Double) - exact).abs().max();
+                                    assert!(
+                                        f64::try_from(off)? > 1e-3,
+                                        "{what}: int8 product equals the fp32 one"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            // Q8_0 rows next to Q4_K rows: the K-quant part takes x as is.
+            let cols = 256;
+            let parts = [
+                random_blocks(GgmlType::Q8_0, 5, cols, &mut rng),
+                random_blocks(GgmlType::Q4_K, 3, cols, &mut rng),
+            ];
+            let m = QuantMatrix::new(&[&parts[0], &parts[1]])?;
+            let dense = m.dequantize()?;
+            let x = randn(&[1, cols]);
+            let y = m.linear_with(&x, None, Activations::Int8)?;
+            assert_product(
+                &y.narrow(1, 0, 5),
+                &int8_round_trip(&x)?,
+                &dense.narrow(0, 0, 5),
+                "Q8_0 part",
+            );
+            assert_product(&y.narrow(1, 5, 3), &x, &dense.narrow(0, 5, 3), "Q4_K part");
+            // A non-finite activation makes its rows' outputs NaN, as in fp32.
+            let x = randn(&[1, cols]);
+            let _ = x.narrow(1, 40, 1).fill_(f64::INFINITY);
+            let y = m.linear_with(&x, None, Activations::Int8)?;
+            assert!(bool::try_from(y.narrow(1, 0, 5).isnan().all())?);
             Ok(())
         })();
         tch::set_num_threads(threads);

@@ -77,6 +77,7 @@ fn check_engine(fixture: &str, mut engine: LLMEngine, tol: f64) -> Result<()> {
     let f = load_json(fixture)?;
     let cases = f["cases"].as_array().cloned().unwrap_or_default();
     assert!(!cases.is_empty(), "{fixture}: no cases");
+    let mut worst = 0f64;
     for case in &cases {
         let name = case["name"].as_str().unwrap_or("?");
         let prompt = ids(&case["prompt_token_ids"]);
@@ -85,6 +86,7 @@ fn check_engine(fixture: &str, mut engine: LLMEngine, tol: f64) -> Result<()> {
             let id = pair[0].as_i64().unwrap_or(-1);
             let want = pair[1].as_f64().unwrap_or(f64::NAN);
             let got = f64::try_from(logits.get(id))?;
+            worst = worst.max((got - want).abs());
             assert!(
                 (got - want).abs() <= tol,
                 "{fixture} {name}: logit of token {id} is {got}, transformers says {want} (tolerance {tol})"
@@ -92,6 +94,7 @@ fn check_engine(fixture: &str, mut engine: LLMEngine, tol: f64) -> Result<()> {
         }
         engine.add_request(name, Prompt::TokenIds(prompt), greedy(32))?;
     }
+    eprintln!("{fixture}: largest top-5 logit deviation {worst:.5} (tolerance {tol})");
     let mut done = 0;
     while engine.has_unfinished() {
         for out in engine.step()? {
@@ -192,6 +195,30 @@ fn smollm2_gguf_with_q4_weights_matches_transformers() -> Result<()> {
         &omni_engine::model_dir().join(omni_engine::SMOLLM2.file_name),
         "q4",
         0.03,
+    )
+}
+
+/// `q4-int8`, every call on the blocks: a call of one row (here the head on
+/// a prompt's last position) multiplies activations quantized to 8 bits per
+/// 32, so logits move by that rounding: up to 0.40 on this fixture
+/// (measured; SmolLM2's final hidden state has outliers that coarsen its
+/// blocks), held to 0.6. The greedy tokens are transformers' only up to the
+/// first step whose reference margin is under that (0 to 9 steps here), as
+/// llama.cpp's, which quantizes the same way, part from them early
+/// (BENCHMARKS.md); the kernels themselves are checked exactly against the
+/// integer products in `quant`'s tests.
+#[test]
+fn smollm2_gguf_with_int8_activations_matches_transformers() -> Result<()> {
+    check_engine(
+        "smollm2-135m-instruct-q4_1.json",
+        LLMEngine::new(&EngineArgs {
+            quant_max_rows: Some(usize::MAX),
+            ..engine_args(
+                &omni_engine::model_dir().join(omni_engine::SMOLLM2.file_name),
+                "q4-int8",
+            )
+        })?,
+        0.6,
     )
 }
 

@@ -142,8 +142,15 @@ impl Kernels {
 /// with their AVX2 builds where the CPU has them, so tests check both.
 #[cfg(test)]
 pub(crate) fn with_kernel_build<R>(portable: bool, f: impl FnOnce() -> R) -> R {
-    // SAFETY: sets an atomic flag. Tests that run meanwhile are unaffected:
-    // the two builds agree to far within any test's tolerance.
+    // The flag is process-wide: callers take turns, so a test that asked for
+    // the portable loops runs them (another test's reset could otherwise
+    // switch it back mid-call). Kernels called outside this run either build;
+    // the two agree far within any test's tolerance.
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // SAFETY: sets an atomic flag.
     unsafe { omni_fused_force_portable(portable) };
     let r = f();
     // SAFETY: as above.
