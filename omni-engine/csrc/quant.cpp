@@ -24,9 +24,12 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -579,8 +582,26 @@ int cpu_level() {
 // Tests lower it to run the narrower builds (-1: no cap).
 std::atomic<int> level_cap{-1};
 
+// OMNI_QUANT_BUILD=portable|avx2|avx512 caps the build for the whole
+// process (benchmarks: a narrower build's speed on this CPU); unset, no
+// cap; anything else is named on stderr and ignored.
+int env_cap() {
+  static const int cap = [] {
+    const char* v = std::getenv("OMNI_QUANT_BUILD");
+    if (v == nullptr) return -1;
+    const std::string s(v);
+    if (s == "portable") return 0;
+    if (s == "avx2") return 1;
+    if (s == "avx512") return 2;
+    std::fprintf(stderr, "OMNI_QUANT_BUILD=%s is not portable, avx2 or avx512: ignored\n", v);
+    return -1;
+  }();
+  return cap;
+}
+
 int active_level() {
-  const int cap = level_cap.load(std::memory_order_relaxed);
+  int cap = level_cap.load(std::memory_order_relaxed);
+  if (cap < 0) cap = env_cap();
   return cap < 0 ? cpu_level() : std::min(cap, cpu_level());
 }
 
