@@ -6,8 +6,9 @@
 // Q8_0, Q4_K, Q6_K) and dequantize them in registers, 16 weights at a time,
 // straight into fp32 multiply-adds with fp32 activations: no weight is ever
 // written out, and the result is the dense product of the dequantized
-// matrix up to summation order (activations are not quantized, unlike
-// llama.cpp, so greedy output stays transformers' on the dequantized model).
+// matrix up to summation order (by default activations are not quantized,
+// unlike llama.cpp, so greedy output stays transformers' on the dequantized
+// model; `int8_activations` opts in to llama.cpp's scheme, see below).
 //
 // One source (quant_kernels.inc) is compiled three times: AVX-512 (F, BW),
 // AVX2 + FMA + F16C, and portable C++; the widest the CPU has runs, and
@@ -318,79 +319,79 @@ inline __attribute__((always_inline)) float h2f(const uint8_t* p) { return _cvts
 #pragma GCC pop_options
 #endif  // OMNI_X86
 
-// ---- 8-bit activations (WeightPrecision::Q4Q8) ----
+// ---- 8-bit activations (WeightPrecision::Q4Int8) ----
 //
-// llama.cpp's scheme for Q4_0, Q4_1 and Q8_0 weights: each activation row
-// is quantized per 32 elements to int8 with one fp32 scale (d = max|x| /
-// 127, q = x / d rounded to nearest even), and a block's product is an
-// integer dot (exact) scaled once: w . x = dw dx sum(qw qx) (+ mw dx sum(qx)
-// for Q4_1's minimum; Q4_0 is Q4_1 with mw = -8 dw). The weights' nibbles
-// then never become floats: AVX2 multiplies bytes (maddubs) 32 at a time.
-// The result is exactly the dequantized matrix times the dequantized
+// llama.cpp's scheme for Q4_0, Q4_1 and Q8_0 weights: the activation row is
+// quantized per 32 elements to int8 with one fp32 scale (d = max|x| / 127,
+// q = x / d rounded to nearest even), and a block's product is an integer
+// dot (exact) scaled once: w . x = dw dx sum(qw qx) (+ mw dx sum(qx) for
+// Q4_1's minimum; Q4_0 is Q4_1 with mw = -8 dw). The weights' nibbles then
+// never become floats: AVX2 multiplies bytes (maddubs) 32 at a time. The
+// result is exactly the dequantized matrix times the dequantized
 // activations, up to fp32 summation order; the activations' rounding (up to
 // d / 2 per element) is what the fp32 path does not have.
+//
+// Only calls of one row take this path: the fp32 kernels unpack a weight
+// block once for up to 4 rows, and from 2 rows on they were as fast as an
+// int8 kernel tiled the same way (`cargo bench -p omni-engine --bench
+// quant`); at one row the int8 dot is 1.4-2x faster (BENCHMARKS.md).
 namespace {
 
 constexpr int64_t kQ8Block = 32;
 
-// Calls of more rows keep fp32 activations: the fp32 kernels unpack a
-// weight block once for up to 4 rows, and from 2 rows on they were as fast
-// as the int8 ones (`cargo bench -p omni-engine --bench quant`); at one row
-// the int8 dot is 1.2-2x faster (BENCHMARKS.md).
-constexpr int64_t kQ8MaxRows = 1;
-
-struct Q8Activations {
-  std::vector<int8_t> q;    // [m, in]
-  std::vector<float> d;     // [m, in / 32]
-  std::vector<float> dsum;  // [m, in / 32]: d * (sum of the block's q)
-  int64_t in = 0;
+// One activation row, quantized.
+struct Q8Row {
+  std::vector<int8_t> q;    // [in]
+  std::vector<float> d;     // [in / 32]
+  std::vector<float> dsum;  // [in / 32]: d * (sum of the block's q)
 };
 
 bool has_q8_kernel(int32_t type) { return type == kQ4_0 || type == kQ4_1 || type == kQ8_0; }
 
 // The same code for every kernel build, so each sees the same quantized
-// rows. Written to vectorize at the baseline (SSE2): no libm call per
+// row. Written to vectorize at the baseline (SSE2): no libm call per
 // element; rounding to nearest even by adding and taking away 1.5 * 2^23
 // (exact for |v| <= 127, in the default rounding mode; no -ffast-math here).
-void quantize_activations(const float* x, int64_t ldx, int64_t m, int64_t in,
-                          Q8Activations& out) {
+void quantize_row(const float* x, int64_t in, Q8Row& out) {
   const int64_t blocks = in / kQ8Block;
   constexpr float kRound = 12582912.f;  // 1.5 * 2^23
-  out.in = in;
-  out.q.resize(m * in);
-  out.d.resize(m * blocks);
-  out.dsum.resize(m * blocks);
-  for (int64_t r = 0; r < m; ++r) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* xb = x + r * ldx + b * kQ8Block;
-      int8_t* qb = out.q.data() + r * in + b * kQ8Block;
-      float amax = 0.f;
-      int bad = 0;
-      for (int j = 0; j < kQ8Block; ++j) {
-        const float a = std::fabs(xb[j]);
-        bad |= !(a <= std::numeric_limits<float>::max());  // inf or NaN
-        amax = a > amax ? a : amax;
-      }
-      if (bad) {
-        // The scale carries it (q is 0), so the block's products are NaN,
-        // as the fp32 path's would be, never a wrapped integer.
-        std::memset(qb, 0, kQ8Block);
-        out.d[r * blocks + b] = std::numeric_limits<float>::quiet_NaN();
-        out.dsum[r * blocks + b] = std::numeric_limits<float>::quiet_NaN();
-        continue;
-      }
-      const float d = amax / 127.f;
-      const float id = amax > 0.f ? 127.f / amax : 0.f;
-      int32_t sum = 0;
-      for (int j = 0; j < kQ8Block; ++j) {
-        float v = (xb[j] * id + kRound) - kRound;
-        v = v < -127.f ? -127.f : (v > 127.f ? 127.f : v);
-        qb[j] = static_cast<int8_t>(static_cast<int32_t>(v));
-        sum += qb[j];
-      }
-      out.d[r * blocks + b] = d;
-      out.dsum[r * blocks + b] = d * static_cast<float>(sum);
+  out.q.resize(in);
+  out.d.resize(blocks);
+  out.dsum.resize(blocks);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* xb = x + b * kQ8Block;
+    int8_t* qb = out.q.data() + b * kQ8Block;
+    float amax = 0.f;
+    int bad = 0;
+    for (int j = 0; j < kQ8Block; ++j) {
+      const float a = std::fabs(xb[j]);
+      bad |= !(a <= std::numeric_limits<float>::max());  // inf or NaN
+      amax = a > amax ? a : amax;
     }
+    std::memset(qb, 0, kQ8Block);
+    if (bad) {
+      // The scale carries it (q is 0), so the block's products are NaN,
+      // as the fp32 path's would be, never a converted NaN.
+      out.d[b] = out.dsum[b] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const float id = amax > 0.f ? 127.f / amax : 0.f;
+    if (!(id <= std::numeric_limits<float>::max())) {
+      // max|x| under 127 / FLT_MAX: 1 / d overflows; the block is zero to
+      // well past fp32's resolution of the sum.
+      out.d[b] = out.dsum[b] = 0.f;
+      continue;
+    }
+    const float d = amax / 127.f;
+    int32_t sum = 0;
+    for (int j = 0; j < kQ8Block; ++j) {
+      float v = (xb[j] * id + kRound) - kRound;
+      v = v < -127.f ? -127.f : (v > 127.f ? 127.f : v);
+      qb[j] = static_cast<int8_t>(static_cast<int32_t>(v));
+      sum += qb[j];
+    }
+    out.d[b] = d;
+    out.dsum[b] = d * static_cast<float>(sum);
   }
 }
 
@@ -423,31 +424,25 @@ inline int32_t block_idot_portable(const uint8_t* qs, const int8_t* x) {
   return s;
 }
 
-// Weight rows [n0, n1) of segment `s` against every activation row.
+// Weight rows [n0, n1) of segment `s` against the row: y[col0 + n].
 template <int32_t T>
-void q8_rows_portable(const Segment& s, const Q8Activations& a, int64_t m, float* y, int64_t ldy,
-                      int64_t n0, int64_t n1) {
+void q8_rows_portable(const Segment& s, const Q8Row& a, float* y, int64_t n0, int64_t n1) {
   using L = Q8Layout<T>;
   const int64_t blocks = s.in_features / kQ8Block;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = s.data + n * s.row_bytes;
-    for (int64_t r = 0; r < m; ++r) {
-      const int8_t* xq = a.q.data() + r * a.in;
-      const float* xd = a.d.data() + r * blocks;
-      const float* xs = a.dsum.data() + r * blocks;
-      float acc = 0.f, accm = 0.f;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* blk = w + b * L::kBytes;
-        const float dw = half_bits_to_float(read16(blk));
-        const int32_t idot = block_idot_portable<T>(blk + L::kQuants, xq + b * kQ8Block);
-        acc = std::fma(dw * xd[b], static_cast<float>(idot), acc);
-        if constexpr (T != kQ8_0) {
-          const float mw = T == kQ4_1 ? half_bits_to_float(read16(blk + 2)) : -8.f * dw;
-          accm = std::fma(mw, xs[b], accm);
-        }
+    float acc = 0.f, accm = 0.f;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* blk = w + b * L::kBytes;
+      const float dw = half_bits_to_float(read16(blk));
+      const int32_t idot = block_idot_portable<T>(blk + L::kQuants, a.q.data() + b * kQ8Block);
+      acc = std::fma(dw * a.d[b], static_cast<float>(idot), acc);
+      if constexpr (T != kQ8_0) {
+        const float mw = T == kQ4_1 ? half_bits_to_float(read16(blk + 2)) : -8.f * dw;
+        accm = std::fma(mw, a.dsum[b], accm);
       }
-      y[r * ldy + s.col0 + n] = acc + accm;
     }
+    y[s.col0 + n] = acc + accm;
   }
 }
 
@@ -472,87 +467,49 @@ inline __attribute__((always_inline)) __m256i dot_u8_i8(__m256i u, __m256i s) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
 
-// NR weight rows against MB activation rows (from row `m0` of `a`):
-// y[m * ldy + r] = w_r . x_m. A block's weight bytes are unpacked once and
-// multiply every activation row.
-template <int32_t T, int NR, int MB>
+// NR weight rows against the row: y[r] = w_r . x.
+template <int32_t T, int NR>
 inline __attribute__((always_inline)) void q8_tile_avx2(const uint8_t* w, int64_t row_bytes,
-                                                        int64_t blocks, const Q8Activations& a,
-                                                        int64_t m0, float* y, int64_t ldy) {
+                                                        int64_t blocks, const Q8Row& a,
+                                                        float* y) {
   using L = Q8Layout<T>;
-  __m256 acc[NR][MB];
-  float accm[NR][MB];
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MB; ++m) acc[r][m] = _mm256_setzero_ps(), accm[r][m] = 0.f;
-  const int8_t* xq = a.q.data() + m0 * a.in;
-  const float* xd = a.d.data() + m0 * blocks;
-  const float* xs = a.dsum.data() + m0 * blocks;
+  __m256 acc[NR];
+  float accm[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = _mm256_setzero_ps(), accm[r] = 0.f;
   // Prefetch the tile two ahead, a slice per block (as the fp32 kernels).
   const uintptr_t ahead = reinterpret_cast<uintptr_t>(w) + 2 * NR * row_bytes;
   const int64_t slice = (NR * row_bytes + blocks - 1) / blocks;
   for (int64_t b = 0; b < blocks; ++b) {
     for (int64_t at = b * slice; at < (b + 1) * slice; at += 64)
       __builtin_prefetch(reinterpret_cast<const void*>(ahead + at), 0, 3);
-    __m256i xv[MB];
-    float dx[MB];
-    for (int m = 0; m < MB; ++m) {
-      xv[m] = _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(xq + m * a.in + b * kQ8Block));
-      dx[m] = xd[m * blocks + b];
-    }
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + b * kQ8Block));
+    const float dx = a.d[b];
     for (int r = 0; r < NR; ++r) {
       const uint8_t* blk = w + r * row_bytes + b * L::kBytes;
       const float dw = _cvtsh_ss(read16(blk));
+      __m256i p;
       if constexpr (T == kQ8_0) {
         const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + L::kQuants));
         // |q| times x with q's sign: u8 x i8 (|-128| is 128 as a u8).
-        const __m256i uq = _mm256_sign_epi8(q, q);
-        for (int m = 0; m < MB; ++m) {
-          const __m256i p = dot_u8_i8(uq, _mm256_sign_epi8(xv[m], q));
-          acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[m]), _mm256_cvtepi32_ps(p), acc[r][m]);
-        }
+        p = dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(xv, q));
       } else {
-        const __m256i uq = nibbles32(blk + L::kQuants);
+        p = dot_u8_i8(nibbles32(blk + L::kQuants), xv);
         const float mw = T == kQ4_1 ? _cvtsh_ss(read16(blk + 2)) : -8.f * dw;
-        for (int m = 0; m < MB; ++m) {
-          const __m256i p = dot_u8_i8(uq, xv[m]);
-          acc[r][m] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx[m]), _mm256_cvtepi32_ps(p), acc[r][m]);
-          accm[r][m] = std::fma(mw, xs[m * blocks + b], accm[r][m]);
-        }
+        accm[r] = std::fma(mw, a.dsum[b], accm[r]);
       }
+      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), _mm256_cvtepi32_ps(p), acc[r]);
     }
   }
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < MB; ++m) y[m * ldy + r] = omni::hsum_avx2(acc[r][m]) + accm[r][m];
+  for (int r = 0; r < NR; ++r) y[r] = omni::hsum_avx2(acc[r]) + accm[r];
 }
 
 template <int32_t T>
-void q8_rows_avx2(const Segment& s, const Q8Activations& a, int64_t m, float* y, int64_t ldy,
-                  int64_t n0, int64_t n1) {
+void q8_rows_avx2(const Segment& s, const Q8Row& a, float* y, int64_t n0, int64_t n1) {
   const int64_t blocks = s.in_features / kQ8Block;
   const int64_t rb = s.row_bytes;
-  // 4 weight rows for one activation row (a decode step), else 2 weight
-  // rows by up to 4 activation rows, as the fp32 kernels tile.
-  auto tile = [&](int64_t n, auto nr_tag) {
-    constexpr int NR = decltype(nr_tag)::value;
-    for (int64_t m0 = 0; m0 < m; m0 += 4) {
-      float* yt = y + m0 * ldy + s.col0 + n;
-      const uint8_t* w = s.data + n * rb;
-      switch (std::min<int64_t>(4, m - m0)) {
-        case 4: q8_tile_avx2<T, NR, 4>(w, rb, blocks, a, m0, yt, ldy); break;
-        case 3: q8_tile_avx2<T, NR, 3>(w, rb, blocks, a, m0, yt, ldy); break;
-        case 2: q8_tile_avx2<T, NR, 2>(w, rb, blocks, a, m0, yt, ldy); break;
-        default: q8_tile_avx2<T, NR, 1>(w, rb, blocks, a, m0, yt, ldy); break;
-      }
-    }
-  };
   int64_t n = n0;
-  if (m == 1) {
-    for (; n + 4 <= n1; n += 4) tile(n, std::integral_constant<int, 4>{});
-  } else {
-    for (; n + 2 <= n1; n += 2) tile(n, std::integral_constant<int, 2>{});
-  }
-  for (; n < n1; ++n) tile(n, std::integral_constant<int, 1>{});
+  for (; n + 4 <= n1; n += 4) q8_tile_avx2<T, 4>(s.data + n * rb, rb, blocks, a, y + s.col0 + n);
+  for (; n < n1; ++n) q8_tile_avx2<T, 1>(s.data + n * rb, rb, blocks, a, y + s.col0 + n);
 }
 
 }  // namespace
@@ -614,24 +571,24 @@ void run_segment_at(int level, const Segment& s, const Problem& p, int64_t n0, i
   portable::run_segment(s, p, n0, n1);
 }
 
-void run_q8_segment_at(int level, const Segment& s, const Q8Activations& a, const Problem& p,
-                       int64_t n0, int64_t n1) {
+void run_q8_segment_at(int level, const Segment& s, const Q8Row& a, float* y, int64_t n0,
+                       int64_t n1) {
 #ifdef OMNI_X86
   // AVX-512 parts run the AVX2 build: its byte products are the work, and
   // 256-bit maddubs is what both have.
   if (level >= 1) {
     switch (s.type) {
-      case kQ4_0: return q8_rows_avx2<kQ4_0>(s, a, p.m, p.y, p.ldy, n0, n1);
-      case kQ4_1: return q8_rows_avx2<kQ4_1>(s, a, p.m, p.y, p.ldy, n0, n1);
-      case kQ8_0: return q8_rows_avx2<kQ8_0>(s, a, p.m, p.y, p.ldy, n0, n1);
+      case kQ4_0: return q8_rows_avx2<kQ4_0>(s, a, y, n0, n1);
+      case kQ4_1: return q8_rows_avx2<kQ4_1>(s, a, y, n0, n1);
+      case kQ8_0: return q8_rows_avx2<kQ8_0>(s, a, y, n0, n1);
     }
   }
 #endif
   (void)level;
   switch (s.type) {
-    case kQ4_0: return q8_rows_portable<kQ4_0>(s, a, p.m, p.y, p.ldy, n0, n1);
-    case kQ4_1: return q8_rows_portable<kQ4_1>(s, a, p.m, p.y, p.ldy, n0, n1);
-    case kQ8_0: return q8_rows_portable<kQ8_0>(s, a, p.m, p.y, p.ldy, n0, n1);
+    case kQ4_0: return q8_rows_portable<kQ4_0>(s, a, y, n0, n1);
+    case kQ4_1: return q8_rows_portable<kQ4_1>(s, a, y, n0, n1);
+    case kQ8_0: return q8_rows_portable<kQ8_0>(s, a, y, n0, n1);
   }
 }
 
@@ -711,11 +668,12 @@ at::Tensor* omni_quant_linear(const at::Tensor* input, const void* handle, const
       const Problem p{x.const_data_ptr<float>(), mat.in_features, y.mutable_data_ptr<float>(),
                       mat.out_features, m};
       const int level = active_level();
-      Q8Activations q8;
+      Q8Row q8;
       const bool use_q8 =
-          int8_activations && m <= kQ8MaxRows && std::any_of(mat.segments.begin(), mat.segments.end(),
-                                          [](const Segment& s) { return has_q8_kernel(s.type); });
-      if (use_q8) quantize_activations(p.x, p.ldx, m, mat.in_features, q8);
+          int8_activations && m == 1 &&
+          std::any_of(mat.segments.begin(), mat.segments.end(),
+                      [](const Segment& s) { return has_q8_kernel(s.type); });
+      if (use_q8) quantize_row(p.x, mat.in_features, q8);
       // A task gets whole rows; ~64 KiB of blocks per task at least, so a
       // small matrix stays on the calling thread.
       const int64_t bytes_per_row = mat.segments.front().row_bytes;
@@ -725,7 +683,7 @@ at::Tensor* omni_quant_linear(const at::Tensor* input, const void* handle, const
           const int64_t lo = std::max(b, s.col0), hi = std::min(e, s.col0 + s.rows);
           if (lo >= hi) continue;
           if (use_q8 && has_q8_kernel(s.type)) {
-            run_q8_segment_at(level, s, q8, p, lo - s.col0, hi - s.col0);
+            run_q8_segment_at(level, s, q8, p.y, lo - s.col0, hi - s.col0);
           } else {
             run_segment_at(level, s, p, lo - s.col0, hi - s.col0);
           }

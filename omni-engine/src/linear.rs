@@ -26,7 +26,7 @@ use crate::quant::{Activations, QuantMatrix, QuantizedTensor};
 use crate::shim::{from_shim, handle_from_shim};
 use crate::weights::LinearWeight;
 
-/// Most rows of activations a [`WeightPrecision::Q4`] layer multiplies with
+/// Most rows of activations a [`WeightPrecision::Q4`] (or `Q4Int8`) layer multiplies with
 /// its blocks; wider calls run its fp16 copy (the crossover measured with
 /// `cargo bench -p omni-engine --bench quant`, BENCHMARKS.md).
 /// `EngineArgs::quant_max_rows` overrides it.
@@ -204,7 +204,8 @@ impl Linear {
     }
 
     /// Stacks the rows of `parts` (a fused projection) into one layer. With
-    /// [`WeightPrecision::Q4`] and every part in blocks the blocks are kept;
+    /// a precision that keeps blocks ([`WeightPrecision::keeps_blocks`]) and
+    /// every part in blocks the blocks are kept;
     /// otherwise the parts are made dense and stacked.
     /// Calls of more than `max_rows` rows run an fp16 copy of the blocks.
     pub fn from_parts(

@@ -410,31 +410,47 @@ fn decode_audio(bytes: Vec<u8>, name: &str) -> Result<AudioInput> {
     })
 }
 
-/// The sample rates stated by the format chunks of every RIFF/WAVE header
-/// in `bytes` (symphonia's probe looks for one past leading junk too), up to
-/// each one's data chunk, walked as symphonia walks them (chunks padded to
-/// even lengths).
+/// Where symphonia's probe stops looking for a format's start (its
+/// `PROBE_SEARCH_LIMIT`), plus its 16-byte window.
+const PROBE_SEARCH_LIMIT: usize = (1 << 20) + 16;
+
+/// The most chunks [`wav_format_rates`] walks in all: a crafted input of
+/// many RIFF headers would otherwise cost time quadratic in its size. Past
+/// it the scan stops (decoding still runs under `catch_unwind`).
+const MAX_CHUNK_STEPS: usize = 1 << 20;
+
+/// The sample rates stated by the format chunks of the RIFF/WAVE headers
+/// that symphonia's probe may take (any that starts within its search limit:
+/// it looks past leading junk and metadata), up to each one's data chunk,
+/// walked as symphonia walks them (chunks padded to even lengths).
 fn wav_format_rates(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
     let word = |at: usize| -> Option<u32> {
         let b = bytes.get(at..at.checked_add(4)?)?;
         Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     };
-    let headers = bytes
+    let searched = &bytes[..bytes.len().min(PROBE_SEARCH_LIMIT + 12)];
+    let headers = searched
         .windows(12)
         .enumerate()
-        .filter(|(_, w)| &w[..4] == b"RIFF" && &w[8..] == b"WAVE")
+        .filter(|(at, w)| *at <= PROBE_SEARCH_LIMIT && &w[..4] == b"RIFF" && &w[8..] == b"WAVE")
         .map(|(at, _)| at);
+    let steps = std::rc::Rc::new(std::cell::Cell::new(0usize));
     headers.flat_map(move |riff| {
         let mut at = riff + 12;
+        let steps = steps.clone();
         std::iter::from_fn(move || loop {
-            at += (at - riff) & 1;
+            steps.set(steps.get() + 1);
+            if steps.get() > MAX_CHUNK_STEPS {
+                return None;
+            }
+            at = at.checked_add((at - riff) & 1)?;
             let tag = bytes.get(at..at.checked_add(4)?)?;
-            let len = word(at + 4)? as usize;
-            let body = at + 8;
+            let len = word(at.checked_add(4)?)? as usize;
+            let body = at.checked_add(8)?;
             at = body.checked_add(len)?;
             match tag {
                 b"data" => return None,
-                b"fmt " if len >= 16 => return word(body + 4),
+                b"fmt " if len >= 16 => return word(body.checked_add(4)?),
                 _ => {}
             }
         })

@@ -417,7 +417,13 @@ mod tests {
         let mut out = Vec::with_capacity(v.len());
         for block in v.chunks(32) {
             let amax = block.iter().fold(0f32, |a, &b| a.max(b.abs()));
-            let (d, id) = (amax / 127.0, if amax > 0.0 { 127.0 / amax } else { 0.0 });
+            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            // (A block too small for 1 / d in fp32 is taken as zero.)
+            let (d, id) = if id.is_finite() {
+                (amax / 127.0, id)
+            } else {
+                (0.0, 0.0)
+            };
             out.extend(
                 block
                     .iter()
@@ -433,7 +439,8 @@ mod tests {
     /// round-tripped activations within the fp32 bound, which the fp32
     /// activations miss by the rounding (checked, so the path is the one
     /// tested); calls of more rows equal the fp32 path bit for bit; an
-    /// all-zero block and a K-quant part (fp32 activations) too.
+    /// all-zero block, a tiny one, a matrix of mixed parts and non-finite
+    /// activations too.
     #[test]
     fn int8_activations_match_the_dequantized_product() -> Result<()> {
         let _g = tch::no_grad_guard();
@@ -481,28 +488,36 @@ mod tests {
                     }
                 }
             }
-            // Q8_0 rows next to Q4_K rows: the K-quant part takes x as is.
+            // A K-quant part first (the int8 parts' output columns start past
+            // it) takes x as is; a Q8_0 and a Q4_1 part (its minimum term)
+            // take it quantized; one block of x so small that 1 / d
+            // overflows; every build.
             let cols = 256;
             let parts = [
-                random_blocks(GgmlType::Q8_0, 5, cols, &mut rng),
                 random_blocks(GgmlType::Q4_K, 3, cols, &mut rng),
+                random_blocks(GgmlType::Q8_0, 5, cols, &mut rng),
+                random_blocks(GgmlType::Q4_1, 4, cols, &mut rng),
             ];
-            let m = QuantMatrix::new(&[&parts[0], &parts[1]])?;
+            let m = QuantMatrix::new(&[&parts[0], &parts[1], &parts[2]])?;
             let dense = m.dequantize()?;
             let x = randn(&[1, cols]);
-            let y = m.linear_with(&x, None, Activations::Int8)?;
-            assert_product(
-                &y.narrow(1, 0, 5),
-                &int8_round_trip(&x)?,
-                &dense.narrow(0, 0, 5),
-                "Q8_0 part",
-            );
-            assert_product(&y.narrow(1, 5, 3), &x, &dense.narrow(0, 5, 3), "Q4_K part");
-            // A non-finite activation makes its rows' outputs NaN, as in fp32.
-            let x = randn(&[1, cols]);
-            let _ = x.narrow(1, 40, 1).fill_(f64::INFINITY);
-            let y = m.linear_with(&x, None, Activations::Int8)?;
-            assert!(bool::try_from(y.narrow(1, 0, 5).isnan().all())?);
+            let _ = x.narrow(1, 64, 32).fill_(1e-38);
+            let xr = int8_round_trip(&x)?;
+            for build in KernelBuild::detected().up_to() {
+                let y = with_kernel_build(build, || m.linear_with(&x, None, Activations::Int8))?;
+                let what = format!("mixed {build:?}");
+                assert_product(&y.narrow(1, 0, 3), &x, &dense.narrow(0, 0, 3), &what);
+                assert_product(&y.narrow(1, 3, 9), &xr, &dense.narrow(0, 3, 9), &what);
+                // A non-finite activation makes the int8 rows' outputs NaN
+                // (Q4_1's through its minimum term too), as in fp32.
+                let bad = x.copy();
+                let _ = bad.narrow(1, 40, 1).fill_(f64::INFINITY);
+                let y = with_kernel_build(build, || m.linear_with(&bad, None, Activations::Int8))?;
+                assert!(
+                    bool::try_from(y.narrow(1, 3, 9).isnan().all())?,
+                    "{what}: {y}"
+                );
+            }
             Ok(())
         })();
         tch::set_num_threads(threads);

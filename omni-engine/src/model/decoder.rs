@@ -32,7 +32,7 @@ use crate::weights::{LinearWeight, Weights};
 pub struct ModelOptions {
     /// Precision of the linear layers' weights.
     pub precision: WeightPrecision,
-    /// With [`WeightPrecision::Q4`]: the most rows a call multiplies with
+    /// With [`WeightPrecision::Q4`] (or `Q4Int8`): the most rows a call multiplies with
     /// the blocks (wider ones run the fp16 copy).
     pub quant_max_rows: usize,
     /// Positions the rotary tables cover (the engine's `max_model_len`).
