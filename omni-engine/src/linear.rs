@@ -26,8 +26,8 @@ use crate::quant::{Activations, QuantMatrix, QuantizedTensor};
 use crate::shim::{from_shim, handle_from_shim};
 use crate::weights::LinearWeight;
 
-/// Most rows of activations a [`WeightPrecision::Q4`] (or `Q4Int8`) layer multiplies with
-/// its blocks; wider calls run its fp16 copy (the crossover measured with
+/// Most rows of activations a [`WeightPrecision::Q4`] (or `Q4Int8`) layer
+/// multiplies with its blocks; wider calls run its fp16 copy (the crossover measured with
 /// `cargo bench -p omni-engine --bench quant`, BENCHMARKS.md).
 /// `EngineArgs::quant_max_rows` overrides it.
 pub const QUANT_MAX_ROWS: usize = 4;
@@ -50,12 +50,12 @@ pub enum WeightPrecision {
     Q4,
     /// As [`WeightPrecision::Q4`], but in calls of one row (a decode step
     /// at batch one) Q4_0, Q4_1 and Q8_0 blocks multiply activations
-    /// quantized to 8 bits per 32 elements, as llama.cpp does (integer dot
-    /// products;
-    /// [`crate::quant::Activations::Int8`]): faster there, and the logits
-    /// move by the activations' rounding, so greedy output is transformers'
-    /// only up to steps whose top two are that close (the fixtures' tests
-    /// state how close). K-quant blocks keep fp32 activations.
+    /// quantized to 8 bits per 32 elements, as llama.cpp does, in integer
+    /// dot products ([`crate::quant::Activations::Int8`]): faster there,
+    /// and the logits move by the activations' rounding, so greedy output
+    /// is transformers' only up to steps whose top two are that close (the
+    /// fixtures' tests state how close). K-quant blocks keep fp32
+    /// activations.
     Q4Int8,
 }
 

@@ -389,8 +389,8 @@ fn decode_audio(bytes: Vec<u8>, name: &str) -> Result<AudioInput> {
     }
     // symphonia 0.5's WAV reader panics on a format chunk that states 0 Hz
     // (it builds a time base of 1/0); its other readers check the rate.
-    if let Some(rate) = wav_format_rates(&bytes).find(|&r| r == 0) {
-        check_rate(rate, name)?;
+    if wav_states_zero_rate(&bytes) {
+        check_rate(0, name)?;
     }
     // Any other panic in a decoder is still an error about this input, not
     // the end of the request's thread (where unwinding is on).
@@ -414,47 +414,53 @@ fn decode_audio(bytes: Vec<u8>, name: &str) -> Result<AudioInput> {
 /// `PROBE_SEARCH_LIMIT`), plus its 16-byte window.
 const PROBE_SEARCH_LIMIT: usize = (1 << 20) + 16;
 
-/// The most chunks [`wav_format_rates`] walks in all: a crafted input of
+/// The most chunks [`wav_states_zero_rate`] walks in all: a crafted input of
 /// many RIFF headers would otherwise cost time quadratic in its size. Past
 /// it the scan stops (decoding still runs under `catch_unwind`).
 const MAX_CHUNK_STEPS: usize = 1 << 20;
 
-/// The sample rates stated by the format chunks of the RIFF/WAVE headers
-/// that symphonia's probe may take (any that starts within its search limit:
-/// it looks past leading junk and metadata), up to each one's data chunk,
-/// walked as symphonia walks them (chunks padded to even lengths).
-fn wav_format_rates(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
+/// Whether a format chunk states 0 Hz in a RIFF/WAVE header that
+/// symphonia's probe may take (any that starts within its search limit: it
+/// looks past leading junk and metadata), walking each header's chunks as
+/// symphonia does (padded to even lengths) up to its data chunk.
+fn wav_states_zero_rate(bytes: &[u8]) -> bool {
     let word = |at: usize| -> Option<u32> {
         let b = bytes.get(at..at.checked_add(4)?)?;
         Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    // The rate of the format chunk at or after `*at`, or None at the data
+    // chunk or the end; `*at` moves past the chunk read.
+    let next_rate = |riff: usize, at: &mut usize| -> Option<Option<u32>> {
+        *at = at.checked_add((*at - riff) & 1)?;
+        let tag = bytes.get(*at..at.checked_add(4)?)?;
+        let len = word(at.checked_add(4)?)? as usize;
+        let body = at.checked_add(8)?;
+        *at = body.checked_add(len)?;
+        match tag {
+            b"data" => None,
+            b"fmt " if len >= 16 => Some(word(body.checked_add(4)?)),
+            _ => Some(None),
+        }
     };
     let searched = &bytes[..bytes.len().min(PROBE_SEARCH_LIMIT + 12)];
     let headers = searched
         .windows(12)
         .enumerate()
-        .filter(|(at, w)| *at <= PROBE_SEARCH_LIMIT && &w[..4] == b"RIFF" && &w[8..] == b"WAVE")
-        .map(|(at, _)| at);
-    let steps = std::rc::Rc::new(std::cell::Cell::new(0usize));
-    headers.flat_map(move |riff| {
+        .filter(|(at, w)| *at <= PROBE_SEARCH_LIMIT && &w[..4] == b"RIFF" && &w[8..] == b"WAVE");
+    let mut steps = 0;
+    for (riff, _) in headers {
         let mut at = riff + 12;
-        let steps = steps.clone();
-        std::iter::from_fn(move || loop {
-            steps.set(steps.get() + 1);
-            if steps.get() > MAX_CHUNK_STEPS {
-                return None;
+        while let Some(rate) = next_rate(riff, &mut at) {
+            steps += 1;
+            if steps > MAX_CHUNK_STEPS {
+                return false;
             }
-            at = at.checked_add((at - riff) & 1)?;
-            let tag = bytes.get(at..at.checked_add(4)?)?;
-            let len = word(at.checked_add(4)?)? as usize;
-            let body = at.checked_add(8)?;
-            at = body.checked_add(len)?;
-            match tag {
-                b"data" => return None,
-                b"fmt " if len >= 16 => return word(body.checked_add(4)?),
-                _ => {}
+            if rate == Some(0) {
+                return true;
             }
-        })
-    })
+        }
+    }
+    false
 }
 
 fn decode_audio_unchecked(bytes: Vec<u8>, name: &str) -> Result<AudioInput> {
