@@ -429,20 +429,21 @@ impl EngineCore {
                 s.metrics.first_scheduled_time.get_or_insert(now);
             }
 
-            // Logits rows in running order, so the sampler inputs can borrow
-            // the sequences one after the other.
+            // Each sampled sequence's logits row, in running order, so the
+            // sampler inputs can borrow the sequences one after the other.
+            // The logits stay where the model put them: the fills below
+            // write into them, the sampler reads each row in place.
             let mut row_of = vec![None; self.scheduler.running.len()];
             for (row, &e) in batch.logits_entries.iter().enumerate() {
-                row_of[plan.scheduled[e].index] = Some(row as i64);
+                row_of[plan.scheduled[e].index] = Some(row);
             }
             let order: Vec<usize> = (0..row_of.len()).filter(|&i| row_of[i].is_some()).collect();
-            let rows: Vec<i64> = order.iter().filter_map(|&i| row_of[i]).collect();
-            let rows = Tensor::from_slice(&rows).f_to_device(self.model.device())?;
+            let rows: Vec<usize> = order.iter().filter_map(|&i| row_of[i]).collect();
             let sampled = {
                 let _s = tracing::info_span!(target: "omni::engine", "sample").entered();
-                let mut logits = out.logits.f_index_select(0, &rows)?;
+                let logits = &out.logits;
                 // min_tokens: no end before the request has that many tokens.
-                for (r, &i) in order.iter().enumerate() {
+                for (&i, &row) in order.iter().zip(&rows) {
                     let s = &self.scheduler.running[i];
                     if s.num_output_tokens() < s.params.min_tokens {
                         let ends: Vec<i64> = self
@@ -455,7 +456,7 @@ impl EngineCore {
                             .collect();
                         if !ends.is_empty() {
                             let ends = Tensor::from_slice(&ends).f_to_device(logits.device())?;
-                            let _ = logits.f_get(r as i64)?.f_index_fill_(
+                            let _ = logits.f_get(row as i64)?.f_index_fill_(
                                 0,
                                 &ends,
                                 f64::NEG_INFINITY,
@@ -471,7 +472,9 @@ impl EngineCore {
                         .map(|&t| i64::from(t))
                         .collect();
                     let ids = Tensor::from_slice(&ids).f_to_device(logits.device())?;
-                    let _ = logits.f_index_fill_(1, &ids, f64::NEG_INFINITY)?;
+                    let _ = logits
+                        .shallow_clone()
+                        .f_index_fill_(1, &ids, f64::NEG_INFINITY)?;
                 }
                 let mut inputs: Vec<SampleInput<'_>> = self
                     .scheduler
@@ -489,10 +492,9 @@ impl EngineCore {
                         }
                     })
                     .collect();
-                sampler::sample(&logits, &mut inputs)?
+                sampler::sample(logits, &rows, &mut inputs)?
             };
-            let hidden = out.hidden.f_index_select(0, &rows)?;
-            for (k, (&i, sample)) in order.iter().zip(sampled).enumerate() {
+            for ((&i, &row), sample) in order.iter().zip(&rows).zip(sampled) {
                 let eos = &self.cfg.eos_token_ids;
                 let max_len = self.cfg.max_model_len;
                 let seq = &mut self.scheduler.running[i];
@@ -506,8 +508,9 @@ impl EngineCore {
                     seq.logprobs.push(lp);
                 }
                 if seq.params.output_hidden_states {
-                    let row = hidden
-                        .f_get(k as i64)?
+                    let row = out
+                        .hidden
+                        .f_get(row as i64)?
                         .f_to_device(Device::Cpu)?
                         .f_to_kind(Kind::Float)?;
                     seq.hidden_states.push(row);
