@@ -842,19 +842,24 @@ impl LLMEngine {
 /// threshold goes to 32 MiB (glibc's adaptive ceiling) and the heap is
 /// trimmed.
 ///
-/// Setting the mmap threshold also turns off glibc's adaptive trim
-/// threshold, leaving it at 128 KiB: every step's freed activations at the
-/// top of the heap then went back to the kernel and came back as fresh
-/// zeroed pages in the next step (measured: 630k page faults in the stage
-/// processes during a 64-prompt pipeline run, 2.5 GB of pages; 3x fewer
-/// with the trim threshold raised). So after the load up to
-/// [`STEP_HEAP_KEEP`] of free heap stays mapped for the next step. The peak
-/// is unchanged: memory kept is memory a step already used.
+/// Setting the mmap threshold also freezes glibc's trim threshold (at
+/// 128 KiB unless set): every step's freed activations at the top of a heap
+/// then went back to the kernel and came back as fresh zeroed pages in the
+/// next step (measured: 630k page faults in the stage processes during a
+/// 64-prompt pipeline run, 2.5 GB of pages; 144k with the threshold
+/// raised). So after the load each arena keeps up to [`STEP_HEAP_KEEP`] of
+/// free memory at its top for the next step (a thread's arena, made of
+/// 64 MiB heaps, still drops a heap that empties; blocks of 32 MiB or more
+/// are still mapped and unmapped each time). Kept memory is memory a step
+/// used: resident memory between steps stays near the last step's peak
+/// instead of shrinking. A later load starts from glibc's 128 KiB again.
 struct LoadHeap;
 
-/// Free heap memory kept mapped between steps (see [`LoadHeap`]): room for
-/// a long prefill step's activations, small beside the weights.
+/// Free memory an arena keeps mapped between steps (see [`LoadHeap`]).
 const STEP_HEAP_KEEP: i32 = 256 << 20;
+
+/// glibc's default trim threshold, for the next load.
+const DEFAULT_TRIM_THRESHOLD: i32 = 128 << 10;
 
 impl LoadHeap {
     fn enter() -> Self {
@@ -862,6 +867,7 @@ impl LoadHeap {
         // SAFETY: mallopt only changes allocator tuning; any thread may call it.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD);
         }
         LoadHeap
     }
