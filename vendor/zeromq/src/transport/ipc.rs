@@ -182,7 +182,16 @@ where
                 any(target_family = "unix", windows),
                 not(any(feature = "async-std-runtime", feature = "async-dispatcher-runtime"))
             ))]
-            use tokio::fs::remove_file;
+            // Omni patch: one unlink, done in place. tokio's `remove_file`
+            // runs it on the blocking pool, which a runtime shutting down
+            // no longer serves ("background task failed"); a socket already
+            // gone with its directory is not worth a warning.
+            let remove_file = |p: &std::path::Path| {
+                std::future::ready(match std::fs::remove_file(p) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    r => r,
+                })
+            };
 
             if let Err(err) = remove_file(&listener_addr).await {
                 log::warn!(
