@@ -132,8 +132,10 @@ impl GenericSocketBackend {
                     }
                 },
             };
-            let send_result = match self.peers.get_async(&next_peer_id).await {
-                Some(mut peer) => send_to_peer_queue(&mut peer.send_queue, message).await,
+            // Omni patch: the entry (a lock on its bucket) is let go before
+            // the send waits; see `peer_queue`.
+            let send_result = match self.peer_queue(&next_peer_id).await {
+                Some(mut queue) => send_to_peer_queue(&mut queue, message).await,
                 None => continue,
             };
             return match send_result {
@@ -162,8 +164,8 @@ impl GenericSocketBackend {
             SendResolution::Miss(message) => message,
         };
 
-        let send_result = match self.peers.get_async(peer_id).await {
-            Some(mut peer) => send_to_peer_queue(&mut peer.send_queue, message).await,
+        let send_result = match self.peer_queue(peer_id).await {
+            Some(mut queue) => send_to_peer_queue(&mut queue, message).await,
             None => return Err(ZmqError::Other("Destination client not found by identity")),
         };
         match send_result {
@@ -229,6 +231,20 @@ impl GenericSocketBackend {
             }
             CachedSend::Miss(message) => Ok(SendResolution::Miss(message)),
         }
+    }
+
+    /// Omni patch: a peer's send queue, cloned out of the map. Holding the
+    /// map's entry while a send waits on a full queue kept its bucket
+    /// locked; a peer disconnecting meanwhile calls `peer_disconnected`,
+    /// whose `remove_sync` blocks a runtime worker thread on that lock, and
+    /// once every worker blocks so (a 2-thread runtime: the writer task's
+    /// and the receive path's disconnects), the waiting send is never polled
+    /// again and the socket deadlocks.
+    async fn peer_queue(&self, peer_id: &PeerIdentity) -> Option<mpsc::Sender<Message>> {
+        self.peers
+            .get_async(peer_id)
+            .await
+            .map(|peer| peer.send_queue.clone())
     }
 
     fn refresh_single_peer_cache(&self) {
