@@ -135,7 +135,7 @@ impl GenericSocketBackend {
             // Omni patch: the entry (a lock on its bucket) is let go before
             // the send waits; see `peer_queue`.
             let send_result = match self.peer_queue(&next_peer_id).await {
-                Some(mut queue) => send_to_peer_queue(&mut queue, message).await,
+                Some(mut queue) => queue.send(message).await,
                 None => continue,
             };
             return match send_result {
@@ -165,7 +165,7 @@ impl GenericSocketBackend {
         };
 
         let send_result = match self.peer_queue(peer_id).await {
-            Some(mut queue) => send_to_peer_queue(&mut queue, message).await,
+            Some(mut queue) => queue.send(message).await,
             None => return Err(ZmqError::Other("Destination client not found by identity")),
         };
         match send_result {
@@ -236,10 +236,16 @@ impl GenericSocketBackend {
     /// Omni patch: a peer's send queue, cloned out of the map. Holding the
     /// map's entry while a send waits on a full queue kept its bucket
     /// locked; a peer disconnecting meanwhile calls `peer_disconnected`,
-    /// whose `remove_sync` blocks a runtime worker thread on that lock, and
-    /// once every worker blocks so (a 2-thread runtime: the writer task's
-    /// and the receive path's disconnects), the waiting send is never polled
-    /// again and the socket deadlocks.
+    /// whose `remove_sync` (and `begin_sync`) block a runtime worker thread
+    /// on that lock, and once every worker blocks so (a 2-thread runtime:
+    /// the writer task's and the receive path's disconnects), the waiting
+    /// send is never polled again and the socket deadlocks. Nothing may hold
+    /// a `peers` entry across an await while those sync calls exist.
+    ///
+    /// Send on the clone with `SinkExt::send`, not `try_send`: a fresh
+    /// clone has a slot of its own, so `try_send` always queues (no
+    /// backpressure at all), while `send` then waits in its flush until the
+    /// queue is below capacity again.
     async fn peer_queue(&self, peer_id: &PeerIdentity) -> Option<mpsc::Sender<Message>> {
         self.peers
             .get_async(peer_id)
@@ -260,17 +266,6 @@ impl GenericSocketBackend {
         } else {
             *single_peer = None;
         }
-    }
-}
-
-async fn send_to_peer_queue(
-    send_queue: &mut mpsc::Sender<Message>,
-    message: Message,
-) -> Result<(), mpsc::SendError> {
-    match send_queue.try_send(message) {
-        Ok(()) => Ok(()),
-        Err(error) if error.is_full() => send_queue.send(error.into_inner()).await,
-        Err(error) => Err(error.into_send_error()),
     }
 }
 
