@@ -140,7 +140,7 @@ mod tests {
     }
 
     /// The kernel (its AVX2 build and its portable one, fp32 and fp16
-    /// caches) against ATen: GQA, context lengths off the 8-lane loops and
+    /// caches) against ATen: queries strided in a wider row, GQA, context lengths off the 8-lane loops and
     /// across blocks in any order, and scores large enough that softmax
     /// depends on subtracting the max.
     #[test]
@@ -186,7 +186,11 @@ mod tests {
         let context_lens = Tensor::from_slice(&lens);
         let rows = Tensor::arange(lens.len() as i64, (Kind::Int64, Device::Cpu));
         let opts = (Kind::Float, Device::Cpu);
-        let q = Tensor::f_randn([lens.len() as i64, heads, d], opts)?.f_mul_scalar(4.0)?;
+        // The queries are a view into a wider row, as in the fused q/k/v
+        // projection's output: the kernel reads them in place.
+        let q = Tensor::f_randn([lens.len() as i64, heads + 2 * kv_heads, d], opts)?
+            .f_mul_scalar(4.0)?
+            .f_narrow(1, 0, heads)?;
         let k = Tensor::f_randn([num_blocks * bs, kv_heads, d], opts)?.f_mul_scalar(4.0)?;
         let v = Tensor::f_randn([num_blocks * bs, kv_heads, d], opts)?;
 
