@@ -12,13 +12,17 @@
 //! Rust (vocabularies are ~50k-150k entries, a few hundred microseconds per
 //! row). A batch that is all greedy without penalties or log-probabilities
 //! takes one `argmax` on the device instead.
+use std::ffi::c_char;
+
 use rand::Rng;
 use rand_chacha::ChaCha20Rng;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
 
 use crate::error::Result;
 use crate::request::TokenLogprobs;
 use crate::sampling_params::SamplingParams;
+use crate::shim::from_shim;
 
 /// What the sampler needs to know about one row.
 pub(crate) struct SampleInput<'a> {
@@ -33,6 +37,30 @@ pub(crate) struct SampleInput<'a> {
 pub(crate) struct Sampled {
     pub token: u32,
     pub logprobs: Option<TokenLogprobs>,
+}
+
+extern "C" {
+    fn omni_argmax_rows(x: *const C_tensor, err: *mut *mut c_char) -> *mut C_tensor;
+}
+
+/// Each row's argmax (`[rows]`, int64) of `logits` (`[rows, vocab]`), as
+/// `torch.argmax(-1)`: the first maximum, or the first NaN. fp32 rows on the
+/// CPU take the shim's kernel (`csrc/fused.cpp`: ATen's ran each row on one
+/// thread, 2.8 ms of a 64-sequence decode step), the rest ATen's.
+fn argmax_rows(logits: &Tensor) -> Result<Tensor> {
+    let cpu_rows = logits.device() == Device::Cpu
+        && logits.kind() == Kind::Float
+        && logits.dim() == 2
+        && logits.stride()[1] == 1
+        && logits.size()[1] > 0;
+    if !cpu_rows {
+        return Ok(logits.f_argmax(-1, false)?);
+    }
+    let mut err = std::ptr::null_mut();
+    // SAFETY: `logits` outlives the call, which only reads it.
+    let ptr = unsafe { omni_argmax_rows(logits.as_ptr(), &mut err) };
+    // SAFETY: straight from the shim.
+    unsafe { from_shim(ptr, err, "argmax_rows") }
 }
 
 fn needs_host(p: &SamplingParams) -> bool {
@@ -58,8 +86,8 @@ pub(crate) fn sample(
     }
     debug_assert_eq!(rows.len(), inputs.len(), "one logits row per input");
     if !inputs.iter().any(|i| needs_host(i.params)) {
-        let ids = logits.f_argmax(-1, false)?.f_to_kind(Kind::Int64)?;
-        let ids = Vec::<i64>::try_from(ids.f_to_device(tch::Device::Cpu)?)?;
+        let ids = argmax_rows(logits)?.f_to_kind(Kind::Int64)?;
+        let ids = Vec::<i64>::try_from(ids.f_to_device(Device::Cpu)?)?;
         return Ok(rows
             .iter()
             .map(|&r| Sampled {
@@ -70,7 +98,7 @@ pub(crate) fn sample(
     }
     let vocab = logits.size()[1] as usize;
     let host = logits
-        .f_to_device(tch::Device::Cpu)?
+        .f_to_device(Device::Cpu)?
         .f_to_kind(Kind::Float)?
         .f_contiguous()?;
     let flat = Vec::<f32>::try_from(host.f_view([-1])?)?;
@@ -195,8 +223,7 @@ pub(crate) fn next_token_logprobs(
     let ids = Tensor::from_slice(&ids)
         .f_to_device(lp.device())?
         .f_view([-1, 1])?;
-    let host =
-        |t: Tensor| -> Result<Tensor> { Ok(t.f_to_device(tch::Device::Cpu)?.f_contiguous()?) };
+    let host = |t: Tensor| -> Result<Tensor> { Ok(t.f_to_device(Device::Cpu)?.f_contiguous()?) };
     let chosen = Vec::<f32>::try_from(host(lp.f_gather(1, &ids, false)?.f_view([-1])?)?)?;
     let k = k.min(lp.size()[1] as usize);
     let (values, indices) = if k > 0 {
@@ -305,6 +332,42 @@ fn sample_random(logits: &mut [f32], p: &SamplingParams, rng: &mut ChaCha20Rng) 
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    /// The shim's argmax against ATen's on rows that try it: a fringe past
+    /// the 32-lane loop, ties (the first wins), a NaN (the first NaN wins,
+    /// as in torch), all -inf, signed zeros, strided rows, and enough rows
+    /// to run on several threads; the AVX2 build and the portable one.
+    #[test]
+    fn argmax_rows_equals_torch_argmax() -> Result<()> {
+        for portable in [false, true] {
+            crate::model::with_kernel_build(portable, || -> Result<()> {
+                tch::manual_seed(11);
+                for (rows, n) in [(1, 1), (3, 7), (5, 45), (64, 49152 + 5)] {
+                    let wide = Tensor::f_randn([rows, n + 3], (Kind::Float, Device::Cpu))?;
+                    let x = wide.f_narrow(1, 2, n)?;
+                    if n >= 45 {
+                        let _ = x.f_get(0)?.f_narrow(0, 40, 2)?.f_fill_(1e9)?; // a tie
+                        let _ = x.f_get(1)?.f_narrow(0, 9, 1)?.f_fill_(f64::NAN)?;
+                        let _ = x.f_get(1)?.f_narrow(0, 44, 1)?.f_fill_(f64::NAN)?;
+                        let _ = x.f_get(2)?.f_fill_(f64::NEG_INFINITY)?;
+                        let _ = x.f_get(3)?.f_fill_(-1.0)?;
+                        let _ = x.f_get(3)?.f_narrow(0, 33, 1)?.f_fill_(-0.0)?;
+                        let _ = x.f_get(3)?.f_narrow(0, 35, 1)?.f_fill_(0.0)?;
+                        let _ = x.f_get(4)?.f_narrow(0, n - 1, 1)?.f_fill_(1e9)?;
+                        // in the fringe
+                    }
+                    let got = Vec::<i64>::try_from(argmax_rows(&x)?)?;
+                    let want = Vec::<i64>::try_from(x.f_argmax(-1, false)?)?;
+                    assert_eq!(got, want, "{rows} rows of {n}, portable: {portable}");
+                    if n >= 45 {
+                        assert_eq!(&got[..5], &[40, 9, 0, 33, n - 1], "{rows} x {n}");
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
 
     fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
         let mut p = SamplingParams::default();

@@ -16,6 +16,9 @@ pub use batch::{BatchEntry, ForwardBatch, MropePositions};
 pub use decoder::{Model, ModelOptions, ModelOutput};
 pub use vits::{Vits, VitsDims, VitsScales};
 
+#[cfg(test)]
+pub(crate) use fused::with_kernel_build;
+
 /// Tiny random models for unit tests of everything above the model.
 #[cfg(test)]
 pub(crate) mod testing {
