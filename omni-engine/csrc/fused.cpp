@@ -1,4 +1,5 @@
-// The decoder's elementwise steps, fused, for fp32 on the CPU.
+// The decoder's elementwise steps, fused, for fp32 on the CPU (and greedy
+// sampling's argmax).
 //
 // Between its GEMMs a layer ran ~20 small ATen ops: RMSNorm alone is pow,
 // mean, add, rsqrt and two muls, RoPE a cat, two muls and an add, the MLP's

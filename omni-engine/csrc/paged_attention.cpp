@@ -309,7 +309,8 @@ void paged_rows(const Problem<T>& p, int64_t n) {
 
 extern "C" {
 
-// q: [n, heads, d]; k_cache, v_cache: [slots, kv_heads, d] (contiguous, any
+// q: [n, heads, d] (fp32 with unit last stride is read in place, at any row and
+// head stride); k_cache, v_cache: [slots, kv_heads, d] (contiguous, any
 // floating dtype); block_tables: [seqs, max_blocks] int64; row_tables: [n]
 // int64, the table of each query row; context_lens: [n] int64, each >= 1
 // and covered by its table. Returns [n, heads, d] in q's dtype. Every index

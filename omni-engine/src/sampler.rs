@@ -11,7 +11,8 @@
 //! The batch's logits are copied to the host once; the per-row work runs in
 //! Rust (vocabularies are ~50k-150k entries, a few hundred microseconds per
 //! row). A batch that is all greedy without penalties or log-probabilities
-//! takes one `argmax` on the device instead.
+//! takes one argmax of every row instead (on the device; the shim's kernel
+//! for fp32 on the CPU).
 use std::ffi::c_char;
 
 use rand::Rng;
@@ -333,35 +334,47 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
 
-    /// The shim's argmax against ATen's on rows that try it: a fringe past
-    /// the 32-lane loop, ties (the first wins), a NaN (the first NaN wins,
-    /// as in torch), all -inf, signed zeros, strided rows, and enough rows
-    /// to run on several threads; the AVX2 build and the portable one.
+    /// The shim's argmax against ATen's on rows that try it, at widths
+    /// below the 8- and 32-lane loops, past them with a fringe, and SmolLM2's
+    /// vocabulary: ties (the first wins), a NaN in the fringe only, in lanes
+    /// 16-31 only, and early (the first NaN wins, as in torch), all -inf,
+    /// signed zeros, the maximum last; strided rows, and enough rows to run
+    /// on several threads; the AVX2 build and the portable one.
     #[test]
     fn argmax_rows_equals_torch_argmax() -> Result<()> {
         for portable in [false, true] {
             crate::model::with_kernel_build(portable, || -> Result<()> {
                 tch::manual_seed(11);
-                for (rows, n) in [(1, 1), (3, 7), (5, 45), (64, 49152 + 5)] {
+                for (rows, n) in [(1i64, 1i64), (8, 7), (8, 20), (8, 45), (64, 49152 + 5)] {
                     let wide = Tensor::f_randn([rows, n + 3], (Kind::Float, Device::Cpu))?;
                     let x = wide.f_narrow(1, 2, n)?;
-                    if n >= 45 {
-                        let _ = x.f_get(0)?.f_narrow(0, 40, 2)?.f_fill_(1e9)?; // a tie
-                        let _ = x.f_get(1)?.f_narrow(0, 9, 1)?.f_fill_(f64::NAN)?;
-                        let _ = x.f_get(1)?.f_narrow(0, 44, 1)?.f_fill_(f64::NAN)?;
-                        let _ = x.f_get(2)?.f_fill_(f64::NEG_INFINITY)?;
-                        let _ = x.f_get(3)?.f_fill_(-1.0)?;
-                        let _ = x.f_get(3)?.f_narrow(0, 33, 1)?.f_fill_(-0.0)?;
-                        let _ = x.f_get(3)?.f_narrow(0, 35, 1)?.f_fill_(0.0)?;
-                        let _ = x.f_get(4)?.f_narrow(0, n - 1, 1)?.f_fill_(1e9)?;
-                        // in the fringe
+                    let set = |row: i64, at: i64, v: f64| -> Result<()> {
+                        let _ = x.f_get(row)?.f_narrow(0, at, 1)?.f_fill_(v)?;
+                        Ok(())
+                    };
+                    let mut expect = Vec::new();
+                    if rows >= 8 {
+                        let tie = n / 3;
+                        set(0, tie, 1e9)?;
+                        set(0, tie + 1, 1e9)?;
+                        set(1, n - 2, f64::NAN)?;
+                        let lane = 20.min(n - 1);
+                        set(2, lane, f64::NAN)?;
+                        set(2, n - 1, f64::NAN)?;
+                        let _ = x.f_get(3)?.f_fill_(f64::NEG_INFINITY)?;
+                        let _ = x.f_get(4)?.f_fill_(-1.0)?;
+                        let zero = 3.min(n - 3);
+                        set(4, zero, -0.0)?;
+                        set(4, zero + 2, 0.0)?;
+                        set(5, n - 1, 1e9)?;
+                        set(6, 1, f64::NAN)?;
+                        set(6, n - 3, f64::NAN)?;
+                        expect = vec![tie, n - 2, lane, 0, zero, n - 1, 1];
                     }
                     let got = Vec::<i64>::try_from(argmax_rows(&x)?)?;
                     let want = Vec::<i64>::try_from(x.f_argmax(-1, false)?)?;
                     assert_eq!(got, want, "{rows} rows of {n}, portable: {portable}");
-                    if n >= 45 {
-                        assert_eq!(&got[..5], &[40, 9, 0, 33, n - 1], "{rows} x {n}");
-                    }
+                    assert_eq!(&got[..expect.len()], expect, "{rows} rows of {n}");
                 }
                 Ok(())
             })?;

@@ -38,7 +38,9 @@ extern "C" {
 /// (`[slots, kv_heads, head_dim]`) through `block_tables[row_tables[i]]`
 /// (`[seqs, max_blocks]`, padded with block 0). A decode row attends to
 /// its whole sequence; a prefill's rows share one table, each attending up
-/// to its own position (causal). Returns `[n, heads, head_dim]`.
+/// to its own position (causal). Returns `[n, heads, head_dim]`. fp32
+/// queries with contiguous heads are read in place, at any row and head
+/// stride (a view into the fused q/k/v projection).
 pub(crate) fn paged_attention(
     q: &Tensor,
     k_cache: &Tensor,
@@ -140,9 +142,9 @@ mod tests {
     }
 
     /// The kernel (its AVX2 build and its portable one, fp32 and fp16
-    /// caches) against ATen: queries strided in a wider row, GQA, context lengths off the 8-lane loops and
-    /// across blocks in any order, and scores large enough that softmax
-    /// depends on subtracting the max.
+    /// caches) against ATen: queries read in place from a wider tensor, GQA,
+    /// context lengths off the 8-lane loops and across blocks in any order,
+    /// and scores large enough that softmax depends on subtracting the max.
     #[test]
     fn matches_attention_over_the_gathered_context() -> Result<()> {
         let _g = tch::no_grad_guard();
@@ -188,9 +190,11 @@ mod tests {
         let opts = (Kind::Float, Device::Cpu);
         // The queries are a view into a wider row, as in the fused q/k/v
         // projection's output: the kernel reads them in place.
-        let q = Tensor::f_randn([lens.len() as i64, heads + 2 * kv_heads, d], opts)?
+        // Padded heads too, so neither stride is what a contiguous q has.
+        let q = Tensor::f_randn([lens.len() as i64, heads + 2 * kv_heads, d + 8], opts)?
             .f_mul_scalar(4.0)?
-            .f_narrow(1, 0, heads)?;
+            .f_narrow(1, 0, heads)?
+            .f_narrow(2, 0, d)?;
         let k = Tensor::f_randn([num_blocks * bs, kv_heads, d], opts)?.f_mul_scalar(4.0)?;
         let v = Tensor::f_randn([num_blocks * bs, kv_heads, d], opts)?;
 
