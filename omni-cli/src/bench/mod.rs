@@ -27,7 +27,8 @@ pub enum BenchCommand {
     /// (`--reference hf`, default pipeline only). Also the run's sustained
     /// GFLOP/s (the work each stage's decoder did, from its token counts,
     /// prefix-cache hits left out) against the GEMM peak: the model's own
-    /// layer GEMMs alone, measured after the runs on the same cores.
+    /// layer GEMMs alone on the same cores, measured right before and right
+    /// after each batch with the stages idle (the larger counts).
     #[command(
         after_help = "Example:\n  omni bench pipeline --pipeline default --prompts 16,64 --max-tokens 32"
     )]

@@ -22,6 +22,10 @@ struct Row {
     /// The floating-point work the stages did (omni's rows only).
     #[serde(default)]
     flops: Option<u64>,
+    /// The GEMM peak measured right before and right after this batch, the
+    /// larger (omni's rows on the CPU only).
+    #[serde(default)]
+    peak: Option<f64>,
 }
 
 impl Row {
@@ -37,10 +41,16 @@ impl Row {
         self.flops.map(|f| f as f64 / self.wall_s / 1e9)
     }
 
+    /// The sustained rate's share of the GEMM peak around this batch.
+    fn share_of_peak(&self) -> Option<f64> {
+        Some(self.gflop_per_s()? / self.peak?)
+    }
+
     fn json(&self, system: &str) -> serde_json::Value {
         serde_json::json!({"system": system, "prompts": self.prompts, "wall_s": self.wall_s,
             "prompts_per_s": self.prompts_per_s(), "tok_per_s": self.tok_per_s(), "tokens": self.tokens,
-            "gflop_per_s": self.gflop_per_s()})
+            "gflop_per_s": self.gflop_per_s(), "gemm_peak_gflop_per_s": self.peak,
+            "share_of_gemm_peak": self.share_of_peak()})
     }
 }
 
@@ -87,39 +97,33 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
     };
     let models = stage_models(&config);
     // The yardstick is a CPU measurement: a pipeline with a stage on a GPU
-    // reports its rate without one.
-    let on_cpu = all_on_cpu(&config);
-    let (start_s, ours) = measure(
+    // reports its rate without one, and so does one with a stage whose work
+    // is not counted.
+    let yardstick_model = match models.iter().flatten().next() {
+        Some(m) if all_on_cpu(&config) && models.iter().all(Option::is_some) => Some(m),
+        _ => None,
+    };
+    let (start_s, ours, yardsticks) = measure(
         config,
         &b,
         &format!("pipeline {:?} ({backend})", b.pipeline),
         &models,
+        yardstick_model,
     )?;
     let (reference_start_s, reference, label) = match b.reference {
         Reference::Hf => (None, hf_reference(&b)?, "HF"),
         Reference::Local => {
-            let (s, rows) = measure(
+            let (s, rows, _) = measure(
                 reference_config,
                 &b,
                 &format!("pipeline {:?} (local)", b.pipeline),
                 &models,
+                None,
             )?;
             (Some(s), rows, "local")
         }
         Reference::None => (None, Vec::new(), "-"),
     };
-    // After the runs, with no stage busy: the cores' GEMM rate on the
-    // model's own layers, the yardstick for the runs' sustained rate.
-    let yardstick = match models.iter().flatten().next() {
-        Some(model) if on_cpu && ours.iter().any(|r| r.flops.is_some()) => {
-            let decode_rows = b.prompts.iter().copied().max().unwrap_or(1);
-            Some(gemm_yardstick(model, &[decode_rows, 512])?)
-        }
-        _ => None,
-    };
-    let peak = yardstick
-        .as_ref()
-        .and_then(|y| y.rates.iter().map(|&(_, g)| g).reduce(f64::max));
 
     if b.json {
         for r in &ours {
@@ -135,12 +139,13 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
             }
             println!("{j}");
         }
-        if let Some(y) = &yardstick {
+        for (i, y) in yardsticks.iter().enumerate() {
             for &(rows, g) in &y.rates {
                 println!(
                     "{}",
                     serde_json::json!({"system": "gemm", "precision": y.precision,
-                        "threads": y.threads, "rows": rows, "gflop_per_s": g})
+                        "threads": y.threads, "rows": rows, "gflop_per_s": g,
+                        "before_batch": b.prompts.get(i)})
                 );
             }
         }
@@ -150,23 +155,31 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
         Some(r) => println!("start-up: omni ({backend}) {start_s:.2} s, {label} {r:.2} s\n"),
         None => println!("start-up: omni ({backend}) {start_s:.2} s\n"),
     }
-    if let Some(y) = &yardstick {
-        let rates: Vec<String> = y
-            .rates
-            .iter()
-            .map(|(rows, g)| format!("{g:.1} GFLOP/s at {rows} rows"))
-            .collect();
+    if let Some(first) = yardsticks.first() {
         println!(
-            "GEMM peak (the model's layer GEMMs alone, {}, {} threads): {}\n",
-            y.precision,
-            y.threads,
-            rates.join(", ")
+            "GEMM rate of the model's layer GEMMs alone ({}, {} threads), measured before \
+             each batch and after the last; a batch's peak is the largest rate measured \
+             right before or right after it:",
+            first.precision, first.threads
         );
+        for (i, y) in yardsticks.iter().enumerate() {
+            let rates: Vec<String> = y
+                .rates
+                .iter()
+                .map(|(rows, g)| format!("{g:.1} GFLOP/s at {rows} rows"))
+                .collect();
+            let when = match b.prompts.get(i) {
+                Some(n) => format!("before the {n}-prompt batch"),
+                None => "after the last batch".to_owned(),
+            };
+            println!("  {when}: {}", rates.join(", "));
+        }
+        println!();
     }
     println!(
-        "| prompts | omni wall s | omni prompts/s | omni tok/s | omni GFLOP/s | of GEMM peak | {label} wall s | {label} prompts/s | {label} tok/s | omni / {label} |"
+        "| prompts | omni wall s | omni prompts/s | omni tok/s | omni GFLOP/s | GEMM peak | of GEMM peak | {label} wall s | {label} prompts/s | {label} tok/s | omni / {label} |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &ours {
         let hf = reference.iter().find(|h| h.prompts == r.prompts);
         let (hw, hp, ht, x) = match hf {
@@ -178,13 +191,17 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
             ),
             None => Default::default(),
         };
-        let (gflops, share) = match (r.gflop_per_s(), peak) {
-            (Some(g), Some(p)) => (format!("{g:.1}"), format!("{:.0}%", 100.0 * g / p)),
-            (Some(g), None) => (format!("{g:.1}"), String::new()),
-            _ => Default::default(),
-        };
+        let gflops = r
+            .gflop_per_s()
+            .map(|g| format!("{g:.1}"))
+            .unwrap_or_default();
+        let peak = r.peak.map(|p| format!("{p:.1}")).unwrap_or_default();
+        let share = r
+            .share_of_peak()
+            .map(|s| format!("{:.0}%", 100.0 * s))
+            .unwrap_or_default();
         println!(
-            "| {} | {:.2} | {:.2} | {:.1} | {gflops} | {share} | {hw} | {hp} | {ht} | {x} |",
+            "| {} | {:.2} | {:.2} | {:.1} | {gflops} | {peak} | {share} | {hw} | {hp} | {ht} | {x} |",
             r.prompts,
             r.wall_s,
             r.prompts_per_s(),
@@ -195,33 +212,58 @@ pub(super) fn run(b: PipelineBench) -> anyhow::Result<()> {
 }
 
 /// Starts the pipeline (timed: spawning or placing the stages and loading
-/// the models), warms it up, and runs every batch size.
+/// the models), warms it up, and runs every batch size. With a
+/// `yardstick_model`, the GEMM peak is measured before each batch and after
+/// the last, with the stages idle: this VM-class machine's speed drifts by a
+/// third within minutes, so one measurement at the end compared each batch
+/// with a machine that was no longer the one that ran it.
 fn measure(
     config: PipelineConfig,
     b: &PipelineBench,
     label: &str,
     models: &[Option<ModelConfig>],
-) -> anyhow::Result<(f64, Vec<Row>)> {
+    yardstick_model: Option<&ModelConfig>,
+) -> anyhow::Result<(f64, Vec<Row>, Vec<Yardstick>)> {
     let started = std::time::Instant::now();
     let omni = start(config, label.to_owned())?;
     let start_s = started.elapsed().as_secs_f64();
     // Warm-up: first-call costs (allocator, kernels) out of the numbers.
     run_batch_outputs(&omni, 1, 4).context("warm-up")?;
+    // Every batch size's rows and 512 (where fbgemm is at its best), each
+    // time, so the runs' rates compare with the same set.
+    let mut yardstick_rows = b.prompts.clone();
+    yardstick_rows.push(512);
+    yardstick_rows.sort_unstable();
+    yardstick_rows.dedup();
+    let yardstick = || -> anyhow::Result<Option<Yardstick>> {
+        yardstick_model
+            .map(|m| gemm_yardstick(m, &yardstick_rows))
+            .transpose()
+    };
+    let mut yardsticks: Vec<Yardstick> = yardstick()?.into_iter().collect();
     let mut rows = Vec::new();
     for &n in &b.prompts {
         let (wall_s, outputs) = run_batch_outputs(&omni, n, b.max_tokens)?;
         let tokens = outputs.iter().map(|o| o.token_ids.len()).sum();
         let flops = run_flops(models, &outputs);
         tracing::info!(prompts = n, wall_s, tokens, flops, label, "omni batch done");
+        let before = yardsticks.last().map(Yardstick::peak);
+        let after = yardstick()?;
+        let peak = [before, after.as_ref().map(Yardstick::peak)]
+            .into_iter()
+            .flatten()
+            .reduce(f64::max);
+        yardsticks.extend(after);
         rows.push(Row {
             prompts: n,
             wall_s,
             tokens,
             flops,
+            peak,
         });
     }
     omni.shutdown().context("stopping the pipeline")?;
-    Ok((start_s, rows))
+    Ok((start_s, rows, yardsticks))
 }
 
 /// Each stage's decoder, for counting the work of a run; None for a stage
@@ -286,6 +328,13 @@ struct Yardstick {
     threads: i32,
     /// (rows of activations, GFLOP/s).
     rates: Vec<(usize, f64)>,
+}
+
+impl Yardstick {
+    /// The best rate at any row count.
+    fn peak(&self) -> f64 {
+        self.rates.iter().map(|&(_, g)| g).fold(0.0, f64::max)
+    }
 }
 
 /// [`omni_core::engine::layer_gemm_gflops`] at each row count, on libtorch's
