@@ -293,14 +293,18 @@ impl PackedFp16 {
 /// (fused q/k/v, o, fused gate/up, down, in every layer, each layer its own
 /// random weights so they stream from memory as the model's do) on each of
 /// `rows` rows of activations, kept in `precision` as the engine keeps them,
-/// on the caller's intra-op threads. Best of `rounds` passes per row count,
-/// in GFLOP/s. Attention, the LM head and everything between the products
-/// are left out: this is what the cores give the GEMMs alone.
+/// on the caller's intra-op threads. The best pass per row count, in
+/// GFLOP/s, of at least `rounds` passes and of as many as `min_time` holds: a
+/// pass at a few rows takes milliseconds, and a handful of them can all fall
+/// into a moment when something else holds the cores. Attention, the LM
+/// head and everything between the products are left out: this is what the
+/// cores give the GEMMs alone.
 pub fn layer_gemm_gflops(
     config: &crate::ModelConfig,
     precision: WeightPrecision,
     rows: &[usize],
     rounds: usize,
+    min_time: std::time::Duration,
 ) -> Result<Vec<f64>> {
     let _g = tch::no_grad_guard();
     let opts = (Kind::Float, Device::Cpu);
@@ -324,7 +328,9 @@ pub fn layer_gemm_gflops(
                 .collect::<Result<Vec<_>>>()?;
             let input = |width: i64| inputs.iter().find(|(w, _)| *w == width).map(|(_, x)| x);
             let mut best = f64::INFINITY;
-            for _ in 0..rounds.max(1) {
+            let began = std::time::Instant::now();
+            let mut passes = 0;
+            while passes < rounds.max(1) || began.elapsed() < min_time {
                 let start = std::time::Instant::now();
                 for (layer, inp) in &layers {
                     if let Some(x) = input(*inp) {
@@ -332,6 +338,7 @@ pub fn layer_gemm_gflops(
                     }
                 }
                 best = best.min(start.elapsed().as_secs_f64());
+                passes += 1;
             }
             Ok(n as f64 * config.layer_flops_per_token() as f64 / best / 1e9)
         })

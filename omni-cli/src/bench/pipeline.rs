@@ -322,6 +322,9 @@ fn run_flops(models: &[Option<ModelConfig>], outputs: &[OmniRequestOutput]) -> O
         .sum()
 }
 
+/// How long the yardstick measures at least, per row count.
+const YARDSTICK_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The GEMM rate the cores give the model's layers alone.
 struct Yardstick {
     precision: &'static str,
@@ -348,11 +351,11 @@ fn gemm_yardstick(model: &ModelConfig, rows: &[usize]) -> anyhow::Result<Yardsti
     let rates = progress::with_spinner(
         label.clone(),
         |_: &Vec<f64>| format!("{label}: measured"),
-        || match omni_core::engine::layer_gemm_gflops(model, precision, rows, 5) {
+        || match omni_core::engine::layer_gemm_gflops(model, precision, rows, 5, YARDSTICK_TIME) {
             Err(e) if precision == WeightPrecision::Fp16 => {
                 tracing::info!(error = %e, "fp16 GEMM unavailable; measuring fp32");
                 precision = WeightPrecision::Native;
-                omni_core::engine::layer_gemm_gflops(model, precision, rows, 5)
+                omni_core::engine::layer_gemm_gflops(model, precision, rows, 5, YARDSTICK_TIME)
             }
             r => r,
         },
