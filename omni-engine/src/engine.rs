@@ -855,10 +855,11 @@ impl LLMEngine {
 /// time as fresh pages (measured: a 64-prompt pipeline run's batch took
 /// 190-285k page faults, ~150k with the top pad raised too, about what its
 /// KV blocks' first touch takes). Blocks of 32 MiB or more are
-/// still mapped and unmapped each time. Kept memory is memory a step used:
-/// resident memory between steps stays near the last step's peak instead of
-/// shrinking (the stages' peak RSS rose ~35 MB). A later load starts from
-/// glibc's defaults again.
+/// still mapped and unmapped each time. The settings are process-wide: every
+/// thread's arena (the runtime's and the sockets' too) keeps its peak since
+/// the load, so resident memory between steps stays near the last big
+/// step's instead of shrinking (the stages' peak RSS rose ~35 MB). A later
+/// load starts from the load's settings again.
 struct LoadHeap;
 
 /// Free memory an arena keeps mapped between steps (see [`LoadHeap`]).

@@ -288,6 +288,9 @@ impl PackedFp16 {
     }
 }
 
+/// The most layer weights [`layer_gemm_gflops`] makes (~256 MB in fp16).
+const YARDSTICK_PARAMS: i64 = 128 << 20;
+
 /// The rate of the model's own layer GEMMs, the yardstick for a whole run's
 /// FLOP rate (`omni bench pipeline`): one forward pass's matrix products
 /// (fused q/k/v, o, fused gate/up, down, in every layer, each layer its own
@@ -298,7 +301,9 @@ impl PackedFp16 {
 /// pass at a few rows takes milliseconds, and a handful of them can all fall
 /// into a moment when something else holds the cores. Attention, the LM
 /// head and everything between the products are left out: this is what the
-/// cores give the GEMMs alone.
+/// cores give the GEMMs alone. A big model's pass runs its first layers only
+/// (at most `YARDSTICK_PARAMS` weights, far past any cache, so they still
+/// stream from memory): the yardstick's weights live beside the pipeline's.
 pub fn layer_gemm_gflops(
     config: &crate::ModelConfig,
     precision: WeightPrecision,
@@ -313,8 +318,12 @@ pub fn layer_gemm_gflops(
     let kv = (config.num_key_value_heads * config.head_dim) as i64;
     let inter = config.intermediate_size as i64;
     let shapes = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter)];
-    let mut layers = Vec::with_capacity(config.num_hidden_layers * shapes.len());
-    for _ in 0..config.num_hidden_layers {
+    let per_layer: i64 = shapes.iter().map(|&(out, inp)| out * inp).sum();
+    let used = config
+        .num_hidden_layers
+        .min((YARDSTICK_PARAMS / per_layer.max(1)).max(1) as usize);
+    let mut layers = Vec::with_capacity(used * shapes.len());
+    for _ in 0..used {
         for &(out, inp) in &shapes {
             let w = Tensor::f_randn([out, inp], opts)?.f_mul_scalar(0.02)?;
             layers.push((Linear::new(w, None, precision)?, inp));
@@ -340,7 +349,9 @@ pub fn layer_gemm_gflops(
                 best = best.min(start.elapsed().as_secs_f64());
                 passes += 1;
             }
-            Ok(n as f64 * config.layer_flops_per_token() as f64 / best / 1e9)
+            let flops = config.layer_flops_per_token() as f64 * used as f64
+                / config.num_hidden_layers.max(1) as f64;
+            Ok(n as f64 * flops / best / 1e9)
         })
         .collect()
 }

@@ -71,12 +71,22 @@ fn bench_pipeline() -> Result {
     let omni: Vec<_> = rows.iter().filter(|r| system(r) == "omni").collect();
     assert_eq!(omni.len(), 1, "{out}");
     // The run's work is counted (SmolLM2 is a decoder it knows) and the
-    // GEMM yardstick ran: at the batch size and at 512 rows.
+    // GEMM yardstick ran before the batch and after it, each time at the
+    // batch size and at 512 rows; the batch is compared with the larger.
     let rate = |r: &serde_json::Value| r["gflop_per_s"].as_f64().unwrap_or(f64::NAN);
     assert!(rate(omni[0]) > 0.0, "{out}");
     let gemm: Vec<_> = rows.iter().filter(|r| system(r) == "gemm").collect();
-    assert_eq!(gemm.len(), 2, "{out}");
+    assert_eq!(gemm.len(), 4, "{out}");
     assert!(gemm.iter().all(|r| rate(r) > 0.0), "{out}");
+    let when: Vec<_> = gemm.iter().map(|r| r["before_batch"].as_u64()).collect();
+    assert_eq!(when, [Some(1), Some(1), None, None], "{out}");
+    let peak = omni[0]["gemm_peak_gflop_per_s"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    let best = gemm.iter().map(|r| rate(r)).fold(0.0, f64::max);
+    assert_eq!(peak, best, "{out}");
+    let share = omni[0]["share_of_gemm_peak"].as_f64().unwrap_or(f64::NAN);
+    assert!((share - rate(omni[0]) / peak).abs() < 1e-9, "{out}");
     Ok(())
 }
 

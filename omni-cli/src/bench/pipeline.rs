@@ -23,7 +23,7 @@ struct Row {
     #[serde(default)]
     flops: Option<u64>,
     /// The GEMM peak measured right before and right after this batch, the
-    /// larger (omni's rows on the CPU only).
+    /// larger (omni's rows, when every stage is a decoder on the CPU).
     #[serde(default)]
     peak: Option<f64>,
 }
