@@ -54,7 +54,7 @@ pub use gguf::{
     dequantize_bytes, hf_name as gguf_to_hf_name, GgmlType, GgufFile, GgufTensorInfo, GgufValue,
 };
 pub use kv_cache::KvCache;
-pub use linear::{layer_gemm_gflops, WeightPrecision, QUANT_MAX_ROWS};
+pub use linear::{LayerGemms, WeightPrecision, QUANT_MAX_ROWS};
 pub use loader::{load_model, LoadedModel, ModelSource};
 pub use media::{
     AudioInput, ImageInput, ImagePatches, ImageProcessor, MultiModalData, VideoInput,

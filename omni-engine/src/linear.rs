@@ -288,72 +288,94 @@ impl PackedFp16 {
     }
 }
 
-/// The most layer weights [`layer_gemm_gflops`] makes (~256 MB in fp16).
+/// The most layer weights [`LayerGemms`] makes (~256 MB in fp16).
 const YARDSTICK_PARAMS: i64 = 128 << 20;
 
-/// The rate of the model's own layer GEMMs, the yardstick for a whole run's
-/// FLOP rate (`omni bench pipeline`): one forward pass's matrix products
-/// (fused q/k/v, o, fused gate/up, down, in every layer, each layer its own
-/// random weights so they stream from memory as the model's do) on each of
-/// `rows` rows of activations, kept in `precision` as the engine keeps them,
-/// on the caller's intra-op threads. The best pass per row count, in
-/// GFLOP/s, of at least `rounds` passes and of as many as `min_time` holds: a
-/// pass at a few rows takes milliseconds, and a handful of them can all fall
-/// into a moment when something else holds the cores. Attention, the LM
-/// head and everything between the products are left out: this is what the
-/// cores give the GEMMs alone. A big model's pass runs its first layers only
-/// (at most `YARDSTICK_PARAMS` weights, far past any cache, so they still
-/// stream from memory): the yardstick's weights live beside the pipeline's.
-pub fn layer_gemm_gflops(
-    config: &crate::ModelConfig,
-    precision: WeightPrecision,
-    rows: &[usize],
-    rounds: usize,
-    min_time: std::time::Duration,
-) -> Result<Vec<f64>> {
-    let _g = tch::no_grad_guard();
-    let opts = (Kind::Float, Device::Cpu);
-    let h = config.hidden_size as i64;
-    let q = (config.num_attention_heads * config.head_dim) as i64;
-    let kv = (config.num_key_value_heads * config.head_dim) as i64;
-    let inter = config.intermediate_size as i64;
-    let shapes = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter)];
-    let per_layer: i64 = shapes.iter().map(|&(out, inp)| out * inp).sum();
-    let used = config
-        .num_hidden_layers
-        .min((YARDSTICK_PARAMS / per_layer.max(1)).max(1) as usize);
-    let mut layers = Vec::with_capacity(used * shapes.len());
-    for _ in 0..used {
-        for &(out, inp) in &shapes {
-            let w = Tensor::f_randn([out, inp], opts)?.f_mul_scalar(0.02)?;
-            layers.push((Linear::new(w, None, precision)?, inp));
+/// The model's own layer GEMMs, the yardstick for a whole run's FLOP rate
+/// (`omni bench pipeline`): one forward pass's matrix products (fused q/k/v,
+/// o, fused gate/up, down, in every layer, each layer its own random weights
+/// so they stream from memory as the model's do), kept in a precision as the
+/// engine keeps them. Attention, the LM head and everything between the
+/// products are left out: this is what the cores give the GEMMs alone. A big
+/// model's pass runs its first layers only (at most `YARDSTICK_PARAMS`
+/// weights, far past any cache, so they still stream from memory): the
+/// yardstick's weights live beside the pipeline's.
+pub struct LayerGemms {
+    /// Each product's weights and input width.
+    layers: Vec<(Linear, i64)>,
+    /// The FLOPs of one token through `layers`.
+    flops_per_token: f64,
+}
+
+impl LayerGemms {
+    /// Makes the layers' random weights, packed for `precision`.
+    pub fn new(config: &crate::ModelConfig, precision: WeightPrecision) -> Result<Self> {
+        let _g = tch::no_grad_guard();
+        let h = config.hidden_size as i64;
+        let q = (config.num_attention_heads * config.head_dim) as i64;
+        let kv = (config.num_key_value_heads * config.head_dim) as i64;
+        let inter = config.intermediate_size as i64;
+        let shapes = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter)];
+        let per_layer: i64 = shapes.iter().map(|&(out, inp)| out * inp).sum();
+        let used = config
+            .num_hidden_layers
+            .min((YARDSTICK_PARAMS / per_layer.max(1)).max(1) as usize);
+        let mut layers = Vec::with_capacity(used * shapes.len());
+        for _ in 0..used {
+            for &(out, inp) in &shapes {
+                let w =
+                    Tensor::f_randn([out, inp], (Kind::Float, Device::Cpu))?.f_mul_scalar(0.02)?;
+                layers.push((Linear::new(w, None, precision)?, inp));
+            }
         }
+        Ok(Self {
+            layers,
+            flops_per_token: config.layer_flops_per_token() as f64 * used as f64
+                / config.num_hidden_layers.max(1) as f64,
+        })
     }
-    rows.iter()
-        .map(|&n| {
-            let inputs = shapes
-                .iter()
-                .map(|&(_, inp)| Ok((inp, Tensor::f_randn([n as i64, inp], opts)?)))
-                .collect::<Result<Vec<_>>>()?;
-            let input = |width: i64| inputs.iter().find(|(w, _)| *w == width).map(|(_, x)| x);
-            let mut best = f64::INFINITY;
-            let began = std::time::Instant::now();
-            let mut passes = 0;
-            while passes < rounds.max(1) || began.elapsed() < min_time {
-                let start = std::time::Instant::now();
-                for (layer, inp) in &layers {
-                    if let Some(x) = input(*inp) {
-                        drop(layer.forward(x)?);
+
+    /// The rate on each of `rows` rows of activations, on the caller's
+    /// intra-op threads: the best pass per row count, in GFLOP/s, of at least
+    /// `rounds` passes and of as many as `min_time` holds (a pass at a few
+    /// rows takes milliseconds, and a handful of them can all fall into a
+    /// moment when something else holds the cores).
+    pub fn gflops(
+        &self,
+        rows: &[usize],
+        rounds: usize,
+        min_time: std::time::Duration,
+    ) -> Result<Vec<f64>> {
+        let _g = tch::no_grad_guard();
+        rows.iter()
+            .map(|&n| {
+                let mut inputs: Vec<(i64, Tensor)> = Vec::new();
+                for &(_, inp) in &self.layers {
+                    if !inputs.iter().any(|(w, _)| *w == inp) {
+                        inputs.push((
+                            inp,
+                            Tensor::f_randn([n as i64, inp], (Kind::Float, Device::Cpu))?,
+                        ));
                     }
                 }
-                best = best.min(start.elapsed().as_secs_f64());
-                passes += 1;
-            }
-            let flops = config.layer_flops_per_token() as f64 * used as f64
-                / config.num_hidden_layers.max(1) as f64;
-            Ok(n as f64 * flops / best / 1e9)
-        })
-        .collect()
+                let input = |width: i64| inputs.iter().find(|(w, _)| *w == width).map(|(_, x)| x);
+                let mut best = f64::INFINITY;
+                let began = std::time::Instant::now();
+                let mut passes = 0;
+                while passes < rounds.max(1) || began.elapsed() < min_time {
+                    let start = std::time::Instant::now();
+                    for (layer, inp) in &self.layers {
+                        if let Some(x) = input(*inp) {
+                            drop(layer.forward(x)?);
+                        }
+                    }
+                    best = best.min(start.elapsed().as_secs_f64());
+                    passes += 1;
+                }
+                Ok(n as f64 * self.flops_per_token / best / 1e9)
+            })
+            .collect()
+    }
 }
 
 /// Whether fbgemm's fp16 kernels run on this CPU (AVX2).

@@ -235,9 +235,12 @@ fn measure(
     yardstick_rows.push(512);
     yardstick_rows.sort_unstable();
     yardstick_rows.dedup();
+    // The yardstick's weights are made once, measured around every batch.
+    let gemms = yardstick_model.map(YardstickGemms::new).transpose()?;
     let yardstick = || -> anyhow::Result<Option<Yardstick>> {
-        yardstick_model
-            .map(|m| gemm_yardstick(m, &yardstick_rows))
+        gemms
+            .as_ref()
+            .map(|g| g.measure(&yardstick_rows))
             .transpose()
     };
     let mut yardsticks: Vec<Yardstick> = yardstick()?.into_iter().collect();
@@ -340,32 +343,49 @@ impl Yardstick {
     }
 }
 
-/// [`omni_core::engine::layer_gemm_gflops`] at each row count, on libtorch's
-/// default intra-op threads (what a stage gets with `cpu_threads: all`), with
-/// fp16 weights where fbgemm runs (what the engine's CPU default uses for
-/// calls of more than a few rows), else fp32.
-fn gemm_yardstick(model: &ModelConfig, rows: &[usize]) -> anyhow::Result<Yardstick> {
-    let threads = omni_core::engine::tch::get_num_threads();
-    let mut precision = WeightPrecision::Fp16;
-    let label = format!("GEMM peak at {rows:?} rows");
-    let rates = progress::with_spinner(
-        label.clone(),
-        |_: &Vec<f64>| format!("{label}: measured"),
-        || match omni_core::engine::layer_gemm_gflops(model, precision, rows, 5, YARDSTICK_TIME) {
-            Err(e) if precision == WeightPrecision::Fp16 => {
-                tracing::info!(error = %e, "fp16 GEMM unavailable; measuring fp32");
-                precision = WeightPrecision::Native;
-                omni_core::engine::layer_gemm_gflops(model, precision, rows, 5, YARDSTICK_TIME)
-            }
-            r => r,
-        },
-    )
-    .context("measuring the GEMM peak")?;
-    Ok(Yardstick {
-        precision: precision.as_str(),
-        threads,
-        rates: rows.iter().copied().zip(rates).collect(),
-    })
+/// The model's layer GEMMs ([`omni_core::engine::LayerGemms`]) with fp16
+/// weights where fbgemm runs (what the engine's CPU default uses for calls of
+/// more than a few rows), else fp32.
+struct YardstickGemms {
+    gemms: omni_core::engine::LayerGemms,
+    precision: WeightPrecision,
+}
+
+impl YardstickGemms {
+    fn new(model: &ModelConfig) -> anyhow::Result<Self> {
+        let mut precision = WeightPrecision::Fp16;
+        let gemms = progress::with_spinner(
+            "GEMM yardstick: making the layers".to_owned(),
+            |_: &omni_core::engine::LayerGemms| "GEMM yardstick: layers made".to_owned(),
+            || match omni_core::engine::LayerGemms::new(model, precision) {
+                Err(e) if precision == WeightPrecision::Fp16 => {
+                    tracing::info!(error = %e, "fp16 GEMM unavailable; measuring fp32");
+                    precision = WeightPrecision::Native;
+                    omni_core::engine::LayerGemms::new(model, precision)
+                }
+                r => r,
+            },
+        )
+        .context("making the GEMM yardstick's layers")?;
+        Ok(Self { gemms, precision })
+    }
+
+    /// The rate at each row count, on libtorch's default intra-op threads
+    /// (what a stage gets with `cpu_threads: all`).
+    fn measure(&self, rows: &[usize]) -> anyhow::Result<Yardstick> {
+        let label = format!("GEMM peak at {rows:?} rows");
+        let rates = progress::with_spinner(
+            label.clone(),
+            |_: &Vec<f64>| format!("{label}: measured"),
+            || self.gemms.gflops(rows, 5, YARDSTICK_TIME),
+        )
+        .context("measuring the GEMM peak")?;
+        Ok(Yardstick {
+            precision: self.precision.as_str(),
+            threads: omni_core::engine::tch::get_num_threads(),
+            rates: rows.iter().copied().zip(rates).collect(),
+        })
+    }
 }
 
 fn hf_reference(b: &PipelineBench) -> anyhow::Result<Vec<Row>> {
