@@ -2,8 +2,9 @@
 // choice of their AVX2 + FMA builds, and an 8-lane exp.
 //
 // The shim is compiled for baseline x86-64 (SSE2) so that it runs on any
-// x86-64; functions that want AVX2 carry `target("avx2,fma")` and are only
-// called when `use_avx2()` says the CPU has it.
+// x86-64; functions that want AVX2 carry `target("avx2,fma")` (with
+// `f16c` where they widen fp16) and are only called when `use_avx2()` (and
+// `use_f16c()`) say the CPU has it.
 #pragma once
 
 #include <atomic>
@@ -25,6 +26,17 @@ inline bool use_avx2() {
 #ifdef OMNI_X86
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return yes && !force_portable.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
+// Whether fp16 loads can widen in hardware (F16C; every AVX2 CPU we know
+// has it, but it is a separate flag).
+inline bool use_f16c() {
+#ifdef OMNI_X86
+  static const bool yes = __builtin_cpu_supports("f16c");
+  return yes && use_avx2();
 #else
   return false;
 #endif

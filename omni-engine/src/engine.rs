@@ -73,6 +73,16 @@ pub struct EngineArgs {
     pub enable_prefix_caching: bool,
     /// KV cache budget in bytes; default derived from device memory.
     pub kv_cache_memory_bytes: Option<u64>,
+    /// The dtype K and V are stored in: `auto` (the activations' `dtype`),
+    /// `float32`, `bfloat16`, `float16`. A 16-bit cache under fp32
+    /// activations holds twice the tokens in the same budget and halves
+    /// the bytes a decode step's attention reads, at the price of K and V
+    /// rounded to 16 bits (logits move; greedy output may part from
+    /// transformers' where its top two are that close). Attention that
+    /// reads a prompt's own new K/V fresh instead of from the cache (long
+    /// prefills; SDPA off the CPU kernel) sees them unrounded, so results
+    /// also depend, in their last digits, on which path a step took.
+    pub kv_cache_dtype: Option<String>,
     /// Seeds requests that bring no seed of their own.
     pub seed: u64,
     /// libtorch intra-op threads; default: libtorch's choice.
@@ -95,6 +105,7 @@ impl Default for EngineArgs {
             block_size: 16,
             enable_prefix_caching: true,
             kv_cache_memory_bytes: None,
+            kv_cache_dtype: None,
             seed: 0,
             num_threads: None,
         }
@@ -168,6 +179,22 @@ impl EngineArgs {
             "float16" | "half" | "fp16" => Ok(Kind::Half),
             _ => Err(invalid(
                 "dtype",
+                name,
+                "expected auto, float32, bfloat16 or float16",
+            )),
+        }
+    }
+
+    /// The dtype `kv_cache_dtype` names, under activations of `kind`.
+    pub fn resolve_kv_cache_dtype(&self, kind: Kind) -> Result<Kind> {
+        let name = self.kv_cache_dtype.as_deref().unwrap_or("auto");
+        match name {
+            "auto" => Ok(kind),
+            "float32" | "float" | "fp32" => Ok(Kind::Float),
+            "bfloat16" | "bf16" => Ok(Kind::BFloat16),
+            "float16" | "half" | "fp16" => Ok(Kind::Half),
+            _ => Err(invalid(
+                "kv_cache_dtype",
                 name,
                 "expected auto, float32, bfloat16 or float16",
             )),
@@ -264,6 +291,7 @@ impl LLMEngine {
         }
         let device = args.resolve_device()?;
         let kind = args.resolve_dtype(device)?;
+        let kv_kind = args.resolve_kv_cache_dtype(kind)?;
         let precision = args.resolve_weight_precision(device, kind)?;
         let _guard = tch::no_grad_guard();
         tracing::info!(target: "omni::engine", model = %args.model, ?device, ?kind, precision = precision.as_str(), "loading model");
@@ -331,7 +359,7 @@ impl LLMEngine {
         drop(weights);
         drop(heap);
 
-        let per_block = KvCache::bytes_per_block(&cfg, args.block_size, kind);
+        let per_block = KvCache::bytes_per_block(&cfg, args.block_size, kv_kind);
         // Never more than every sequence at full length needs.
         let full =
             per_block * (args.max_num_seqs * max_model_len.div_ceil(args.block_size) + 1) as u64;
@@ -346,11 +374,12 @@ impl LLMEngine {
             };
             default.min(full)
         });
-        let num_blocks = KvCache::num_blocks_for_budget(&cfg, args.block_size, kind, budget)?;
+        let num_blocks = KvCache::num_blocks_for_budget(&cfg, args.block_size, kv_kind, budget)?;
         tracing::info!(
             target: "omni::engine",
             num_blocks,
             block_size = args.block_size,
+            kv_kind = ?kv_kind,
             kv_bytes = num_blocks as u64 * per_block,
             max_model_len,
             "kv cache sized"
@@ -370,6 +399,7 @@ impl LLMEngine {
                 },
                 block_size: args.block_size,
                 num_blocks,
+                kv_kind,
                 // The talker's prompts are placeholders for embeddings: equal
                 // ids, different inputs, so blocks cannot be shared by id.
                 prefix_caching: args.enable_prefix_caching && talker.is_none(),

@@ -46,6 +46,8 @@ pub(crate) struct CoreConfig {
     pub scheduler: SchedulerConfig,
     pub block_size: usize,
     pub num_blocks: usize,
+    /// The dtype the KV cache stores (`kv_cache_dtype`).
+    pub kv_kind: tch::Kind,
     pub prefix_caching: bool,
     pub max_model_len: usize,
     pub eos_token_ids: Vec<u32>,
@@ -96,7 +98,7 @@ fn mix(mut z: u64) -> u64 {
 
 impl EngineCore {
     pub fn new(model: Model, cfg: CoreConfig) -> Result<Self> {
-        let cache = model.new_cache(cfg.num_blocks, cfg.block_size)?;
+        let cache = model.new_cache_of(cfg.num_blocks, cfg.block_size, cfg.kv_kind)?;
         let scheduler = Scheduler::new(
             cfg.scheduler,
             BlockPool::new(cfg.num_blocks, cfg.block_size, cfg.prefix_caching),
@@ -812,8 +814,10 @@ mod tests {
         max_tokens: usize,
         prefix_caching: bool,
     ) -> Result<EngineCore> {
+        let model = model(arch)?;
+        let kv_kind = model.kind();
         EngineCore::new(
-            model(arch)?,
+            model,
             CoreConfig {
                 scheduler: SchedulerConfig {
                     max_num_seqs: max_seqs,
@@ -821,6 +825,7 @@ mod tests {
                 },
                 block_size: 4,
                 num_blocks,
+                kv_kind,
                 prefix_caching,
                 max_model_len: 256,
                 eos_token_ids: vec![2],

@@ -29,6 +29,7 @@ pub struct KvCache {
     pub(crate) v: Vec<Tensor>,
     num_blocks: usize,
     block_size: usize,
+    kind: Kind,
 }
 
 impl KvCache {
@@ -92,6 +93,7 @@ impl KvCache {
             v,
             num_blocks,
             block_size,
+            kind,
         })
     }
 
@@ -103,5 +105,10 @@ impl KvCache {
     /// Tokens per block.
     pub fn block_size(&self) -> usize {
         self.block_size
+    }
+
+    /// The dtype K and V are stored in.
+    pub fn kind(&self) -> Kind {
+        self.kind
     }
 }

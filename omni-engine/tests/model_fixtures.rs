@@ -249,6 +249,104 @@ fn tiny_kquant_gguf_dequantized_matches_transformers() -> Result<()> {
     )
 }
 
+/// `kv_cache_dtype`: K and V stored in 16 bits under fp32 activations and
+/// weights. The same budget holds twice the blocks; logits move by the
+/// cache's rounding (the prompts' too: a short prefill's attention reads its
+/// own K/V back from the cache), measured against the fp32 cache on the
+/// sampled tokens' log-probabilities (SmolLM2, the fixture's prompts, 32
+/// greedy steps, on the steps compared: up to 0.004 in fp16 and 0.037 in
+/// bf16, measured), held to 0.02 and 0.1. The tokens equal the fp32
+/// cache's up to the first step whose top-two margin there is under twice
+/// that, and transformers' up to the first step whose reference margin is
+/// (`check_engine`; its top-5 logits come from `last_logits`, which keeps
+/// its own fp32 cache, so that part repeats the fp32 check).
+#[test]
+fn smollm2_with_a_16_bit_kv_cache_stays_near_the_fp32_cache() -> Result<()> {
+    let path = omni_engine::model_dir().join(omni_engine::SMOLLM2.file_name);
+    let args = |kv: &str| EngineArgs {
+        kv_cache_dtype: Some(kv.into()),
+        ..engine_args(&path, "native")
+    };
+    let f = load_json("smollm2-135m-instruct-q4_1.json")?;
+    let cases = f["cases"].as_array().cloned().unwrap_or_default();
+    // Per request: (token, its log-probability, top-two margin) per step.
+    type Steps = Vec<(u32, f32, f32)>;
+    let run = |kv: &str| -> Result<(usize, Vec<(String, Steps)>)> {
+        let mut engine = LLMEngine::new(&args(kv))?;
+        for case in &cases {
+            engine.add_request(
+                case["name"].as_str().unwrap_or("?"),
+                Prompt::TokenIds(ids(&case["prompt_token_ids"])),
+                SamplingParams {
+                    logprobs: Some(2),
+                    ..greedy(32)
+                },
+            )?;
+        }
+        let mut done = Vec::new();
+        while engine.has_unfinished() {
+            for out in engine.step()? {
+                if out.finished {
+                    let steps = out
+                        .logprobs
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|t| {
+                            let margin = match t.top.as_slice() {
+                                [a, b, ..] => a.1 - b.1,
+                                _ => f32::INFINITY,
+                            };
+                            (t.token_id, t.logprob, margin)
+                        })
+                        .collect();
+                    done.push((out.request_id, steps));
+                }
+            }
+        }
+        done.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((engine.num_kv_blocks(), done))
+    };
+    let (fp32_blocks, want) = run("float32")?;
+    for (kv, tol) in [("float16", 0.02f64), ("bfloat16", 0.1)] {
+        let (blocks, got) = run(kv)?;
+        assert!(
+            blocks >= 2 * fp32_blocks,
+            "{kv}: {blocks} blocks against {fp32_blocks} in fp32 for the same budget"
+        );
+        let mut worst = 0f64;
+        for ((id, w), (_, g)) in want.iter().zip(&got) {
+            assert_eq!(w.len(), 32, "{id}");
+            for (step, (a, b)) in w.iter().zip(g).enumerate() {
+                if f64::from(a.2) < 2.0 * tol {
+                    break; // a close step: either token is right
+                }
+                assert_eq!(a.0, b.0, "{kv} {id}: step {step} picked another token");
+                let off = f64::from(a.1 - b.1).abs();
+                worst = worst.max(off);
+                assert!(
+                    off <= tol,
+                    "{kv} {id}: step {step}'s log-probability {} against {} with an fp32 \
+                     cache (tolerance {tol})",
+                    b.1,
+                    a.1
+                );
+            }
+        }
+        eprintln!("{kv} cache: largest log-probability deviation {worst:.5} (tolerance {tol})");
+        check_engine(
+            "smollm2-135m-instruct-q4_1.json",
+            LLMEngine::new(&args(kv))?,
+            2.0 * tol,
+        )?;
+    }
+    let e = LLMEngine::new(&args("int4"))
+        .map(drop)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("kv_cache_dtype") && e.contains("int4"), "{e}");
+    Ok(())
+}
+
 #[test]
 fn tiny_llama_matches_transformers() -> Result<()> {
     check("tiny-llama.json", &fixtures().join("tiny-llama"), 1e-4)

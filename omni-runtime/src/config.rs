@@ -825,6 +825,7 @@ fn engine_args_to_json(a: &EngineArgs) -> Value {
         block_size,
         enable_prefix_caching,
         kv_cache_memory_bytes,
+        kv_cache_dtype,
         seed,
         num_threads,
     } = a;
@@ -840,6 +841,7 @@ fn engine_args_to_json(a: &EngineArgs) -> Value {
         "block_size": block_size,
         "enable_prefix_caching": enable_prefix_caching,
         "kv_cache_memory_bytes": kv_cache_memory_bytes,
+        "kv_cache_dtype": kv_cache_dtype,
         "seed": seed,
         "num_threads": num_threads,
     })

@@ -284,9 +284,21 @@ impl Model {
         self.kind
     }
 
-    /// A KV cache for this model.
+    /// A KV cache for this model, in its activations' dtype.
     pub fn new_cache(&self, num_blocks: usize, block_size: usize) -> Result<KvCache> {
-        KvCache::new(&self.cfg, num_blocks, block_size, self.kind, self.device)
+        self.new_cache_of(num_blocks, block_size, self.kind)
+    }
+
+    /// A KV cache for this model that stores K and V as `kind`
+    /// (`kv_cache_dtype`): converted to it after RoPE, and read back in the
+    /// queries' dtype (fp32 inside the CPU kernel).
+    pub fn new_cache_of(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+        kind: Kind,
+    ) -> Result<KvCache> {
+        KvCache::new(&self.cfg, num_blocks, block_size, kind, self.device)
     }
 
     /// Runs the tokens of `batch`, writing their K/V into `cache`, and
@@ -379,11 +391,23 @@ impl Model {
             let qk = ops.rope(qk, &cos, &sin)?;
             let q = qk.f_narrow(1, 0, nh)?;
             let k = qk.f_narrow(1, nh, nkv)?;
-            if batch.paged {
-                paged_kv_write(&cache.k[l], &cache.v[l], &batch.slots, &k, &v)?;
-            } else {
-                let _ = cache.k[l].f_index_copy_(0, &batch.slots, &k)?;
-                let _ = cache.v[l].f_index_copy_(0, &batch.slots, &v)?;
+            {
+                // In the cache's dtype when it is not the activations'.
+                let stored = |x: &Tensor| -> Result<Tensor> {
+                    let kind = cache.kind();
+                    Ok(if x.kind() == kind {
+                        x.shallow_clone()
+                    } else {
+                        x.f_to_kind(kind)?
+                    })
+                };
+                let (k, v) = (stored(&k)?, stored(&v)?);
+                if batch.paged {
+                    paged_kv_write(&cache.k[l], &cache.v[l], &batch.slots, &k, &v)?;
+                } else {
+                    let _ = cache.k[l].f_index_copy_(0, &batch.slots, &k)?;
+                    let _ = cache.v[l].f_index_copy_(0, &batch.slots, &v)?;
+                }
             }
             let attn = self.attention(batch, cache, l, &q, &k, &v)?;
             let o = layer.o_proj.forward(&attn)?;
@@ -466,7 +490,7 @@ impl Model {
                 )?,
                 RowKeys::Gathered { ctx, gather, mask } => {
                     let gathered = |c: &Tensor| -> Result<Tensor> {
-                        Ok(c.f_index_select(0, gather)?
+                        Ok(widened(c.f_index_select(0, gather)?, q.kind())?
                             .f_view([g.count, *ctx, nkv, d])?
                             .f_transpose(1, 2)?)
                     };
@@ -511,12 +535,10 @@ impl Model {
                     )?
                 }
                 Some((gather, mask)) => {
-                    let kp = cache.k[l]
-                        .f_index_select(0, gather)?
+                    let kp = widened(cache.k[l].f_index_select(0, gather)?, q.kind())?
                         .f_transpose(0, 1)?
                         .f_unsqueeze(0)?;
-                    let vp = cache.v[l]
-                        .f_index_select(0, gather)?
+                    let vp = widened(cache.v[l].f_index_select(0, gather)?, q.kind())?
                         .f_transpose(0, 1)?
                         .f_unsqueeze(0)?;
                     Tensor::f_scaled_dot_product_attention(
@@ -558,6 +580,15 @@ impl Model {
     }
 }
 
+/// Cached K or V gathered in the cache's dtype, in the queries' `kind`.
+fn widened(x: Tensor, kind: Kind) -> Result<Tensor> {
+    Ok(if x.kind() == kind {
+        x
+    } else {
+        x.f_to_kind(kind)?
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -571,7 +602,7 @@ mod tests {
     /// limit: SDPA on either path); a mixed step of the long one's next 9
     /// tokens (a prefill over a cached prefix) beside the short ones'
     /// decodes; then the long one's decode. The logits of the last two steps.
-    fn decode_logits(arch: Architecture, path: DecodePath) -> Result<Tensor> {
+    fn decode_logits(arch: Architecture, path: DecodePath, kv: Kind) -> Result<Tensor> {
         let cfg = tiny_config(arch);
         let mut w = random_weights(&cfg, 7)?;
         let opts = ModelOptions {
@@ -581,7 +612,7 @@ mod tests {
         };
         let model = Model::new(&cfg, &mut w, &opts)?;
         let bs = 4;
-        let mut cache = model.new_cache(60, bs)?;
+        let mut cache = model.new_cache_of(60, bs, kv)?;
         // Interleaved, out-of-order blocks: reading in place must follow
         // the table, not assume neighbours.
         let long: Vec<u32> = (0..38).map(|b| 59 - (b * 7) % 38).collect();
@@ -635,12 +666,43 @@ mod tests {
             Architecture::Qwen2,
             Architecture::Qwen3,
         ] {
-            let paged = decode_logits(arch, DecodePath::Paged)?;
-            let gathered = decode_logits(arch, DecodePath::Gathered)?;
+            let paged = decode_logits(arch, DecodePath::Paged, Kind::Float)?;
+            let gathered = decode_logits(arch, DecodePath::Gathered, Kind::Float)?;
             let vocab = tiny_config(arch).vocab_size as i64;
             assert_eq!(paged.size(), [3, vocab]);
             let diff = f64::try_from(paged.f_sub(&gathered)?.f_abs()?.f_max()?)?;
             assert!(diff < 1e-4, "{arch:?}: paged and gathered differ by {diff}");
+        }
+        Ok(())
+    }
+
+    /// `kv_cache_dtype`: K and V stored in 16 bits under fp32 activations,
+    /// written converted on either path and read back widened (the paged
+    /// kernel's 16-bit loads; `index_select` then a conversion before SDPA,
+    /// also over a cached prefix). The paths differ where a short prefill
+    /// attends: the kernel reads its own new K/V back rounded, SDPA uses
+    /// them fresh; so they agree to the cache's rounding, not exactly.
+    #[test]
+    fn a_16_bit_cache_reads_back_on_either_path() -> Result<()> {
+        let arch = Architecture::Llama;
+        let exact = decode_logits(arch, DecodePath::Paged, Kind::Float)?;
+        let max_abs = |a: &Tensor, b: &Tensor| -> Result<f64> {
+            Ok(f64::try_from(a.f_sub(b)?.f_abs()?.f_max()?)?)
+        };
+        // Measured here: fp16 5.6e-3 between the paths and 6.4e-3 from the
+        // fp32 cache, bf16 2.8e-2 and 1.0e-1.
+        for (kind, tol) in [(Kind::Half, 2e-2), (Kind::BFloat16, 3e-1)] {
+            let paged = decode_logits(arch, DecodePath::Paged, kind)?;
+            let gathered = decode_logits(arch, DecodePath::Gathered, kind)?;
+            let (between, off) = (max_abs(&paged, &gathered)?, max_abs(&paged, &exact)?);
+            eprintln!("{kind:?}: paths {between:.2e} apart, {off:.2e} from the fp32 cache");
+            assert!(
+                between < tol,
+                "{kind:?}: paged and gathered differ by {between}"
+            );
+            assert!(off < tol, "{kind:?}: {off} from the fp32 cache's logits");
+            // The cache really held 16-bit values.
+            assert!(off > 0.0, "{kind:?}: exactly the fp32 cache's logits");
         }
         Ok(())
     }

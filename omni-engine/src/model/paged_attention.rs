@@ -141,7 +141,7 @@ mod tests {
         Ok(Tensor::f_stack(&rows, 0)?)
     }
 
-    /// The kernel (its AVX2 build and its portable one, fp32 and fp16
+    /// The kernel (its AVX2 build and its portable one, fp32, fp16 and bf16
     /// caches) against ATen: queries read in place from a wider tensor, GQA,
     /// context lengths off the 8-lane loops and across blocks in any order,
     /// and scores large enough that softmax depends on subtracting the max.
@@ -149,15 +149,16 @@ mod tests {
     fn matches_attention_over_the_gathered_context() -> Result<()> {
         let _g = tch::no_grad_guard();
         tch::manual_seed(11);
-        for d in [40i64, 36] {
+        for d in [40i64, 36, 72, 96] {
             check_gathered_context(d)?;
         }
         Ok(())
     }
 
     /// [`matches_attention_over_the_gathered_context`] at head width `d`:
-    /// a multiple of 8 runs the AVX2 build that reduces 8 keys at once,
-    /// another the one that reduces per key.
+    /// a multiple of 8 runs the AVX2 build that reduces 8 keys at once (72
+    /// and 96 also its 64-lane weighted sum), another the one that reduces
+    /// per key (fp32; 16-bit caches take the portable loops there).
     fn check_gathered_context(d: i64) -> Result<()> {
         let _g = tch::no_grad_guard();
         let (heads, kv_heads, bs, num_blocks) = (6i64, 2i64, 16i64, 12i64);
@@ -198,7 +199,7 @@ mod tests {
         let k = Tensor::f_randn([num_blocks * bs, kv_heads, d], opts)?.f_mul_scalar(4.0)?;
         let v = Tensor::f_randn([num_blocks * bs, kv_heads, d], opts)?;
 
-        for kind in [Kind::Float, Kind::Half] {
+        for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
             let (k, v) = (k.f_to_kind(kind)?, v.f_to_kind(kind)?);
             let want = reference(&q, &k, &v, &tables, &lens, bs)?;
             for portable in [false, true] {
@@ -278,7 +279,7 @@ mod tests {
         let _g = tch::no_grad_guard();
         tch::manual_seed(13);
         let (kvh, d, slots) = (3i64, 16i64, 40i64);
-        for kind in [Kind::Float, Kind::Half] {
+        for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
             let opts = (kind, Device::Cpu);
             let fused = Tensor::f_randn([5, 3 * kvh * d], opts)?;
             let k = fused.f_narrow(1, kvh * d, kvh * d)?.f_view([5, kvh, d])?;
