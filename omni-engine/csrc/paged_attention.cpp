@@ -374,6 +374,57 @@ void paged_rows(const Problem<T>& p, int64_t n) {
   });
 }
 
+// fp32 rows into a 16-bit cache, rounded to nearest even as `Tensor::to`
+// rounds (ATen's conversion kernel, called per layer for K and V, took
+// ~40 us a call at 64 rows, as long as the row copies themselves).
+template <typename T>
+void narrow_row(const float* x, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(x[i]);
+}
+
+#ifdef OMNI_X86
+__attribute__((target("avx2,fma,f16c"))) void narrow_row_avx2(const float* x, at::Half* out,
+                                                              int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
+  }
+  for (; i < n; ++i) out[i] = static_cast<at::Half>(x[i]);
+}
+
+// c10::BFloat16's rounding (round_to_nearest_even): add 0x7fff plus the
+// kept part's lowest bit, keep the upper half; NaN becomes 0x7fc0.
+__attribute__((target("avx2,fma,f16c"))) void narrow_row_avx2(const float* x,
+                                                              at::BFloat16* out, int64_t n) {
+  int64_t i = 0;
+  const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+  const __m256i nan = _mm256_set1_epi32(0x7fc0);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 f = _mm256_loadu_ps(x + i);
+    const __m256i u = _mm256_castps_si256(f);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(bias, lsb)), 16);
+    r = _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+    // 8 x 32-bit (each < 2^16) -> 8 x 16-bit, in order.
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm256_castsi256_si128(packed));
+  }
+  for (; i < n; ++i) out[i] = static_cast<at::BFloat16>(x[i]);
+}
+#endif
+
+// Row `i` of `x` (fp32) into `dst`, in the cache's 16-bit type `T`.
+template <typename T>
+void narrow_rows(const float* x, int64_t x_stride, T* dst, const int64_t* slots, int64_t width,
+                 int64_t begin, int64_t end) {
+  auto row = narrow_row<T>;
+#ifdef OMNI_X86
+  if (omni::use_f16c()) row = narrow_row_avx2;
+#endif
+  for (int64_t i = begin; i < end; ++i) row(x + i * x_stride, dst + slots[i] * width, width);
+}
+
 }  // namespace
 
 extern "C" {
@@ -474,13 +525,19 @@ at::Tensor* omni_paged_kv_write(const at::Tensor* k_cache, const at::Tensor* v_c
       TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
     }
     const int64_t n = k->size(0), width = k_cache->size(1) * k_cache->size(2);
+    // fp32 K/V into an fp16 or bf16 cache (`kv_cache_dtype`) are rounded
+    // here, row by row, instead of by a conversion before the call.
+    const at::ScalarType cache_type = k_cache->scalar_type();
+    const bool narrowing = k->scalar_type() == at::kFloat && v->scalar_type() == at::kFloat &&
+                           (cache_type == at::kHalf || cache_type == at::kBFloat16);
     for (const at::Tensor* x : {k, v}) {
       TORCH_CHECK(x->dim() == 3 && x->size(0) == n && x->size(1) == k_cache->size(1) &&
                       x->size(2) == k_cache->size(2),
                   "new K/V must be [", n, ", ", k_cache->size(1), ", ", k_cache->size(2),
                   "], got ", x->sizes());
-      TORCH_CHECK(x->scalar_type() == k_cache->scalar_type(), "new K/V dtype ",
-                  x->scalar_type(), " differs from the cache's ", k_cache->scalar_type());
+      TORCH_CHECK(x->scalar_type() == k_cache->scalar_type() || narrowing, "new K/V dtype ",
+                  x->scalar_type(), " differs from the cache's ", k_cache->scalar_type(),
+                  " (fp32 may go into a 16-bit cache)");
       TORCH_CHECK(x->stride(2) == 1 && x->stride(1) == x->size(2),
                   "each new K/V row must be contiguous");
     }
@@ -491,6 +548,19 @@ at::Tensor* omni_paged_kv_write(const at::Tensor* k_cache, const at::Tensor* v_c
     for (int64_t i = 0; i < n; ++i) {
       TORCH_CHECK(sl[i] >= 0 && sl[i] < cap, "slot ", sl[i], " of row ", i,
                   " is outside the cache (", cap, " slots)");
+    }
+    if (narrowing) {
+      const float* kp = k->const_data_ptr<float>();
+      const float* vp = v->const_data_ptr<float>();
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(cache_type, "omni_paged_kv_write", [&] {
+        auto* kc = k_cache->mutable_data_ptr<scalar_t>();
+        auto* vc = v_cache->mutable_data_ptr<scalar_t>();
+        at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
+          narrow_rows(kp, k->stride(0), kc, sl, width, b, e);
+          narrow_rows(vp, v->stride(0), vc, sl, width, b, e);
+        });
+      });
+      return *k_cache;
     }
     const size_t bytes = static_cast<size_t>(width) * k_cache->element_size();
     auto* kc = static_cast<char*>(k_cache->data_ptr());

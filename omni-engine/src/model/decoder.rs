@@ -391,23 +391,22 @@ impl Model {
             let qk = ops.rope(qk, &cos, &sin)?;
             let q = qk.f_narrow(1, 0, nh)?;
             let k = qk.f_narrow(1, nh, nkv)?;
-            {
-                // In the cache's dtype when it is not the activations'.
-                let stored = |x: &Tensor| -> Result<Tensor> {
-                    let kind = cache.kind();
-                    Ok(if x.kind() == kind {
-                        x.shallow_clone()
-                    } else {
-                        x.f_to_kind(kind)?
-                    })
-                };
-                let (k, v) = (stored(&k)?, stored(&v)?);
-                if batch.paged {
-                    paged_kv_write(&cache.k[l], &cache.v[l], &batch.slots, &k, &v)?;
-                } else {
-                    let _ = cache.k[l].f_index_copy_(0, &batch.slots, &k)?;
-                    let _ = cache.v[l].f_index_copy_(0, &batch.slots, &v)?;
+            // New K/V in the cache's dtype; the CPU kernel's row copies
+            // round fp32 into a 16-bit cache themselves.
+            let rounds_itself =
+                batch.paged && k.kind() == Kind::Float && cache.kind() != Kind::Float;
+            let stored = |x: &Tensor| -> Result<Tensor> {
+                match rounds_itself {
+                    true => Ok(x.shallow_clone()),
+                    false => widened(x.shallow_clone(), cache.kind()),
                 }
+            };
+            let (k_new, v_new) = (stored(&k)?, stored(&v)?);
+            if batch.paged {
+                paged_kv_write(&cache.k[l], &cache.v[l], &batch.slots, &k_new, &v_new)?;
+            } else {
+                let _ = cache.k[l].f_index_copy_(0, &batch.slots, &k_new)?;
+                let _ = cache.v[l].f_index_copy_(0, &batch.slots, &v_new)?;
             }
             let attn = self.attention(batch, cache, l, &q, &k, &v)?;
             let o = layer.o_proj.forward(&attn)?;
@@ -580,7 +579,8 @@ impl Model {
     }
 }
 
-/// Cached K or V gathered in the cache's dtype, in the queries' `kind`.
+/// `x` in `kind` (cached K or V in the queries' dtype, or new K/V in the
+/// cache's).
 fn widened(x: Tensor, kind: Kind) -> Result<Tensor> {
     Ok(if x.kind() == kind {
         x

@@ -307,4 +307,84 @@ mod tests {
         }
         Ok(())
     }
+
+    /// fp32 K/V into a 16-bit cache (`kv_cache_dtype`): the row copies
+    /// round as `to_kind` does, bit for bit, in both builds: ties, values
+    /// past fp16's range, subnormals, infinities and NaN, rows wider than
+    /// and off the 8-lane loop.
+    #[test]
+    fn kv_write_rounds_fp32_into_16_bit_caches_as_to_kind_does() -> Result<()> {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(14);
+        for (kvh, d) in [(3i64, 16i64), (1, 13)] {
+            let width = kvh * d;
+            let opts = (Kind::Float, Device::Cpu);
+            let fused = Tensor::f_randn([6, 3 * width], opts)?.f_mul_scalar(100.0)?;
+            let special = [
+                // Ties: fp16 (1 + 2^-11 down to 1, 1 + 3 * 2^-11 up), bf16
+                // (1 + 2^-8 down, 1 + 3 * 2^-8 up).
+                1.0 + 1.0 / 2048.0,
+                1.0 + 3.0 / 2048.0,
+                1.0 + 1.0 / 256.0,
+                1.0 + 3.0 / 256.0,
+                70000.0, // past fp16's largest, 65504
+                -1e-6,   // an fp16 subnormal
+                1e-41,   // an fp32 subnormal
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::NAN,
+                -0.0,
+                3.3895314e38, // rounds past bf16's largest
+            ];
+            let row = Tensor::from_slice(&special);
+            for start in [width, 2 * width] {
+                let n = special.len().min(width as usize) as i64;
+                let _ = fused
+                    .f_narrow(1, start, n)?
+                    .f_narrow(0, 1, 1)?
+                    .f_copy_(&row.f_narrow(0, 0, n)?.f_unsqueeze(0)?)?;
+            }
+            let k = fused.f_narrow(1, width, width)?.f_view([6, kvh, d])?;
+            let v = fused.f_narrow(1, 2 * width, width)?.f_view([6, kvh, d])?;
+            let at = Tensor::from_slice(&[7i64, 0, 39, 12, 13, 2]);
+            for kind in [Kind::Half, Kind::BFloat16] {
+                for portable in [false, true] {
+                    let kc = Tensor::f_zeros([40, kvh, d], (kind, Device::Cpu))?;
+                    let vc = kc.copy();
+                    let (mut kw, mut vw) = (kc.copy(), vc.copy());
+                    let _ = kw.f_index_copy_(0, &at, &k.f_to_kind(kind)?)?;
+                    let _ = vw.f_index_copy_(0, &at, &v.f_to_kind(kind)?)?;
+                    with_kernel_build(portable, || paged_kv_write(&kc, &vc, &at, &k, &v))?;
+                    // Bits, so that -0 differs from 0; NaN as NaN (ATen's
+                    // vectorized bf16 conversion writes 0xffff, its scalar one
+                    // and ours 0x7fc0).
+                    let same = |got: &Tensor, want: &Tensor| -> Result<bool> {
+                        let nan = want.f_isnan()?;
+                        let bits = |t: &Tensor| -> Result<Tensor> {
+                            Ok(t.f_view_dtype(Kind::Int16)?.f_masked_fill(&nan, 0)?)
+                        };
+                        Ok(got.f_isnan()?.equal(&nan) && bits(got)?.equal(&bits(want)?))
+                    };
+                    assert!(
+                        same(&kc, &kw)? && same(&vc, &vw)?,
+                        "{kind:?}, width {width}, portable {portable}"
+                    );
+                }
+            }
+        }
+        // Any other pair of dtypes is an error that names both.
+        let cache = Tensor::f_zeros([8, 1, 8], (Kind::Half, Device::Cpu))?;
+        let new = Tensor::f_zeros([1, 1, 8], (Kind::BFloat16, Device::Cpu))?;
+        let e = paged_kv_write(
+            &cache,
+            &cache.copy(),
+            &Tensor::from_slice(&[1i64]),
+            &new,
+            &new,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("BFloat16") && e.contains("Half"), "{e}");
+        Ok(())
+    }
 }
