@@ -339,7 +339,7 @@ mod tests {
             let row = Tensor::from_slice(&special);
             for start in [width, 2 * width] {
                 let n = special.len().min(width as usize) as i64;
-                let _ = fused
+                fused
                     .f_narrow(1, start, n)?
                     .f_narrow(0, 1, 1)?
                     .f_copy_(&row.f_narrow(0, 0, n)?.f_unsqueeze(0)?)?;
