@@ -120,6 +120,21 @@ fn invalid(field: &str, value: impl ToString, reason: impl Into<String>) -> Erro
     }
 }
 
+/// The dtype `field` names (`auto` or absent: `auto`).
+fn dtype_named(field: &str, name: Option<&str>, auto: Kind) -> Result<Kind> {
+    match name.unwrap_or("auto") {
+        "auto" => Ok(auto),
+        "float32" | "float" | "fp32" => Ok(Kind::Float),
+        "bfloat16" | "bf16" => Ok(Kind::BFloat16),
+        "float16" | "half" | "fp16" => Ok(Kind::Half),
+        other => Err(invalid(
+            field,
+            other,
+            "expected auto, float32, bfloat16 or float16",
+        )),
+    }
+}
+
 impl EngineArgs {
     /// An engine for `model` with the other fields at their defaults.
     pub fn new(model: impl Into<String>) -> Self {
@@ -167,38 +182,17 @@ impl EngineArgs {
 
     /// The activation dtype `dtype` names on `device`.
     pub fn resolve_dtype(&self, device: Device) -> Result<Kind> {
-        let name = self.dtype.as_deref().unwrap_or("auto");
-        match name {
-            "auto" => Ok(if device.is_cuda() {
-                Kind::BFloat16
-            } else {
-                Kind::Float
-            }),
-            "float32" | "float" | "fp32" => Ok(Kind::Float),
-            "bfloat16" | "bf16" => Ok(Kind::BFloat16),
-            "float16" | "half" | "fp16" => Ok(Kind::Half),
-            _ => Err(invalid(
-                "dtype",
-                name,
-                "expected auto, float32, bfloat16 or float16",
-            )),
-        }
+        let auto = if device.is_cuda() {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        };
+        dtype_named("dtype", self.dtype.as_deref(), auto)
     }
 
     /// The dtype `kv_cache_dtype` names, under activations of `kind`.
     pub fn resolve_kv_cache_dtype(&self, kind: Kind) -> Result<Kind> {
-        let name = self.kv_cache_dtype.as_deref().unwrap_or("auto");
-        match name {
-            "auto" => Ok(kind),
-            "float32" | "float" | "fp32" => Ok(Kind::Float),
-            "bfloat16" | "bf16" => Ok(Kind::BFloat16),
-            "float16" | "half" | "fp16" => Ok(Kind::Half),
-            _ => Err(invalid(
-                "kv_cache_dtype",
-                name,
-                "expected auto, float32, bfloat16 or float16",
-            )),
-        }
+        dtype_named("kv_cache_dtype", self.kv_cache_dtype.as_deref(), kind)
     }
 
     /// The weight precision `weight_precision` names.
