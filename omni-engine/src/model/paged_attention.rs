@@ -73,7 +73,8 @@ pub(crate) fn paged_attention(
 }
 
 /// Writes `k` and `v` (`[t, kv_heads, head_dim]`, rows contiguous) into
-/// the caches at `slots` (`[t]`), in place; CPU tensors.
+/// the caches at `slots` (`[t]`), in place; CPU tensors. In the caches'
+/// dtype, or fp32 into an fp16 or bf16 cache (rounded as `to_kind` rounds).
 pub(crate) fn paged_kv_write(
     k_cache: &Tensor,
     v_cache: &Tensor,
@@ -332,17 +333,31 @@ mod tests {
                 1e-41,   // an fp32 subnormal
                 f32::INFINITY,
                 f32::NEG_INFINITY,
-                f32::NAN,
                 -0.0,
-                3.3895314e38, // rounds past bf16's largest
+                // NaNs whose bits the rounding alone would turn into 0 or
+                // -0 (the NaN case must catch them), and the usual one.
+                f32::from_bits(0xffff_ffff),
+                f32::from_bits(0x7fff_ffff),
+                f32::NAN,
+                // bf16's top: its largest exactly, a value that rounds
+                // down to it, a tie that rounds up to infinity, and fp32's
+                // largest (infinity in both 16-bit types).
+                f32::from_bits(0x7f7f_0000),
+                f32::from_bits(0x7f7f_7fff),
+                f32::from_bits(0x7f7f_8000),
+                f32::MAX,
+                -f32::MAX,
             ];
-            let row = Tensor::from_slice(&special);
-            for start in [width, 2 * width] {
-                let n = special.len().min(width as usize) as i64;
-                fused
-                    .f_narrow(1, start, n)?
-                    .f_narrow(0, 1, 1)?
-                    .f_copy_(&row.f_narrow(0, 0, n)?.f_unsqueeze(0)?)?;
+            // The values, a row's width at a time, into rows 1.. of both
+            // K's and V's part of the fused rows.
+            for (r, chunk) in special.chunks(width as usize).enumerate() {
+                let row = Tensor::from_slice(chunk).f_unsqueeze(0)?;
+                for start in [width, 2 * width] {
+                    fused
+                        .f_narrow(1, start, chunk.len() as i64)?
+                        .f_narrow(0, 1 + r as i64, 1)?
+                        .f_copy_(&row)?;
+                }
             }
             let k = fused.f_narrow(1, width, width)?.f_view([6, kvh, d])?;
             let v = fused.f_narrow(1, 2 * width, width)?.f_view([6, kvh, d])?;
