@@ -396,9 +396,10 @@ impl Model {
             let rounds_itself =
                 batch.paged && k.kind() == Kind::Float && cache.kind() != Kind::Float;
             let stored = |x: &Tensor| -> Result<Tensor> {
-                match rounds_itself {
-                    true => Ok(x.shallow_clone()),
-                    false => widened(x.shallow_clone(), cache.kind()),
+                if rounds_itself {
+                    Ok(x.shallow_clone())
+                } else {
+                    in_kind(x.shallow_clone(), cache.kind())
                 }
             };
             let (k_new, v_new) = (stored(&k)?, stored(&v)?);
@@ -489,7 +490,7 @@ impl Model {
                 )?,
                 RowKeys::Gathered { ctx, gather, mask } => {
                     let gathered = |c: &Tensor| -> Result<Tensor> {
-                        Ok(widened(c.f_index_select(0, gather)?, q.kind())?
+                        Ok(in_kind(c.f_index_select(0, gather)?, q.kind())?
                             .f_view([g.count, *ctx, nkv, d])?
                             .f_transpose(1, 2)?)
                     };
@@ -534,10 +535,10 @@ impl Model {
                     )?
                 }
                 Some((gather, mask)) => {
-                    let kp = widened(cache.k[l].f_index_select(0, gather)?, q.kind())?
+                    let kp = in_kind(cache.k[l].f_index_select(0, gather)?, q.kind())?
                         .f_transpose(0, 1)?
                         .f_unsqueeze(0)?;
-                    let vp = widened(cache.v[l].f_index_select(0, gather)?, q.kind())?
+                    let vp = in_kind(cache.v[l].f_index_select(0, gather)?, q.kind())?
                         .f_transpose(0, 1)?
                         .f_unsqueeze(0)?;
                     Tensor::f_scaled_dot_product_attention(
@@ -581,7 +582,7 @@ impl Model {
 
 /// `x` in `kind` (cached K or V in the queries' dtype, or new K/V in the
 /// cache's).
-fn widened(x: Tensor, kind: Kind) -> Result<Tensor> {
+fn in_kind(x: Tensor, kind: Kind) -> Result<Tensor> {
     Ok(if x.kind() == kind {
         x
     } else {
