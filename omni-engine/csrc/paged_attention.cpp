@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -87,51 +88,54 @@ struct Problem {
   float scale;
 };
 
-// Attention of query row `s`, all heads: scores block by block (no division
-// per key), softmax in fp32, weighted sum of the values. Each cached row
-// (every kv head of one token, contiguous) is read once, by one thread: a
-// task per (sequence, kv head) read each row's thirds on different threads,
-// and ran at a third of the memory bandwidth. `scores` and `acc` are the
-// calling thread's scratch.
+// Attention of query row `s`, heads [h0, h1): scores block by block (no
+// division per key), softmax in fp32, weighted sum of the values. With all
+// heads, each cached row (every kv head of one token, contiguous) is read
+// once, by one thread: a task per (sequence, kv head) read each row's thirds
+// on different threads, and ran at a third of the memory bandwidth; fewer
+// heads a task only where rows alone would leave threads idle (paged_rows).
+// `scores` and `acc` are the calling thread's scratch.
 template <typename T, float (*Dot)(const float*, const T*, int64_t),
           void (*Axpy)(float, const T*, float*, int64_t), void (*Softmax)(float*, int64_t)>
-inline __attribute__((always_inline)) void attend(const Problem<T>& p, int64_t s,
-                                                  std::vector<float>& scores,
+inline __attribute__((always_inline)) void attend(const Problem<T>& p, int64_t s, int64_t h0,
+                                                  int64_t h1, std::vector<float>& scores,
                                                   std::vector<float>& acc) {
   const int64_t heads = p.heads, kvh = p.kv_heads, group = heads / kvh, d = p.d;
   const int64_t bs = p.block_size, ctx = p.lens[s];
   const int64_t* table = p.tables + p.row_tables[s] * p.max_blocks;
   const float* qs = p.q + s * p.q_row;
-  scores.resize(static_cast<size_t>(heads * ctx));
+  scores.resize(static_cast<size_t>((h1 - h0) * ctx));
   for (int64_t b0 = 0; b0 < ctx; b0 += bs) {
     const int64_t base = table[b0 / bs] * bs;
     const int64_t stop = std::min(bs, ctx - b0);
     for (int64_t j = 0; j < stop; ++j) {
       const T* row = p.k_cache + (base + j) * kvh * d;
-      for (int64_t hq = 0; hq < heads; ++hq) {
-        scores[hq * ctx + b0 + j] = Dot(qs + hq * p.q_head, row + (hq / group) * d, d) * p.scale;
+      for (int64_t hq = h0; hq < h1; ++hq) {
+        scores[(hq - h0) * ctx + b0 + j] =
+            Dot(qs + hq * p.q_head, row + (hq / group) * d, d) * p.scale;
       }
     }
   }
-  for (int64_t hq = 0; hq < heads; ++hq) Softmax(scores.data() + hq * ctx, ctx);
-  acc.assign(static_cast<size_t>(heads * d), 0.f);
+  for (int64_t i = 0; i < h1 - h0; ++i) Softmax(scores.data() + i * ctx, ctx);
+  acc.assign(static_cast<size_t>((h1 - h0) * d), 0.f);
   for (int64_t b0 = 0; b0 < ctx; b0 += bs) {
     const int64_t base = table[b0 / bs] * bs;
     const int64_t stop = std::min(bs, ctx - b0);
     for (int64_t j = 0; j < stop; ++j) {
       const T* row = p.v_cache + (base + j) * kvh * d;
-      for (int64_t hq = 0; hq < heads; ++hq) {
-        Axpy(scores[hq * ctx + b0 + j], row + (hq / group) * d, acc.data() + hq * d, d);
+      for (int64_t hq = h0; hq < h1; ++hq) {
+        Axpy(scores[(hq - h0) * ctx + b0 + j], row + (hq / group) * d,
+             acc.data() + (hq - h0) * d, d);
       }
     }
   }
-  std::copy(acc.begin(), acc.end(), p.out + s * heads * d);
+  std::copy(acc.begin(), acc.end(), p.out + (s * heads + h0) * d);
 }
 
 template <typename T>
-void attend_generic(const Problem<T>& p, int64_t s, std::vector<float>& scores,
-                    std::vector<float>& acc) {
-  attend<T, dot<T>, axpy<T>, softmax>(p, s, scores, acc);
+void attend_generic(const Problem<T>& p, int64_t s, int64_t h0, int64_t h1,
+                    std::vector<float>& scores, std::vector<float>& acc) {
+  attend<T, dot<T>, axpy<T>, softmax>(p, s, h0, h1, scores, acc);
 }
 
 #ifdef OMNI_X86
@@ -194,9 +198,10 @@ __attribute__((target("avx2,fma"))) inline void softmax_avx2(float* x, int64_t n
 }
 
 __attribute__((target("avx2,fma"))) void attend_avx2(const Problem<float>& p, int64_t s,
+                                                     int64_t h0, int64_t h1,
                                                      std::vector<float>& scores,
                                                      std::vector<float>& acc) {
-  attend<float, dot_avx2, axpy_avx2, softmax_avx2>(p, s, scores, acc);
+  attend<float, dot_avx2, axpy_avx2, softmax_avx2>(p, s, h0, h1, scores, acc);
 }
 
 // Lane k of the result: the sum of a[k]'s lanes.
@@ -253,6 +258,7 @@ __attribute__((target("avx2,fma,f16c"))) inline float dot8(const float* q, const
 // and a decode step's attention waits on those bytes.
 template <typename T>
 __attribute__((target("avx2,fma,f16c"))) void attend_avx2_wide(const Problem<T>& p, int64_t s,
+                                                               int64_t h0, int64_t h1,
                                                                std::vector<float>& scores,
                                                                std::vector<float>& acc) {
   const int64_t heads = p.heads, kvh = p.kv_heads, group = heads / kvh, d = p.d;
@@ -270,13 +276,14 @@ __attribute__((target("avx2,fma,f16c"))) void attend_avx2_wide(const Problem<T>&
     values[j] = p.v_cache + slot * kvh * d;
   }
   (void)acc;  // The generic build's scratch; this one keeps its sums in registers.
-  scores.resize(static_cast<size_t>(heads * ctx));
+  scores.resize(static_cast<size_t>((h1 - h0) * ctx));
   const __m256 scale = _mm256_set1_ps(p.scale);
-  for (int64_t hq = 0; hq < heads; ++hq) {
+  for (int64_t hq = h0; hq < h1; ++hq) {
     const float* q = qs + hq * p.q_head;
     const int64_t off = (hq / group) * d;
-    float* sc = scores.data() + hq * ctx;
-    const bool first = hq % group == 0;
+    float* sc = scores.data() + (hq - h0) * ctx;
+    // The first of its group's heads in this task.
+    const bool first = hq % group == 0 || hq == h0;
     int64_t j = 0;
     for (; j + 8 <= ctx; j += 8) {
       // The group's first head brings its kv head's rows in; the
@@ -300,8 +307,8 @@ __attribute__((target("avx2,fma,f16c"))) void attend_avx2_wide(const Problem<T>&
     softmax_avx2(sc, ctx);
   }
   float* out = p.out + s * heads * d;
-  for (int64_t hq = 0; hq < heads; ++hq) {
-    const float* sc = scores.data() + hq * ctx;
+  for (int64_t hq = h0; hq < h1; ++hq) {
+    const float* sc = scores.data() + (hq - h0) * ctx;
     const int64_t off = (hq / group) * d;
     int64_t i = 0;
     // 64 lanes at a time: 8 independent sums per key, enough to hide the
@@ -309,7 +316,7 @@ __attribute__((target("avx2,fma,f16c"))) void attend_avx2_wide(const Problem<T>&
     for (; i + 64 <= d; i += 64) {
       __m256 o[8];
       for (int r = 0; r < 8; ++r) o[r] = _mm256_setzero_ps();
-      const bool first = hq % group == 0;
+      const bool first = hq % group == 0 || hq == h0;
       for (int64_t j = 0; j < ctx; ++j) {
         if (first && j + kAhead < ctx) prefetch(values[j + kAhead] + off + i, 64);
         const __m256 w = _mm256_set1_ps(sc[j]);
@@ -345,6 +352,16 @@ __attribute__((target("avx2,fma,f16c"))) void attend_avx2_wide(const Problem<T>&
 }
 #endif
 
+// How many parts each row's heads are cut into, so that `n` rows keep
+// `threads` threads busy: whole rows once they are several a thread (a
+// row's keys are then read by one thread), else as many parts as it takes
+// for the tasks to divide evenly among the threads (n = 1 or 3 on two
+// threads: 2 parts), at most one head a part.
+int64_t head_parts(int64_t n, int64_t threads, int64_t heads) {
+  if (n >= 4 * threads || n % threads == 0) return 1;
+  return std::min(heads, threads / std::gcd(n, threads));
+}
+
 template <typename T>
 void paged_rows(const Problem<T>& p, int64_t n) {
   auto task = attend_generic<T>;
@@ -360,16 +377,26 @@ void paged_rows(const Problem<T>& p, int64_t n) {
     }
   }
 #endif
-  // Rows dealt round-robin, not in contiguous ranges: a row costs in
+  // A task is a row's heads, or a share of them where rows alone would
+  // leave threads idle: one decoding sequence on two threads ran on one of
+  // them (its attention ~10% of a batch-one step, the other thread
+  // spinning). Each head's arithmetic is the same either way.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t parts = head_parts(n, threads, p.heads);
+  const int64_t tasks = n * parts;
+  // Tasks dealt round-robin, not in contiguous ranges: a row costs in
   // proportion to its context, and a prefill's rows (contexts growing row by
   // row) sit together, so a range split could hand one thread most of the
   // work. If the pool runs the tasks inline, one thread walks every lane.
-  const int64_t lanes = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  const int64_t lanes = std::max<int64_t>(1, std::min(threads, tasks));
   at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<float> acc;
     for (int64_t lane = begin; lane < end; ++lane) {
-      for (int64_t s = lane; s < n; s += lanes) task(p, s, scores, acc);
+      for (int64_t t = lane; t < tasks; t += lanes) {
+        const int64_t s = t / parts, part = t % parts;
+        task(p, s, part * p.heads / parts, (part + 1) * p.heads / parts, scores, acc);
+      }
     }
   });
 }

@@ -156,57 +156,96 @@ mod tests {
         Ok(())
     }
 
+    /// Sequences of lengths `lens` in a paged cache of fp32 K/V (blocks out
+    /// of order, no block shared), with queries read in place from a wider
+    /// tensor, GQA (6 heads on 2 kv heads) of width `d`.
+    struct Case {
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        tables: Vec<Vec<i64>>,
+        block_tables: Tensor,
+        rows: Tensor,
+        lens: Vec<i64>,
+        bs: i64,
+    }
+
+    impl Case {
+        fn new(d: i64, lens: &[i64]) -> Result<Self> {
+            let (heads, kv_heads, bs) = (6i64, 2i64, 16i64);
+            let num_blocks: i64 = lens.iter().map(|l| (l + bs - 1) / bs).sum::<i64>() + 2;
+            // Tables: blocks out of order, and sequences sharing none.
+            let mut next = (0..num_blocks).rev();
+            let tables: Vec<Vec<i64>> = lens
+                .iter()
+                .map(|l| {
+                    (0..(l + bs - 1) / bs)
+                        .map(|_| next.next().unwrap_or(0))
+                        .collect()
+                })
+                .collect();
+            let _ = next.count();
+            let max_blocks = tables.iter().map(Vec::len).max().unwrap_or(1);
+            let flat: Vec<i64> = tables
+                .iter()
+                .flat_map(|t| {
+                    t.iter()
+                        .copied()
+                        .chain(std::iter::repeat(0))
+                        .take(max_blocks)
+                })
+                .collect();
+            let block_tables =
+                Tensor::from_slice(&flat).f_view([lens.len() as i64, max_blocks as i64])?;
+            let rows = Tensor::arange(lens.len() as i64, (Kind::Int64, Device::Cpu));
+            let opts = (Kind::Float, Device::Cpu);
+            // The queries are a view into a wider row, as in the fused q/k/v
+            // projection's output: the kernel reads them in place.
+            // Padded heads too, so neither stride is what a contiguous q has.
+            let q = Tensor::f_randn([lens.len() as i64, heads + 2 * kv_heads, d + 8], opts)?
+                .f_mul_scalar(4.0)?
+                .f_narrow(1, 0, heads)?
+                .f_narrow(2, 0, d)?;
+            let k = Tensor::f_randn([num_blocks * bs, kv_heads, d], opts)?.f_mul_scalar(4.0)?;
+            let v = Tensor::f_randn([num_blocks * bs, kv_heads, d], opts)?;
+            Ok(Self {
+                q,
+                k,
+                v,
+                tables,
+                block_tables,
+                rows,
+                lens: lens.to_vec(),
+                bs,
+            })
+        }
+
+        /// The kernel's answer over the caches `k` and `v`.
+        fn attend(&self, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+            paged_attention(
+                &self.q,
+                k,
+                v,
+                &self.block_tables,
+                &self.rows,
+                &Tensor::from_slice(&self.lens),
+                self.bs as usize,
+            )
+        }
+    }
+
     /// [`matches_attention_over_the_gathered_context`] at head width `d`:
     /// a multiple of 8 runs the AVX2 build that reduces 8 keys at once (72
     /// and 96 also its 64-lane weighted sum), another the one that reduces
     /// per key (fp32; 16-bit caches take the portable loops there).
     fn check_gathered_context(d: i64) -> Result<()> {
         let _g = tch::no_grad_guard();
-        let (heads, kv_heads, bs, num_blocks) = (6i64, 2i64, 16i64, 12i64);
-        let lens = [1i64, 7, 16, 37, 150];
-        // Tables: blocks out of order, and sequences sharing none.
-        let mut next = (0..num_blocks).rev();
-        let tables: Vec<Vec<i64>> = lens
-            .iter()
-            .map(|l| {
-                (0..(l + bs - 1) / bs)
-                    .map(|_| next.next().unwrap_or(0))
-                    .collect()
-            })
-            .collect();
-        let _ = next.count();
-        let max_blocks = tables.iter().map(Vec::len).max().unwrap_or(1);
-        let flat: Vec<i64> = tables
-            .iter()
-            .flat_map(|t| {
-                t.iter()
-                    .copied()
-                    .chain(std::iter::repeat(0))
-                    .take(max_blocks)
-            })
-            .collect();
-        let block_tables =
-            Tensor::from_slice(&flat).f_view([lens.len() as i64, max_blocks as i64])?;
-        let context_lens = Tensor::from_slice(&lens);
-        let rows = Tensor::arange(lens.len() as i64, (Kind::Int64, Device::Cpu));
-        let opts = (Kind::Float, Device::Cpu);
-        // The queries are a view into a wider row, as in the fused q/k/v
-        // projection's output: the kernel reads them in place.
-        // Padded heads too, so neither stride is what a contiguous q has.
-        let q = Tensor::f_randn([lens.len() as i64, heads + 2 * kv_heads, d + 8], opts)?
-            .f_mul_scalar(4.0)?
-            .f_narrow(1, 0, heads)?
-            .f_narrow(2, 0, d)?;
-        let k = Tensor::f_randn([num_blocks * bs, kv_heads, d], opts)?.f_mul_scalar(4.0)?;
-        let v = Tensor::f_randn([num_blocks * bs, kv_heads, d], opts)?;
-
+        let c = Case::new(d, &[1, 7, 16, 37, 150])?;
         for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
-            let (k, v) = (k.f_to_kind(kind)?, v.f_to_kind(kind)?);
-            let want = reference(&q, &k, &v, &tables, &lens, bs)?;
+            let (k, v) = (c.k.f_to_kind(kind)?, c.v.f_to_kind(kind)?);
+            let want = reference(&c.q, &k, &v, &c.tables, &c.lens, c.bs)?;
             for portable in [false, true] {
-                let got = with_kernel_build(portable, || {
-                    paged_attention(&q, &k, &v, &block_tables, &rows, &context_lens, bs as usize)
-                })?;
+                let got = with_kernel_build(portable, || c.attend(&k, &v))?;
                 let diff = f64::try_from(got.f_sub(&want)?.f_abs()?.f_max()?)?;
                 assert!(
                     diff < 1e-4,
@@ -215,6 +254,49 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// Fewer rows than threads cut each row's heads among the threads (one
+    /// decoding sequence would otherwise run on one): every head's
+    /// arithmetic is the same as on one thread, bit for bit, whichever heads
+    /// a part holds (parts of 2 and 3 heads cross the GQA groups of 3), for
+    /// every build and cache dtype.
+    #[test]
+    fn cutting_heads_among_threads_changes_no_bit() -> Result<()> {
+        let _g = tch::no_grad_guard();
+        tch::manual_seed(13);
+        let threads = tch::get_num_threads();
+        let result = (|| -> Result<()> {
+            for (d, lens) in [
+                (64i64, vec![150i64]),
+                (36, vec![9, 40, 3]),
+                (64, vec![1, 33]),
+            ] {
+                let c = Case::new(d, &lens)?;
+                for kind in [Kind::Float, Kind::Half] {
+                    let (k, v) = (c.k.f_to_kind(kind)?, c.v.f_to_kind(kind)?);
+                    let want = reference(&c.q, &k, &v, &c.tables, &c.lens, c.bs)?;
+                    for portable in [false, true] {
+                        tch::set_num_threads(1);
+                        let one = with_kernel_build(portable, || c.attend(&k, &v))?;
+                        let diff = f64::try_from(one.f_sub(&want)?.f_abs()?.f_max()?)?;
+                        assert!(diff < 1e-4, "d {d} {kind:?}: off by {diff}");
+                        for n in [2, 3, 4, 5] {
+                            tch::set_num_threads(n);
+                            let got = with_kernel_build(portable, || c.attend(&k, &v))?;
+                            assert!(
+                                got.equal(&one),
+                                "d {d}, rows {lens:?}, {kind:?}, portable {portable}, \
+                                 {n} threads: differs from one thread"
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        tch::set_num_threads(threads);
+        result
     }
 
     /// A prefill's rows share their sequence's table, each attending up to
