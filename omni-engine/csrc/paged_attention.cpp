@@ -10,7 +10,8 @@
 // ~30 MB per layer, and a decode step took 50% longer than at 40 tokens
 // (measured: 400 -> 600 ms). This kernel reads the cached keys and values
 // in place, through the block table, with no padding: one task per query
-// row computes every head's scores (GQA: query head j uses kv head
+// row (or per share of its heads, when rows are fewer than threads)
+// computes its heads' scores (GQA: query head j uses kv head
 // j / (heads / kv_heads), as HF's repeat_kv and SDPA's enable_gqa do), a
 // softmax in fp32, and the weighted sum of the values. A prefill's rows are
 // separate tasks that reread their shared context from the cache, which is
@@ -69,7 +70,8 @@ inline void softmax(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= inv;
 }
 
-// One call's problem, shared by every task: a task is one query row.
+// One call's problem, shared by every task: a task is one query row's heads,
+// or a share of them (paged_rows).
 template <typename T>
 struct Problem {
   // Row s, head h at q + s * q_row + h * q_head (a view into the fused q/k/v
@@ -352,13 +354,14 @@ __attribute__((target("avx2,fma,f16c"))) void attend_avx2_wide(const Problem<T>&
 }
 #endif
 
-// How many parts each row's heads are cut into, so that `n` rows keep
-// `threads` threads busy: whole rows once they are several a thread (a
-// row's keys are then read by one thread), else as many parts as it takes
-// for the tasks to divide evenly among the threads (n = 1 or 3 on two
-// threads: 2 parts), at most one head a part.
+// How many parts each row's heads are cut into: whole rows when there are
+// at least as many as threads (a row's keys are then read by one thread;
+// parts of a row split a GQA group's keys between threads, which reread
+// them), else as many parts as it takes for the tasks to divide evenly
+// among the threads (one row on two threads: 2 parts; 3 rows on 4
+// threads: 4), never more parts than heads.
 int64_t head_parts(int64_t n, int64_t threads, int64_t heads) {
-  if (n >= 4 * threads || n % threads == 0) return 1;
+  if (n >= threads) return 1;
   return std::min(heads, threads / std::gcd(n, threads));
 }
 
@@ -394,7 +397,9 @@ void paged_rows(const Problem<T>& p, int64_t n) {
     std::vector<float> acc;
     for (int64_t lane = begin; lane < end; ++lane) {
       for (int64_t t = lane; t < tasks; t += lanes) {
-        const int64_t s = t / parts, part = t % parts;
+        // Each row's parts rotate among the lanes: with heads that do not
+        // divide evenly, no lane gets every row's larger part.
+        const int64_t s = t / parts, part = (t + s) % parts;
         task(p, s, part * p.heads / parts, (part + 1) * p.heads / parts, scores, acc);
       }
     }
