@@ -86,6 +86,26 @@ pub use vocoder::Vocoder;
 pub use voice::PiperVoice;
 pub use weights::{Blocks, LinearWeight, Weights};
 
+/// For tests that change libtorch's intra-op threads: sets them back as they
+/// were when it was made, when dropped, so a failing assertion leaves no
+/// thread count behind for the tests after it.
+#[cfg(test)]
+pub(crate) struct RestoreThreads(i32);
+
+#[cfg(test)]
+impl RestoreThreads {
+    pub(crate) fn new() -> Self {
+        Self(tch::get_num_threads())
+    }
+}
+
+#[cfg(test)]
+impl Drop for RestoreThreads {
+    fn drop(&mut self) {
+        tch::set_num_threads(self.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -418,48 +418,43 @@ mod tests {
     fn a_quantized_product_is_the_same_on_any_thread_count() -> Result<()> {
         let _g = tch::no_grad_guard();
         tch::manual_seed(4);
-        let threads = tch::get_num_threads();
+        let _restore = crate::RestoreThreads::new();
         let mut rng = Lcg(12);
-        let result = (|| -> Result<()> {
-            let (a, b) = (
-                random_blocks(GgmlType::Q4_1, 999, 576, &mut rng),
-                random_blocks(GgmlType::Q4_1, 301, 576, &mut rng),
-            );
-            let fused = QuantMatrix::new(&[&a, &b])?;
-            let head = QuantMatrix::new(&[&random_blocks(GgmlType::Q8_0, 2050, 576, &mut rng)])?;
-            // Every answer stays alive: a freed output could come back as the
-            // next call's, already holding the right values.
-            let mut answers = Vec::new();
-            for m in [&fused, &head] {
-                for build in KernelBuild::detected().up_to() {
-                    for (batch, activations) in [
-                        (1, Activations::Fp32),
-                        (1, Activations::Int8),
-                        (3, Activations::Fp32),
-                    ] {
-                        let x = randn(&[batch, 576]);
-                        tch::set_num_threads(1);
-                        let one =
+        let (a, b) = (
+            random_blocks(GgmlType::Q4_1, 999, 576, &mut rng),
+            random_blocks(GgmlType::Q4_1, 301, 576, &mut rng),
+        );
+        let fused = QuantMatrix::new(&[&a, &b])?;
+        let head = QuantMatrix::new(&[&random_blocks(GgmlType::Q8_0, 2050, 576, &mut rng)])?;
+        // Every answer stays alive: a freed output could come back as the
+        // next call's, already holding the right values.
+        let mut answers = Vec::new();
+        for m in [&fused, &head] {
+            for build in KernelBuild::detected().up_to() {
+                for (batch, activations) in [
+                    (1, Activations::Fp32),
+                    (1, Activations::Int8),
+                    (3, Activations::Fp32),
+                ] {
+                    let x = randn(&[batch, 576]);
+                    tch::set_num_threads(1);
+                    let one = with_kernel_build(build, || m.linear_with(&x, None, activations))?;
+                    for n in [2, 3, 4] {
+                        tch::set_num_threads(n);
+                        let got =
                             with_kernel_build(build, || m.linear_with(&x, None, activations))?;
-                        for n in [2, 3, 4] {
-                            tch::set_num_threads(n);
-                            let got =
-                                with_kernel_build(build, || m.linear_with(&x, None, activations))?;
-                            assert!(
-                                got.equal(&one),
-                                "{build:?} {activations:?} batch {batch}, {n} threads: \
-                                 differs from one thread"
-                            );
-                            answers.push(got);
-                        }
-                        answers.push(one);
+                        assert!(
+                            got.equal(&one),
+                            "{build:?} {activations:?} batch {batch}, {n} threads: \
+                             differs from one thread"
+                        );
+                        answers.push(got);
                     }
+                    answers.push(one);
                 }
             }
-            Ok(())
-        })();
-        tch::set_num_threads(threads);
-        result
+        }
+        Ok(())
     }
 
     /// `x` (`[rows, cols]`) quantized to int8 per 32 elements and back, with

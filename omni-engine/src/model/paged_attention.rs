@@ -184,7 +184,6 @@ mod tests {
                         .collect()
                 })
                 .collect();
-            let _ = next.count();
             let max_blocks = tables.iter().map(Vec::len).max().unwrap_or(1);
             let flat: Vec<i64> = tables
                 .iter()
@@ -256,16 +255,6 @@ mod tests {
         Ok(())
     }
 
-    /// Sets libtorch's intra-op threads back as they were when dropped, so
-    /// a failing assertion does not leave the test's thread count behind.
-    struct RestoreThreads(i32);
-
-    impl Drop for RestoreThreads {
-        fn drop(&mut self) {
-            tch::set_num_threads(self.0);
-        }
-    }
-
     /// Fewer rows than threads cut each row's heads among the threads (one
     /// decoding sequence would otherwise run on one): every head's
     /// arithmetic is the same as on one thread, bit for bit, whichever heads
@@ -276,7 +265,7 @@ mod tests {
     fn cutting_heads_among_threads_changes_no_bit() -> Result<()> {
         let _g = tch::no_grad_guard();
         tch::manual_seed(13);
-        let _restore = RestoreThreads(tch::get_num_threads());
+        let _restore = crate::RestoreThreads::new();
         for (d, lens) in [
             (64i64, vec![150i64]),
             (40, vec![70]),
