@@ -46,6 +46,7 @@ fn main() {
     build
         .cpp(true)
         .file("csrc/shim.cpp")
+        .file("csrc/decode_layer.cpp")
         .file("csrc/fbgemm_fp16.cpp")
         .file("csrc/fused.cpp")
         .file("csrc/paged_attention.cpp")

@@ -12,7 +12,8 @@
 //! is.
 //!
 //! Environment: `OMNI_BENCH_THREADS` (default 2), `OMNI_BENCH_SKIP`
-//! (comma list of `hf`, `llamacpp`, `native`, `fp16`, `q4`, `q4-int8`),
+//! (comma list of `hf`, `llamacpp`, `native`, `fp16`, `q4`, `q4-int8`,
+//! `q4-ops`: `q4` with `OMNI_FUSED_DECODE=0`),
 //! `OMNI_MODEL_DIR`.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -281,9 +282,13 @@ fn agreement(a: &Value, b: &Value) -> f64 {
     same as f64 / total.max(1) as f64
 }
 
-fn run_child(exe: &str, args: &[&str]) -> Value {
+fn run_child(exe: &str, args: &[&str], env: &[(&str, &str)]) -> Value {
     eprintln!("[bench] running {}", args.join(" "));
-    match Command::new(exe).args(args).output() {
+    match Command::new(exe)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+    {
         Ok(o) if o.status.success() => {
             let text = String::from_utf8_lossy(&o.stdout);
             text.lines()
@@ -336,9 +341,21 @@ fn main() -> Res<()> {
         if !skip.contains(&p) {
             rows.push((
                 format!("omni {p}"),
-                run_child(&exe, &["--child", p, &wpath_s]),
+                run_child(&exe, &["--child", p, &wpath_s], &[]),
             ));
         }
+    }
+    // `q4` with a lone decoding token's layers op by op instead of one
+    // call each: what the fused decode layer gains, in the same run.
+    if !skip.contains(&"q4-ops") {
+        rows.push((
+            "omni q4, layers op by op".to_owned(),
+            run_child(
+                &exe,
+                &["--child", "q4", &wpath_s],
+                &[("OMNI_FUSED_DECODE", "0")],
+            ),
+        ));
     }
     for (name, which) in [
         ("HF transformers fp32", "hf"),
@@ -408,7 +425,9 @@ fn main() -> Res<()> {
         let precision = match name.as_str() {
             "omni native" => Some("native"),
             "omni fp16" => Some("fp16"),
-            "omni q4" | "omni q4-int8" | "llama.cpp Q4_1" => Some("q4"),
+            "omni q4" | "omni q4-int8" | "omni q4, layers op by op" | "llama.cpp Q4_1" => {
+                Some("q4")
+            }
             _ => None,
         };
         let (mb, share) = match (precision, v["single_decode_tok_s"].as_f64()) {

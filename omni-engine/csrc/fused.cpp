@@ -23,6 +23,7 @@
 #include <cmath>
 #include <limits>
 
+#include "kernels.h"
 #include "shim.h"
 #include "simd.h"
 
@@ -291,7 +292,30 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor* delta, const at::Tens
   return out;
 }
 
+// The build run_rows would pick for a row.
+template <typename Args>
+void run_row(void (*generic)(const Args&, int64_t, int64_t),
+             void (*avx2)(const Args&, int64_t, int64_t), const Args& args) {
+  (omni::use_avx2() && avx2 != nullptr ? avx2 : generic)(args, 0, 1);
+}
+
 }  // namespace
+
+namespace omni {
+
+void rms_norm_row(float* x, const float* delta, const float* w, float* out, int64_t n, float eps) {
+  run_row<NormArgs>(norm_generic, norm_avx2, NormArgs{x, n, delta, n, w, out, n, eps});
+}
+
+void rope_row(float* x, int64_t heads, int64_t d, const float* cos, const float* sin) {
+  run_row<RopeArgs>(rope_generic, rope_avx2, RopeArgs{x, heads * d, d, cos, sin, heads, d});
+}
+
+void silu_and_mul_row(const float* gu, float* out, int64_t n) {
+  run_row<SiluArgs>(silu_generic, silu_avx2, SiluArgs{gu, 2 * n, out, n});
+}
+
+}  // namespace omni
 
 extern "C" {
 

@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kernels.h"
 #include "shim.h"
 #include "simd.h"
 
@@ -365,8 +366,9 @@ int64_t head_parts(int64_t n, int64_t threads, int64_t heads) {
   return std::min(heads, threads / std::gcd(n, threads));
 }
 
+// The build of `attend` that runs `p`.
 template <typename T>
-void paged_rows(const Problem<T>& p, int64_t n) {
+auto attend_task(const Problem<T>& p) {
   auto task = attend_generic<T>;
 #ifdef OMNI_X86
   if (omni::use_avx2()) {
@@ -379,7 +381,15 @@ void paged_rows(const Problem<T>& p, int64_t n) {
       if (wide) task = attend_avx2_wide<T>;
     }
   }
+#else
+  (void)p;
 #endif
+  return task;
+}
+
+template <typename T>
+void paged_rows(const Problem<T>& p, int64_t n) {
+  const auto task = attend_task(p);
   // A task is a row's heads, or a share of them where rows alone would
   // leave threads idle: one decoding sequence on two threads ran on one of
   // them (its attention ~10% of a batch-one step, the other thread
@@ -457,7 +467,64 @@ void narrow_rows(const float* x, int64_t x_stride, T* dst, const int64_t* slots,
   for (int64_t i = begin; i < end; ++i) row(x + i * x_stride, dst + slots[i] * width, width);
 }
 
+template <typename T>
+void attend_row_as(const omni::RowAttention& r, int64_t h0, int64_t h1,
+                   std::vector<float>& scores, std::vector<float>& acc) {
+  const int64_t row_table = 0;
+  const Problem<T> p{r.q,
+                     0,
+                     r.d,
+                     static_cast<const T*>(r.k_cache),
+                     static_cast<const T*>(r.v_cache),
+                     r.table,
+                     &row_table,
+                     0,
+                     &r.context,
+                     r.out,
+                     r.heads,
+                     r.kv_heads,
+                     r.d,
+                     r.block_size,
+                     r.scale};
+  attend_task(p)(p, 0, h0, h1, scores, acc);
+}
+
+template <typename T>
+void write_row_as(const float* k, const float* v, void* k_cache, void* v_cache, int64_t slot,
+                  int64_t width) {
+  T* kc = static_cast<T*>(k_cache);
+  T* vc = static_cast<T*>(v_cache);
+  narrow_rows(k, 0, kc, &slot, width, 0, 1);
+  narrow_rows(v, 0, vc, &slot, width, 0, 1);
+}
+
 }  // namespace
+
+namespace omni {
+
+void attend_row(const RowAttention& r, int64_t h0, int64_t h1, std::vector<float>& scores,
+                std::vector<float>& acc) {
+  switch (r.dtype) {
+    case at::kHalf: return attend_row_as<at::Half>(r, h0, h1, scores, acc);
+    case at::kBFloat16: return attend_row_as<at::BFloat16>(r, h0, h1, scores, acc);
+    default: return attend_row_as<float>(r, h0, h1, scores, acc);
+  }
+}
+
+void write_kv_row(const float* k, const float* v, void* k_cache, void* v_cache,
+                  at::ScalarType dtype, int64_t slot, int64_t width) {
+  switch (dtype) {
+    case at::kHalf: return write_row_as<at::Half>(k, v, k_cache, v_cache, slot, width);
+    case at::kBFloat16: return write_row_as<at::BFloat16>(k, v, k_cache, v_cache, slot, width);
+    default: {
+      const size_t bytes = static_cast<size_t>(width) * sizeof(float);
+      std::memcpy(static_cast<float*>(k_cache) + slot * width, k, bytes);
+      std::memcpy(static_cast<float*>(v_cache) + slot * width, v, bytes);
+    }
+  }
+}
+
+}  // namespace omni
 
 extern "C" {
 

@@ -33,6 +33,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels.h"
 #include "shim.h"
 #include "simd.h"
 
@@ -339,11 +340,8 @@ namespace {
 constexpr int64_t kQ8Block = 32;
 
 // One activation row, quantized.
-struct Q8Row {
-  std::vector<int8_t> q;    // [in]
-  std::vector<float> d;     // [in / 32]
-  std::vector<float> dsum;  // [in / 32]: d * (sum of the block's q)
-};
+// (kernels.h: decode_layer.cpp makes them too.)
+using omni::Q8Row;
 
 bool has_q8_kernel(int32_t type) { return type == kQ4_0 || type == kQ4_1 || type == kQ8_0; }
 
@@ -601,7 +599,49 @@ void dequant_segment_at(int level, const Segment& s, const int64_t* rows, int64_
   portable::dequant_segment(s, rows, count, out);
 }
 
+// Output columns [b, e) of the product, one activation row or more (`p`).
+void run_columns(const Matrix& mat, const Problem& p, const Q8Row* q8, int level, int64_t b,
+                 int64_t e) {
+  for (const Segment& s : mat.segments) {
+    const int64_t lo = std::max(b, s.col0), hi = std::min(e, s.col0 + s.rows);
+    if (lo >= hi) continue;
+    if (q8 != nullptr && has_q8_kernel(s.type)) {
+      run_q8_segment_at(level, s, *q8, p.y, lo - s.col0, hi - s.col0);
+    } else {
+      run_segment_at(level, s, p, lo - s.col0, hi - s.col0);
+    }
+  }
+}
+
+bool takes_q8(const Matrix& mat) {
+  return std::any_of(mat.segments.begin(), mat.segments.end(),
+                     [](const Segment& s) { return has_q8_kernel(s.type); });
+}
+
 }  // namespace
+
+namespace omni {
+
+int64_t quant_in_features(const void* matrix) {
+  return static_cast<const Matrix*>(matrix)->in_features;
+}
+
+int64_t quant_out_features(const void* matrix) {
+  return static_cast<const Matrix*>(matrix)->out_features;
+}
+
+bool quant_takes_q8(const void* matrix) { return takes_q8(*static_cast<const Matrix*>(matrix)); }
+
+void quantize_q8(const float* x, int64_t n, Q8Row& out) { quantize_row(x, n, out); }
+
+void quant_row_product(const void* matrix, const float* x, const Q8Row* q8, float* y, int64_t b,
+                       int64_t e) {
+  const auto& mat = *static_cast<const Matrix*>(matrix);
+  const Problem p{x, mat.in_features, y, mat.out_features, 1};
+  run_columns(mat, p, q8, active_level(), b, e);
+}
+
+}  // namespace omni
 
 extern "C" {
 
@@ -668,25 +708,14 @@ at::Tensor* omni_quant_linear(const at::Tensor* input, const void* handle, const
                       mat.out_features, m};
       const int level = active_level();
       Q8Row q8;
-      const bool use_q8 =
-          int8_activations && m == 1 &&
-          std::any_of(mat.segments.begin(), mat.segments.end(),
-                      [](const Segment& s) { return has_q8_kernel(s.type); });
+      const bool use_q8 = int8_activations && m == 1 && takes_q8(mat);
       if (use_q8) quantize_row(p.x, mat.in_features, q8);
       // A task gets whole rows; ~64 KiB of blocks per task at least, so a
       // small matrix stays on the calling thread.
       const int64_t bytes_per_row = mat.segments.front().row_bytes;
       const int64_t grain = std::max<int64_t>(4, (64 << 10) / std::max<int64_t>(bytes_per_row, 1));
       at::parallel_for(0, mat.out_features, grain, [&](int64_t b, int64_t e) {
-        for (const Segment& s : mat.segments) {
-          const int64_t lo = std::max(b, s.col0), hi = std::min(e, s.col0 + s.rows);
-          if (lo >= hi) continue;
-          if (use_q8 && has_q8_kernel(s.type)) {
-            run_q8_segment_at(level, s, q8, p.y, lo - s.col0, hi - s.col0);
-          } else {
-            run_segment_at(level, s, p, lo - s.col0, hi - s.col0);
-          }
-        }
+        run_columns(mat, p, use_q8 ? &q8 : nullptr, level, b, e);
       });
     }
     if (bias != nullptr) y.add_(*bias);

@@ -252,6 +252,25 @@ impl Linear {
         Self::new(weight, bias, precision)
     }
 
+    /// The blocks a call of `rows` rows multiplies, and how it takes its
+    /// activations; `None` when such a call runs another storage.
+    pub fn blocks_for(&self, rows: usize) -> Option<(&QuantMatrix, Activations)> {
+        match &self.weight {
+            Storage::Quantized {
+                blocks,
+                wide,
+                max_rows,
+                activations,
+            } if wide.is_none() || rows <= *max_rows => Some((blocks, *activations)),
+            _ => None,
+        }
+    }
+
+    /// The bias, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// `x`: `[..., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {

@@ -236,6 +236,12 @@ impl QuantMatrix {
         Ok(m)
     }
 
+    /// The C++ matrix, for kernels that take it directly (the fused
+    /// decode layer); it lives as long as `self`.
+    pub(crate) fn handle(&self) -> *const c_void {
+        self.handle.as_ptr()
+    }
+
     /// Columns (input features).
     pub fn in_features(&self) -> i64 {
         self.in_features

@@ -73,11 +73,24 @@ fn check_with(fixture: &str, model: &Path, precision: &str, tol: f64) -> Result<
     check_engine(fixture, engine_for(model, precision)?, tol)
 }
 
-fn check_engine(fixture: &str, mut engine: LLMEngine, tol: f64) -> Result<()> {
+fn check_engine(fixture: &str, engine: LLMEngine, tol: f64) -> Result<()> {
+    check_engine_batched(fixture, engine, tol, true)
+}
+
+/// [`check_engine`], the cases decoding as one batch or (`batched` false)
+/// one after another, each alone: a lone decoding token's step runs the
+/// fused decoder layer where the weights are on blocks.
+fn check_engine_batched(
+    fixture: &str,
+    mut engine: LLMEngine,
+    tol: f64,
+    batched: bool,
+) -> Result<()> {
     let f = load_json(fixture)?;
     let cases = f["cases"].as_array().cloned().unwrap_or_default();
     assert!(!cases.is_empty(), "{fixture}: no cases");
     let mut worst = 0f64;
+    let mut finished = Vec::new();
     for case in &cases {
         let name = case["name"].as_str().unwrap_or("?");
         let prompt = ids(&case["prompt_token_ids"]);
@@ -93,53 +106,61 @@ fn check_engine(fixture: &str, mut engine: LLMEngine, tol: f64) -> Result<()> {
             );
         }
         engine.add_request(name, Prompt::TokenIds(prompt), greedy(32))?;
+        if !batched {
+            finished.extend(run_to_end(&mut engine)?);
+        }
     }
     eprintln!("{fixture}: largest top-5 logit deviation {worst:.5} (tolerance {tol})");
+    finished.extend(run_to_end(&mut engine)?);
     let mut done = 0;
-    while engine.has_unfinished() {
-        for out in engine.step()? {
-            if !out.finished {
-                continue;
-            }
-            done += 1;
-            let case = cases
-                .iter()
-                .find(|c| c["name"].as_str() == Some(out.request_id.as_str()))
-                .ok_or_else(|| fail(format!("unknown output {}", out.request_id)))?;
-            // Where the reference's top-two margin is under the logit
-            // tolerance, a path within it may pick the other token: tokens
-            // are asserted up to the first such step (all of them when no
-            // step is that close; the fp32 paths' tolerances are below every
-            // margin of the fixtures, so they are asserted whole).
-            let want = ids(&case["greedy_token_ids"]);
-            let margins: Vec<f64> = case["greedy_margins"]
-                .as_array()
-                .map(|a| a.iter().filter_map(Value::as_f64).collect())
-                .unwrap_or_default();
-            let stable = margins
-                .iter()
-                .position(|&m| m < tol)
-                .unwrap_or(want.len())
-                .min(want.len());
-            if stable < want.len() {
-                eprintln!(
-                    "{fixture} {}: tokens asserted up to step {stable} of {} (reference margin \
-                     {:.4} there, under the tolerance {tol})",
-                    out.request_id,
-                    want.len(),
-                    margins[stable]
-                );
-            }
-            assert_eq!(
-                out.token_ids.get(..stable),
-                want.get(..stable),
-                "{fixture} {}: greedy tokens differ from transformers before any close step",
-                out.request_id
+    for out in finished {
+        done += 1;
+        let case = cases
+            .iter()
+            .find(|c| c["name"].as_str() == Some(out.request_id.as_str()))
+            .ok_or_else(|| fail(format!("unknown output {}", out.request_id)))?;
+        // Where the reference's top-two margin is under the logit
+        // tolerance, a path within it may pick the other token: tokens
+        // are asserted up to the first such step (all of them when no
+        // step is that close; the fp32 paths' tolerances are below every
+        // margin of the fixtures, so they are asserted whole).
+        let want = ids(&case["greedy_token_ids"]);
+        let margins: Vec<f64> = case["greedy_margins"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default();
+        let stable = margins
+            .iter()
+            .position(|&m| m < tol)
+            .unwrap_or(want.len())
+            .min(want.len());
+        if stable < want.len() {
+            eprintln!(
+                "{fixture} {}: tokens asserted up to step {stable} of {} (reference margin \
+                 {:.4} there, under the tolerance {tol})",
+                out.request_id,
+                want.len(),
+                margins[stable]
             );
         }
+        assert_eq!(
+            out.token_ids.get(..stable),
+            want.get(..stable),
+            "{fixture} {}: greedy tokens differ from transformers before any close step",
+            out.request_id
+        );
     }
     assert_eq!(done, cases.len());
     Ok(())
+}
+
+/// Steps `engine` until every request is done; their final outputs.
+fn run_to_end(engine: &mut LLMEngine) -> Result<Vec<omni_engine::RequestOutput>> {
+    let mut finished = Vec::new();
+    while engine.has_unfinished() {
+        finished.extend(engine.step()?.into_iter().filter(|o| o.finished));
+    }
+    Ok(finished)
 }
 
 #[test]
@@ -192,6 +213,19 @@ fn smollm2_blocks_only(precision: &str) -> Result<LLMEngine> {
     })
 }
 
+/// Each case decoding alone on the blocks: every step after the prompt's is
+/// a lone decoding token, which runs each layer in one call (the fused
+/// decode layer, fp32 activations); tokens transformers' whole.
+#[test]
+fn smollm2_gguf_decoding_alone_on_quantized_blocks_matches_transformers() -> Result<()> {
+    check_engine_batched(
+        "smollm2-135m-instruct-q4_1.json",
+        smollm2_blocks_only("q4")?,
+        1e-3,
+        false,
+    )
+}
+
 /// The `q4` default: blocks for decode steps (up to `QUANT_MAX_ROWS` rows),
 /// the fp16 copy for prefills; held to the fp16 path's tolerance.
 #[test]
@@ -235,6 +269,21 @@ fn tiny_kquant_gguf_with_quantized_blocks_matches_transformers() -> Result<()> {
             ..engine_args(&fixtures().join("tiny-kquant.gguf"), "q4")
         })?,
         1e-3,
+    )
+}
+
+/// The K-quant GGUF's cases decoding alone: the fused decode layer on
+/// Q4_K and Q6_K blocks.
+#[test]
+fn tiny_kquant_gguf_decoding_alone_matches_transformers() -> Result<()> {
+    check_engine_batched(
+        "tiny-kquant.json",
+        LLMEngine::new(&EngineArgs {
+            quant_max_rows: Some(usize::MAX),
+            ..engine_args(&fixtures().join("tiny-kquant.gguf"), "q4")
+        })?,
+        1e-3,
+        false,
     )
 }
 

@@ -16,7 +16,8 @@
 //! paged cache through the index tensors of [`ForwardBatch`].
 use tch::{Device, Kind, Tensor};
 
-use super::batch::{ForwardBatch, RowKeys};
+use super::batch::{ForwardBatch, RowGroup, RowKeys};
+use super::decode_layer::{self, decode_layer, DecodeRow, LayerBlocks};
 use super::fused::Kernels;
 use super::paged_attention::{paged_attention, paged_kv_write};
 use super::rotary::Rotary;
@@ -361,64 +362,96 @@ impl Model {
             Some(first) => ops.rms_norm(&x, &first.input_layernorm, eps)?,
             None => x.shallow_clone(),
         };
-        for (l, layer) in self.layers.iter().enumerate() {
-            let qkv = layer.qkv_proj.forward(&h)?;
-            let v = qkv
-                .f_narrow(1, (nh + nkv) * d, nkv * d)?
-                .f_view([t, nkv, d])?;
-            // Queries and keys rotate together (one RoPE for both) unless
-            // Qwen3's per-head norms must touch them separately first.
-            let qk = qkv
-                .f_narrow(1, 0, (nh + nkv) * d)?
-                .f_view([t, nh + nkv, d])?;
-            let qk = match (&layer.q_norm, &layer.k_norm) {
-                (Some(qn), Some(kn)) => {
-                    let norm = |x: Tensor, w: &Tensor| -> Result<Tensor> {
-                        let heads = x.size()[1];
-                        let flat = x.f_reshape([-1, d])?;
-                        Ok(ops.rms_norm(&flat, w, eps)?.f_view([t, heads, d])?)
-                    };
-                    Tensor::f_cat(
-                        &[
-                            norm(qk.f_narrow(1, 0, nh)?, qn)?,
-                            norm(qk.f_narrow(1, nh, nkv)?, kn)?,
-                        ],
-                        1,
-                    )?
-                }
-                _ => qk,
+        if let Some((blocks, [block_tables, row_tables, context_lens])) =
+            self.lone_decode(batch, &x, cache)
+        {
+            let row = DecodeRow {
+                heads: nh,
+                kv_heads: nkv,
+                eps,
+                cos: &cos,
+                sin: &sin,
+                block_tables,
+                row_tables,
+                context_lens,
+                slots: &batch.slots,
+                block_size: cache.block_size(),
+                scale: 1.0 / (d as f64).sqrt(),
             };
-            let qk = ops.rope(qk, &cos, &sin)?;
-            let q = qk.f_narrow(1, 0, nh)?;
-            let k = qk.f_narrow(1, nh, nkv)?;
-            // New K/V in the cache's dtype; the CPU kernel's row copies
-            // round fp32 into a 16-bit cache themselves.
-            let rounds_itself =
-                batch.paged && k.kind() == Kind::Float && cache.kind() != Kind::Float;
-            let stored = |x: &Tensor| -> Result<Tensor> {
-                if rounds_itself {
-                    Ok(x.shallow_clone())
-                } else {
-                    in_kind(x.shallow_clone(), cache.kind())
-                }
-            };
-            let (k_new, v_new) = (stored(&k)?, stored(&v)?);
-            if batch.paged {
-                paged_kv_write(&cache.k[l], &cache.v[l], &batch.slots, &k_new, &v_new)?;
-            } else {
-                let _ = cache.k[l].f_index_copy_(0, &batch.slots, &k_new)?;
-                let _ = cache.v[l].f_index_copy_(0, &batch.slots, &v_new)?;
+            for (l, (layer, blocks)) in self.layers.iter().zip(&blocks).enumerate() {
+                decode_layer(
+                    &mut x,
+                    &mut h,
+                    blocks,
+                    &layer.post_attention_layernorm,
+                    self.layers.get(l + 1).map(|next| &next.input_layernorm),
+                    &cache.k[l],
+                    &cache.v[l],
+                    &row,
+                )?;
             }
-            let attn = self.attention(batch, cache, l, &q, &k, &v)?;
-            let o = layer.o_proj.forward(&attn)?;
-            h = ops.add_rms_norm(&mut x, &o, &layer.post_attention_layernorm, eps)?;
+        } else {
+            for (l, layer) in self.layers.iter().enumerate() {
+                let qkv = layer.qkv_proj.forward(&h)?;
+                let v = qkv
+                    .f_narrow(1, (nh + nkv) * d, nkv * d)?
+                    .f_view([t, nkv, d])?;
+                // Queries and keys rotate together (one RoPE for both) unless
+                // Qwen3's per-head norms must touch them separately first.
+                let qk = qkv
+                    .f_narrow(1, 0, (nh + nkv) * d)?
+                    .f_view([t, nh + nkv, d])?;
+                let qk = match (&layer.q_norm, &layer.k_norm) {
+                    (Some(qn), Some(kn)) => {
+                        let norm = |x: Tensor, w: &Tensor| -> Result<Tensor> {
+                            let heads = x.size()[1];
+                            let flat = x.f_reshape([-1, d])?;
+                            Ok(ops.rms_norm(&flat, w, eps)?.f_view([t, heads, d])?)
+                        };
+                        Tensor::f_cat(
+                            &[
+                                norm(qk.f_narrow(1, 0, nh)?, qn)?,
+                                norm(qk.f_narrow(1, nh, nkv)?, kn)?,
+                            ],
+                            1,
+                        )?
+                    }
+                    _ => qk,
+                };
+                let qk = ops.rope(qk, &cos, &sin)?;
+                let q = qk.f_narrow(1, 0, nh)?;
+                let k = qk.f_narrow(1, nh, nkv)?;
+                // New K/V in the cache's dtype; the CPU kernel's row copies
+                // round fp32 into a 16-bit cache themselves.
+                let rounds_itself =
+                    batch.paged && k.kind() == Kind::Float && cache.kind() != Kind::Float;
+                let stored = |x: &Tensor| -> Result<Tensor> {
+                    if rounds_itself {
+                        Ok(x.shallow_clone())
+                    } else {
+                        in_kind(x.shallow_clone(), cache.kind())
+                    }
+                };
+                let (k_new, v_new) = (stored(&k)?, stored(&v)?);
+                if batch.paged {
+                    paged_kv_write(&cache.k[l], &cache.v[l], &batch.slots, &k_new, &v_new)?;
+                } else {
+                    let _ = cache.k[l].f_index_copy_(0, &batch.slots, &k_new)?;
+                    let _ = cache.v[l].f_index_copy_(0, &batch.slots, &v_new)?;
+                }
+                let attn = self.attention(batch, cache, l, &q, &k, &v)?;
+                let o = layer.o_proj.forward(&attn)?;
+                h = ops.add_rms_norm(&mut x, &o, &layer.post_attention_layernorm, eps)?;
 
-            let act = ops.silu_and_mul(&layer.gate_up_proj.forward(&h)?)?;
-            let down = layer.down_proj.forward(&act)?;
-            match self.layers.get(l + 1) {
-                Some(next) => h = ops.add_rms_norm(&mut x, &down, &next.input_layernorm, eps)?,
-                None => {
-                    let _ = x.f_add_(&down)?;
+                let act = ops.silu_and_mul(&layer.gate_up_proj.forward(&h)?)?;
+                let down = layer.down_proj.forward(&act)?;
+                match self.layers.get(l + 1) {
+                    Some(next) => {
+                        h = ops.add_rms_norm(&mut x, &down, &next.input_layernorm, eps)?
+                    }
+                    None => {
+                        let _ = x.f_add_(&down)?;
+                    }
                 }
             }
         }
@@ -442,6 +475,63 @@ impl Model {
             states,
             prompt_hidden,
         })
+    }
+
+    /// For a step of one decoding token that the fused layer runs
+    /// ([`decode_layer`]): every layer's blocks, and the row's block tables,
+    /// table and context length. `None` sends the step op by op: other
+    /// devices and dtypes, more tokens, prefills, Qwen3's q/k norms, a
+    /// product that is not on blocks at one row, or `OMNI_FUSED_DECODE=0`.
+    fn lone_decode<'s, 'b>(
+        &'s self,
+        batch: &'b ForwardBatch,
+        x: &Tensor,
+        cache: &KvCache,
+    ) -> Option<(Vec<LayerBlocks<'s>>, [&'b Tensor; 3])> {
+        let keys = match &batch.batched {
+            Some(RowGroup {
+                count: 1,
+                keys:
+                    RowKeys::Paged {
+                        block_tables,
+                        row_tables,
+                        context_lens,
+                    },
+            }) => [block_tables, row_tables, context_lens],
+            _ => return None,
+        };
+        let fits = batch.num_tokens == 1
+            && batch.paged
+            && batch.prefills.is_empty()
+            && Kernels::for_tensor(x) == Kernels::Fused
+            && matches!(cache.kind(), Kind::Float | Kind::Half | Kind::BFloat16)
+            && decode_layer::enabled();
+        if !fits {
+            return None;
+        }
+        let blocks = self
+            .layers
+            .iter()
+            .map(|layer| {
+                if layer.q_norm.is_some() || layer.k_norm.is_some() {
+                    return None;
+                }
+                let (qkv, activations) = layer.qkv_proj.blocks_for(1)?;
+                let on_blocks = |linear: &'s Linear| match linear.blocks_for(1) {
+                    Some((m, a)) if a == activations && linear.bias().is_none() => Some(m),
+                    _ => None,
+                };
+                Some(LayerBlocks {
+                    qkv,
+                    qkv_bias: layer.qkv_proj.bias(),
+                    o: on_blocks(&layer.o_proj)?,
+                    gate_up: on_blocks(&layer.gate_up_proj)?,
+                    down: on_blocks(&layer.down_proj)?,
+                    activations,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some((blocks, keys))
     }
 
     /// Logits `[rows, vocab]` (fp32) of final-norm hidden states.
@@ -595,6 +685,7 @@ mod tests {
     use super::*;
     use crate::config::Architecture;
     use crate::model::batch::{BatchEntry, DecodePath};
+    use crate::model::decode_layer::tests::{fused_layers, with_fused_decode};
     use crate::model::testing::{random_weights, tiny_config};
 
     /// Logits of three sequences (5, 18 and 150 tokens) whose blocks are
@@ -774,6 +865,179 @@ mod tests {
         let e = paged_attention(&q, &cache, &cache, &short, &rows, &lens, 4)
             .expect_err("6 tokens do not fit one block of 4");
         assert!(e.to_string().contains("context length 6"), "{e}");
+        Ok(())
+    }
+
+    /// Logits of a prompt's last position and then of `steps` greedy
+    /// decode steps of that sequence alone, the model loaded from the GGUF
+    /// at `path` with its blocks kept (`precision`), in a cache of `kv`.
+    fn lone_decode_logits(
+        path: &std::path::Path,
+        precision: WeightPrecision,
+        kv: Kind,
+        steps: usize,
+    ) -> Result<Tensor> {
+        let source = crate::loader::ModelSource::open(&path.to_string_lossy())?;
+        let cfg = source.config().clone();
+        let mut w =
+            source.load_weights_with(Kind::Float, Device::Cpu, crate::weights::Blocks::Keep)?;
+        let opts = ModelOptions {
+            precision,
+            quant_max_rows: crate::linear::QUANT_MAX_ROWS,
+            max_positions: 256,
+        };
+        let model = Model::new(&cfg, &mut w, &opts)?;
+        let bs = 4;
+        let mut cache = model.new_cache_of(16, bs, kv)?;
+        // Blocks out of order: the fused layer must follow the table.
+        let table: Vec<u32> = (0..16).map(|b| 15 - (b * 5) % 16).collect();
+        let vocab = cfg.vocab_size as u32;
+        let mut tokens: Vec<u32> = (0..11).map(|i| 1 + (i * 37) % (vocab - 1)).collect();
+        let mut all = Vec::new();
+        let mut from = 0;
+        for _ in 0..=steps {
+            let entry = BatchEntry {
+                wants_logits: true,
+                ..BatchEntry::text(&tokens[from..], from, &table)
+            };
+            let batch = ForwardBatch::new(&[entry], bs, Device::Cpu)?;
+            let logits = model.forward(&batch, &mut cache)?.logits;
+            from = tokens.len();
+            tokens.push(i64::try_from(logits.f_argmax(-1, false)?.f_get(0)?)? as u32);
+            all.push(logits);
+        }
+        Ok(Tensor::f_cat(&all, 0)?)
+    }
+
+    /// A lone decoding token's layers in one call (`decode_layer`) give the
+    /// op-by-op path's logits bit for bit: K-quant blocks (llama.cpp's own
+    /// Q4_K_M of a tiny model, a fused q/k/v of mixed types) and SmolLM2's
+    /// Q4_1 with fp32 and int8 activations; fp32, fp16 and bf16 caches; one
+    /// to three threads (the attention's heads and each product's columns
+    /// cut among them); the AVX2 and portable builds of the elementwise
+    /// kernels, the widest build of the products.
+    #[test]
+    fn the_fused_decode_layer_is_the_op_by_op_path_bit_for_bit() -> Result<()> {
+        let _threads = crate::RestoreThreads::new();
+        let kquant = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-kquant.gguf");
+        let smollm2 = crate::model_dir().join(crate::SMOLLM2.file_name);
+        let cases = [
+            (&kquant, WeightPrecision::Q4, Kind::Float, 3, false),
+            (&kquant, WeightPrecision::Q4, Kind::Half, 2, true),
+            (&kquant, WeightPrecision::Q4, Kind::BFloat16, 1, false),
+            (&smollm2, WeightPrecision::Q4, Kind::Float, 2, false),
+            (&smollm2, WeightPrecision::Q4Int8, Kind::Float, 3, false),
+            (&smollm2, WeightPrecision::Q4Int8, Kind::Half, 1, true),
+        ];
+        for (path, precision, kv, threads, portable) in cases {
+            tch::set_num_threads(threads);
+            // Other tests switch the kernels' builds process-wide; these
+            // hold the switches for the two runs.
+            let (fused, op_by_op) = crate::model::with_kernel_build(portable, || {
+                let build = crate::quant::KernelBuild::detected();
+                crate::quant::with_kernel_build(build, || -> Result<_> {
+                    let run = |on| -> Result<(Tensor, usize)> {
+                        let before = fused_layers();
+                        let logits =
+                            with_fused_decode(on, || lone_decode_logits(path, precision, kv, 6))?;
+                        Ok((logits, fused_layers() - before))
+                    };
+                    let ((fused, layers), (op_by_op, none)) = (run(true)?, run(false)?);
+                    // Six steps of every layer, none of them op by op.
+                    assert!(
+                        layers > 0 && layers % 6 == 0 && none == 0,
+                        "{layers} / {none}"
+                    );
+                    Ok((fused, op_by_op))
+                })
+            })?;
+            let what = format!(
+                "{} {precision:?} {kv:?} cache, {threads} threads, portable {portable}",
+                path.display()
+            );
+            assert_eq!(fused.size()[0], 7, "{what}");
+            assert!(
+                fused.equal(&op_by_op),
+                "{what}: the fused layer's logits differ by up to {}",
+                f64::try_from(fused.f_sub(&op_by_op)?.f_abs()?.f_max()?)?
+            );
+        }
+        Ok(())
+    }
+
+    /// A slot, context or block the cache does not have is an error that
+    /// names it, raised before any thread reads or writes.
+    #[test]
+    fn the_fused_decode_layer_refuses_indices_outside_the_cache() -> Result<()> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-kquant.gguf");
+        let source = crate::loader::ModelSource::open(&path.to_string_lossy())?;
+        let cfg = source.config().clone();
+        let mut w =
+            source.load_weights_with(Kind::Float, Device::Cpu, crate::weights::Blocks::Keep)?;
+        let opts = ModelOptions {
+            precision: WeightPrecision::Q4,
+            quant_max_rows: crate::linear::QUANT_MAX_ROWS,
+            max_positions: 64,
+        };
+        let model = Model::new(&cfg, &mut w, &opts)?;
+        let cache = model.new_cache_of(4, 4, Kind::Float)?;
+        let layer = &model.layers[0];
+        fn on_blocks(l: &Linear) -> &QuantMatrix {
+            l.blocks_for(1)
+                .map(|(m, _)| m)
+                .expect("the fixture's matrices are on blocks")
+        }
+        let blocks = LayerBlocks {
+            qkv: on_blocks(&layer.qkv_proj),
+            qkv_bias: layer.qkv_proj.bias(),
+            o: on_blocks(&layer.o_proj),
+            gate_up: on_blocks(&layer.gate_up_proj),
+            down: on_blocks(&layer.down_proj),
+            activations: crate::quant::Activations::Fp32,
+        };
+        let hidden = cfg.hidden_size as i64;
+        let d = cfg.head_dim as i64;
+        let ones = Tensor::f_ones([d], (Kind::Float, Device::Cpu))?;
+        let run = |table: &[i64], len: i64, slot: i64| -> Result<()> {
+            let mut x = Tensor::f_zeros([1, hidden], (Kind::Float, Device::Cpu))?;
+            let mut h = x.copy();
+            let tables = Tensor::from_slice(table).f_view([1, -1])?;
+            let row = DecodeRow {
+                heads: cfg.num_attention_heads as i64,
+                kv_heads: cfg.num_key_value_heads as i64,
+                eps: 1e-5,
+                cos: &ones,
+                sin: &ones,
+                block_tables: &tables,
+                row_tables: &Tensor::from_slice(&[0i64]),
+                context_lens: &Tensor::from_slice(&[len]),
+                slots: &Tensor::from_slice(&[slot]),
+                block_size: 4,
+                scale: 0.125,
+            };
+            let norm = &layer.post_attention_layernorm;
+            decode_layer(
+                &mut x,
+                &mut h,
+                &blocks,
+                norm,
+                None,
+                &cache.k[0],
+                &cache.v[0],
+                &row,
+            )
+        };
+        run(&[0, 1], 6, 5)?;
+        for (table, len, slot, named) in [
+            (&[0i64, 1][..], 6, 16, "slot 16"),
+            (&[0, 1], 9, 5, "context length 9"),
+            (&[0, 4], 6, 5, "block 4"),
+        ] {
+            let e = run(table, len, slot).expect_err(named);
+            assert!(e.to_string().contains(named), "{named}: {e}");
+        }
         Ok(())
     }
 }

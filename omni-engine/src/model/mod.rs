@@ -5,6 +5,7 @@
 //! Models know tensors, configs and the cache layout; they know nothing of
 //! requests, sampling or scheduling.
 mod batch;
+mod decode_layer;
 mod decoder;
 mod fused;
 mod paged_attention;
