@@ -24,6 +24,8 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #include <vector>
 
 #include "kernels.h"
@@ -92,11 +94,16 @@ void decode_layer(const LayerArgs& a) {
   RECORD_FUNCTION("omni::decode_layer", std::vector<c10::IValue>());
   // ---- every check, before any thread starts ----
   TORCH_CHECK(a.x != nullptr && a.h != nullptr && a.qkv != nullptr && a.o != nullptr &&
-                  a.gate_up != nullptr && a.down != nullptr && a.post_norm != nullptr,
-              "a decode layer needs x, h, its four matrices and its norm");
+                  a.gate_up != nullptr && a.down != nullptr && a.post_norm != nullptr &&
+                  a.cos != nullptr && a.sin != nullptr && a.k_cache != nullptr &&
+                  a.v_cache != nullptr && a.block_tables != nullptr && a.row_tables != nullptr &&
+                  a.context_lens != nullptr && a.slots != nullptr,
+              "a decode layer needs x, h, its four matrices, its norm, the rotary rows, the "
+              "caches and the row's indices");
   const int64_t hidden = omni::quant_in_features(a.qkv);
   float* x = const_cast<float*>(floats(*a.x, hidden, "x"));
   float* h = const_cast<float*>(floats(*a.h, hidden, "h"));
+  TORCH_CHECK(x + hidden <= h || h + hidden <= x, "x and h must not overlap");
   const at::Tensor& kc = *a.k_cache;
   const at::Tensor& vc = *a.v_cache;
   TORCH_CHECK(kc.dim() == 3 && kc.sizes() == vc.sizes() && kc.is_contiguous() &&
@@ -156,30 +163,39 @@ void decode_layer(const LayerArgs& a) {
   TORCH_CHECK(slot >= 0 && slot < kc.size(0), "slot ", slot, " is outside the cache (",
               kc.size(0), " slots)");
 
-  // ---- buffers, sized before the region (nothing in it allocates) ----
+  // ---- buffers, sized before the region, so that nothing in it
+  // allocates in the usual case (an exception there is caught below) ----
   Scratch& s = scratch;
   s.qkv.resize(qkv_width);
   s.attn.resize(q_width);
   s.out.resize(hidden);
   s.gu.resize(2 * inter);
   s.act.resize(inter);
+  const int64_t widest = std::max({hidden, q_width, inter});
+  s.q8.q.reserve(widest);
+  s.q8.d.reserve(widest / 32);
+  s.q8.dsum.reserve(widest / 32);
   const bool int8 = a.int8_activations;
-  const bool q8[] = {int8 && omni::quant_takes_q8(a.qkv), int8 && omni::quant_takes_q8(a.o),
-                     int8 && omni::quant_takes_q8(a.gate_up),
-                     int8 && omni::quant_takes_q8(a.down)};
+  // Which products take their row quantized to int8.
+  const bool q8_qkv = int8 && omni::quant_takes_q8(a.qkv);
+  const bool q8_o = int8 && omni::quant_takes_q8(a.o);
+  const bool q8_gate_up = int8 && omni::quant_takes_q8(a.gate_up);
+  const bool q8_down = int8 && omni::quant_takes_q8(a.down);
   const int team = at::in_parallel_region() ? 1 : std::max(1, at::get_num_threads());
-  // One row's heads in `parts` shares: whole heads per thread, as
-  // paged_attention.cpp cuts a lone row.
-  const int64_t parts = std::min<int64_t>(heads, team);
-  const int64_t most_heads = (heads + parts - 1) / parts;
   s.scores.resize(team);
   s.acc.resize(team);
   for (int t = 0; t < team; ++t) {
-    s.scores[t].reserve(most_heads * context);
-    s.acc[t].reserve(most_heads * d);
+    // Room for every head (OpenMP may start fewer threads than asked),
+    // grown by halves as the context grows, not a token at a time.
+    const int64_t need = heads * context;
+    if (static_cast<int64_t>(s.scores[t].capacity()) < need) s.scores[t].reserve(need + need / 2);
+    s.acc[t].reserve(heads * d);
   }
+  // One build of each product for the whole layer, whatever a test switches
+  // meanwhile.
+  const int level = omni::quant_level();
   // The first product's row, quantized once for every thread.
-  if (q8[0]) omni::quantize_q8(h, hidden, s.q8);
+  if (q8_qkv) omni::quantize_q8(h, hidden, s.q8);
   const omni::RowAttention attention{s.qkv.data(),
                                      kc.const_data_ptr(),
                                      vc.const_data_ptr(),
@@ -192,9 +208,25 @@ void decode_layer(const LayerArgs& a) {
                                      bs,
                                      static_cast<float>(a.scale),
                                      s.attn.data()};
-  float* k_base = static_cast<float*>(kc.data_ptr());
-  float* v_base = static_cast<float*>(vc.data_ptr());
+  void* k_base = kc.data_ptr();
+  void* v_base = vc.data_ptr();
   const float eps = static_cast<float>(a.eps);
+  // An exception inside the region (a kernel's scratch failing to grow)
+  // cannot leave it: the first is kept, every later phase is skipped (each
+  // thread still meets every barrier), and it is rethrown after.
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  auto phase = [&](auto&& work) {
+    if (failed.load(std::memory_order_relaxed)) return;
+    try {
+      work();
+    } catch (...) {
+#ifdef _OPENMP
+#pragma omp critical(omni_decode_layer_error)
+#endif
+      if (!failed.exchange(true)) error = std::current_exception();
+    }
+  };
 
 #ifdef _OPENMP
 #pragma omp parallel num_threads(team) if (team > 1)
@@ -205,70 +237,78 @@ void decode_layer(const LayerArgs& a) {
 #else
     const int nt = 1, tid = 0;
 #endif
-    int64_t b, e;
     auto product = [&](const void* m, const float* in, bool quantized, float* out, int64_t width,
                        const float* bias) {
-      share(width, tid, nt, &b, &e);
-      if (b < e) {
-        omni::quant_row_product(m, in, quantized ? &s.q8 : nullptr, out, b, e);
+      phase([&] {
+        int64_t b, e;
+        share(width, tid, nt, &b, &e);
+        if (b >= e) return;
+        omni::quant_row_product(m, in, quantized ? &s.q8 : nullptr, out, b, e, level);
         if (bias != nullptr) {
           for (int64_t i = b; i < e; ++i) out[i] += bias[i];
         }
-      }
+      });
     };
-    // q, k, v.
-    product(a.qkv, h, q8[0], s.qkv.data(), qkv_width, qkv_bias);
+    auto on_first = [&](auto&& work) {
+      if (tid == 0) phase(work);
+    };
+    product(a.qkv, h, q8_qkv, s.qkv.data(), qkv_width, qkv_bias);
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-    if (tid == 0) {
+    on_first([&] {
       // Queries and keys rotate together (they are adjacent heads).
       omni::rope_row(s.qkv.data(), heads + kv_heads, d, cos, sin);
       omni::write_kv_row(s.qkv.data() + q_width, s.qkv.data() + q_width + kv_width, k_base, v_base,
                          dtype, slot, kv_width);
-    }
+    });
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-    // The row's heads, in shares of whole heads.
+    // The row's heads, in shares of whole heads (as paged_attention.cpp cuts
+    // a lone row).
     const int64_t threads_on_heads = std::min<int64_t>(heads, nt);
     if (tid < threads_on_heads) {
-      share(heads, tid, static_cast<int>(threads_on_heads), &b, &e);
-      omni::attend_row(attention, b, e, s.scores[tid], s.acc[tid]);
+      phase([&] {
+        int64_t b, e;
+        share(heads, tid, static_cast<int>(threads_on_heads), &b, &e);
+        omni::attend_row(attention, b, e, s.scores[tid], s.acc[tid]);
+      });
     }
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-    if (q8[1]) {
-      if (tid == 0) omni::quantize_q8(s.attn.data(), q_width, s.q8);
+    if (q8_o) {
+      on_first([&] { omni::quantize_q8(s.attn.data(), q_width, s.q8); });
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
     }
-    product(a.o, s.attn.data(), q8[1], s.out.data(), hidden, nullptr);
+    product(a.o, s.attn.data(), q8_o, s.out.data(), hidden, nullptr);
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-    if (tid == 0) {
+    on_first([&] {
       omni::rms_norm_row(x, s.out.data(), post_norm, h, hidden, eps);
-      if (q8[2]) omni::quantize_q8(h, hidden, s.q8);
-    }
+      if (q8_gate_up) omni::quantize_q8(h, hidden, s.q8);
+    });
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-    product(a.gate_up, h, q8[2], s.gu.data(), 2 * inter, nullptr);
+    product(a.gate_up, h, q8_gate_up, s.gu.data(), 2 * inter, nullptr);
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-    if (tid == 0) {
+    on_first([&] {
       omni::silu_and_mul_row(s.gu.data(), s.act.data(), inter);
-      if (q8[3]) omni::quantize_q8(s.act.data(), inter, s.q8);
-    }
+      if (q8_down) omni::quantize_q8(s.act.data(), inter, s.q8);
+    });
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-    product(a.down, s.act.data(), q8[3], s.out.data(), hidden, nullptr);
+    product(a.down, s.act.data(), q8_down, s.out.data(), hidden, nullptr);
   }
+  if (error) std::rethrow_exception(error);
   // The region's end joined the threads: the residual add and the next
   // layer's norm on this one.
   if (next_norm != nullptr) {

@@ -2,9 +2,10 @@
 // inside one parallel region (decode_layer.cpp). Each is the very function
 // the op-level entry points (omni_rms_norm, omni_quant_linear,
 // omni_paged_attention, ...) run on a row, with the same choice of build,
-// so a caller of these gets those ops' results bit for bit. None of them
-// allocates or throws when its caller sized the scratch it names; all of
-// them trust their arguments (the caller checks).
+// so a caller of these gets those ops' results bit for bit. They trust
+// their arguments (the caller checks them). The attention grows its
+// scratch when it must, so it may throw std::bad_alloc; the rest do not
+// allocate when the caller sized what they name.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -43,10 +44,14 @@ int64_t quant_out_features(const void* matrix);
 bool quant_takes_q8(const void* matrix);
 // `x` (`n` floats, whole blocks of 32) into `out`, sized to n.
 void quantize_q8(const float* x, int64_t n, Q8Row& out);
-// Output columns [b, e) of y = x W^T for one row x; parts with an int8
-// kernel multiply `q8` (x quantized) when it is not null.
+// The build the products run now (0 portable, 1 AVX2, 2 AVX-512), read
+// once for a run of calls.
+int quant_level();
+// Output columns [b, e) of y = x W^T for one row x, in build `level`;
+// parts with an int8 kernel multiply `q8` (x quantized) when it is not
+// null.
 void quant_row_product(const void* matrix, const float* x, const Q8Row* q8, float* y, int64_t b,
-                       int64_t e);
+                       int64_t e, int level);
 
 // ---- paged_attention.cpp ----
 

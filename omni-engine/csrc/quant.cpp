@@ -634,11 +634,13 @@ bool quant_takes_q8(const void* matrix) { return takes_q8(*static_cast<const Mat
 
 void quantize_q8(const float* x, int64_t n, Q8Row& out) { quantize_row(x, n, out); }
 
+int quant_level() { return active_level(); }
+
 void quant_row_product(const void* matrix, const float* x, const Q8Row* q8, float* y, int64_t b,
-                       int64_t e) {
+                       int64_t e, int level) {
   const auto& mat = *static_cast<const Matrix*>(matrix);
   const Problem p{x, mat.in_features, y, mat.out_features, 1};
-  run_columns(mat, p, q8, active_level(), b, e);
+  run_columns(mat, p, q8, level, b, e);
 }
 
 }  // namespace omni

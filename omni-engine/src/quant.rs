@@ -293,12 +293,12 @@ impl QuantMatrix {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A tiny deterministic generator (tests must not depend on libtorch's
     /// draw order for bytes).
-    struct Lcg(u64);
+    pub(crate) struct Lcg(pub u64);
 
     impl Lcg {
         fn next(&mut self) -> u32 {
@@ -313,7 +313,12 @@ mod tests {
     /// Random blocks of `ty` for `[rows, cols]` whose fp16 scales are
     /// finite (2^-8 .. 2^-5, either sign); every other byte is random, so
     /// every quant and sub-scale bit is exercised.
-    fn random_blocks(ty: GgmlType, rows: i64, cols: i64, rng: &mut Lcg) -> QuantizedTensor {
+    pub(crate) fn random_blocks(
+        ty: GgmlType,
+        rows: i64,
+        cols: i64,
+        rng: &mut Lcg,
+    ) -> QuantizedTensor {
         let (elems, block_bytes) = ty.block().unwrap_or_else(|| unreachable!());
         let blocks = (rows * cols) as usize / elems as usize;
         let scale_at: &[usize] = match ty {

@@ -504,6 +504,7 @@ impl Model {
             && batch.paged
             && batch.prefills.is_empty()
             && Kernels::for_tensor(x) == Kernels::Fused
+            && x.is_contiguous()
             && matches!(cache.kind(), Kind::Float | Kind::Half | Kind::BFloat16)
             && decode_layer::enabled();
         if !fits {
@@ -517,13 +518,24 @@ impl Model {
                     return None;
                 }
                 let (qkv, activations) = layer.qkv_proj.blocks_for(1)?;
+                // The kernel adds a bias as fp32 values, one per column.
+                let qkv_bias = layer.qkv_proj.bias();
+                if let Some(b) = qkv_bias {
+                    let fits = b.kind() == Kind::Float
+                        && b.device() == Device::Cpu
+                        && b.is_contiguous()
+                        && b.numel() as i64 == qkv.out_features();
+                    if !fits {
+                        return None;
+                    }
+                }
                 let on_blocks = |linear: &'s Linear| match linear.blocks_for(1) {
                     Some((m, a)) if a == activations && linear.bias().is_none() => Some(m),
                     _ => None,
                 };
                 Some(LayerBlocks {
                     qkv,
-                    qkv_bias: layer.qkv_proj.bias(),
+                    qkv_bias,
                     o: on_blocks(&layer.o_proj)?,
                     gate_up: on_blocks(&layer.gate_up_proj)?,
                     down: on_blocks(&layer.down_proj)?,
@@ -868,30 +880,56 @@ mod tests {
         Ok(())
     }
 
-    /// Logits of a prompt's last position and then of `steps` greedy
-    /// decode steps of that sequence alone, the model loaded from the GGUF
-    /// at `path` with its blocks kept (`precision`), in a cache of `kv`.
-    fn lone_decode_logits(
-        path: &std::path::Path,
-        precision: WeightPrecision,
-        kv: Kind,
-        steps: usize,
-    ) -> Result<Tensor> {
+    /// The model of the GGUF at `path` with its blocks kept (`precision`).
+    fn gguf_model(path: &std::path::Path, precision: WeightPrecision) -> Result<Model> {
         let source = crate::loader::ModelSource::open(&path.to_string_lossy())?;
-        let cfg = source.config().clone();
         let mut w =
             source.load_weights_with(Kind::Float, Device::Cpu, crate::weights::Blocks::Keep)?;
-        let opts = ModelOptions {
+        Model::new(source.config(), &mut w, &block_options(precision))
+    }
+
+    fn block_options(precision: WeightPrecision) -> ModelOptions {
+        ModelOptions {
             precision,
             quant_max_rows: crate::linear::QUANT_MAX_ROWS,
             max_positions: 256,
-        };
-        let model = Model::new(&cfg, &mut w, &opts)?;
+        }
+    }
+
+    /// A tiny Qwen2 (q/k/v biases, GQA) whose layer matrices are random
+    /// blocks: Q4_0, Q4_1 and Q8_0, a fused q/k/v of two types.
+    fn random_block_model(precision: WeightPrecision) -> Result<Model> {
+        use crate::gguf::GgmlType;
+        use crate::quant::tests::{random_blocks, Lcg};
+        let cfg = tiny_config(Architecture::Qwen2);
+        let mut w = random_weights(&cfg, 5)?;
+        let mut rng = Lcg(3);
+        for l in 0..cfg.num_hidden_layers {
+            for (part, ty) in [
+                ("self_attn.q_proj", GgmlType::Q4_0),
+                ("self_attn.k_proj", GgmlType::Q4_0),
+                ("self_attn.v_proj", GgmlType::Q8_0),
+                ("self_attn.o_proj", GgmlType::Q8_0),
+                ("mlp.gate_proj", GgmlType::Q4_1),
+                ("mlp.up_proj", GgmlType::Q4_1),
+                ("mlp.down_proj", GgmlType::Q4_0),
+            ] {
+                let name = format!("model.layers.{l}.{part}.weight");
+                let shape = w.take(&name)?.size();
+                w.insert_quantized(name, random_blocks(ty, shape[0], shape[1], &mut rng));
+            }
+        }
+        Model::new(&cfg, &mut w, &block_options(precision))
+    }
+
+    /// Logits of a prompt's last position and then of `steps` greedy
+    /// decode steps of that sequence alone, in a cache of `kv`.
+    fn lone_decode_logits(model: &Model, kv: Kind, steps: usize) -> Result<Tensor> {
         let bs = 4;
         let mut cache = model.new_cache_of(16, bs, kv)?;
         // Blocks out of order: the fused layer must follow the table.
         let table: Vec<u32> = (0..16).map(|b| 15 - (b * 5) % 16).collect();
-        let vocab = cfg.vocab_size as u32;
+        let vocab = model.config().vocab_size as u32;
         let mut tokens: Vec<u32> = (0..11).map(|i| 1 + (i * 37) % (vocab - 1)).collect();
         let mut all = Vec::new();
         let mut from = 0;
@@ -911,26 +949,35 @@ mod tests {
 
     /// A lone decoding token's layers in one call (`decode_layer`) give the
     /// op-by-op path's logits bit for bit: K-quant blocks (llama.cpp's own
-    /// Q4_K_M of a tiny model, a fused q/k/v of mixed types) and SmolLM2's
-    /// Q4_1 with fp32 and int8 activations; fp32, fp16 and bf16 caches; one
-    /// to three threads (the attention's heads and each product's columns
-    /// cut among them); the AVX2 and portable builds of the elementwise
-    /// kernels, the widest build of the products.
+    /// Q4_K_M of a tiny model, a fused q/k/v of mixed types), SmolLM2's
+    /// Q4_1 and a random-block Qwen2 (q/k/v biases), with fp32 and int8
+    /// activations; fp32, fp16 and bf16 caches; one to three threads (the
+    /// attention's heads and each product's columns cut among them); the
+    /// AVX2 and portable builds of the elementwise kernels, the widest build
+    /// of the products.
     #[test]
     fn the_fused_decode_layer_is_the_op_by_op_path_bit_for_bit() -> Result<()> {
         let _threads = crate::RestoreThreads::new();
         let kquant = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/tiny-kquant.gguf");
         let smollm2 = crate::model_dir().join(crate::SMOLLM2.file_name);
+        let (q4, int8) = (WeightPrecision::Q4, WeightPrecision::Q4Int8);
         let cases = [
-            (&kquant, WeightPrecision::Q4, Kind::Float, 3, false),
-            (&kquant, WeightPrecision::Q4, Kind::Half, 2, true),
-            (&kquant, WeightPrecision::Q4, Kind::BFloat16, 1, false),
-            (&smollm2, WeightPrecision::Q4, Kind::Float, 2, false),
-            (&smollm2, WeightPrecision::Q4Int8, Kind::Float, 3, false),
-            (&smollm2, WeightPrecision::Q4Int8, Kind::Half, 1, true),
+            ("tiny-kquant", q4, Kind::Float, 3, false),
+            ("tiny-kquant", q4, Kind::Half, 2, true),
+            ("tiny-kquant", q4, Kind::BFloat16, 1, false),
+            ("smollm2", q4, Kind::Float, 2, false),
+            ("smollm2", int8, Kind::Float, 3, false),
+            ("smollm2", int8, Kind::Half, 1, true),
+            ("qwen2", q4, Kind::Float, 2, false),
+            ("qwen2", int8, Kind::BFloat16, 3, true),
         ];
-        for (path, precision, kv, threads, portable) in cases {
+        for (name, precision, kv, threads, portable) in cases {
+            let model = match name {
+                "tiny-kquant" => gguf_model(&kquant, precision)?,
+                "smollm2" => gguf_model(&smollm2, precision)?,
+                _ => random_block_model(precision)?,
+            };
             tch::set_num_threads(threads);
             // Other tests switch the kernels' builds process-wide; these
             // hold the switches for the two runs.
@@ -939,22 +986,18 @@ mod tests {
                 crate::quant::with_kernel_build(build, || -> Result<_> {
                     let run = |on| -> Result<(Tensor, usize)> {
                         let before = fused_layers();
-                        let logits =
-                            with_fused_decode(on, || lone_decode_logits(path, precision, kv, 6))?;
+                        let logits = with_fused_decode(on, || lone_decode_logits(&model, kv, 6))?;
                         Ok((logits, fused_layers() - before))
                     };
                     let ((fused, layers), (op_by_op, none)) = (run(true)?, run(false)?);
                     // Six steps of every layer, none of them op by op.
-                    assert!(
-                        layers > 0 && layers % 6 == 0 && none == 0,
-                        "{layers} / {none}"
-                    );
+                    let want = 6 * model.layers.len();
+                    assert!(layers == want && none == 0, "{name}: {layers} / {none}");
                     Ok((fused, op_by_op))
                 })
             })?;
             let what = format!(
-                "{} {precision:?} {kv:?} cache, {threads} threads, portable {portable}",
-                path.display()
+                "{name} {precision:?} {kv:?} cache, {threads} threads, portable {portable}"
             );
             assert_eq!(fused.size()[0], 7, "{what}");
             assert!(
@@ -970,18 +1013,8 @@ mod tests {
     /// names it, raised before any thread reads or writes.
     #[test]
     fn the_fused_decode_layer_refuses_indices_outside_the_cache() -> Result<()> {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/tiny-kquant.gguf");
-        let source = crate::loader::ModelSource::open(&path.to_string_lossy())?;
-        let cfg = source.config().clone();
-        let mut w =
-            source.load_weights_with(Kind::Float, Device::Cpu, crate::weights::Blocks::Keep)?;
-        let opts = ModelOptions {
-            precision: WeightPrecision::Q4,
-            quant_max_rows: crate::linear::QUANT_MAX_ROWS,
-            max_positions: 64,
-        };
-        let model = Model::new(&cfg, &mut w, &opts)?;
+        let model = random_block_model(WeightPrecision::Q4)?;
+        let cfg = model.config().clone();
         let cache = model.new_cache_of(4, 4, Kind::Float)?;
         let layer = &model.layers[0];
         fn on_blocks(l: &Linear) -> &QuantMatrix {
