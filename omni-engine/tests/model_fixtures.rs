@@ -262,29 +262,23 @@ fn smollm2_gguf_with_int8_activations_matches_transformers() -> Result<()> {
 /// blocks, against transformers on the file's dequantized weights.
 #[test]
 fn tiny_kquant_gguf_with_quantized_blocks_matches_transformers() -> Result<()> {
-    check_engine(
-        "tiny-kquant.json",
-        LLMEngine::new(&EngineArgs {
-            quant_max_rows: Some(usize::MAX),
-            ..engine_args(&fixtures().join("tiny-kquant.gguf"), "q4")
-        })?,
-        1e-3,
-    )
+    check_engine("tiny-kquant.json", kquant_blocks_only()?, 1e-3)
+}
+
+/// The K-quant GGUF in `q4` with every call on the blocks (no fp16 copy
+/// for wide calls).
+fn kquant_blocks_only() -> Result<LLMEngine> {
+    LLMEngine::new(&EngineArgs {
+        quant_max_rows: Some(usize::MAX),
+        ..engine_args(&fixtures().join("tiny-kquant.gguf"), "q4")
+    })
 }
 
 /// The K-quant GGUF's cases decoding alone: the fused decode layer on
 /// Q4_K and Q6_K blocks.
 #[test]
 fn tiny_kquant_gguf_decoding_alone_matches_transformers() -> Result<()> {
-    check_engine_batched(
-        "tiny-kquant.json",
-        LLMEngine::new(&EngineArgs {
-            quant_max_rows: Some(usize::MAX),
-            ..engine_args(&fixtures().join("tiny-kquant.gguf"), "q4")
-        })?,
-        1e-3,
-        false,
-    )
+    check_engine_batched("tiny-kquant.json", kquant_blocks_only()?, 1e-3, false)
 }
 
 /// The same file dequantized at load (fp32): the loader's K-quant path.
