@@ -4,17 +4,17 @@
 //! Storage is one flat slot tensor per layer and for K and V,
 //! `[num_blocks * block_size, kv_heads, head_dim]`: token `p` of a sequence
 //! lives in slot `block_table[p / block_size] * block_size + p % block_size`.
-//! New K/V are written with one `index_copy_` per layer and read back in
-//! place through the block tables (the CPU kernel) or with one `index_select`
-//! (see `model/batch.rs`), so paging costs no per-token work (the idea of
-//! vLLM's PagedAttention).
+//! New K/V are written by row (`paged_kv_write` on the CPU, one `index_copy_`
+//! per layer elsewhere) and read back in place through the block tables (the
+//! CPU kernel) or with one `index_select` (see `model/batch.rs`), so paging
+//! costs no per-token work (the idea of vLLM's PagedAttention).
 //!
 //! Block 0 is reserved and zeroed: padded gather indices point at it, so
 //! masked positions read finite zeros, never stale or uninitialised memory
-//! (a masked NaN would still poison the softmax-weighted sum). The other
-//! blocks are allocated `empty`, so the process only touches the pages it
-//! uses. This module knows nothing of requests; the scheduler owns the
-//! [`crate::BlockPool`] and the sequences' block tables.
+//! (a masked NaN would still poison the softmax-weighted sum). On the CPU
+//! every block is zeroed at allocation (see [`KvCache::new`]). This module
+//! knows nothing of requests; the scheduler owns the [`crate::BlockPool`] and
+//! the sequences' block tables.
 use tch::{Device, Kind, Tensor};
 
 use crate::config::ModelConfig;
@@ -65,7 +65,19 @@ impl KvCache {
         Ok(n)
     }
 
-    /// Allocates the cache on `device`.
+    /// Allocates the cache on `device`: one tensor for every layer's K and
+    /// V, handed out as per-layer views.
+    ///
+    /// On the CPU the whole cache is zeroed here (on the intra-op threads),
+    /// as vLLM v1 does with its `torch.zeros`: the budget is resident from
+    /// the start, so a machine that cannot hold it fails at load rather than
+    /// mid-request, and no step pays for first touching a block. Left
+    /// `empty`, blocks were first touched one by one as the prefix cache grew
+    /// through the budget: 10-18% of a batch's step time in the pipeline
+    /// bench (BENCHMARKS.md). Transparent huge pages were slower to fault in
+    /// here (direct compaction), so the pages stay the allocator's.
+    /// CUDA memory is committed when allocated, so there only the reserved
+    /// block is zeroed.
     pub fn new(
         cfg: &ModelConfig,
         num_blocks: usize,
@@ -73,24 +85,30 @@ impl KvCache {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
+        let layers = cfg.num_hidden_layers as i64;
         let shape = [
+            2,
+            layers,
             (num_blocks * block_size) as i64,
             cfg.num_key_value_heads as i64,
             cfg.head_dim as i64,
         ];
-        let mut k = Vec::with_capacity(cfg.num_hidden_layers);
-        let mut v = Vec::with_capacity(cfg.num_hidden_layers);
-        for _ in 0..cfg.num_hidden_layers {
-            for store in [&mut k, &mut v] {
-                let t = Tensor::f_empty(shape, (kind, device))?;
-                // Zero the reserved block 0 (padding reads it).
-                let _ = t.f_narrow(0, 0, block_size as i64)?.f_zero_()?;
-                store.push(t);
-            }
+        let mut all = Tensor::f_empty(shape, (kind, device))?;
+        if device == Device::Cpu {
+            let _ = all.f_zero_()?;
+        } else {
+            // Zero the reserved block 0 (padding reads it).
+            let _ = all.f_narrow(2, 0, block_size as i64)?.f_zero_()?;
         }
+        let per_layer = |kv: i64| -> Result<Vec<Tensor>> {
+            let kv = all.f_select(0, kv)?;
+            Ok((0..layers)
+                .map(|l| kv.f_select(0, l))
+                .collect::<std::result::Result<_, _>>()?)
+        };
         Ok(Self {
-            k,
-            v,
+            k: per_layer(0)?,
+            v: per_layer(1)?,
             num_blocks,
             block_size,
             kind,
