@@ -185,6 +185,12 @@ fn child(precision: &str, workload_path: &str) -> Res<()> {
         // recompute them, so omni does too. `omni bench pipeline` measures
         // prefix caching.
         enable_prefix_caching: false,
+        // The CPU cache is zeroed (resident) at load, so peak RSS counts the
+        // whole budget: 1 GiB holds every mixed request at its longest at
+        // once (64 x (prompt + 256) tokens, ~0.93 GB of SmolLM2's K/V in
+        // fp32), where the default (a quarter of memory, at most 2 GiB)
+        // would report memory no workload here touches.
+        kv_cache_memory_bytes: Some(1 << 30),
         ..EngineArgs::default()
     };
     let mut engine = LLMEngine::new(&args)?;
@@ -327,6 +333,10 @@ fn main() -> Res<()> {
         model: gguf.display().to_string(),
         device: Some("cpu".into()),
         weight_precision: Some("native".into()),
+        // Only its tokenizer and chat template are used. Children inherit
+        // this process's peak RSS through exec (Linux keeps `ru_maxrss`), so
+        // it stays small.
+        kv_cache_memory_bytes: Some(16 << 20),
         ..EngineArgs::default()
     })?;
     let w = workload(&engine)?;
