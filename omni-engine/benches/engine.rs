@@ -333,9 +333,8 @@ fn main() -> Res<()> {
         model: gguf.display().to_string(),
         device: Some("cpu".into()),
         weight_precision: Some("native".into()),
-        // Only its tokenizer and chat template are used. Children inherit
-        // this process's peak RSS through exec (Linux keeps `ru_maxrss`), so
-        // it stays small.
+        // Only its tokenizer and chat template are used: a small cache, not
+        // the default one zeroed at load.
         kv_cache_memory_bytes: Some(16 << 20),
         ..EngineArgs::default()
     })?;

@@ -31,10 +31,13 @@ def median(values):
 def peak_rss_mb():
     # VmHWM is this process's own peak. ru_maxrss is not: Linux carries it
     # through exec, so it reported the bench process's peak when larger.
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

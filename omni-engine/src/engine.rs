@@ -35,7 +35,10 @@ use crate::scheduler::SchedulerConfig;
 use crate::{Detokenizer, Tokenizer};
 
 /// KV budget on CPU when none is given: a quarter of available memory, at
-/// most this much (pages are only touched as blocks get used).
+/// most this much, and never more than `max_num_seqs` full-length sequences
+/// need. The CPU cache is zeroed at load (`KvCache::new`), so this much is
+/// resident from the start: a pipeline whose stages name no budget holds a
+/// quarter of what each stage saw available.
 const DEFAULT_CPU_KV_BYTES: u64 = 2 << 30;
 /// KV budget on CUDA when none is given (tch cannot query free device memory).
 const DEFAULT_CUDA_KV_BYTES: u64 = 8 << 30;
@@ -878,7 +881,7 @@ impl LLMEngine {
 /// (tens of MB a layer) emptied and refilled heaps layer after layer, each
 /// time as fresh pages (measured: a 64-prompt pipeline run's batch took
 /// 190-285k page faults, ~150k with the top pad raised too, about what its
-/// KV blocks' first touch takes). Blocks of 32 MiB or more are
+/// KV blocks' first touch took before the cache was zeroed at load). Blocks of 32 MiB or more are
 /// still mapped and unmapped each time. The settings are process-wide: every
 /// thread's arena (the runtime's and the sockets' too) keeps its peak since
 /// the load, so resident memory between steps stays near the last big

@@ -1,9 +1,9 @@
 //! The paged KV cache's storage: fixed-size blocks of token slots, per layer,
 //! for K and V. Which block holds what is `block_pool`'s business.
 //!
-//! Storage is one flat slot tensor per layer and for K and V,
-//! `[num_blocks * block_size, kv_heads, head_dim]`: token `p` of a sequence
-//! lives in slot `block_table[p / block_size] * block_size + p % block_size`.
+//! Storage is one tensor, handed out as a flat slot view per layer and for K
+//! and V, `[num_blocks * block_size, kv_heads, head_dim]`: token `p` of a
+//! sequence lives in slot `block_table[p / block_size] * block_size + p % block_size`.
 //! New K/V are written by row (`paged_kv_write` on the CPU, one `index_copy_`
 //! per layer elsewhere) and read back in place through the block tables (the
 //! CPU kernel) or with one `index_select` (see `model/batch.rs`), so paging
@@ -70,8 +70,9 @@ impl KvCache {
     ///
     /// On the CPU the whole cache is zeroed here (on the intra-op threads),
     /// as vLLM v1 does with its `torch.zeros`: the budget is resident from
-    /// the start, so a machine that cannot hold it fails at load rather than
-    /// mid-request, and no step pays for first touching a block. Left
+    /// the start, so a machine that cannot hold it runs out of memory while
+    /// loading (Linux overcommits, so as an OOM kill, not an error) rather
+    /// than mid-request, and no step pays for first touching a block. Left
     /// `empty`, blocks were first touched one by one as the prefix cache grew
     /// through the budget: 10-18% of a batch's step time in the pipeline
     /// bench (BENCHMARKS.md). Transparent huge pages were slower to fault in
