@@ -881,8 +881,8 @@ impl LLMEngine {
 /// (tens of MB a layer) emptied and refilled heaps layer after layer, each
 /// time as fresh pages (measured: a 64-prompt pipeline run's batch took
 /// 190-285k page faults, ~150k with the top pad raised too, about what its
-/// KV blocks' first touch took before the cache was zeroed at load). Blocks of 32 MiB or more are
-/// still mapped and unmapped each time. The settings are process-wide: every
+/// KV blocks' first touch took before the cache was zeroed at load). Blocks
+/// of 32 MiB or more are still mapped and unmapped each time. The settings are process-wide: every
 /// thread's arena (the runtime's and the sockets' too) keeps its peak since
 /// the load, so resident memory between steps stays near the last big
 /// step's instead of shrinking (the stages' peak RSS rose ~35 MB). A later

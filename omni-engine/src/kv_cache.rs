@@ -3,7 +3,8 @@
 //!
 //! Storage is one tensor, handed out as a flat slot view per layer and for K
 //! and V, `[num_blocks * block_size, kv_heads, head_dim]`: token `p` of a
-//! sequence lives in slot `block_table[p / block_size] * block_size + p % block_size`.
+//! sequence lives in slot
+//! `block_table[p / block_size] * block_size + p % block_size`.
 //! New K/V are written by row (`paged_kv_write` on the CPU, one `index_copy_`
 //! per layer elsewhere) and read back in place through the block tables (the
 //! CPU kernel) or with one `index_select` (see `model/batch.rs`), so paging
@@ -86,10 +87,9 @@ impl KvCache {
         kind: Kind,
         device: Device,
     ) -> Result<Self> {
-        let layers = cfg.num_hidden_layers as i64;
         let shape = [
             2,
-            layers,
+            cfg.num_hidden_layers as i64,
             (num_blocks * block_size) as i64,
             cfg.num_key_value_heads as i64,
             cfg.head_dim as i64,
@@ -101,15 +101,11 @@ impl KvCache {
             // Zero the reserved block 0 (padding reads it).
             let _ = all.f_narrow(2, 0, block_size as i64)?.f_zero_()?;
         }
-        let per_layer = |kv: i64| -> Result<Vec<Tensor>> {
-            let kv = all.f_select(0, kv)?;
-            Ok((0..layers)
-                .map(|l| kv.f_select(0, l))
-                .collect::<std::result::Result<_, _>>()?)
-        };
+        // Dimension 0 has two entries, K and V; each unbinds into its layers.
+        let kv = all.f_unbind(0)?;
         Ok(Self {
-            k: per_layer(0)?,
-            v: per_layer(1)?,
+            k: kv[0].f_unbind(0)?,
+            v: kv[1].f_unbind(0)?,
             num_blocks,
             block_size,
             kind,
