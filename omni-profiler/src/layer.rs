@@ -2,7 +2,8 @@
 //!
 //! Engine and runtime code mark their phases with `tracing` spans only
 //! (`step`, `schedule`, `forward`, `sample`, `add_request`, `stage_send`,
-//! `stage_recv`); a process installs [`tracing_layer`] once, next to its log
+//! `stage_recv`, `cpu_turn`: the wait for this host's other CPU stages); a
+//! process installs [`tracing_layer`] once, next to its log
 //! output, and every backend sees those spans:
 //!
 //! * each finished span goes to the span recorder while a `torch` (or a

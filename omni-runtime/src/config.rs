@@ -175,9 +175,12 @@ impl Default for RayConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuThreads {
-    /// Every stage's pool as wide as the machine (libtorch's default). Best
-    /// when stages take turns: measured on 2 cores, the `default` pipeline
-    /// runs 1.6x the tokens/s of `split`.
+    /// Every stage's pool as wide as the machine (libtorch's default), and
+    /// the CPU stages of the local backend take turns, one engine step at a
+    /// time, so the pools never spin at each other's barriers: each step
+    /// gets every core. Measured on 2 cores, the `default` pipeline runs
+    /// 1.6x the tokens/s of `split`. A long step (a whole VITS utterance, a
+    /// long prefill) holds the other stages that long.
     #[default]
     All,
     /// The cores divided among the stages (at least one each). Best when

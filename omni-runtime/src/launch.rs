@@ -58,6 +58,12 @@ pub struct LaunchSpec {
     /// each spin a pool as wide as the machine. Absent: libtorch's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_threads: Option<usize>,
+    /// The file through which this host's CPU stages take turns, one
+    /// engine step at a time, when their intra-op threads together exceed
+    /// its cores (see `runtime.cpu_threads`); the local backend's only, and
+    /// used only by a stage that runs on the CPU. Absent: no turns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_turn: Option<PathBuf>,
 }
 
 impl LaunchSpec {

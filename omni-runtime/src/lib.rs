@@ -32,6 +32,7 @@
 
 mod builtin;
 mod config;
+mod cpu_turn;
 mod error;
 mod launch;
 mod locate;

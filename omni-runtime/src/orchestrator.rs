@@ -319,20 +319,60 @@ fn cpu_thread_share(config: &PipelineConfig, worker_env: &[(String, String)]) ->
     {
         return None;
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let on_cpu = config
-        .stages
+    let on_cpu = cpu_stages(config).count();
+    Some((host_cores() / on_cpu.max(1)).max(1))
+}
+
+fn host_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The stages not placed on a CUDA device. A stage that names no device
+/// (or `auto`) counts: the orchestrator does not probe for CUDA, and each
+/// stage, which does, takes turns only when it runs on the CPU.
+fn cpu_stages(config: &PipelineConfig) -> impl Iterator<Item = &crate::StageConfig> {
+    config.stages.iter().filter(|s| {
+        let device = s
+            .runtime
+            .devices
+            .as_deref()
+            .or(s.engine_args.device.as_deref());
+        !device.is_some_and(|d| d.starts_with("cuda"))
+    })
+}
+
+/// Whether this host's CPU stages take turns stepping (see
+/// `crate::cpu_turn`): with `runtime.cpu_threads: all`, two or more CPU
+/// stages whose intra-op threads together exceed the cores, one of them
+/// with more than one thread. A stage's
+/// threads are its `engine_args.num_threads`, else `OMP_NUM_THREADS` (the
+/// workers' or ours), else every core. With `split` the pools already fit
+/// the cores side by side, and a turn would leave cores idle.
+fn cpu_turns_needed(config: &PipelineConfig, worker_env: &[(String, String)]) -> bool {
+    if config.runtime.cpu_threads != CpuThreads::All {
+        return false;
+    }
+    let cores = host_cores();
+    let omp = worker_env
         .iter()
-        .filter(|s| {
-            let device = s
-                .runtime
-                .devices
-                .as_deref()
-                .or(s.engine_args.device.as_deref());
-            !device.is_some_and(|d| d.starts_with("cuda"))
-        })
-        .count();
-    Some((cores / on_cpu.max(1)).max(1))
+        .rev()
+        .find(|(k, _)| k == "OMP_NUM_THREADS")
+        .map(|(_, v)| v.clone())
+        .or_else(|| std::env::var("OMP_NUM_THREADS").ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0);
+    let threads: Vec<usize> = cpu_stages(config)
+        .map(|s| s.engine_args.num_threads.or(omp).unwrap_or(cores))
+        .collect();
+    pools_oversubscribe(&threads, cores)
+}
+
+/// Whether intra-op pools of `threads` each, running at once, oversubscribe
+/// `cores` in a way turns fix. Single-threaded pools have no barriers to
+/// spin at: the kernel's time slices share the cores among them better than
+/// turns would.
+fn pools_oversubscribe(threads: &[usize], cores: usize) -> bool {
+    threads.len() >= 2 && threads.iter().any(|&t| t > 1) && threads.iter().sum::<usize>() > cores
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -433,6 +473,7 @@ impl Launch<'_> {
             // thread (and says so) before we kill it.
             stop_grace_ms: (self.opts.shutdown_grace.as_millis() as u64 * 3 / 4).max(1),
             cpu_threads: self.cpu_threads,
+            cpu_turn: None,
         })
     }
 
@@ -470,12 +511,22 @@ impl Launch<'_> {
 
         // Every stage this orchestrator spawns runs on this host.
         let access = shm_access(config, &vec![true; config.stages.len()]);
+        let cpu_turn = if cpu_turns_needed(config, &self.opts.worker_env) {
+            let path = self.run_path.join(crate::cpu_turn::FILE_NAME);
+            crate::cpu_turn::create(&path)?;
+            Some(path)
+        } else {
+            None
+        };
         let mut tails: Vec<Arc<LogTail>> = Vec::new();
         for s in &config.stages {
             let mut spec = self.spec(s, &endpoint, &inputs, &shm_dir, access[s.stage_id])?;
             spec.input_listener_fd = listeners[s.stage_id]
                 .as_ref()
                 .map(std::os::fd::AsRawFd::as_raw_fd);
+            if cpu_stages(config).any(|c| c.stage_id == s.stage_id) {
+                spec.cpu_turn.clone_from(&cpu_turn);
+            }
             let spec_path = self.run_path.join(format!("stage-{}.json", s.stage_id));
             spec.write(&spec_path)?;
             let mut cmd = Command::new(self.binary);
@@ -1614,5 +1665,40 @@ mod tests {
         assert_eq!(cpu_thread_share(&all, &[]), None);
         let env = [("OMP_NUM_THREADS".to_owned(), "4".to_owned())];
         assert_eq!(cpu_thread_share(&all_cpu, &env), None);
+    }
+
+    #[test]
+    fn pools_oversubscribe_when_wider_than_the_cores_together() {
+        // Two or three pools as wide as the machine.
+        assert!(pools_oversubscribe(&[2, 2], 2));
+        assert!(pools_oversubscribe(&[8, 8, 8], 8));
+        // One pool has nobody to take turns with.
+        assert!(!pools_oversubscribe(&[8], 8));
+        // Single threads run at once, however many.
+        assert!(!pools_oversubscribe(&[1, 1, 1], 2));
+        // Pools that fit side by side run at once.
+        assert!(!pools_oversubscribe(&[2, 1, 1], 4));
+        assert!(pools_oversubscribe(&[2, 1, 1], 3));
+    }
+
+    #[test]
+    fn only_all_counts_the_cpu_stages_pools() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let omp = |n: usize| [("OMP_NUM_THREADS".to_owned(), n.to_string())];
+        let all = three_stages(CpuThreads::All, [None, None, None]);
+        assert_eq!(cpu_turns_needed(&all, &omp(cores)), cores > 1);
+        assert!(!cpu_turns_needed(&all, &omp(1)));
+        // Stages on a GPU have no pool on the host.
+        let one = three_stages(CpuThreads::All, [Some("cuda:0"), Some("cuda:0"), None]);
+        assert!(!cpu_turns_needed(&one, &omp(cores)));
+        // The stages' own `num_threads` wins over OMP_NUM_THREADS.
+        let mut own = three_stages(CpuThreads::All, [None, None, None]);
+        for s in &mut own.stages {
+            s.engine_args.num_threads = Some(1);
+        }
+        assert!(!cpu_turns_needed(&own, &omp(cores.max(2))));
+        // `split` already divides the cores.
+        let split = three_stages(CpuThreads::Split, [None, None, None]);
+        assert!(!cpu_turns_needed(&split, &omp(cores.max(2))));
     }
 }

@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use zeromq::{DealerSendHalf, DealerSocket, RouterSendHalf, RouterSocket, Socket, SocketRecv};
 
 use crate::config::StageConfig;
+use crate::cpu_turn::CpuTurn;
 use crate::error::{Error, Result};
 use crate::launch::LaunchSpec;
 use crate::processor;
@@ -309,6 +310,13 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
         runtime: handle,
         counters: counters.clone(),
         profiling: profiling.clone(),
+        cpu_turn: match (&spec.cpu_turn, args.resolve_device()) {
+            (Some(path), Ok(tch::Device::Cpu)) => {
+                tracing::info!(target: "omni::runtime", stage_id, "taking turns with this host's other CPU stages, a step at a time: their threads together exceed its cores");
+                Some(CpuTurn::open(path)?)
+            }
+            _ => None,
+        },
     };
     let model_thread = std::thread::Builder::new()
         .name(format!("omni-stage-{stage_id}-model"))

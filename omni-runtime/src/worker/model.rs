@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use omni_engine::{EngineArgs, FinishReason, Prompt, RequestOutput, SamplingParams, StageEngine};
 use omni_profiler::{ProfileSession, Profiler};
 
+use crate::cpu_turn::CpuTurn;
 use crate::error::Result;
 use crate::processor::{
     InputProcessor, ProcessorInput, SourceOutput, StageInput, THINKER_POSITIONS, THINKER_STATES,
@@ -137,6 +138,8 @@ pub(crate) struct ModelThread {
     pub runtime: tokio::runtime::Handle,
     pub counters: Arc<StageCounters>,
     pub profiling: Arc<AtomicBool>,
+    /// This host's CPU stages' turn, when they take turns stepping.
+    pub cpu_turn: Option<CpuTurn>,
 }
 
 /// What the model thread publishes for health answers; the socket thread
@@ -195,8 +198,9 @@ pub(crate) fn device_name(d: omni_engine::Device) -> String {
 impl ModelThread {
     /// Loads the engine, reports, then serves commands until `Shutdown` or
     /// until the socket thread goes away.
-    pub(crate) fn run(self, args: EngineArgs, mut rx: mpsc::Receiver<ToModel>) {
+    pub(crate) fn run(mut self, args: EngineArgs, mut rx: mpsc::Receiver<ToModel>) {
         let out = self.out.clone();
+        let mut cpu_turn = self.cpu_turn.take();
         let mut engine = match StageEngine::new(&args, self.model_stage.as_deref()) {
             Ok(e) => e,
             Err(e) => {
@@ -251,7 +255,20 @@ impl ModelThread {
                 }
             }
             if engine.has_runnable() {
-                match engine.step() {
+                let turn = cpu_turn.as_mut().map(|t| {
+                    let _wait = tracing::info_span!(target: "omni::runtime", "cpu_turn").entered();
+                    let turn = t.take();
+                    // The step timeout counts the step, not the wait for
+                    // another stage's.
+                    l.t.counters
+                        .busy_since_us
+                        .store(mono_us(), Ordering::Relaxed);
+                    turn
+                });
+                let stepped = engine.step();
+                // Outputs are sent while the next stage computes.
+                drop(turn);
+                match stepped {
                     Ok(outs) => {
                         // Requests whose output could not be sent were
                         // failed to their caller: nothing more for them.
