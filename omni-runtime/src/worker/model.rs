@@ -265,18 +265,29 @@ impl ModelThread {
                         .store(mono_us(), Ordering::Relaxed);
                     turn
                 });
-                let stepped = engine.step();
+                // What came while this stage waited for the turn joins its
+                // step: what another stage sent during its own step is one
+                // batch here, and an abort is not stepped once more.
+                if turn.is_some() {
+                    while let Ok(c) = rx.try_recv() {
+                        if !l.handle(&mut engine, c) {
+                            break 'serve;
+                        }
+                    }
+                }
+                let stepped = engine.has_runnable().then(|| engine.step());
                 // Outputs are sent while the next stage computes.
                 drop(turn);
                 match stepped {
-                    Ok(outs) => {
+                    Some(Ok(outs)) => {
                         // Requests whose output could not be sent were
                         // failed to their caller: nothing more for them.
                         for id in l.emit(outs) {
                             engine.abort(&id);
                         }
                     }
-                    Err(e) => l.fail_all(&mut engine, &format!("engine step failed: {e}")),
+                    Some(Err(e)) => l.fail_all(&mut engine, &format!("engine step failed: {e}")),
+                    None => {}
                 }
             }
             let c = &l.t.counters;
