@@ -244,6 +244,17 @@ mod tests {
         assert_eq!(order, ["a", "b", "b done", "a again"]);
     }
 
+    /// Whether `turn` gets the turn within 10 s (on another thread, so a
+    /// hang fails the test instead of stalling it).
+    fn takes_the_turn(mut turn: CpuTurn) -> bool {
+        let (done_tx, done) = mpsc::channel();
+        std::thread::spawn(move || {
+            let held = turn.take().held;
+            let _ = done_tx.send(held);
+        });
+        done.recv_timeout(Duration::from_secs(10)) == Ok(true)
+    }
+
     /// A holder that dies (its file closed, as at process exit, without
     /// giving the turn back) does not keep it.
     #[test]
@@ -252,13 +263,8 @@ mod tests {
         let mut dead = CpuTurn::open(&path).unwrap();
         std::mem::forget(dead.take());
         drop(dead);
-        let mut alive = CpuTurn::open(&path).unwrap();
-        let (done_tx, done) = mpsc::channel();
-        std::thread::spawn(move || {
-            let t = alive.take();
-            done_tx.send(t.held).unwrap();
-        });
-        assert_eq!(done.recv_timeout(Duration::from_secs(10)), Ok(true));
+        let alive = CpuTurn::open(&path).unwrap();
+        assert!(takes_the_turn(alive), "the dead holder kept the turn");
     }
 
     /// A waiter that died waiting (counted, never served) costs a handoff
@@ -271,12 +277,7 @@ mod tests {
         a.waiting().fetch_add(1, Ordering::SeqCst);
         drop(a.take());
         assert!(a.owed.is_some(), "a waiter was counted");
-        let (done_tx, done) = mpsc::channel();
-        std::thread::spawn(move || {
-            let t = a.take();
-            done_tx.send(t.held).unwrap();
-        });
-        assert_eq!(done.recv_timeout(Duration::from_secs(10)), Ok(true));
+        assert!(takes_the_turn(a), "the dead waiter hung the handoff");
     }
 
     #[test]
