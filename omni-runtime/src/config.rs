@@ -175,19 +175,21 @@ impl Default for RayConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CpuThreads {
-    /// Every stage's pool as wide as the machine (libtorch's default), and
-    /// the CPU stages of the local backend take turns, one engine step at a
-    /// time, so the pools never spin at each other's barriers: each step
-    /// gets every core. Measured on 2 cores, the `default` pipeline runs
-    /// 1.6x the tokens/s of `split`. A long step (a whole VITS utterance, a
-    /// long prefill) holds the other stages that long.
+    /// Every stage's pool as wide as the machine (libtorch's default). When
+    /// two or more CPU stages' pools together exceed the cores, the local
+    /// backend's CPU stages take turns, one engine step at a time, so the
+    /// pools never spin at each other's barriers: each step gets every
+    /// core. A long step (a whole VITS utterance, a long prefill) holds the
+    /// other stages that long. Measured on 2 cores before the turns, the
+    /// `default` pipeline ran 1.6x the tokens/s of `split`.
     #[default]
     All,
     /// The cores divided among the stages (at least one each). Best when
     /// stages are busy at once, as with streamed edges: measured on 2 cores,
-    /// `qwen2_5_omni`'s first audio came 2x sooner than with `all` (and a
-    /// debug build's 10-100x), pools that spin waiting on each other being
-    /// the difference. `OMP_NUM_THREADS`, when set, wins over both.
+    /// `qwen2_5_omni`'s first audio came 2x sooner than with `all` before
+    /// the turns (and a debug build's 10-100x), pools that spin waiting on
+    /// each other being the difference; `all` with turns is not yet
+    /// measured there. `OMP_NUM_THREADS`, when set, wins over both.
     Split,
 }
 

@@ -310,12 +310,12 @@ async fn serve(spec: LaunchSpec, stage: StageConfig, handle: tokio::runtime::Han
         runtime: handle,
         counters: counters.clone(),
         profiling: profiling.clone(),
-        cpu_turn: match (&spec.cpu_turn, args.resolve_device()) {
-            (Some(path), Ok(tch::Device::Cpu)) => {
+        cpu_turn: match &spec.cpu_turn {
+            Some(path) if matches!(args.resolve_device(), Ok(tch::Device::Cpu)) => {
                 tracing::info!(target: "omni::runtime", stage_id, "taking turns with this host's other CPU stages, a step at a time: their threads together exceed its cores");
                 Some(CpuTurn::open(path)?)
             }
-            _ => None,
+            Some(_) | None => None,
         },
     };
     let model_thread = std::thread::Builder::new()

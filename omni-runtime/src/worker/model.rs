@@ -257,9 +257,11 @@ impl ModelThread {
             if engine.has_runnable() {
                 let turn = cpu_turn.as_mut().map(|t| {
                     let _wait = tracing::info_span!(target: "omni::runtime", "cpu_turn").entered();
-                    let turn = t.take();
                     // The step timeout counts the step, not the wait for
-                    // another stage's.
+                    // another stage's: waiting reads as idle, so a stage
+                    // hung in its step is the one the watchdog kills.
+                    l.t.counters.busy_since_us.store(0, Ordering::Relaxed);
+                    let turn = t.take();
                     l.t.counters
                         .busy_since_us
                         .store(mono_us(), Ordering::Relaxed);
