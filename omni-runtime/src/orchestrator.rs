@@ -313,10 +313,7 @@ impl State {
 /// None with `all`, or when the user sets `OMP_NUM_THREADS` (for us or for
 /// the workers): theirs wins.
 fn cpu_thread_share(config: &PipelineConfig, worker_env: &[(String, String)]) -> Option<usize> {
-    if config.runtime.cpu_threads != CpuThreads::Split
-        || std::env::var_os("OMP_NUM_THREADS").is_some()
-        || worker_env.iter().any(|(k, _)| k == "OMP_NUM_THREADS")
-    {
+    if config.runtime.cpu_threads != CpuThreads::Split || user_omp_threads(worker_env).is_some() {
         return None;
     }
     let on_cpu = cpu_stages(config).count();
@@ -327,18 +324,31 @@ fn host_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// The stages not placed on a CUDA device. A stage that names no device
-/// (or `auto`) counts: the orchestrator does not probe for CUDA, and each
-/// stage, which does, takes turns only when it runs on the CPU.
+/// `OMP_NUM_THREADS` as the user set it for the workers (which wins) or
+/// for us, which the workers inherit.
+fn user_omp_threads(worker_env: &[(String, String)]) -> Option<String> {
+    worker_env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "OMP_NUM_THREADS")
+        .map(|(_, v)| v.clone())
+        .or_else(|| std::env::var_os("OMP_NUM_THREADS").map(|v| v.to_string_lossy().into_owned()))
+}
+
+/// Whether stage `s` is not placed on a CUDA device. A stage that names no
+/// device (or `auto`) counts: the orchestrator does not probe for CUDA, and
+/// each stage, which does, takes turns only when it runs on the CPU.
+fn on_cpu(s: &crate::StageConfig) -> bool {
+    let device = s
+        .runtime
+        .devices
+        .as_deref()
+        .or(s.engine_args.device.as_deref());
+    !device.is_some_and(|d| d.starts_with("cuda"))
+}
+
 fn cpu_stages(config: &PipelineConfig) -> impl Iterator<Item = &crate::StageConfig> {
-    config.stages.iter().filter(|s| {
-        let device = s
-            .runtime
-            .devices
-            .as_deref()
-            .or(s.engine_args.device.as_deref());
-        !device.is_some_and(|d| d.starts_with("cuda"))
-    })
+    config.stages.iter().filter(|s| on_cpu(s))
 }
 
 /// Whether this host's CPU stages take turns stepping (see
@@ -353,12 +363,7 @@ fn cpu_turns_needed(config: &PipelineConfig, worker_env: &[(String, String)]) ->
         return false;
     }
     let cores = host_cores();
-    let omp = worker_env
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "OMP_NUM_THREADS")
-        .map(|(_, v)| v.clone())
-        .or_else(|| std::env::var("OMP_NUM_THREADS").ok())
+    let omp = user_omp_threads(worker_env)
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0);
     let threads: Vec<usize> = cpu_stages(config)
@@ -524,7 +529,7 @@ impl Launch<'_> {
             spec.input_listener_fd = listeners[s.stage_id]
                 .as_ref()
                 .map(std::os::fd::AsRawFd::as_raw_fd);
-            if cpu_stages(config).any(|c| c.stage_id == s.stage_id) {
+            if on_cpu(s) {
                 spec.cpu_turn.clone_from(&cpu_turn);
             }
             let spec_path = self.run_path.join(format!("stage-{}.json", s.stage_id));
